@@ -30,7 +30,8 @@ PUBLIC_SCHEMAS: dict[str, str] = {
         "int? keep_count=None) -> (Tensor, Tensor)"
     ),
     "gather_kept": (
-        "gather_kept(Tensor visual_embeds, Tensor position_ids, Tensor kept_idx) -> (Tensor, Tensor)"
+        "gather_kept(Tensor visual_embeds, Tensor position_ids, Tensor kept_idx) "
+        "-> (Tensor, Tensor)"
     ),
     "merge_kept": (
         "merge_kept(Tensor inputs_embeds, Tensor position_ids, Tensor cu_seqlens, "

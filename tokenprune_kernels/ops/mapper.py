@@ -1,0 +1,54 @@
+"""Stage b: the relevance mapper over packed visual tokens (``tokenprune::mapper_forward``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tokenprune_kernels import backend, reference
+from tokenprune_kernels.ops import validation as v
+from tokenprune_kernels.ops._library import register
+
+
+def _impl(attn, cu_seqlens_v, params, kernel_size, input_eps):
+    v.check_mapper(attn, cu_seqlens_v, params, kernel_size, input_eps)
+    v.check_cu_seqlens_values("cu_seqlens_v", cu_seqlens_v, attn.shape[0], "attn.shape[0]")
+    which = backend.choose("mapper_forward", attn.device.type)
+    if which == "triton":  # pragma: no cover - registered by the Triton backend
+        from tokenprune_kernels.triton import mapper_forward_triton
+
+        return mapper_forward_triton(attn, cu_seqlens_v, params, kernel_size, input_eps)
+    return reference.mapper_forward_ref(attn, cu_seqlens_v, params, kernel_size, input_eps)
+
+
+def _fake(attn, cu_seqlens_v, params, kernel_size, input_eps):
+    v.check_mapper(attn, cu_seqlens_v, params, kernel_size, input_eps)
+    return torch.empty_like(attn)
+
+
+register("mapper_forward", _impl, _fake)
+
+
+def mapper_forward(
+    attn: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    kernel_size: int = 5,
+    input_eps: float = 1e-4,
+) -> torch.Tensor:
+    """Relevance logits of the visual tokens from their instruction-attention signal.
+
+    Args:
+        attn: [Tv] float32, the output of :func:`instruction_attention`.
+        cu_seqlens_v: [B+1] int32/int64 offsets of the visual tokens.
+        params: the mapper's tensors in op order (``TokenMapper.op_params()``), float32.
+        kernel_size: depthwise kernel size (odd).
+        input_eps: epsilon of the input feature ``log(n * attn + eps)``.
+
+    Returns:
+        [Tv] float32 logits; a per-sample softmax gives the predicted relevance.
+    """
+    return torch.ops.tokenprune.mapper_forward(
+        attn, cu_seqlens_v, list(params), int(kernel_size), float(input_eps)
+    )

@@ -1,0 +1,232 @@
+"""Stage e: the composites that chain a-d (``prune_visual_tokens``) or a-c and the merge
+(``prune_and_merge``), each one op in ``torch.ops.tokenprune``.
+
+With ``TOKENPRUNE_BACKEND=ref`` the whole composite runs the reference; otherwise each stage runs
+on the backend :mod:`tokenprune_kernels.backend` picks for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tokenprune_kernels import backend, reference
+from tokenprune_kernels.ops import validation as v
+from tokenprune_kernels.ops._library import register
+
+
+def _check_common(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
+                  mapper_params, mapper_kernel_size, mapper_input_eps, keep_ratio, keep_count,
+                  q_pos, softmax_scale):  # fmt: skip
+    v.check_instruction_attention(
+        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale
+    )
+    v.check_keep(keep_ratio, keep_count)
+    if len(mapper_params) > 0:
+        v.check_mapper(
+            q.new_empty(0, dtype=torch.float32), cu_seqlens_v, mapper_params,
+            mapper_kernel_size, mapper_input_eps,
+        )  # fmt: skip
+    v.check_rank("visual_embeds", visual_embeds, 2, "[total_v, hidden]")
+    v.require(
+        visual_embeds.shape[0] == visual_idx.shape[0],
+        f"visual_embeds must have one row per visual token ({visual_idx.shape[0]}), got "
+        f"{visual_embeds.shape[0]}",
+    )
+
+
+def _scores(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_params,
+            mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale):  # fmt: skip
+    ops = torch.ops.tokenprune
+    attn = ops.instruction_attention(
+        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale
+    )
+    if len(mapper_params) == 0:
+        return attn
+    return ops.mapper_forward(
+        attn, cu_seqlens_v, mapper_params, mapper_kernel_size, mapper_input_eps
+    )
+
+
+def _prune_impl(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
+                visual_position_ids, mapper_params, mapper_kernel_size=5, mapper_input_eps=1e-4,
+                keep_ratio=None, keep_count=None, q_pos=None, softmax_scale=None):  # fmt: skip
+    _check_common(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
+                  mapper_params, mapper_kernel_size, mapper_input_eps, keep_ratio, keep_count,
+                  q_pos, softmax_scale)  # fmt: skip
+    v.check_gather(visual_embeds, visual_position_ids, visual_idx.new_empty(0, dtype=torch.int64))
+    if backend.requested() == "ref":
+        v.check_instruction_attention_values(
+            q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos
+        )
+        bounds = v.check_cu_seqlens_values(
+            "cu_seqlens_v", cu_seqlens_v, visual_idx.shape[0], "visual_idx.shape[0]"
+        )
+        v.check_keep_count_values(keep_count, bounds)
+        return reference.prune_visual_tokens_ref(
+            q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
+            visual_position_ids, mapper_params, mapper_kernel_size, mapper_input_eps,
+            keep_ratio, keep_count, q_pos, softmax_scale,
+        )  # fmt: skip
+    scores = _scores(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_params,
+                     mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale)  # fmt: skip
+    kept_idx, cu_kept = torch.ops.tokenprune.select_topk(
+        scores, cu_seqlens_v, keep_ratio, keep_count
+    )
+    embeds, pos = torch.ops.tokenprune.gather_kept(visual_embeds, visual_position_ids, kept_idx)
+    return embeds, pos, kept_idx, cu_kept, scores
+
+
+def _prune_fake(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
+                visual_position_ids, mapper_params, mapper_kernel_size=5, mapper_input_eps=1e-4,
+                keep_ratio=None, keep_count=None, q_pos=None, softmax_scale=None):  # fmt: skip
+    _check_common(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
+                  mapper_params, mapper_kernel_size, mapper_input_eps, keep_ratio, keep_count,
+                  q_pos, softmax_scale)  # fmt: skip
+    v.check_gather(visual_embeds, visual_position_ids, visual_idx.new_empty(0, dtype=torch.int64))
+    n = torch.library.get_ctx().new_dynamic_size()
+    return (
+        visual_embeds.new_empty((n, visual_embeds.shape[1])),
+        visual_position_ids.new_empty((*visual_position_ids.shape[:-1], n)),
+        visual_idx.new_empty(n, dtype=torch.int64),
+        torch.empty_like(cu_seqlens_v),
+        q.new_empty(visual_idx.shape[0], dtype=torch.float32),
+    )
+
+
+register("prune_visual_tokens", _prune_impl, _prune_fake)
+
+
+def _merge_impl(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, cu_seqlens,
+                visual_embeds, visual_idx, cu_seqlens_v, mapper_params, mapper_kernel_size=5,
+                mapper_input_eps=1e-4, keep_ratio=None, keep_count=None, q_pos=None,
+                softmax_scale=None):  # fmt: skip
+    _check_common(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
+                  mapper_params, mapper_kernel_size, mapper_input_eps, keep_ratio, keep_count,
+                  q_pos, softmax_scale)  # fmt: skip
+    empty_idx = visual_idx.new_empty(0, dtype=torch.int64)
+    v.check_merge(inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx,
+                  cu_seqlens_v, empty_idx)  # fmt: skip
+    if backend.requested() == "ref":
+        v.check_instruction_attention_values(
+            q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos
+        )
+        v.check_merge_values(inputs_embeds, cu_seqlens, visual_idx, cu_seqlens_v, empty_idx)
+        bounds = v.check_cu_seqlens_values(
+            "cu_seqlens_v", cu_seqlens_v, visual_idx.shape[0], "visual_idx.shape[0]"
+        )
+        v.check_keep_count_values(keep_count, bounds)
+        return reference.prune_and_merge_ref(
+            q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, cu_seqlens,
+            visual_embeds, visual_idx, cu_seqlens_v, mapper_params, mapper_kernel_size,
+            mapper_input_eps, keep_ratio, keep_count, q_pos, softmax_scale,
+        )  # fmt: skip
+    scores = _scores(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_params,
+                     mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale)  # fmt: skip
+    kept_idx, _ = torch.ops.tokenprune.select_topk(scores, cu_seqlens_v, keep_ratio, keep_count)
+    merged = torch.ops.tokenprune.merge_kept(
+        inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx
+    )
+    return (*merged, kept_idx, scores)
+
+
+def _merge_fake(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, cu_seqlens,
+                visual_embeds, visual_idx, cu_seqlens_v, mapper_params, mapper_kernel_size=5,
+                mapper_input_eps=1e-4, keep_ratio=None, keep_count=None, q_pos=None,
+                softmax_scale=None):  # fmt: skip
+    _check_common(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
+                  mapper_params, mapper_kernel_size, mapper_input_eps, keep_ratio, keep_count,
+                  q_pos, softmax_scale)  # fmt: skip
+    empty_idx = visual_idx.new_empty(0, dtype=torch.int64)
+    v.check_merge(inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx,
+                  cu_seqlens_v, empty_idx)  # fmt: skip
+    ctx = torch.library.get_ctx()
+    n_out, n_kept = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    return (
+        inputs_embeds.new_empty((n_out, inputs_embeds.shape[1])),
+        position_ids.new_empty((*position_ids.shape[:-1], n_out)),
+        torch.empty_like(cu_seqlens),
+        inputs_embeds.new_empty(n_out, dtype=torch.int64),
+        visual_idx.new_empty(n_kept, dtype=torch.int64),
+        q.new_empty(visual_idx.shape[0], dtype=torch.float32),
+    )
+
+
+register("prune_and_merge", _merge_impl, _merge_fake)
+
+
+def prune_visual_tokens(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    visual_idx: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    visual_embeds: torch.Tensor,
+    visual_position_ids: torch.Tensor,
+    mapper_params: Sequence[torch.Tensor] = (),
+    mapper_kernel_size: int = 5,
+    mapper_input_eps: float = 1e-4,
+    keep_ratio: float | None = None,
+    keep_count: int | None = None,
+    q_pos: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score, select and gather the visual tokens in one call.
+
+    Args:
+        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale: as in
+            :func:`instruction_attention`.
+        visual_embeds: [Tv, H] float32/float16/bfloat16 visual features.
+        visual_position_ids: [Tv] or [R, Tv] int32/int64 their original position ids.
+        mapper_params: ``TokenMapper.op_params()``; empty for the training-free mode, where the
+            score is the raw layer-0 attention.
+        mapper_kernel_size, mapper_input_eps: the mapper's config.
+        keep_ratio, keep_count: as in :func:`select_topk` (exactly one).
+
+    Returns:
+        kept_embeds [Tkept, H], kept_position_ids [Tkept] or [R, Tkept], kept_idx [Tkept] int64
+        (global, ascending), cu_seqlens_kept [B+1], scores [Tv] float32 (the ranked values).
+    """
+    return torch.ops.tokenprune.prune_visual_tokens(
+        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
+        visual_position_ids, list(mapper_params), int(mapper_kernel_size),
+        float(mapper_input_eps), keep_ratio, keep_count, q_pos, softmax_scale,
+    )  # fmt: skip
+
+
+def prune_and_merge(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    inputs_embeds: torch.Tensor,
+    position_ids: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    visual_embeds: torch.Tensor,
+    visual_idx: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    mapper_params: Sequence[torch.Tensor] = (),
+    mapper_kernel_size: int = 5,
+    mapper_input_eps: float = 1e-4,
+    keep_ratio: float | None = None,
+    keep_count: int | None = None,
+    q_pos: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score and select the visual tokens, then build the pruned input sequence directly.
+
+    What model code calls instead of its ``masked_scatter``. Arguments as in
+    :func:`prune_visual_tokens` and :func:`merge_kept` (``visual_idx`` indexes each sample's full
+    sequence; the key sequence of ``k`` is a prefix of it).
+
+    Returns:
+        embeds [To, H], position_ids_out [To] or [R, To], cu_seqlens_out [B+1], src_idx [To]
+        int64, kept_idx [Tkept] int64, scores [Tv] float32.
+    """
+    return torch.ops.tokenprune.prune_and_merge(
+        q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, cu_seqlens, visual_embeds,
+        visual_idx, cu_seqlens_v, list(mapper_params), int(mapper_kernel_size),
+        float(mapper_input_eps), keep_ratio, keep_count, q_pos, softmax_scale,
+    )  # fmt: skip

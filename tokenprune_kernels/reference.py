@@ -1,0 +1,299 @@
+"""Plain-PyTorch reference of every stage: the truth each fast path is checked against.
+
+Readable rather than fast: float32 accumulation, per-sample loops where they make the rule plain.
+The functions take already-validated inputs (the public ops in :mod:`tokenprune_kernels.ops`
+validate); the layout and rules are those of ``docs/contract.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from tokenprune_kernels.mapper.functional import mapper_forward_ref
+
+__all__ = [
+    "gather_kept_ref",
+    "instruction_attention_ref",
+    "keep_counts_ref",
+    "mapper_forward_ref",
+    "merge_kept_ref",
+    "prune_and_merge_ref",
+    "prune_visual_tokens_ref",
+    "score_keys_ref",
+    "select_topk_ref",
+]
+
+
+def _bounds(cu_seqlens: torch.Tensor) -> list[int]:
+    return [int(x) for x in cu_seqlens.tolist()]
+
+
+def _segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[total] int64: the sample each packed row belongs to."""
+    counts = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    return torch.repeat_interleave(
+        torch.arange(counts.numel(), device=cu_seqlens.device), counts, output_size=total
+    )
+
+
+def instruction_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    visual_idx: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    q_pos: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Layer-0 instruction-to-visual attention, averaged over heads and instruction rows.
+
+    Args:
+        q: [Tq, Hq, D] float32/float16/bfloat16, instruction queries after rotary embedding.
+        k: [Tk, Hk, D] same dtype, keys of every token the queries see, after rotary embedding.
+        cu_seqlens_q, cu_seqlens_k, cu_seqlens_v: [B+1] int32/int64 packed offsets.
+        visual_idx: [Tv] int, each visual token's local position in its sample's key sequence.
+        q_pos: [Tq] int or None, each query's local position in its key sequence (None: the
+            queries are the last n_q keys).
+        softmax_scale: None for 1/sqrt(D).
+
+    Returns:
+        [Tv] float32: mean over heads and queries of the causal softmax over all visible keys,
+        read at the visual columns.
+    """
+    hq, d = q.shape[1], q.shape[2]
+    group = hq // k.shape[1]
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    bq, bk, bv = _bounds(cu_seqlens_q), _bounds(cu_seqlens_k), _bounds(cu_seqlens_v)
+    out = torch.zeros(visual_idx.shape[0], dtype=torch.float32, device=q.device)
+    for b in range(len(bq) - 1):
+        nq, nk, nv = bq[b + 1] - bq[b], bk[b + 1] - bk[b], bv[b + 1] - bv[b]
+        if nv == 0:
+            continue
+        qb = q[bq[b] : bq[b + 1]].float()  # [nq, Hq, D]
+        kb = k[bk[b] : bk[b + 1]].float().repeat_interleave(group, dim=1)  # [nk, Hq, D]
+        if q_pos is None:
+            pos = torch.arange(nk - nq, nk, device=q.device)
+        else:
+            pos = q_pos[bq[b] : bq[b + 1]].to(torch.int64)
+        logits = torch.einsum("qhd,khd->hqk", qb, kb) * scale  # [Hq, nq, nk]
+        keys = torch.arange(nk, device=q.device)
+        visible = keys[None, :] <= pos[:, None]  # [nq, nk]
+        logits = logits.masked_fill(~visible[None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        cols = visual_idx[bv[b] : bv[b + 1]].to(torch.int64)
+        out[bv[b] : bv[b + 1]] = probs[:, :, cols].mean(dim=(0, 1))
+    return out
+
+
+def keep_counts_ref(
+    cu_seqlens_v: torch.Tensor,
+    keep_ratio: float | None = None,
+    keep_count: int | None = None,
+) -> torch.Tensor:
+    """Tokens to keep per sample: [B] int64 on the device of ``cu_seqlens_v``.
+
+    ``keep_count`` for every sample with n >= 1 tokens, or from the ratio
+    ``clamp(floor(keep_ratio * n + 0.5), 1, n)`` in float64; 0 for a sample with n == 0.
+    """
+    n = (cu_seqlens_v[1:] - cu_seqlens_v[:-1]).to(torch.int64)
+    if keep_count is not None:
+        k = torch.full_like(n, int(keep_count))
+    else:
+        assert keep_ratio is not None
+        k = torch.floor(n.to(torch.float64) * float(keep_ratio) + 0.5).to(torch.int64)
+        k = torch.clamp(k, min=1)
+        k = torch.minimum(k, n)
+    return torch.where(n == 0, torch.zeros_like(k), k)
+
+
+def score_keys_ref(scores: torch.Tensor) -> torch.Tensor:
+    """Order-preserving uint32 keys of the scores, as int64 in [0, 2**32).
+
+    Larger key = ranked higher. NaN -> 0 (below -inf); -0.0 and +0.0 share a key.
+    """
+    x = scores.float() + 0.0  # canonicalises -0.0 to +0.0
+    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    negative = bits >= 0x80000000
+    keys = torch.where(negative, 0xFFFFFFFF - bits, bits | 0x80000000)
+    return torch.where(torch.isnan(x), torch.zeros_like(keys), keys)
+
+
+def select_topk_ref(
+    scores: torch.Tensor, cu_seqlens_v: torch.Tensor, keep_counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic per-sample top-k.
+
+    Args:
+        scores: [Tv] float32/float16/bfloat16.
+        cu_seqlens_v: [B+1] int32/int64.
+        keep_counts: [B] int64, 0 <= k_b <= n_b.
+
+    Returns:
+        kept_idx: [sum k] int64 global indices, ascending; cu_seqlens_kept: [B+1] in the dtype of
+        ``cu_seqlens_v``. Order: score desc, ties by lower index, NaN lowest.
+    """
+    tv = scores.shape[0]
+    device = scores.device
+    seg = _segment_ids(cu_seqlens_v, tv)
+    # One stable ascending sort of (sample, inverted key): within a sample, higher key first and
+    # equal keys keep index order.
+    combined = seg * (1 << 32) + (0xFFFFFFFF - score_keys_ref(scores))
+    order = torch.sort(combined, stable=True).indices
+    starts = cu_seqlens_v[:-1].to(torch.int64)
+    rank = torch.arange(tv, device=device) - starts[seg[order]]
+    chosen = order[rank < keep_counts.to(device)[seg[order]]]
+    kept_idx = torch.sort(chosen).values
+    cu_kept = torch.zeros(keep_counts.numel() + 1, dtype=torch.int64, device=device)
+    cu_kept[1:] = torch.cumsum(keep_counts.to(device), 0)
+    return kept_idx, cu_kept.to(cu_seqlens_v.dtype)
+
+
+def gather_kept_ref(
+    visual_embeds: torch.Tensor, position_ids: torch.Tensor, kept_idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept rows and their original position ids.
+
+    Args:
+        visual_embeds: [Tv, H] float32/float16/bfloat16.
+        position_ids: [Tv] or [R, Tv] int32/int64.
+        kept_idx: [Tk] int64 global indices.
+
+    Returns:
+        ([Tk, H], [Tk] or [R, Tk]), dtypes of the inputs.
+    """
+    return visual_embeds.index_select(0, kept_idx), position_ids.index_select(-1, kept_idx)
+
+
+def merge_kept_ref(
+    inputs_embeds: torch.Tensor,
+    position_ids: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    visual_embeds: torch.Tensor,
+    visual_idx: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    kept_idx: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pruned input sequence: text rows and kept visual rows, in sequence order.
+
+    Args:
+        inputs_embeds: [Tl, H] text embeddings of the full sequences (visual rows ignored).
+        position_ids: [Tl] or [R, Tl] int32/int64 original ids.
+        cu_seqlens: [B+1] offsets of the full sequences.
+        visual_embeds: [Tv, H] same dtype as ``inputs_embeds``.
+        visual_idx: [Tv] int, local position of each visual token in its sample's sequence.
+        cu_seqlens_v: [B+1] offsets of the visual tokens.
+        kept_idx: [Tk] int64 global visual indices to keep.
+
+    Returns:
+        embeds [To, H], position_ids [To] or [R, To], cu_seqlens_out [B+1] (dtype of
+        ``cu_seqlens``), src_idx [To] int64 (packed full-sequence row of each output row).
+    """
+    tl, tv = inputs_embeds.shape[0], visual_embeds.shape[0]
+    device = inputs_embeds.device
+    seg_v = _segment_ids(cu_seqlens_v, tv)
+    vis_rows = cu_seqlens.to(torch.int64)[seg_v] + visual_idx.to(torch.int64)  # global rows
+    full = inputs_embeds.clone()
+    full[vis_rows] = visual_embeds  # what masked_scatter would have built
+    keep = torch.ones(tl, dtype=torch.bool, device=device)
+    keep[vis_rows] = False
+    keep[vis_rows[kept_idx]] = True
+    src_idx = torch.nonzero(keep).flatten()
+    seg_l = _segment_ids(cu_seqlens, tl)
+    counts = torch.bincount(seg_l[src_idx], minlength=cu_seqlens.numel() - 1)
+    cu_out = torch.zeros(cu_seqlens.numel(), dtype=torch.int64, device=device)
+    cu_out[1:] = torch.cumsum(counts, 0)
+    return (
+        full.index_select(0, src_idx),
+        position_ids.index_select(-1, src_idx),
+        cu_out.to(cu_seqlens.dtype),
+        src_idx,
+    )
+
+
+def _scores_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    visual_idx: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    mapper_params: Sequence[torch.Tensor],
+    mapper_kernel_size: int,
+    mapper_input_eps: float,
+    q_pos: torch.Tensor | None,
+    softmax_scale: float | None,
+) -> torch.Tensor:
+    attn = instruction_attention_ref(
+        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale
+    )
+    if len(mapper_params) == 0:
+        return attn
+    return mapper_forward_ref(
+        attn, cu_seqlens_v, mapper_params, mapper_kernel_size, mapper_input_eps
+    )
+
+
+def prune_visual_tokens_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    visual_idx: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    visual_embeds: torch.Tensor,
+    visual_position_ids: torch.Tensor,
+    mapper_params: Sequence[torch.Tensor] = (),
+    mapper_kernel_size: int = 5,
+    mapper_input_eps: float = 1e-4,
+    keep_ratio: float | None = None,
+    keep_count: int | None = None,
+    q_pos: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stages a-d chained. Returns (kept_embeds, kept_position_ids, kept_idx, cu_seqlens_kept,
+    scores [Tv] float32)."""
+    scores = _scores_ref(
+        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v,
+        mapper_params, mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale,
+    )  # fmt: skip
+    counts = keep_counts_ref(cu_seqlens_v, keep_ratio, keep_count)
+    kept_idx, cu_kept = select_topk_ref(scores, cu_seqlens_v, counts)
+    kept_embeds, kept_pos = gather_kept_ref(visual_embeds, visual_position_ids, kept_idx)
+    return kept_embeds, kept_pos, kept_idx, cu_kept, scores
+
+
+def prune_and_merge_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    inputs_embeds: torch.Tensor,
+    position_ids: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    visual_embeds: torch.Tensor,
+    visual_idx: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    mapper_params: Sequence[torch.Tensor] = (),
+    mapper_kernel_size: int = 5,
+    mapper_input_eps: float = 1e-4,
+    keep_ratio: float | None = None,
+    keep_count: int | None = None,
+    q_pos: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stages a-c then the merge. Returns (embeds, position_ids_out, cu_seqlens_out, src_idx,
+    kept_idx, scores)."""
+    scores = _scores_ref(
+        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v,
+        mapper_params, mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale,
+    )  # fmt: skip
+    counts = keep_counts_ref(cu_seqlens_v, keep_ratio, keep_count)
+    kept_idx, _ = select_topk_ref(scores, cu_seqlens_v, counts)
+    merged = merge_kept_ref(
+        inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx
+    )
+    return (*merged, kept_idx, scores)
