@@ -1,0 +1,121 @@
+"""Every op passes torch.library.opcheck and runs under torch.compile(fullgraph=True)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokenprune_kernels as tp
+from tokenprune_kernels import backend
+from tokenprune_kernels.mapper import MapperConfig, TokenMapper
+from tokenprune_kernels.testing import make_inputs
+
+LAYOUTS = [
+    [("t", 3), ("v", 17), ("t", 2), ("v", 6), ("q", 4), ("t", 2)],
+    [("t", 2), ("q", 3)],
+    [("v", 11), ("q", 2)],
+]
+
+
+def _inputs(dtype=torch.float32):
+    gen = torch.Generator().manual_seed(1234)
+    torch.manual_seed(0)
+    inp = make_inputs(LAYOUTS, dtype=dtype, generator=gen)
+    params = TokenMapper(MapperConfig(channels=(4, 8, 8, 8, 16))).eval().op_params()
+    params = [p.detach() for p in params]
+    attn = tp.instruction_attention(
+        inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v
+    )
+    kept, _ = tp.select_topk(attn, inp.cu_seqlens_v, keep_ratio=0.5)
+    return inp, params, attn, kept
+
+
+def _cases(dtype=torch.float32):
+    inp, params, attn, kept = _inputs(dtype)
+    ops = torch.ops.tokenprune
+    return {
+        "instruction_attention": (
+            ops.instruction_attention.default,
+            (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v,
+             inp.q_pos, None),
+        ),
+        "mapper_forward": (ops.mapper_forward.default, (attn, inp.cu_seqlens_v, params, 5, 1e-4)),
+        "select_topk": (ops.select_topk.default, (attn.to(dtype), inp.cu_seqlens_v, 0.5, None)),
+        "gather_kept": (
+            ops.gather_kept.default, (inp.visual_embeds, inp.visual_position_ids, kept)
+        ),
+        "merge_kept": (
+            ops.merge_kept.default,
+            (inp.inputs_embeds, inp.position_ids, inp.cu_seqlens, inp.visual_embeds,
+             inp.visual_idx, inp.cu_seqlens_v, kept),
+        ),
+        "prune_visual_tokens": (
+            ops.prune_visual_tokens.default,
+            (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v,
+             inp.visual_embeds, inp.visual_position_ids, params, 5, 1e-4, 0.25, None, None, None),
+        ),
+        "prune_and_merge": (
+            ops.prune_and_merge.default,
+            (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.inputs_embeds,
+             inp.position_ids, inp.cu_seqlens, inp.visual_embeds, inp.visual_idx,
+             inp.cu_seqlens_v, [], 5, 1e-4, None, 3, inp.q_pos, 0.2),
+        ),
+    }  # fmt: skip
+
+
+OPS = list(_cases().keys())
+
+
+def cpu_backends() -> list[str]:
+    return ["ref"] + (["cpp"] if backend.implemented("select_topk", "cpp", "cpu") else [])
+
+
+@pytest.mark.parametrize("backend_name", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", OPS)
+def test_opcheck(name, dtype, backend_name):
+    op, args = _cases(dtype)[name]
+    with backend.use_backend(backend_name):
+        torch.library.opcheck(op, args)
+
+
+def test_every_public_op_is_checked():
+    from tokenprune_kernels.ops.schemas import PUBLIC_SCHEMAS
+
+    assert set(OPS) == set(PUBLIC_SCHEMAS)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_fullgraph_compile(name):
+    op, args = _cases()[name]
+    eager = op(*args)
+
+    def fn(*a):
+        return op(*a)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
+    for e, c in zip(eager if isinstance(eager, tuple) else (eager,),
+                    compiled if isinstance(compiled, tuple) else (compiled,), strict=True):  # fmt: skip
+        assert torch.equal(e, c)
+
+
+def test_fullgraph_inductor_pipeline():
+    """The composite inside a compiled function with surrounding tensor work, Inductor backend."""
+    inp, params, _, _ = _inputs()
+
+    def fn(q, k, inputs_embeds, visual_embeds):
+        embeds, pos, cu_out, src, kept, scores = tp.prune_and_merge(
+            q * 1.0, k, inp.cu_seqlens_q, inp.cu_seqlens_k, inputs_embeds, inp.position_ids,
+            inp.cu_seqlens, visual_embeds * 2.0, inp.visual_idx, inp.cu_seqlens_v, params,
+            keep_ratio=0.5,
+        )  # fmt: skip
+        return embeds.sum(dim=-1), pos + 1, cu_out, src, kept, torch.softmax(scores, 0)
+
+    torch._dynamo.reset()
+    args = (inp.q, inp.k, inp.inputs_embeds, inp.visual_embeds)
+    with torch.no_grad():
+        want = fn(*args)
+        got = torch.compile(fn, fullgraph=True)(*args)
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g, w)

@@ -1,0 +1,75 @@
+"""Stage e: the composites equal the stages chained by hand, on every backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokenprune_kernels as tp
+from tokenprune_kernels import backend, reference
+from tokenprune_kernels.mapper import MapperConfig, TokenMapper
+from tokenprune_kernels.testing import make_inputs
+
+LAYOUTS = [
+    [("t", 3), ("v", 29), ("t", 2), ("v", 13), ("q", 4), ("t", 2)],
+    [("t", 2), ("q", 3)],
+    [("t", 1), ("v", 2), ("q", 1)],
+    [("v", 97), ("q", 7)],
+]
+
+
+def _small_mapper(gen) -> TokenMapper:
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    return TokenMapper(MapperConfig(channels=(4, 8, 8, 16, 16), kernel_size=5)).eval()
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "ref"])
+@pytest.mark.parametrize("use_mapper", [False, True], ids=["raw_attention", "mapper"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prune_visual_tokens_equals_chain(backend_name, use_mapper, dtype, gen):
+    inp = make_inputs(LAYOUTS, dtype=dtype, generator=gen)
+    params = _small_mapper(gen).op_params() if use_mapper else []
+    attn = reference.instruction_attention_ref(
+        inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v
+    )
+    scores = (
+        reference.mapper_forward_ref(attn, inp.cu_seqlens_v, params, 5, 1e-4) if params else attn
+    )
+    counts = reference.keep_counts_ref(inp.cu_seqlens_v, keep_ratio=0.25)
+    kept, cu_kept = reference.select_topk_ref(scores, inp.cu_seqlens_v, counts)
+    with backend.use_backend(backend_name), torch.no_grad():
+        out = tp.prune_visual_tokens(
+            inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v,
+            inp.visual_embeds, inp.visual_position_ids, params, keep_ratio=0.25,
+        )  # fmt: skip
+    assert torch.equal(out[2], kept) and torch.equal(out[3], cu_kept)
+    assert torch.equal(out[0], inp.visual_embeds[kept])
+    assert torch.equal(out[1], inp.visual_position_ids[:, kept])
+    torch.testing.assert_close(out[4], scores)
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "ref"])
+@pytest.mark.parametrize("keep", [{"keep_ratio": 0.5}, {"keep_count": 2}, {"keep_ratio": 1.0}])
+def test_prune_and_merge_equals_chain(backend_name, keep, gen):
+    inp = make_inputs(LAYOUTS, generator=gen)
+    params = _small_mapper(gen).op_params()
+    with backend.use_backend(backend_name), torch.no_grad():
+        out = tp.prune_and_merge(
+            inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.inputs_embeds, inp.position_ids,
+            inp.cu_seqlens, inp.visual_embeds, inp.visual_idx, inp.cu_seqlens_v, params,
+            q_pos=inp.q_pos, **keep,
+        )  # fmt: skip
+        pruned = tp.prune_visual_tokens(
+            inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v,
+            inp.visual_embeds, inp.visual_position_ids, params, **keep,
+        )  # fmt: skip
+    kept = pruned[2]
+    want = reference.merge_kept_ref(
+        inp.inputs_embeds, inp.position_ids, inp.cu_seqlens, inp.visual_embeds, inp.visual_idx,
+        inp.cu_seqlens_v, kept,
+    )  # fmt: skip
+    assert torch.equal(out[4], kept)
+    for g, w in zip(out[:4], want, strict=True):
+        assert torch.equal(g, w)
+    if keep.get("keep_ratio") == 1.0:
+        assert out[0].shape[0] == inp.inputs_embeds.shape[0]

@@ -1,0 +1,140 @@
+"""Stage c: keep counts, deterministic top-k; the reference against a naive sort, every backend
+against the reference (identical indices)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import tokenprune_kernels as tp
+from tokenprune_kernels import backend
+from tokenprune_kernels.reference import keep_counts_ref, score_keys_ref, select_topk_ref
+
+SIZES = [1, 2, 3, 5, 31, 127, 4099]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def cpu_backends(op: str) -> list[str]:
+    return [b for b in ("ref", "cpp") if backend.implemented(op, b, "cpu")]
+
+
+def naive_topk(scores: torch.Tensor, cu: list[int], counts: list[int]) -> list[int]:
+    """Python's sort on (nan last, -score, index): the contract's order, written independently."""
+    values = scores.float().tolist()
+    kept = []
+    for b in range(len(cu) - 1):
+        idx = list(range(cu[b], cu[b + 1]))
+        idx.sort(
+            key=lambda i: (
+                math.isnan(values[i]),
+                -values[i] if not math.isnan(values[i]) else 0.0,
+                i,
+            )
+        )
+        kept.extend(sorted(idx[: counts[b]]))
+    return kept
+
+
+def planted_scores(n: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Few distinct values (many ties), plus NaN, +-inf and -0.0/+0.0 planted at random places."""
+    s = torch.randint(-3, 4, (n,), generator=gen).float() / 2
+    if n >= 8:
+        pick = torch.randperm(n, generator=gen)
+        s[pick[0]] = float("nan")
+        s[pick[1]] = float("inf")
+        s[pick[2]] = float("-inf")
+        s[pick[3]] = -0.0
+        s[pick[4]] = 0.0
+        s[pick[5]] = float("nan")
+    return s.to(dtype)
+
+
+def ragged(sizes: list[int], dtype: torch.dtype, gen: torch.Generator, planted: bool):
+    parts = [
+        planted_scores(n, dtype, gen) if planted else torch.randn(n, generator=gen).to(dtype)
+        for n in sizes
+    ]
+    cu = torch.zeros(len(sizes) + 1, dtype=torch.int64)
+    cu[1:] = torch.cumsum(torch.tensor(sizes), 0)
+    return torch.cat(parts), cu
+
+
+def test_keep_counts_rounding():
+    cu = torch.tensor([0, 1, 3, 6, 10, 4109, 4109])  # n = 1, 2, 3, 4, 4099, 0
+    assert keep_counts_ref(cu, keep_ratio=0.5).tolist() == [1, 1, 2, 2, 2050, 0]
+    assert keep_counts_ref(cu, keep_ratio=0.25).tolist() == [1, 1, 1, 1, 1025, 0]
+    assert keep_counts_ref(cu, keep_ratio=1.0).tolist() == [1, 2, 3, 4, 4099, 0]
+    assert keep_counts_ref(cu, keep_ratio=1e-9).tolist() == [1, 1, 1, 1, 1, 0]
+    # 0.3 * 10 is 3.0000000000000004 in float64: round half up, not ceil, keeps it at 3.
+    assert keep_counts_ref(torch.tensor([0, 10]), keep_ratio=0.3).tolist() == [3]
+    assert keep_counts_ref(cu, keep_count=1).tolist() == [1, 1, 1, 1, 1, 0]
+
+
+def test_score_keys_order():
+    values = [float("nan"), float("-inf"), -2.5, -1e-30, -0.0, 0.0, 1e-30, 3.0, float("inf")]
+    keys = score_keys_ref(torch.tensor(values)).tolist()
+    assert keys[0] == 0
+    assert keys[4] == keys[5]  # -0.0 and +0.0 tie
+    distinct = keys[:4] + keys[5:]
+    assert distinct == sorted(distinct) and len(set(distinct)) == len(distinct)
+    assert all(0 <= k < 2**32 for k in keys)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("planted", [False, True], ids=["random", "ties_nan_inf"])
+def test_reference_matches_naive(n, planted, gen):
+    scores, cu = ragged([n], torch.float32, gen, planted)
+    for ratio in (1.0, 0.5, 0.25):
+        counts = keep_counts_ref(cu, keep_ratio=ratio)
+        kept, cu_kept = select_topk_ref(scores, cu, counts)
+        assert kept.tolist() == naive_topk(scores, cu.tolist(), counts.tolist())
+        assert cu_kept.tolist() == [0, int(counts.sum())]
+
+
+def test_ties_break_to_lower_index_and_nan_ranks_last():
+    s = torch.tensor([1.0, float("nan"), 2.0, 1.0, float("-inf"), 1.0, -0.0, 0.0])
+    cu = torch.tensor([0, 8])
+    pick = lambda k: tp.select_topk(s, cu, keep_count=k)[0].tolist()  # noqa: E731
+    assert pick(1) == [2]
+    assert pick(3) == [0, 2, 3]  # ties 0, 3, 5: lowest indices first
+    assert pick(5) == [0, 2, 3, 5, 6]  # -0.0 and 0.0 tie: index 6 first
+    assert pick(7) == [0, 2, 3, 4, 5, 6, 7]  # -inf above NaN
+    assert pick(8) == list(range(8))
+
+
+@pytest.mark.parametrize("backend_name", cpu_backends("select_topk"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("planted", [False, True], ids=["random", "ties_nan_inf"])
+def test_backends_match_reference(backend_name, dtype, planted, gen):
+    sizes = [1, 0, 2, 37, 4099, 3, 257]
+    scores, cu = ragged(sizes, dtype, gen, planted)
+    for index_dtype in (torch.int64, torch.int32):
+        cu_i = cu.to(index_dtype)
+        for kw in (
+            {"keep_ratio": 0.5},
+            {"keep_ratio": 0.25},
+            {"keep_ratio": 1.0},
+            {"keep_count": 1},
+        ):
+            want = select_topk_ref(scores, cu_i, keep_counts_ref(cu_i, **kw))
+            with backend.use_backend(backend_name):
+                got = tp.select_topk(scores, cu_i, **kw)
+            assert torch.equal(got[0], want[0]), (backend_name, kw)
+            assert got[1].dtype == index_dtype and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("backend_name", cpu_backends("select_topk"))
+def test_kept_are_ascending_and_best(backend_name, gen):
+    scores, cu = ragged([1000, 333], torch.float32, gen, planted=False)
+    with backend.use_backend(backend_name):
+        kept, cu_kept = tp.select_topk(scores, cu, keep_ratio=0.25)
+    assert torch.all(kept[1:] > kept[:-1])
+    for b in range(2):
+        lo, hi = int(cu[b]), int(cu[b + 1])
+        mine = kept[int(cu_kept[b]) : int(cu_kept[b + 1])]
+        assert torch.all((mine >= lo) & (mine < hi))
+        rest = torch.ones(hi - lo, dtype=torch.bool)
+        rest[mine - lo] = False
+        assert scores[mine].min() >= scores[lo:hi][rest].max()
