@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tokenprune_kernels as tp
+from tokenprune_kernels.mapper import MapperConfig, TokenMapper
 from tokenprune_kernels.testing import make_inputs
 
 LAYOUT = [[("t", 2), ("v", 7), ("q", 3)], [("t", 1), ("v", 4), ("q", 2)]]
@@ -159,14 +160,18 @@ def test_merge_errors(inp):
 
 def test_mapper_errors(inp):
     attn = torch.rand(inp.visual_idx.shape[0])
-    with pytest.raises(ValueError, match=r"kernel_size must be a positive odd number, got 4"):
+    with pytest.raises(ValueError, match=r"kernel_size must be an odd int >= 1, got 4"):
         tp.mapper_forward(attn, inp.cu_seqlens_v, [torch.zeros(1)] * 8, kernel_size=4)
     with pytest.raises(
-        ValueError, match=r"params must hold 6 tensors per block and 2 for the head, got 7"
+        ValueError, match=r"params must hold 6 tensors per block plus 2 for the head.*got 7"
     ):
         tp.mapper_forward(attn, inp.cu_seqlens_v, [torch.zeros(1)] * 7)
     with pytest.raises(TypeError, match=r"attn must be float32, got torch.float16"):
         tp.mapper_forward(attn.half(), inp.cu_seqlens_v, [torch.zeros(1)] * 8)
+    params = [p.detach() for p in TokenMapper(MapperConfig(channels=(2, 4))).op_params()]
+    params[8] = torch.zeros(4, 3)  # block 1's pointwise weight must be [4, 2]
+    with pytest.raises(ValueError, match=r"params\[8\] \(blocks.1.pw.weight\)"):
+        tp.mapper_forward(attn, inp.cu_seqlens_v, params, kernel_size=5)
 
 
 def test_unknown_backend_is_an_error(inp, monkeypatch):

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from tokenprune_kernels.mapper.functional import validate_mapper_params
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -250,15 +252,11 @@ def check_mapper(
     if attn.dtype != torch.float32:
         raise TypeError(f"attn must be float32, got {attn.dtype}")
     check_cu_seqlens("cu_seqlens_v", cu_seqlens_v)
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        _fail(f"kernel_size must be a positive odd number, got {kernel_size}")
     if not (math.isfinite(input_eps) and input_eps > 0):
         _fail(f"input_eps must be a finite number > 0, got {input_eps!r}")
-    if len(params) < 8 or (len(params) - 2) % 6 != 0:
-        _fail(f"params must hold 6 tensors per block and 2 for the head, got {len(params)} tensors")
-    check_same_device(
-        attn=attn, cu_seqlens_v=cu_seqlens_v, **{f"params[{i}]": p for i, p in enumerate(params)}
-    )
+    validate_mapper_params(params, kernel_size)  # kernel_size, count, shapes, dtypes, devices
+    if len(params) > 0 and params[0].device != attn.device:
+        _fail(f"params must be on the device of attn ({attn.device}), got {params[0].device}")
 
 
 def check_select(

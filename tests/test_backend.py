@@ -1,0 +1,79 @@
+"""Backend choice: one place, overridable, says clearly what runs."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+import tokenprune_kernels as tp
+from tokenprune_kernels import _extension, backend
+from tokenprune_kernels.backend import COMPOSITE_OPS, STAGE_OPS
+from tokenprune_kernels.ops.schemas import PUBLIC_SCHEMAS
+
+
+def test_extension_builds_where_required():
+    """CI sets TOKENPRUNE_REQUIRE_EXT=1: a broken build must fail the suite, not fall back."""
+    if os.environ.get("TOKENPRUNE_REQUIRE_EXT") != "1":
+        pytest.skip("TOKENPRUNE_REQUIRE_EXT is not set")
+    assert _extension.available(), _extension.load_error()
+    for op in ("_select_topk", "_gather_kept", "_merge_kept"):
+        assert _extension.has_kernel(op, "CPU"), op
+
+
+def test_describe_covers_every_public_op():
+    assert set(backend.describe("cpu")) == set(PUBLIC_SCHEMAS) == set(STAGE_OPS + COMPOSITE_OPS)
+
+
+def test_auto_prefers_compiled_on_cpu():
+    table = backend.describe("cpu")
+    expected = "cpp" if _extension.available() else "ref"
+    for op in ("select_topk", "gather_kept", "merge_kept"):
+        assert table[op] == expected
+    assert table["instruction_attention"] == "ref"  # no CPU fast path for it yet
+
+
+def test_env_var_forces_reference(monkeypatch):
+    monkeypatch.setenv(backend.ENV_VAR, "ref")
+    assert set(backend.describe("cpu").values()) == {"ref"}
+    assert backend.describe("cuda")["select_topk"] == "ref"
+
+
+def test_use_backend_overrides_env_and_restores(monkeypatch):
+    monkeypatch.setenv(backend.ENV_VAR, "auto")
+    with backend.use_backend("ref"):
+        assert backend.requested() == "ref"
+        with backend.use_backend("auto"):
+            assert backend.requested() == "auto"
+        assert backend.requested() == "ref"
+    assert backend.requested() == "auto"
+
+
+def test_forcing_a_backend_an_op_lacks_uses_the_reference(monkeypatch):
+    monkeypatch.setenv(backend.ENV_VAR, "triton")
+    assert backend.choose("select_topk", "cpu") == "ref"
+
+
+def test_forcing_compiled_without_extension_is_an_error(monkeypatch):
+    monkeypatch.setattr(_extension, "_ext", None)
+    monkeypatch.setattr(_extension, "_load_error", "ImportError: simulated")
+    monkeypatch.setenv(backend.ENV_VAR, "cpp")
+    with pytest.raises(
+        RuntimeError, match=r"TOKENPRUNE_BACKEND=cpp needs the compiled extension.*simulated"
+    ):
+        backend.choose("select_topk", "cpu")
+
+
+def test_missing_extension_is_said_once(monkeypatch, caplog):
+    monkeypatch.setattr(_extension, "_ext", None)
+    monkeypatch.setattr(_extension, "_load_error", "ImportError: simulated")
+    monkeypatch.setattr(_extension, "_warned", False)
+    monkeypatch.setenv(backend.ENV_VAR, "auto")
+    with caplog.at_level(logging.WARNING, logger="tokenprune_kernels"):
+        for _ in range(3):
+            kept, _ = tp.select_topk(torch.randn(9), torch.tensor([0, 9]), keep_ratio=0.5)
+    messages = [r.getMessage() for r in caplog.records if "reference path" in r.getMessage()]
+    assert len(messages) == 1 and "simulated" in messages[0]
+    assert kept.numel() == 5

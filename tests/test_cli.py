@@ -1,0 +1,68 @@
+"""The ``tokenprune`` command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tokenprune_kernels.cli import main
+from tokenprune_kernels.ops.schemas import PUBLIC_SCHEMAS
+
+
+def test_env_lists_versions_and_backend_per_op(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    for needle in (
+        "torch",
+        "compiled extension",
+        "backend per op on cpu",
+        "backend per op on cuda",
+    ):
+        assert needle in out
+    for op in PUBLIC_SCHEMAS:
+        assert op in out
+
+
+def test_bench_quick_writes_table(tmp_path, capsys):
+    out_file = tmp_path / "bench.md"
+    assert main(["bench", "--quick", "--out", str(out_file)]) == 0
+    text = out_file.read_text()
+    for needle in (
+        "- device:",
+        "- torch:",
+        "- commit:",
+        "- command: `tokenprune bench --quick",
+        "| op |",
+    ):
+        assert needle in text
+    for op in (
+        "instruction_attention",
+        "mapper_forward",
+        "select_topk",
+        "gather_kept",
+        "merge_kept",
+        "prune_and_merge",
+    ):
+        assert f"| {op} | 1024 |" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "| ref |" in line]
+    assert all("1.00x" in row for row in rows)
+
+
+def test_module_entry_point_runs():
+    proc = subprocess.run(
+        [sys.executable, "-m", "tokenprune_kernels", "env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "backend per op on cpu" in proc.stdout
+
+
+def test_bench_refuses_missing_gpu(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    assert main(["bench", "--device", "cuda"]) == 2
+    assert "no CUDA GPU is visible" in capsys.readouterr().err
