@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -114,7 +115,8 @@ def extension_modules() -> tuple[list, dict]:
     print(
         f"tokenprune_kernels._C: {'CUDA' if with_cuda else 'CPU-only'} build, "
         f"{len(files)} sources, MAX_JOBS={os.environ['MAX_JOBS']}"
-        + (f", TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}" if with_cuda else "")
+        + (f", TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}" if with_cuda else ""),
+        file=sys.stderr,
     )
     cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
     return [ext], cmdclass

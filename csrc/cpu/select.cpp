@@ -39,7 +39,7 @@ namespace tokenprune::cpu {
 namespace {
 
 constexpr int64_t kChunk = 4096;         // keys per task inside one large sample
-constexpr int64_t kLargeSample = 16384;  // samples from this length on are split across threads
+constexpr int64_t kLargeSample = 8192;  // samples from this length on are split across threads
 constexpr int kBins = 256;               // 8-bit radix digits: four passes at most
 
 inline uint32_t order_key(float x) {
