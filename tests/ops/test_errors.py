@@ -158,6 +158,20 @@ def test_merge_errors(inp):
         merge(inp, kept, visual_idx=torch.tensor([2, 3, 4, 5, 6, 7, 8, 7, 8, 9, 10]))
 
 
+@pytest.mark.parametrize("backend_name", ["ref", "auto"])
+def test_merge_needs_ascending_kept_idx_on_every_backend(inp, backend_name):
+    from tokenprune_kernels import backend
+
+    with (
+        backend.use_backend(backend_name),
+        pytest.raises(
+            ValueError,
+            match=r"kept_idx must be strictly increasing.*kept_idx\[1\] = 3 >= kept_idx\[2\] = 1",
+        ),
+    ):
+        merge(inp, torch.tensor([0, 3, 1]))
+
+
 def test_mapper_errors(inp):
     attn = torch.rand(inp.visual_idx.shape[0])
     with pytest.raises(ValueError, match=r"kernel_size must be an odd int >= 1, got 4"):

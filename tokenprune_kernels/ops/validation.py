@@ -364,3 +364,11 @@ def check_merge_values(
     lengths = [bl[b + 1] - bl[b] for b in range(len(bl) - 1)]
     check_visual_idx_values(visual_idx, bv, lengths, "sequence")
     check_kept_idx_values(kept_idx, visual_idx.shape[0])
+    if kept_idx.numel() > 1:
+        not_increasing = kept_idx[1:] <= kept_idx[:-1]
+        if bool(not_increasing.any()):
+            i = int(torch.nonzero(not_increasing)[0]) + 1
+            _fail(
+                f"kept_idx must be strictly increasing (as select_topk returns it), got "
+                f"kept_idx[{i - 1}] = {int(kept_idx[i - 1])} >= kept_idx[{i}] = {int(kept_idx[i])}"
+            )
