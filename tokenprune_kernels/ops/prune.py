@@ -36,6 +36,18 @@ def _check_common(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, vi
     )
 
 
+def _check_score_values(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos,
+                        keep_count):  # fmt: skip
+    """The value checks of stages a-c, for the whole-reference path (the stage ops do their own)."""
+    v.check_instruction_attention_values(
+        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos
+    )
+    bounds = v.check_cu_seqlens_values(
+        "cu_seqlens_v", cu_seqlens_v, visual_idx.shape[0], "visual_idx.shape[0]"
+    )
+    v.check_keep_count_values(keep_count, bounds)
+
+
 def _scores(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_params,
             mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale):  # fmt: skip
     ops = torch.ops.tokenprune
@@ -57,13 +69,8 @@ def _prune_impl(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visu
                   q_pos, softmax_scale)  # fmt: skip
     v.check_gather(visual_embeds, visual_position_ids, visual_idx.new_empty(0, dtype=torch.int64))
     if backend.requested() == "ref":
-        v.check_instruction_attention_values(
-            q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos
-        )
-        bounds = v.check_cu_seqlens_values(
-            "cu_seqlens_v", cu_seqlens_v, visual_idx.shape[0], "visual_idx.shape[0]"
-        )
-        v.check_keep_count_values(keep_count, bounds)
+        _check_score_values(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos,
+                            keep_count)  # fmt: skip
         return reference.prune_visual_tokens_ref(
             q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
             visual_position_ids, mapper_params, mapper_kernel_size, mapper_input_eps,
@@ -109,14 +116,9 @@ def _merge_impl(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, c
     v.check_merge(inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx,
                   cu_seqlens_v, empty_idx)  # fmt: skip
     if backend.requested() == "ref":
-        v.check_instruction_attention_values(
-            q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos
-        )
+        _check_score_values(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos,
+                            keep_count)  # fmt: skip
         v.check_merge_values(inputs_embeds, cu_seqlens, visual_idx, cu_seqlens_v, empty_idx)
-        bounds = v.check_cu_seqlens_values(
-            "cu_seqlens_v", cu_seqlens_v, visual_idx.shape[0], "visual_idx.shape[0]"
-        )
-        v.check_keep_count_values(keep_count, bounds)
         return reference.prune_and_merge_ref(
             q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, cu_seqlens,
             visual_embeds, visual_idx, cu_seqlens_v, mapper_params, mapper_kernel_size,
