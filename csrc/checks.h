@@ -6,6 +6,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/DeviceType.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -63,6 +65,94 @@ inline void check_position_ids(const at::Tensor& t, const char* name, int64_t co
   check_index(t, name);
   TORCH_CHECK_VALUE(t.size(1) == cols, name, " must have ", cols_name, " = ", cols,
                     " columns, got shape ", t.sizes());
+}
+
+// The first tensor argument of a backend's kernel lives on that backend; its device is the one
+// every other argument must share. CPU kernels name the device, the others the device type.
+inline c10::Device check_backend(const at::Tensor& t, const char* name, c10::DeviceType backend) {
+  if (backend == c10::kCPU) {
+    check_device(t, name, c10::Device(c10::kCPU));
+  } else {
+    TORCH_CHECK_VALUE(t.device().type() == backend, name, " must be a ", c10::DeviceTypeName(backend),
+                      " tensor, got device ", t.device());
+  }
+  return t.device();
+}
+
+// kept_idx [Tk] int64 (its values are checked by each backend, where the data lives).
+inline void check_kept_idx_meta(const at::Tensor& kept_idx, const c10::Device& device) {
+  check_dim(kept_idx, "kept_idx", 1, "[Tk]");
+  check_int64(kept_idx, "kept_idx");
+  check_device(kept_idx, "kept_idx", device);
+}
+
+// The sizes of _gather_kept's arguments (contract.md, d), their metadata validated.
+struct GatherKeptSizes {
+  c10::Device device;
+  int64_t tv;
+  int64_t hidden;
+};
+
+// Device-agnostic checks of _gather_kept: ranks, dtypes, sizes and devices (`backend` is the
+// device type of the calling kernel). The values of kept_idx are left to the backend.
+inline GatherKeptSizes check_gather_kept_args(const at::Tensor& visual_embeds,
+                                              const at::Tensor& position_ids,
+                                              const at::Tensor& kept_idx,
+                                              c10::DeviceType backend) {
+  check_rows(visual_embeds, "visual_embeds", "[Tv, H]");
+  const c10::Device device = check_backend(visual_embeds, "visual_embeds", backend);
+  const int64_t tv = visual_embeds.size(0);
+  check_position_ids(position_ids, "position_ids", tv, "Tv");
+  check_device(position_ids, "position_ids", device);
+  check_kept_idx_meta(kept_idx, device);
+  return {device, tv, visual_embeds.size(1)};
+}
+
+// The sizes of _merge_kept's arguments (contract.md, e), their metadata validated.
+struct MergeKeptSizes {
+  c10::Device device;
+  int64_t tl;
+  int64_t tv;
+  int64_t hidden;
+};
+
+// Device-agnostic checks of _merge_kept: ranks, dtypes, sizes and devices, in argument order
+// (`backend` is the device type of the calling kernel). The values of the offsets, visual_idx and
+// kept_idx are left to the backend, which reads them where they live.
+inline MergeKeptSizes check_merge_kept_args(const at::Tensor& inputs_embeds,
+                                            const at::Tensor& position_ids,
+                                            const at::Tensor& cu_seqlens,
+                                            const at::Tensor& visual_embeds,
+                                            const at::Tensor& visual_idx,
+                                            const at::Tensor& cu_seqlens_v,
+                                            const at::Tensor& kept_idx, c10::DeviceType backend) {
+  check_rows(inputs_embeds, "inputs_embeds", "[Tl, H]");
+  const c10::Device device = check_backend(inputs_embeds, "inputs_embeds", backend);
+  const int64_t tl = inputs_embeds.size(0);
+  const int64_t hidden = inputs_embeds.size(1);
+  check_position_ids(position_ids, "position_ids", tl, "Tl");
+  check_device(position_ids, "position_ids", device);
+  check_offsets_meta(cu_seqlens, "cu_seqlens");
+  check_device(cu_seqlens, "cu_seqlens", device);
+  check_rows(visual_embeds, "visual_embeds", "[Tv, H]");
+  check_device(visual_embeds, "visual_embeds", device);
+  TORCH_CHECK_TYPE(visual_embeds.scalar_type() == inputs_embeds.scalar_type(),
+                   "visual_embeds must have the dtype of inputs_embeds (",
+                   inputs_embeds.scalar_type(), "), got ", visual_embeds.scalar_type());
+  TORCH_CHECK_VALUE(visual_embeds.size(1) == hidden, "visual_embeds must have H = ", hidden,
+                    " columns like inputs_embeds, got shape ", visual_embeds.sizes());
+  const int64_t tv = visual_embeds.size(0);
+  check_dim(visual_idx, "visual_idx", 1, "[Tv]");
+  check_index(visual_idx, "visual_idx");
+  check_device(visual_idx, "visual_idx", device);
+  TORCH_CHECK_VALUE(visual_idx.size(0) == tv, "visual_idx must have Tv = ", tv, " entries, got ",
+                    visual_idx.size(0));
+  check_offsets_meta(cu_seqlens_v, "cu_seqlens_v");
+  check_device(cu_seqlens_v, "cu_seqlens_v", device);
+  TORCH_CHECK_VALUE(cu_seqlens_v.size(0) == cu_seqlens.size(0), "cu_seqlens_v must have the B+1 = ",
+                    cu_seqlens.size(0), " entries of cu_seqlens, got ", cu_seqlens_v.size(0));
+  check_kept_idx_meta(kept_idx, device);
+  return {device, tl, tv, hidden};
 }
 
 }  // namespace tokenprune

@@ -67,16 +67,10 @@ void gather_position_ids(const at::Tensor& pos, const int64_t* src, int64_t n_ou
 std::tuple<at::Tensor, at::Tensor> gather_kept_cpu(const at::Tensor& visual_embeds,
                                                    const at::Tensor& position_ids,
                                                    const at::Tensor& kept_idx) {
-  const c10::Device cpu(c10::kCPU);
-  check_rows(visual_embeds, "visual_embeds", "[Tv, H]");
-  check_device(visual_embeds, "visual_embeds", cpu);
-  const int64_t tv = visual_embeds.size(0);
-  const int64_t hidden = visual_embeds.size(1);
-  check_position_ids(position_ids, "position_ids", tv, "Tv");
-  check_device(position_ids, "position_ids", cpu);
-  check_dim(kept_idx, "kept_idx", 1, "[Tk]");
-  check_int64(kept_idx, "kept_idx");
-  check_device(kept_idx, "kept_idx", cpu);
+  const GatherKeptSizes sizes =
+      check_gather_kept_args(visual_embeds, position_ids, kept_idx, c10::kCPU);
+  const int64_t tv = sizes.tv;
+  const int64_t hidden = sizes.hidden;
 
   const at::Tensor idx_t = kept_idx.contiguous();
   const int64_t* idx = idx_t.const_data_ptr<int64_t>();
@@ -109,32 +103,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_kept_cpu(
     const at::Tensor& inputs_embeds, const at::Tensor& position_ids, const at::Tensor& cu_seqlens,
     const at::Tensor& visual_embeds, const at::Tensor& visual_idx, const at::Tensor& cu_seqlens_v,
     const at::Tensor& kept_idx) {
-  const c10::Device cpu(c10::kCPU);
-  check_rows(inputs_embeds, "inputs_embeds", "[Tl, H]");
-  check_device(inputs_embeds, "inputs_embeds", cpu);
-  const int64_t tl = inputs_embeds.size(0);
-  const int64_t hidden = inputs_embeds.size(1);
-  check_position_ids(position_ids, "position_ids", tl, "Tl");
-  check_device(position_ids, "position_ids", cpu);
-  check_rows(visual_embeds, "visual_embeds", "[Tv, H]");
-  check_device(visual_embeds, "visual_embeds", cpu);
-  TORCH_CHECK_TYPE(visual_embeds.scalar_type() == inputs_embeds.scalar_type(),
-                   "visual_embeds must have the dtype of inputs_embeds (",
-                   inputs_embeds.scalar_type(), "), got ", visual_embeds.scalar_type());
-  TORCH_CHECK_VALUE(visual_embeds.size(1) == hidden, "visual_embeds must have H = ", hidden,
-                    " columns like inputs_embeds, got shape ", visual_embeds.sizes());
-  const int64_t tv = visual_embeds.size(0);
+  const MergeKeptSizes sizes =
+      check_merge_kept_args(inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx,
+                            cu_seqlens_v, kept_idx, c10::kCPU);
+  const int64_t tl = sizes.tl;
+  const int64_t tv = sizes.tv;
+  const int64_t hidden = sizes.hidden;
+
+  // The values, read on the host: offsets, then visual_idx per sample, then kept_idx.
   const std::vector<int64_t> cu = read_offsets(cu_seqlens, "cu_seqlens", tl, "Tl");
   const std::vector<int64_t> cu_v = read_offsets(cu_seqlens_v, "cu_seqlens_v", tv, "Tv");
-  TORCH_CHECK_VALUE(cu_v.size() == cu.size(), "cu_seqlens_v must have the B+1 = ", cu.size(),
-                    " entries of cu_seqlens, got ", cu_v.size());
   const int64_t batch = static_cast<int64_t>(cu.size()) - 1;
-
-  check_dim(visual_idx, "visual_idx", 1, "[Tv]");
-  check_index(visual_idx, "visual_idx");
-  check_device(visual_idx, "visual_idx", cpu);
-  TORCH_CHECK_VALUE(visual_idx.size(0) == tv, "visual_idx must have Tv = ", tv,
-                    " entries, got ", visual_idx.size(0));
   const std::vector<int64_t> vidx = to_int64_vector(visual_idx);
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t n = cu[b + 1] - cu[b];
@@ -147,9 +126,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_kept_cpu(
     }
   }
 
-  check_dim(kept_idx, "kept_idx", 1, "[Tk]");
-  check_int64(kept_idx, "kept_idx");
-  check_device(kept_idx, "kept_idx", cpu);
   const at::Tensor kept_t = kept_idx.contiguous();
   const int64_t* kept = kept_t.const_data_ptr<int64_t>();
   const int64_t tk = kept_t.size(0);

@@ -1,8 +1,9 @@
 // CUDA glue of tokenprune::_gather_kept and tokenprune::_merge_kept (compiled in CUDA builds only).
 //
-// Owns what needs torch: argument checks, allocation (caching allocator), the current stream and
-// device guard, the int64 conversion of index arrays and one cumsum. The kernels themselves are
-// torch-free, in gather.cu, behind the launchers of kernels.h.
+// Owns what needs torch: argument checks (the device-agnostic ones shared with the CPU kernels, in
+// ../checks.h), allocation (caching allocator), the current stream and device guard, the int64
+// conversion of index arrays and one cumsum. The kernels themselves are torch-free, in gather.cu,
+// behind the launchers of kernels.h.
 //
 // Value checks (offsets monotone and ending at the packed length, indices in range and ordered)
 // run on the device and come back as one 4-byte error word: each op synchronises its stream once,
@@ -24,10 +25,6 @@
 
 namespace tokenprune::cuda {
 namespace {
-
-void check_on_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
-}
 
 // `t` itself when its rows are dense (last stride 1), else a contiguous copy.
 at::Tensor dense_rows(const at::Tensor& t) {
@@ -61,16 +58,11 @@ uint32_t* error_word(const at::Tensor& scratch) {
 std::tuple<at::Tensor, at::Tensor> gather_kept_cuda(const at::Tensor& visual_embeds,
                                                     const at::Tensor& position_ids,
                                                     const at::Tensor& kept_idx) {
-  check_rows(visual_embeds, "visual_embeds", "[Tv, H]");
-  check_on_cuda(visual_embeds, "visual_embeds");
-  const c10::Device device = visual_embeds.device();
-  const int64_t tv = visual_embeds.size(0);
-  const int64_t hidden = visual_embeds.size(1);
-  check_position_ids(position_ids, "position_ids", tv, "Tv");
-  check_device(position_ids, "position_ids", device);
-  check_dim(kept_idx, "kept_idx", 1, "[Tk]");
-  check_int64(kept_idx, "kept_idx");
-  check_device(kept_idx, "kept_idx", device);
+  const GatherKeptSizes sizes =
+      check_gather_kept_args(visual_embeds, position_ids, kept_idx, c10::kCUDA);
+  const c10::Device device = sizes.device;
+  const int64_t tv = sizes.tv;
+  const int64_t hidden = sizes.hidden;
 
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
@@ -100,35 +92,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_kept_cuda(
     const at::Tensor& inputs_embeds, const at::Tensor& position_ids, const at::Tensor& cu_seqlens,
     const at::Tensor& visual_embeds, const at::Tensor& visual_idx, const at::Tensor& cu_seqlens_v,
     const at::Tensor& kept_idx) {
-  check_rows(inputs_embeds, "inputs_embeds", "[Tl, H]");
-  check_on_cuda(inputs_embeds, "inputs_embeds");
-  const c10::Device device = inputs_embeds.device();
-  const int64_t tl = inputs_embeds.size(0);
-  const int64_t hidden = inputs_embeds.size(1);
-  check_position_ids(position_ids, "position_ids", tl, "Tl");
-  check_device(position_ids, "position_ids", device);
-  check_offsets_meta(cu_seqlens, "cu_seqlens");
-  check_device(cu_seqlens, "cu_seqlens", device);
-  check_rows(visual_embeds, "visual_embeds", "[Tv, H]");
-  check_device(visual_embeds, "visual_embeds", device);
-  TORCH_CHECK_TYPE(visual_embeds.scalar_type() == inputs_embeds.scalar_type(),
-                   "visual_embeds must have the dtype of inputs_embeds (",
-                   inputs_embeds.scalar_type(), "), got ", visual_embeds.scalar_type());
-  TORCH_CHECK_VALUE(visual_embeds.size(1) == hidden, "visual_embeds must have H = ", hidden,
-                    " columns like inputs_embeds, got shape ", visual_embeds.sizes());
-  const int64_t tv = visual_embeds.size(0);
-  check_dim(visual_idx, "visual_idx", 1, "[Tv]");
-  check_index(visual_idx, "visual_idx");
-  check_device(visual_idx, "visual_idx", device);
-  TORCH_CHECK_VALUE(visual_idx.size(0) == tv, "visual_idx must have Tv = ", tv, " entries, got ",
-                    visual_idx.size(0));
-  check_offsets_meta(cu_seqlens_v, "cu_seqlens_v");
-  check_device(cu_seqlens_v, "cu_seqlens_v", device);
-  TORCH_CHECK_VALUE(cu_seqlens_v.size(0) == cu_seqlens.size(0), "cu_seqlens_v must have the B+1 = ",
-                    cu_seqlens.size(0), " entries of cu_seqlens, got ", cu_seqlens_v.size(0));
-  check_dim(kept_idx, "kept_idx", 1, "[Tk]");
-  check_int64(kept_idx, "kept_idx");
-  check_device(kept_idx, "kept_idx", device);
+  const MergeKeptSizes sizes =
+      check_merge_kept_args(inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx,
+                            cu_seqlens_v, kept_idx, c10::kCUDA);
+  const c10::Device device = sizes.device;
+  const int64_t tl = sizes.tl;
+  const int64_t tv = sizes.tv;
+  const int64_t hidden = sizes.hidden;
 
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();

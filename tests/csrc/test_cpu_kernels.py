@@ -8,35 +8,23 @@ import math
 
 import pytest
 import torch
+from kernel_cases import (
+    DTYPES,
+    INDEX_DTYPES,
+    MERGE_LAYOUTS,
+    MERGE_MODES,
+    kept_for,
+    make_counts,
+    make_merge_inputs,
+    merge_case,
+    offsets,
+    ops,
+)
+from kernel_cases import assert_same_bits as assert_same
 
 from tokenprune_kernels.reference import gather_kept_ref, merge_kept_ref, select_topk_ref
 
 pytestmark = pytest.mark.usefixtures("compiled_ext")
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-INDEX_DTYPES = [torch.int32, torch.int64]
-_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-
-
-def ops():
-    return torch.ops.tokenprune
-
-
-def assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
-    """Same dtype, shape and bits (NaN payloads and -0.0 included)."""
-    assert got.dtype == want.dtype, (got.dtype, want.dtype)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    if want.dtype in _BITS:
-        got, want = got.view(_BITS[want.dtype]), want.view(_BITS[want.dtype])
-    assert torch.equal(got, want)
-
-
-def offsets(counts: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    cu = [0]
-    for c in counts:
-        cu.append(cu[-1] + c)
-    return torch.tensor(cu, dtype=dtype)
-
 
 # --------------------------------------------------------------------------------------------
 # Independent naive implementations (pure Python, no shared code with the reference).
@@ -106,17 +94,6 @@ def make_scores(n: int, dtype: torch.dtype, kind: str, g: torch.Generator) -> to
         few = torch.randint(0, 8, (n,), generator=g) == 0
         return torch.where(few, torch.randn(n, generator=g), x).to(dtype)
     raise ValueError(kind)
-
-
-def make_counts(lengths: list[int], mode: str, g: torch.Generator) -> torch.Tensor:
-    counts = []
-    for b, n in enumerate(lengths):
-        if mode == "random":
-            counts.append(int(torch.randint(0, n + 1, (1,), generator=g)))
-        else:  # cycle through the edges: 1, n, n - 1, n // 2 (never above n, 0 when n == 0)
-            choice = [1, n, n - 1, n // 2][b % 4]
-            counts.append(max(0, min(n, choice)))
-    return torch.tensor(counts, dtype=torch.int64)
 
 
 SELECT_LAYOUTS = {
@@ -260,45 +237,6 @@ def test_gather_non_contiguous(layout, gen):
 # --------------------------------------------------------------------------------------------
 # _merge_kept
 
-MERGE_LAYOUTS = {  # (full length, visual tokens) per sample
-    "one_visual": [(1, 1)],
-    "one_text": [(1, 0)],
-    "all_visual": [(5, 5)],
-    "small": [(40, 13)],
-    "large": [(5000, 4099)],
-    "ragged": [(10, 3), (0, 0), (7, 0), (300, 257), (6, 6), (1, 0), (2, 1)],
-}
-
-
-def make_merge_inputs(layout, dtype, hidden, rows, cu_dtype, vidx_dtype, g):
-    lengths = [n for n, _ in layout]
-    nvis = [v for _, v in layout]
-    visual_idx = []
-    for n, nv in layout:
-        visual_idx += sorted(torch.randperm(n, generator=g)[:nv].tolist())
-    tl, tv = sum(lengths), sum(nvis)
-    return dict(
-        inputs_embeds=torch.randn(tl, hidden, generator=g).to(dtype),
-        position_ids=torch.randint(-5, 10**5, (rows, tl), generator=g).to(vidx_dtype),
-        cu_seqlens=offsets(lengths, cu_dtype),
-        visual_embeds=torch.randn(tv, hidden, generator=g).to(dtype),
-        visual_idx=torch.tensor(visual_idx, dtype=vidx_dtype),
-        cu_seqlens_v=offsets(nvis, cu_dtype),
-    )
-
-
-def kept_for(args: dict, mode: str, g: torch.Generator) -> torch.Tensor:
-    cu_v = args["cu_seqlens_v"]
-    lengths = (cu_v[1:] - cu_v[:-1]).tolist()
-    if mode == "none":
-        counts = torch.zeros(len(lengths), dtype=torch.int64)
-    elif mode == "all":
-        counts = torch.tensor(lengths, dtype=torch.int64)
-    else:
-        counts = make_counts(lengths, "random", g)
-    scores = torch.randn(int(cu_v[-1]), generator=g)
-    return select_topk_ref(scores, cu_v, counts)[0]
-
 
 def check_merge(args: dict, kept: torch.Tensor) -> None:
     got = ops()._merge_kept(**args, kept_idx=kept)
@@ -322,14 +260,11 @@ def check_merge(args: dict, kept: torch.Tensor) -> None:
     assert_same(pos, args["position_ids"][:, torch.tensor(src, dtype=torch.int64)])
 
 
-@pytest.mark.parametrize("mode", ["random", "none", "all"])
+@pytest.mark.parametrize("mode", MERGE_MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", list(MERGE_LAYOUTS))
 def test_merge_matches_reference(layout, dtype, mode, gen):
-    cu_dtype = INDEX_DTYPES[len(layout) % 2]
-    vidx_dtype = INDEX_DTYPES[(len(layout) + len(mode)) % 2]
-    args = make_merge_inputs(MERGE_LAYOUTS[layout], dtype, 33, 3, cu_dtype, vidx_dtype, gen)
-    check_merge(args, kept_for(args, mode, gen))
+    check_merge(*merge_case(layout, dtype, mode, gen))
 
 
 @pytest.mark.parametrize(("hidden", "rows"), [(0, 1), (1, 1), (7, 3), (256, 2)])

@@ -6,36 +6,27 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_cases import (
+    DTYPES,
+    INDEX_DTYPES,
+    MERGE_LAYOUTS,
+    MERGE_MODES,
+    assert_same_bits,
+    kept_for,
+    make_merge_inputs,
+    merge_case,
+    ops,
+)
 
-from tokenprune_kernels.reference import gather_kept_ref, merge_kept_ref, select_topk_ref
+from tokenprune_kernels.reference import gather_kept_ref, merge_kept_ref
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("compiled_ext")]
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-INDEX_DTYPES = [torch.int32, torch.int64]
-_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-
-
-def ops():
-    return torch.ops.tokenprune
-
 
 def assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
+    """`got` on the GPU, the same dtype, shape and bits as `want` (on any device)."""
     assert got.device.type == "cuda"
-    got = got.cpu()
-    want = want.cpu()
-    assert got.dtype == want.dtype, (got.dtype, want.dtype)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    if want.dtype in _BITS:
-        got, want = got.view(_BITS[want.dtype]), want.view(_BITS[want.dtype])
-    assert torch.equal(got, want)
-
-
-def offsets(counts: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    cu = [0]
-    for c in counts:
-        cu.append(cu[-1] + c)
-    return torch.tensor(cu, dtype=dtype)
+    assert_same_bits(got.cpu(), want.cpu())
 
 
 def to_cuda(args: dict) -> dict:
@@ -115,45 +106,6 @@ def test_gather_on_a_side_stream(gen):
 # --------------------------------------------------------------------------------------------
 # _merge_kept
 
-MERGE_LAYOUTS = {  # (full length, visual tokens) per sample
-    "one_visual": [(1, 1)],
-    "one_text": [(1, 0)],
-    "all_visual": [(5, 5)],
-    "small": [(40, 13)],
-    "large": [(5000, 4099)],
-    "ragged": [(10, 3), (0, 0), (7, 0), (300, 257), (6, 6), (1, 0), (2, 1)],
-}
-
-
-def make_merge_inputs(layout, dtype, hidden, r, cu_dtype, vidx_dtype, g):
-    lengths = [n for n, _ in layout]
-    nvis = [v for _, v in layout]
-    visual_idx = []
-    for n, nv in layout:
-        visual_idx += sorted(torch.randperm(n, generator=g)[:nv].tolist())
-    tl, tv = sum(lengths), sum(nvis)
-    return dict(
-        inputs_embeds=torch.randn(tl, hidden, generator=g).to(dtype),
-        position_ids=torch.randint(-5, 10**5, (r, tl), generator=g).to(vidx_dtype),
-        cu_seqlens=offsets(lengths, cu_dtype),
-        visual_embeds=torch.randn(tv, hidden, generator=g).to(dtype),
-        visual_idx=torch.tensor(visual_idx, dtype=vidx_dtype),
-        cu_seqlens_v=offsets(nvis, cu_dtype),
-    )
-
-
-def kept_for(args: dict, mode: str, g: torch.Generator) -> torch.Tensor:
-    cu_v = args["cu_seqlens_v"]
-    lengths = (cu_v[1:] - cu_v[:-1]).tolist()
-    if mode == "none":
-        counts = [0] * len(lengths)
-    elif mode == "all":
-        counts = lengths
-    else:
-        counts = [int(torch.randint(0, n + 1, (1,), generator=g)) for n in lengths]
-    scores = torch.randn(int(cu_v[-1]), generator=g)
-    return select_topk_ref(scores, cu_v, torch.tensor(counts, dtype=torch.int64))[0]
-
 
 def check_merge(args: dict, kept: torch.Tensor, cuda_args: dict | None = None) -> None:
     got = ops()._merge_kept(**(cuda_args or to_cuda(args)), kept_idx=kept.cuda())
@@ -164,14 +116,11 @@ def check_merge(args: dict, kept: torch.Tensor, cuda_args: dict | None = None) -
         assert_same(g_t, c_t)
 
 
-@pytest.mark.parametrize("mode", ["random", "none", "all"])
+@pytest.mark.parametrize("mode", MERGE_MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", list(MERGE_LAYOUTS))
 def test_merge_parity(layout, dtype, mode, gen):
-    cu_dtype = INDEX_DTYPES[len(layout) % 2]
-    vidx_dtype = INDEX_DTYPES[(len(layout) + len(mode)) % 2]
-    args = make_merge_inputs(MERGE_LAYOUTS[layout], dtype, 33, 3, cu_dtype, vidx_dtype, gen)
-    check_merge(args, kept_for(args, mode, gen))
+    check_merge(*merge_case(layout, dtype, mode, gen))
 
 
 @pytest.mark.parametrize(("hidden", "r"), [(0, 1), (1, 1), (8, 3), (7, 3), (2048, 3)])

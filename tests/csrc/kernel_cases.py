@@ -1,0 +1,99 @@
+"""Inputs and comparisons shared by the compiled-kernel tests (test_cpu_kernels.py and
+test_cuda_kernels.py): the dtypes, the bit-exact comparison, offsets, keep counts and the
+_merge_kept layouts and inputs. Imported by name (pytest puts this folder on sys.path)."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenprune_kernels.reference import select_topk_ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+INDEX_DTYPES = [torch.int32, torch.int64]
+_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def ops():
+    return torch.ops.tokenprune
+
+
+def assert_same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Same dtype, shape and bits (NaN payloads and -0.0 included); both on one device."""
+    assert got.dtype == want.dtype, (got.dtype, want.dtype)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    if want.dtype in _BITS:
+        got, want = got.view(_BITS[want.dtype]), want.view(_BITS[want.dtype])
+    assert torch.equal(got, want)
+
+
+def offsets(counts: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    cu = [0]
+    for c in counts:
+        cu.append(cu[-1] + c)
+    return torch.tensor(cu, dtype=dtype)
+
+
+def make_counts(lengths: list[int], mode: str, g: torch.Generator) -> torch.Tensor:
+    counts = []
+    for b, n in enumerate(lengths):
+        if mode == "random":
+            counts.append(int(torch.randint(0, n + 1, (1,), generator=g)))
+        else:  # cycle through the edges: 1, n, n - 1, n // 2 (never above n, 0 when n == 0)
+            choice = [1, n, n - 1, n // 2][b % 4]
+            counts.append(max(0, min(n, choice)))
+    return torch.tensor(counts, dtype=torch.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# _merge_kept
+
+MERGE_LAYOUTS = {  # (full length, visual tokens) per sample
+    "one_visual": [(1, 1)],
+    "one_text": [(1, 0)],
+    "all_visual": [(5, 5)],
+    "small": [(40, 13)],
+    "large": [(5000, 4099)],
+    "ragged": [(10, 3), (0, 0), (7, 0), (300, 257), (6, 6), (1, 0), (2, 1)],
+}
+MERGE_MODES = ["random", "none", "all"]  # how many visual tokens kept_for keeps
+
+
+def make_merge_inputs(layout, dtype, hidden, rows, cu_dtype, vidx_dtype, g) -> dict:
+    """The arguments of _merge_kept but kept_idx, on the CPU."""
+    lengths = [n for n, _ in layout]
+    nvis = [v for _, v in layout]
+    visual_idx = []
+    for n, nv in layout:
+        visual_idx += sorted(torch.randperm(n, generator=g)[:nv].tolist())
+    tl, tv = sum(lengths), sum(nvis)
+    return dict(
+        inputs_embeds=torch.randn(tl, hidden, generator=g).to(dtype),
+        position_ids=torch.randint(-5, 10**5, (rows, tl), generator=g).to(vidx_dtype),
+        cu_seqlens=offsets(lengths, cu_dtype),
+        visual_embeds=torch.randn(tv, hidden, generator=g).to(dtype),
+        visual_idx=torch.tensor(visual_idx, dtype=vidx_dtype),
+        cu_seqlens_v=offsets(nvis, cu_dtype),
+    )
+
+
+def kept_for(args: dict, mode: str, g: torch.Generator) -> torch.Tensor:
+    """A valid kept_idx for `args`: none, all or a random number of each sample's visual tokens."""
+    cu_v = args["cu_seqlens_v"]
+    lengths = (cu_v[1:] - cu_v[:-1]).tolist()
+    if mode == "none":
+        counts = torch.zeros(len(lengths), dtype=torch.int64)
+    elif mode == "all":
+        counts = torch.tensor(lengths, dtype=torch.int64)
+    else:
+        counts = make_counts(lengths, "random", g)
+    scores = torch.randn(int(cu_v[-1]), generator=g)
+    return select_topk_ref(scores, cu_v, counts)[0]
+
+
+def merge_case(layout: str, dtype: torch.dtype, mode: str, g: torch.Generator):
+    """One case of the (layout, dtype, mode) test matrix of _merge_kept: its arguments but kept_idx
+    (H = 33, R = 3, index dtypes varied with the case) and a kept_idx for them, on the CPU."""
+    cu_dtype = INDEX_DTYPES[len(layout) % 2]
+    vidx_dtype = INDEX_DTYPES[(len(layout) + len(mode)) % 2]
+    args = make_merge_inputs(MERGE_LAYOUTS[layout], dtype, 33, 3, cu_dtype, vidx_dtype, g)
+    return args, kept_for(args, mode, g)
