@@ -216,6 +216,16 @@ def run_bench(
     return results
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: str) -> dict[str, str]:
     """Device, versions and commit, for the header of a results file."""
     import tokenprune_kernels
