@@ -234,9 +234,7 @@ def environment(device: str) -> dict[str, str]:
     if torch.device(device).type == "cuda":
         name = torch.cuda.get_device_name(torch.device(device))
     else:
-        name = (
-            f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-        )
+        name = f"CPU {_cpu_model()}, {torch.get_num_threads()} threads"
     info = {
         "device": name,
         "python": platform.python_version(),
