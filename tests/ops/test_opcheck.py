@@ -119,3 +119,36 @@ def test_fullgraph_inductor_pipeline():
         got = torch.compile(fn, fullgraph=True)(*args)
     for w, g in zip(want, got, strict=True):
         torch.testing.assert_close(g, w)
+
+
+def _compiled_cases():
+    inp, _, attn, kept = _inputs()
+    ops = torch.ops.tokenprune
+    counts = torch.tensor([3, 0, 4])
+    return {
+        "_select_topk": (ops._select_topk.default, (attn, inp.cu_seqlens_v, counts)),
+        "_gather_kept": (
+            ops._gather_kept.default, (inp.visual_embeds, inp.visual_position_ids, kept)
+        ),
+        "_merge_kept": (
+            ops._merge_kept.default,
+            (inp.inputs_embeds, inp.position_ids, inp.cu_seqlens, inp.visual_embeds,
+             inp.visual_idx, inp.cu_seqlens_v, kept),
+        ),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["_select_topk", "_gather_kept", "_merge_kept"])
+def test_compiled_ops_opcheck_and_compile(name):
+    """The private compiled ops have fakes too: opcheck and fullgraph compile pass."""
+    from tokenprune_kernels import _extension
+
+    if not _extension.available():
+        pytest.skip(f"compiled extension not built: {_extension.load_error()}")
+    op, args = _compiled_cases()[name]
+    torch.library.opcheck(op, args)
+    torch._dynamo.reset()
+    eager = op(*args)
+    compiled = torch.compile(lambda *a: op(*a), fullgraph=True, backend="aot_eager")(*args)
+    for e, c in zip(eager, compiled, strict=True):
+        assert torch.equal(e, c)

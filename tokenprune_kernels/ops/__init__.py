@@ -1,5 +1,6 @@
 """Public ops: Python functions over ``torch.ops.tokenprune.*`` (importing registers them)."""
 
+from tokenprune_kernels.ops import compiled  # noqa: F401  (fakes of the private compiled ops)
 from tokenprune_kernels.ops.attention import instruction_attention
 from tokenprune_kernels.ops.gather import gather_kept, merge_kept
 from tokenprune_kernels.ops.mapper import mapper_forward
