@@ -15,11 +15,11 @@ import time
 import torch
 
 import tokenprune_kernels as tp
-from tokenprune_kernels.bench import _inputs
+from tokenprune_kernels.bench import bench_inputs
 
 
 def main() -> None:
-    s = _inputs(16384, 1, "cpu", torch.bfloat16)[0]
+    s = bench_inputs(16384, 1, "cpu", torch.bfloat16)[0]
     gen = torch.Generator().manual_seed(0)
     for ratio in (0.5, 0.25):
         scores = torch.randn(16384, generator=gen)

@@ -77,7 +77,8 @@ def backends_for(op: str, device_type: str) -> list[str]:
     return ["ref", *fast]
 
 
-def _inputs(n_visual: int, sets: int, device: str, dtype: torch.dtype) -> list[PruningInputs]:
+def bench_inputs(n_visual: int, sets: int, device: str, dtype: torch.dtype) -> list[PruningInputs]:
+    """``sets`` random input sets of one Qwen2-VL-7B-shaped prompt with ``n_visual`` tokens."""
     layout = simple_layout(n_visual, N_INSTRUCTION, n_system=N_SYSTEM, n_after=N_AFTER)
     return [
         make_inputs(
@@ -106,7 +107,7 @@ def iter_cases(
     params = [p.detach() for p in mapper.op_params()]
     device_type = torch.device(device).type
     for n in n_visual:
-        sets_ = _inputs(n, sets, device, dtype)
+        sets_ = bench_inputs(n, sets, device, dtype)
         with torch.no_grad():
             attn = [
                 instruction_attention(

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from tokenprune_kernels.mapper.functional import mapper_forward_ref
+from tokenprune_kernels.validation import segment_ids
 
 __all__ = [
     "gather_kept_ref",
@@ -29,14 +30,6 @@ __all__ = [
 
 def _bounds(cu_seqlens: torch.Tensor) -> list[int]:
     return [int(x) for x in cu_seqlens.tolist()]
-
-
-def _segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """[total] int64: the sample each packed row belongs to."""
-    counts = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
-    return torch.repeat_interleave(
-        torch.arange(counts.numel(), device=cu_seqlens.device), counts, output_size=total
-    )
 
 
 def instruction_attention_ref(
@@ -138,7 +131,7 @@ def select_topk_ref(
     """
     tv = scores.shape[0]
     device = scores.device
-    seg = _segment_ids(cu_seqlens_v, tv)
+    seg = segment_ids(cu_seqlens_v, tv)
     # One stable ascending sort of (sample, inverted key): within a sample, higher key first and
     # equal keys keep index order.
     combined = seg * (1 << 32) + (0xFFFFFFFF - score_keys_ref(scores))
@@ -194,7 +187,7 @@ def merge_kept_ref(
     """
     tl, tv = inputs_embeds.shape[0], visual_embeds.shape[0]
     device = inputs_embeds.device
-    seg_v = _segment_ids(cu_seqlens_v, tv)
+    seg_v = segment_ids(cu_seqlens_v, tv)
     vis_rows = cu_seqlens.to(torch.int64)[seg_v] + visual_idx.to(torch.int64)  # global rows
     full = inputs_embeds.clone()
     full[vis_rows] = visual_embeds  # what masked_scatter would have built
@@ -202,7 +195,7 @@ def merge_kept_ref(
     keep[vis_rows] = False
     keep[vis_rows[kept_idx]] = True
     src_idx = torch.nonzero(keep).flatten()
-    seg_l = _segment_ids(cu_seqlens, tl)
+    seg_l = segment_ids(cu_seqlens, tl)
     counts = torch.bincount(seg_l[src_idx], minlength=cu_seqlens.numel() - 1)
     cu_out = torch.zeros(cu_seqlens.numel(), dtype=torch.int64, device=device)
     cu_out[1:] = torch.cumsum(counts, 0)
@@ -233,7 +226,7 @@ def _scores_ref(
     if len(mapper_params) == 0:
         return attn
     return mapper_forward_ref(
-        attn, cu_seqlens_v, mapper_params, mapper_kernel_size, mapper_input_eps
+        attn, cu_seqlens_v, mapper_params, mapper_kernel_size, mapper_input_eps, validate=False
     )
 
 

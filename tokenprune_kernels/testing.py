@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from tokenprune_kernels.validation import segment_ids
+
 Segment = tuple[str, int]
 
 
@@ -119,7 +121,7 @@ def make_inputs(
     position_ids = torch.cumsum(steps, dim=1)
     cu_l = cu(l_counts)
     v_local = torch.tensor(v_idx, dtype=torch.int64)
-    seg_v = torch.repeat_interleave(torch.arange(len(layouts)), torch.tensor(v_counts))
+    seg_v = segment_ids(cu(v_counts), tv)
     v_global = cu_l.to(torch.int64)[seg_v] + v_local
     inputs = PruningInputs(
         q=q.to(dtype),

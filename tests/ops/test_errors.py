@@ -41,14 +41,14 @@ def merge(inp, kept, **over):
 @pytest.mark.parametrize(
     "over,error,match",
     [
-        (lambda i: {"q": i.q[:, 0]}, ValueError, r"q must be \[total_q, heads_q, head_dim\], got a 2-D"),
-        (lambda i: {"k": i.k[None]}, ValueError, r"k must be \[total_k, heads_k, head_dim\], got a 4-D"),
+        (lambda i: {"q": i.q[:, 0]}, ValueError, r"q must be 3-D \[total_q, heads_q, head_dim\], got a 2-D"),
+        (lambda i: {"k": i.k[None]}, ValueError, r"k must be 3-D \[total_k, heads_k, head_dim\], got a 4-D"),
         (lambda i: {"q": i.q[:, :3]}, ValueError, r"query heads must be a multiple of key heads.*q.shape\[1\] = 3 and k.shape\[1\] = 2"),
         (lambda i: {"k": i.k[..., :4]}, ValueError, r"same head_dim.*q.shape\[2\] = 8 and k.shape\[2\] = 4"),
-        (lambda i: {"q": i.q.double(), "k": i.k.double()}, TypeError, r"q must have dtype in \(float32, float16, bfloat16\), got float64"),
+        (lambda i: {"q": i.q.double(), "k": i.k.double()}, TypeError, r"q must be float32, float16 or bfloat16, got float64"),
         (lambda i: {"k": i.k.half()}, TypeError, r"k must have the dtype of q"),
-        (lambda i: {"cu_seqlens_q": i.cu_seqlens_q.float()}, TypeError, r"cu_seqlens_q must have dtype in \(int32, int64\)"),
-        (lambda i: {"visual_idx": i.visual_idx[None]}, ValueError, r"visual_idx must be \[total_v\]"),
+        (lambda i: {"cu_seqlens_q": i.cu_seqlens_q.float()}, TypeError, r"cu_seqlens_q must be int32 or int64, got float32"),
+        (lambda i: {"visual_idx": i.visual_idx[None]}, ValueError, r"visual_idx must be 1-D \[total_v\] local key positions, got a 2-D"),
         (lambda i: {"k": i.k.to("meta")}, ValueError, r"one device: q is on cpu but k is on meta"),
         (lambda i: {"cu_seqlens_k": i.cu_seqlens_k[:2]}, ValueError, r"cu_seqlens_k has 2 entries but cu_seqlens_q has 3"),
         (lambda i: {"cu_seqlens_q": torch.tensor([1, 3, 5])}, ValueError, r"cu_seqlens_q must start at 0"),
@@ -70,6 +70,12 @@ def merge(inp, kept, **over):
 def test_instruction_attention_errors(inp, over, error, match):
     with pytest.raises(error, match=match):
         attention(inp, **over(inp))
+
+
+def test_zero_query_heads_is_an_error(inp):
+    """0 heads would average over nothing (NaN); it is refused instead."""
+    with pytest.raises(ValueError, match=r"q must have at least one head, got q.shape\[1\] = 0"):
+        attention(inp, q=inp.q[:, :0])
 
 
 def test_sample_without_instruction_tokens_is_an_error():
@@ -108,11 +114,9 @@ def test_select_errors(inp, kw, match):
 
 
 def test_select_dtype_and_rank_errors(inp):
-    with pytest.raises(
-        TypeError, match=r"scores must have dtype in \(float32, float16, bfloat16\), got int64"
-    ):
+    with pytest.raises(TypeError, match=r"scores must be float32, float16 or bfloat16, got int64"):
         tp.select_topk(torch.arange(11), inp.cu_seqlens_v, keep_ratio=0.5)
-    with pytest.raises(ValueError, match=r"scores must be \[total_v\], got a 2-D"):
+    with pytest.raises(ValueError, match=r"scores must be 1-D \[total_v\], got a 2-D"):
         tp.select_topk(torch.randn(11, 1), inp.cu_seqlens_v, keep_ratio=0.5)
     with pytest.raises(ValueError, match=r"cu_seqlens_v must end at scores.shape\[0\] = 10"):
         tp.select_topk(torch.randn(10), inp.cu_seqlens_v, keep_ratio=0.5)
@@ -131,10 +135,13 @@ def test_gather_errors(inp):
     ):
         tp.gather_kept(inp.visual_embeds, inp.visual_position_ids[:, :5], kept)
     with pytest.raises(
-        ValueError, match=r"position_ids must be \[total_v\] or \[rows, total_v\], got a 3-D"
+        ValueError,
+        match=r"position_ids must be 1-D or 2-D \[total_v\] or \[rows, total_v\], got a 3-D",
     ):
         tp.gather_kept(inp.visual_embeds, inp.visual_position_ids[None], kept)
-    with pytest.raises(TypeError, match=r"visual_embeds must have dtype in"):
+    with pytest.raises(
+        TypeError, match=r"visual_embeds must be float32, float16 or bfloat16, got float64"
+    ):
         tp.gather_kept(inp.visual_embeds.double(), inp.visual_position_ids, kept)
 
 
@@ -186,6 +193,36 @@ def test_mapper_errors(inp):
     params[8] = torch.zeros(4, 3)  # block 1's pointwise weight must be [4, 2]
     with pytest.raises(ValueError, match=r"params\[8\] \(blocks.1.pw.weight\)"):
         tp.mapper_forward(attn, inp.cu_seqlens_v, params, kernel_size=5)
+
+
+def test_mapper_rejects_negative_attention(inp):
+    """A negative attention value would become NaN in log(n * attn + eps): refused instead."""
+    params = [p.detach() for p in TokenMapper(MapperConfig(channels=(2, 4))).op_params()]
+    attn = torch.rand(inp.visual_idx.shape[0])
+    attn[5] = -0.25
+    with pytest.raises(
+        ValueError, match=r"attn must be >= 0 \(attention probabilities\), got attn\[5\] = -0.25"
+    ):
+        tp.mapper_forward(attn, inp.cu_seqlens_v, params)
+
+
+@pytest.mark.parametrize("backend_name", ["ref", "auto"])
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        ({"mapper_kernel_size": 4}, r"kernel_size must be an odd int >= 1, got 4"),
+        ({"mapper_input_eps": 0.0}, r"input_eps must be a finite float > 0, got 0.0"),
+    ],
+)
+def test_composite_checks_mapper_config(inp, backend_name, config, match):
+    from tokenprune_kernels import backend
+
+    params = [p.detach() for p in TokenMapper(MapperConfig(channels=(2, 4))).op_params()]
+    with backend.use_backend(backend_name), pytest.raises(ValueError, match=match):
+        tp.prune_visual_tokens(
+            inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v,
+            inp.visual_embeds, inp.visual_position_ids, params, keep_ratio=0.5, **config,
+        )  # fmt: skip
 
 
 def test_unknown_backend_is_an_error(inp, monkeypatch):

@@ -73,3 +73,20 @@ def test_prune_and_merge_equals_chain(backend_name, keep, gen):
         assert torch.equal(g, w)
     if keep.get("keep_ratio") == 1.0:
         assert out[0].shape[0] == inp.inputs_embeds.shape[0]
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "ref"])
+def test_empty_batch(backend_name):
+    """B = 0 (cu_seqlens = [0]) is an empty batch, not an error, on every op."""
+    cu = torch.tensor([0])
+    idx = torch.zeros(0, dtype=torch.int64)
+    q, k = torch.zeros(0, 2, 4), torch.zeros(0, 1, 4)
+    with backend.use_backend(backend_name):
+        attn = tp.instruction_attention(q, k, cu, cu, idx, cu)
+        kept, cu_kept = tp.select_topk(attn, cu, keep_ratio=0.5)
+        out = tp.prune_and_merge(
+            q, k, cu, cu, torch.zeros(0, 8), torch.zeros(3, 0, dtype=torch.int64), cu,
+            torch.zeros(0, 8), idx, cu, keep_ratio=0.5,
+        )  # fmt: skip
+    assert attn.shape == (0,) and kept.shape == (0,) and cu_kept.tolist() == [0]
+    assert out[0].shape == (0, 8) and out[1].shape == (3, 0) and out[2].tolist() == [0]

@@ -24,14 +24,19 @@ sample's zero padding and nothing leaks between samples.
 
 from __future__ import annotations
 
-import itertools
-import math
-import numbers
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from tokenprune_kernels.validation import (
+    check_mapper,
+    check_mapper_values,
+    mapper_param_names,
+    segment_ids,
+    validate_mapper_params,
+)
 
 __all__ = [
     "LAYER_NORM_EPS",
@@ -43,104 +48,7 @@ __all__ = [
 #: LayerNorm epsilon of every block (fixed by the contract).
 LAYER_NORM_EPS = 1e-5
 
-_BLOCK_PARAM_SUFFIXES = (
-    "dw.weight",
-    "dw.bias",
-    "pw.weight",
-    "pw.bias",
-    "norm.weight",
-    "norm.bias",
-)
-_PARAMS_PER_BLOCK = len(_BLOCK_PARAM_SUFFIXES)
-
-
-def mapper_param_names(num_blocks: int) -> list[str]:
-    """Stable names of the flat mapper parameters, in the op's order.
-
-    ``blocks.{i}.dw.weight``, ``blocks.{i}.dw.bias``, ``blocks.{i}.pw.weight``,
-    ``blocks.{i}.pw.bias``, ``blocks.{i}.norm.weight``, ``blocks.{i}.norm.bias`` for each block
-    ``i``, then ``head.weight`` and ``head.bias``. These are the keys of :class:`TokenMapper`'s
-    ``state_dict`` and of the ``.safetensors`` files written by :func:`save_mapper`.
-    """
-    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
-        raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
-    names = [f"blocks.{i}.{suffix}" for i in range(num_blocks) for suffix in _BLOCK_PARAM_SUFFIXES]
-    return [*names, "head.weight", "head.bias"]
-
-
-def _check_kernel_size(kernel_size: int) -> None:
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
-        raise TypeError(f"kernel_size must be an int, got {type(kernel_size).__name__}")
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be an odd int >= 1, got {kernel_size}")
-
-
-def validate_mapper_params(params: Sequence[Tensor], kernel_size: int) -> tuple[int, ...]:
-    """Check a flat mapper parameter list and return its block widths ``(C_1, ..., C_last)``.
-
-    Raises ``ValueError`` naming the parameter (index and name) and the expected shape when the
-    list has the wrong length, a tensor has the wrong shape (channels must chain from 1 input
-    channel; the depthwise kernel width must equal ``kernel_size``) or the tensors are not all on
-    one device, and ``TypeError`` when an entry is not a float32 tensor.
-    """
-    _check_kernel_size(kernel_size)
-    if isinstance(params, Tensor) or not isinstance(params, Sequence):
-        raise TypeError(f"params must be a list of tensors, got {type(params).__name__}")
-    count = len(params)
-    if count < _PARAMS_PER_BLOCK + 2 or (count - 2) % _PARAMS_PER_BLOCK != 0:
-        raise ValueError(
-            f"params must hold {_PARAMS_PER_BLOCK} tensors per block plus 2 for the head "
-            f"(6 * num_blocks + 2 with num_blocks >= 1, e.g. 32 for 5 blocks), got {count}"
-        )
-    num_blocks = (count - 2) // _PARAMS_PER_BLOCK
-    names = mapper_param_names(num_blocks)
-
-    for index, (name, p) in enumerate(zip(names, params, strict=True)):
-        if not isinstance(p, Tensor):
-            raise TypeError(f"params[{index}] ({name}) must be a Tensor, got {type(p).__name__}")
-        if p.dtype != torch.float32:
-            raise TypeError(f"params[{index}] ({name}) must be float32, got {p.dtype}")
-    device = params[0].device
-    for index, (name, p) in enumerate(zip(names, params, strict=True)):
-        if p.device != device:
-            raise ValueError(
-                f"params[{index}] ({name}) is on {p.device}, expected {device} like params[0]"
-            )
-
-    def expect(index: int, shape: tuple[int, ...]) -> None:
-        got = tuple(params[index].shape)
-        if got != shape:
-            raise ValueError(
-                f"params[{index}] ({names[index]}) must have shape {list(shape)}, got {list(got)}"
-            )
-
-    widths: list[int] = []
-    c_in = 1
-    for block in range(num_blocks):
-        base = block * _PARAMS_PER_BLOCK
-        dw_shape = tuple(params[base].shape)
-        if len(dw_shape) != 3 or dw_shape[1] != 1 or dw_shape[0] != c_in:
-            expect(base, (c_in, 1, kernel_size))
-        if dw_shape[2] != kernel_size:
-            raise ValueError(
-                f"params[{base}] ({names[base]}) has kernel width {dw_shape[2]} but "
-                f"kernel_size={kernel_size}: expected shape {[c_in, 1, kernel_size]}"
-            )
-        expect(base + 1, (c_in,))
-        pw_shape = tuple(params[base + 2].shape)
-        if len(pw_shape) != 2 or pw_shape[1] != c_in or pw_shape[0] < 1:
-            raise ValueError(
-                f"params[{base + 2}] ({names[base + 2]}) must have shape [C_out, {c_in}] "
-                f"with C_out >= 1, got {list(pw_shape)}"
-            )
-        c_out = pw_shape[0]
-        for offset in (3, 4, 5):
-            expect(base + offset, (c_out,))
-        widths.append(c_out)
-        c_in = c_out
-    expect(count - 2, (1, c_in))
-    expect(count - 1, (1,))
-    return tuple(widths)
+_PARAMS_PER_BLOCK = 6  # dw weight/bias, pw weight/bias, norm weight/bias (see mapper_param_names)
 
 
 def _mapper_trunk(x: Tensor, valid: Tensor, params: Sequence[Tensor], kernel_size: int) -> Tensor:
@@ -168,31 +76,14 @@ def _mapper_trunk(x: Tensor, valid: Tensor, params: Sequence[Tensor], kernel_siz
     return F.linear(h.transpose(1, 2), head_w, head_b).squeeze(-1)  # [B, L]
 
 
-def _check_cu_seqlens(cu_seqlens_v: Tensor, total: int) -> None:
-    if not isinstance(cu_seqlens_v, Tensor):
-        raise TypeError(f"cu_seqlens_v must be a Tensor, got {type(cu_seqlens_v).__name__}")
-    if cu_seqlens_v.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"cu_seqlens_v must be int32 or int64, got {cu_seqlens_v.dtype}")
-    if cu_seqlens_v.dim() != 1 or cu_seqlens_v.numel() < 1:
-        raise ValueError(
-            f"cu_seqlens_v must be 1-D with B + 1 >= 1 entries, got shape "
-            f"{list(cu_seqlens_v.shape)}"
-        )
-    cu = cu_seqlens_v.tolist()
-    if cu[0] != 0:
-        raise ValueError(f"cu_seqlens_v must start at 0, got {cu[0]}")
-    if cu[-1] != total:
-        raise ValueError(f"cu_seqlens_v must end at attn.shape[0] = {total}, got {cu[-1]}")
-    if any(b < a for a, b in itertools.pairwise(cu)):
-        raise ValueError(f"cu_seqlens_v must be non-decreasing, got {cu}")
-
-
 def mapper_forward_ref(
     attn: Tensor,
     cu_seqlens_v: Tensor,
     params: Sequence[Tensor],
     kernel_size: int,
     input_eps: float,
+    *,
+    validate: bool = True,
 ) -> Tensor:
     """Mapper logits of a packed (varlen) batch of visual tokens, in plain PyTorch.
 
@@ -205,6 +96,8 @@ def mapper_forward_ref(
         kernel_size: odd depthwise kernel width ``K``; must match ``params[0].shape[-1]``.
         input_eps: ``> 0``; the input feature of a sample of ``n`` tokens is
             ``log(n * attn + input_eps)``.
+        validate: check the arguments first (the checks of ``tokenprune_kernels.validation``,
+            shared with the op). The op passes False: it has checked them already.
 
     Returns:
         ``[Tv]`` float32 logits, one per visual token, on ``attn``'s device. Each sample is
@@ -216,22 +109,10 @@ def mapper_forward_ref(
         ValueError / TypeError naming the argument (and, for params, the index, name and
         expected shape) on malformed input.
     """
-    if not isinstance(attn, Tensor):
-        raise TypeError(f"attn must be a Tensor, got {type(attn).__name__}")
-    if attn.dtype != torch.float32:
-        raise TypeError(f"attn must be float32, got {attn.dtype}")
-    if attn.dim() != 1:
-        raise ValueError(f"attn must be 1-D [Tv], got shape {list(attn.shape)}")
-    if isinstance(input_eps, bool) or not isinstance(input_eps, numbers.Real):
-        raise TypeError(f"input_eps must be a float, got {type(input_eps).__name__}")
-    input_eps = float(input_eps)
-    if not (math.isfinite(input_eps) and input_eps > 0):
-        raise ValueError(f"input_eps must be a finite float > 0, got {input_eps}")
-    validate_mapper_params(params, kernel_size)
-    if params[0].device != attn.device:
-        raise ValueError(f"params are on {params[0].device} but attn is on {attn.device}")
+    if validate:
+        check_mapper(attn, cu_seqlens_v, params, kernel_size, input_eps)
+        check_mapper_values(attn, cu_seqlens_v)
     total = attn.shape[0]
-    _check_cu_seqlens(cu_seqlens_v, total)
     if total == 0:
         return attn.new_empty(0)
 
@@ -239,11 +120,9 @@ def mapper_forward_ref(
     cu = cu_seqlens_v.to(device=device, dtype=torch.int64)
     lengths = cu[1:] - cu[:-1]  # [B]
     num_samples = lengths.shape[0]
-    sample = torch.repeat_interleave(
-        torch.arange(num_samples, device=device), lengths, output_size=total
-    )  # [Tv], sample id of every token
+    sample = segment_ids(cu, total)  # [Tv], sample id of every token
     n = lengths.to(torch.float32)[sample]  # [Tv], its sample's length
-    x = torch.log(n * attn + input_eps)
+    x = torch.log(n * attn + float(input_eps))
 
     # Lay the samples out in one row with K // 2 zeros between consecutive samples; conv1d's own
     # padding supplies the zeros at the two ends.

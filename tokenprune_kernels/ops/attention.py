@@ -5,8 +5,20 @@ from __future__ import annotations
 import torch
 
 from tokenprune_kernels import backend, reference
-from tokenprune_kernels.ops import validation as v
+from tokenprune_kernels import validation as v
 from tokenprune_kernels.ops._library import register
+
+
+def run_instruction_attention(
+    q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale
+):
+    """Stage a on the chosen backend; the arguments are already validated."""
+    args = (q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale)
+    if backend.choose("instruction_attention", q.device.type) == "triton":  # pragma: no cover
+        from tokenprune_kernels.triton import instruction_attention_triton
+
+        return instruction_attention_triton(*args)
+    return reference.instruction_attention_ref(*args)
 
 
 def _impl(
@@ -15,12 +27,7 @@ def _impl(
     args = (q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos)
     v.check_instruction_attention(*args, softmax_scale)
     v.check_instruction_attention_values(*args)
-    which = backend.choose("instruction_attention", q.device.type)
-    if which == "triton":  # pragma: no cover - registered by the Triton backend
-        from tokenprune_kernels.triton import instruction_attention_triton
-
-        return instruction_attention_triton(*args, softmax_scale)
-    return reference.instruction_attention_ref(*args, softmax_scale)
+    return run_instruction_attention(*args, softmax_scale)
 
 
 def _fake(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from tokenprune_kernels import _extension
-from tokenprune_kernels.ops import validation as v
+from tokenprune_kernels import validation as v
 from tokenprune_kernels.ops._library import LIB
 
 

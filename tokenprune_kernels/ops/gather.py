@@ -8,19 +8,23 @@ from __future__ import annotations
 import torch
 
 from tokenprune_kernels import backend, reference
-from tokenprune_kernels.ops import validation as v
+from tokenprune_kernels import validation as v
 from tokenprune_kernels.ops._library import register
+
+
+def run_gather_kept(visual_embeds, position_ids, kept_idx):
+    """Stage d on the chosen backend; the arguments are already validated."""
+    if backend.choose("gather_kept", visual_embeds.device.type) in ("cpp", "cuda"):
+        pos2d = position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
+        embeds, pos = torch.ops.tokenprune._gather_kept(visual_embeds, pos2d, kept_idx)
+        return embeds, (pos if position_ids.dim() == 2 else pos.squeeze(0))
+    return reference.gather_kept_ref(visual_embeds, position_ids, kept_idx)
 
 
 def _gather_impl(visual_embeds, position_ids, kept_idx):
     v.check_gather(visual_embeds, position_ids, kept_idx)
     v.check_kept_idx_values(kept_idx, visual_embeds.shape[0])
-    which = backend.choose("gather_kept", visual_embeds.device.type)
-    if which in ("cpp", "cuda"):
-        pos2d = position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
-        embeds, pos = torch.ops.tokenprune._gather_kept(visual_embeds, pos2d, kept_idx)
-        return embeds, (pos if position_ids.dim() == 2 else pos.squeeze(0))
-    return reference.gather_kept_ref(visual_embeds, position_ids, kept_idx)
+    return run_gather_kept(visual_embeds, position_ids, kept_idx)
 
 
 def _gather_fake(visual_embeds, position_ids, kept_idx):
@@ -50,6 +54,21 @@ def gather_kept(
     return torch.ops.tokenprune.gather_kept(visual_embeds, position_ids, kept_idx)
 
 
+def run_merge_kept(
+    inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx
+):
+    """The merge on the chosen backend; the arguments are already validated."""
+    if backend.choose("merge_kept", inputs_embeds.device.type) in ("cpp", "cuda"):
+        pos2d = position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
+        embeds, pos, cu_out, src = torch.ops.tokenprune._merge_kept(
+            inputs_embeds, pos2d, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx
+        )
+        return embeds, (pos if position_ids.dim() == 2 else pos.squeeze(0)), cu_out, src
+    return reference.merge_kept_ref(
+        inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx
+    )
+
+
 def _merge_impl(
     inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx
 ):
@@ -64,14 +83,7 @@ def _merge_impl(
     )
     v.check_merge(*args)
     v.check_merge_values(inputs_embeds, cu_seqlens, visual_idx, cu_seqlens_v, kept_idx)
-    which = backend.choose("merge_kept", inputs_embeds.device.type)
-    if which in ("cpp", "cuda"):
-        pos2d = position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
-        embeds, pos, cu_out, src = torch.ops.tokenprune._merge_kept(
-            inputs_embeds, pos2d, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx
-        )
-        return embeds, (pos if position_ids.dim() == 2 else pos.squeeze(0)), cu_out, src
-    return reference.merge_kept_ref(*args)
+    return run_merge_kept(*args)
 
 
 def _merge_fake(

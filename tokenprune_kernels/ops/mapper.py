@@ -7,19 +7,25 @@ from collections.abc import Sequence
 import torch
 
 from tokenprune_kernels import backend, reference
-from tokenprune_kernels.ops import validation as v
+from tokenprune_kernels import validation as v
 from tokenprune_kernels.ops._library import register
+
+
+def run_mapper_forward(attn, cu_seqlens_v, params, kernel_size, input_eps):
+    """Stage b on the chosen backend; the arguments are already validated."""
+    if backend.choose("mapper_forward", attn.device.type) == "triton":  # pragma: no cover
+        from tokenprune_kernels.triton import mapper_forward_triton
+
+        return mapper_forward_triton(attn, cu_seqlens_v, params, kernel_size, input_eps)
+    return reference.mapper_forward_ref(
+        attn, cu_seqlens_v, params, kernel_size, input_eps, validate=False
+    )
 
 
 def _impl(attn, cu_seqlens_v, params, kernel_size, input_eps):
     v.check_mapper(attn, cu_seqlens_v, params, kernel_size, input_eps)
-    v.check_cu_seqlens_values("cu_seqlens_v", cu_seqlens_v, attn.shape[0], "attn.shape[0]")
-    which = backend.choose("mapper_forward", attn.device.type)
-    if which == "triton":  # pragma: no cover - registered by the Triton backend
-        from tokenprune_kernels.triton import mapper_forward_triton
-
-        return mapper_forward_triton(attn, cu_seqlens_v, params, kernel_size, input_eps)
-    return reference.mapper_forward_ref(attn, cu_seqlens_v, params, kernel_size, input_eps)
+    v.check_mapper_values(attn, cu_seqlens_v)
+    return run_mapper_forward(attn, cu_seqlens_v, params, kernel_size, input_eps)
 
 
 def _fake(attn, cu_seqlens_v, params, kernel_size, input_eps):

@@ -1,8 +1,9 @@
 """Stage e: the composites that chain a-d (``prune_visual_tokens``) or a-c and the merge
 (``prune_and_merge``), each one op in ``torch.ops.tokenprune``.
 
-With ``TOKENPRUNE_BACKEND=ref`` the whole composite runs the reference; otherwise each stage runs
-on the backend :mod:`tokenprune_kernels.backend` picks for it.
+The arguments are checked once per call; then, with ``TOKENPRUNE_BACKEND=ref``, the whole composite
+runs the reference, and otherwise each stage runs, unchecked, on the backend
+:mod:`tokenprune_kernels.backend` picks for it.
 """
 
 from __future__ import annotations
@@ -12,22 +13,24 @@ from collections.abc import Sequence
 import torch
 
 from tokenprune_kernels import backend, reference
-from tokenprune_kernels.ops import validation as v
+from tokenprune_kernels import validation as v
 from tokenprune_kernels.ops._library import register
+from tokenprune_kernels.ops.attention import run_instruction_attention
+from tokenprune_kernels.ops.gather import run_gather_kept, run_merge_kept
+from tokenprune_kernels.ops.mapper import run_mapper_forward
+from tokenprune_kernels.ops.select import run_select_topk
 
 
-def _check_common(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
-                  mapper_params, mapper_kernel_size, mapper_input_eps, keep_ratio, keep_count,
-                  q_pos, softmax_scale):  # fmt: skip
+def _check_scoring(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
+                   mapper_params, mapper_kernel_size, mapper_input_eps, keep_ratio, keep_count,
+                   q_pos, softmax_scale):  # fmt: skip
+    """Static checks of stages a-c shared by both composites (fake and real)."""
     v.check_instruction_attention(
         q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale
     )
     v.check_keep(keep_ratio, keep_count)
     if len(mapper_params) > 0:
-        v.check_mapper(
-            q.new_empty(0, dtype=torch.float32), cu_seqlens_v, mapper_params,
-            mapper_kernel_size, mapper_input_eps,
-        )  # fmt: skip
+        v.check_mapper_config(mapper_params, mapper_kernel_size, mapper_input_eps, q.device)
     v.check_rank("visual_embeds", visual_embeds, 2, "[total_v, hidden]")
     v.require(
         visual_embeds.shape[0] == visual_idx.shape[0],
@@ -36,62 +39,78 @@ def _check_common(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, vi
     )
 
 
-def _check_score_values(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos,
-                        keep_count):  # fmt: skip
-    """The value checks of stages a-c, for the whole-reference path (the stage ops do their own)."""
-    v.check_instruction_attention_values(
+def _check_prune(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
+                 visual_position_ids, mapper_params, mapper_kernel_size, mapper_input_eps,
+                 keep_ratio, keep_count, q_pos, softmax_scale):  # fmt: skip
+    _check_scoring(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
+                   mapper_params, mapper_kernel_size, mapper_input_eps, keep_ratio, keep_count,
+                   q_pos, softmax_scale)  # fmt: skip
+    v.check_gather(visual_embeds, visual_position_ids, visual_idx.new_empty(0, dtype=torch.int64))
+
+
+def _check_merge(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, cu_seqlens,
+                 visual_embeds, visual_idx, cu_seqlens_v, mapper_params, mapper_kernel_size,
+                 mapper_input_eps, keep_ratio, keep_count, q_pos, softmax_scale):  # fmt: skip
+    _check_scoring(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
+                   mapper_params, mapper_kernel_size, mapper_input_eps, keep_ratio, keep_count,
+                   q_pos, softmax_scale)  # fmt: skip
+    v.check_merge(inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx,
+                  cu_seqlens_v, visual_idx.new_empty(0, dtype=torch.int64))  # fmt: skip
+
+
+def _check_scoring_values(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos,
+                          keep_count):  # fmt: skip
+    """The value checks of stages a-c, once per composite call (the stages then run unchecked)."""
+    bounds_v = v.check_instruction_attention_values(
         q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos
     )
-    bounds = v.check_cu_seqlens_values(
-        "cu_seqlens_v", cu_seqlens_v, visual_idx.shape[0], "visual_idx.shape[0]"
-    )
-    v.check_keep_count_values(keep_count, bounds)
+    v.check_keep_count_values(keep_count, bounds_v)
 
 
-def _scores(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_params,
-            mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale):  # fmt: skip
-    ops = torch.ops.tokenprune
-    attn = ops.instruction_attention(
+def _select(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_params,
+            mapper_kernel_size, mapper_input_eps, keep_ratio, keep_count, q_pos,
+            softmax_scale):  # fmt: skip
+    """Stages a-c, each on its own backend. Returns (kept_idx, cu_seqlens_kept, scores)."""
+    scores = run_instruction_attention(
         q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale
     )
-    if len(mapper_params) == 0:
-        return attn
-    return ops.mapper_forward(
-        attn, cu_seqlens_v, mapper_params, mapper_kernel_size, mapper_input_eps
-    )
+    if len(mapper_params) > 0:
+        scores = run_mapper_forward(
+            scores, cu_seqlens_v, mapper_params, mapper_kernel_size, mapper_input_eps
+        )
+    counts = reference.keep_counts_ref(cu_seqlens_v, keep_ratio, keep_count)
+    kept_idx, cu_kept = run_select_topk(scores, cu_seqlens_v, counts)
+    return kept_idx, cu_kept, scores
 
 
 def _prune_impl(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
                 visual_position_ids, mapper_params, mapper_kernel_size=5, mapper_input_eps=1e-4,
                 keep_ratio=None, keep_count=None, q_pos=None, softmax_scale=None):  # fmt: skip
-    _check_common(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
-                  mapper_params, mapper_kernel_size, mapper_input_eps, keep_ratio, keep_count,
-                  q_pos, softmax_scale)  # fmt: skip
-    v.check_gather(visual_embeds, visual_position_ids, visual_idx.new_empty(0, dtype=torch.int64))
+    _check_prune(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
+                 visual_position_ids, mapper_params, mapper_kernel_size, mapper_input_eps,
+                 keep_ratio, keep_count, q_pos, softmax_scale)  # fmt: skip
+    _check_scoring_values(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos,
+                          keep_count)  # fmt: skip
     if backend.requested() == "ref":
-        _check_score_values(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos,
-                            keep_count)  # fmt: skip
         return reference.prune_visual_tokens_ref(
             q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
             visual_position_ids, mapper_params, mapper_kernel_size, mapper_input_eps,
             keep_ratio, keep_count, q_pos, softmax_scale,
         )  # fmt: skip
-    scores = _scores(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_params,
-                     mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale)  # fmt: skip
-    kept_idx, cu_kept = torch.ops.tokenprune.select_topk(
-        scores, cu_seqlens_v, keep_ratio, keep_count
-    )
-    embeds, pos = torch.ops.tokenprune.gather_kept(visual_embeds, visual_position_ids, kept_idx)
+    kept_idx, cu_kept, scores = _select(
+        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_params,
+        mapper_kernel_size, mapper_input_eps, keep_ratio, keep_count, q_pos, softmax_scale,
+    )  # fmt: skip
+    embeds, pos = run_gather_kept(visual_embeds, visual_position_ids, kept_idx)
     return embeds, pos, kept_idx, cu_kept, scores
 
 
 def _prune_fake(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
                 visual_position_ids, mapper_params, mapper_kernel_size=5, mapper_input_eps=1e-4,
                 keep_ratio=None, keep_count=None, q_pos=None, softmax_scale=None):  # fmt: skip
-    _check_common(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
-                  mapper_params, mapper_kernel_size, mapper_input_eps, keep_ratio, keep_count,
-                  q_pos, softmax_scale)  # fmt: skip
-    v.check_gather(visual_embeds, visual_position_ids, visual_idx.new_empty(0, dtype=torch.int64))
+    _check_prune(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
+                 visual_position_ids, mapper_params, mapper_kernel_size, mapper_input_eps,
+                 keep_ratio, keep_count, q_pos, softmax_scale)  # fmt: skip
     n = torch.library.get_ctx().new_dynamic_size()
     return (
         visual_embeds.new_empty((n, visual_embeds.shape[1])),
@@ -109,25 +128,24 @@ def _merge_impl(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, c
                 visual_embeds, visual_idx, cu_seqlens_v, mapper_params, mapper_kernel_size=5,
                 mapper_input_eps=1e-4, keep_ratio=None, keep_count=None, q_pos=None,
                 softmax_scale=None):  # fmt: skip
-    _check_common(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
-                  mapper_params, mapper_kernel_size, mapper_input_eps, keep_ratio, keep_count,
-                  q_pos, softmax_scale)  # fmt: skip
-    empty_idx = visual_idx.new_empty(0, dtype=torch.int64)
-    v.check_merge(inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx,
-                  cu_seqlens_v, empty_idx)  # fmt: skip
+    _check_merge(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, cu_seqlens,
+                 visual_embeds, visual_idx, cu_seqlens_v, mapper_params, mapper_kernel_size,
+                 mapper_input_eps, keep_ratio, keep_count, q_pos, softmax_scale)  # fmt: skip
+    _check_scoring_values(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos,
+                          keep_count)  # fmt: skip
+    v.check_merge_values(inputs_embeds, cu_seqlens, visual_idx, cu_seqlens_v,
+                         visual_idx.new_empty(0, dtype=torch.int64))  # fmt: skip
     if backend.requested() == "ref":
-        _check_score_values(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos,
-                            keep_count)  # fmt: skip
-        v.check_merge_values(inputs_embeds, cu_seqlens, visual_idx, cu_seqlens_v, empty_idx)
         return reference.prune_and_merge_ref(
             q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, cu_seqlens,
             visual_embeds, visual_idx, cu_seqlens_v, mapper_params, mapper_kernel_size,
             mapper_input_eps, keep_ratio, keep_count, q_pos, softmax_scale,
         )  # fmt: skip
-    scores = _scores(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_params,
-                     mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale)  # fmt: skip
-    kept_idx, _ = torch.ops.tokenprune.select_topk(scores, cu_seqlens_v, keep_ratio, keep_count)
-    merged = torch.ops.tokenprune.merge_kept(
+    kept_idx, _, scores = _select(
+        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_params,
+        mapper_kernel_size, mapper_input_eps, keep_ratio, keep_count, q_pos, softmax_scale,
+    )  # fmt: skip
+    merged = run_merge_kept(
         inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx
     )
     return (*merged, kept_idx, scores)
@@ -137,12 +155,9 @@ def _merge_fake(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, c
                 visual_embeds, visual_idx, cu_seqlens_v, mapper_params, mapper_kernel_size=5,
                 mapper_input_eps=1e-4, keep_ratio=None, keep_count=None, q_pos=None,
                 softmax_scale=None):  # fmt: skip
-    _check_common(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
-                  mapper_params, mapper_kernel_size, mapper_input_eps, keep_ratio, keep_count,
-                  q_pos, softmax_scale)  # fmt: skip
-    empty_idx = visual_idx.new_empty(0, dtype=torch.int64)
-    v.check_merge(inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx,
-                  cu_seqlens_v, empty_idx)  # fmt: skip
+    _check_merge(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, cu_seqlens,
+                 visual_embeds, visual_idx, cu_seqlens_v, mapper_params, mapper_kernel_size,
+                 mapper_input_eps, keep_ratio, keep_count, q_pos, softmax_scale)  # fmt: skip
     ctx = torch.library.get_ctx()
     n_out, n_kept = ctx.new_dynamic_size(), ctx.new_dynamic_size()
     return (

@@ -5,8 +5,20 @@ from __future__ import annotations
 import torch
 
 from tokenprune_kernels import backend, reference
-from tokenprune_kernels.ops import validation as v
+from tokenprune_kernels import validation as v
 from tokenprune_kernels.ops._library import register
+
+
+def run_select_topk(scores, cu_seqlens_v, keep_counts):
+    """Stage c on the chosen backend, for validated arguments and per-sample ``keep_counts``."""
+    which = backend.choose("select_topk", scores.device.type)
+    if which in ("cpp", "cuda"):
+        return torch.ops.tokenprune._select_topk(scores, cu_seqlens_v, keep_counts)
+    if which == "triton":  # pragma: no cover - registered by the Triton backend
+        from tokenprune_kernels.triton import select_topk_triton
+
+        return select_topk_triton(scores, cu_seqlens_v, keep_counts)
+    return reference.select_topk_ref(scores, cu_seqlens_v, keep_counts)
 
 
 def _impl(scores, cu_seqlens_v, keep_ratio=None, keep_count=None):
@@ -16,14 +28,7 @@ def _impl(scores, cu_seqlens_v, keep_ratio=None, keep_count=None):
     )
     v.check_keep_count_values(keep_count, bounds)
     counts = reference.keep_counts_ref(cu_seqlens_v, keep_ratio, keep_count)
-    which = backend.choose("select_topk", scores.device.type)
-    if which in ("cpp", "cuda"):
-        return torch.ops.tokenprune._select_topk(scores, cu_seqlens_v, counts)
-    if which == "triton":  # pragma: no cover - registered by the Triton backend
-        from tokenprune_kernels.triton import select_topk_triton
-
-        return select_topk_triton(scores, cu_seqlens_v, counts)
-    return reference.select_topk_ref(scores, cu_seqlens_v, counts)
+    return run_select_topk(scores, cu_seqlens_v, counts)
 
 
 def _fake(scores, cu_seqlens_v, keep_ratio=None, keep_count=None):

@@ -1,18 +1,20 @@
-"""Argument checks shared by the fake (meta) kernels and the real implementations.
+"""Argument checks, the one copy shared by the ops' fakes, their implementations and the mapper.
 
 ``check_*`` functions look only at ranks, sizes, dtypes and devices, so they run on fake tensors
 under ``torch.compile``; ``check_*_values`` functions read tensor data (offsets, indices) and run
 in the real implementations only. Every error names the argument and what was expected.
+
+A leaf module (it imports torch only), so :mod:`tokenprune_kernels.mapper` and
+:mod:`tokenprune_kernels.ops` can both use it.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
-
-from tokenprune_kernels.mapper.functional import validate_mapper_params
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -30,15 +32,19 @@ def require(cond: bool | torch.SymBool, message: str) -> None:
 def check_rank(name: str, t: torch.Tensor, ranks: int | Sequence[int], layout: str) -> None:
     allowed = (ranks,) if isinstance(ranks, int) else tuple(ranks)
     if t.dim() not in allowed:
-        _fail(f"{name} must be {layout}, got a {t.dim()}-D tensor of shape {tuple(t.shape)}")
+        expected = " or ".join(f"{r}-D" for r in allowed)
+        _fail(
+            f"{name} must be {expected} {layout}, got a {t.dim()}-D tensor of shape "
+            f"{tuple(t.shape)}"
+        )
 
 
 def check_dtype(name: str, t: torch.Tensor, allowed: Sequence[torch.dtype]) -> None:
     if t.dtype not in allowed:
-        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        raise TypeError(
-            f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}"
-        )
+        names = [str(d).replace("torch.", "") for d in allowed]
+        expected = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+        got = str(t.dtype).replace("torch.", "")
+        raise TypeError(f"{name} must be {expected}, got {got}")
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:
@@ -55,7 +61,7 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
 def check_cu_seqlens(name: str, cu: torch.Tensor) -> None:
     check_rank(name, cu, 1, "[batch + 1] offsets")
     check_dtype(name, cu, INDEX_DTYPES)
-    require(cu.shape[0] >= 2, f"{name} must have batch + 1 >= 2 entries, got {cu.shape[0]}")
+    require(cu.shape[0] >= 1, f"{name} must have batch + 1 >= 1 entries, got {cu.shape[0]}")
 
 
 def check_same_batch(**cus: torch.Tensor) -> None:
@@ -109,32 +115,38 @@ def check_keep_count_values(keep_count: int | None, bounds_v: list[int]) -> None
             )
 
 
-def _segment_ids(bounds: list[int], device: torch.device) -> torch.Tensor:
-    counts = torch.tensor(
-        [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)], device=device
+def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[total] int64: the sample each packed row belongs to (``cu_seqlens`` [B+1] int)."""
+    counts = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    return torch.repeat_interleave(
+        torch.arange(counts.numel(), device=cu_seqlens.device), counts, output_size=total
     )
-    return torch.repeat_interleave(torch.arange(len(bounds) - 1, device=device), counts)
+
+
+def _check_local_positions(
+    name: str, idx: torch.Tensor, cu: torch.Tensor, lengths: list[int], what: str
+) -> torch.Tensor:
+    """Each ``idx[i]`` lies in ``[0, lengths[sample of i])``. Returns the segment ids."""
+    seg = segment_ids(cu.to(idx.device), idx.shape[0])
+    pos = idx.to(torch.int64)
+    limit = torch.tensor(lengths, device=idx.device, dtype=torch.int64)[seg]
+    bad = (pos < 0) | (pos >= limit)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        b = int(seg[i])
+        _fail(f"{name}[{i}] = {int(pos[i])} is outside sample {b}'s {what} [0, {lengths[b]})")
+    return seg
 
 
 def check_visual_idx_values(
-    visual_idx: torch.Tensor, bounds_v: list[int], lengths: list[int], length_name: str
+    visual_idx: torch.Tensor, cu_seqlens_v: torch.Tensor, lengths: list[int], length_name: str
 ) -> None:
     """Local indices within [0, length of the sample), strictly increasing within each sample."""
     if visual_idx.numel() == 0:
         return
+    seg = _check_local_positions("visual_idx", visual_idx, cu_seqlens_v, lengths, length_name)
     idx = visual_idx.to(torch.int64)
-    seg = _segment_ids(bounds_v, idx.device)
-    limit = torch.tensor(lengths, device=idx.device, dtype=torch.int64)[seg]
-    bad = (idx < 0) | (idx >= limit)
-    if bool(bad.any()):
-        i = int(torch.nonzero(bad)[0])
-        b = int(seg[i])
-        _fail(
-            f"visual_idx[{i}] = {int(idx[i])} is outside sample {b}'s {length_name} "
-            f"[0, {lengths[b]})"
-        )
-    same = seg[1:] == seg[:-1]
-    not_increasing = same & (idx[1:] <= idx[:-1])
+    not_increasing = (seg[1:] == seg[:-1]) & (idx[1:] <= idx[:-1])
     if bool(not_increasing.any()):
         i = int(torch.nonzero(not_increasing)[0]) + 1
         _fail(
@@ -166,6 +178,7 @@ def check_instruction_attention(
         f"q and k must have the same head_dim, got q.shape[2] = {q.shape[2]} and "
         f"k.shape[2] = {k.shape[2]}",
     )
+    require(q.shape[1] >= 1, f"q must have at least one head, got q.shape[1] = {q.shape[1]}")
     require(k.shape[1] >= 1, f"k must have at least one head, got k.shape[1] = {k.shape[1]}")
     require(
         q.shape[1] % k.shape[1] == 0,
@@ -207,7 +220,9 @@ def check_instruction_attention_values(
     visual_idx: torch.Tensor,
     cu_seqlens_v: torch.Tensor,
     q_pos: torch.Tensor | None,
-) -> None:
+) -> list[int]:
+    """Offsets, positions and the instruction/visual rule of stage a. Returns the visual offsets
+    as Python ints (for callers that check more against them)."""
     bq = check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q.shape[0]")
     bk = check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k.shape[0]")
     bv = check_cu_seqlens_values(
@@ -228,17 +243,115 @@ def check_instruction_attention_values(
                 "are the last keys of the sample, so they must be among the keys"
             )
     if q_pos is not None and q_pos.numel() > 0:
-        seg = _segment_ids(bq, q_pos.device)
-        limit = torch.tensor(nks, device=q_pos.device, dtype=torch.int64)[seg]
-        pos = q_pos.to(torch.int64)
-        bad = (pos < 0) | (pos >= limit)
-        if bool(bad.any()):
-            i = int(torch.nonzero(bad)[0])
-            _fail(
-                f"q_pos[{i}] = {int(pos[i])} is outside sample {int(seg[i])}'s key range "
-                f"[0, {nks[int(seg[i])]})"
+        _check_local_positions("q_pos", q_pos, cu_seqlens_q, nks, "key range")
+    check_visual_idx_values(visual_idx, cu_seqlens_v, nks, "key sequence")
+    return bv
+
+
+_MAPPER_BLOCK_PARAMS = ("dw.weight", "dw.bias", "pw.weight", "pw.bias", "norm.weight", "norm.bias")
+
+
+def mapper_param_names(num_blocks: int) -> list[str]:
+    """Stable names of the flat mapper parameters, in the op's order.
+
+    ``blocks.{i}.dw.weight``, ``blocks.{i}.dw.bias``, ``blocks.{i}.pw.weight``,
+    ``blocks.{i}.pw.bias``, ``blocks.{i}.norm.weight``, ``blocks.{i}.norm.bias`` for each block
+    ``i``, then ``head.weight`` and ``head.bias``: the keys of ``TokenMapper``'s ``state_dict`` and
+    of the ``.safetensors`` files ``save_mapper`` writes.
+    """
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+        raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
+    names = [f"blocks.{i}.{suffix}" for i in range(num_blocks) for suffix in _MAPPER_BLOCK_PARAMS]
+    return [*names, "head.weight", "head.bias"]
+
+
+def check_kernel_size(kernel_size: int) -> None:
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
+        raise TypeError(f"kernel_size must be an int, got {type(kernel_size).__name__}")
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be an odd int >= 1, got {kernel_size}")
+
+
+def validate_mapper_params(params: Sequence[torch.Tensor], kernel_size: int) -> tuple[int, ...]:
+    """Check a flat mapper parameter list and return its block widths ``(C_1, ..., C_last)``.
+
+    Raises ``ValueError`` naming the parameter (index and name) and the expected shape when the
+    list has the wrong length, a tensor has the wrong shape (channels must chain from 1 input
+    channel; the depthwise kernel width must equal ``kernel_size``) or the tensors are not all on
+    one device, and ``TypeError`` when an entry is not a float32 tensor.
+    """
+    check_kernel_size(kernel_size)
+    if isinstance(params, torch.Tensor) or not isinstance(params, Sequence):
+        raise TypeError(f"params must be a list of tensors, got {type(params).__name__}")
+    per_block = len(_MAPPER_BLOCK_PARAMS)
+    count = len(params)
+    if count < per_block + 2 or (count - 2) % per_block != 0:
+        raise ValueError(
+            f"params must hold {per_block} tensors per block plus 2 for the head "
+            f"(6 * num_blocks + 2 with num_blocks >= 1, e.g. 32 for 5 blocks), got {count}"
+        )
+    num_blocks = (count - 2) // per_block
+    names = mapper_param_names(num_blocks)
+
+    for index, (name, p) in enumerate(zip(names, params, strict=True)):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"params[{index}] ({name}) must be a Tensor, got {type(p).__name__}")
+        if p.dtype != torch.float32:
+            raise TypeError(f"params[{index}] ({name}) must be float32, got {p.dtype}")
+    device = params[0].device
+    for index, (name, p) in enumerate(zip(names, params, strict=True)):
+        if p.device != device:
+            raise ValueError(
+                f"params[{index}] ({name}) is on {p.device}, expected {device} like params[0]"
             )
-    check_visual_idx_values(visual_idx, bv, nks, "key sequence")
+
+    def expect(index: int, shape: tuple[int, ...]) -> None:
+        got = tuple(params[index].shape)
+        if got != shape:
+            raise ValueError(
+                f"params[{index}] ({names[index]}) must have shape {list(shape)}, got {list(got)}"
+            )
+
+    widths: list[int] = []
+    c_in = 1
+    for block in range(num_blocks):
+        base = block * per_block
+        dw_shape = tuple(params[base].shape)
+        if len(dw_shape) != 3 or dw_shape[1] != 1 or dw_shape[0] != c_in:
+            expect(base, (c_in, 1, kernel_size))
+        if dw_shape[2] != kernel_size:
+            raise ValueError(
+                f"params[{base}] ({names[base]}) has kernel width {dw_shape[2]} but "
+                f"kernel_size={kernel_size}: expected shape {[c_in, 1, kernel_size]}"
+            )
+        expect(base + 1, (c_in,))
+        pw_shape = tuple(params[base + 2].shape)
+        if len(pw_shape) != 2 or pw_shape[1] != c_in or pw_shape[0] < 1:
+            raise ValueError(
+                f"params[{base + 2}] ({names[base + 2]}) must have shape [C_out, {c_in}] "
+                f"with C_out >= 1, got {list(pw_shape)}"
+            )
+        c_out = pw_shape[0]
+        for offset in (3, 4, 5):
+            expect(base + offset, (c_out,))
+        widths.append(c_out)
+        c_in = c_out
+    expect(count - 2, (1, c_in))
+    expect(count - 1, (1,))
+    return tuple(widths)
+
+
+def check_mapper_config(
+    params: Sequence[torch.Tensor], kernel_size: int, input_eps: float, device: torch.device
+) -> None:
+    """The mapper's parameters (see :func:`validate_mapper_params`), kernel size and epsilon."""
+    if isinstance(input_eps, bool) or not isinstance(input_eps, numbers.Real):
+        raise TypeError(f"input_eps must be a float, got {type(input_eps).__name__}")
+    if not (math.isfinite(input_eps) and input_eps > 0):
+        _fail(f"input_eps must be a finite float > 0, got {input_eps!r}")
+    validate_mapper_params(params, kernel_size)
+    if params[0].device != device:
+        _fail(f"params must be on the device of attn ({device}), got {params[0].device}")
 
 
 def check_mapper(
@@ -248,15 +361,27 @@ def check_mapper(
     kernel_size: int,
     input_eps: float,
 ) -> None:
-    check_rank("attn", attn, 1, "[total_v]")
+    if not isinstance(attn, torch.Tensor):
+        raise TypeError(f"attn must be a Tensor, got {type(attn).__name__}")
     if attn.dtype != torch.float32:
         raise TypeError(f"attn must be float32, got {attn.dtype}")
+    check_rank("attn", attn, 1, "[total_v]")
+    if not isinstance(cu_seqlens_v, torch.Tensor):
+        raise TypeError(f"cu_seqlens_v must be a Tensor, got {type(cu_seqlens_v).__name__}")
     check_cu_seqlens("cu_seqlens_v", cu_seqlens_v)
-    if not (math.isfinite(input_eps) and input_eps > 0):
-        _fail(f"input_eps must be a finite number > 0, got {input_eps!r}")
-    validate_mapper_params(params, kernel_size)  # kernel_size, count, shapes, dtypes, devices
-    if len(params) > 0 and params[0].device != attn.device:
-        _fail(f"params must be on the device of attn ({attn.device}), got {params[0].device}")
+    check_mapper_config(params, kernel_size, input_eps, attn.device)
+    check_same_device(attn=attn, cu_seqlens_v=cu_seqlens_v)
+
+
+def check_mapper_values(attn: torch.Tensor, cu_seqlens_v: torch.Tensor) -> None:
+    """Offsets cover ``attn``; attention values are >= 0 (the log input would turn a negative
+    one into NaN). NaN itself passes: it ranks lowest, as the contract says."""
+    check_cu_seqlens_values("cu_seqlens_v", cu_seqlens_v, attn.shape[0], "attn.shape[0]")
+    if attn.numel() > 0:
+        negative = attn < 0
+        if bool(negative.any()):
+            i = int(torch.nonzero(negative)[0])
+            _fail(f"attn must be >= 0 (attention probabilities), got attn[{i}] = {float(attn[i])}")
 
 
 def check_select(
@@ -358,11 +483,11 @@ def check_merge_values(
     bl = check_cu_seqlens_values(
         "cu_seqlens", cu_seqlens, inputs_embeds.shape[0], "inputs_embeds.shape[0]"
     )
-    bv = check_cu_seqlens_values(
+    check_cu_seqlens_values(
         "cu_seqlens_v", cu_seqlens_v, visual_idx.shape[0], "visual_idx.shape[0]"
     )
     lengths = [bl[b + 1] - bl[b] for b in range(len(bl) - 1)]
-    check_visual_idx_values(visual_idx, bv, lengths, "sequence")
+    check_visual_idx_values(visual_idx, cu_seqlens_v, lengths, "sequence")
     check_kept_idx_values(kept_idx, visual_idx.shape[0])
     if kept_idx.numel() > 1:
         not_increasing = kept_idx[1:] <= kept_idx[:-1]
