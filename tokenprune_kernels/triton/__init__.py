@@ -1,0 +1,40 @@
+"""Triton kernels: the ``triton`` backend of the tokenprune ops.
+
+Each stage lives in its own module and exposes a host function that takes arguments the op
+layer has already validated (``tokenprune_kernels.ops``) and launches the kernels:
+
+    ``attention``  :func:`instruction_attention_triton` (stage a)
+    ``mapper``     :func:`mapper_forward_triton` (stage b)
+    ``select``     :func:`select_topk_triton`, :func:`gather_kept_triton`,
+                   :func:`merge_kept_triton`, :func:`select_merge_triton` (stages c, d)
+
+The modules are imported on first use (``triton`` and its JIT are not loaded with the package).
+Kernels run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` is set before the
+first import (the interpreter; slow, for tests). Every kernel also lowers for Hopper without a GPU:
+see :mod:`tokenprune_kernels.triton.lowering`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "instruction_attention_triton": "attention",
+    "mapper_forward_triton": "mapper",
+    "select_topk_triton": "select",
+    "gather_kept_triton": "select",
+    "merge_kept_triton": "select",
+    "select_merge_triton": "select",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
