@@ -6,7 +6,8 @@ layer has already validated (``tokenprune_kernels.ops``) and launches the kernel
     ``attention``  :func:`instruction_attention_triton` (stage a)
     ``mapper``     :func:`mapper_forward_triton` (stage b)
     ``select``     :func:`select_topk_triton`, :func:`gather_kept_triton`,
-                   :func:`merge_kept_triton`, :func:`select_merge_triton` (stages c, d)
+                   :func:`merge_kept_triton`, :func:`select_merge_triton`,
+                   :func:`select_gather_triton` (stages c, d)
 
 The modules are imported on first use (``triton`` and its JIT are not loaded with the package).
 Kernels run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` is set before the
@@ -26,6 +27,7 @@ _EXPORTS = {
     "gather_kept_triton": "select",
     "merge_kept_triton": "select",
     "select_merge_triton": "select",
+    "select_gather_triton": "select",
 }
 
 __all__ = sorted(_EXPORTS)
