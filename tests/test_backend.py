@@ -52,8 +52,28 @@ def test_use_backend_overrides_env_and_restores(monkeypatch):
 
 
 def test_forcing_a_backend_an_op_lacks_uses_the_reference(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # Triton on CPU needs the interpreter
     monkeypatch.setenv(backend.ENV_VAR, "triton")
     assert backend.choose("select_topk", "cpu") == "ref"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.choose("select_topk", "cpu") == "triton"
+    monkeypatch.setenv(backend.ENV_VAR, "cpp")
+    assert backend.choose("instruction_attention", "cpu") == "ref"  # no C++ attention kernel
+
+
+def test_triton_is_never_chosen_automatically_on_cpu(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(backend.ENV_VAR, "auto")
+    assert "triton" not in "".join(backend.describe("cpu").values())
+
+
+def test_composites_fuse_select_and_merge_when_select_is_triton(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(backend.ENV_VAR, "triton")
+    table = backend.describe("cpu")
+    assert table["select_topk"] == "triton"
+    assert "select_topk+merge_kept=triton(fused)" in table["prune_and_merge"]
+    assert "select_topk+gather_kept=triton(fused)" in table["prune_visual_tokens"]
 
 
 def test_forcing_compiled_without_extension_is_an_error(monkeypatch):

@@ -10,11 +10,16 @@ Automatic choice, per op: on CPU ``cpp`` then ``ref``; on CUDA ``cuda``, ``trito
 ``TOKENPRUNE_BACKEND=ref|cpp|cuda|triton`` (or :func:`use_backend` in code) forces a backend for
 every op it implements on that device; the other ops use ``ref``. ``auto`` (or unset) is the
 automatic choice. Forcing a compiled backend when the extension did not load is an error.
+
+In the composites, when ``select_topk`` runs on ``triton`` the selection and the gather/merge run
+fused in Triton (whatever backend the stand-alone gather/merge would get).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import os
 from collections.abc import Iterator
 
@@ -30,15 +35,22 @@ COMPILED_OP = {
     "gather_kept": "_gather_kept",
     "merge_kept": "_merge_kept",
 }
-#: Stage ops with a Triton implementation (filled in by :mod:`tokenprune_kernels.triton`).
-TRITON_OPS: set[str] = set()
 STAGE_OPS = ("instruction_attention", "mapper_forward", "select_topk", "gather_kept", "merge_kept")
+#: Stage ops with a Triton implementation (:mod:`tokenprune_kernels.triton`): all of them.
+TRITON_OPS = frozenset(STAGE_OPS)
 COMPOSITE_OPS = ("prune_visual_tokens", "prune_and_merge")
 
 _override: str | None = None
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _triton_usable(device_type: str) -> bool:
+    if not _triton_installed():
+        return False
     if device_type == "cuda":
         return True
     return os.environ.get("TRITON_INTERPRET", "") == "1"
@@ -91,11 +103,16 @@ def describe(device_type: str) -> dict[str, str]:
     table = {op: choose(op, device_type) for op in STAGE_OPS}
     forced = requested()
     for op in COMPOSITE_OPS:
-        stages = [s for s in STAGE_OPS if s != ("gather_kept" if "merge" in op else "merge_kept")]
         if forced == "ref":
             table[op] = "ref"
+            continue
+        last = "merge_kept" if "merge" in op else "gather_kept"
+        parts = [f"{s}={table[s]}" for s in ("instruction_attention", "mapper_forward")]
+        if table["select_topk"] == "triton":
+            parts.append(f"select_topk+{last}=triton(fused)")
         else:
-            table[op] = "stages(" + ", ".join(f"{s}={table[s]}" for s in stages) + ")"
+            parts += [f"select_topk={table['select_topk']}", f"{last}={table[last]}"]
+        table[op] = "stages(" + ", ".join(parts) + ")"
     return table
 
 

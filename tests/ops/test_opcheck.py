@@ -67,7 +67,9 @@ OPS = list(_cases().keys())
 
 
 def cpu_backends() -> list[str]:
-    return ["ref"] + (["cpp"] if backend.implemented("select_topk", "cpp", "cpu") else [])
+    """ref, the C++ kernels when built, and Triton when the interpreter is on (tests' default)."""
+    names = ["ref"] + (["cpp"] if backend.implemented("select_topk", "cpp", "cpu") else [])
+    return names + (["triton"] if backend.implemented("select_topk", "triton", "cpu") else [])
 
 
 @pytest.mark.parametrize("backend_name", cpu_backends())

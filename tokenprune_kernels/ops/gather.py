@@ -14,7 +14,12 @@ from tokenprune_kernels.ops._library import register
 
 def run_gather_kept(visual_embeds, position_ids, kept_idx):
     """Stage d on the chosen backend; the arguments are already validated."""
-    if backend.choose("gather_kept", visual_embeds.device.type) in ("cpp", "cuda"):
+    which = backend.choose("gather_kept", visual_embeds.device.type)
+    if which == "triton":
+        from tokenprune_kernels.triton import gather_kept_triton
+
+        return gather_kept_triton(visual_embeds, position_ids, kept_idx)
+    if which in ("cpp", "cuda"):
         pos2d = position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
         embeds, pos = torch.ops.tokenprune._gather_kept(visual_embeds, pos2d, kept_idx)
         return embeds, (pos if position_ids.dim() == 2 else pos.squeeze(0))
@@ -58,7 +63,15 @@ def run_merge_kept(
     inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx
 ):
     """The merge on the chosen backend; the arguments are already validated."""
-    if backend.choose("merge_kept", inputs_embeds.device.type) in ("cpp", "cuda"):
+    which = backend.choose("merge_kept", inputs_embeds.device.type)
+    if which == "triton":
+        from tokenprune_kernels.triton import merge_kept_triton
+
+        return merge_kept_triton(
+            inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v,
+            kept_idx,
+        )  # fmt: skip
+    if which in ("cpp", "cuda"):
         pos2d = position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
         embeds, pos, cu_out, src = torch.ops.tokenprune._merge_kept(
             inputs_embeds, pos2d, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx

@@ -13,7 +13,7 @@ from tokenprune_kernels.ops._library import register
 
 def run_mapper_forward(attn, cu_seqlens_v, params, kernel_size, input_eps):
     """Stage b on the chosen backend; the arguments are already validated."""
-    if backend.choose("mapper_forward", attn.device.type) == "triton":  # pragma: no cover
+    if backend.choose("mapper_forward", attn.device.type) == "triton":
         from tokenprune_kernels.triton import mapper_forward_triton
 
         return mapper_forward_triton(attn, cu_seqlens_v, params, kernel_size, input_eps)

@@ -3,17 +3,21 @@
 
 The arguments are checked once per call; then, with ``TOKENPRUNE_BACKEND=ref``, the whole composite
 runs the reference, and otherwise each stage runs, unchecked, on the backend
-:mod:`tokenprune_kernels.backend` picks for it.
+:mod:`tokenprune_kernels.backend` picks for it. When selection runs in Triton, selection and the
+gather (or merge) run fused: one select launch and one compaction pass that writes the kept rows
+straight into the output.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 
 from tokenprune_kernels import backend, reference
 from tokenprune_kernels import validation as v
+from tokenprune_kernels._nvtx import stage_range
 from tokenprune_kernels.ops._library import register
 from tokenprune_kernels.ops.attention import run_instruction_attention
 from tokenprune_kernels.ops.gather import run_gather_kept, run_merge_kept
@@ -67,10 +71,9 @@ def _check_scoring_values(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqle
     v.check_keep_count_values(keep_count, bounds_v)
 
 
-def _select(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_params,
-            mapper_kernel_size, mapper_input_eps, keep_ratio, keep_count, q_pos,
-            softmax_scale):  # fmt: skip
-    """Stages a-c, each on its own backend. Returns (kept_idx, cu_seqlens_kept, scores)."""
+def _score(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_params,
+           mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale):  # fmt: skip
+    """Stages a and b (b only with a mapper), each on its own backend: [Tv] float32 scores."""
     scores = run_instruction_attention(
         q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale
     )
@@ -78,9 +81,23 @@ def _select(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_p
         scores = run_mapper_forward(
             scores, cu_seqlens_v, mapper_params, mapper_kernel_size, mapper_input_eps
         )
-    counts = reference.keep_counts_ref(cu_seqlens_v, keep_ratio, keep_count)
-    kept_idx, cu_kept = run_select_topk(scores, cu_seqlens_v, counts)
-    return kept_idx, cu_kept, scores
+    return scores
+
+
+def _fused_select(scores: torch.Tensor) -> bool:
+    """Whether stage c runs in Triton, in which case c and d run fused (one compaction pass)."""
+    return backend.choose("select_topk", scores.device.type) == "triton"
+
+
+def _in_range(name: str, impl: Callable) -> Callable:
+    """``impl`` inside the NVTX range ``name`` (when its first argument, q, is on a GPU)."""
+
+    @functools.wraps(impl)
+    def wrapped(q, *args, **kwargs):
+        with stage_range(name, q.device):
+            return impl(q, *args, **kwargs)
+
+    return wrapped
 
 
 def _prune_impl(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
@@ -97,10 +114,19 @@ def _prune_impl(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visu
             visual_position_ids, mapper_params, mapper_kernel_size, mapper_input_eps,
             keep_ratio, keep_count, q_pos, softmax_scale,
         )  # fmt: skip
-    kept_idx, cu_kept, scores = _select(
+    scores = _score(
         q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_params,
-        mapper_kernel_size, mapper_input_eps, keep_ratio, keep_count, q_pos, softmax_scale,
+        mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale,
     )  # fmt: skip
+    counts = reference.keep_counts_ref(cu_seqlens_v, keep_ratio, keep_count)
+    if _fused_select(scores):
+        from tokenprune_kernels.triton import select_gather_triton
+
+        embeds, pos, kept_idx, cu_kept = select_gather_triton(
+            scores, cu_seqlens_v, counts, visual_embeds, visual_position_ids
+        )
+        return embeds, pos, kept_idx, cu_kept, scores
+    kept_idx, cu_kept = run_select_topk(scores, cu_seqlens_v, counts)
     embeds, pos = run_gather_kept(visual_embeds, visual_position_ids, kept_idx)
     return embeds, pos, kept_idx, cu_kept, scores
 
@@ -121,7 +147,9 @@ def _prune_fake(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visu
     )
 
 
-register("prune_visual_tokens", _prune_impl, _prune_fake)
+register(
+    "prune_visual_tokens", _in_range("tokenprune.prune_visual_tokens", _prune_impl), _prune_fake
+)
 
 
 def _merge_impl(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, cu_seqlens,
@@ -141,10 +169,20 @@ def _merge_impl(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, c
             visual_embeds, visual_idx, cu_seqlens_v, mapper_params, mapper_kernel_size,
             mapper_input_eps, keep_ratio, keep_count, q_pos, softmax_scale,
         )  # fmt: skip
-    kept_idx, _, scores = _select(
+    scores = _score(
         q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_params,
-        mapper_kernel_size, mapper_input_eps, keep_ratio, keep_count, q_pos, softmax_scale,
+        mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale,
     )  # fmt: skip
+    counts = reference.keep_counts_ref(cu_seqlens_v, keep_ratio, keep_count)
+    if _fused_select(scores):
+        from tokenprune_kernels.triton import select_merge_triton
+
+        embeds, pos, cu_out, src_idx, kept_idx = select_merge_triton(
+            scores, cu_seqlens_v, counts, inputs_embeds, position_ids, cu_seqlens,
+            visual_embeds, visual_idx,
+        )  # fmt: skip
+        return embeds, pos, cu_out, src_idx, kept_idx, scores
+    kept_idx, _ = run_select_topk(scores, cu_seqlens_v, counts)
     merged = run_merge_kept(
         inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx
     )
@@ -170,7 +208,7 @@ def _merge_fake(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, c
     )
 
 
-register("prune_and_merge", _merge_impl, _merge_fake)
+register("prune_and_merge", _in_range("tokenprune.prune_and_merge", _merge_impl), _merge_fake)
 
 
 def prune_visual_tokens(
