@@ -1,0 +1,167 @@
+"""One call to prune the visual tokens of a transformers multimodal model.
+
+    from tokenprune_kernels.transformers import apply_tokenprune, revert_tokenprune
+
+    apply_tokenprune(model, keep_ratio=0.5)                       # training-free (raw attention)
+    apply_tokenprune(model, keep_ratio=0.25, mapper="qwen2vl.safetensors")   # the paper's method
+    out = model.generate(**inputs, max_new_tokens=64)
+    revert_tokenprune(model)
+
+``apply_tokenprune`` dispatches on ``model.config.model_type`` to a family module that patches
+the INSTANCE at the visual-token merge only (``qwen.py``: qwen2_vl, qwen2_5_vl, qwen3_vl;
+``llava.py``: llava, llava_onevision). The language model then runs on the shorter sequence with
+whatever attention implementation the model was loaded with (sdpa, flash_attention_2, eager); the
+scores come from layer-0 queries and keys computed by the package, never from
+``output_attentions``. Models without a transformers class (VILA1.5) call :func:`prune_inputs`
+from their own code. See ``core.py`` for the shared rules (instruction tokens, positions,
+generation bookkeeping).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+from torch import nn
+
+from tokenprune_kernels.mapper import TokenMapper, load_mapper
+from tokenprune_kernels.transformers.core import (
+    SUPPORTED_TRANSFORMERS,
+    GenerationState,
+    InstructionMaskSpec,
+    Layer0,
+    PrunedInputs,
+    TokenPruneConfig,
+    TokenPrunePatch,
+    check_transformers_version,
+    default_instruction_mask,
+    get_patch,
+    prune_inputs,
+)
+
+# model_type -> family module (imported lazily).
+FAMILIES: dict[str, str] = {
+    "qwen2_vl": "qwen",
+    "qwen2_5_vl": "qwen",
+    "qwen3_vl": "qwen",
+    "llava": "llava",
+    "llava_onevision": "llava",
+}
+
+
+def _family_module(name: str) -> ModuleType:
+    return importlib.import_module(f"tokenprune_kernels.transformers.{name}")
+
+
+def _model_type(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise ValueError(
+            f"model must be a transformers model with config.model_type, got {type(model).__name__}"
+        )
+    return str(model_type)
+
+
+def _resolve_mapper(
+    mapper: TokenMapper | str | os.PathLike[str] | None, model: nn.Module
+) -> TokenMapper | None:
+    if mapper is None or isinstance(mapper, TokenMapper):
+        return mapper
+    if isinstance(mapper, (str, os.PathLike)):
+        try:
+            device = next(model.parameters()).device
+        except StopIteration:
+            device = "cpu"
+        return load_mapper(mapper, device=device)  # safetensors only
+    raise TypeError(
+        "mapper must be None, a TokenMapper or a path to a .safetensors mapper, got "
+        f"{type(mapper).__name__}"
+    )
+
+
+def apply_tokenprune(
+    model: nn.Module,
+    keep_ratio: float | None = None,
+    keep_count: int | None = None,
+    mapper: TokenMapper | str | os.PathLike[str] | None = None,
+    instruction_mask: InstructionMaskSpec = None,
+) -> nn.Module:
+    """Patch ``model`` (in place) so that its visual tokens are pruned at the LLM input.
+
+    Args:
+        model: a transformers model whose ``config.model_type`` is in :data:`FAMILIES` (the
+            ``...ForConditionalGeneration`` class or the bare ``...Model``).
+        keep_ratio: fraction of each sample's visual tokens to keep, in ``(0, 1]``.
+        keep_count: or a fixed count per sample (exactly one of the two).
+        mapper: None (training-free: raw layer-0 instruction attention is the score), a
+            :class:`~tokenprune_kernels.mapper.TokenMapper`, or a path to a ``.safetensors``
+            mapper (loaded with safetensors only, onto the model's device).
+        instruction_mask: None for the default rule (the real tokens after the last visual token
+            of each sample), a ``[B, L]`` bool tensor, or a callable
+            ``(input_ids | None, visual_mask [B, L], attention_mask | None) -> [B, L] bool``.
+
+    Returns:
+        ``model`` (patched). Applying again replaces the config; it never patches twice.
+
+    Raises:
+        RuntimeError: transformers outside :data:`SUPPORTED_TRANSFORMERS`.
+        ValueError: unsupported ``model_type``, bad keep ratio/count.
+    """
+    check_transformers_version()
+    model_type = _model_type(model)
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise ValueError(
+            f"model_type {model_type!r} is not supported by apply_tokenprune; supported: "
+            f"{sorted(FAMILIES)} (other LLaVA-style models: call "
+            "tokenprune_kernels.transformers.prune_inputs from the model code)"
+        )
+    config = TokenPruneConfig(
+        keep_ratio=keep_ratio, keep_count=keep_count, mapper=_resolve_mapper(mapper, model)
+    )
+    patch = get_patch(model)
+    if patch is not None and patch.family != family:
+        revert_tokenprune(model)
+    _family_module(family).install(model, config, instruction_mask)
+    return model
+
+
+def revert_tokenprune(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_tokenprune` exactly (every patched instance attribute is restored).
+    Harmless on a model that is not patched. Returns ``model``."""
+    patch = get_patch(model)
+    if patch is not None:
+        _family_module(patch.family).uninstall(model)
+    return model
+
+
+def is_tokenprune_applied(model: nn.Module) -> bool:
+    """Whether ``model`` is currently patched."""
+    return get_patch(model) is not None
+
+
+def last_pruned(model: nn.Module) -> PrunedInputs | None:
+    """The :class:`PrunedInputs` of the patched model's last pruned prefill (which original
+    positions its outputs correspond to: ``keep_mask``, ``index``), or None."""
+    patch = get_patch(model)
+    return None if patch is None else patch.last
+
+
+__all__ = [
+    "FAMILIES",
+    "SUPPORTED_TRANSFORMERS",
+    "GenerationState",
+    "Layer0",
+    "PrunedInputs",
+    "TokenPruneConfig",
+    "TokenPrunePatch",
+    "apply_tokenprune",
+    "check_transformers_version",
+    "default_instruction_mask",
+    "is_tokenprune_applied",
+    "last_pruned",
+    "prune_inputs",
+    "revert_tokenprune",
+]
