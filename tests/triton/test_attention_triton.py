@@ -1,0 +1,203 @@
+"""Stage a in Triton (``instruction_attention_triton``) against the reference.
+
+Runs on the GPU when there is one, else in the Triton interpreter (tiny shapes). The float64 truth
+below mirrors ``instruction_attention_ref`` (which computes in float32); the kernel is also compared
+with ``instruction_attention_ref`` itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tokenprune_kernels.reference import instruction_attention_ref
+from tokenprune_kernels.testing import make_inputs
+
+pytest.importorskip("triton")
+
+from tokenprune_kernels.triton import instruction_attention_triton
+
+pytestmark = pytest.mark.interpret
+
+LAYOUTS = {
+    # Ragged batch of 3: two images then 3 queries; no visual tokens (passes through); 5 queries.
+    # Key lengths 21, 4, 24: not a multiple of any block.
+    "ragged": [
+        [("t", 3), ("v", 7), ("t", 2), ("v", 5), ("q", 3), ("t", 1)],
+        [("t", 2), ("q", 2)],
+        [("v", 19), ("q", 5)],
+    ],
+    # Queries before and between the images: some visual keys come after some queries (q_pos
+    # given). One query in the second sample.
+    "interleaved": [
+        [("t", 2), ("q", 2), ("v", 9), ("q", 1), ("v", 4), ("q", 4)],
+        [("t", 1), ("v", 3), ("q", 1)],
+    ],
+    # Longer keys (70 = 4.4 blocks of 16), so the online softmax rescales across blocks and splits.
+    "long": [[("t", 5), ("v", 37), ("t", 3), ("v", 21), ("q", 4)], [("v", 2), ("q", 1)]],
+}
+
+SMALL = {"num_splits": 3, "block_m": 16, "block_n": 16, "block_v": 16}
+
+# (dtype, head_dim, (Hq, Hk), layout, pass q_pos, softmax_scale, kernel options)
+CASES = [
+    (torch.float32, 16, (3, 3), "ragged", False, None, SMALL),
+    (torch.float32, 24, (4, 2), "interleaved", True, 0.3, {}),
+    (torch.float32, 64, (8, 2), "ragged", True, None, {**SMALL, "num_splits": 2}),
+    (torch.float32, 24, (8, 2), "long", False, 0.7, SMALL),
+    (torch.float16, 24, (8, 2), "interleaved", True, 0.5, {**SMALL, "num_splits": 4}),
+    (torch.float16, 64, (4, 4), "ragged", False, None, {}),
+    (torch.float16, 16, (4, 2), "long", True, None, {**SMALL, "num_splits": 5}),
+    (torch.bfloat16, 64, (8, 2), "ragged", True, None, {}),
+    (torch.bfloat16, 24, (4, 4), "interleaved", True, 0.2, SMALL),
+]
+TOL = {
+    torch.float32: {"atol": 1e-6, "rtol": 1e-4},
+    torch.float16: {"atol": 2e-5, "rtol": 2e-3},
+    torch.bfloat16: {"atol": 2e-5, "rtol": 2e-3},
+}
+
+
+def attention64(inp, q_pos, scale):
+    """The contract of stage a in float64 (the reference's computation, without its float32)."""
+    q, k = inp.q.double(), inp.k.double()
+    hq, d = q.shape[1], q.shape[2]
+    group = hq // k.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    cu_q, cu_k, cu_v = (x.tolist() for x in (inp.cu_seqlens_q, inp.cu_seqlens_k, inp.cu_seqlens_v))
+    out = torch.zeros(inp.visual_idx.shape[0], dtype=torch.float64, device=q.device)
+    for b in range(len(cu_q) - 1):
+        nq, nk = cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b]
+        if cu_v[b + 1] == cu_v[b]:
+            continue
+        qb = q[cu_q[b] : cu_q[b + 1]]
+        kb = k[cu_k[b] : cu_k[b + 1]].repeat_interleave(group, dim=1)
+        if q_pos is None:
+            pos = torch.arange(nk - nq, nk, device=q.device)
+        else:
+            pos = q_pos[cu_q[b] : cu_q[b + 1]].to(torch.int64)
+        logits = torch.einsum("qhd,khd->hqk", qb, kb) * scale
+        visible = torch.arange(nk, device=q.device)[None, :] <= pos[:, None]
+        probs = torch.softmax(logits.masked_fill(~visible[None], float("-inf")), dim=-1)
+        cols = inp.visual_idx[cu_v[b] : cu_v[b + 1]].to(torch.int64)
+        out[cu_v[b] : cu_v[b + 1]] = probs[:, :, cols].mean(dim=(0, 1))
+    return out
+
+
+def args_of(inp, q_pos):
+    return (
+        inp.q,
+        inp.k,
+        inp.cu_seqlens_q,
+        inp.cu_seqlens_k,
+        inp.visual_idx,
+        inp.cu_seqlens_v,
+        q_pos,
+    )
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty returns NaN-filled float tensors: an element the kernels forget is visible."""
+    real_empty = torch.empty
+
+    def empty(*size, **kwargs):
+        t = real_empty(*size, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "head_dim", "heads", "layout", "with_q_pos", "scale", "options"),
+    CASES,
+    ids=[
+        f"{str(c[0])[6:]}-D{c[1]}-G{c[2][0] // c[2][1]}-{c[3]}-{'qpos' if c[4] else 'last'}"
+        f"-{'scale' if c[5] else 'dflt'}-{'small' if c[6] else 'default'}"
+        for c in CASES
+    ],
+)
+def test_matches_reference(
+    dtype, head_dim, heads, layout, with_q_pos, scale, options, device, gen, poisoned_empty
+):
+    if dtype == torch.bfloat16 and device != "cuda":
+        pytest.skip("bfloat16 arithmetic is not exact in the Triton interpreter; CUDA only")
+    inp = make_inputs(
+        LAYOUTS[layout],
+        heads_q=heads[0],
+        heads_k=heads[1],
+        head_dim=head_dim,
+        dtype=dtype,
+        index_dtype=torch.int32 if layout == "interleaved" else torch.int64,
+        generator=gen,
+        qk_std=1.7,
+    ).to(device)
+    if not with_q_pos:
+        assert inp.queries_last
+    q_pos = inp.q_pos if with_q_pos else None
+    got = instruction_attention_triton(*args_of(inp, q_pos), scale, **options)
+    assert got.dtype == torch.float32 and got.shape == inp.visual_idx.shape
+    assert got.device.type == torch.device(device).type
+    want = attention64(inp, q_pos, scale)
+    torch.testing.assert_close(got.double(), want, **TOL[dtype])
+    ref = instruction_attention_ref(*args_of(inp, q_pos), scale)
+    torch.testing.assert_close(got, ref, **TOL[dtype])
+    # Deterministic: no atomics, a fixed order of every sum.
+    assert torch.equal(got, instruction_attention_triton(*args_of(inp, q_pos), scale, **options))
+
+
+@pytest.mark.parametrize("options", [{}, SMALL], ids=["default", "small"])
+def test_all_keys_visual_sums_to_one(options, device, gen):
+    # Every key is a visual token: each (query, head) softmax row sums to 1 over the visual
+    # columns, so each sample's outputs sum to 1 (mean over its n_q * Hq rows).
+    layouts = [[("v", 30), ("q", 1)], [("v", 3), ("q", 3)], [("v", 50), ("q", 2)]]
+    inp = make_inputs(layouts, heads_q=6, heads_k=3, head_dim=24, generator=gen, qk_std=2.0)
+    inp = inp.to(device)
+    visual_idx = torch.cat(
+        [torch.arange(n, device=device) for n in inp.cu_seqlens_k.diff().tolist()]
+    )
+    got = instruction_attention_triton(
+        inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, visual_idx, inp.cu_seqlens_k, **options
+    )
+    cu = inp.cu_seqlens_k.tolist()
+    sums = torch.stack([got[cu[b] : cu[b + 1]].double().sum() for b in range(len(cu) - 1)])
+    torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-5, rtol=0)
+    assert (got > 0).all()
+
+
+def test_visual_after_every_query_is_exactly_zero(device, gen):
+    # Queries placed (through q_pos) before the second image: its tokens get exactly 0, and the
+    # first image's scores are those of the reference.
+    layouts = [[("t", 4), ("v", 6), ("q", 2), ("v", 9), ("q", 3)]]
+    inp = make_inputs(layouts, heads_q=4, heads_k=2, head_dim=16, generator=gen).to(device)
+    q_pos = torch.tensor([10, 11, 5, 10, 11], dtype=torch.int64, device=device)
+    args = (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v)
+    got = instruction_attention_triton(*args, q_pos, **SMALL)
+    assert torch.equal(got[6:], torch.zeros(9, device=device))
+    assert (got[:6] > 0).all()
+    torch.testing.assert_close(got, instruction_attention_ref(*args, q_pos), atol=1e-6, rtol=1e-4)
+
+
+def test_no_visual_tokens_gives_empty(device, gen):
+    inp = make_inputs([[("t", 3), ("q", 2)], [("q", 1)]], generator=gen).to(device)
+    got = instruction_attention_triton(*args_of(inp, None))
+    assert got.shape == (0,) and got.dtype == torch.float32
+
+
+def test_non_contiguous_heads(device, gen):
+    # q and k sliced out of wider tensors (a fused qkv projection): strided token and head axes.
+    inp = make_inputs(LAYOUTS["ragged"], heads_q=4, heads_k=2, head_dim=16, generator=gen)
+    inp = inp.to(device)
+    wide_q = torch.randn(inp.q.shape[0], 7, 16, generator=gen).to(device)
+    wide_k = torch.randn(inp.k.shape[0], 5, 16, generator=gen).to(device)
+    wide_q[:, 1:5] = inp.q
+    wide_k[:, 3:5] = inp.k
+    q, k = wide_q[:, 1:5], wide_k[:, 3:5]
+    assert not q.is_contiguous() and not k.is_contiguous()
+    rest = (inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v)
+    got = instruction_attention_triton(q, k, *rest, **SMALL)
+    torch.testing.assert_close(got, instruction_attention_ref(inp.q, inp.k, *rest))
