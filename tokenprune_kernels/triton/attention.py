@@ -70,8 +70,10 @@ stages (pass 2), no register spills at D=128 (ptxas -v, sm_90a). fp32: ``BLOCK_M
 ``BLOCK_N = 16``, ``BLOCK_V = 32``, 8 warps, 2 stages (the "ieee" dot runs on FMAs and keeps its
 operand tile in registers; larger tiles spill). ``BLOCK_D = max(16, next_pow2(D))``,
 masked when ``D`` is not a power of two. ``S = clamp(cdiv(2 * SMs, row tiles * Hk), 1,
-min(16, Tk // 256))``: about two waves of programs, at least 256 keys per split. These values
-were chosen for H100 without measuring them here (no GPU in the session that wrote this module).
+min(16, Tk // 256))``: about two waves of programs, at least 256 keys per split. ``BLOCK_V`` is
+halved (down to 16; 32 for fp32) while pass 2 would have fewer programs than half the SMs.
+These values were chosen for H100 and checked only by compiling (ptxas register/spill report):
+no timing was taken (no GPU in the session that wrote this module).
 """
 
 from __future__ import annotations
@@ -336,6 +338,7 @@ def _launch_config(dtype: torch.dtype, head_dim: int) -> dict[str, int | str]:
             "BLOCK_M": 32,
             "BLOCK_N": 16,
             "BLOCK_V": 32,
+            "MIN_BLOCK_V": 32,  # 16 spills
             "DOT_PRECISION": "ieee",
             "num_warps": 8,
             "stages_rows": 2,
@@ -346,6 +349,7 @@ def _launch_config(dtype: torch.dtype, head_dim: int) -> dict[str, int | str]:
         "BLOCK_M": 64,
         "BLOCK_N": 64,
         "BLOCK_V": 64,
+        "MIN_BLOCK_V": 16,
         "DOT_PRECISION": "ieee",  # ignored for fp16/bf16 operands (tensor cores either way)
         "num_warps": 4,
         "stages_rows": 3,
@@ -358,13 +362,29 @@ def _tiles_upper_bound(items: int, n_batch: int, block: int) -> int:
     return min(items, (items + n_batch * (block - 1)) // block)
 
 
-def _num_splits(device: torch.device, row_tiles: int, heads_k: int, total_k: int) -> int:
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a cached host query, no sync); 4 off CUDA (the
+    interpreter: a few splits, so the merge path runs)."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:  # the interpreter: a few splits, so the merge path is exercised
-        sms = 4
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _num_splits(sms: int, row_tiles: int, heads_k: int, total_k: int) -> int:
+    """Key splits of pass 1: about two waves of programs, at least 256 keys per split."""
     want = triton.cdiv(2 * sms, max(1, row_tiles * heads_k))
     return max(1, min(want, MAX_SPLITS, total_k // MIN_KEYS_PER_SPLIT))
+
+
+def _block_v(largest: int, smallest: int, sms: int, total_v: int, n_batch: int) -> int:
+    """Visual tile of pass 2: ``largest``, halved (down to ``smallest``) while the launch has fewer
+    programs than half the SMs. A program loops over all query rows and heads of its sample
+    whatever its width, so for short visual sequences narrower tiles mostly add parallelism (a
+    heuristic, not timed)."""
+    block = largest
+    while block > smallest and 2 * _tiles_upper_bound(total_v, n_batch, block) < sms:
+        block //= 2
+    return block
 
 
 def instruction_attention_triton(
@@ -429,9 +449,12 @@ def instruction_attention_triton(
         cfg = _launch_config(q.dtype, head_dim)
         bm = block_m or int(cfg["BLOCK_M"])
         bn = block_n or int(cfg["BLOCK_N"])
-        bv = block_v or int(cfg["BLOCK_V"])
+        sms = _sm_count(q.device)
+        bv = block_v or _block_v(
+            int(cfg["BLOCK_V"]), int(cfg["MIN_BLOCK_V"]), sms, total_v, n_batch
+        )
         row_tiles = _tiles_upper_bound(total_q * group, n_batch, bm)
-        splits = num_splits or _num_splits(q.device, row_tiles, heads_k, total_k)
+        splits = num_splits or _num_splits(sms, row_tiles, heads_k, total_k)
         m_stat = torch.empty(total_q * heads_q * splits, dtype=torch.float32, device=q.device)
         l_stat = torch.empty_like(m_stat)
         has_q_pos = q_pos is not None
@@ -474,12 +497,19 @@ _NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def _cases(
-    dtype: torch.dtype, head_dim: int, group: int, has_q_pos: bool, index: str, splits: int
+    dtype: torch.dtype,
+    head_dim: int,
+    group: int,
+    has_q_pos: bool,
+    index: str,
+    splits: int,
+    block_v: int | None = None,
 ) -> list[LoweringCase]:
     cfg = _launch_config(dtype, head_dim)
+    block_v = block_v or int(cfg["BLOCK_V"])
     ptr = _PTR[dtype]
     idx = f"*{index}"
-    label = f"{_NAME[dtype]},D={head_dim},G={group},q_pos={has_q_pos},{index},S<={splits}"
+    label = f"{_NAME[dtype]},D={head_dim},G={group},q_pos={has_q_pos},{index}"
     common = {
         "GROUP": group,
         "HEAD_DIM": head_dim,
@@ -501,7 +531,7 @@ def _cases(
         **strides, "n_batch": "i32", "num_heads_q": "i32", "num_heads_k": "i32",
         "num_splits": "i32", "qk_scale": "fp32",
     }  # fmt: skip
-    cols_const = {**common, "BLOCK_V": cfg["BLOCK_V"], "BLOCK_S": triton.next_power_of_2(splits)}
+    cols_const = {**common, "BLOCK_V": block_v, "BLOCK_S": triton.next_power_of_2(splits)}
     for name in rows_const:
         rows_sig[name] = "constexpr"
     for name in cols_const:
@@ -515,7 +545,7 @@ def _cases(
             {"num_warps": cfg["num_warps"], "num_stages": cfg["stages_rows"]},
         ),
         LoweringCase(
-            f"attention.visual_colsum[{label}]",
+            f"attention.visual_colsum[{label},S<={splits},BLOCK_V={block_v}]",
             _visual_colsum_kernel,
             cols_sig,
             cols_const,
@@ -525,10 +555,13 @@ def _cases(
 
 
 #: Every kernel at D=128 for each dtype (GQA group 7 as in Qwen2-VL-7B, q_pos given and not,
-#: int64 and int32 offsets, 16 and 1 key splits) and at an odd head dim (D=80, padded to 128).
+#: int64 and int32 offsets, 16/5/1 key splits, the narrowed visual tiles of short sequences) and
+#: at an odd head dim (D=80, padded to 128).
 LOWERING_CASES: list[LoweringCase] = [
     *_cases(torch.float16, 128, 7, True, "i64", MAX_SPLITS),
     *_cases(torch.bfloat16, 128, 7, False, "i32", 1),
+    *_cases(torch.bfloat16, 128, 7, True, "i64", 4, block_v=16),
     *_cases(torch.float32, 128, 7, True, "i64", 5),
-    *_cases(torch.float16, 80, 4, False, "i64", 3),
+    *_cases(torch.float32, 128, 7, False, "i32", 4),
+    *_cases(torch.float16, 80, 4, False, "i64", 3, block_v=32),
 ]
