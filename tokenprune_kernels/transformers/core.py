@@ -31,9 +31,11 @@ prefill the KV cache holds only ``L'`` prompt tokens. The rule we keep:
 
 1. Positions are never renumbered. Kept tokens keep their original ids, and a decoded token gets
    exactly the id it would have had without pruning. ``generate()``'s own ``position_ids`` already
-   do this (they are the unpruned ones); families whose model derives positions from a stored
-   offset (Qwen's ``rope_deltas``) shift that offset by the number of removed tokens, so that
-   positions computed from the pruned mask land on the same ids.
+   do this (they are the unpruned ones). Families whose model derives positions from a stored
+   offset (Qwen's ``rope_deltas``) keep that offset in the UNPRUNED frame (so ``generate()``'s
+   own continuation logic stays right) and hand explicit unpruned-frame position ids to
+   continuation calls that bring none (``GenerationState.removed`` converts a pruned cache length
+   back to the unpruned one).
 2. The attention mask is translated: at prefill the state stores the pruned prompt mask
    ``[B, L']`` and the unpruned width ``L``; a later call whose ``past_key_values`` is the SAME
    cache object (identity, held through a weak reference) is a continuation, and its mask
