@@ -280,3 +280,33 @@ def test_unsupported_model_type():
     )  # fmt: skip
     with pytest.raises(ValueError, match=r"model_type 'qwen2' is not supported"):
         apply_tokenprune(model, keep_ratio=0.5)
+
+
+@pytest.mark.parametrize("model_type", QWEN_TYPES)
+def test_flash_attention_sees_one_sequence(make_qwen, gen, model_type):
+    """FlashAttention (batch 1, no pads) reads the decoder layers' ``position_ids`` to find packed
+    sequences; the gaps left by pruning must not look like sequence boundaries. Checked with
+    transformers' own test on what the decoder layers receive, prefill of generate() included."""
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence
+
+    model = make_qwen(model_type)
+    inputs = build_inputs(model_type, TWO_SIZES[1:], gen, "left")
+    seen = []
+
+    def hook(_module, args, kwargs):
+        seen.append((args[0].shape[1], kwargs.get("position_ids")))
+
+    apply_tokenprune(model, keep_ratio=0.25)
+    handle = model.model.language_model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    finally:
+        handle.remove()
+    n_pruned = last_pruned(model).attention_mask.shape[1]
+    prefills = [pos for length, pos in seen if length == n_pruned]
+    assert len(prefills) == 2 and n_pruned < inputs["input_ids"].shape[1]
+    for pos in prefills:
+        assert pos is None or not _is_packed_sequence(pos, 1)
+    assert any(pos is not None for pos in prefills)  # generate() passes a text row
