@@ -84,6 +84,8 @@ class Row:
 # ----------------------------------------------------------------------------- traffic models
 def mapper_widths(params: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
     """(C_in, C_out) of each block's pointwise layer, then the head, from the op's params."""
+    if not params:
+        return []
     blocks = (len(params) - 2) // 6
     widths = [tuple(params[6 * b + 2].shape[::-1]) for b in range(blocks)]
     return [*widths, tuple(params[-2].shape[::-1])]
