@@ -30,6 +30,9 @@ class LoweringCase:
             ``"constexpr"``), for every argument in order.
         constexprs: values of the ``constexpr`` arguments.
         options: compile options (``num_warps``, ``num_stages``).
+        attrs: specialisation hints as ``ASTSource`` takes them, e.g.
+            ``{(0,): [["tt.divisibility", 16]]}`` for a 16-byte aligned first pointer (what a real
+            launch infers from aligned tensors; it enables async copies and wider loads).
     """
 
     name: str
@@ -37,6 +40,7 @@ class LoweringCase:
     signature: dict[str, str]
     constexprs: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    attrs: dict[Any, Any] | None = None
 
 
 def all_cases() -> list[LoweringCase]:
@@ -60,7 +64,9 @@ def lower(case: LoweringCase, capability: int = 90, warp_size: int = 32) -> dict
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=case.kernel, signature=case.signature, constexprs=case.constexprs)
+    src = ASTSource(
+        fn=case.kernel, signature=case.signature, constexprs=case.constexprs, attrs=case.attrs
+    )
     start = time.perf_counter()
     compiled = triton.compile(
         src, target=GPUTarget("cuda", capability, warp_size), options=dict(case.options)
