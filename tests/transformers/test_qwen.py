@@ -310,3 +310,18 @@ def test_flash_attention_sees_one_sequence(make_qwen, gen, model_type):
     for pos in prefills:
         assert pos is None or not _is_packed_sequence(pos, 1)
     assert any(pos is not None for pos in prefills)  # generate() passes a text row
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_keep_all_equals_unpatched(make_qwen, gen, dtype):
+    model = make_qwen("qwen2_5_vl").to(dtype)
+    inputs = build_inputs("qwen2_5_vl", MIXED, gen, "left")
+    for key in ("pixel_values", "pixel_values_videos"):
+        inputs[key] = inputs[key].to(dtype)
+    with torch.no_grad():
+        want = model(**inputs).logits
+    apply_tokenprune(model, keep_ratio=1.0)
+    with torch.no_grad():
+        got = model(**inputs).logits
+    assert got.dtype == dtype
+    _assert_rows(got, last_pruned(model).attention_mask, want, inputs["attention_mask"])

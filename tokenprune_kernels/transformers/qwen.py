@@ -276,7 +276,8 @@ def _make_wrappers(patch: TokenPrunePatch, top: nn.Module | None, base: nn.Modul
         _prune_deepstack(a, visual, pruned)
         out = orig_lm(**a)
 
-        cache = getattr(out, "past_key_values", None) or past
+        cache = getattr(out, "past_key_values", None)
+        cache = past if cache is None else cache
         patch.last = pruned
         patch.scratch["pruned"] = pruned
         if cache is None:
