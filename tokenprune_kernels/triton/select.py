@@ -1,61 +1,76 @@
-"""Stages c and d in Triton: threshold top-k, then order-preserving compaction and row copies.
+"""Stages c and d in Triton: threshold top-k, order-preserving compaction, row copies.
 
 Host functions (arguments already validated by the op layer, ``docs/contract.md`` c, d, merge):
 
     :func:`select_topk_triton`   scores -> kept_idx, cu_seqlens_kept
     :func:`gather_kept_triton`   kept_idx -> kept rows and their position ids
     :func:`merge_kept_triton`    kept_idx -> the pruned sequence (text + kept visual rows)
-    :func:`select_merge_triton`  scores -> the pruned sequence (fused: what prune_and_merge runs)
-    :func:`select_gather_triton` scores -> kept rows (fused: what prune_visual_tokens runs)
+    :func:`select_merge_triton`  scores -> the pruned sequence (what prune_and_merge runs)
+    :func:`select_gather_triton` scores -> kept rows (what prune_visual_tokens runs)
 
-Selection (``_select_kernel``, one program per sample, looping over the sample in chunks of
-``BLOCK_V`` keys). A score becomes float32 (exact) and then an order-preserving uint32 key (NaN
--> 0, -0.0 and +0.0 share a key, ``key = ~bits`` for negative floats else ``bits | 0x80000000``).
-The k-th largest key T is found by a radix select on 8-bit digits from the top: each pass histograms
-(``tl.histogram``, 256 bins) the keys that match the digits chosen so far, and picks the bin that
-holds the k-th key. It stops after 4 passes, or earlier when that bin is kept whole (then T is only
-known to its prefix, and every key with that prefix is kept); ``k == n`` costs no pass at all. A
-last pass in index order keeps every key above T and the first ``k - count(> T)`` keys equal to T
-(ties to the lower index, as the contract says); ``tl.cumsum`` plus a running offset gives each
-kept token its output slot, so ``kept_idx`` comes out ascending. Keys are uint32 in the kernel
-(logical shifts, unsigned compares).
+Keys. A score becomes float32 (exact) and then an order-preserving uint32 key: NaN -> 0, -0.0
+and +0.0 share a key, ``key = ~bits`` for negative floats else ``bits | 0x80000000``. The kernels
+keep keys in uint32 (logical shifts, unsigned compares).
 
-Merge (``select_merge`` and ``merge_kept``). The same program also builds, for its sample, a
-per-row flag in a scratch ``[Tl]`` int32 (0 text, ``v + 1`` kept visual row v, -1 dropped) and,
-after a CTA barrier, scans it in sequence order: each kept row's output slot is an exclusive
-prefix sum, and the program writes ``src_idx`` (full-sequence row) and ``row_src`` (>= 0: a row of
-``inputs_embeds``, < 0: row ``-row_src - 1`` of ``visual_embeds``) for every output row. The
-``[To, H]`` embeddings then move in ONE wide launch (``_copy_rows_kernel``, output rows x
-H-blocks) that reads each kept row once, text and visual alike, and copies the position ids
-(``[R, T]``) alongside. Sample offsets are computed in the programs (``cu_seqlens_kept`` from a
-sum of ``keep_counts[:b]``, ``cu_seqlens_out[b] = cu_seqlens[b] - cu_seqlens_v[b] +
-cu_seqlens_kept[b]``), so no host-side cumsum runs.
+Selection. The top k of a sample are the keys above its k-th largest key T, plus the first
+``k - count(> T)`` keys equal to T by index (the contract's tie rule). T is found by a radix
+select on 8-bit digits from the top: a pass histograms (``tl.histogram``, 256 bins) the keys
+that match the digits chosen so far and picks the bin holding the k-th key. It stops after 4
+passes, or as soon as that bin is kept whole (T is then known to a prefix and every key with
+that prefix is kept); ``k == n`` and ``k == 0`` cost no pass. A last pass in index order keeps
+what the threshold says, and ``tl.cumsum`` plus a running offset gives each kept token its
+output slot, so ``kept_idx`` comes out ascending. Two schedules:
 
-Launches and bytes (s score bytes, e embedding bytes, c / i / p bytes of a cu_seqlens /
-visual_idx / position id entry, P <= 4 radix passes actually run, Tk = sum k, To = Tl - Tv + Tk;
-B-sized terms left out):
+- serial (``_select_kernel``): one program per sample loops over its keys in chunks of
+  ``BLOCK_V``: all passes and the compaction in ONE launch. Good while samples are small or many.
+- wide (``_radix_pass_kernel`` x 4, then ``_wide_compact_kernel``): for few large samples (B = 1,
+  N_v = 64k would otherwise run serially on one SM). Each sample is cut into up to ``WIDE_SLICES``
+  slices of whole chunks, one program per (sample, slice); pass p's programs replay passes
+  0..p-1 from the per-slice histograms ``[4, B, S, 256]`` int32 that earlier launches wrote (no
+  atomics, no memset, identical decisions in every program), then histogram their slice. The
+  compaction launch derives each slice's count of keys above T and equal to T from the same
+  histograms, so each slice knows its output offset and its share of the ties without a scan.
+  Chosen when ``Tv >= WIDE_MIN_AVG * B`` (a size rule: no sync; thresholds not yet tuned on a GPU).
 
-    select_topk   1 launch  (_select_kernel):  (P + 1) Tv s  read  +  8 Tk  written
-    gather_kept   1 launch  (_copy_rows_kernel): Tk (8 + H e + R p) read + Tk (H e + R p) written
-    merge_kept    2 launches:
-                  _merge_kernel:      Tv (i + 4) + 8 Tk + 8 Tl read (flags re-read, 2 lower-bound
-                                      searches per sample), 4 Tl + 4 Tv + 16 To written
-                  _copy_rows_kernel:  To (16 + H e + R p) read, To (H e + R p) written
-    select_merge  2 launches:
-                  _select_kernel:     (P + 1) Tv s + Tv i + 4 Tl read, 8 Tk + 4 Tl + 4 Tv + 16 To
-                                      written
-                  _copy_rows_kernel:  To (16 + H e + R p) read, To (H e + R p) written
-    select_gather 2 launches: _select_kernel (as select_topk) + _copy_rows_kernel (as gather_kept)
+Merge maps (``_merge_maps_kernel``): fully parallel over the full-sequence rows, no scan. For row
+j of sample b, with g the first visual token of b at or after j's position (a binary search in
+``visual_idx``) and t the number of kept indices below g (a binary search in ``kept_idx``), the
+row survives unless it is a dropped visual row, and its output row is ``j - g + t`` (rows before
+it, minus the visual tokens before it, plus the kept ones among them). The kernel writes
+``src_idx`` and ``row_src`` (>= 0: row of ``inputs_embeds``; < 0: row ``-row_src - 1`` of
+``visual_embeds``) and ``cu_seqlens_out``.
 
-The copy launches dominate: 2 To H e bytes, against about (P + 1) Tv s + 30 Tl for the select.
+Row copy (``_copy_rows_kernel``): one wide launch over (output rows / ``COPY_ROWS``) x (H /
+``BLOCK_H``) that reads each kept row once (text and visual alike, straight into the pruned
+sequence) and copies the position ids ``[R, T]`` alongside.
 
-Host syncs: output sizes come from shapes and keep_counts. ``merge_kept_triton`` and
-``gather_kept_triton`` never sync (To = Tl - Tv + len(kept_idx)). The select functions need
-sum(keep_counts): none when the caller passes ``total_kept`` or ``keep_counts`` lives on the CPU,
-else exactly one device -> host sync (``keep_counts.sum()``).
+Launches and bytes moved (s score bytes, e embedding bytes, c / i / p bytes of a cu_seqlens /
+visual_idx / position id entry, P <= 4 radix passes that run, Tk = sum k, To = Tl - Tv + Tk,
+S slices per sample in the wide schedule; B-sized terms left out):
 
-Large samples: one program per sample makes a single large sample (B = 1, N_v = 64k) run its
-select passes serially on one SM; the row copy, which moves most of the bytes, is fully parallel.
+    _select_kernel       read (P + 1) Tv s, write 8 Tk
+    _radix_pass_kernel   (wide, launched 4 times) read Tv s if its pass runs, write 1 KiB per
+                         (sample, slice); each program also re-reads the earlier passes'
+                         histograms of its sample (up to 3 S KiB, expected to hit L2)
+    _wide_compact_kernel (wide) read Tv s, write 8 Tk; each program re-reads up to 4 S KiB
+    _merge_maps_kernel   write 16 To (src_idx, row_src); read per full-sequence row about
+                         log2(B) c + log2(n_v) i + 8 log2(Tk) bytes in binary searches
+                         (small arrays re-read by every row: expected to hit in cache)
+    _copy_rows_kernel    read To (H e + R p + 16), write To (H e + R p)
+
+    select_topk   1 launch: _select_kernel (wide: 4 x _radix_pass_kernel + _wide_compact_kernel)
+    gather_kept   1 launch: _copy_rows_kernel
+    merge_kept    2 launches: _merge_maps_kernel, _copy_rows_kernel
+    select_merge  3 launches: select (1, wide 5), _merge_maps_kernel, _copy_rows_kernel
+    select_gather 2 launches: select (1, wide 5), _copy_rows_kernel
+
+The copy moves most of the bytes, 2 To H e, against about (P + 1) Tv s + 16 To for the rest.
+
+Host syncs: output sizes come from shapes and keep counts, never from a kernel's result.
+``gather_kept_triton`` and ``merge_kept_triton`` never sync (To = Tl - Tv + len(kept_idx)). The
+select functions need sum(keep_counts): no sync when the caller passes ``total_kept`` and
+``keep_counts`` already lives on the device; otherwise one (reading back ``keep_counts.sum()``,
+or the blocking host-to-device copy of a CPU ``keep_counts``).
 """
 
 from __future__ import annotations
@@ -76,18 +91,21 @@ __all__ = [
     "select_topk_triton",
 ]
 
-#: Keys per chunk of the select program (one program per sample loops over its chunks).
+#: Keys per chunk: the select programs loop over their keys BLOCK_V at a time.
 BLOCK_V = 2048
-#: Rows per chunk of the merge scan over a sample's full sequence.
-BLOCK_L = 2048
 #: keep_counts entries summed per step when a program computes its output offset.
 BLOCK_B = 1024
 SELECT_WARPS = 8
-#: Output rows and hidden columns per program of the row copy.
+#: Wide schedule: at most this many slices (programs) per sample; used when Tv >= this * B.
+WIDE_SLICES = 32
+WIDE_MIN_AVG = 16384
+#: Full-sequence rows per program of the merge maps.
+MAPS_BLOCK = 1024
+MAPS_WARPS = 4
+#: Output rows and (at most) hidden columns per program of the row copy.
 COPY_ROWS = 4
 COPY_MAX_H = 1024
 COPY_WARPS = 4
-_RADIX_BINS = 256
 
 
 # ------------------------------------------------------------------------------------- kernels
@@ -104,44 +122,64 @@ def _score_keys(x):
 
 
 @triton.jit
-def _find_threshold(scores_ptr, start, n, k, BLOCK: tl.constexpr):
-    """Radix select of the k-th largest key of ``scores[start : start + n]``.
-
-    Returns ``(prefix, kmask, remaining)``: keys with ``key & kmask > prefix`` are all kept, and
-    the first ``remaining`` keys with ``key & kmask == prefix`` (by index) complete the top k.
-    """
+def _digit_hist(scores_ptr, lo, hi, prefix, kmask, shift: tl.constexpr, BLOCK: tl.constexpr):
+    """[256] int32: keys of scores[lo:hi] with ``key & kmask == prefix``, by digit ``shift``."""
     offs = tl.arange(0, BLOCK)
     bins = tl.arange(0, 256)
-    prefix = tl.full([], 0, tl.uint32)
-    kmask = tl.full([], 0, tl.uint32)
-    remaining = k
-    # k == n keeps everything (kmask 0: every key ties), k == 0 keeps nothing: no pass needed.
-    todo = ((k < n) & (k > 0)).to(tl.int32)
-    for p in tl.static_range(4):
-        shift = 24 - 8 * p  # a constexpr: digits from the top byte down
-        if todo != 0:
-            hist = tl.zeros([256], tl.int32)
-            for c in range(0, n, BLOCK):
-                idx = c + offs
-                valid = idx < n
-                x = tl.load(scores_ptr + start + idx, mask=valid, other=0.0)
-                key = _score_keys(x)
-                match = valid & ((key & kmask) == prefix)
-                digit = tl.where(match, (key >> shift) & 0xFF, 0).to(tl.int32)
-                h = tl.histogram(digit, 256)
-                # Lanes that do not match were counted in bin 0: take them out again.
-                miss = BLOCK - tl.sum(match.to(tl.int32), axis=0)
-                hist += tl.where(bins == 0, h - miss, h)
-            total = tl.sum(hist, axis=0)
-            suffix = total - tl.cumsum(hist, axis=0) + hist  # keys in bins >= d
-            d = tl.max(tl.where(suffix >= remaining, bins, -1), axis=0)
-            above = tl.sum(tl.where(bins > d, hist, 0), axis=0)
-            in_bin = tl.sum(tl.where(bins == d, hist, 0), axis=0)
-            remaining = remaining - above
-            prefix = prefix | (d.to(tl.uint32) << shift)
-            kmask = kmask | (0xFF << shift)
-            todo = (in_bin != remaining).to(tl.int32)
-    return prefix, kmask, remaining
+    hist = tl.zeros([256], tl.int32)
+    for c in range(lo, hi, BLOCK):
+        idx = c + offs
+        valid = idx < hi
+        key = _score_keys(tl.load(scores_ptr + idx, mask=valid, other=0.0))
+        match = valid & ((key & kmask) == prefix)
+        digit = tl.where(match, (key >> shift) & 0xFF, 0).to(tl.int32)
+        h = tl.histogram(digit, 256)
+        # Lanes that do not match were counted in bin 0: take them out again.
+        miss = BLOCK - tl.sum(match.to(tl.int32), axis=0)
+        hist += tl.where(bins == 0, h - miss, h)
+    return hist
+
+
+@triton.jit
+def _decide(hist, prefix, kmask, remaining, shift: tl.constexpr):
+    """One radix step: the bin d holding the ``remaining``-th largest matching key.
+
+    Returns (prefix, kmask, remaining, todo, d) after the step; todo is 0 once the bin is kept
+    whole.
+    """
+    bins = tl.arange(0, 256)
+    total = tl.sum(hist, axis=0)
+    suffix = total - tl.cumsum(hist, axis=0) + hist  # keys in bins >= d
+    d = tl.max(tl.where(suffix >= remaining, bins, -1), axis=0)
+    above = tl.sum(tl.where(bins > d, hist, 0), axis=0)
+    in_bin = tl.sum(tl.where(bins == d, hist, 0), axis=0)
+    remaining = remaining - above
+    prefix = prefix | (d.to(tl.uint32) << shift)
+    kmask = kmask | (0xFF << shift)
+    todo = (in_bin != remaining).to(tl.int32)
+    return prefix, kmask, remaining, todo, d
+
+
+@triton.jit
+def _compact(scores_ptr, lo, hi, prefix, kmask, take, out_ptr, BLOCK: tl.constexpr):
+    """Write, ascending, the indices i in [lo, hi) with ``key & kmask > prefix``, plus the first
+    ``take`` with ``key & kmask == prefix``, to out_ptr[0], out_ptr[1], ..."""
+    offs = tl.arange(0, BLOCK)
+    written = tl.zeros([], tl.int32)
+    ties = tl.zeros([], tl.int32)
+    for c in range(lo, hi, BLOCK):
+        idx = c + offs
+        valid = idx < hi
+        top = _score_keys(tl.load(scores_ptr + idx, mask=valid, other=0.0)) & kmask
+        eq = valid & (top == prefix)
+        eq_i = eq.to(tl.int32)
+        tie_rank = ties + tl.cumsum(eq_i, axis=0) - eq_i
+        keep = (valid & (top > prefix)) | (eq & (tie_rank < take))
+        keep_i = keep.to(tl.int32)
+        slot = written + tl.cumsum(keep_i, axis=0) - keep_i
+        tl.store(out_ptr + slot, idx.to(tl.int64), mask=keep)
+        written += tl.sum(keep_i, axis=0)
+        ties += tl.sum(eq_i, axis=0)
 
 
 @triton.jit
@@ -156,33 +194,12 @@ def _sum_before(counts_ptr, b, BLOCK_B: tl.constexpr):
 
 
 @triton.jit
-def _fill_text_flags(flags_ptr, row0, n_l, BLOCK: tl.constexpr):
-    """flags[row0 : row0 + n_l] = 0 (every row text until the visual rows are marked)."""
-    offs = tl.arange(0, BLOCK)
-    for c in range(0, n_l, BLOCK):
-        j = c + offs
-        tl.store(flags_ptr + row0 + j, tl.zeros([BLOCK], tl.int32), mask=j < n_l)
-
-
-@triton.jit
-def _merge_scan(flags_ptr, row0, n_l, out0, src_ptr, row_src_ptr, BLOCK: tl.constexpr):
-    """Compact the sample's rows with flags >= 0 into output rows out0, out0 + 1, ... in order.
-
-    Writes src_idx (the full-sequence row) and row_src (>= 0 text row, < 0 visual row -v - 1).
-    """
-    offs = tl.arange(0, BLOCK)
-    written = tl.zeros([], tl.int64)
-    for c in range(0, n_l, BLOCK):
-        j = c + offs
-        valid = j < n_l
-        f = tl.load(flags_ptr + row0 + j, mask=valid, other=-1)
-        keep = valid & (f >= 0)
-        ki = keep.to(tl.int32)
-        slot = out0 + written + (tl.cumsum(ki, axis=0) - ki).to(tl.int64)
-        row = row0 + j.to(tl.int64)
-        tl.store(src_ptr + slot, row, mask=keep)
-        tl.store(row_src_ptr + slot, tl.where(f > 0, -f.to(tl.int64), row), mask=keep)
-        written += tl.sum(ki, axis=0).to(tl.int64)
+def _sample(cu_v_ptr, counts_ptr, b):
+    """(start int64, n int32, k int32) of sample b."""
+    start = tl.load(cu_v_ptr + b).to(tl.int64)
+    n = (tl.load(cu_v_ptr + b + 1).to(tl.int64) - start).to(tl.int32)
+    k = tl.load(counts_ptr + b).to(tl.int32)
+    return start, n, k
 
 
 @triton.jit
@@ -192,127 +209,186 @@ def _select_kernel(
     counts_ptr,
     kept_ptr,
     cu_kept_ptr,
-    cu_ptr,
-    vidx_ptr,
-    flags_ptr,
-    src_ptr,
-    row_src_ptr,
-    cu_out_ptr,
     BLOCK: tl.constexpr,
-    BLOCK_L: tl.constexpr,
     BLOCK_B: tl.constexpr,
-    FUSE_MERGE: tl.constexpr,
 ):
-    """Program b: top-k of sample b -> kept_idx[cu_kept[b]:cu_kept[b+1]] (+ the merge maps)."""
+    """Program b: top-k of sample b -> kept_idx[cu_kept[b]:cu_kept[b+1]], all passes serial."""
     b = tl.program_id(0)
-    start = tl.load(cu_v_ptr + b).to(tl.int64)
-    n = (tl.load(cu_v_ptr + b + 1).to(tl.int64) - start).to(tl.int32)
-    k = tl.load(counts_ptr + b).to(tl.int32)
+    start, n, k = _sample(cu_v_ptr, counts_ptr, b)
     kept0 = _sum_before(counts_ptr, b, BLOCK_B)
     tl.store(cu_kept_ptr + b + 1, kept0 + k)
     if b == 0:
         tl.store(cu_kept_ptr, kept0 * 0)
-    if FUSE_MERGE:
-        row0 = tl.load(cu_ptr + b).to(tl.int64)
-        n_l = (tl.load(cu_ptr + b + 1).to(tl.int64) - row0).to(tl.int32)
-        out0 = row0 - start + kept0
-        tl.store(cu_out_ptr + b + 1, out0 + n_l - n + k)
-        if b == 0:
-            tl.store(cu_out_ptr, kept0 * 0)
-        _fill_text_flags(flags_ptr, row0, n_l, BLOCK_L)
-        tl.debug_barrier()
-
-    prefix, kmask, remaining = _find_threshold(scores_ptr, start, n, k, BLOCK)
-
-    offs = tl.arange(0, BLOCK)
-    written = tl.zeros([], tl.int32)
-    ties = tl.zeros([], tl.int32)
-    for c in range(0, n, BLOCK):
-        idx = c + offs
-        valid = idx < n
-        key = _score_keys(tl.load(scores_ptr + start + idx, mask=valid, other=0.0))
-        top = key & kmask
-        eq = valid & (top == prefix)
-        eq_i = eq.to(tl.int32)
-        tie_rank = ties + tl.cumsum(eq_i, axis=0) - eq_i
-        keep = (valid & (top > prefix)) | (eq & (tie_rank < remaining))
-        keep_i = keep.to(tl.int32)
-        slot = kept0 + (written + tl.cumsum(keep_i, axis=0) - keep_i).to(tl.int64)
-        gidx = start + idx.to(tl.int64)
-        tl.store(kept_ptr + slot, gidx, mask=keep)
-        if FUSE_MERGE:
-            vpos = tl.load(vidx_ptr + gidx, mask=valid, other=0).to(tl.int64)
-            flag = tl.where(keep, gidx + 1, -1)
-            tl.store(flags_ptr + row0 + vpos, flag, mask=valid)
-        written += tl.sum(keep_i, axis=0)
-        ties += tl.sum(eq_i, axis=0)
-
-    if FUSE_MERGE:
-        tl.debug_barrier()
-        _merge_scan(flags_ptr, row0, n_l, out0, src_ptr, row_src_ptr, BLOCK_L)
+    prefix = tl.full([], 0, tl.uint32)
+    kmask = tl.full([], 0, tl.uint32)
+    remaining = k
+    # k == n keeps everything (kmask 0: every key ties), k == 0 keeps nothing: no pass needed.
+    todo = ((k < n) & (k > 0)).to(tl.int32)
+    for p in tl.static_range(4):
+        if todo != 0:
+            hist = _digit_hist(scores_ptr, start, start + n, prefix, kmask, 24 - 8 * p, BLOCK)
+            prefix, kmask, remaining, todo, _ = _decide(hist, prefix, kmask, remaining, 24 - 8 * p)
+    _compact(scores_ptr, start, start + n, prefix, kmask, remaining, kept_ptr + kept0, BLOCK)
 
 
 @triton.jit
-def _lower_bound(sorted_ptr, size, target):
-    """First i in [0, size) with sorted[i] >= target (size if none); a scalar binary search."""
-    lo = tl.zeros([], tl.int64)
-    hi = tl.zeros([], tl.int64) + size  # size may arrive as a constexpr (Triton specialises 1)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if tl.load(sorted_ptr + mid) < target:
-            lo = mid + 1
-        else:
-            hi = mid
+def _replay(hist_ptr, b, n_batch, n_slices, n, k, slice_len, NPASS: tl.constexpr,
+            S_MAX: tl.constexpr):  # fmt: skip
+    """Redo the first NPASS radix steps of sample b from the per-slice histograms.
+
+    Returns (prefix, kmask, remaining, todo, gt, eq): gt[s] / eq[s] ([S_MAX] int32) count the
+    keys of slice s above / equal to the threshold prefix so far.
+    """
+    sl = tl.arange(0, S_MAX)
+    bins = tl.arange(0, 256)
+    lo = sl * slice_len
+    eq = tl.maximum(tl.minimum(n - lo, slice_len), 0)  # before any pass every key ties
+    gt = tl.zeros([S_MAX], tl.int32)
+    tile_mask = ((sl < n_slices) & (lo < n))[:, None]
+    prefix = tl.full([], 0, tl.uint32)
+    kmask = tl.full([], 0, tl.uint32)
+    remaining = k
+    todo = ((k < n) & (k > 0)).to(tl.int32)
+    for q in tl.static_range(NPASS):
+        if todo != 0:
+            base = hist_ptr + ((q * n_batch + b) * n_slices).to(tl.int64) * 256
+            tile = tl.load(base + sl[:, None] * 256 + bins[None, :], mask=tile_mask, other=0)
+            prefix, kmask, remaining, todo, d = _decide(
+                tl.sum(tile, axis=0), prefix, kmask, remaining, 24 - 8 * q
+            )
+            gt += tl.sum(tl.where(bins[None, :] > d, tile, 0), axis=1)
+            eq = tl.sum(tl.where(bins[None, :] == d, tile, 0), axis=1)
+    return prefix, kmask, remaining, todo, gt, eq
+
+
+@triton.jit
+def _radix_pass_kernel(
+    scores_ptr,
+    cu_v_ptr,
+    counts_ptr,
+    hist_ptr,
+    n_batch,
+    n_slices,
+    slice_len,
+    PASS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    S_MAX: tl.constexpr,
+):
+    """Program (b, s): histogram of slice s of sample b for radix pass PASS -> hist[PASS, b, s]."""
+    b = tl.program_id(0)
+    s = tl.program_id(1)
+    start, n, k = _sample(cu_v_ptr, counts_ptr, b)
+    lo = s * slice_len
+    if lo < n:
+        prefix, kmask, _, todo, _, _ = _replay(
+            hist_ptr, b, n_batch, n_slices, n, k, slice_len, PASS, S_MAX
+        )
+        if todo != 0:
+            hi = tl.minimum(lo + slice_len, n)
+            hist = _digit_hist(scores_ptr, start + lo, start + hi, prefix, kmask, 24 - 8 * PASS,
+                               BLOCK)  # fmt: skip
+            out = hist_ptr + (((PASS * n_batch + b) * n_slices + s).to(tl.int64) * 256)
+            tl.store(out + tl.arange(0, 256), hist)
+
+
+@triton.jit
+def _wide_compact_kernel(
+    scores_ptr,
+    cu_v_ptr,
+    counts_ptr,
+    hist_ptr,
+    kept_ptr,
+    cu_kept_ptr,
+    n_batch,
+    n_slices,
+    slice_len,
+    BLOCK: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    S_MAX: tl.constexpr,
+):
+    """Program (b, s): the kept indices of slice s of sample b, at the slice's output offset."""
+    b = tl.program_id(0)
+    s = tl.program_id(1)
+    start, n, k = _sample(cu_v_ptr, counts_ptr, b)
+    kept0 = _sum_before(counts_ptr, b, BLOCK_B)
+    if s == 0:
+        tl.store(cu_kept_ptr + b + 1, kept0 + k)
+        if b == 0:
+            tl.store(cu_kept_ptr, kept0 * 0)
+    lo = s * slice_len
+    if lo < n:
+        prefix, kmask, remaining, _, gt, eq = _replay(
+            hist_ptr, b, n_batch, n_slices, n, k, slice_len, 4, S_MAX
+        )
+        # Ties go to the lowest indices: slice s takes what the slices before it left.
+        eq_before = tl.cumsum(eq, axis=0) - eq
+        take = tl.minimum(tl.maximum(remaining - eq_before, 0), eq)
+        kept = gt + take
+        offset = tl.cumsum(kept, axis=0) - kept
+        sl = tl.arange(0, S_MAX)
+        my_take = tl.sum(tl.where(sl == s, take, 0), axis=0)
+        my_offset = tl.sum(tl.where(sl == s, offset, 0), axis=0)
+        hi = tl.minimum(lo + slice_len, n)
+        _compact(scores_ptr, start + lo, start + hi, prefix, kmask, my_take,
+                 kept_ptr + kept0 + my_offset, BLOCK)  # fmt: skip
+
+
+@triton.jit
+def _lower_bound(ptr, lo, hi, target, steps):
+    """Per lane: the first i in [lo, hi) with ptr[i] >= target (hi if none). ``steps`` must be
+    at least bit_length(hi - lo)."""
+    for _ in range(steps):
+        active = lo < hi
+        mid = lo + (hi - lo) // 2
+        v = tl.load(ptr + mid, mask=active, other=0)
+        right = active & (v < target)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(active & (v >= target), mid, hi)
     return lo
 
 
 @triton.jit
-def _merge_kernel(
+def _merge_maps_kernel(
     cu_ptr,
     cu_v_ptr,
     vidx_ptr,
     kept_ptr,
-    n_kept,
-    flags_ptr,
     src_ptr,
     row_src_ptr,
     cu_out_ptr,
+    n_batch,
+    n_rows,
+    n_kept,
+    steps_b,
+    steps_v,
+    steps_k,
     BLOCK: tl.constexpr,
-    BLOCK_L: tl.constexpr,
 ):
-    """Program b: the merge maps of sample b for a given ascending ``kept_idx``."""
-    b = tl.program_id(0)
-    start = tl.load(cu_v_ptr + b).to(tl.int64)
-    end = tl.load(cu_v_ptr + b + 1).to(tl.int64)
-    n = (end - start).to(tl.int32)
-    row0 = tl.load(cu_ptr + b).to(tl.int64)
-    row1 = tl.load(cu_ptr + b + 1).to(tl.int64)
-    n_l = (row1 - row0).to(tl.int32)
-    k0 = _lower_bound(kept_ptr, n_kept, start)
-    k1 = _lower_bound(kept_ptr, n_kept, end)
-    out0 = row0 - start + k0
-    tl.store(cu_out_ptr + b + 1, row1 - end + k1)
-    if b == 0:
-        tl.store(cu_out_ptr, out0 * 0)
-
-    _fill_text_flags(flags_ptr, row0, n_l, BLOCK_L)
-    tl.debug_barrier()
-    offs = tl.arange(0, BLOCK)
-    for c in range(0, n, BLOCK):  # every visual row: dropped until marked kept
-        idx = c + offs
-        valid = idx < n
-        vpos = tl.load(vidx_ptr + start + idx, mask=valid, other=0).to(tl.int64)
-        tl.store(flags_ptr + row0 + vpos, tl.full([BLOCK], -1, tl.int32), mask=valid)
-    tl.debug_barrier()
-    nk = (k1 - k0).to(tl.int32)
-    for c in range(0, nk, BLOCK):  # the kept ones
-        idx = c + offs
-        valid = idx < nk
-        g = tl.load(kept_ptr + k0 + idx, mask=valid, other=0)
-        vpos = tl.load(vidx_ptr + g, mask=valid, other=0).to(tl.int64)
-        tl.store(flags_ptr + row0 + vpos, (g + 1).to(tl.int32), mask=valid)
-    tl.debug_barrier()
-    _merge_scan(flags_ptr, row0, n_l, out0, src_ptr, row_src_ptr, BLOCK_L)
+    """Rows j of the full sequences -> src_idx / row_src at their output rows; cu_seqlens_out."""
+    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    zero = tl.zeros([BLOCK], tl.int64)
+    valid = j < n_rows
+    # Sample of row j: the first b with cu[b + 1] > j.
+    b = _lower_bound(cu_ptr + 1, zero, zero + n_batch, j + 1, steps_b)
+    b = tl.where(valid, b, 0)
+    row0 = tl.load(cu_ptr + b, mask=valid, other=0).to(tl.int64)
+    v0 = tl.load(cu_v_ptr + b, mask=valid, other=0).to(tl.int64)
+    v1 = tl.load(cu_v_ptr + b + 1, mask=valid, other=0).to(tl.int64)
+    local = j - row0
+    g = _lower_bound(vidx_ptr, v0, v1, local, steps_v)  # first visual token at or after row j
+    is_vis = (g < v1) & (tl.load(vidx_ptr + g, mask=valid & (g < v1), other=-1) == local)
+    t = _lower_bound(kept_ptr, zero, zero + n_kept, g, steps_k)  # kept indices below g
+    kept = (t < n_kept) & (tl.load(kept_ptr + t, mask=valid & (t < n_kept), other=-1) == g)
+    keep = valid & (kept | ~is_vis)
+    out = j - g + t
+    tl.store(src_ptr + out, j, mask=keep)
+    tl.store(row_src_ptr + out, tl.where(is_vis, -g - 1, j), mask=keep)
+    # cu_seqlens_out[i] = cu[i] - cu_v[i] + (kept indices below cu_v[i]), lanes i <= B.
+    first = j <= n_batch
+    cv = tl.load(cu_v_ptr + j, mask=first, other=0).to(tl.int64)
+    below = _lower_bound(kept_ptr, zero, zero + n_kept, cv, steps_k)
+    cu = tl.load(cu_ptr + j, mask=first, other=0).to(tl.int64)
+    tl.store(cu_out_ptr + j, cu - cv + below, mask=first)
 
 
 @triton.jit
@@ -417,32 +493,70 @@ def _copy_rows(
     return out, (pos_out if position_ids.dim() == 2 else pos_out.squeeze(0))
 
 
-def _launch_select(
+def _select(
     scores: torch.Tensor,
     cu_seqlens_v: torch.Tensor,
     keep_counts: torch.Tensor,
     total_kept: int,
-    merge: tuple[torch.Tensor, ...] | None,
     block_v: int,
-    block_l: int,
+    wide: bool | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 launch (serial) or 5 (wide); see the module docstring."""
     device = scores.device
     batch = cu_seqlens_v.shape[0] - 1
+    tv = scores.shape[0]
     kept_idx = _alloc((total_kept,), torch.int64, device)
     cu_kept = _alloc((batch + 1,), cu_seqlens_v.dtype, device)
-    counts = keep_counts.to(device=device, dtype=torch.int64)
     if batch == 0:
-        cu_kept.zero_()
+        return kept_idx, cu_kept.zero_()
+    counts = keep_counts.to(device=device, dtype=torch.int64)
+    slices = min(WIDE_SLICES, triton.cdiv(tv, block_v))
+    if wide is None:
+        wide = tv >= WIDE_MIN_AVG * batch
+    if not wide or slices <= 1:
+        _select_kernel[(batch,)](
+            scores, cu_seqlens_v, counts, kept_idx, cu_kept,
+            BLOCK=block_v, BLOCK_B=BLOCK_B, num_warps=SELECT_WARPS,
+        )  # fmt: skip
         return kept_idx, cu_kept
-    fuse = merge is not None
-    if merge is None:  # unused pointer arguments
-        merge = (cu_seqlens_v, cu_seqlens_v, kept_idx, kept_idx, kept_idx, cu_kept)
-    _select_kernel[(batch,)](
-        scores, cu_seqlens_v, counts, kept_idx, cu_kept, *merge,
-        BLOCK=block_v, BLOCK_L=block_l, BLOCK_B=BLOCK_B, FUSE_MERGE=fuse,
-        num_warps=SELECT_WARPS,
+    slice_len = triton.cdiv(triton.cdiv(tv, slices), block_v) * block_v
+    slices = triton.cdiv(tv, slice_len)
+    s_max = triton.next_power_of_2(slices)
+    hist = _alloc((4, batch, slices, 256), torch.int32, device)
+    for p in range(4):
+        _radix_pass_kernel[(batch, slices)](
+            scores, cu_seqlens_v, counts, hist, batch, slices, slice_len,
+            PASS=p, BLOCK=block_v, S_MAX=s_max, num_warps=SELECT_WARPS,
+        )  # fmt: skip
+    _wide_compact_kernel[(batch, slices)](
+        scores, cu_seqlens_v, counts, hist, kept_idx, cu_kept, batch, slices, slice_len,
+        BLOCK=block_v, BLOCK_B=BLOCK_B, S_MAX=s_max, num_warps=SELECT_WARPS,
     )  # fmt: skip
     return kept_idx, cu_kept
+
+
+def _merge_maps(
+    cu_seqlens: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    visual_idx: torch.Tensor,
+    kept_idx: torch.Tensor,
+    n_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One _merge_maps_kernel launch -> (src_idx [To], row_src [To], cu_seqlens_out [B+1])."""
+    device = cu_seqlens.device
+    batch = cu_seqlens.shape[0] - 1
+    n_out = n_rows - visual_idx.shape[0] + kept_idx.shape[0]
+    src_idx = _alloc((n_out,), torch.int64, device)
+    row_src = _alloc((n_out,), torch.int64, device)
+    cu_out = _alloc((batch + 1,), cu_seqlens.dtype, device)
+    grid = (triton.cdiv(max(n_rows, batch + 1), MAPS_BLOCK),)
+    _merge_maps_kernel[grid](
+        cu_seqlens, cu_seqlens_v, visual_idx, kept_idx, src_idx, row_src, cu_out,
+        batch, n_rows, kept_idx.shape[0],
+        batch.bit_length(), visual_idx.shape[0].bit_length(), kept_idx.shape[0].bit_length(),
+        BLOCK=MAPS_BLOCK, num_warps=MAPS_WARPS,
+    )  # fmt: skip
+    return src_idx, row_src, cu_out
 
 
 def select_topk_triton(
@@ -452,23 +566,26 @@ def select_topk_triton(
     *,
     total_kept: int | None = None,
     block_v: int = BLOCK_V,
+    wide: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample top-k by (score desc, index asc), NaN lowest; one launch.
+    """Per-sample top-k by (score desc, index asc), NaN lowest, -0.0 == +0.0.
 
     Args:
         scores: [Tv] float32/float16/bfloat16.
         cu_seqlens_v: [B+1] int32/int64 offsets of the visual tokens.
-        keep_counts: [B] int64, 0 <= k_b <= n_b (CPU or the device of ``scores``).
-        total_kept: sum(keep_counts) if the caller knows it (saves the one host sync).
-        block_v: keys per chunk of the select program (a power of two; tests shrink it).
+        keep_counts: [B] int64, 0 <= k_b <= n_b (best on the device of ``scores``).
+        total_kept: sum(keep_counts) when the caller knows it (saves the one host sync).
+        block_v: keys per chunk (a power of two; tests shrink it).
+        wide: force the wide (True) or serial (False) schedule; None picks by size.
 
     Returns:
         kept_idx: [sum k] int64 global indices, ascending; cu_seqlens_kept: [B+1], dtype of
-        ``cu_seqlens_v``. Syncs: none with ``total_kept`` or CPU ``keep_counts``, else one.
+        ``cu_seqlens_v``. 1 launch (serial) or 5 (wide). Syncs: none with ``total_kept`` and
+        device ``keep_counts``, else one.
     """
     with stage_range("tokenprune.select_topk", scores.device):
         total = _total_kept(keep_counts, total_kept)
-        return _launch_select(scores, cu_seqlens_v, keep_counts, total, None, block_v, BLOCK_L)
+        return _select(scores, cu_seqlens_v, keep_counts, total, block_v, wide)
 
 
 def gather_kept_triton(
@@ -488,17 +605,6 @@ def gather_kept_triton(
         return _copy_rows(None, visual_embeds, kept_idx, position_ids, kept_idx)
 
 
-def _merge_buffers(
-    inputs_embeds: torch.Tensor, cu_seqlens: torch.Tensor, n_out: int
-) -> tuple[torch.Tensor, ...]:
-    device = inputs_embeds.device
-    flags = _alloc((inputs_embeds.shape[0],), torch.int32, device)
-    src_idx = _alloc((n_out,), torch.int64, device)
-    row_src = _alloc((n_out,), torch.int64, device)
-    cu_out = _alloc((cu_seqlens.shape[0],), cu_seqlens.dtype, device)
-    return flags, src_idx, row_src, cu_out
-
-
 def merge_kept_triton(
     inputs_embeds: torch.Tensor,
     position_ids: torch.Tensor,
@@ -507,11 +613,8 @@ def merge_kept_triton(
     visual_idx: torch.Tensor,
     cu_seqlens_v: torch.Tensor,
     kept_idx: torch.Tensor,
-    *,
-    block_v: int = BLOCK_V,
-    block_l: int = BLOCK_L,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The pruned sequence for a given selection, exactly as ``merge_kept_ref``; two launches.
+    """The pruned sequence for a given selection, exactly as ``merge_kept_ref``.
 
     Args:
         inputs_embeds: [Tl, H] float32/float16/bfloat16 (rows at visual positions ignored).
@@ -521,24 +624,15 @@ def merge_kept_triton(
         visual_idx: [Tv] int32/int64 local positions, strictly increasing within a sample.
         cu_seqlens_v: [B+1] int32/int64 offsets of the visual tokens.
         kept_idx: [Tk] int64 global visual indices, strictly increasing.
-        block_v, block_l: chunk sizes of the merge program (powers of two; tests shrink them).
 
     Returns:
         embeds [To, H], position_ids [To] or [R, To], cu_seqlens_out [B+1] (dtype of
-        ``cu_seqlens``), src_idx [To] int64; To = Tl - Tv + Tk. No host sync.
+        ``cu_seqlens``), src_idx [To] int64; To = Tl - Tv + Tk. Two launches, no sync.
     """
     with stage_range("tokenprune.merge_kept", inputs_embeds.device):
-        n_out = inputs_embeds.shape[0] - visual_embeds.shape[0] + kept_idx.shape[0]
-        flags, src_idx, row_src, cu_out = _merge_buffers(inputs_embeds, cu_seqlens, n_out)
-        batch = cu_seqlens.shape[0] - 1
-        if batch == 0:
-            cu_out.zero_()
-        else:
-            _merge_kernel[(batch,)](
-                cu_seqlens, cu_seqlens_v, visual_idx, kept_idx, kept_idx.shape[0],
-                flags, src_idx, row_src, cu_out,
-                BLOCK=block_v, BLOCK_L=block_l, num_warps=SELECT_WARPS,
-            )  # fmt: skip
+        src_idx, row_src, cu_out = _merge_maps(
+            cu_seqlens, cu_seqlens_v, visual_idx, kept_idx, inputs_embeds.shape[0]
+        )
         embeds, pos = _copy_rows(inputs_embeds, visual_embeds, row_src, position_ids, src_idx)
         return embeds, pos, cu_out, src_idx
 
@@ -555,11 +649,12 @@ def select_merge_triton(
     *,
     total_kept: int | None = None,
     block_v: int = BLOCK_V,
-    block_l: int = BLOCK_L,
+    wide: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused select + merge: threshold top-k, then one compaction straight into the pruned sequence.
+    """Select, then one order-preserving compaction straight into the pruned sequence.
 
-    Two launches: the select program (which also writes the merge maps) and one row copy.
+    The select writes ``kept_idx``; the merge maps place every text row and kept visual row at
+    its output row; one row copy then moves each kept row once. 3 launches (7 wide).
 
     Args:
         scores: [Tv] float32/float16/bfloat16.
@@ -567,24 +662,20 @@ def select_merge_triton(
         keep_counts: [B] int64, 0 <= k_b <= n_b.
         inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx: as
             :func:`merge_kept_triton`.
-        total_kept: sum(keep_counts) if the caller knows it (saves the one host sync).
-        block_v, block_l: chunk sizes of the select program (powers of two; tests shrink them).
+        total_kept: sum(keep_counts) when the caller knows it (saves the one host sync).
+        block_v, wide: as :func:`select_topk_triton`.
 
     Returns:
         (embeds [To, H], position_ids [To] or [R, To], cu_seqlens_out [B+1], src_idx [To] int64,
         kept_idx [Tk] int64), equal to ``merge_kept_ref(..., select_topk_ref(...)[0])``.
-        Syncs: none with ``total_kept`` or CPU ``keep_counts``, else one.
+        Syncs: none with ``total_kept`` and device ``keep_counts``, else one.
     """
     with stage_range("tokenprune.select_merge", scores.device):
         total = _total_kept(keep_counts, total_kept)
-        n_out = inputs_embeds.shape[0] - visual_embeds.shape[0] + total
-        flags, src_idx, row_src, cu_out = _merge_buffers(inputs_embeds, cu_seqlens, n_out)
-        merge = (cu_seqlens, visual_idx, flags, src_idx, row_src, cu_out)
-        kept_idx, _ = _launch_select(
-            scores, cu_seqlens_v, keep_counts, total, merge, block_v, block_l
+        kept_idx, _ = _select(scores, cu_seqlens_v, keep_counts, total, block_v, wide)
+        src_idx, row_src, cu_out = _merge_maps(
+            cu_seqlens, cu_seqlens_v, visual_idx, kept_idx, inputs_embeds.shape[0]
         )
-        if cu_seqlens.shape[0] == 1:
-            cu_out.zero_()
         embeds, pos = _copy_rows(inputs_embeds, visual_embeds, row_src, position_ids, src_idx)
         return embeds, pos, cu_out, src_idx, kept_idx
 
@@ -598,14 +689,15 @@ def select_gather_triton(
     *,
     total_kept: int | None = None,
     block_v: int = BLOCK_V,
+    wide: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Select then gather (what prune_visual_tokens runs); two launches.
+    """Select then gather (what prune_visual_tokens runs); 2 launches (6 wide).
 
     Args:
         scores: [Tv] float32/float16/bfloat16; cu_seqlens_v: [B+1]; keep_counts: [B] int64.
         visual_embeds: [Tv, H] float32/float16/bfloat16; position_ids: [Tv] or [R, Tv] int.
-        total_kept: sum(keep_counts) if the caller knows it (saves the one host sync).
-        block_v: keys per chunk of the select program.
+        total_kept: sum(keep_counts) when the caller knows it (saves the one host sync).
+        block_v, wide: as :func:`select_topk_triton`.
 
     Returns:
         (kept_embeds [Tk, H], kept_position_ids [Tk] or [R, Tk], kept_idx [Tk] int64,
@@ -613,9 +705,7 @@ def select_gather_triton(
     """
     with stage_range("tokenprune.select_gather", scores.device):
         total = _total_kept(keep_counts, total_kept)
-        kept_idx, cu_kept = _launch_select(
-            scores, cu_seqlens_v, keep_counts, total, None, block_v, BLOCK_L
-        )
+        kept_idx, cu_kept = _select(scores, cu_seqlens_v, keep_counts, total, block_v, wide)
         embeds, pos = _copy_rows(None, visual_embeds, kept_idx, position_ids, kept_idx)
         return embeds, pos, kept_idx, cu_kept
 
@@ -631,46 +721,63 @@ _PTR = {
 }
 
 
-def _select_case(score: torch.dtype, cu: torch.dtype, vidx: torch.dtype, merge: bool):
-    sig = {
-        "scores_ptr": _PTR[score], "cu_v_ptr": _PTR[cu], "counts_ptr": "*i64",
-        "kept_ptr": "*i64", "cu_kept_ptr": _PTR[cu], "cu_ptr": _PTR[cu], "vidx_ptr": _PTR[vidx],
-        "flags_ptr": "*i32", "src_ptr": "*i64", "row_src_ptr": "*i64", "cu_out_ptr": _PTR[cu],
-        "BLOCK": "constexpr", "BLOCK_L": "constexpr", "BLOCK_B": "constexpr",
-        "FUSE_MERGE": "constexpr",
-    }  # fmt: skip
-    name = f"select.select[{_PTR[score][1:]},cu={_PTR[cu][1:]},merge={int(merge)}]"
+def _name(dtype: torch.dtype) -> str:
+    return _PTR[dtype][1:]
+
+
+def _select_case(score: torch.dtype, cu: torch.dtype) -> LoweringCase:
+    sig = {"scores_ptr": _PTR[score], "cu_v_ptr": _PTR[cu], "counts_ptr": "*i64",
+           "kept_ptr": "*i64", "cu_kept_ptr": _PTR[cu], "BLOCK": "constexpr",
+           "BLOCK_B": "constexpr"}  # fmt: skip
     return LoweringCase(
-        name, _select_kernel, sig,
-        {"BLOCK": BLOCK_V, "BLOCK_L": BLOCK_L, "BLOCK_B": BLOCK_B, "FUSE_MERGE": merge},
+        f"select.select[{_name(score)},cu={_name(cu)}]", _select_kernel, sig,
+        {"BLOCK": BLOCK_V, "BLOCK_B": BLOCK_B}, {"num_warps": SELECT_WARPS},
+    )  # fmt: skip
+
+
+def _radix_pass_case(score: torch.dtype, cu: torch.dtype, p: int) -> LoweringCase:
+    sig = {"scores_ptr": _PTR[score], "cu_v_ptr": _PTR[cu], "counts_ptr": "*i64",
+           "hist_ptr": "*i32", "n_batch": "i32", "n_slices": "i32", "slice_len": "i32",
+           "PASS": "constexpr", "BLOCK": "constexpr", "S_MAX": "constexpr"}  # fmt: skip
+    return LoweringCase(
+        f"select.radix_pass[{_name(score)},cu={_name(cu)},PASS={p}]", _radix_pass_kernel, sig,
+        {"PASS": p, "BLOCK": BLOCK_V, "S_MAX": WIDE_SLICES}, {"num_warps": SELECT_WARPS},
+    )  # fmt: skip
+
+
+def _wide_compact_case(score: torch.dtype, cu: torch.dtype) -> LoweringCase:
+    sig = {"scores_ptr": _PTR[score], "cu_v_ptr": _PTR[cu], "counts_ptr": "*i64",
+           "hist_ptr": "*i32", "kept_ptr": "*i64", "cu_kept_ptr": _PTR[cu], "n_batch": "i32",
+           "n_slices": "i32", "slice_len": "i32", "BLOCK": "constexpr", "BLOCK_B": "constexpr",
+           "S_MAX": "constexpr"}  # fmt: skip
+    return LoweringCase(
+        f"select.wide_compact[{_name(score)},cu={_name(cu)}]", _wide_compact_kernel, sig,
+        {"BLOCK": BLOCK_V, "BLOCK_B": BLOCK_B, "S_MAX": WIDE_SLICES},
         {"num_warps": SELECT_WARPS},
     )  # fmt: skip
 
 
-def _merge_case(cu: torch.dtype, vidx: torch.dtype):
-    sig = {
-        "cu_ptr": _PTR[cu], "cu_v_ptr": _PTR[cu], "vidx_ptr": _PTR[vidx], "kept_ptr": "*i64",
-        "n_kept": "i32", "flags_ptr": "*i32", "src_ptr": "*i64", "row_src_ptr": "*i64",
-        "cu_out_ptr": _PTR[cu], "BLOCK": "constexpr", "BLOCK_L": "constexpr",
-    }  # fmt: skip
+def _maps_case(cu: torch.dtype, vidx: torch.dtype) -> LoweringCase:
+    sig = {"cu_ptr": _PTR[cu], "cu_v_ptr": _PTR[cu], "vidx_ptr": _PTR[vidx], "kept_ptr": "*i64",
+           "src_ptr": "*i64", "row_src_ptr": "*i64", "cu_out_ptr": _PTR[cu], "n_batch": "i32",
+           "n_rows": "i32", "n_kept": "i32", "steps_b": "i32", "steps_v": "i32",
+           "steps_k": "i32", "BLOCK": "constexpr"}  # fmt: skip
     return LoweringCase(
-        f"select.merge[cu={_PTR[cu][1:]},visual_idx={_PTR[vidx][1:]}]", _merge_kernel, sig,
-        {"BLOCK": BLOCK_V, "BLOCK_L": BLOCK_L}, {"num_warps": SELECT_WARPS},
+        f"select.merge_maps[cu={_name(cu)},visual_idx={_name(vidx)}]", _merge_maps_kernel, sig,
+        {"BLOCK": MAPS_BLOCK}, {"num_warps": MAPS_WARPS},
     )  # fmt: skip
 
 
-def _copy_case(emb: torch.dtype, pos: torch.dtype, has_text: bool, block_h: int):
-    sig = {
-        "out_ptr": _PTR[emb], "text_ptr": _PTR[emb], "vis_ptr": _PTR[emb], "row_src_ptr": "*i64",
-        "n_rows": "i32", "hidden": "i32", "stride_out": "i32", "stride_text": "i32",
-        "stride_vis": "i32", "pos_out_ptr": _PTR[pos], "pos_in_ptr": _PTR[pos],
-        "pos_idx_ptr": "*i64", "n_pos_rows": "i32", "stride_pos_out": "i32",
-        "stride_pos_in_r": "i32", "stride_pos_in_t": "i32",
-        "BLOCK_R": "constexpr", "BLOCK_H": "constexpr", "HAS_TEXT": "constexpr",
-    }  # fmt: skip
+def _copy_case(emb: torch.dtype, pos: torch.dtype, has_text: bool, block_h: int) -> LoweringCase:
+    sig = {"out_ptr": _PTR[emb], "text_ptr": _PTR[emb], "vis_ptr": _PTR[emb],
+           "row_src_ptr": "*i64", "n_rows": "i32", "hidden": "i32", "stride_out": "i32",
+           "stride_text": "i32", "stride_vis": "i32", "pos_out_ptr": _PTR[pos],
+           "pos_in_ptr": _PTR[pos], "pos_idx_ptr": "*i64", "n_pos_rows": "i32",
+           "stride_pos_out": "i32", "stride_pos_in_r": "i32", "stride_pos_in_t": "i32",
+           "BLOCK_R": "constexpr", "BLOCK_H": "constexpr", "HAS_TEXT": "constexpr"}  # fmt: skip
     kind = "merge" if has_text else "gather"
     return LoweringCase(
-        f"select.copy_rows[{_PTR[emb][1:]},pos={_PTR[pos][1:]},{kind},BLOCK_H={block_h}]",
+        f"select.copy_rows[{_name(emb)},pos={_name(pos)},{kind},BLOCK_H={block_h}]",
         _copy_rows_kernel, sig,
         {"BLOCK_R": COPY_ROWS, "BLOCK_H": block_h, "HAS_TEXT": has_text},
         {"num_warps": COPY_WARPS},
@@ -678,15 +785,19 @@ def _copy_case(emb: torch.dtype, pos: torch.dtype, has_text: bool, block_h: int)
 
 
 LOWERING_CASES: list[LoweringCase] = [
-    _select_case(torch.float32, torch.int32, torch.int64, False),
-    _select_case(torch.float16, torch.int64, torch.int64, False),
-    _select_case(torch.bfloat16, torch.int32, torch.int32, False),
-    _select_case(torch.float32, torch.int64, torch.int64, True),
-    _select_case(torch.bfloat16, torch.int32, torch.int32, True),
-    _merge_case(torch.int32, torch.int64),
-    _merge_case(torch.int64, torch.int32),
+    _select_case(torch.float32, torch.int32),
+    _select_case(torch.float16, torch.int64),
+    _select_case(torch.bfloat16, torch.int32),
+    *(_radix_pass_case(torch.float32, torch.int64, p) for p in range(4)),
+    _radix_pass_case(torch.bfloat16, torch.int32, 0),
+    _radix_pass_case(torch.float16, torch.int32, 3),
+    _wide_compact_case(torch.float32, torch.int32),
+    _wide_compact_case(torch.bfloat16, torch.int64),
+    _maps_case(torch.int32, torch.int64),
+    _maps_case(torch.int64, torch.int32),
     _copy_case(torch.float16, torch.int64, True, COPY_MAX_H),
     _copy_case(torch.bfloat16, torch.int32, True, COPY_MAX_H),
-    _copy_case(torch.float32, torch.int64, False, COPY_MAX_H),
+    _copy_case(torch.float32, torch.int64, True, COPY_MAX_H),
+    _copy_case(torch.float32, torch.int32, False, COPY_MAX_H),
     _copy_case(torch.bfloat16, torch.int64, False, 128),
 ]
