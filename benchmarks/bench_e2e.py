@@ -143,13 +143,13 @@ def build_config(family: str, size: str, attn: str):
                 image_size=384,
             )
             if size == "7b"
-            else dict(  # 112-pixel tiles of 8 x 8 tokens (the 7B model: 384 pixels, 27 x 27)
+            else dict(  # 224-pixel tiles of 16 x 16 tokens (the 7B model: 384 pixels, 27 x 27)
                 hidden_size=64,
                 intermediate_size=128,
                 num_hidden_layers=2,
                 num_attention_heads=2,
                 patch_size=14,
-                image_size=112,
+                image_size=224,
             )
         )
         tile = vision["image_size"]
@@ -282,30 +282,27 @@ def make_inputs(model, family: str, visual_tokens: int, device: torch.device, ge
 
 
 def _onevision_image(model, visual_tokens: int) -> tuple[list[int], int]:
-    """An image size (H, W) whose anyres packing gives about ``visual_tokens`` tokens."""
+    """An image size (H, W) whose anyres packing gives about ``visual_tokens`` tokens, and its
+    number of tiles. Counted with the model's own ``pack_image_features`` on 1-channel dummies."""
     from transformers.models.llava_onevision.modeling_llava_onevision import (
-        get_anyres_image_grid_shape,
         image_size_to_num_patches,
     )
 
     config = model.config
     tile = config.vision_config.image_size
     per_side = tile // config.vision_config.patch_size
-    max_tiles = int(config.vision_aspect_ratio.removeprefix("anyres_max_"))
+    newline = torch.zeros(1)
     best: tuple[int, list[int]] | None = None
-    for h in range(tile // 2, 6 * tile + 1, 16):
-        for w in (h, (h * 4) // 3):
-            rows, cols = get_anyres_image_grid_shape([h, w], config.image_grid_pinpoints, tile)
-            ch, cw = rows * per_side, cols * per_side
-            # unpad (as modeling_llava_onevision.unpad_image), then the anyres_max interpolation
-            if w / h > cw / ch:
-                ch = ch - 2 * ((ch - int(round(h * (cw / w), 7))) // 2)
-            else:
-                cw = cw - 2 * ((cw - int(round(w * (ch / h), 7))) // 2)
-            ratio = math.sqrt(ch * cw / (max_tiles * per_side**2))
-            if ratio > 1.1:
-                ch, cw = int(ch // ratio), int(cw // ratio)
-            n = per_side**2 + ch * (cw + 1)
+    for h in range(tile // 2, 6 * tile + 1, 8):
+        for w in {h, (h * 4) // 3, (h * 3) // 2, 2 * h}:
+            n_tiles = image_size_to_num_patches([h, w], config.image_grid_pinpoints, tile)
+            packed, _ = model.model.pack_image_features(
+                [torch.zeros(n_tiles, per_side**2, 1)],
+                torch.tensor([[h, w]]),
+                image_newline=newline,
+                vision_aspect_ratio=config.vision_aspect_ratio,
+            )
+            n = int(packed[0].shape[0])
             if best is None or abs(n - visual_tokens) < abs(best[0] - visual_tokens):
                 best = (n, [h, w])
     assert best is not None
