@@ -38,6 +38,9 @@ A call that continues the pruned cache (same cache object) gets its 2-D mask tra
 pruned frame (:class:`core.GenerationState`); when such a call brings no ``position_ids`` we
 supply them: unpruned-frame text positions (``cumsum(mask) - 1``, or the cache length plus the
 removed count) plus ``rope_deltas``. Batched generation with left padding works as unpruned.
+Not supported: compileable (static) caches (clear error); visual tokens arriving after a
+non-empty cache (warned, run unpruned); ``generate(use_cache=False)`` re-prunes the whole
+sequence at every step, so the generated tokens join the instruction tokens there.
 
 Instruction tokens
 ------------------
