@@ -725,13 +725,24 @@ def _name(dtype: torch.dtype) -> str:
     return _PTR[dtype][1:]
 
 
+def _aligned(sig: dict[str, str], ints: tuple[str, ...] = ()) -> dict:
+    """The hints a real launch infers: 16-byte aligned pointers (torch allocations) and the
+    named integer arguments divisible by 16."""
+    names = list(sig)
+    return {
+        (names.index(a),): [["tt.divisibility", 16]]
+        for a in names
+        if sig[a].startswith("*") or a in ints
+    }
+
+
 def _select_case(score: torch.dtype, cu: torch.dtype) -> LoweringCase:
     sig = {"scores_ptr": _PTR[score], "cu_v_ptr": _PTR[cu], "counts_ptr": "*i64",
            "kept_ptr": "*i64", "cu_kept_ptr": _PTR[cu], "BLOCK": "constexpr",
            "BLOCK_B": "constexpr"}  # fmt: skip
     return LoweringCase(
         f"select.select[{_name(score)},cu={_name(cu)}]", _select_kernel, sig,
-        {"BLOCK": BLOCK_V, "BLOCK_B": BLOCK_B}, {"num_warps": SELECT_WARPS},
+        {"BLOCK": BLOCK_V, "BLOCK_B": BLOCK_B}, {"num_warps": SELECT_WARPS}, _aligned(sig),
     )  # fmt: skip
 
 
@@ -742,6 +753,7 @@ def _radix_pass_case(score: torch.dtype, cu: torch.dtype, p: int) -> LoweringCas
     return LoweringCase(
         f"select.radix_pass[{_name(score)},cu={_name(cu)},PASS={p}]", _radix_pass_kernel, sig,
         {"PASS": p, "BLOCK": BLOCK_V, "S_MAX": WIDE_SLICES}, {"num_warps": SELECT_WARPS},
+        _aligned(sig, ("slice_len",)),
     )  # fmt: skip
 
 
@@ -753,7 +765,7 @@ def _wide_compact_case(score: torch.dtype, cu: torch.dtype) -> LoweringCase:
     return LoweringCase(
         f"select.wide_compact[{_name(score)},cu={_name(cu)}]", _wide_compact_kernel, sig,
         {"BLOCK": BLOCK_V, "BLOCK_B": BLOCK_B, "S_MAX": WIDE_SLICES},
-        {"num_warps": SELECT_WARPS},
+        {"num_warps": SELECT_WARPS}, _aligned(sig, ("slice_len",)),
     )  # fmt: skip
 
 
@@ -764,11 +776,14 @@ def _maps_case(cu: torch.dtype, vidx: torch.dtype) -> LoweringCase:
            "steps_k": "i32", "BLOCK": "constexpr"}  # fmt: skip
     return LoweringCase(
         f"select.merge_maps[cu={_name(cu)},visual_idx={_name(vidx)}]", _merge_maps_kernel, sig,
-        {"BLOCK": MAPS_BLOCK}, {"num_warps": MAPS_WARPS},
+        {"BLOCK": MAPS_BLOCK}, {"num_warps": MAPS_WARPS}, _aligned(sig),
     )  # fmt: skip
 
 
-def _copy_case(emb: torch.dtype, pos: torch.dtype, has_text: bool, block_h: int) -> LoweringCase:
+def _copy_case(
+    emb: torch.dtype, pos: torch.dtype, has_text: bool, block_h: int, aligned_h: bool = True
+) -> LoweringCase:
+    """``aligned_h``: H and the row strides divisible by 16 (H = 3584, say), as a launch sees."""
     sig = {"out_ptr": _PTR[emb], "text_ptr": _PTR[emb], "vis_ptr": _PTR[emb],
            "row_src_ptr": "*i64", "n_rows": "i32", "hidden": "i32", "stride_out": "i32",
            "stride_text": "i32", "stride_vis": "i32", "pos_out_ptr": _PTR[pos],
@@ -777,10 +792,12 @@ def _copy_case(emb: torch.dtype, pos: torch.dtype, has_text: bool, block_h: int)
            "BLOCK_R": "constexpr", "BLOCK_H": "constexpr", "HAS_TEXT": "constexpr"}  # fmt: skip
     kind = "merge" if has_text else "gather"
     return LoweringCase(
-        f"select.copy_rows[{_name(emb)},pos={_name(pos)},{kind},BLOCK_H={block_h}]",
+        f"select.copy_rows[{_name(emb)},pos={_name(pos)},{kind},BLOCK_H={block_h},"
+        f"H%16={'0' if aligned_h else '?'}]",
         _copy_rows_kernel, sig,
         {"BLOCK_R": COPY_ROWS, "BLOCK_H": block_h, "HAS_TEXT": has_text},
         {"num_warps": COPY_WARPS},
+        _aligned(sig, ("hidden", "stride_out", "stride_text", "stride_vis") if aligned_h else ()),
     )  # fmt: skip
 
 
@@ -799,5 +816,5 @@ LOWERING_CASES: list[LoweringCase] = [
     _copy_case(torch.bfloat16, torch.int32, True, COPY_MAX_H),
     _copy_case(torch.float32, torch.int64, True, COPY_MAX_H),
     _copy_case(torch.float32, torch.int32, False, COPY_MAX_H),
-    _copy_case(torch.bfloat16, torch.int64, False, 128),
+    _copy_case(torch.bfloat16, torch.int64, False, 128, aligned_h=False),
 ]
