@@ -190,6 +190,31 @@ def test_labels_are_pruned_like_the_sequence(family, gen):
     assert out.logits.shape[1] == last_pruned(model).attention_mask.shape[1]
 
 
+def test_training_loss_reaches_the_vision_side(gen):
+    """With autograd on, the pruned sequence stays differentiable in the merged embeddings."""
+    model = build_model("llava")
+    inputs = build_inputs(model, _two_samples("llava"), gen, "left")
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    apply_tokenprune(model, keep_ratio=0.5)
+    model(**inputs, labels=labels).loss.backward()
+    grad = model.model.multi_modal_projector.linear_2.weight.grad
+    assert grad is not None and bool(grad.abs().sum() > 0)
+
+
+def test_bfloat16_model_runs_pruned(gen):
+    model = build_model("llava_onevision").to(torch.bfloat16)
+    inputs = build_inputs(model, _two_samples("llava_onevision"), gen, "left")
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
+    apply_tokenprune(model, keep_ratio=0.25)
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=3)
+    pruned = last_pruned(model)
+    visual = (inputs["input_ids"] == IMAGE_ID).sum(1)
+    assert [k.numel() for k in pruned.kept_visual] == [int(n * 0.25 + 0.5) for n in visual]
+    assert pruned.inputs_embeds.dtype == torch.bfloat16
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_apply_twice_is_harmless_and_replaces_the_config(family, gen):
     model = build_model(family)
