@@ -185,8 +185,11 @@ def test_labels_are_pruned_like_the_sequence(family, gen):
     with torch.no_grad():
         out = model(**inputs, labels=labels)
         as_tuple = model(**inputs, labels=labels, return_dict=False)
+        rest = {k: v for k, v in inputs.items() if k != "input_ids"}
+        positional = model(inputs["input_ids"], **rest, labels=labels)
     torch.testing.assert_close(out.loss, expected.loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(as_tuple[0], out.loss)
+    torch.testing.assert_close(positional.loss, out.loss)
     assert out.logits.shape[1] == last_pruned(model).attention_mask.shape[1]
 
 

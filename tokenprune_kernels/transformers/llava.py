@@ -132,12 +132,20 @@ def layer0_from_text_model(text_model: nn.Module) -> Layer0:
     return Layer0.from_decoder_layer(layers[0], rotary, _apply_rotary_of(text_model))
 
 
-def _bind(fn: Callable[..., Any], args: tuple, kwargs: dict) -> dict[str, Any]:
-    """Arguments of a call to ``fn`` by name (positional ones included)."""
+def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
     try:
-        sig = inspect.signature(fn)
-        bound = sig.bind_partial(*args, **kwargs)
+        return inspect.signature(fn)
     except (TypeError, ValueError):
+        return None
+
+
+def _bind(sig: inspect.Signature | None, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Arguments of a call by name (positional ones included), ``**kwargs`` flattened."""
+    if not args or sig is None:
+        return dict(kwargs)
+    try:
+        bound = sig.bind_partial(*args, **kwargs)
+    except TypeError:
         return dict(kwargs)
     out: dict[str, Any] = {}
     for name, value in bound.arguments.items():
@@ -189,12 +197,13 @@ def install(
     orig_placeholder = inner.get_placeholder_mask
     orig_inner_forward = inner.forward
     orig_lm_forward = lm.forward
+    sig_placeholder, sig_lm = _signature(orig_placeholder), _signature(orig_lm_forward)
     scratch = patch.scratch
 
     @functools.wraps(orig_placeholder)
     def get_placeholder_mask(*args: Any, **kwargs: Any) -> Any:
         out = orig_placeholder(*args, **kwargs)
-        arguments = _bind(orig_placeholder, args, kwargs)
+        arguments = _bind(sig_placeholder, args, kwargs)
         visual = _visual_from_placeholder(out, arguments)
         if visual is not None:
             prev = scratch.get("visual")
@@ -219,7 +228,7 @@ def install(
         visual = scratch.pop("visual", None)
         input_ids = scratch.pop("input_ids", None)
         if args:  # LLaVA calls its language model with keywords only; be safe anyway
-            kwargs = _bind(orig_lm_forward, args, kwargs)
+            kwargs = _bind(sig_lm, args, kwargs)
             args = ()
         embeds = kwargs.get("inputs_embeds")
         past = kwargs.get("past_key_values")
@@ -251,10 +260,11 @@ def install(
     patch.set_attr(lm, "forward", lm_forward)
     if inner is not model:
         orig_outer_forward = model.forward
+        sig_outer = _signature(orig_outer_forward)
 
         @functools.wraps(orig_outer_forward)
         def outer_forward(*args: Any, **kwargs: Any) -> Any:
-            arguments = _bind(orig_outer_forward, args, kwargs)
+            arguments = _bind(sig_outer, args, kwargs)
             labels = arguments.get("labels")
             if labels is None:
                 return orig_outer_forward(*args, **kwargs)
