@@ -19,6 +19,7 @@ __all__ = [
     "gather_kept_ref",
     "instruction_attention_ref",
     "keep_counts_ref",
+    "keep_total_host",
     "mapper_forward_ref",
     "merge_kept_ref",
     "prune_and_merge_ref",
@@ -101,6 +102,24 @@ def keep_counts_ref(
         k = torch.clamp(k, min=1)
         k = torch.minimum(k, n)
     return torch.where(n == 0, torch.zeros_like(k), k)
+
+
+def keep_total_host(
+    bounds_v: Sequence[int], keep_ratio: float | None = None, keep_count: int | None = None
+) -> int:
+    """Total tokens kept over the batch, from host-side offsets (the rule of
+    :func:`keep_counts_ref`, in Python's float64): sizes outputs without a device sync."""
+    total = 0
+    for b in range(len(bounds_v) - 1):
+        n = int(bounds_v[b + 1]) - int(bounds_v[b])
+        if n == 0:
+            continue
+        if keep_count is not None:
+            total += int(keep_count)
+        else:
+            assert keep_ratio is not None
+            total += min(max(math.floor(n * float(keep_ratio) + 0.5), 1), n)
+    return total
 
 
 def score_keys_ref(scores: torch.Tensor) -> torch.Tensor:

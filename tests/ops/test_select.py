@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tokenprune_kernels as tp
-from tokenprune_kernels import backend
+from tokenprune_kernels import backend, reference
 from tokenprune_kernels.reference import keep_counts_ref, score_keys_ref, select_topk_ref
 
 SIZES = [1, 2, 3, 5, 31, 127, 4099]
@@ -138,3 +138,17 @@ def test_kept_are_ascending_and_best(backend_name, gen):
         rest = torch.ones(hi - lo, dtype=torch.bool)
         rest[mine - lo] = False
         assert scores[mine].min() >= scores[lo:hi][rest].max()
+
+
+@pytest.mark.parametrize("keep", [{"keep_ratio": r} for r in (0.5, 0.25, 0.3, 1.0, 1e-9)]
+                         + [{"keep_count": 1}, {"keep_count": 3}])  # fmt: skip
+def test_host_keep_total_equals_device_rule(keep, gen):
+    """The host-side total that sizes the Triton outputs is the sum of the per-sample rule."""
+    n = torch.randint(0, 40, (9,), generator=gen)
+    n[2], n[5] = 0, 6  # an empty sample; 6 * 0.25 = 1.5 rounds half up
+    if "keep_count" in keep:
+        n = torch.where(n == 0, n, n.clamp(min=keep["keep_count"]))
+    cu = torch.zeros(10, dtype=torch.int64)
+    cu[1:] = torch.cumsum(n, 0)
+    want = int(reference.keep_counts_ref(cu, **keep).sum())
+    assert reference.keep_total_host(cu.tolist(), **keep) == want

@@ -69,6 +69,7 @@ def _check_scoring_values(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqle
         q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos
     )
     v.check_keep_count_values(keep_count, bounds_v)
+    return bounds_v
 
 
 def _score(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_params,
@@ -106,8 +107,8 @@ def _prune_impl(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visu
     _check_prune(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
                  visual_position_ids, mapper_params, mapper_kernel_size, mapper_input_eps,
                  keep_ratio, keep_count, q_pos, softmax_scale)  # fmt: skip
-    _check_scoring_values(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos,
-                          keep_count)  # fmt: skip
+    bounds_v = _check_scoring_values(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v,
+                                     q_pos, keep_count)  # fmt: skip
     if backend.requested() == "ref":
         return reference.prune_visual_tokens_ref(
             q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
@@ -119,14 +120,15 @@ def _prune_impl(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visu
         mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale,
     )  # fmt: skip
     counts = reference.keep_counts_ref(cu_seqlens_v, keep_ratio, keep_count)
+    total = reference.keep_total_host(bounds_v, keep_ratio, keep_count)
     if _fused_select(scores):
         from tokenprune_kernels.triton import select_gather_triton
 
         embeds, pos, kept_idx, cu_kept = select_gather_triton(
-            scores, cu_seqlens_v, counts, visual_embeds, visual_position_ids
+            scores, cu_seqlens_v, counts, visual_embeds, visual_position_ids, total_kept=total
         )
         return embeds, pos, kept_idx, cu_kept, scores
-    kept_idx, cu_kept = run_select_topk(scores, cu_seqlens_v, counts)
+    kept_idx, cu_kept = run_select_topk(scores, cu_seqlens_v, counts, total)
     embeds, pos = run_gather_kept(visual_embeds, visual_position_ids, kept_idx)
     return embeds, pos, kept_idx, cu_kept, scores
 
@@ -159,8 +161,8 @@ def _merge_impl(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, c
     _check_merge(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, cu_seqlens,
                  visual_embeds, visual_idx, cu_seqlens_v, mapper_params, mapper_kernel_size,
                  mapper_input_eps, keep_ratio, keep_count, q_pos, softmax_scale)  # fmt: skip
-    _check_scoring_values(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos,
-                          keep_count)  # fmt: skip
+    bounds_v = _check_scoring_values(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v,
+                                     q_pos, keep_count)  # fmt: skip
     v.check_merge_values(inputs_embeds, cu_seqlens, visual_idx, cu_seqlens_v,
                          visual_idx.new_empty(0, dtype=torch.int64))  # fmt: skip
     if backend.requested() == "ref":
@@ -174,15 +176,16 @@ def _merge_impl(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, c
         mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale,
     )  # fmt: skip
     counts = reference.keep_counts_ref(cu_seqlens_v, keep_ratio, keep_count)
+    total = reference.keep_total_host(bounds_v, keep_ratio, keep_count)
     if _fused_select(scores):
         from tokenprune_kernels.triton import select_merge_triton
 
         embeds, pos, cu_out, src_idx, kept_idx = select_merge_triton(
             scores, cu_seqlens_v, counts, inputs_embeds, position_ids, cu_seqlens,
-            visual_embeds, visual_idx,
+            visual_embeds, visual_idx, total_kept=total,
         )  # fmt: skip
         return embeds, pos, cu_out, src_idx, kept_idx, scores
-    kept_idx, _ = run_select_topk(scores, cu_seqlens_v, counts)
+    kept_idx, _ = run_select_topk(scores, cu_seqlens_v, counts, total)
     merged = run_merge_kept(
         inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx
     )

@@ -9,15 +9,16 @@ from tokenprune_kernels import validation as v
 from tokenprune_kernels.ops._library import register
 
 
-def run_select_topk(scores, cu_seqlens_v, keep_counts):
-    """Stage c on the chosen backend, for validated arguments and per-sample ``keep_counts``."""
+def run_select_topk(scores, cu_seqlens_v, keep_counts, total_kept=None):
+    """Stage c on the chosen backend, for validated arguments and per-sample ``keep_counts``
+    (``total_kept``: their sum when known on the host; it spares the Triton path a sync)."""
     which = backend.choose("select_topk", scores.device.type)
     if which in ("cpp", "cuda"):
         return torch.ops.tokenprune._select_topk(scores, cu_seqlens_v, keep_counts)
     if which == "triton":
         from tokenprune_kernels.triton import select_topk_triton
 
-        return select_topk_triton(scores, cu_seqlens_v, keep_counts)
+        return select_topk_triton(scores, cu_seqlens_v, keep_counts, total_kept=total_kept)
     return reference.select_topk_ref(scores, cu_seqlens_v, keep_counts)
 
 
@@ -28,7 +29,8 @@ def _impl(scores, cu_seqlens_v, keep_ratio=None, keep_count=None):
     )
     v.check_keep_count_values(keep_count, bounds)
     counts = reference.keep_counts_ref(cu_seqlens_v, keep_ratio, keep_count)
-    return run_select_topk(scores, cu_seqlens_v, counts)
+    total = reference.keep_total_host(bounds, keep_ratio, keep_count)
+    return run_select_topk(scores, cu_seqlens_v, counts, total)
 
 
 def _fake(scores, cu_seqlens_v, keep_ratio=None, keep_count=None):
