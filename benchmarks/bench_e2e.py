@@ -211,7 +211,7 @@ def build_model(family: str, size: str, device: torch.device, dtype: torch.dtype
             model = cls(config)
     finally:
         torch.set_default_dtype(previous)
-    return model.to(device=device, dtype=dtype).eval()
+    return model.eval()  # parameters were created on `device` in `dtype`
 
 
 # ---------------------------------------------------------------------------------------------
