@@ -97,3 +97,13 @@ def test_missing_extension_is_said_once(monkeypatch, caplog):
     messages = [r.getMessage() for r in caplog.records if "reference path" in r.getMessage()]
     assert len(messages) == 1 and "simulated" in messages[0]
     assert kept.numel() == 5
+
+
+def test_auto_on_cuda_takes_triton_where_no_compiled_kernel(monkeypatch):
+    monkeypatch.setenv(backend.ENV_VAR, "auto")
+    table = backend.describe("cuda")
+    assert table["instruction_attention"] == table["mapper_forward"] == "triton"
+    assert table["select_topk"] == "triton"  # there is no compiled CUDA select
+    for op in ("gather_kept", "merge_kept"):
+        compiled = backend.implemented(op, "cuda", "cuda")
+        assert table[op] == ("cuda" if compiled else "triton")
