@@ -4,6 +4,17 @@
 under ``torch.compile``; ``check_*_values`` functions read tensor data (offsets, indices) and run
 in the real implementations only. Every error names the argument and what was expected.
 
+Host synchronisation: reading a CUDA tensor on the host (``.tolist()``, ``.item()``,
+``bool(t)``, ``int(t)``) waits until the GPU has finished all queued work. So each public
+``check_*_values`` function reads the device ONCE per call (:func:`read_values`): every
+element-wise rule becomes a boolean mask computed on the device, the masks reduce to one "some
+rule is broken" flag, and the flag travels with all the call's offsets in a single ``tolist()``.
+The offset rules are then checked on the host. Only when the flag is set do the detailed checks
+(``_detailed_*``, the per-rule checks, which read more to find the first offending entry) run,
+in the same order as ever, so a bad call raises exactly the error it always raised and a good
+call pays one read. The device masks never index out of range, even on invalid offsets (they
+are then garbage, but the offsets fail on the host first).
+
 A leaf module (it imports torch only), so :mod:`tokenprune_kernels.mapper` and
 :mod:`tokenprune_kernels.ops` can both use it.
 """
@@ -76,8 +87,16 @@ def check_same_batch(**cus: torch.Tensor) -> None:
 
 
 def check_cu_seqlens_values(name: str, cu: torch.Tensor, total: int, total_name: str) -> list[int]:
-    """Offsets start at 0, never decrease and end at ``total``. Returns them as Python ints."""
+    """Offsets start at 0, never decrease and end at ``total``. Returns them as Python ints.
+
+    ``cu``: [B+1] int32/int64 (one device->host read)."""
     values = [int(v) for v in cu.tolist()]
+    check_offsets(name, values, total, total_name)
+    return values
+
+
+def check_offsets(name: str, values: Sequence[int], total: int, total_name: str) -> None:
+    """The rule of :func:`check_cu_seqlens_values` on offsets already read to the host."""
     if values[0] != 0:
         _fail(f"{name} must start at 0, got {name}[0] = {values[0]}")
     for i in range(1, len(values)):
@@ -88,7 +107,6 @@ def check_cu_seqlens_values(name: str, cu: torch.Tensor, total: int, total_name:
             )
     if values[-1] != total:
         _fail(f"{name} must end at {total_name} = {total}, got {name}[-1] = {values[-1]}")
-    return values
 
 
 def check_keep(keep_ratio: float | None, keep_count: int | None) -> None:
@@ -153,6 +171,91 @@ def check_visual_idx_values(
             f"visual_idx must be strictly increasing within each sample, got visual_idx[{i - 1}] = "
             f"{int(idx[i - 1])} >= visual_idx[{i}] = {int(idx[i])} in sample {int(seg[i])}"
         )
+
+
+# ------------------------------------------------------------- one device->host read per call
+
+
+def read_values(
+    offsets: Sequence[torch.Tensor], masks: Sequence[torch.Tensor] = ()
+) -> tuple[list[list[int]], bool]:
+    """Read offsets and a rule-violation flag from the device in ONE transfer.
+
+    Args:
+        offsets: 1-D int32/int64 tensors (the call's ``cu_seqlens``), all on one device.
+        masks: 1-D bool tensors of any lengths on that device, True where a rule is broken.
+
+    Returns:
+        (each offsets tensor as a list of Python ints, in order; True when some mask holds a
+        True). One ``tolist()`` of a single concatenated tensor: one host sync on a GPU.
+    """
+    nonempty = [m.reshape(-1) for m in masks if m.numel() > 0]
+    parts = [cu.reshape(-1) for cu in offsets]
+    if nonempty:
+        flag = (nonempty[0] if len(nonempty) == 1 else torch.cat(nonempty)).any()
+        parts.append(flag.reshape(1))
+    if not parts:
+        return [], False
+    flat = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()
+    values, start = [], 0
+    for cu in offsets:
+        values.append([int(x) for x in flat[start : start + cu.numel()]])
+        start += cu.numel()
+    return values, bool(nonempty) and bool(flat[-1])
+
+
+def _lengths(cu: torch.Tensor) -> torch.Tensor:
+    """[B] per-sample lengths of offsets ``cu`` [B+1] (dtype of ``cu``; garbage if invalid)."""
+    return cu[1:] - cu[:-1]
+
+
+def _position_masks(
+    idx: torch.Tensor, cu: torch.Tensor, limits: torch.Tensor, increasing: bool
+) -> list[torch.Tensor]:
+    """Device masks of the rules "``idx[i]`` lies in ``[0, limits[sample of i])``" and, with
+    ``increasing``, "``idx`` is strictly increasing within each sample".
+
+    ``idx`` [T] int, ``cu`` [B+1] its offsets, ``limits`` [B]. The sample of each entry comes
+    from a binary search over the inner offsets, so it stays in ``[0, B-1]`` (no out-of-range
+    index, no error) even when ``cu`` is invalid; the masks are then meaningless, which is fine
+    because the offsets are checked first on the host.
+    """
+    if idx.numel() == 0 or cu.shape[0] < 2:  # no entries, or B == 0 (then T > 0 fails cu's check)
+        return []
+    rows = torch.arange(idx.shape[0], device=cu.device, dtype=cu.dtype)
+    seg = torch.searchsorted(cu[1:-1].contiguous(), rows, right=True)
+    masks = [(idx < 0) | (idx >= limits[seg])]
+    if increasing:
+        masks.append((seg[1:] == seg[:-1]) & (idx[1:] <= idx[:-1]))
+    return masks
+
+
+def _scoring_masks(
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    visual_idx: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    q_pos: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """Device masks of stage a's position rules (q_pos and visual_idx within the key range,
+    visual_idx strictly increasing); with ``cu_seqlens``, visual_idx also within the sequence."""
+    key_lengths = _lengths(cu_seqlens_k)
+    masks = []
+    if q_pos is not None:
+        masks += _position_masks(q_pos, cu_seqlens_q, key_lengths, increasing=False)
+    limits = key_lengths
+    if cu_seqlens is not None:
+        limits = torch.minimum(key_lengths, _lengths(cu_seqlens))
+    masks += _position_masks(visual_idx, cu_seqlens_v, limits, increasing=True)
+    return masks
+
+
+def _kept_masks(kept_idx: torch.Tensor, total_v: int) -> list[torch.Tensor]:
+    """Device masks of the kept_idx rules: within ``[0, total_v)`` and strictly increasing."""
+    if kept_idx.numel() == 0:
+        return []
+    return [(kept_idx < 0) | (kept_idx >= total_v), kept_idx[1:] <= kept_idx[:-1]]
 
 
 # ---------------------------------------------------------------------------- per-op checks
@@ -221,30 +324,107 @@ def check_instruction_attention_values(
     cu_seqlens_v: torch.Tensor,
     q_pos: torch.Tensor | None,
 ) -> list[int]:
-    """Offsets, positions and the instruction/visual rule of stage a. Returns the visual offsets
-    as Python ints (for callers that check more against them)."""
-    bq = check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q.shape[0]")
-    bk = check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k.shape[0]")
-    bv = check_cu_seqlens_values(
-        "cu_seqlens_v", cu_seqlens_v, visual_idx.shape[0], "visual_idx.shape[0]"
-    )
-    nks = [bk[b + 1] - bk[b] for b in range(len(bk) - 1)]
+    """Offsets, positions and the instruction/visual rule of stage a, in one device read.
+
+    Shapes as in :func:`check_instruction_attention`. Returns the visual offsets as Python ints
+    (for callers that check more against them).
+    """
+    masks = _scoring_masks(cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos)
+    (bq, bk, bv), bad = read_values([cu_seqlens_q, cu_seqlens_k, cu_seqlens_v], masks)
+    _check_scoring_offsets(q, k, visual_idx, bq, bk, bv, q_pos is not None)
+    if bad:
+        _detailed_scoring_positions(cu_seqlens_q, visual_idx, cu_seqlens_v, q_pos, bk)
+    return bv
+
+
+def _check_scoring_offsets(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    visual_idx: torch.Tensor,
+    bq: list[int],
+    bk: list[int],
+    bv: list[int],
+    has_q_pos: bool,
+) -> None:
+    """Stage a's rules on offsets already on the host."""
+    check_offsets("cu_seqlens_q", bq, q.shape[0], "q.shape[0]")
+    check_offsets("cu_seqlens_k", bk, k.shape[0], "k.shape[0]")
+    check_offsets("cu_seqlens_v", bv, visual_idx.shape[0], "visual_idx.shape[0]")
     for b in range(len(bq) - 1):
-        nq, nv = bq[b + 1] - bq[b], bv[b + 1] - bv[b]
+        nq, nk, nv = bq[b + 1] - bq[b], bk[b + 1] - bk[b], bv[b + 1] - bv[b]
         if nv > 0 and nq == 0:
             _fail(
                 f"sample {b} has {nv} visual tokens but no instruction tokens "
                 f"(cu_seqlens_q[{b}] == cu_seqlens_q[{b + 1}]); the score needs at least one "
                 "instruction query"
             )
-        if q_pos is None and nq > nks[b]:
+        if not has_q_pos and nq > nk:
             _fail(
-                f"sample {b} has {nq} queries but only {nks[b]} keys; without q_pos the queries "
+                f"sample {b} has {nq} queries but only {nk} keys; without q_pos the queries "
                 "are the last keys of the sample, so they must be among the keys"
             )
+
+
+def _detailed_scoring_positions(
+    cu_seqlens_q: torch.Tensor,
+    visual_idx: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    q_pos: torch.Tensor | None,
+    bk: list[int],
+) -> None:
+    """Stage a's position rules one at a time, naming the first offending entry (several device
+    reads: run only once the offsets passed and a device mask found something wrong)."""
+    nks = [bk[b + 1] - bk[b] for b in range(len(bk) - 1)]
     if q_pos is not None and q_pos.numel() > 0:
         _check_local_positions("q_pos", q_pos, cu_seqlens_q, nks, "key range")
     check_visual_idx_values(visual_idx, cu_seqlens_v, nks, "key sequence")
+
+
+def check_prune_values(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    visual_idx: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    q_pos: torch.Tensor | None,
+    keep_count: int | None,
+) -> list[int]:
+    """The value checks of ``prune_visual_tokens`` (stage a's, then ``keep_count`` against every
+    sample), in one device read. Returns the visual offsets [B+1] as Python ints."""
+    bv = check_instruction_attention_values(
+        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos
+    )
+    check_keep_count_values(keep_count, bv)
+    return bv
+
+
+def check_prune_merge_values(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    inputs_embeds: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    visual_idx: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    q_pos: torch.Tensor | None,
+    keep_count: int | None,
+) -> list[int]:
+    """The value checks of ``prune_and_merge`` in one device read: stage a's, ``keep_count``,
+    then the merge's (``cu_seqlens`` covers ``inputs_embeds``, ``visual_idx`` lies in each
+    sequence; ``visual_idx``'s order and ``cu_seqlens_v`` are stage a's already). Shapes as in
+    :func:`check_instruction_attention` and :func:`check_merge`. Returns the visual offsets."""
+    masks = _scoring_masks(cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, cu_seqlens)
+    offsets = [cu_seqlens_q, cu_seqlens_k, cu_seqlens_v, cu_seqlens]
+    (bq, bk, bv, bl), bad = read_values(offsets, masks)
+    _check_scoring_offsets(q, k, visual_idx, bq, bk, bv, q_pos is not None)
+    if bad:
+        _detailed_scoring_positions(cu_seqlens_q, visual_idx, cu_seqlens_v, q_pos, bk)
+    check_keep_count_values(keep_count, bv)
+    check_offsets("cu_seqlens", bl, inputs_embeds.shape[0], "inputs_embeds.shape[0]")
+    if bad:
+        _detailed_merge_positions(visual_idx, cu_seqlens_v, None, bl)
     return bv
 
 
@@ -374,14 +554,15 @@ def check_mapper(
 
 
 def check_mapper_values(attn: torch.Tensor, cu_seqlens_v: torch.Tensor) -> None:
-    """Offsets cover ``attn``; attention values are >= 0 (the log input would turn a negative
-    one into NaN). NaN itself passes: it ranks lowest, as the contract says."""
-    check_cu_seqlens_values("cu_seqlens_v", cu_seqlens_v, attn.shape[0], "attn.shape[0]")
-    if attn.numel() > 0:
-        negative = attn < 0
-        if bool(negative.any()):
-            i = int(torch.nonzero(negative)[0])
-            _fail(f"attn must be >= 0 (attention probabilities), got attn[{i}] = {float(attn[i])}")
+    """Offsets cover ``attn`` [Tv] float32; attention values are >= 0 (the log input would turn
+    a negative one into NaN). NaN itself passes: it ranks lowest, as the contract says. One
+    device read."""
+    masks = [attn < 0] if attn.numel() > 0 else []
+    (bv,), bad = read_values([cu_seqlens_v], masks)
+    check_offsets("cu_seqlens_v", bv, attn.shape[0], "attn.shape[0]")
+    if bad:  # name the first negative entry (more reads, on the failure path only)
+        i = int(torch.nonzero(attn < 0)[0])
+        _fail(f"attn must be >= 0 (attention probabilities), got attn[{i}] = {float(attn[i])}")
 
 
 def check_select(
@@ -395,6 +576,17 @@ def check_select(
     check_cu_seqlens("cu_seqlens_v", cu_seqlens_v)
     check_keep(keep_ratio, keep_count)
     check_same_device(scores=scores, cu_seqlens_v=cu_seqlens_v)
+
+
+def check_select_values(
+    scores: torch.Tensor, cu_seqlens_v: torch.Tensor, keep_count: int | None
+) -> list[int]:
+    """Offsets cover ``scores`` [Tv]; ``keep_count`` fits every non-empty sample. One device
+    read; returns the offsets [B+1] as Python ints."""
+    (bv,), _ = read_values([cu_seqlens_v])
+    check_offsets("cu_seqlens_v", bv, scores.shape[0], "scores.shape[0]")
+    check_keep_count_values(keep_count, bv)
+    return bv
 
 
 def check_gather(
@@ -416,9 +608,10 @@ def check_gather(
 
 
 def check_kept_idx_values(kept_idx: torch.Tensor, total_v: int) -> None:
+    """``kept_idx`` [Tkept] int64 indexes ``total_v`` visual tokens (one device read)."""
     if kept_idx.numel() == 0:
         return
-    lo, hi = int(kept_idx.min()), int(kept_idx.max())
+    lo, hi = torch.stack(torch.aminmax(kept_idx)).tolist()
     if lo < 0 or hi >= total_v:
         bad = lo if lo < 0 else hi
         _fail(f"kept_idx must index the {total_v} visual tokens, got an entry {bad}")
@@ -480,14 +673,30 @@ def check_merge_values(
     cu_seqlens_v: torch.Tensor,
     kept_idx: torch.Tensor,
 ) -> None:
-    bl = check_cu_seqlens_values(
-        "cu_seqlens", cu_seqlens, inputs_embeds.shape[0], "inputs_embeds.shape[0]"
-    )
-    check_cu_seqlens_values(
-        "cu_seqlens_v", cu_seqlens_v, visual_idx.shape[0], "visual_idx.shape[0]"
-    )
+    """The merge's value checks in one device read: offsets cover their tensors, ``visual_idx``
+    lies in each sequence and increases strictly within a sample, ``kept_idx`` indexes the
+    visual tokens and increases strictly. Shapes as in :func:`check_merge`."""
+    masks = _position_masks(visual_idx, cu_seqlens_v, _lengths(cu_seqlens), increasing=True)
+    masks += _kept_masks(kept_idx, visual_idx.shape[0])
+    (bl, bv), bad = read_values([cu_seqlens, cu_seqlens_v], masks)
+    check_offsets("cu_seqlens", bl, inputs_embeds.shape[0], "inputs_embeds.shape[0]")
+    check_offsets("cu_seqlens_v", bv, visual_idx.shape[0], "visual_idx.shape[0]")
+    if bad:
+        _detailed_merge_positions(visual_idx, cu_seqlens_v, kept_idx, bl)
+
+
+def _detailed_merge_positions(
+    visual_idx: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    kept_idx: torch.Tensor | None,
+    bl: list[int],
+) -> None:
+    """The merge's index rules one at a time, naming the first offending entry (several device
+    reads: run only once the offsets passed and a device mask found something wrong)."""
     lengths = [bl[b + 1] - bl[b] for b in range(len(bl) - 1)]
     check_visual_idx_values(visual_idx, cu_seqlens_v, lengths, "sequence")
+    if kept_idx is None:
+        return
     check_kept_idx_values(kept_idx, visual_idx.shape[0])
     if kept_idx.numel() > 1:
         not_increasing = kept_idx[1:] <= kept_idx[:-1]

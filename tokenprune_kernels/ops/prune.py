@@ -22,7 +22,7 @@ from tokenprune_kernels.ops._library import register
 from tokenprune_kernels.ops.attention import run_instruction_attention
 from tokenprune_kernels.ops.gather import run_gather_kept, run_merge_kept
 from tokenprune_kernels.ops.mapper import run_mapper_forward
-from tokenprune_kernels.ops.select import run_select_topk
+from tokenprune_kernels.ops.select import keep_counts_from_bounds, run_select_topk
 
 
 def _check_scoring(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
@@ -62,16 +62,6 @@ def _check_merge(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, 
                   cu_seqlens_v, visual_idx.new_empty(0, dtype=torch.int64))  # fmt: skip
 
 
-def _check_scoring_values(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos,
-                          keep_count):  # fmt: skip
-    """The value checks of stages a-c, once per composite call (the stages then run unchecked)."""
-    bounds_v = v.check_instruction_attention_values(
-        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos
-    )
-    v.check_keep_count_values(keep_count, bounds_v)
-    return bounds_v
-
-
 def _score(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_params,
            mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale):  # fmt: skip
     """Stages a and b (b only with a mapper), each on its own backend: [Tv] float32 scores."""
@@ -107,8 +97,10 @@ def _prune_impl(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visu
     _check_prune(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
                  visual_position_ids, mapper_params, mapper_kernel_size, mapper_input_eps,
                  keep_ratio, keep_count, q_pos, softmax_scale)  # fmt: skip
-    bounds_v = _check_scoring_values(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v,
-                                     q_pos, keep_count)  # fmt: skip
+    # The value checks of stages a-c, once per call and in one device read (the stages then run
+    # unchecked).
+    bounds_v = v.check_prune_values(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v,
+                                    q_pos, keep_count)  # fmt: skip
     if backend.requested() == "ref":
         return reference.prune_visual_tokens_ref(
             q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
@@ -119,8 +111,7 @@ def _prune_impl(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visu
         q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_params,
         mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale,
     )  # fmt: skip
-    counts = reference.keep_counts_ref(cu_seqlens_v, keep_ratio, keep_count)
-    total = reference.keep_total_host(bounds_v, keep_ratio, keep_count)
+    counts, total = keep_counts_from_bounds(bounds_v, scores.device, keep_ratio, keep_count)
     if _fused_select(scores):
         from tokenprune_kernels.triton import select_gather_triton
 
@@ -161,10 +152,10 @@ def _merge_impl(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, c
     _check_merge(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, cu_seqlens,
                  visual_embeds, visual_idx, cu_seqlens_v, mapper_params, mapper_kernel_size,
                  mapper_input_eps, keep_ratio, keep_count, q_pos, softmax_scale)  # fmt: skip
-    bounds_v = _check_scoring_values(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v,
-                                     q_pos, keep_count)  # fmt: skip
-    v.check_merge_values(inputs_embeds, cu_seqlens, visual_idx, cu_seqlens_v,
-                         visual_idx.new_empty(0, dtype=torch.int64))  # fmt: skip
+    # The value checks of stages a-c and the merge, once per call and in one device read.
+    bounds_v = v.check_prune_merge_values(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds,
+                                          cu_seqlens, visual_idx, cu_seqlens_v, q_pos,
+                                          keep_count)  # fmt: skip
     if backend.requested() == "ref":
         return reference.prune_and_merge_ref(
             q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, cu_seqlens,
@@ -175,8 +166,7 @@ def _merge_impl(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, c
         q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_params,
         mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale,
     )  # fmt: skip
-    counts = reference.keep_counts_ref(cu_seqlens_v, keep_ratio, keep_count)
-    total = reference.keep_total_host(bounds_v, keep_ratio, keep_count)
+    counts, total = keep_counts_from_bounds(bounds_v, scores.device, keep_ratio, keep_count)
     if _fused_select(scores):
         from tokenprune_kernels.triton import select_merge_triton
 

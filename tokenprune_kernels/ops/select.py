@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 
 from tokenprune_kernels import backend, reference
@@ -22,14 +25,54 @@ def run_select_topk(scores, cu_seqlens_v, keep_counts, total_kept=None):
     return reference.select_topk_ref(scores, cu_seqlens_v, keep_counts)
 
 
+def keep_counts_host(
+    bounds_v: Sequence[int], keep_ratio: float | None = None, keep_count: int | None = None
+) -> list[int]:
+    """Tokens kept per sample, from visual offsets ``bounds_v`` (B+1 Python ints) already on the
+    host: the rule of :func:`reference.keep_counts_ref` (``keep_count``, or
+    ``clamp(floor(keep_ratio * n + 0.5), 1, n)`` in float64; 0 for an empty sample), whose sum
+    is :func:`reference.keep_total_host`. Returns B Python ints."""
+    counts = []
+    for b in range(len(bounds_v) - 1):
+        n = int(bounds_v[b + 1]) - int(bounds_v[b])
+        if n == 0:
+            counts.append(0)
+        elif keep_count is not None:
+            counts.append(int(keep_count))
+        else:
+            assert keep_ratio is not None
+            counts.append(min(max(math.floor(n * float(keep_ratio) + 0.5), 1), n))
+    return counts
+
+
+def keep_counts_tensor(counts: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``counts`` as a [B] int64 tensor on ``device``, uploaded without a host sync.
+
+    One host->device copy, where computing the counts on the device from the offsets takes about
+    ten small kernels. On CUDA it goes through pinned memory with ``non_blocking=True``: a
+    blocking copy, or an asynchronous one from pageable memory, can wait for the stream to drain.
+    """
+    if device.type == "cuda":
+        host = torch.tensor(counts, dtype=torch.int64, pin_memory=True)
+        return host.to(device, non_blocking=True)
+    return torch.tensor(counts, dtype=torch.int64, device=device)
+
+
+def keep_counts_from_bounds(
+    bounds_v: Sequence[int],
+    device: torch.device,
+    keep_ratio: float | None = None,
+    keep_count: int | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Per-sample keep counts ([B] int64 on ``device``) and their total, from host offsets."""
+    counts = keep_counts_host(bounds_v, keep_ratio, keep_count)
+    return keep_counts_tensor(counts, device), sum(counts)
+
+
 def _impl(scores, cu_seqlens_v, keep_ratio=None, keep_count=None):
     v.check_select(scores, cu_seqlens_v, keep_ratio, keep_count)
-    bounds = v.check_cu_seqlens_values(
-        "cu_seqlens_v", cu_seqlens_v, scores.shape[0], "scores.shape[0]"
-    )
-    v.check_keep_count_values(keep_count, bounds)
-    counts = reference.keep_counts_ref(cu_seqlens_v, keep_ratio, keep_count)
-    total = reference.keep_total_host(bounds, keep_ratio, keep_count)
+    bounds = v.check_select_values(scores, cu_seqlens_v, keep_count)
+    counts, total = keep_counts_from_bounds(bounds, scores.device, keep_ratio, keep_count)
     return run_select_topk(scores, cu_seqlens_v, counts, total)
 
 
