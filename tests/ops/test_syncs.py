@@ -1,0 +1,326 @@
+"""Device->host reads per op call: each public op validates with ONE batched read.
+
+A read (``.tolist()``, ``.item()``, ``bool(t)``, ``int(t)``...) of a CUDA tensor stalls the host
+until the GPU queue drains, so the count is pinned here: every such method of ``torch.Tensor`` is
+wrapped with a counter for the duration of one call. On the CPU the reads are cheap but the count
+is the same code path, so the CPU runs guard against a regression too. Where the plain-PyTorch
+reference runs stage a (backends ``ref`` and ``cpp``), ``instruction_attention_ref`` adds its own
+3 reads of the offsets; the Triton backend adds none. On a GPU the Triton cases also run under
+``torch.cuda.set_sync_debug_mode``, which sees every synchronising call, including blocking
+host->device copies the counter cannot see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import random
+import warnings
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+import tokenprune_kernels as tp
+from tokenprune_kernels import _extension, backend, reference
+from tokenprune_kernels.mapper import MapperConfig, TokenMapper
+from tokenprune_kernels.ops.select import keep_counts_from_bounds, keep_counts_host
+from tokenprune_kernels.testing import make_inputs
+
+READ_METHODS = ("item", "tolist", "__bool__", "__int__", "__index__", "__float__")
+
+#: The validation's one read, plus instruction_attention_ref's 3 where the reference runs stage a.
+REF_LIMITS = {"instruction_attention": 4, "prune_visual_tokens": 4, "prune_and_merge": 4}
+LIMITS = {
+    "ref": REF_LIMITS,
+    "cpp": REF_LIMITS,
+    "triton": {},  # every op: 1
+}
+
+CASES = [
+    "instruction_attention",
+    "instruction_attention[q_pos]",
+    "mapper_forward[mapper]",
+    "select_topk[ratio]",
+    "select_topk[count]",
+    "gather_kept",
+    "merge_kept",
+    "prune_visual_tokens[mapper]",
+    "prune_visual_tokens[q_pos,count]",
+    "prune_and_merge",
+    "prune_and_merge[q_pos,count,mapper]",
+]
+
+
+@contextlib.contextmanager
+def count_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Inside the block, every call of a ``torch.Tensor`` method that reads data to the host
+    appends its name to the yielded list."""
+    calls: list[str] = []
+
+    def counted(name: str, method: Callable) -> Callable:
+        def wrapper(self, *args, **kwargs):
+            calls.append(name)
+            return method(self, *args, **kwargs)
+
+        return wrapper
+
+    with monkeypatch.context() as patch:
+        for name in READ_METHODS:
+            patch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+        yield calls
+
+
+def _layout(rng: random.Random) -> list[list[tuple[str, int]]]:
+    """Three samples of awkward sizes, one without visual tokens."""
+    return [
+        [("t", rng.randint(1, 5)), ("v", rng.randint(9, 23)), ("q", rng.randint(2, 5))],
+        [("t", 2), ("q", rng.randint(1, 3)), ("t", 1)],
+        [("v", rng.randint(5, 17)), ("t", 1), ("q", rng.randint(1, 4)), ("t", rng.randint(1, 3))],
+    ]
+
+
+def _call(case: str, gen: torch.Generator, device: str) -> Callable[[], object]:
+    """A no-argument call of one public op on fresh inputs (int32 offsets for the variants)."""
+    rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    variant = "[" in case
+    inp = make_inputs(
+        _layout(rng), index_dtype=torch.int32 if variant else torch.int64, generator=gen
+    ).to(device)
+    q_pos = inp.q_pos if "q_pos" in case else None
+    keep = {"keep_count": 1} if "count" in case else {"keep_ratio": 0.37}
+    op = case.split("[")[0]
+    params: list[torch.Tensor] = []
+    if "mapper" in case:
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+        mapper = TokenMapper(MapperConfig(channels=(2, 4)))
+        params = [p.detach().to(device) for p in mapper.op_params()]
+    tv = inp.visual_idx.shape[0]
+    scores = torch.rand(tv, generator=gen).to(device)
+    kept = torch.sort(torch.randperm(tv, generator=gen)[: tv // 2]).values.to(device)
+    scoring = (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k)
+    if op == "instruction_attention":
+        return lambda: tp.instruction_attention(
+            *scoring, inp.visual_idx, inp.cu_seqlens_v, q_pos=q_pos
+        )
+    if op == "mapper_forward":
+        return lambda: tp.mapper_forward(scores, inp.cu_seqlens_v, params)
+    if op == "select_topk":
+        return lambda: tp.select_topk(scores, inp.cu_seqlens_v, **keep)
+    if op == "gather_kept":
+        return lambda: tp.gather_kept(inp.visual_embeds, inp.visual_position_ids, kept)
+    if op == "merge_kept":
+        return lambda: tp.merge_kept(
+            inp.inputs_embeds, inp.position_ids, inp.cu_seqlens, inp.visual_embeds,
+            inp.visual_idx, inp.cu_seqlens_v, kept,
+        )  # fmt: skip
+    if op == "prune_visual_tokens":
+        return lambda: tp.prune_visual_tokens(
+            *scoring, inp.visual_idx, inp.cu_seqlens_v, inp.visual_embeds,
+            inp.visual_position_ids, params, q_pos=q_pos, **keep,
+        )  # fmt: skip
+    assert op == "prune_and_merge"
+    return lambda: tp.prune_and_merge(
+        *scoring, inp.inputs_embeds, inp.position_ids, inp.cu_seqlens, inp.visual_embeds,
+        inp.visual_idx, inp.cu_seqlens_v, params, q_pos=q_pos, **keep,
+    )  # fmt: skip
+
+
+def _backend_device(name: str) -> str:
+    if name == "cpp" and not _extension.available():
+        pytest.skip(f"compiled extension not built: {_extension.load_error()}")
+    if name == "triton":  # natively on a GPU, else in the interpreter (tests/conftest.py)
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu"
+
+
+@pytest.mark.parametrize(
+    "backend_name", ["ref", "cpp", pytest.param("triton", marks=pytest.mark.interpret)]
+)
+@pytest.mark.parametrize("case", CASES)
+def test_one_call_reads_the_device_at_most_once(monkeypatch, gen, backend_name, case):
+    device = _backend_device(backend_name)
+    call = _call(case, gen, device)
+    limit = LIMITS[backend_name].get(case.split("[")[0], 1)
+    with backend.use_backend(backend_name), torch.no_grad():
+        call()  # warm-up (a GPU's first Triton call compiles and autotunes)
+        with count_reads(monkeypatch) as reads:
+            call()
+    assert len(reads) <= limit, f"{case} on {backend_name}: {len(reads)} reads {reads}"
+    assert len(reads) >= 1  # the offsets are read (the counter works)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CASES)
+def test_triton_call_synchronises_at_most_once_on_a_gpu(gen, case):
+    """torch's own sync detector: the one read, and no blocking host->device copy either."""
+    call = _call(case, gen, "cuda")
+    with backend.use_backend("triton"), torch.no_grad():
+        call()
+        call()
+        torch.cuda.synchronize()
+        previous = torch.cuda.get_sync_debug_mode()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                call()
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+    syncs = [w for w in caught if "synchronizing CUDA operation" in str(w.message)]
+    assert len(syncs) <= 1, [f"{w.filename}:{w.lineno}" for w in syncs]
+
+
+# ------------------------------------------------------------------ keep counts on the host
+
+
+def test_host_keep_counts_match_the_reference(gen):
+    """The counts computed from the host offsets are keep_counts_ref's, and their sum is
+    keep_total_host's, for awkward sizes and ratios (round-half-up boundaries included)."""
+    for _ in range(30):
+        b = int(torch.randint(1, 9, (1,), generator=gen))
+        n = torch.randint(0, 300, (b,), generator=gen)
+        n[torch.rand(b, generator=gen) < 0.2] = 0
+        cu = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(n, 0)])
+        bounds = cu.tolist()
+        ratios = [float(torch.rand(1, generator=gen)), 0.5, 0.25, 0.125, 1.0, 1e-9]
+        ratios.append(float(torch.randint(1, 8, (1,), generator=gen)) / 16)
+        keeps = [{"keep_ratio": r} for r in ratios] + [{"keep_count": 1}, {"keep_count": 3}]
+        for keep in keeps:
+            want = reference.keep_counts_ref(cu, **keep)
+            got = keep_counts_host(bounds, **keep)
+            assert got == want.tolist(), (bounds, keep)
+            assert sum(got) == reference.keep_total_host(bounds, **keep)
+            tensor, total = keep_counts_from_bounds(bounds, cu.device, **keep)
+            assert tensor.dtype == torch.int64 and torch.equal(tensor, want)
+            assert total == sum(got)
+
+
+# --------------------------------------------- the batched checks catch what the detailed do
+
+
+def _random_layout(gen: torch.Generator) -> list[list[tuple[str, int]]]:
+    layouts = []
+    for _ in range(int(torch.randint(1, 4, (1,), generator=gen))):
+        nv = int(torch.randint(0, 9, (1,), generator=gen))
+        layouts.append([("t", 1), ("v", nv), ("q", 2), ("t", 1)])
+    return layouts
+
+
+def _positions_ok(idx: list[int], bounds: list[int], limits: list[int], increasing: bool) -> bool:
+    for b in range(len(bounds) - 1):
+        part = idx[bounds[b] : bounds[b + 1]]
+        if any(x < 0 or x >= limits[b] for x in part):
+            return False
+        if increasing and any(y <= x for x, y in itertools.pairwise(part)):
+            return False
+    return True
+
+
+def _corrupted_case(gen: torch.Generator) -> list[tuple[bool, Callable[[], object]]]:
+    """Inputs with one random corruption (or none) and, per op, (rule holds, call)."""
+    inp = make_inputs(_random_layout(gen), generator=gen)
+    bq, bk = inp.cu_seqlens_q.tolist(), inp.cu_seqlens_k.tolist()
+    bv, bl = inp.cu_seqlens_v.tolist(), inp.cu_seqlens.tolist()
+    key_len = [bk[b + 1] - bk[b] for b in range(len(bk) - 1)]
+    seq_len = [bl[b + 1] - bl[b] for b in range(len(bl) - 1)]
+    vidx, q_pos = inp.visual_idx.clone(), inp.q_pos.clone()
+    tv = vidx.shape[0]
+    what = int(torch.randint(0, 3, (1,), generator=gen))
+    if what == 0 and tv > 0:
+        i = int(torch.randint(0, tv, (1,), generator=gen))
+        vidx[i] = int(torch.randint(-2, max(seq_len) + 2, (1,), generator=gen))
+    elif what == 1:
+        i = int(torch.randint(0, q_pos.shape[0], (1,), generator=gen))
+        q_pos[i] = int(torch.randint(-2, max(key_len) + 2, (1,), generator=gen))
+    n_kept = int(torch.randint(0, 5, (1,), generator=gen))
+    kept = torch.randint(-1, tv + 1, (n_kept,), generator=gen)
+    if what == 2 or bool(torch.rand(1, generator=gen) < 0.5):
+        kept = torch.sort(kept).values
+    vidx_l = vidx.tolist()
+    in_keys = _positions_ok(vidx_l, bv, key_len, True)
+    in_keys &= _positions_ok(q_pos.tolist(), bq, key_len, False)
+    in_seq = _positions_ok(vidx_l, bv, seq_len, True)
+    kept_ok = _positions_ok(kept.tolist(), [0, n_kept], [tv], True)
+    scoring = (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k)
+    return [
+        (in_keys, functools.partial(
+            tp.instruction_attention, *scoring, vidx, inp.cu_seqlens_v, q_pos)),
+        (in_seq and kept_ok, functools.partial(
+            tp.merge_kept, inp.inputs_embeds, inp.position_ids, inp.cu_seqlens,
+            inp.visual_embeds, vidx, inp.cu_seqlens_v, kept)),
+        (in_keys and in_seq, functools.partial(
+            tp.prune_and_merge, *scoring, inp.inputs_embeds, inp.position_ids, inp.cu_seqlens,
+            inp.visual_embeds, vidx, inp.cu_seqlens_v, keep_ratio=0.5, q_pos=q_pos)),
+    ]  # fmt: skip
+
+
+def test_device_masks_agree_with_the_rules(gen):
+    """Random corruptions of visual_idx, q_pos and kept_idx: an op raises ValueError exactly when
+    the rule (evaluated here in plain Python) is broken, so the one-read fast path lets nothing
+    through that the detailed checks would catch, and flags nothing they would pass."""
+    raised = passed = 0
+    for _ in range(40):
+        for ok, call in _corrupted_case(gen):
+            if ok:
+                call()
+                passed += 1
+            else:
+                with pytest.raises(ValueError, match=r"visual_idx|q_pos|kept_idx"):
+                    call()
+                raised += 1
+    assert raised > 10 and passed > 10  # both sides exercised
+
+
+@pytest.mark.parametrize(
+    "name,bad",
+    [
+        ("cu_seqlens_v", [0, 10**9, 5]),
+        ("cu_seqlens_v", [0, -7, 99]),
+        ("cu_seqlens_k", [0, 10**9, -3]),
+        ("cu_seqlens_q", [0, 10**9, 2]),
+        ("cu_seqlens", [5, -(10**9), 10**9]),
+    ],
+)
+def test_garbage_offsets_fail_on_the_offsets_not_in_the_masks(name, bad):
+    """The device masks run before the offsets are checked: garbage offsets must still give the
+    offsets' own error, never an indexing error from the masks."""
+    inp = make_inputs([[("t", 2), ("v", 7), ("q", 3)], [("t", 1), ("v", 4), ("q", 2)]])
+    args = dict(
+        q=inp.q, k=inp.k, cu_seqlens_q=inp.cu_seqlens_q, cu_seqlens_k=inp.cu_seqlens_k,
+        inputs_embeds=inp.inputs_embeds, position_ids=inp.position_ids, cu_seqlens=inp.cu_seqlens,
+        visual_embeds=inp.visual_embeds, visual_idx=inp.visual_idx, cu_seqlens_v=inp.cu_seqlens_v,
+        q_pos=inp.q_pos, keep_ratio=0.5,
+    )  # fmt: skip
+    args[name] = torch.tensor(bad)
+    with pytest.raises(ValueError, match=rf"{name} must"):
+        tp.prune_and_merge(**args)
+    if name != "cu_seqlens":
+        with pytest.raises(ValueError, match=rf"{name} must"):
+            tp.instruction_attention(
+                args["q"], args["k"], args["cu_seqlens_q"], args["cu_seqlens_k"],
+                args["visual_idx"], args["cu_seqlens_v"], args["q_pos"],
+            )  # fmt: skip
+    if name in ("cu_seqlens", "cu_seqlens_v"):
+        with pytest.raises(ValueError, match=rf"{name} must"):
+            tp.merge_kept(
+                args["inputs_embeds"], args["position_ids"], args["cu_seqlens"],
+                args["visual_embeds"], args["visual_idx"], args["cu_seqlens_v"],
+                torch.tensor([0, 3]),
+            )  # fmt: skip
+
+
+def test_prune_and_merge_checks_visual_idx_against_the_sequence_too():
+    """The single mask of prune_and_merge bounds visual_idx by the key AND the sequence length:
+    a sequence shorter than its keys is caught with the merge's message."""
+    inp = make_inputs([[("t", 2), ("v", 7), ("q", 3)], [("t", 1), ("v", 4), ("q", 2)]])
+    cu_seqlens = torch.tensor([0, 8, 15])  # sample 0: 8 rows, but its visual_idx reach 8
+    with pytest.raises(
+        ValueError, match=r"visual_idx\[6\] = 8 is outside sample 0's sequence \[0, 8\)"
+    ):
+        tp.prune_and_merge(
+            inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.inputs_embeds[:15],
+            inp.position_ids[:, :15], cu_seqlens, inp.visual_embeds, inp.visual_idx,
+            inp.cu_seqlens_v, keep_ratio=0.5,
+        )  # fmt: skip
