@@ -1,4 +1,10 @@
-"""The ``tokenprune`` command: ``tokenprune env`` and ``tokenprune bench``."""
+"""The ``tokenprune`` command.
+
+tokenprune env             versions, the extension's state, the backend of every op
+tokenprune bench           time every op on every backend available here
+tokenprune explain         relevance labels for a local model and a JSONL data file
+tokenprune train-mapper    train a mapper on those labels
+"""
 
 from __future__ import annotations
 
@@ -81,7 +87,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenprune", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="tokenprune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     env = sub.add_parser("env", help="versions, backends available and the backend each op uses")
     env.set_defaults(func=_cmd_env)
@@ -95,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="also write the table and environment to this .md"
     )
     bench.set_defaults(func=_cmd_bench)
+    from tokenprune_kernels.explain.cli import add_explain_parser
+    from tokenprune_kernels.training.cli import add_train_parser
+
+    add_explain_parser(sub)
+    add_train_parser(sub)
     return parser
 
 
