@@ -66,3 +66,18 @@ def test_bench_refuses_missing_gpu(capsys):
         return
     assert main(["bench", "--device", "cuda"]) == 2
     assert "no CUDA GPU is visible" in capsys.readouterr().err
+
+
+def test_every_subcommand_is_wired():
+    from tokenprune_kernels.cli import build_parser
+
+    choices = build_parser()._subparsers._group_actions[0].choices
+    assert set(choices) == {"env", "bench", "explain", "train-mapper"}
+
+
+def test_train_mapper_through_the_top_level_command_reports_a_missing_dir(tmp_path, capsys):
+    from tokenprune_kernels.cli import main
+
+    code = main(["train-mapper", "--labels", str(tmp_path / "nope"), "--out", "m.safetensors"])
+    assert code != 0
+    assert "nope" in capsys.readouterr().err
