@@ -10,12 +10,14 @@ ranks tokens only partly like it (top-25% recall about 0.4), so training has som
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from tokenprune_kernels.labels import LabelRecord
 
-__all__ = ["synthetic_record", "synthetic_records"]
+__all__ = ["synthetic_record", "synthetic_records", "write_synthetic_labels"]
 
 
 def _smooth(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -70,3 +72,27 @@ def synthetic_records(
         n = int(torch.randint(min_tokens, max_tokens + 1, (1,), generator=gen))
         out.append(synthetic_record(n, gen, f"syn-{i:05d}", noise))
     return out
+
+
+def write_synthetic_labels(
+    out_dir: str | os.PathLike[str],
+    num_samples: int,
+    min_tokens: int = 16,
+    max_tokens: int = 64,
+    seed: int = 0,
+    shard_size: int = 256,
+) -> None:
+    """Write :func:`synthetic_records` as a label directory (:class:`ShardWriter`), for demos."""
+    from tokenprune_kernels.labels import ShardWriter
+
+    metadata = {
+        "synthetic": True,
+        "num_samples": num_samples,
+        "min_tokens": min_tokens,
+        "max_tokens": max_tokens,
+        "seed": seed,
+    }
+    with ShardWriter(out_dir, shard_size=shard_size, metadata=metadata) as writer:
+        for record in synthetic_records(num_samples, min_tokens, max_tokens, seed):
+            if record.sample_id not in writer.done_ids():
+                writer.add(record)
