@@ -9,6 +9,8 @@ import json
 
 import pytest
 import torch
+
+pytest.importorskip("PIL", reason="tokenprune explain reads images with Pillow")
 from _explain_helpers import independent_relevance, save_image, write_jsonl
 from _llava_configs import IMAGE_ID
 

@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+
+pytest.importorskip("PIL", reason="tokenprune explain reads images with Pillow")
 from _explain_helpers import save_image
 
 from tokenprune_kernels.explain.data import (

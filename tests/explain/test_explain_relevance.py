@@ -252,6 +252,19 @@ def test_model_left_as_it_was(gen):
     assert not model.model.language_model.layers[0].self_attn._forward_hooks
 
 
+def test_no_state_from_earlier_calls(gen):
+    """Qwen keeps rope_deltas from its last call; a generation on another prompt in between
+    changes nothing."""
+    model, inputs, answer, _ = _case("qwen2_vl", "video", gen)
+    first = explain_relevance(model, inputs, answer)
+    other = Q.build_inputs("qwen2_vl", [Q.Sample([("image", (2, 4)), ("text", 9)])], gen)
+    with torch.no_grad():
+        model.generate(**other, max_new_tokens=2, do_sample=False)
+    assert model.model.rope_deltas is not None
+    again = explain_relevance(model, inputs, answer)
+    torch.testing.assert_close(again.per_token, first.per_token, rtol=0, atol=0)
+
+
 def test_errors(gen):
     model, inputs, answer, _ = _case("qwen2_vl", "image", gen)
     with pytest.raises(ValueError, match="target must be one of"):

@@ -73,7 +73,7 @@ def add_explain_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--answer-chunk",
         type=int,
         default=1,
-        help="answer tokens per backward pass (1: least memory; more: faster on short inputs)",
+        help="answer tokens per backward pass (1: least memory; more: fewer, batched passes)",
     )
     p.add_argument(
         "--max-new-tokens", type=int, default=32, help="greedy decoding budget (default 32)"
