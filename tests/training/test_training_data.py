@@ -167,3 +167,13 @@ def test_padding_does_not_change_logits_or_loss(gen):
     assert torch.isfinite(kl).all()
     kl.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_kl_ignores_zero_targets_even_at_underflow():
+    logits = torch.tensor([[3e38, -3e38, 0.0], [1.0, 2.0, 5.0]])  # log_softmax: 0, -inf, ...
+    target = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
+    lengths = torch.tensor([2, 2])  # the 5.0 is padding and must not count
+    kl = kl_per_sample(logits, target, lengths)
+    log_q = torch.log_softmax(torch.tensor([1.0, 2.0]), 0)
+    want1 = float((0.5 * (torch.log(torch.tensor(0.5)) - log_q)).sum())
+    torch.testing.assert_close(kl, torch.tensor([0.0, want1]))

@@ -151,8 +151,9 @@ def kl_per_sample(logits: Tensor, target: Tensor, lengths: Tensor) -> Tensor:
     width = logits.shape[1]
     valid = torch.arange(width, device=logits.device).unsqueeze(0) < lengths.unsqueeze(1)
     log_q = torch.log_softmax(torch.where(valid, logits, float("-inf")), dim=1)
-    log_q = torch.where(valid, log_q, 0.0)
-    return (torch.xlogy(target, target) - target * log_q).sum(dim=1)
+    # where target is 0 the term is 0, whatever log_q is (even -inf after an underflow)
+    cross = torch.where(valid & (target > 0), target * log_q, 0.0)
+    return (torch.xlogy(target, target) - cross).sum(dim=1)
 
 
 def recall_at(scores: Tensor, label: Tensor, lengths: Tensor, ratio: float) -> Tensor:
@@ -409,6 +410,11 @@ def train_mapper(
                 bar.set_postfix(loss=f"{batch_loss:.4f}")
             bar.close()
             metrics = evaluate(model, samples, val_idx, config.batch_size, config.max_batch_tokens)
+            if not math.isfinite(metrics["kl"]):
+                raise ValueError(
+                    f"training diverged: non-finite validation KL after epoch {epoch}; lower the "
+                    f"learning rate (lr={config.lr})"
+                )
             entry = {
                 "epoch": epoch,
                 "train_loss": loss_sum / train_idx.numel(),
