@@ -25,13 +25,15 @@ an upper bound, not a method. For ours (``mapper``, ``attention``) the REAL path
 timed: ``apply_tokenprune(model, keep_ratio, mapper=...)`` and one ``model(**inputs)`` prefill;
 its kept tokens are compared with the harness's selection (mismatches are reported).
 
-Outputs: ``<out>.json`` (every number), ``<out>.md`` (tables, targets, commit, versions,
+Outputs: ``<out>.json`` (every number; the per-sample predictions as a SHA-256 digest),
+``<out>.md`` (tables, targets, commit, versions,
 command), ``<out>.png`` (accuracy vs keep ratio, min-max over seeds as error bars).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import statistics
@@ -166,7 +168,8 @@ def run_eval(
     Returns:
         JSON-ready dict: ``accuracy[method][ratio][seed]`` (fraction), ``n[seed]``,
         ``prefill_ms[method][ratio]`` (median), ``real_prefill_ms``, ``real_path_mismatches``,
-        ``generate_agreement``, ``visual_tokens`` (min, max), per-seed ``relative`` accuracy.
+        ``generate_agreement``, ``visual_tokens`` (min, max), per-seed ``relative`` accuracy,
+        ``predictions[method][ratio][seed]`` (the answer token of every sample, in order).
     """
     _check_args(methods, ratios, seeds)
     if "mapper" in methods and mapper is None:
@@ -181,6 +184,9 @@ def run_eval(
         m: {r: defaultdict(int) for r in ratios} for m in methods
     }
     n_seen: dict[int, int] = defaultdict(int)
+    preds: dict[str, dict[float, dict[int, list[int]]]] = {
+        m: {r: defaultdict(list) for r in ratios} for m in methods
+    }
     times: dict[str, dict[float, list[float]]] = {m: {r: [] for r in ratios} for m in methods}
     real_times: dict[str, dict[float, list[float]]] = {
         m: {r: [] for r in ratios} for m in ("none", *OURS) if m in methods
@@ -214,6 +220,7 @@ def run_eval(
                 for m in methods:
                     if m == "none" or keep == prep.n_visual:
                         correct[m][r][seed] += ok_full
+                        preds[m][r][seed].append(answer_token(full))
                         if timed:
                             times[m][r].append(t_common + t_full)
                         continue
@@ -230,6 +237,7 @@ def run_eval(
 
                         (logits, kept), dt = _timed(run)
                     correct[m][r][seed] += answer_token(logits) == target
+                    preds[m][r][seed].append(answer_token(logits))
                     if timed:
                         times[m][r].append(t_common + dt)
                     if real_path and m in OURS and (timed or m == "mapper"):
@@ -292,6 +300,10 @@ def run_eval(
         "visual_tokens": [min(n_vis), max(n_vis)],
         "accuracy": acc,
         "relative": rel,
+        "predictions": {
+            m: {str(r): {str(s): list(preds[m][r][s]) for s in seeds} for r in ratios}
+            for m in methods
+        },
         "prefill_ms": med,
         "real_prefill_ms": real_med,
         "real_path_mismatches": mismatches,
@@ -546,7 +558,12 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int
     results["command"] = command
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    saved = dict(results)
+    preds = saved.pop("predictions")
+    saved["predictions_sha256"] = hashlib.sha256(
+        json.dumps(preds, sort_keys=True).encode()
+    ).hexdigest()
+    out.with_suffix(".json").write_text(json.dumps(saved, indent=2) + "\n")
     report = format_report(results, header, command)
     out.with_suffix(".md").write_text(report)
     if not plot(results, out.with_suffix(".png"), f"grounded VQA, {args.sizes} sizes"):

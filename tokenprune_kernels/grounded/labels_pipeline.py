@@ -130,7 +130,7 @@ def make_labels(
     seen = correct = skipped = 0
     t0 = time.perf_counter()
     with ShardWriter(out_dir, shard_size=shard_size, metadata=metadata or {}) as writer:
-        done = writer.done_ids
+        done = writer.done_ids()
         for i in range(start, start + n):
             if f"train-{i}" in done:
                 skipped += 1
