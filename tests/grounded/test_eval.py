@@ -261,3 +261,9 @@ def test_relevance_label(eager, processor):
     ref = explain_relevance(eager, inputs, torch.tensor([TOKEN_ID[s.question.answer]]))
     assert rel.shape == (24,) and bool((rel >= 0).all())
     torch.testing.assert_close(rel, ref.relevance.float())
+    # an sdpa model with only its language model switched to eager gives the same label
+    mixed = E.set_text_eager(build_model(seed=1))
+    assert mixed.model.visual.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(
+        LP.relevance_label(mixed, inputs, s.question.answer), rel, rtol=1e-4, atol=1e-7
+    )

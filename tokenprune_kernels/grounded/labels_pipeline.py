@@ -185,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tokenprune_kernels.grounded.model import MODEL_DIR, load_model_dir
 
     model_dir = args.model_dir or MODEL_DIR
-    model, processor = load_model_dir(model_dir, attn_implementation="eager")
+    model, processor = load_model_dir(model_dir)
+    model.model.language_model.config._attn_implementation = "eager"  # vision tower stays sdpa
     command = shlex.join([sys.executable, "-m", "tokenprune_kernels.grounded.labels_pipeline"])
     command += " " + shlex.join(list(sys.argv[1:] if argv is None else argv))
     meta = {
