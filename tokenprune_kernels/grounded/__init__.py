@@ -1,0 +1,8 @@
+"""Grounded VQA testbed: procedural scenes whose answers depend on a small image region, and a
+small Qwen2-VL trained on them on the CPU (shipped in ``assets/model``).
+
+- :mod:`~tokenprune_kernels.grounded.scenes`: scene generator, questions, seeded splits, sizes.
+- :mod:`~tokenprune_kernels.grounded.model`: the Qwen2-VL config, offline tokenizer / processor,
+  save / load of a model directory, :func:`~tokenprune_kernels.grounded.model.load_grounded_model`.
+- :mod:`~tokenprune_kernels.grounded.train`: ``python -m tokenprune_kernels.grounded.train``.
+"""

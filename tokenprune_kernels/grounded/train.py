@@ -1,0 +1,445 @@
+"""Train the grounded-VQA Qwen2-VL from scratch on the CPU; evaluate it with greedy ``generate``.
+
+    python -m tokenprune_kernels.grounded.train --out runs/grounded --steps 3000 --threads 1
+
+Each step draws ONE image size from :data:`~tokenprune_kernels.grounded.scenes.TRAIN_SIZES`
+(size buckets: no padding of pixels), ``--images`` scenes of that size, and for every scene up
+to ``--questions`` questions of different types (balanced answers). Each question is its own
+single-turn sequence (exactly the evaluation prompt + answer + ``<|im_end|>``); the questions of
+one scene share ONE vision-tower pass (its features are repeated per sequence via the model's
+``mm_encoder_outputs`` input; where a transformers version lacks that input the pixels are
+repeated instead - same result, slower). The loss is the teacher-forced next-token
+cross-entropy on the answer token and the ``<|im_end|>`` after it only. AdamW, linear warm-up
+then cosine decay to 10%, gradient-norm clipping (``--clip``).
+
+Everything is seeded: step ``i`` draws its data from ``sample_rng("train", i, seed)``, weights
+from ``torch.manual_seed(seed)``; the same command and thread count give the same weights.
+Every ``--eval-every`` steps the validation set (``--val-per-size`` scenes per training size,
+fixed) is answered by ``model.generate`` (greedy, the real model on processor inputs) and the
+best model by validation accuracy is kept. At the end the test set (``--test-per-size`` per size,
+training sizes and the large 1024 - 2304-token sizes) is answered the same way.
+
+Outputs in ``--out``: the model directory (``save_pretrained`` safetensors + processor files)
+and ``train_log.json`` (command, versions, config, per-step loss, validation accuracy per
+evaluation, wall time, test accuracy per question type, per size and per token range).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tokenprune_kernels.grounded.model import (
+    IM_END,
+    IMAGE_PAD,
+    TOKEN_ID,
+    build_config,
+    build_model,
+    build_processor,
+    generate_answers,
+    prompt_text,
+    save_model_dir,
+)
+from tokenprune_kernels.grounded.scenes import (
+    QUESTION_TYPES,
+    SPLIT_SIZES,
+    TRAIN_SIZES,
+    make_sample,
+    make_training_scene,
+    render_scene,
+    sample_rng,
+    visual_tokens,
+)
+
+LOG_FILE = "train_log.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------
+
+
+def encode_training_batch(
+    processor: Any,
+    images: Sequence[Any],
+    questions: Sequence[Sequence[str]],
+    answers: Sequence[Sequence[str]],
+) -> dict[str, torch.Tensor]:
+    """Teacher-forcing inputs: one sequence per (image, question), right-padded.
+
+    Args:
+        processor: the grounded processor.
+        images: ``N`` RGB images, all of ONE size.
+        questions, answers: per image, its questions and their one-word answers.
+
+    Returns:
+        ``input_ids [S, L]``, ``attention_mask [S, L]``, ``mm_token_type_ids [S, L]``,
+        ``labels [S, L]`` (``-100`` except the answer token and the ``<|im_end|>`` after it),
+        ``pixel_values [N * patches, 384]`` fp32 (each image ONCE), ``image_grid_thw [N, 3]``,
+        ``image_index [S]`` (the image of each sequence). ``S = sum of questions per image``.
+    """
+    if not images or len(images) != len(questions) or len(images) != len(answers):
+        raise ValueError("images, questions and answers must be non-empty and of one length")
+    sizes = {im.size for im in images}
+    if len(sizes) != 1:
+        raise ValueError(f"images must all have one size (a size bucket), got {sorted(sizes)}")
+    width, height = images[0].size
+    n_tok = visual_tokens((height, width))
+    vis = processor.image_processor(images=list(images), return_tensors="pt")
+    texts, image_index = [], []
+    for i, (qs, ans) in enumerate(zip(questions, answers, strict=True)):
+        if len(qs) != len(ans) or not qs:
+            raise ValueError(f"image {i}: needs as many answers as questions (>= 1)")
+        for q, a in zip(qs, ans, strict=True):
+            prompt = prompt_text(q).replace(IMAGE_PAD, IMAGE_PAD * n_tok)
+            texts.append(f"{prompt}{a} {IM_END}")
+            image_index.append(i)
+    tok = processor.tokenizer
+    side = tok.padding_side
+    tok.padding_side = "right"
+    try:
+        enc = tok(texts, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    ids = enc["input_ids"]
+    labels = torch.full_like(ids, -100)
+    lengths = enc["attention_mask"].sum(dim=1)
+    for row, n in enumerate(lengths.tolist()):
+        if ids[row, n - 1] != TOKEN_ID[IM_END] or ids[row, n - 2] == TOKEN_ID["<unk>"]:
+            raise ValueError(f"sequence {row} does not end in a known answer + {IM_END}")
+        labels[row, n - 2 : n] = ids[row, n - 2 : n]
+    return {
+        "input_ids": ids,
+        "attention_mask": enc["attention_mask"],
+        "mm_token_type_ids": (ids == TOKEN_ID[IMAGE_PAD]).long(),
+        "labels": labels,
+        "pixel_values": vis["pixel_values"],
+        "image_grid_thw": vis["image_grid_thw"],
+        "image_index": torch.tensor(image_index, dtype=torch.long),
+    }
+
+
+def training_batch(
+    processor: Any, step: int, seed: int, n_images: int, n_questions: int
+) -> tuple[dict[str, torch.Tensor], tuple[int, int], list[str]]:
+    """The batch of training step ``step``: ``(inputs, size, question types)``, drawn from
+    ``sample_rng("train", step, seed)`` (see :func:`encode_training_batch`)."""
+    rng = sample_rng("train", step, seed)
+    size = TRAIN_SIZES[int(rng.integers(len(TRAIN_SIZES)))]
+    images, questions, answers, qtypes = [], [], [], []
+    for _ in range(n_images):
+        scene, qs = make_training_scene(rng, size, n_questions)
+        images.append(render_scene(scene))
+        questions.append([q.text for q in qs])
+        answers.append([q.answer for q in qs])
+        qtypes += [q.qtype for q in qs]
+    return encode_training_batch(processor, images, questions, answers), size, qtypes
+
+
+def _supports_encoder_outputs(model: Any) -> bool:
+    return "mm_encoder_outputs" in inspect.signature(model.model.forward).parameters
+
+
+def training_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits ``[S, L, V]`` of the teacher-forced sequences, each image through the vision tower
+    once (its merged features repeated for each of its sequences)."""
+    idx = batch["image_index"]
+    grid = batch["image_grid_thw"]
+    common = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "mm_token_type_ids": batch["mm_token_type_ids"],
+        "image_grid_thw": grid[idx],
+        "use_cache": False,
+    }
+    if _supports_encoder_outputs(model):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        feats = model.model.get_image_features(batch["pixel_values"], grid).pooler_output
+        per_seq = tuple(feats[i] for i in idx.tolist())
+        enc = {"image": BaseModelOutputWithPooling(pooler_output=per_seq)}
+        return model(**common, mm_encoder_outputs=enc).logits
+    patches = grid.prod(dim=1).tolist()
+    chunks = torch.split(batch["pixel_values"], patches)
+    pixels = torch.cat([chunks[i] for i in idx.tolist()])
+    return model(**common, pixel_values=pixels).logits
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy at the labelled positions (``logits[:, t]`` predicts
+    ``labels[:, t + 1]``). ``logits [S, L, V]``, ``labels [S, L]`` int64 with -100 ignored."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    model: Any,
+    processor: Any,
+    split: str,
+    n_per_size: int,
+    *,
+    seed: int = 0,
+    sizes: Sequence[tuple[int, int]] | None = None,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Exact-match accuracy of greedy ``model.generate`` on a fixed set of ``split``.
+
+    ``n_per_size`` samples per size (default sizes: ``SPLIT_SIZES[split]``), sample indices
+    ``k * n_per_size + j`` for size ``k`` (question types cycle with the index), generated in
+    batches of one size. Returns ``{"n", "accuracy", "by_type", "by_size", "by_tokens"}``
+    (``by_tokens``: ``"<=600"`` and ``">600"`` visual tokens) and ``"predictions"`` (index,
+    size, type, answer, prediction per sample).
+    """
+    sizes = list(SPLIT_SIZES[split] if sizes is None else sizes)
+    preds: list[dict[str, Any]] = []
+    for k, size in enumerate(sizes):
+        samples = [make_sample(split, k * n_per_size + j, seed, size) for j in range(n_per_size)]
+        for b in range(0, len(samples), batch_size):
+            chunk = samples[b : b + batch_size]
+            out = generate_answers(
+                model, processor, [s.image for s in chunk], [s.question.text for s in chunk]
+            )
+            for s, p in zip(chunk, out, strict=True):
+                preds.append(
+                    {
+                        "index": s.index,
+                        "size": list(size),
+                        "tokens": visual_tokens(size),
+                        "type": s.question.qtype,
+                        "question": s.question.text,
+                        "answer": s.question.answer,
+                        "prediction": p,
+                    }
+                )
+    groups: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    for p in preds:
+        ok = p["prediction"] == p["answer"]
+        groups["by_type"][p["type"]].append(ok)
+        groups["by_size"][f"{p['size'][0]}x{p['size'][1]} ({p['tokens']})"].append(ok)
+        groups["by_tokens"]["<=600" if p["tokens"] <= 600 else ">600"].append(ok)
+    result: dict[str, Any] = {
+        "split": split,
+        "n": len(preds),
+        "accuracy": float(np.mean([p["prediction"] == p["answer"] for p in preds])),
+    }
+    for name, g in groups.items():
+        result[name] = {k: {"n": len(v), "accuracy": float(np.mean(v))} for k, v in g.items()}
+    result["predictions"] = preds
+    return result
+
+
+def _summary(ev: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in ev.items() if k != "predictions"}
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int, final: float = 0.1) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from ``lr`` to ``final * lr``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return lr * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python, torch, transformers, numpy, Pillow, tokenizers and the platform."""
+    import PIL
+    import tokenizers
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "tokenizers": tokenizers.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line of :func:`main`."""
+    p = argparse.ArgumentParser(
+        prog="python -m tokenprune_kernels.grounded.train",
+        description="Train the grounded-VQA Qwen2-VL from scratch (CPU) and evaluate it.",
+    )
+    p.add_argument("--out", required=True, help="output directory (model + train_log.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+    p.add_argument("--images", type=int, default=8, help="scenes per step (one size per step)")
+    p.add_argument("--questions", type=int, default=3, help="questions per scene (<= 5)")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--clip", type=float, default=2.0, help="gradient-norm clipping")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--eval-every", type=int, default=250, help="validate every N steps")
+    p.add_argument("--val-per-size", type=int, default=16, help="validation scenes per size")
+    p.add_argument("--test-per-size", type=int, default=60, help="test scenes per size")
+    p.add_argument("--log-every", type=int, default=25, help="log the loss every N steps")
+    p.add_argument(
+        "--max-minutes", type=float, default=None, help="stop training early after this time"
+    )
+    p.add_argument("--vision-depth", type=int, default=2)
+    p.add_argument("--vision-dim", type=int, default=64)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--intermediate-size", type=int, default=384)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--rope-theta", type=float, default=100.0, help="language-model M-RoPE base")
+    args = p.parse_args(argv)
+    for name in ("steps", "images", "questions", "warmup", "threads", "eval_every", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.questions > len(QUESTION_TYPES):
+        p.error(f"--questions must be <= {len(QUESTION_TYPES)}")
+    return args
+
+
+def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any]:
+    """Train, validate, keep the best model, test; write ``args.out``. Returns the log dict."""
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = build_config(
+        vision_depth=args.vision_depth,
+        vision_dim=args.vision_dim,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_layers=args.layers,
+        rope_theta=args.rope_theta,
+    )
+    model = build_model(config, seed=args.seed)
+    processor = build_processor()
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+    )
+    log: dict[str, Any] = {
+        "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+        "args": vars(args),
+        "versions": versions(),
+        "threads": torch.get_num_threads(),
+        "parameters": n_params,
+        "config": config.to_dict(),
+        "train_sizes": [list(s) for s in TRAIN_SIZES],
+        "steps": [],
+        "val": [],
+    }
+    log_path = out / LOG_FILE
+
+    def write_log() -> None:
+        log_path.write_text(json.dumps(log, indent=1) + "\n")
+
+    start = time.perf_counter()
+    best = {"accuracy": -1.0, "step": 0}
+    running: list[float] = []
+    seen = 0
+    step = 0
+    stopped_early = False
+    for step in range(args.steps):
+        model.train()
+        batch, size, _ = training_batch(processor, step, args.seed, args.images, args.questions)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        loss = answer_loss(training_logits(model, batch), batch["labels"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        opt.step()
+        running.append(loss.item())
+        seen += int(batch["input_ids"].shape[0])
+        if (step + 1) % args.log_every == 0:
+            entry = {
+                "step": step + 1,
+                "loss": float(np.mean(running)),
+                "grad_norm": float(grad_norm),
+                "lr": opt.param_groups[0]["lr"],
+                "sequences": seen,
+                "size": list(size),
+                "wall_s": round(time.perf_counter() - start, 1),
+            }
+            log["steps"].append(entry)
+            print(json.dumps(entry), flush=True)
+            running = []
+        last = step + 1 == args.steps
+        over = args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes
+        if (step + 1) % args.eval_every == 0 or last or over:
+            model.eval()
+            ev = evaluate(model, processor, "val", args.val_per_size, seed=args.seed)
+            rec = {"step": step + 1, "wall_s": round(time.perf_counter() - start, 1)}
+            rec.update(_summary(ev))
+            log["val"].append(rec)
+            print(json.dumps({k: rec[k] for k in ("step", "wall_s", "accuracy")}), flush=True)
+            print(json.dumps(rec["by_type"]), flush=True)
+            if ev["accuracy"] > best["accuracy"]:
+                best = {"accuracy": ev["accuracy"], "step": step + 1}
+                save_model_dir(model, processor, out / "model")
+            write_log()
+        if over:
+            stopped_early = True
+            break
+    log["train_wall_s"] = round(time.perf_counter() - start, 1)
+    log["steps_done"] = step + 1
+    log["stopped_early"] = stopped_early
+    log["best"] = best
+    write_log()
+
+    from tokenprune_kernels.grounded.model import load_model_dir
+
+    model, processor = load_model_dir(out / "model")
+    t0 = time.perf_counter()
+    ev = evaluate(model, processor, "test", args.test_per_size, seed=args.seed)
+    log["test"] = _summary(ev)
+    log["test"]["wall_s"] = round(time.perf_counter() - t0, 1)
+    (out / "test_predictions.json").write_text(json.dumps(ev["predictions"], indent=0) + "\n")
+    log["total_wall_s"] = round(time.perf_counter() - start, 1)
+    write_log()
+    print(json.dumps({k: log["test"][k] for k in ("accuracy", "by_type", "by_tokens")}), flush=True)
+    return log
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m tokenprune_kernels.grounded.train``."""
+    args = parse_args(argv)
+    command = "python -m tokenprune_kernels.grounded.train " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
+    train(args, command)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
