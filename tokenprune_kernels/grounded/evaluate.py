@@ -169,7 +169,8 @@ def run_eval(
 
     Returns:
         JSON-ready dict: ``accuracy[method][ratio][seed]`` (fraction), ``n[seed]``,
-        ``prefill_ms[method][ratio]`` (median), ``real_prefill_ms``, ``real_path_mismatches``,
+        ``prefill_ms[method][ratio]`` (median), ``select_llm_ms`` (the same without the shared
+        vision tower + merge, ``vision_merge_ms``), ``real_prefill_ms``, ``real_path_mismatches``,
         ``generate_agreement``, ``visual_tokens`` (min, max), per-seed ``relative`` accuracy,
         ``predictions[method][ratio][seed]`` (the answer token of every sample, in order).
     """
@@ -190,6 +191,8 @@ def run_eval(
         m: {r: defaultdict(list) for r in ratios} for m in methods
     }
     times: dict[str, dict[float, list[float]]] = {m: {r: [] for r in ratios} for m in methods}
+    llm_times: dict[str, dict[float, list[float]]] = {m: {r: [] for r in ratios} for m in methods}
+    common_times: list[float] = []
     real_times: dict[str, dict[float, list[float]]] = {
         m: {r: [] for r in ratios} for m in ("none", *OURS) if m in methods
     }
@@ -205,6 +208,8 @@ def run_eval(
             target = TOKEN_ID[sample.question.answer]
             prep, t_common = _timed(lambda inputs=inputs: prepare(model, inputs))
             n_vis.append(prep.n_visual)
+            if timed:
+                common_times.append(t_common)
             full, t_full = _timed(lambda prep=prep: pruned_logits(model, prep))
             ok_full = answer_token(full) == target
             n_seen[seed] += 1
@@ -225,6 +230,7 @@ def run_eval(
                         preds[m][r][seed].append(answer_token(full))
                         if timed:
                             times[m][r].append(t_common + t_full)
+                            llm_times[m][r].append(t_full)
                         continue
                     if m == "fastv":
                         (logits, _), dt = _timed(
@@ -242,6 +248,7 @@ def run_eval(
                     preds[m][r][seed].append(answer_token(logits))
                     if timed:
                         times[m][r].append(t_common + dt)
+                        llm_times[m][r].append(dt)
                     if real_path and timed and m in OURS:
                         use = mapper if m == "mapper" else None
                         apply_tokenprune(model, keep_ratio=r, mapper=use)
@@ -288,6 +295,10 @@ def run_eval(
         m: {str(r): 1e3 * statistics.median(v) if v else None for r, v in d.items()}
         for m, d in times.items()
     }
+    llm_med = {
+        m: {str(r): 1e3 * statistics.median(v) if v else None for r, v in d.items()}
+        for m, d in llm_times.items()
+    }
     real_med = {
         m: {str(r): 1e3 * statistics.median(v) if v else None for r, v in d.items()}
         for m, d in real_times.items()
@@ -307,6 +318,8 @@ def run_eval(
             for m in methods
         },
         "prefill_ms": med,
+        "select_llm_ms": llm_med,
+        "vision_merge_ms": 1e3 * statistics.median(common_times) if common_times else None,
         "real_prefill_ms": real_med,
         "real_path_mismatches": mismatches,
         "generate_agreement": [sum(gen_checks), len(gen_checks)],
@@ -428,6 +441,17 @@ def format_report(results: dict[str, Any], header: dict[str, str], command: str)
     for m, d in results["real_prefill_ms"].items():
         cells = [_ms(d[r]) for r in ratios]
         lines.append(f"| real path: {METHOD_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Selection + language model only (the shared vision tower + merge + M-RoPE ids take "
+        f"{_ms(results['vision_merge_ms'])} ms, median):",
+        "",
+        "| method | " + " | ".join(f"keep {float(r):.1%}" for r in ratios) + " |",
+        "|---|" + "---|" * len(ratios),
+    ]
+    for m in methods:
+        cells = [_ms(results["select_llm_ms"][m][r]) for r in ratios]
+        lines.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
     mm = results["real_path_mismatches"]
     if mm:
         lines += [
