@@ -104,10 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(func=_cmd_bench)
     from tokenprune_kernels.explain.cli import add_explain_parser
+    from tokenprune_kernels.grounded.evaluate import add_eval_parser
     from tokenprune_kernels.training.cli import add_train_parser
 
     add_explain_parser(sub)
     add_train_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 
