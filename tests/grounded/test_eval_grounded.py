@@ -166,7 +166,8 @@ def test_targets():
 def test_report_and_plot(results, tmp_path):
     text = E.format_report(results, {"title": "t", "commit": "abc"}, "tokenprune eval x")
     assert "| mapper (ours) |" in text and "- commit: abc" in text
-    assert "`tokenprune eval x`" in text and "## Targets" in text
+    assert "`tokenprune eval x`" in text and "## Targets" in text and "chance level" in text
+    assert abs(E.chance_accuracy() - (1 / 6 + 1 / 4 + 1 / 4 + 1 / 2 + 1 / 6) / 5) < 1e-12
     for m in E.DEFAULT_METHODS:
         assert f"| {E.METHOD_LABELS[m]} |" in text
     pytest.importorskip("matplotlib")

@@ -59,7 +59,9 @@ from tokenprune_kernels.grounded.methods import (
 )
 from tokenprune_kernels.grounded.model import TOKEN_ID, build_inputs
 from tokenprune_kernels.grounded.scenes import (
+    ANSWERS_BY_TYPE,
     LARGE_SIZES,
+    QUESTION_TYPES,
     SPLIT_SIZES,
     TRAIN_SIZES,
     Sample,
@@ -389,6 +391,12 @@ def targets(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def chance_accuracy() -> float:
+    """Accuracy of a uniform guess among each question type's answers, the types equally
+    frequent (as in the evaluation subsets)."""
+    return statistics.fmean(1.0 / len(ANSWERS_BY_TYPE[t]) for t in QUESTION_TYPES)
+
+
 def format_report(results: dict[str, Any], header: dict[str, str], command: str) -> str:
     """The Markdown report of :func:`run_eval`'s results."""
     ratios = [str(r) for r in results["ratios"]]
@@ -404,6 +412,8 @@ def format_report(results: dict[str, Any], header: dict[str, str], command: str)
         "- accuracy: exact match of the answer token (argmax over the full vocabulary of the "
         "prefill logits at the last position); agrees with generate()'s first token on "
         f"{results['generate_agreement'][0]}/{results['generate_agreement'][1]} checked samples",
+        f"- chance level (a uniform guess among each question type's answers, types balanced): "
+        f"{100 * chance_accuracy():.1f}%",
         f"- torch threads: {results['threads']}; wall time {results['wall_s']} s",
         "",
         "## Accuracy (%): mean over seeds (min-max)",
@@ -626,6 +636,7 @@ __all__ = [
     "METHOD_LABELS",
     "SIZE_SETS",
     "add_eval_parser",
+    "chance_accuracy",
     "cmd_eval",
     "eval_samples",
     "format_report",
