@@ -15,6 +15,7 @@ from tokenprune_kernels.grounded.train import (
     encode_training_batch,
     training_batch,
     training_logits,
+    training_scenes,
 )
 
 TINY = dict(vision_dim=16, vision_heads=2, hidden_size=32, intermediate_size=48, num_heads=4)
@@ -103,13 +104,14 @@ def test_save_load_round_trip(tmp_path, processor, tiny):
 
 
 def test_training_batch_matches_processor(processor):
-    batch, size, qtypes = training_batch(processor, step=3, seed=0, n_images=2, n_questions=2)
+    kw = dict(scale=1.5, aug_prob=0.5, aug_max=2.0)
+    batch, size, qtypes = training_batch(processor, 3, 0, 2, 2, **kw)
     assert batch["input_ids"].shape[0] == len(qtypes) == batch["image_index"].numel() <= 4
     assert batch["image_grid_thw"].shape[0] == 2
     # sequence 0 is exactly the evaluation prompt of its image + answer + <|im_end|>
-    rng = S.sample_rng("train", 3, 0)
-    assert size == S.TRAIN_SIZES[int(rng.integers(len(S.TRAIN_SIZES)))]
-    scene, qs = S.make_training_scene(rng, size, 2)
+    size2, scenes = training_scenes(3, 0, 2, 2, **kw)
+    assert size == size2 and [q.qtype for _, qs in scenes for q in qs] == qtypes
+    scene, qs = scenes[0]
     image = S.render_scene(scene)
     ref = M.build_inputs(processor, [image], [qs[0].text])
     n = int(batch["attention_mask"][0].sum())

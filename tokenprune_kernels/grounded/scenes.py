@@ -120,6 +120,8 @@ MIN_OBJECTS, MAX_OBJECTS = 3, 6
 MAX_PER_COLOUR = 3
 SIZE_FRACTION = (0.12, 0.18)
 """Object size (circle diameter, diamond diagonal, ...) as a fraction of the shorter side."""
+MAX_FRACTION = 0.3
+"""Cap of a scaled object's size (training curriculum), as a fraction of the shorter side."""
 MARGIN_FRACTION = 0.5
 """``left_of`` / ``extreme`` margins, in object sizes (mean size of the objects compared)."""
 
@@ -241,10 +243,19 @@ def random_scene(
     rng: np.random.Generator,
     size: tuple[int, int],
     n_objects: int | None = None,
+    scale: float = 1.0,
 ) -> Scene:
     """A random scene of ``size`` (height, width) px: 3 - 6 non-overlapping objects (at most
-    :data:`MAX_PER_COLOUR` per colour), a background and 0 - 10 clutter marks."""
+    :data:`MAX_PER_COLOUR` per colour), a background and 0 - 10 clutter marks.
+
+    ``scale`` multiplies the object sizes (training only: the curriculum starts with larger
+    objects; every evaluation scene has ``scale=1``; sizes are capped at :data:`MAX_FRACTION`
+    of the shorter side). Objects that find no free place after 200
+    draws are left out, so large scales give fewer objects.
+    """
     height, width = _check_size(size)
+    if not 1.0 <= float(scale) <= 4.0:
+        raise ValueError(f"scale must be in [1, 4], got {scale!r}")
     short = min(height, width)
     if n_objects is None:
         n_objects = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
@@ -258,7 +269,7 @@ def random_scene(
     objects: list[SceneObject] = []
     for colour in colours:
         for _ in range(200):
-            s = float(rng.uniform(*SIZE_FRACTION)) * short
+            s = min(float(rng.uniform(*SIZE_FRACTION)) * scale, MAX_FRACTION) * short
             pad = s / 2 + 0.02 * short
             cx = float(rng.uniform(pad, width - pad))
             cy = float(rng.uniform(pad, height - pad))
@@ -497,8 +508,10 @@ def make_scene_question(
     qtype: str,
     answer: str | None = None,
     max_tries: int = 1000,
+    scale: float = 1.0,
 ) -> tuple[Scene, Question]:
-    """Draw scenes until one has a question of ``qtype`` (with ``answer`` if given).
+    """Draw scenes (objects scaled by ``scale``, see :func:`random_scene`) until one has a
+    question of ``qtype`` (with ``answer`` if given).
 
     Raises:
         ValueError: bad ``qtype`` / ``answer``; RuntimeError: no scene after ``max_tries``.
@@ -510,7 +523,7 @@ def make_scene_question(
             f"answer must be one of {ANSWERS_BY_TYPE[qtype]} for {qtype}, got {answer!r}"
         )
     for _ in range(max_tries):
-        scene = random_scene(rng, size)
+        scene = random_scene(rng, size, scale=scale)
         q = pick_question(scene, qtype, rng, answer)
         if q is not None:
             return scene, q
@@ -547,18 +560,30 @@ def make_sample(
 
 
 def make_training_scene(
-    rng: np.random.Generator, size: tuple[int, int], n_questions: int
+    rng: np.random.Generator,
+    size: tuple[int, int],
+    n_questions: int,
+    qtypes: Sequence[str] = QUESTION_TYPES,
+    scale: float = 1.0,
 ) -> tuple[Scene, list[Question]]:
-    """A training scene with up to ``n_questions`` questions of DIFFERENT types, each with a
-    target answer drawn uniformly from its type first (balanced answers where the scene allows;
-    otherwise any well-posed question of that type)."""
+    """A training scene (objects scaled by ``scale``) with up to ``n_questions`` questions of
+    DIFFERENT types (of ``qtypes``), each with a target answer drawn uniformly from its type
+    first (balanced answers where the scene allows; otherwise any well-posed question of that
+    type: large scales leave room for few objects, so e.g. a count of 3 may not fit)."""
     if isinstance(n_questions, bool) or not isinstance(n_questions, int) or n_questions < 1:
         raise ValueError(f"n_questions must be an int >= 1, got {n_questions!r}")
-    first = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
+    qtypes = list(qtypes)
+    if not qtypes or any(t not in QUESTION_TYPES for t in qtypes):
+        raise ValueError(f"qtypes must be a non-empty subset of {QUESTION_TYPES}, got {qtypes!r}")
+    first = qtypes[int(rng.integers(len(qtypes)))]
     choices = ANSWERS_BY_TYPE[first]
-    scene, q = make_scene_question(rng, size, first, choices[int(rng.integers(len(choices)))])
+    try:
+        target = choices[int(rng.integers(len(choices)))]
+        scene, q = make_scene_question(rng, size, first, target, max_tries=100, scale=scale)
+    except RuntimeError:
+        scene, q = make_scene_question(rng, size, first, None, scale=scale)
     questions = [q]
-    others = [t for t in rng.permutation(QUESTION_TYPES).tolist() if t != first]
+    others = [t for t in rng.permutation(qtypes).tolist() if t != first]
     for qtype in others:
         if len(questions) >= n_questions:
             break

@@ -57,6 +57,9 @@ from tokenprune_kernels.grounded.scenes import (
     QUESTION_TYPES,
     SPLIT_SIZES,
     TRAIN_SIZES,
+    Question,
+    Scene,
+    check_sizes,
     make_sample,
     make_training_scene,
     render_scene,
@@ -132,20 +135,46 @@ def encode_training_batch(
     }
 
 
-def training_batch(
-    processor: Any, step: int, seed: int, n_images: int, n_questions: int
-) -> tuple[dict[str, torch.Tensor], tuple[int, int], list[str]]:
-    """The batch of training step ``step``: ``(inputs, size, question types)``, drawn from
-    ``sample_rng("train", step, seed)`` (see :func:`encode_training_batch`)."""
+def training_scenes(
+    step: int,
+    seed: int,
+    n_images: int,
+    n_questions: int,
+    sizes: Sequence[tuple[int, int]] = TRAIN_SIZES,
+    types: Sequence[str] = QUESTION_TYPES,
+    scale: float = 1.0,
+    aug_prob: float = 0.0,
+    aug_max: float = 1.0,
+) -> tuple[tuple[int, int], list[tuple[Scene, list[Question]]]]:
+    """The scenes of training step ``step``, drawn from ``sample_rng("train", step, seed)``: one
+    size of ``sizes`` and ``n_images`` scenes with up to ``n_questions`` questions of ``types``.
+
+    Object sizes are multiplied by ``scale`` (the curriculum) and, for a share ``aug_prob`` of
+    the scenes, by a further factor drawn from ``U(1, aug_max)`` (scale augmentation, so the
+    tower also sees objects as many pixels wide as the large test sizes show them).
+    """
     rng = sample_rng("train", step, seed)
-    size = TRAIN_SIZES[int(rng.integers(len(TRAIN_SIZES)))]
-    images, questions, answers, qtypes = [], [], [], []
+    size = tuple(sizes[int(rng.integers(len(sizes)))])
+    out = []
     for _ in range(n_images):
-        scene, qs = make_training_scene(rng, size, n_questions)
-        images.append(render_scene(scene))
-        questions.append([q.text for q in qs])
-        answers.append([q.answer for q in qs])
-        qtypes += [q.qtype for q in qs]
+        s = scale
+        if rng.random() < aug_prob:
+            s *= float(rng.uniform(1.0, aug_max))
+        out.append(make_training_scene(rng, size, n_questions, types, min(s, 4.0)))
+    return size, out
+
+
+def training_batch(
+    processor: Any, step: int, seed: int, n_images: int, n_questions: int, **kwargs: Any
+) -> tuple[dict[str, torch.Tensor], tuple[int, int], list[str]]:
+    """The batch of training step ``step``: ``(inputs, size, question types)`` of the scenes of
+    :func:`training_scenes` (same arguments), rendered and encoded by
+    :func:`encode_training_batch`."""
+    size, scenes = training_scenes(step, seed, n_images, n_questions, **kwargs)
+    images = [render_scene(scene) for scene, _ in scenes]
+    questions = [[q.text for q in qs] for _, qs in scenes]
+    answers = [[q.answer for q in qs] for _, qs in scenes]
+    qtypes = [q.qtype for _, qs in scenes for q in qs]
     return encode_training_batch(processor, images, questions, answers), size, qtypes
 
 
@@ -258,6 +287,16 @@ def _summary(ev: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+def curriculum_scale(step: int, steps: int, start: float, fraction: float) -> float:
+    """Object-size factor at ``step``: ``start`` at step 0, linearly down to 1 at
+    ``fraction * steps``, then 1. Large objects first make the attention to them quick to
+    learn; the task then shrinks to the evaluation sizes."""
+    end = fraction * steps
+    if end <= 0 or step >= end:
+        return 1.0
+    return 1.0 + (start - 1.0) * (1.0 - step / end)
+
+
 def lr_at(step: int, steps: int, lr: float, warmup: int, final: float = 0.1) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine from ``lr`` to ``final * lr``."""
     if step < warmup:
@@ -300,24 +339,68 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--eval-every", type=int, default=250, help="validate every N steps")
-    p.add_argument("--val-per-size", type=int, default=16, help="validation scenes per size")
-    p.add_argument("--test-per-size", type=int, default=60, help="test scenes per size")
+    p.add_argument(
+        "--val-per-size", type=int, default=16, help="validation scenes per size (0: none)"
+    )
+    p.add_argument("--test-per-size", type=int, default=60, help="test scenes per size (0: none)")
+    p.add_argument(
+        "--types",
+        default=",".join(QUESTION_TYPES),
+        help="comma-separated question types to train on (default: all)",
+    )
+    p.add_argument(
+        "--sizes",
+        default=None,
+        help="training sizes as HxW,HxW,... (default: TRAIN_SIZES)",
+    )
+    p.add_argument("--start-scale", type=float, default=2.5, help="object-size factor at step 0")
+    p.add_argument(
+        "--curriculum",
+        type=float,
+        default=0.4,
+        help="share of the steps over which objects shrink to their evaluation size",
+    )
+    p.add_argument(
+        "--aug-prob", type=float, default=0.25, help="share of scenes with larger objects"
+    )
+    p.add_argument("--aug-max", type=float, default=2.0, help="largest augmentation factor")
     p.add_argument("--log-every", type=int, default=25, help="log the loss every N steps")
     p.add_argument(
         "--max-minutes", type=float, default=None, help="stop training early after this time"
     )
     p.add_argument("--vision-depth", type=int, default=2)
     p.add_argument("--vision-dim", type=int, default=64)
+    p.add_argument("--vision-heads", type=int, default=4)
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--intermediate-size", type=int, default=384)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--rope-theta", type=float, default=100.0, help="language-model M-RoPE base")
     args = p.parse_args(argv)
     for name in ("steps", "images", "questions", "warmup", "threads", "eval_every", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.questions > len(QUESTION_TYPES):
-        p.error(f"--questions must be <= {len(QUESTION_TYPES)}")
+    for name in ("val_per_size", "test_per_size"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0 (0: skip)")
+    args.types = [t for t in args.types.split(",") if t]
+    if not args.types or any(t not in QUESTION_TYPES for t in args.types):
+        p.error(f"--types must be a comma-separated subset of {','.join(QUESTION_TYPES)}")
+    if not 1.0 <= args.start_scale <= 4.0 or not 0.0 <= args.curriculum <= 1.0:
+        p.error("--start-scale must be in [1, 4] and --curriculum in [0, 1]")
+    if not 0.0 <= args.aug_prob <= 1.0 or not 1.0 <= args.aug_max <= 2.5:
+        p.error("--aug-prob must be in [0, 1] and --aug-max in [1, 2.5]")
+    if args.questions > len(args.types):
+        p.error(f"--questions must be <= the number of --types ({len(args.types)})")
+    if args.sizes is None:
+        args.sizes = [list(s) for s in TRAIN_SIZES]
+    else:
+        try:
+            args.sizes = [[int(v) for v in s.split("x")] for s in args.sizes.split(",") if s]
+            check_sizes([tuple(s) for s in args.sizes])
+        except ValueError as err:
+            p.error(f"--sizes must be HxW,HxW,... multiples of 16, got {args.sizes!r} ({err})")
     return args
 
 
@@ -329,9 +412,12 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any
     config = build_config(
         vision_depth=args.vision_depth,
         vision_dim=args.vision_dim,
+        vision_heads=args.vision_heads,
         hidden_size=args.hidden_size,
         intermediate_size=args.intermediate_size,
         num_layers=args.layers,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
         rope_theta=args.rope_theta,
     )
     model = build_model(config, seed=args.seed)
@@ -354,7 +440,7 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any
         "threads": torch.get_num_threads(),
         "parameters": n_params,
         "config": config.to_dict(),
-        "train_sizes": [list(s) for s in TRAIN_SIZES],
+        "train_sizes": args.sizes,
         "steps": [],
         "val": [],
     }
@@ -369,9 +455,21 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any
     seen = 0
     step = 0
     stopped_early = False
+    val_s = 0.0
     for step in range(args.steps):
         model.train()
-        batch, size, _ = training_batch(processor, step, args.seed, args.images, args.questions)
+        batch, size, _ = training_batch(
+            processor,
+            step,
+            args.seed,
+            args.images,
+            args.questions,
+            sizes=[tuple(s) for s in args.sizes],
+            types=args.types,
+            scale=curriculum_scale(step, args.steps, args.start_scale, args.curriculum),
+            aug_prob=args.aug_prob,
+            aug_max=args.aug_max,
+        )
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         loss = answer_loss(training_logits(model, batch), batch["labels"])
@@ -389,6 +487,9 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any
                 "lr": opt.param_groups[0]["lr"],
                 "sequences": seen,
                 "size": list(size),
+                "scale": round(
+                    curriculum_scale(step, args.steps, args.start_scale, args.curriculum), 3
+                ),
                 "wall_s": round(time.perf_counter() - start, 1),
             }
             log["steps"].append(entry)
@@ -396,9 +497,11 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any
             running = []
         last = step + 1 == args.steps
         over = args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes
-        if (step + 1) % args.eval_every == 0 or last or over:
+        if args.val_per_size and ((step + 1) % args.eval_every == 0 or last or over):
             model.eval()
+            t0 = time.perf_counter()
             ev = evaluate(model, processor, "val", args.val_per_size, seed=args.seed)
+            val_s += time.perf_counter() - t0
             rec = {"step": step + 1, "wall_s": round(time.perf_counter() - start, 1)}
             rec.update(_summary(ev))
             log["val"].append(rec)
@@ -411,7 +514,12 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any
         if over:
             stopped_early = True
             break
+    if not args.val_per_size:  # no validation: the final model is the model
+        model.eval()
+        save_model_dir(model, processor, out / "model")
+        best = {"accuracy": None, "step": step + 1}
     log["train_wall_s"] = round(time.perf_counter() - start, 1)
+    log["val_wall_s"] = round(val_s, 1)
     log["steps_done"] = step + 1
     log["stopped_early"] = stopped_early
     log["best"] = best
@@ -419,6 +527,10 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any
 
     from tokenprune_kernels.grounded.model import load_model_dir
 
+    if not args.test_per_size:
+        log["total_wall_s"] = round(time.perf_counter() - start, 1)
+        write_log()
+        return log
     model, processor = load_model_dir(out / "model")
     t0 = time.perf_counter()
     ev = evaluate(model, processor, "test", args.test_per_size, seed=args.seed)
