@@ -103,26 +103,36 @@ def test_save_load_round_trip(tmp_path, processor, tiny):
         M.load_processor(tmp_path)
 
 
-def test_training_batch_matches_processor(processor):
+@pytest.mark.parametrize("multi_turn", [False, True], ids=["single", "multi"])
+def test_training_batch_matches_processor(processor, multi_turn):
     kw = dict(scale=1.5, aug_prob=0.5, aug_max=2.0)
-    batch, size, qtypes = training_batch(processor, 3, 0, 2, 2, **kw)
-    assert batch["input_ids"].shape[0] == len(qtypes) == batch["image_index"].numel() <= 4
-    assert batch["image_grid_thw"].shape[0] == 2
-    # sequence 0 is exactly the evaluation prompt of its image + answer + <|im_end|>
-    size2, scenes = training_scenes(3, 0, 2, 2, **kw)
+    batch, size, qtypes = training_batch(processor, 3, 0, 2, 3, multi_turn, **kw)
+    size2, scenes = training_scenes(3, 0, 2, 3, **kw)
     assert size == size2 and [q.qtype for _, qs in scenes for q in qs] == qtypes
+    n_seq = 2 if multi_turn else len(qtypes)
+    assert batch["input_ids"].shape[0] == batch["image_index"].numel() == n_seq
+    assert batch["image_grid_thw"].shape[0] == 2
+    assert int((batch["labels"] != -100).sum()) == 2 * len(qtypes)  # answer + <|im_end|> each
+    # sequence 0 starts with exactly the evaluation prompt of its image + answer + <|im_end|>
     scene, qs = scenes[0]
     image = S.render_scene(scene)
     ref = M.build_inputs(processor, [image], [qs[0].text])
-    n = int(batch["attention_mask"][0].sum())
     prompt_len = ref["input_ids"].shape[1]
     assert batch["input_ids"][0, :prompt_len].tolist() == ref["input_ids"][0].tolist()
     ans = [M.TOKEN_ID[qs[0].answer], M.TOKEN_ID["<|im_end|>"]]
-    assert batch["input_ids"][0, prompt_len:n].tolist() == ans
-    assert batch["labels"][0, prompt_len:n].tolist() == ans
-    assert (batch["labels"][0, :prompt_len] == -100).all() and (
-        batch["labels"][0, n:] == -100
-    ).all()
+    assert batch["input_ids"][0, prompt_len : prompt_len + 2].tolist() == ans
+    assert batch["labels"][0, prompt_len : prompt_len + 2].tolist() == ans
+    assert (batch["labels"][0, :prompt_len] == -100).all()
+    row = batch["input_ids"][0][batch["attention_mask"][0].bool()]
+    words = processor.tokenizer.decode(row).split()
+    if multi_turn:  # later turns: each question then its answer, in order
+        for q in qs[1:]:
+            turn = f"<|im_start|> user {q.text} <|im_end|> <|im_start|> assistant {q.answer} <|im_end|>"
+            assert turn in " ".join(words)
+        labelled = batch["labels"][0][batch["labels"][0] != -100][0::2].tolist()
+        assert labelled == [M.TOKEN_ID[q.answer] for q in qs]
+    else:
+        assert words[-2:] == [qs[0].answer, "<|im_end|>"]
     patches = int(batch["image_grid_thw"][0].prod())
     assert torch.equal(batch["pixel_values"][:patches], ref["pixel_values"])
     with pytest.raises(ValueError, match="one size"):
@@ -132,6 +142,8 @@ def test_training_batch_matches_processor(processor):
             [["a ?"], ["b ?"]],
             [["red"], ["red"]],
         )
+    with pytest.raises(ValueError, match="one known word"):
+        encode_training_batch(processor, [image], [["what colour is it ?"]], [["red blue"]])
 
 
 def test_training_logits_equal_standard_forward(processor, tiny):

@@ -35,6 +35,27 @@ def test_training_scene_reproducible():
     assert S.image_digest(S.render_scene(s1)) == S.image_digest(S.render_scene(s2))
 
 
+def test_training_scene_questions():
+    for i in range(30):
+        scene, qs = S.make_training_scene(S.sample_rng("train", i), (224, 224), 8)
+        assert 1 <= len(qs) <= 8 and len({q.text for q in qs}) == len(qs)
+        assert max(Counter(q.qtype for q in qs).values()) <= S.MAX_PER_TYPE
+        seen: set[int] = set()
+        for q in qs:
+            assert S.answer_question(scene, q) == q.answer
+            if q.qtype != "count_colour":  # no object is asked about twice
+                assert not seen & set(q.involved)
+                seen |= set(q.involved)
+    scene, qs = S.make_training_scene(S.sample_rng("train", 0), (224, 224), 5, object_range=(1, 1))
+    assert len(scene.objects) == 1 and all(q.qtype != "left_of" for q in qs)
+    with pytest.raises(ValueError, match="qtypes must be"):
+        S.make_training_scene(S.sample_rng("train", 0), (224, 224), 2, ["colour"])
+    with pytest.raises(ValueError, match="object_range"):
+        S.random_scene(S.sample_rng("train", 0), (224, 224), object_range=(0, 3))
+    with pytest.raises(ValueError, match="scale must be"):
+        S.random_scene(S.sample_rng("train", 0), (224, 224), scale=0.5)
+
+
 def test_splits_disjoint():
     n = 40
     digests = {}

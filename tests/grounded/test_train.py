@@ -80,7 +80,7 @@ def test_schedules():
     [
         (["--steps", "0"], "--steps must be >= 1"),
         (["--types", "colour"], "--types must be"),
-        (["--types", "left_of", "--questions", "2"], "--questions must be <="),
+        (["--aug-prob", "2"], "--aug-prob must be"),
         (["--sizes", "100x64"], "--sizes must be"),
         (["--val-per-size", "-1"], "--val-per-size must be >= 0"),
         (["--start-scale", "9"], "--start-scale must be"),

@@ -120,6 +120,8 @@ MIN_OBJECTS, MAX_OBJECTS = 3, 6
 MAX_PER_COLOUR = 3
 SIZE_FRACTION = (0.12, 0.18)
 """Object size (circle diameter, diamond diagonal, ...) as a fraction of the shorter side."""
+MAX_PER_TYPE = 2
+"""At most this many questions of one type per training scene."""
 MAX_FRACTION = 0.3
 """Cap of a scaled object's size (training curriculum), as a fraction of the shorter side."""
 MARGIN_FRACTION = 0.5
@@ -244,6 +246,7 @@ def random_scene(
     size: tuple[int, int],
     n_objects: int | None = None,
     scale: float = 1.0,
+    object_range: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS),
 ) -> Scene:
     """A random scene of ``size`` (height, width) px: 3 - 6 non-overlapping objects (at most
     :data:`MAX_PER_COLOUR` per colour), a background and 0 - 10 clutter marks.
@@ -251,15 +254,24 @@ def random_scene(
     ``scale`` multiplies the object sizes (training only: the curriculum starts with larger
     objects; every evaluation scene has ``scale=1``; sizes are capped at :data:`MAX_FRACTION`
     of the shorter side). Objects that find no free place after 200
-    draws are left out, so large scales give fewer objects.
+    draws are left out, so large scales give fewer objects. ``n_objects`` defaults to a draw
+    from ``object_range`` (inclusive; the curriculum starts with 1 - 2 objects).
     """
     height, width = _check_size(size)
     if not 1.0 <= float(scale) <= 4.0:
         raise ValueError(f"scale must be in [1, 4], got {scale!r}")
     short = min(height, width)
     if n_objects is None:
-        n_objects = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
-    n_colours = int(rng.integers(2, min(n_objects, len(COLOURS)) + 1))
+        lo, hi = object_range
+        if not 1 <= lo <= hi <= MAX_OBJECTS:
+            raise ValueError(
+                f"object_range must be (lo, hi) with 1 <= lo <= hi <= {MAX_OBJECTS}, "
+                f"got {object_range!r}"
+            )
+        n_objects = int(rng.integers(lo, hi + 1))
+    if isinstance(n_objects, bool) or not isinstance(n_objects, int) or n_objects < 1:
+        raise ValueError(f"n_objects must be an int >= 1, got {n_objects!r}")
+    n_colours = int(rng.integers(min(2, n_objects), min(n_objects, len(COLOURS)) + 1))
     palette = list(rng.choice(list(COLOURS), size=n_colours, replace=False))
     colours: list[str] = []
     while len(colours) < n_objects:
@@ -509,6 +521,7 @@ def make_scene_question(
     answer: str | None = None,
     max_tries: int = 1000,
     scale: float = 1.0,
+    object_range: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS),
 ) -> tuple[Scene, Question]:
     """Draw scenes (objects scaled by ``scale``, see :func:`random_scene`) until one has a
     question of ``qtype`` (with ``answer`` if given).
@@ -523,7 +536,7 @@ def make_scene_question(
             f"answer must be one of {ANSWERS_BY_TYPE[qtype]} for {qtype}, got {answer!r}"
         )
     for _ in range(max_tries):
-        scene = random_scene(rng, size, scale=scale)
+        scene = random_scene(rng, size, scale=scale, object_range=object_range)
         q = pick_question(scene, qtype, rng, answer)
         if q is not None:
             return scene, q
@@ -565,33 +578,62 @@ def make_training_scene(
     n_questions: int,
     qtypes: Sequence[str] = QUESTION_TYPES,
     scale: float = 1.0,
+    object_range: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS),
 ) -> tuple[Scene, list[Question]]:
-    """A training scene (objects scaled by ``scale``) with up to ``n_questions`` questions of
-    DIFFERENT types (of ``qtypes``), each with a target answer drawn uniformly from its type
-    first (balanced answers where the scene allows; otherwise any well-posed question of that
-    type: large scales leave room for few objects, so e.g. a count of 3 may not fit)."""
+    """A training scene (objects scaled by ``scale``, object count drawn from ``object_range``)
+    with up to ``n_questions`` questions of ``qtypes``.
+
+    The first question's type is drawn uniformly and its answer too (balanced answers; where the
+    scene cannot have that answer - large scales leave room for few objects, so a count of 3 may
+    not fit - any well-posed question of the type). Further questions cycle through the types in
+    a random order, preferring a randomly drawn answer; each has a new text and, counts apart,
+    involves no object an earlier non-count question involved (so one answer does not give
+    another away when the questions share a sequence). ``left_of`` is skipped when scenes have
+    one object.
+    """
     if isinstance(n_questions, bool) or not isinstance(n_questions, int) or n_questions < 1:
         raise ValueError(f"n_questions must be an int >= 1, got {n_questions!r}")
     qtypes = list(qtypes)
     if not qtypes or any(t not in QUESTION_TYPES for t in qtypes):
         raise ValueError(f"qtypes must be a non-empty subset of {QUESTION_TYPES}, got {qtypes!r}")
+    if object_range[1] < 2:
+        qtypes = [t for t in qtypes if t != "left_of"] or list(qtypes)
     first = qtypes[int(rng.integers(len(qtypes)))]
     choices = ANSWERS_BY_TYPE[first]
+    kw = {"scale": scale, "object_range": object_range}
     try:
         target = choices[int(rng.integers(len(choices)))]
-        scene, q = make_scene_question(rng, size, first, target, max_tries=100, scale=scale)
+        scene, q = make_scene_question(rng, size, first, target, max_tries=100, **kw)
     except RuntimeError:
-        scene, q = make_scene_question(rng, size, first, None, scale=scale)
+        scene, q = make_scene_question(rng, size, first, None, **kw)
     questions = [q]
-    others = [t for t in rng.permutation(qtypes).tolist() if t != first]
-    for qtype in others:
-        if len(questions) >= n_questions:
-            break
-        choices = ANSWERS_BY_TYPE[qtype]
-        extra = pick_question(scene, qtype, rng, choices[int(rng.integers(len(choices)))])
-        extra = extra or pick_question(scene, qtype, rng)
-        if extra is not None:
+    used = set() if q.qtype == "count_colour" else set(q.involved)
+    texts = {q.text}
+    added = True
+    while added and len(questions) < n_questions:
+        added = False
+        for qtype in rng.permutation(qtypes).tolist():
+            if len(questions) >= n_questions:
+                break
+            if sum(x.qtype == qtype for x in questions) >= MAX_PER_TYPE:
+                continue
+            cands = [
+                c
+                for c in candidate_questions(scene, qtype)
+                if c.text not in texts
+                and (qtype == "count_colour" or not used.intersection(c.involved))
+            ]
+            if not cands:
+                continue
+            choices = ANSWERS_BY_TYPE[qtype]
+            target = choices[int(rng.integers(len(choices)))]
+            pool = [c for c in cands if c.answer == target] or cands
+            extra = pool[int(rng.integers(len(pool)))]
             questions.append(extra)
+            if qtype != "count_colour":  # a count names no particular object
+                used.update(extra.involved)
+            texts.add(extra.text)
+            added = True
     return scene, questions
 
 

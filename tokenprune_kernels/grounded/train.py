@@ -2,15 +2,25 @@
 
     python -m tokenprune_kernels.grounded.train --out runs/grounded --steps 3000 --threads 1
 
-Each step draws ONE image size from :data:`~tokenprune_kernels.grounded.scenes.TRAIN_SIZES`
-(size buckets: no padding of pixels), ``--images`` scenes of that size, and for every scene up
-to ``--questions`` questions of different types (balanced answers). Each question is its own
-single-turn sequence (exactly the evaluation prompt + answer + ``<|im_end|>``); the questions of
-one scene share ONE vision-tower pass (its features are repeated per sequence via the model's
-``mm_encoder_outputs`` input; where a transformers version lacks that input the pixels are
-repeated instead - same result, slower). The loss is the teacher-forced next-token
-cross-entropy on the answer token and the ``<|im_end|>`` after it only. AdamW, linear warm-up
-then cosine decay to 10%, gradient-norm clipping (``--clip``).
+Each step draws ONE image size from ``--sizes`` (default
+:data:`~tokenprune_kernels.grounded.scenes.TRAIN_SIZES`; size buckets: no padding of pixels) and
+``--images`` scenes of that size with up to ``--questions`` questions each (balanced answers; no
+object asked about twice, see :func:`~tokenprune_kernels.grounded.scenes.make_training_scene`).
+A scene's questions form ONE chat sequence, turn after turn (the first turn is exactly the
+evaluation prompt + answer + ``<|im_end|>``), so its visual tokens go through the vision tower
+and the language model once for all its questions; ``--single-turn`` gives one sequence per
+question instead (their image's tower features are computed once and repeated, through the
+model's ``mm_encoder_outputs`` input where the transformers version has it). The loss is the
+teacher-forced next-token cross-entropy on the answer tokens and the ``<|im_end|>`` after each,
+nothing else. AdamW, linear warm-up then cosine decay to 10%, gradient-norm clipping
+(``--clip``).
+
+Curriculum (the first ``--curriculum`` share of the steps): scenes start with 1 - 2 objects
+``--start-scale`` times their final size and grow to 3 - 6 objects of the evaluation size. With
+one object a colour question needs no binding, so attention to objects is learnt first; the
+tower's shape features then get gradients through it. ``--aug-prob`` of the scenes keep objects
+up to ``--aug-max`` times larger all along (objects as many pixels wide as the large test images
+show them).
 
 Everything is seeded: step ``i`` draws its data from ``sample_rng("train", i, seed)``, weights
 from ``torch.manual_seed(seed)``; the same command and thread count give the same weights.
@@ -19,9 +29,10 @@ fixed) is answered by ``model.generate`` (greedy, the real model on processor in
 best model by validation accuracy is kept. At the end the test set (``--test-per-size`` per size,
 training sizes and the large 1024 - 2304-token sizes) is answered the same way.
 
-Outputs in ``--out``: the model directory (``save_pretrained`` safetensors + processor files)
-and ``train_log.json`` (command, versions, config, per-step loss, validation accuracy per
-evaluation, wall time, test accuracy per question type, per size and per token range).
+Outputs in ``--out``: the model directory (``save_pretrained`` safetensors + processor files),
+``train_log.json`` (command, versions, config, per-step loss, validation accuracy per
+evaluation, wall time, test accuracy per question type, per size and per token range) and
+``test_predictions.json``.
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ import numpy as np
 import torch
 
 from tokenprune_kernels.grounded.model import (
+    CHAT_TEMPLATE,
     IM_END,
     IMAGE_PAD,
     TOKEN_ID,
@@ -50,10 +62,11 @@ from tokenprune_kernels.grounded.model import (
     build_model,
     build_processor,
     generate_answers,
-    prompt_text,
     save_model_dir,
 )
 from tokenprune_kernels.grounded.scenes import (
+    MAX_OBJECTS,
+    MIN_OBJECTS,
     QUESTION_TYPES,
     SPLIT_SIZES,
     TRAIN_SIZES,
@@ -75,24 +88,45 @@ LOG_FILE = "train_log.json"
 # --------------------------------------------------------------------------------------------
 
 
+def conversation_text(questions: Sequence[str], answers: Sequence[str]) -> str:
+    """The chat text of one image and several question / answer turns (the first turn is the
+    evaluation prompt of ``questions[0]`` followed by its answer and ``<|im_end|>``)."""
+    from jinja2 import Template
+
+    messages: list[dict[str, Any]] = []
+    for k, (q, a) in enumerate(zip(questions, answers, strict=True)):
+        content: list[dict[str, Any]] = [{"type": "text", "text": q}]
+        if k == 0:
+            content.insert(0, {"type": "image"})
+        messages.append({"role": "user", "content": content})
+        messages.append({"role": "assistant", "content": a})
+    return Template(CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=False)
+
+
 def encode_training_batch(
     processor: Any,
     images: Sequence[Any],
     questions: Sequence[Sequence[str]],
     answers: Sequence[Sequence[str]],
+    multi_turn: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Teacher-forcing inputs: one sequence per (image, question), right-padded.
+    """Teacher-forcing inputs, right-padded: with ``multi_turn`` one sequence per image holding
+    all its questions as successive chat turns (:func:`conversation_text`: the visual tokens go
+    through the language model once for all of them), else one single-turn sequence per
+    (image, question).
 
     Args:
         processor: the grounded processor.
         images: ``N`` RGB images, all of ONE size.
         questions, answers: per image, its questions and their one-word answers.
+        multi_turn: see above.
 
     Returns:
         ``input_ids [S, L]``, ``attention_mask [S, L]``, ``mm_token_type_ids [S, L]``,
-        ``labels [S, L]`` (``-100`` except the answer token and the ``<|im_end|>`` after it),
+        ``labels [S, L]`` (``-100`` except each answer token and the ``<|im_end|>`` after it),
         ``pixel_values [N * patches, 384]`` fp32 (each image ONCE), ``image_grid_thw [N, 3]``,
-        ``image_index [S]`` (the image of each sequence). ``S = sum of questions per image``.
+        ``image_index [S]`` (the image of each sequence). ``S = N`` with ``multi_turn``, else
+        the number of questions.
     """
     if not images or len(images) != len(questions) or len(images) != len(answers):
         raise ValueError("images, questions and answers must be non-empty and of one length")
@@ -102,14 +136,18 @@ def encode_training_batch(
     width, height = images[0].size
     n_tok = visual_tokens((height, width))
     vis = processor.image_processor(images=list(images), return_tensors="pt")
-    texts, image_index = [], []
+    texts, image_index, n_answers = [], [], []
     for i, (qs, ans) in enumerate(zip(questions, answers, strict=True)):
         if len(qs) != len(ans) or not qs:
             raise ValueError(f"image {i}: needs as many answers as questions (>= 1)")
-        for q, a in zip(qs, ans, strict=True):
-            prompt = prompt_text(q).replace(IMAGE_PAD, IMAGE_PAD * n_tok)
-            texts.append(f"{prompt}{a} {IM_END}")
+        if multi_turn:
+            turns = [(list(qs), list(ans))]
+        else:
+            turns = [([q], [a]) for q, a in zip(qs, ans, strict=True)]
+        for tq, ta in turns:
+            texts.append(conversation_text(tq, ta).replace(IMAGE_PAD, IMAGE_PAD * n_tok))
             image_index.append(i)
+            n_answers.append(len(ta))
     tok = processor.tokenizer
     side = tok.padding_side
     tok.padding_side = "right"
@@ -119,11 +157,17 @@ def encode_training_batch(
         tok.padding_side = side
     ids = enc["input_ids"]
     labels = torch.full_like(ids, -100)
-    lengths = enc["attention_mask"].sum(dim=1)
-    for row, n in enumerate(lengths.tolist()):
-        if ids[row, n - 1] != TOKEN_ID[IM_END] or ids[row, n - 2] == TOKEN_ID["<unk>"]:
-            raise ValueError(f"sequence {row} does not end in a known answer + {IM_END}")
-        labels[row, n - 2 : n] = ids[row, n - 2 : n]
+    # an answer is the token after each "assistant" header; it and the <|im_end|> are labelled
+    for row, col in (ids[:, :-2] == TOKEN_ID["assistant"]).nonzero().tolist():
+        labels[row, col + 1 : col + 3] = ids[row, col + 1 : col + 3]
+    for row, want in enumerate(n_answers):
+        got = labels[row][labels[row] != -100]
+        if (
+            got.numel() != 2 * want
+            or (got[1::2] != TOKEN_ID[IM_END]).any()
+            or (got[0::2] == TOKEN_ID["<unk>"]).any()
+        ):
+            raise ValueError(f"sequence {row}: every answer must be one known word + {IM_END}")
     return {
         "input_ids": ids,
         "attention_mask": enc["attention_mask"],
@@ -145,13 +189,15 @@ def training_scenes(
     scale: float = 1.0,
     aug_prob: float = 0.0,
     aug_max: float = 1.0,
+    object_range: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS),
 ) -> tuple[tuple[int, int], list[tuple[Scene, list[Question]]]]:
     """The scenes of training step ``step``, drawn from ``sample_rng("train", step, seed)``: one
     size of ``sizes`` and ``n_images`` scenes with up to ``n_questions`` questions of ``types``.
 
     Object sizes are multiplied by ``scale`` (the curriculum) and, for a share ``aug_prob`` of
     the scenes, by a further factor drawn from ``U(1, aug_max)`` (scale augmentation, so the
-    tower also sees objects as many pixels wide as the large test sizes show them).
+    tower also sees objects as many pixels wide as the large test sizes show them). Object
+    counts are drawn from ``object_range``.
     """
     rng = sample_rng("train", step, seed)
     size = tuple(sizes[int(rng.integers(len(sizes)))])
@@ -160,22 +206,29 @@ def training_scenes(
         s = scale
         if rng.random() < aug_prob:
             s *= float(rng.uniform(1.0, aug_max))
-        out.append(make_training_scene(rng, size, n_questions, types, min(s, 4.0)))
+        out.append(make_training_scene(rng, size, n_questions, types, min(s, 4.0), object_range))
     return size, out
 
 
 def training_batch(
-    processor: Any, step: int, seed: int, n_images: int, n_questions: int, **kwargs: Any
+    processor: Any,
+    step: int,
+    seed: int,
+    n_images: int,
+    n_questions: int,
+    multi_turn: bool = True,
+    **kwargs: Any,
 ) -> tuple[dict[str, torch.Tensor], tuple[int, int], list[str]]:
     """The batch of training step ``step``: ``(inputs, size, question types)`` of the scenes of
     :func:`training_scenes` (same arguments), rendered and encoded by
-    :func:`encode_training_batch`."""
+    :func:`encode_training_batch` (``multi_turn``)."""
     size, scenes = training_scenes(step, seed, n_images, n_questions, **kwargs)
     images = [render_scene(scene) for scene, _ in scenes]
     questions = [[q.text for q in qs] for _, qs in scenes]
     answers = [[q.answer for q in qs] for _, qs in scenes]
     qtypes = [q.qtype for _, qs in scenes for q in qs]
-    return encode_training_batch(processor, images, questions, answers), size, qtypes
+    batch = encode_training_batch(processor, images, questions, answers, multi_turn)
+    return batch, size, qtypes
 
 
 def _supports_encoder_outputs(model: Any) -> bool:
@@ -287,14 +340,28 @@ def _summary(ev: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+def curriculum_progress(step: int, steps: int, fraction: float) -> float:
+    """``step / (fraction * steps)`` clipped to [0, 1] (1 when ``fraction`` is 0)."""
+    end = fraction * steps
+    return 1.0 if end <= 0 else min(1.0, step / end)
+
+
 def curriculum_scale(step: int, steps: int, start: float, fraction: float) -> float:
     """Object-size factor at ``step``: ``start`` at step 0, linearly down to 1 at
     ``fraction * steps``, then 1. Large objects first make the attention to them quick to
     learn; the task then shrinks to the evaluation sizes."""
-    end = fraction * steps
-    if end <= 0 or step >= end:
-        return 1.0
-    return 1.0 + (start - 1.0) * (1.0 - step / end)
+    return start + (1.0 - start) * curriculum_progress(step, steps, fraction)
+
+
+def curriculum_objects(step: int, steps: int, fraction: float) -> tuple[int, int]:
+    """Object-count range at ``step``: (1, 2) at step 0, growing linearly to
+    ``(MIN_OBJECTS, MAX_OBJECTS)`` at ``fraction * steps``. One object first: its colour is
+    learnt from the image at once, which teaches attention to objects; the tower's shape
+    features then get gradients through that attention; more objects then need binding."""
+    t = curriculum_progress(step, steps, fraction)
+    lo = round(1 + (MIN_OBJECTS - 1) * t)
+    hi = round(2 + (MAX_OBJECTS - 2) * t)
+    return lo, max(lo, hi)
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int, final: float = 0.1) -> float:
@@ -332,7 +399,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
     p.add_argument("--images", type=int, default=8, help="scenes per step (one size per step)")
-    p.add_argument("--questions", type=int, default=3, help="questions per scene (<= 5)")
+    p.add_argument("--questions", type=int, default=6, help="questions per scene (at most)")
+    p.add_argument(
+        "--single-turn",
+        action="store_true",
+        help="one sequence per question (default: one multi-turn sequence per scene)",
+    )
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--clip", type=float, default=2.0, help="gradient-norm clipping")
@@ -391,8 +463,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--start-scale must be in [1, 4] and --curriculum in [0, 1]")
     if not 0.0 <= args.aug_prob <= 1.0 or not 1.0 <= args.aug_max <= 2.5:
         p.error("--aug-prob must be in [0, 1] and --aug-max in [1, 2.5]")
-    if args.questions > len(args.types):
-        p.error(f"--questions must be <= the number of --types ({len(args.types)})")
     if args.sizes is None:
         args.sizes = [list(s) for s in TRAIN_SIZES]
     else:
@@ -464,11 +534,13 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any
             args.seed,
             args.images,
             args.questions,
+            not args.single_turn,
             sizes=[tuple(s) for s in args.sizes],
             types=args.types,
             scale=curriculum_scale(step, args.steps, args.start_scale, args.curriculum),
             aug_prob=args.aug_prob,
             aug_max=args.aug_max,
+            object_range=curriculum_objects(step, args.steps, args.curriculum),
         )
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
@@ -487,6 +559,7 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any
                 "lr": opt.param_groups[0]["lr"],
                 "sequences": seen,
                 "size": list(size),
+                "objects": list(curriculum_objects(step, args.steps, args.curriculum)),
                 "scale": round(
                     curriculum_scale(step, args.steps, args.start_scale, args.curriculum), 3
                 ),
