@@ -4,6 +4,8 @@ tokenprune env             versions, the extension's state, the backend of every
 tokenprune bench           time every op on every backend available here
 tokenprune explain         relevance labels for a local model and a JSONL data file
 tokenprune train-mapper    train a mapper on those labels
+tokenprune eval            accuracy vs keep ratio of every pruning method (grounded VQA)
+tokenprune demo            one grounded-VQA scene with and without pruning, and a PNG
 """
 
 from __future__ import annotations
@@ -104,12 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(func=_cmd_bench)
     from tokenprune_kernels.explain.cli import add_explain_parser
+    from tokenprune_kernels.grounded.demo import add_demo_parser
     from tokenprune_kernels.grounded.evaluate import add_eval_parser
     from tokenprune_kernels.training.cli import add_train_parser
 
     add_explain_parser(sub)
     add_train_parser(sub)
     add_eval_parser(sub)
+    add_demo_parser(sub)
     return parser
 
 
