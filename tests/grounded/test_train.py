@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ TINY = [
     "--vision-dim", "16", "--vision-heads", "2", "--hidden-size", "32",
     "--intermediate-size", "48", "--heads", "4", "--kv-heads", "2",
     "--images", "2", "--questions", "2", "--sizes", "64x80,80x64", "--warmup", "2",
-    "--log-every", "1", "--threads", "1",
+    "--log-every", "1", "--threads", "1", "--warm-sizes", "64x64",
 ]  # fmt: skip
 
 
@@ -73,6 +74,75 @@ def test_schedules():
     assert T.lr_at(0, 100, 1.0, 10) == pytest.approx(0.1)
     assert T.lr_at(9, 100, 1.0, 10) == pytest.approx(1.0)
     assert T.lr_at(100, 100, 1.0, 10) == pytest.approx(0.1)
+    assert T.warm_probability(0, 100, 0.5) == 1.0
+    assert T.warm_probability(25, 100, 0.5) == pytest.approx(0.5)
+    assert T.warm_probability(60, 100, 0.5) == T.warm_probability(3, 100, 0.0) == 0.0
+
+
+def test_warm_canvases_scale_objects():
+    sizes, warm = [(224, 224)], [(128, 128), (128, 160)]
+    seen = set()
+    for step in range(6):
+        size, scenes = T.training_scenes(step, 0, 2, 1, sizes, warm_sizes=warm, warm_prob=1.0)
+        seen.add(size)
+        assert size in warm
+        for scene, _ in scenes:  # objects as wide as on a 224 px image (capped at 0.3 * 128)
+            assert all(o.size >= min(0.12 * 224, 0.3 * 128) - 1e-6 for o in scene.objects)
+    assert len(seen) == 2
+    assert T.training_scenes(0, 0, 1, 1, sizes, warm_sizes=warm, warm_prob=0.0)[0] == (224, 224)
+
+
+def _coverage_labels(scene):
+    """Independent: render each object alone, count its pixels per 16 px cell."""
+    from PIL import Image
+
+    from tokenprune_kernels.grounded.scenes import SHAPES, TOKEN_PX, Scene, render_scene
+
+    h, w = scene.size
+    plain = {"kind": "solid", "base": [0, 0, 0]}
+    best = np.zeros((h // TOKEN_PX, w // TOKEN_PX))
+    out = np.zeros_like(best, dtype=np.int64)
+    for o in scene.objects:
+        img = render_scene(Scene(scene.size, (o,), plain, ()), supersample=1)
+        mask = np.asarray(img.convert("L")) > 0
+        cover = mask.reshape(h // TOKEN_PX, TOKEN_PX, w // TOKEN_PX, TOKEN_PX).sum((1, 3))
+        win = (cover >= TOKEN_PX * TOKEN_PX // 4) & (cover > best)
+        out[win] = 1 + SHAPES.index(o.shape)
+        best = np.maximum(best, np.where(cover >= TOKEN_PX * TOKEN_PX // 4, cover, 0))
+    assert isinstance(img, Image.Image)
+    return out
+
+
+@pytest.mark.parametrize("index", [0, 3, 11])
+def test_token_shape_labels(index):
+    from tokenprune_kernels.grounded.scenes import random_scene, sample_rng
+
+    scene = random_scene(sample_rng("train", index, 5), (96, 144), scale=2.0)
+    got = T.token_shape_labels(scene)
+    assert got.shape == (6, 9) and got.dtype == np.int64
+    want = _coverage_labels(scene)
+    assert (got > 0).sum() > 0
+    # equal up to anti-aliasing / ties on cells covered by two objects or at the threshold
+    assert (got == want).mean() >= 0.95
+
+
+def test_probe_loss_reaches_the_vision_tower(tmp_path):
+    from tokenprune_kernels.grounded.model import build_config, build_model, build_processor
+
+    cfg = build_config(vision_dim=16, vision_heads=2, hidden_size=32, intermediate_size=48)
+    model = build_model(cfg, seed=3)
+    processor = build_processor()
+    batch, _, qtypes = T.training_batch(processor, 2, 0, 2, 2, sizes=[(64, 96)])
+    n_tok = int((batch["image_grid_thw"].prod(1) // 4).sum())
+    assert batch["token_shape"].shape == (n_tok,)
+    probe = torch.nn.Linear(32, 5)
+    logits, aux = T.training_forward(model, batch, probe)
+    assert torch.equal(logits, T.training_logits(model, batch))
+    assert aux is not None and torch.isfinite(aux) and aux > 0
+    aux.backward()
+    assert model.model.visual.patch_embed.proj.weight.grad.abs().sum() > 0
+    ce = T.answer_token_losses(logits, batch["labels"])
+    assert len(ce) == len(qtypes) and all(c > 0 for c in ce)
 
 
 @pytest.mark.parametrize(
@@ -84,6 +154,8 @@ def test_schedules():
         (["--sizes", "100x64"], "--sizes must be"),
         (["--val-per-size", "-1"], "--val-per-size must be >= 0"),
         (["--start-scale", "9"], "--start-scale must be"),
+        (["--warm", "1.5"], "--warm must be"),
+        (["--warm-sizes", "64x70"], "--warm-sizes must be"),
     ],
 )
 def test_bad_options(extra, match, capsys):

@@ -68,7 +68,9 @@ from tokenprune_kernels.grounded.scenes import (
     MAX_OBJECTS,
     MIN_OBJECTS,
     QUESTION_TYPES,
+    SHAPES,
     SPLIT_SIZES,
+    TOKEN_PX,
     TRAIN_SIZES,
     Question,
     Scene,
@@ -81,6 +83,10 @@ from tokenprune_kernels.grounded.scenes import (
 )
 
 LOG_FILE = "train_log.json"
+REF_SHORT = 224
+"""Shorter side (px) whose object pixel sizes the small warm-up canvases reproduce."""
+WARM_SIZES: tuple[tuple[int, int], ...] = ((128, 128), (128, 160), (160, 160), (160, 192))
+"""Small canvases of the warm-up phase: 64 - 120 visual tokens."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,9 +196,16 @@ def training_scenes(
     aug_prob: float = 0.0,
     aug_max: float = 1.0,
     object_range: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS),
+    warm_sizes: Sequence[tuple[int, int]] = (),
+    warm_prob: float = 0.0,
 ) -> tuple[tuple[int, int], list[tuple[Scene, list[Question]]]]:
     """The scenes of training step ``step``, drawn from ``sample_rng("train", step, seed)``: one
     size of ``sizes`` and ``n_images`` scenes with up to ``n_questions`` questions of ``types``.
+
+    With probability ``warm_prob`` the size is one of ``warm_sizes`` instead (small canvases,
+    the warm-up phase): few visual tokens, so attention to the objects gets a strong gradient
+    and a step is cheap; object sizes are then multiplied by ``REF_SHORT / min(size)`` so that
+    objects are as many pixels wide as on a ``REF_SHORT`` px image.
 
     Object sizes are multiplied by ``scale`` (the curriculum) and, for a share ``aug_prob`` of
     the scenes, by a further factor drawn from ``U(1, aug_max)`` (scale augmentation, so the
@@ -201,6 +214,10 @@ def training_scenes(
     """
     rng = sample_rng("train", step, seed)
     size = tuple(sizes[int(rng.integers(len(sizes)))])
+    if warm_sizes and rng.random() < warm_prob:
+        # a small canvas: few visual tokens, objects as many pixels wide as at REF_SHORT px
+        size = tuple(warm_sizes[int(rng.integers(len(warm_sizes)))])
+        scale = scale * max(1.0, REF_SHORT / min(size))
     out = []
     for _ in range(n_images):
         s = scale
@@ -228,7 +245,37 @@ def training_batch(
     answers = [[q.answer for q in qs] for _, qs in scenes]
     qtypes = [q.qtype for _, qs in scenes for q in qs]
     batch = encode_training_batch(processor, images, questions, answers, multi_turn)
+    batch["token_shape"] = torch.cat(
+        [torch.from_numpy(token_shape_labels(scene)).flatten() for scene, _ in scenes]
+    )
     return batch, size, qtypes
+
+
+def token_shape_labels(scene: Scene) -> np.ndarray:
+    """Per visual token (16 x 16 px cell, row-major ``[H/16, W/16]`` int64): ``0`` where no
+    object covers a quarter of the cell, else ``1 + SHAPES.index(shape)`` of the object covering
+    most of it
+    (drawn with the scene's own polygons; the auxiliary target of the training script)."""
+    from PIL import Image, ImageDraw
+
+    from tokenprune_kernels.grounded.scenes import _shape_points
+
+    height, width = scene.size
+    ids = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(ids)
+    for k, o in enumerate(scene.objects, start=1):
+        pts = _shape_points(o, 1.0)
+        if pts is None:
+            r = o.size / 2
+            draw.ellipse([o.cx - r, o.cy - r, o.cx + r, o.cy + r], fill=k)
+        else:
+            draw.polygon(pts, fill=k)
+    cells = np.asarray(ids).reshape(height // TOKEN_PX, TOKEN_PX, width // TOKEN_PX, TOKEN_PX)
+    cells = cells.transpose(0, 2, 1, 3).reshape(height // TOKEN_PX, width // TOKEN_PX, -1)
+    shape_of = np.array([0] + [1 + SHAPES.index(o.shape) for o in scene.objects], np.int64)
+    cover = np.stack([(cells == k).sum(-1) for k in range(len(scene.objects) + 1)])
+    cover[0] = TOKEN_PX * TOKEN_PX // 4  # an object needs a quarter of the cell
+    return shape_of[cover.argmax(0)]
 
 
 def _supports_encoder_outputs(model: Any) -> bool:
@@ -238,6 +285,20 @@ def _supports_encoder_outputs(model: Any) -> bool:
 def training_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits ``[S, L, V]`` of the teacher-forced sequences, each image through the vision tower
     once (its merged features repeated for each of its sequences)."""
+    return training_forward(model, batch)[0]
+
+
+def training_forward(
+    model: Any, batch: dict[str, torch.Tensor], probe: torch.nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(logits [S, L, V], auxiliary loss or None)`` of the teacher-forced sequences.
+
+    With a ``probe`` (a linear layer from the merged visual features to ``1 + len(SHAPES)``
+    classes) the auxiliary loss is the probe's cross-entropy against ``batch["token_shape"]``
+    (see :func:`token_shape_labels`): the mean over object tokens plus a quarter of the mean
+    over background tokens. It teaches the vision tower shape features quickly; the probe is
+    not part of the model.
+    """
     idx = batch["image_index"]
     grid = batch["image_grid_thw"]
     common = {
@@ -253,11 +314,30 @@ def training_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         feats = model.model.get_image_features(batch["pixel_values"], grid).pooler_output
         per_seq = tuple(feats[i] for i in idx.tolist())
         enc = {"image": BaseModelOutputWithPooling(pooler_output=per_seq)}
-        return model(**common, mm_encoder_outputs=enc).logits
+        logits = model(**common, mm_encoder_outputs=enc).logits
+        return logits, None if probe is None else _probe_loss(probe, torch.cat(feats), batch)
     patches = grid.prod(dim=1).tolist()
     chunks = torch.split(batch["pixel_values"], patches)
     pixels = torch.cat([chunks[i] for i in idx.tolist()])
-    return model(**common, pixel_values=pixels).logits
+    logits = model(**common, pixel_values=pixels).logits
+    if probe is None:
+        return logits, None
+    # older transformers: the tower runs once more for the probe's features
+    feats = model.model.get_image_features(batch["pixel_values"], grid)
+    feats = getattr(feats, "pooler_output", feats)
+    return logits, _probe_loss(probe, torch.cat(tuple(feats)), batch)
+
+
+def _probe_loss(
+    probe: torch.nn.Module, feats: torch.Tensor, batch: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    target = batch["token_shape"]
+    if target.shape[0] != feats.shape[0]:
+        raise ValueError(f"token_shape has {target.shape[0]} labels for {feats.shape[0]} tokens")
+    ce = torch.nn.functional.cross_entropy(probe(feats.float()), target, reduction="none")
+    obj = target > 0
+    loss = 0.25 * ce[~obj].mean() if (~obj).any() else ce.new_zeros(())
+    return loss + ce[obj].mean() if obj.any() else loss
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -268,6 +348,19 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels[:, 1:].reshape(-1),
         ignore_index=-100,
     )
+
+
+def answer_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """Cross-entropy of each ANSWER token (not its ``<|im_end|>``), in sequence order then
+    position order (the order of the questions of :func:`training_batch`). ``logits [S, L, V]``,
+    ``labels [S, L]`` as for :func:`answer_loss`."""
+    lab = labels[:, 1:]
+    answer = (lab != -100) & (lab != TOKEN_ID[IM_END])
+    rows, cols = answer.nonzero(as_tuple=True)
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1][rows, cols].float(), lab[rows, cols], reduction="none"
+    )
+    return ce.tolist()
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,6 +457,14 @@ def curriculum_objects(step: int, steps: int, fraction: float) -> tuple[int, int
     return lo, max(lo, hi)
 
 
+def warm_probability(step: int, steps: int, fraction: float) -> float:
+    """Probability that step ``step`` uses a small warm-up canvas: 1 at step 0, linearly down
+    to 0 at ``fraction * steps`` (0 when ``fraction`` is 0)."""
+    if fraction <= 0:
+        return 0.0
+    return 1.0 - curriculum_progress(step, steps, fraction)
+
+
 def lr_at(step: int, steps: int, lr: float, warmup: int, final: float = 0.1) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine from ``lr`` to ``final * lr``."""
     if step < warmup:
@@ -389,6 +490,15 @@ def versions() -> dict[str, str]:
     }
 
 
+def _parse_sizes(p: argparse.ArgumentParser, flag: str, text: str) -> list[list[int]]:
+    try:
+        sizes = [[int(v) for v in s.split("x")] for s in text.split(",") if s]
+        check_sizes([tuple(s) for s in sizes])
+    except ValueError as err:
+        p.error(f"{flag} must be HxW,HxW,... multiples of 16, got {text!r} ({err})")
+    return sizes
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line of :func:`main`."""
     p = argparse.ArgumentParser(
@@ -405,7 +515,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="one sequence per question (default: one multi-turn sequence per scene)",
     )
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--clip", type=float, default=2.0, help="gradient-norm clipping")
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -436,6 +546,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--aug-prob", type=float, default=0.25, help="share of scenes with larger objects"
     )
     p.add_argument("--aug-max", type=float, default=2.0, help="largest augmentation factor")
+    p.add_argument(
+        "--warm",
+        type=float,
+        default=0.5,
+        help="share of the steps over which small warm-up canvases give way to --sizes",
+    )
+    p.add_argument(
+        "--warm-sizes",
+        default=",".join(f"{h}x{w}" for h, w in WARM_SIZES),
+        help="warm-up canvas sizes as HxW,HxW,... ('' for none)",
+    )
+    p.add_argument(
+        "--aux-weight",
+        type=float,
+        default=1.0,
+        help="weight of the auxiliary per-token shape loss on the merged visual features "
+        "(a linear probe, not part of the model; 0: off)",
+    )
     p.add_argument("--log-every", type=int, default=25, help="log the loss every N steps")
     p.add_argument(
         "--max-minutes", type=float, default=None, help="stop training early after this time"
@@ -449,6 +577,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--rope-theta", type=float, default=100.0, help="language-model M-RoPE base")
+    p.add_argument("--init", type=float, default=0.08, help="std of the initial weights")
     args = p.parse_args(argv)
     for name in ("steps", "images", "questions", "warmup", "threads", "eval_every", "log_every"):
         if getattr(args, name) < 1:
@@ -463,14 +592,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--start-scale must be in [1, 4] and --curriculum in [0, 1]")
     if not 0.0 <= args.aug_prob <= 1.0 or not 1.0 <= args.aug_max <= 2.5:
         p.error("--aug-prob must be in [0, 1] and --aug-max in [1, 2.5]")
+    if not 0.0 <= args.warm <= 1.0:
+        p.error("--warm must be in [0, 1]")
     if args.sizes is None:
         args.sizes = [list(s) for s in TRAIN_SIZES]
     else:
-        try:
-            args.sizes = [[int(v) for v in s.split("x")] for s in args.sizes.split(",") if s]
-            check_sizes([tuple(s) for s in args.sizes])
-        except ValueError as err:
-            p.error(f"--sizes must be HxW,HxW,... multiples of 16, got {args.sizes!r} ({err})")
+        args.sizes = _parse_sizes(p, "--sizes", args.sizes)
+        if not args.sizes:
+            p.error("--sizes must name at least one size")
+    args.warm_sizes = _parse_sizes(p, "--warm-sizes", args.warm_sizes)
     return args
 
 
@@ -489,12 +619,19 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any
         num_heads=args.heads,
         num_kv_heads=args.kv_heads,
         rope_theta=args.rope_theta,
+        initializer_range=args.init,
     )
     model = build_model(config, seed=args.seed)
     processor = build_processor()
     n_params = sum(p.numel() for p in model.parameters())
+    probe = None
+    if args.aux_weight > 0:
+        torch.manual_seed(args.seed + 1)
+        probe = torch.nn.Linear(config.text_config.hidden_size, 1 + len(SHAPES))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    if probe is not None:
+        no_decay += list(probe.parameters())
     opt = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": args.weight_decay},
@@ -522,13 +659,15 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any
     start = time.perf_counter()
     best = {"accuracy": -1.0, "step": 0}
     running: list[float] = []
+    by_type: dict[str, list[float]] = defaultdict(list)
+    aux_running: list[float] = []
     seen = 0
     step = 0
     stopped_early = False
     val_s = 0.0
     for step in range(args.steps):
         model.train()
-        batch, size, _ = training_batch(
+        batch, size, qtypes = training_batch(
             processor,
             step,
             args.seed,
@@ -541,25 +680,37 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any
             aug_prob=args.aug_prob,
             aug_max=args.aug_max,
             object_range=curriculum_objects(step, args.steps, args.curriculum),
+            warm_sizes=[tuple(w) for w in args.warm_sizes],
+            warm_prob=warm_probability(step, args.steps, args.warm),
         )
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        loss = answer_loss(training_logits(model, batch), batch["labels"])
+        logits, aux = training_forward(model, batch, probe)
+        loss = answer_loss(logits, batch["labels"])
+        if aux is not None:
+            aux_running.append(aux.item())
+            loss = loss + args.aux_weight * aux
+        with torch.no_grad():
+            for qtype, ce in zip(qtypes, answer_token_losses(logits, batch["labels"]), strict=True):
+                by_type[qtype].append(ce)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
-        running.append(loss.item())
+        running.append(loss.item() - (0.0 if aux is None else args.aux_weight * aux.item()))
         seen += int(batch["input_ids"].shape[0])
         if (step + 1) % args.log_every == 0:
             entry = {
                 "step": step + 1,
                 "loss": float(np.mean(running)),
+                "aux": round(float(np.mean(aux_running)), 4) if aux_running else None,
+                "answer_ce": {t: round(float(np.mean(v)), 3) for t, v in sorted(by_type.items())},
                 "grad_norm": float(grad_norm),
                 "lr": opt.param_groups[0]["lr"],
                 "sequences": seen,
                 "size": list(size),
                 "objects": list(curriculum_objects(step, args.steps, args.curriculum)),
+                "warm": round(warm_probability(step, args.steps, args.warm), 3),
                 "scale": round(
                     curriculum_scale(step, args.steps, args.start_scale, args.curriculum), 3
                 ),
@@ -568,6 +719,8 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any
             log["steps"].append(entry)
             print(json.dumps(entry), flush=True)
             running = []
+            by_type.clear()
+            aux_running.clear()
         last = step + 1 == args.steps
         over = args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes
         if args.val_per_size and ((step + 1) % args.eval_every == 0 or last or over):
