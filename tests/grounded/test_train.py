@@ -126,6 +126,55 @@ def test_token_shape_labels(index):
     assert (got == want).mean() >= 0.95
 
 
+def test_token_colour_and_centre_labels():
+    from tokenprune_kernels.grounded.scenes import COLOURS, SHAPES, random_scene, sample_rng
+
+    scene = random_scene(sample_rng("train", 4, 1), (112, 160), scale=2.0)
+    objs, shapes, colours = (
+        T.token_objects(scene),
+        T.token_shape_labels(scene),
+        T.token_colour_labels(scene),
+    )
+    assert objs.shape == shapes.shape == colours.shape == (7, 10)
+    for k, o in enumerate(scene.objects, start=1):
+        assert (shapes[objs == k] == 1 + SHAPES.index(o.shape)).all()
+        assert (colours[objs == k] == 1 + list(COLOURS).index(o.colour)).all()
+    assert ((shapes == 0) == (objs == 0)).all() and ((colours == 0) == (objs == 0)).all()
+    centre = T.token_centre_labels(scene)
+    assert centre.dtype == bool and centre.sum() == len(scene.objects)
+    for o in scene.objects:
+        assert centre[int(o.cy // 16), int(o.cx // 16)]
+
+
+@pytest.mark.parametrize("words, centre", [(False, False), (True, True), (False, True)])
+def test_aux_probe_outputs_and_loss(words, centre):
+    from tokenprune_kernels.grounded.model import TOKEN_ID
+
+    embed = torch.nn.Embedding(64, 16)
+    probe = T.AuxProbe(16, embed, words=words, centre=centre)
+    assert all(p is not embed.weight for p in probe.parameters())  # referenced, not owned
+    feats = torch.randn(9, 16, generator=torch.Generator().manual_seed(3))
+    out = probe(feats)
+    n_lin = (2 if words else 5) + int(centre)
+    assert out.shape == (9, n_lin + (10 if words else 0))
+    if words:  # colour / shape scores are dot products with the word embeddings
+        want = feats @ embed.weight[TOKEN_ID["blue"]]
+        assert torch.allclose(out[:, n_lin + 2], want, atol=1e-6)
+        want = feats @ embed.weight[TOKEN_ID["diamond"]]
+        assert torch.allclose(out[:, n_lin + 6 + 3], want, atol=1e-6)
+    batch = {
+        "token_shape": torch.tensor([0, 1, 2, 3, 4, 0, 0, 1, 2]),
+        "token_colour": torch.tensor([0, 1, 2, 3, 4, 0, 0, 5, 6]),
+        "token_centre": torch.tensor([0, 1, 0, 0, 1, 0, 0, 0, 1], dtype=torch.bool),
+    }
+    loss = T._probe_loss(probe, feats, batch)
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
+    loss.backward()
+    assert (embed.weight.grad is not None) == words
+    with pytest.raises(ValueError, match="token_shape has 9 labels for 8 tokens"):
+        T._probe_loss(probe, feats[:8], batch)
+
+
 def test_probe_loss_reaches_the_vision_tower(tmp_path):
     from tokenprune_kernels.grounded.model import build_config, build_model, build_processor
 
@@ -135,7 +184,7 @@ def test_probe_loss_reaches_the_vision_tower(tmp_path):
     batch, _, qtypes = T.training_batch(processor, 2, 0, 2, 2, sizes=[(64, 96)])
     n_tok = int((batch["image_grid_thw"].prod(1) // 4).sum())
     assert batch["token_shape"].shape == (n_tok,)
-    probe = torch.nn.Linear(32, 5)
+    probe = T.AuxProbe(32, model.get_input_embeddings(), words=True, centre=True)
     logits, aux = T.training_forward(model, batch, probe)
     assert torch.equal(logits, T.training_logits(model, batch))
     assert aux is not None and torch.isfinite(aux) and aux > 0
@@ -155,6 +204,7 @@ def test_probe_loss_reaches_the_vision_tower(tmp_path):
         (["--val-per-size", "-1"], "--val-per-size must be >= 0"),
         (["--start-scale", "9"], "--start-scale must be"),
         (["--warm", "1.5"], "--warm must be"),
+        (["--mrope", "8,x,4"], "--mrope must be"),
         (["--warm-sizes", "64x70"], "--warm-sizes must be"),
     ],
 )

@@ -598,7 +598,8 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int
     header["model"] = str(Path(model_dir).resolve())
     if mapper is not None:
         header["mapper"] = str(Path(args.mapper or ASSETS_DIR / "mapper.safetensors"))
-    rest = list(sys.argv[1:] if argv is None else argv)
+    # the words after the program name: from the caller, else cli.main's parsed argv, else sys
+    rest = list(argv if argv is not None else getattr(args, "argv", None) or sys.argv[1:])
     command = "tokenprune " + shlex.join(rest)
     results["header"] = header
     results["command"] = command

@@ -103,13 +103,18 @@ def build_config(
     num_kv_heads: int = 2,
     rope_theta: float = 100.0,
     initializer_range: float = 0.08,
+    mrope_section: Sequence[int] | None = None,
     attn_implementation: str = "sdpa",
 ) -> Any:
     """A small :class:`transformers.Qwen2VLConfig` over :data:`VOCAB`.
 
     The language model's head dim is ``hidden_size // num_heads``; its M-RoPE sections split the
     rotary half-dim over (t, h, w) as ``[half/8, rest/2, rest/2]`` (``[2, 7, 7]`` at head
-    dim 32): images have one frame, so the frequencies go to rows and columns.
+    dim 32): images have one frame, so the frequencies go to rows and columns. ``mrope_section``
+    ``[t, h, w]`` (summing to half the head dim) overrides that split. Every visual token of an
+    image sits at the same relative ``t`` from a text query, so the ``t`` frequencies are
+    position-free "content" channels for text-to-image attention, and ``h`` / ``w`` take the
+    highest remaining frequencies in that order (the lowest go to ``w``).
 
     ``initializer_range`` (std of the initial weights, vision tower and language model) is
     0.08 (about ``1 / sqrt(hidden_size)``) rather than the 0.02 of the big checkpoints: at this
@@ -148,6 +153,13 @@ def build_config(
     t_sec = max(1, half // 8)
     h_sec = (half - t_sec) // 2
     mrope = [t_sec, h_sec, half - t_sec - h_sec]
+    if mrope_section is not None:
+        mrope = [int(v) for v in mrope_section]
+        if len(mrope) != 3 or min(mrope) < 1 or sum(mrope) != half:
+            raise ValueError(
+                f"mrope_section must be 3 ints >= 1 summing to half the head dim ({half}), "
+                f"got {list(mrope_section)!r}"
+            )
     text = dict(
         vocab_size=VOCAB_SIZE,
         hidden_size=hidden_size,

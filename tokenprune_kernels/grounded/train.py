@@ -65,6 +65,7 @@ from tokenprune_kernels.grounded.model import (
     save_model_dir,
 )
 from tokenprune_kernels.grounded.scenes import (
+    COLOURS,
     MAX_OBJECTS,
     MIN_OBJECTS,
     QUESTION_TYPES,
@@ -248,14 +249,31 @@ def training_batch(
     batch["token_shape"] = torch.cat(
         [torch.from_numpy(token_shape_labels(scene)).flatten() for scene, _ in scenes]
     )
+    batch["token_colour"] = torch.cat(
+        [torch.from_numpy(token_colour_labels(scene)).flatten() for scene, _ in scenes]
+    )
+    batch["token_centre"] = torch.cat(
+        [torch.from_numpy(token_centre_labels(scene)).flatten() for scene, _ in scenes]
+    )
     return batch, size, qtypes
 
 
-def token_shape_labels(scene: Scene) -> np.ndarray:
+def token_centre_labels(scene: Scene) -> np.ndarray:
+    """Per visual token (row-major ``[H/16, W/16]`` bool): whether an object's centre pixel lies
+    in the token's 16 x 16 px cell (one token per object: what counting needs)."""
+    height, width = scene.size
+    out = np.zeros((height // TOKEN_PX, width // TOKEN_PX), bool)
+    for o in scene.objects:
+        row = min(int(o.cy // TOKEN_PX), out.shape[0] - 1)
+        col = min(int(o.cx // TOKEN_PX), out.shape[1] - 1)
+        out[row, col] = True
+    return out
+
+
+def token_objects(scene: Scene) -> np.ndarray:
     """Per visual token (16 x 16 px cell, row-major ``[H/16, W/16]`` int64): ``0`` where no
-    object covers a quarter of the cell, else ``1 + SHAPES.index(shape)`` of the object covering
-    most of it
-    (drawn with the scene's own polygons; the auxiliary target of the training script)."""
+    object covers a quarter of the cell, else ``1 +`` the index of the object covering most of
+    it (drawn with the scene's own polygons)."""
     from PIL import Image, ImageDraw
 
     from tokenprune_kernels.grounded.scenes import _shape_points
@@ -272,10 +290,23 @@ def token_shape_labels(scene: Scene) -> np.ndarray:
             draw.polygon(pts, fill=k)
     cells = np.asarray(ids).reshape(height // TOKEN_PX, TOKEN_PX, width // TOKEN_PX, TOKEN_PX)
     cells = cells.transpose(0, 2, 1, 3).reshape(height // TOKEN_PX, width // TOKEN_PX, -1)
-    shape_of = np.array([0] + [1 + SHAPES.index(o.shape) for o in scene.objects], np.int64)
     cover = np.stack([(cells == k).sum(-1) for k in range(len(scene.objects) + 1)])
     cover[0] = TOKEN_PX * TOKEN_PX // 4  # an object needs a quarter of the cell
-    return shape_of[cover.argmax(0)]
+    return cover.argmax(0).astype(np.int64)
+
+
+def token_shape_labels(scene: Scene) -> np.ndarray:
+    """Per visual token (row-major ``[H/16, W/16]`` int64): ``0`` where no object covers a
+    quarter of the cell, else ``1 + SHAPES.index(shape)`` of the object covering most of it
+    (:func:`token_objects`; the auxiliary target of the training script)."""
+    shape_of = np.array([0] + [1 + SHAPES.index(o.shape) for o in scene.objects], np.int64)
+    return shape_of[token_objects(scene)]
+
+
+def token_colour_labels(scene: Scene) -> np.ndarray:
+    """Like :func:`token_shape_labels` with ``1 + list(COLOURS).index(colour)``."""
+    colour_of = np.array([0] + [1 + list(COLOURS).index(o.colour) for o in scene.objects])
+    return colour_of.astype(np.int64)[token_objects(scene)]
 
 
 def _supports_encoder_outputs(model: Any) -> bool:
@@ -294,10 +325,12 @@ def training_forward(
     """``(logits [S, L, V], auxiliary loss or None)`` of the teacher-forced sequences.
 
     With a ``probe`` (a linear layer from the merged visual features to ``1 + len(SHAPES)``
-    classes) the auxiliary loss is the probe's cross-entropy against ``batch["token_shape"]``
-    (see :func:`token_shape_labels`): the mean over object tokens plus a quarter of the mean
-    over background tokens. It teaches the vision tower shape features quickly; the probe is
-    not part of the model.
+    shape logits, optionally + 1 centre logit) the auxiliary loss is the probe's cross-entropy
+    against ``batch["token_shape"]`` (see :func:`token_shape_labels`): the mean over object
+    tokens plus a quarter of the mean over background tokens; with the centre logit, plus the
+    binary cross-entropy against ``batch["token_centre"]`` (:func:`token_centre_labels`)
+    weighted the same way. It teaches the vision tower shape and object-centre features
+    quickly; the probe is not part of the model.
     """
     idx = batch["image_index"]
     grid = batch["image_grid_thw"]
@@ -328,16 +361,77 @@ def training_forward(
     return logits, _probe_loss(probe, torch.cat(tuple(feats)), batch)
 
 
+class AuxProbe(torch.nn.Module):
+    """The auxiliary per-token head of the training script (NOT part of the model).
+
+    ``words=False``: a linear layer to ``1 + len(SHAPES)`` shape logits (background + shapes).
+    ``words=True``: the object tokens' merged features are scored against the language model's
+    own word embeddings of the colours and of the shapes (two cross-entropies), so a visual
+    token of a red triangle points the way the words ``red`` and ``triangle`` do (the
+    projector alignment of LLaVA-style training, per token); a linear layer still scores
+    background vs object. ``centre=True`` adds one logit: does the token hold an object's
+    centre. ``embed`` is the model's input embedding (tied to its output layer); it is referenced,
+    not owned.
+    """
+
+    def __init__(self, hidden: int, embed: torch.nn.Embedding, words: bool, centre: bool) -> None:
+        super().__init__()
+        self.words, self.centre = words, centre
+        self.linear = torch.nn.Linear(hidden, (2 if words else 1 + len(SHAPES)) + int(centre))
+        self._embed = (embed,)  # a tuple: not a submodule, its weight is the model's
+        self.register_buffer(
+            "colour_ids", torch.tensor([TOKEN_ID[c] for c in COLOURS]), persistent=False
+        )
+        self.register_buffer(
+            "shape_ids", torch.tensor([TOKEN_ID[t] for t in SHAPES]), persistent=False
+        )
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """``feats [N, hidden]`` -> logits ``[N, C]``: linear outputs, then (``words``) the
+        colour and shape word scores."""
+        out = self.linear(feats)
+        if not self.words:
+            return out
+        weight = self._embed[0].weight
+        return torch.cat(
+            [out, feats @ weight[self.colour_ids].t(), feats @ weight[self.shape_ids].t()], 1
+        )
+
+
 def _probe_loss(
-    probe: torch.nn.Module, feats: torch.Tensor, batch: dict[str, torch.Tensor]
+    probe: AuxProbe, feats: torch.Tensor, batch: dict[str, torch.Tensor]
 ) -> torch.Tensor:
     target = batch["token_shape"]
     if target.shape[0] != feats.shape[0]:
         raise ValueError(f"token_shape has {target.shape[0]} labels for {feats.shape[0]} tokens")
-    ce = torch.nn.functional.cross_entropy(probe(feats.float()), target, reduction="none")
+    out = probe(feats.float())
+    ce = torch.nn.functional.cross_entropy
     obj = target > 0
-    loss = 0.25 * ce[~obj].mean() if (~obj).any() else ce.new_zeros(())
-    return loss + ce[obj].mean() if obj.any() else loss
+    if probe.words:
+        n_lin = 2
+        loss = _balanced(ce(out[:, :2], obj.long(), reduction="none"), obj)
+        if obj.any():
+            base = n_lin + int(probe.centre)
+            colour = batch["token_colour"][obj] - 1
+            loss = loss + ce(out[obj, base : base + len(COLOURS)], colour)
+            loss = loss + ce(out[obj, base + len(COLOURS) :], target[obj] - 1)
+    else:
+        n_lin = 1 + len(SHAPES)
+        loss = _balanced(ce(out[:, :n_lin], target, reduction="none"), obj)
+    if probe.centre:
+        n_shape = n_lin
+        centre = batch["token_centre"]
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(
+            out[:, n_shape], centre.float(), reduction="none"
+        )
+        loss = loss + _balanced(bce, centre)
+    return loss
+
+
+def _balanced(loss: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Mean over ``positive`` entries + a quarter of the mean over the others."""
+    out = 0.25 * loss[~positive].mean() if (~positive).any() else loss.new_zeros(())
+    return out + loss[positive].mean() if positive.any() else out
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -564,6 +658,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="weight of the auxiliary per-token shape loss on the merged visual features "
         "(a linear probe, not part of the model; 0: off)",
     )
+    p.add_argument(
+        "--aux-words",
+        action="store_true",
+        help="score object tokens against the colour and shape WORD embeddings (see AuxProbe)",
+    )
+    p.add_argument(
+        "--aux-centre",
+        action="store_true",
+        help="the probe also marks the token holding each object's centre (for counting)",
+    )
     p.add_argument("--log-every", type=int, default=25, help="log the loss every N steps")
     p.add_argument(
         "--max-minutes", type=float, default=None, help="stop training early after this time"
@@ -578,6 +682,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--rope-theta", type=float, default=100.0, help="language-model M-RoPE base")
     p.add_argument("--init", type=float, default=0.08, help="std of the initial weights")
+    p.add_argument(
+        "--mrope",
+        default=None,
+        help="language-model M-RoPE sections T,H,W (sum: half the head dim)",
+    )
     args = p.parse_args(argv)
     for name in ("steps", "images", "questions", "warmup", "threads", "eval_every", "log_every"):
         if getattr(args, name) < 1:
@@ -592,6 +701,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--start-scale must be in [1, 4] and --curriculum in [0, 1]")
     if not 0.0 <= args.aug_prob <= 1.0 or not 1.0 <= args.aug_max <= 2.5:
         p.error("--aug-prob must be in [0, 1] and --aug-max in [1, 2.5]")
+    if args.mrope is not None:
+        try:
+            args.mrope = [int(v) for v in args.mrope.split(",")]
+        except ValueError:
+            p.error(f"--mrope must be T,H,W ints, got {args.mrope!r}")
     if not 0.0 <= args.warm <= 1.0:
         p.error("--warm must be in [0, 1]")
     if args.sizes is None:
@@ -620,6 +734,7 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any
         num_kv_heads=args.kv_heads,
         rope_theta=args.rope_theta,
         initializer_range=args.init,
+        mrope_section=args.mrope,
     )
     model = build_model(config, seed=args.seed)
     processor = build_processor()
@@ -627,7 +742,12 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any
     probe = None
     if args.aux_weight > 0:
         torch.manual_seed(args.seed + 1)
-        probe = torch.nn.Linear(config.text_config.hidden_size, 1 + len(SHAPES))
+        probe = AuxProbe(
+            config.text_config.hidden_size,
+            model.get_input_embeddings(),
+            words=args.aux_words,
+            centre=args.aux_centre,
+        )
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     if probe is not None:
