@@ -57,6 +57,13 @@ from tokenprune_kernels.grounded.scenes import (
 from tokenprune_kernels.mapper import TokenMapper
 
 DEFAULT_KEEP_RATIO = 0.25
+DEFAULT_INDEX = 0
+DEFAULT_SEED = 0
+DEFAULT_SIZE: tuple[int, int] | None = (384, 384)
+DEFAULT_QUESTION_TYPE: str | None = None
+"""The default scene: ``make_sample("test", DEFAULT_INDEX, DEFAULT_SEED, DEFAULT_SIZE,
+DEFAULT_QUESTION_TYPE)`` (576 visual tokens; tests/grounded/test_shipped.py checks that the
+shipped model answers it right with and without pruning)."""
 DEFAULT_REPEATS = 3
 MAPPER_FILE = ASSETS_DIR / "mapper.safetensors"
 
@@ -327,12 +334,13 @@ def plot_demo(result: dict[str, Any], image: Any, path: str | Path) -> bool:
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:
-    """``"HxW"`` (e.g. ``"256x320"``) to ``(H, W)``; None stays None.
+    """``"HxW"`` (e.g. ``"256x320"``) to ``(H, W)``; None or ``"auto"`` give None (the sample
+    draws its size).
 
     Raises:
         ValueError: not ``HxW`` ints, or not multiples of 16 px and >= 64 (naming ``--size``).
     """
-    if text is None:
+    if text is None or str(text).strip().lower() == "auto":
         return None
     m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
     if m is None:
@@ -363,10 +371,14 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--keep-ratio", type=float, default=DEFAULT_KEEP_RATIO, help="in (0, 1]")
     p.add_argument("--split", choices=sorted(SPLIT_CODES), default="test")
-    p.add_argument("--index", type=int, default=0, help="sample index in the split")
-    p.add_argument("--seed", type=int, default=0, help="scene seed")
-    p.add_argument("--size", default=None, help="HxW pixels (default: drawn by the sample)")
-    p.add_argument("--question-type", choices=QUESTION_TYPES, default=None)
+    p.add_argument("--index", type=int, default=DEFAULT_INDEX, help="sample index in the split")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="scene seed")
+    default_size = None if DEFAULT_SIZE is None else "x".join(map(str, DEFAULT_SIZE))
+    p.add_argument(
+        "--size", default=default_size,
+        help=f"HxW pixels (default: {default_size}; 'auto': drawn by the sample)",
+    )  # fmt: skip
+    p.add_argument("--question-type", choices=QUESTION_TYPES, default=DEFAULT_QUESTION_TYPE)
     p.add_argument("--threads", type=int, default=1, help="torch threads (timing)")
     p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="timed runs (median)")
     p.add_argument("--out", type=Path, default=Path("demo.png"), help="the PNG to write")
@@ -492,7 +504,11 @@ if __name__ == "__main__":  # pragma: no cover
 
 
 __all__ = [
+    "DEFAULT_INDEX",
     "DEFAULT_KEEP_RATIO",
+    "DEFAULT_QUESTION_TYPE",
+    "DEFAULT_SEED",
+    "DEFAULT_SIZE",
     "MAPPER_FILE",
     "add_demo_parser",
     "cmd_demo",

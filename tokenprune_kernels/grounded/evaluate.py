@@ -556,6 +556,10 @@ def _error(message: str) -> int:
     return 2
 
 
+def _file_sha256(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
 def cmd_eval(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     """Run the evaluation of ``args`` (see :func:`add_eval_parser`) and write the outputs."""
     from tokenprune_kernels.bench import environment
@@ -596,8 +600,11 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int
     header = {"title": f"{args.sizes} sizes", **environment("cpu")}
     header["transformers"] = transformers.__version__
     header["model"] = str(Path(model_dir).resolve())
+    header["model_sha256"] = _file_sha256(Path(model_dir) / "model.safetensors")
     if mapper is not None:
-        header["mapper"] = str(Path(args.mapper or ASSETS_DIR / "mapper.safetensors"))
+        mfile = Path(args.mapper or ASSETS_DIR / "mapper.safetensors")
+        header["mapper"] = str(mfile)
+        header["mapper_sha256"] = _file_sha256(mfile)
     # the words after the program name: from the caller, else cli.main's parsed argv, else sys
     rest = list(argv if argv is not None else getattr(args, "argv", None) or sys.argv[1:])
     command = "tokenprune " + shlex.join(rest)
