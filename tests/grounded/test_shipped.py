@@ -1,0 +1,66 @@
+"""The shipped grounded-VQA model and mapper (tokenprune_kernels/grounded/assets): they load,
+match their training log, answer the README's demo scene right with and without pruning, and the
+committed evaluation results name them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("PIL", reason="scenes are rendered with Pillow")
+
+from tokenprune_kernels.grounded import demo as D
+from tokenprune_kernels.grounded.model import ASSETS_DIR, MODEL_DIR, load_grounded_model
+from tokenprune_kernels.grounded.scenes import make_sample
+from tokenprune_kernels.mapper import load_mapper
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    torch.manual_seed(0)
+    return load_grounded_model()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_assets_are_small_and_match_the_training_log(shipped):
+    model, _ = shipped
+    weights = MODEL_DIR / "model.safetensors"
+    assert weights.stat().st_size < 16 * 2**20
+    log = json.loads((ASSETS_DIR / "train_log.json").read_text())
+    assert log["parameters"] == sum(p.numel() for p in model.parameters())
+    text = log["config"]["text_config"]
+    assert text["hidden_size"] == model.config.text_config.hidden_size
+    assert text["num_hidden_layers"] == model.config.text_config.num_hidden_layers >= 4
+    assert log["command"].startswith("python -m tokenprune_kernels.grounded.train")
+    assert log["test"]["accuracy"] > 0.5  # far above chance (about 0.27)
+
+
+def test_demo_scene_answered_right_with_and_without_pruning(shipped):
+    model, processor = shipped
+    mapper = load_mapper(ASSETS_DIR / "mapper.safetensors")
+    sample = make_sample(
+        "test", D.DEFAULT_INDEX, D.DEFAULT_SEED, D.DEFAULT_SIZE, D.DEFAULT_QUESTION_TYPE
+    )
+    out = D.run_demo(model, processor, sample, mapper=mapper, repeats=1)
+    assert out["correct_full"] and out["correct_pruned"], out
+    assert out["harness_match"]
+    assert out["visual_tokens_after"] < out["visual_tokens_before"]
+
+
+@pytest.mark.parametrize("name", ["grounded_eval", "grounded_eval_large"])
+def test_committed_results_name_the_shipped_assets(name):
+    saved = json.loads((RESULTS / f"{name}.json").read_text())
+    header = saved["header"]
+    assert header["model_sha256"] == _sha256(MODEL_DIR / "model.safetensors")
+    assert header["mapper_sha256"] == _sha256(ASSETS_DIR / "mapper.safetensors")
+    assert (RESULTS / f"{name}.md").is_file() and (RESULTS / f"{name}.png").is_file()
