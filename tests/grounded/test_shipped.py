@@ -64,3 +64,24 @@ def test_committed_results_name_the_shipped_assets(name):
     assert header["model_sha256"] == _sha256(MODEL_DIR / "model.safetensors")
     assert header["mapper_sha256"] == _sha256(ASSETS_DIR / "mapper.safetensors")
     assert (RESULTS / f"{name}.md").is_file() and (RESULTS / f"{name}.png").is_file()
+
+
+def test_retraining_reproduces_the_shipped_log(tmp_path):
+    """The shipped recipe's first 25 steps, rerun: the same losses as assets/train_log.json (to
+    the bit where torch and the platform are the ones that trained it; close elsewhere)."""
+    from tokenprune_kernels.grounded import train as T
+
+    shipped_log = json.loads((ASSETS_DIR / "train_log.json").read_text())
+    argv = ["--out", str(tmp_path / "run"), "--stop-after", "25"]
+    argv += ["--val-per-size", "0", "--test-per-size", "0", "--threads", "1"]
+    args = T.parse_args(argv)
+    for key in ("steps", "lr", "warm", "curriculum", "rope_theta", "aux_weight", "images"):
+        assert getattr(args, key) == shipped_log["args"][key], key  # defaults = shipped recipe
+    log = T.train(args, command="test")
+    got, want = log["steps"][0], shipped_log["steps"][0]
+    assert got["step"] == want["step"] == 25 and got["size"] == want["size"]
+    same_stack = all(shipped_log["versions"][k] == T.versions()[k] for k in ("torch", "platform"))
+    if same_stack:
+        assert got["loss"] == want["loss"] and got["aux"] == want["aux"]
+    else:
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-3)

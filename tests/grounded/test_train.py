@@ -204,6 +204,7 @@ def test_probe_loss_reaches_the_vision_tower(tmp_path):
         (["--val-per-size", "-1"], "--val-per-size must be >= 0"),
         (["--start-scale", "9"], "--start-scale must be"),
         (["--warm", "1.5"], "--warm must be"),
+        (["--stop-after", "0"], "--stop-after must be >= 1"),
         (["--mrope", "8,x,4"], "--mrope must be"),
         (["--warm-sizes", "64x70"], "--warm-sizes must be"),
     ],

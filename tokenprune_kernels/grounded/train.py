@@ -692,6 +692,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-minutes", type=float, default=None, help="stop training early after this time"
     )
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop after this many steps of the --steps schedule (a reproducibility check)",
+    )
     p.add_argument("--vision-depth", type=int, default=2)
     p.add_argument("--vision-dim", type=int, default=64)
     p.add_argument("--vision-heads", type=int, default=4)
@@ -711,6 +717,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("steps", "images", "questions", "warmup", "threads", "eval_every", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.stop_after is not None and args.stop_after < 1:
+        p.error("--stop-after must be >= 1")
     for name in ("val_per_size", "test_per_size"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0 (0: skip)")
@@ -863,6 +871,7 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any
             aux_running.clear()
         last = step + 1 == args.steps
         over = args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes
+        over = over or (args.stop_after is not None and step + 1 >= args.stop_after)
         if args.val_per_size and ((step + 1) % args.eval_every == 0 or last or over):
             model.eval()
             t0 = time.perf_counter()
