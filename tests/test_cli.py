@@ -72,7 +72,7 @@ def test_every_subcommand_is_wired():
     from tokenprune_kernels.cli import build_parser
 
     choices = build_parser()._subparsers._group_actions[0].choices
-    assert set(choices) == {"env", "bench", "explain", "train-mapper", "eval"}
+    assert set(choices) == {"env", "bench", "explain", "train-mapper", "eval", "demo"}
 
 
 def test_train_mapper_through_the_top_level_command_reports_a_missing_dir(tmp_path, capsys):
