@@ -212,3 +212,14 @@ def test_eval_indices():
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_parse_size():
+    from tokenprune_kernels.grounded.scenes import parse_size
+
+    assert parse_size("256x320") == (256, 320) and parse_size(" 64X80 ") == (64, 80)
+    for bad, why in (("256", "HEIGHTxWIDTH"), ("2x3x4", "HEIGHTxWIDTH"), ("100x64", "multiples")):
+        with pytest.raises(ValueError, match=f"--flag must be .*{why}"):
+            parse_size(bad, "--flag")
+    with pytest.raises(ValueError, match=r"^size must be"):
+        parse_size("48x64")

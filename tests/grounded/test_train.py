@@ -140,6 +140,8 @@ def test_token_colour_and_centre_labels():
         assert (shapes[objs == k] == 1 + SHAPES.index(o.shape)).all()
         assert (colours[objs == k] == 1 + list(COLOURS).index(o.colour)).all()
     assert ((shapes == 0) == (objs == 0)).all() and ((colours == 0) == (objs == 0)).all()
+    assert np.array_equal(T.token_shape_labels(scene, objs), shapes)
+    assert np.array_equal(T.token_colour_labels(scene, objs), colours)
     centre = T.token_centre_labels(scene)
     assert centre.dtype == bool and centre.sum() == len(scene.objects)
     for o in scene.objects:
@@ -206,6 +208,9 @@ def test_probe_loss_reaches_the_vision_tower(tmp_path):
         (["--warm", "1.5"], "--warm must be"),
         (["--stop-after", "0"], "--stop-after must be >= 1"),
         (["--mrope", "8,x,4"], "--mrope must be"),
+        (["--mrope", "8,4,5"], "--mrope must be 3 ints >= 1 summing to half the head dim (16)"),
+        (["--aux-weight", "-1"], "--aux-weight must be >= 0"),
+        (["--warm-sizes", "64x64,abc"], "--warm-sizes must be HEIGHTxWIDTH"),
         (["--warm-sizes", "64x70"], "--warm-sizes must be"),
     ],
 )

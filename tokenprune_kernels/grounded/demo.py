@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shlex
 import statistics
 import sys
@@ -44,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenprune_kernels.grounded.evaluate import cli_error
 from tokenprune_kernels.grounded.methods import keep_count, prepare, select_layer0
 from tokenprune_kernels.grounded.model import ASSETS_DIR, MODEL_DIR, build_inputs
 from tokenprune_kernels.grounded.scenes import (
@@ -51,9 +51,9 @@ from tokenprune_kernels.grounded.scenes import (
     SPLIT_CODES,
     TOKEN_PX,
     Sample,
-    check_sizes,
     make_sample,
 )
+from tokenprune_kernels.grounded.scenes import parse_size as scene_size
 from tokenprune_kernels.mapper import TokenMapper
 
 DEFAULT_KEEP_RATIO = 0.25
@@ -335,26 +335,16 @@ def plot_demo(result: dict[str, Any], image: Any, path: str | Path) -> bool:
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:
-    """``"HxW"`` (e.g. ``"256x320"``) to ``(H, W)``; None or ``"auto"`` give None (the sample
-    draws its size).
+    """``--size``: ``"HxW"`` (e.g. ``"256x320"``) to ``(H, W)``
+    (:func:`~tokenprune_kernels.grounded.scenes.parse_size`); None or ``"auto"`` give None (the
+    sample draws its size).
 
     Raises:
         ValueError: not ``HxW`` ints, or not multiples of 16 px and >= 64 (naming ``--size``).
     """
     if text is None or str(text).strip().lower() == "auto":
         return None
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
-    if m is None:
-        raise ValueError(f"--size must be HEIGHTxWIDTH in pixels (e.g. 256x320), got {text!r}")
-    size = (int(m.group(1)), int(m.group(2)))
-    try:
-        check_sizes([size])
-    except ValueError:
-        raise ValueError(
-            f"--size must be multiples of {TOKEN_PX} px and >= {4 * TOKEN_PX} on both sides, "
-            f"got {text!r}"
-        ) from None
-    return size
+    return scene_size(text, "--size")
 
 
 def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -398,11 +388,6 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     _configure(p)
     p.set_defaults(func=cmd_demo)
     return p
-
-
-def _error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
 
 
 def _check_args(args: argparse.Namespace) -> tuple[Path, Path | None, tuple[int, int] | None]:
@@ -458,12 +443,12 @@ def cmd_demo(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int
     try:
         model_dir, mpath, size = _check_args(args)
     except ValueError as err:
-        return _error(str(err))
+        return cli_error(str(err))
     torch.set_num_threads(args.threads)
     try:
         mapper = None if mpath is None else load_mapper(mpath)
     except (ValueError, OSError) as err:
-        return _error(f"--mapper '{mpath}' could not be loaded: {err}")
+        return cli_error(f"--mapper '{mpath}' could not be loaded: {err}")
     t0 = time.perf_counter()
     sample = make_sample(args.split, args.index, args.seed, size, args.question_type)
     model, processor = load_model_dir(model_dir)

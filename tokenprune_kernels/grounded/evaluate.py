@@ -551,7 +551,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     return p
 
 
-def _error(message: str) -> int:
+def cli_error(message: str) -> int:
+    """Print ``error: message`` to stderr; return exit status 2 (the grounded commands'
+    bad-argument exit)."""
     print(f"error: {message}", file=sys.stderr)
     return 2
 
@@ -567,19 +569,19 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int
     from tokenprune_kernels.mapper import load_mapper
 
     if args.threads < 1:
-        return _error(f"--threads must be >= 1, got {args.threads}")
+        return cli_error(f"--threads must be >= 1, got {args.threads}")
     if args.n_per_size < 1:
-        return _error(f"--n-per-size must be >= 1, got {args.n_per_size}")
+        return cli_error(f"--n-per-size must be >= 1, got {args.n_per_size}")
     torch.set_num_threads(args.threads)
     model_dir = args.model_dir or MODEL_DIR
     if not (Path(model_dir) / "config.json").is_file():
-        return _error(f"--model-dir '{model_dir}' holds no model (config.json)")
+        return cli_error(f"--model-dir '{model_dir}' holds no model (config.json)")
     methods = list(dict.fromkeys(["none", *args.methods]))
     mapper = None
     if "mapper" in methods:
         mpath = args.mapper or ASSETS_DIR / "mapper.safetensors"
         if not Path(mpath).is_file():
-            return _error(f"--mapper '{mpath}' not found (or leave 'mapper' out of --methods)")
+            return cli_error(f"--mapper '{mpath}' not found (or leave 'mapper' out of --methods)")
         mapper = load_mapper(mpath)
     model, processor = load_model_dir(model_dir)
     label_model = None
@@ -594,7 +596,7 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int
             progress=lambda line: print(line, flush=True),
         )  # fmt: skip
     except ValueError as err:
-        return _error(str(err))
+        return cli_error(str(err))
     import transformers
 
     header = {"title": f"{args.sizes} sizes", **environment("cpu")}
@@ -645,6 +647,7 @@ __all__ = [
     "SIZE_SETS",
     "add_eval_parser",
     "chance_accuracy",
+    "cli_error",
     "cmd_eval",
     "eval_samples",
     "format_report",

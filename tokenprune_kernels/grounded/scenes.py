@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -656,6 +657,25 @@ def image_digest(image: Any) -> str:
     return h.hexdigest()
 
 
+def parse_size(text: str, name: str = "size") -> tuple[int, int]:
+    """``"HxW"`` pixels (e.g. ``"256x320"``, spaces and ``X`` allowed) to ``(H, W)``.
+
+    Raises:
+        ValueError: naming ``name``: not two ints, or not multiples of :data:`TOKEN_PX` px and
+            at least ``4 * TOKEN_PX`` on both sides.
+    """
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
+    if m is None:
+        raise ValueError(f"{name} must be HEIGHTxWIDTH in pixels (e.g. 256x320), got {text!r}")
+    size = (int(m.group(1)), int(m.group(2)))
+    if not all(v >= 4 * TOKEN_PX and v % TOKEN_PX == 0 for v in size):
+        raise ValueError(
+            f"{name} must be multiples of {TOKEN_PX} px and >= {4 * TOKEN_PX} on both sides, "
+            f"got {text!r}"
+        )
+    return size
+
+
 def check_sizes(sizes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """Validate a list of (height, width) sizes (see :func:`visual_tokens`)."""
     return [_check_size(s) for s in sizes]
@@ -686,6 +706,7 @@ __all__ = [
     "make_sample",
     "make_scene_question",
     "make_training_scene",
+    "parse_size",
     "pick_question",
     "random_background",
     "random_scene",

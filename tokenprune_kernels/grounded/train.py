@@ -95,9 +95,9 @@ from tokenprune_kernels.grounded.scenes import (
     TRAIN_SIZES,
     Question,
     Scene,
-    check_sizes,
     make_sample,
     make_training_scene,
+    parse_size,
     render_scene,
     sample_rng,
     visual_tokens,
@@ -266,11 +266,18 @@ def training_batch(
     answers = [[q.answer for q in qs] for _, qs in scenes]
     qtypes = [q.qtype for _, qs in scenes for q in qs]
     batch = encode_training_batch(processor, images, questions, answers, multi_turn)
+    objects = [token_objects(scene) for scene, _ in scenes]  # rendered once per scene
     batch["token_shape"] = torch.cat(
-        [torch.from_numpy(token_shape_labels(scene)).flatten() for scene, _ in scenes]
+        [
+            torch.from_numpy(token_shape_labels(scene, objs)).flatten()
+            for (scene, _), objs in zip(scenes, objects, strict=True)
+        ]
     )
     batch["token_colour"] = torch.cat(
-        [torch.from_numpy(token_colour_labels(scene)).flatten() for scene, _ in scenes]
+        [
+            torch.from_numpy(token_colour_labels(scene, objs)).flatten()
+            for (scene, _), objs in zip(scenes, objects, strict=True)
+        ]
     )
     batch["token_centre"] = torch.cat(
         [torch.from_numpy(token_centre_labels(scene)).flatten() for scene, _ in scenes]
@@ -315,18 +322,19 @@ def token_objects(scene: Scene) -> np.ndarray:
     return cover.argmax(0).astype(np.int64)
 
 
-def token_shape_labels(scene: Scene) -> np.ndarray:
+def token_shape_labels(scene: Scene, objects: np.ndarray | None = None) -> np.ndarray:
     """Per visual token (row-major ``[H/16, W/16]`` int64): ``0`` where no object covers a
     quarter of the cell, else ``1 + SHAPES.index(shape)`` of the object covering most of it
-    (:func:`token_objects`; the auxiliary target of the training script)."""
+    (the auxiliary target of the training script). ``objects``: :func:`token_objects` of
+    ``scene`` if already computed."""
     shape_of = np.array([0] + [1 + SHAPES.index(o.shape) for o in scene.objects], np.int64)
-    return shape_of[token_objects(scene)]
+    return shape_of[token_objects(scene) if objects is None else objects]
 
 
-def token_colour_labels(scene: Scene) -> np.ndarray:
+def token_colour_labels(scene: Scene, objects: np.ndarray | None = None) -> np.ndarray:
     """Like :func:`token_shape_labels` with ``1 + list(COLOURS).index(colour)``."""
     colour_of = np.array([0] + [1 + list(COLOURS).index(o.colour) for o in scene.objects])
-    return colour_of.astype(np.int64)[token_objects(scene)]
+    return colour_of.astype(np.int64)[token_objects(scene) if objects is None else objects]
 
 
 def _supports_encoder_outputs(model: Any) -> bool:
@@ -606,11 +614,9 @@ def versions() -> dict[str, str]:
 
 def _parse_sizes(p: argparse.ArgumentParser, flag: str, text: str) -> list[list[int]]:
     try:
-        sizes = [[int(v) for v in s.split("x")] for s in text.split(",") if s]
-        check_sizes([tuple(s) for s in sizes])
+        return [list(parse_size(s, flag)) for s in text.split(",") if s.strip()]
     except ValueError as err:
-        p.error(f"{flag} must be HxW,HxW,... multiples of 16, got {text!r} ({err})")
-    return sizes
+        p.error(f"{flag} must be HxW,HxW,... ({err})")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -734,6 +740,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             args.mrope = [int(v) for v in args.mrope.split(",")]
         except ValueError:
             p.error(f"--mrope must be T,H,W ints, got {args.mrope!r}")
+        half = args.hidden_size // args.heads // 2
+        if len(args.mrope) != 3 or min(args.mrope) < 1 or sum(args.mrope) != half:
+            p.error(f"--mrope must be 3 ints >= 1 summing to half the head dim ({half})")
+    if args.aux_weight < 0:
+        p.error(f"--aux-weight must be >= 0 (0: off), got {args.aux_weight}")
     if not 0.0 <= args.warm <= 1.0:
         p.error("--warm must be in [0, 1]")
     if args.sizes is None:
