@@ -196,9 +196,151 @@ def test_probe_loss_reaches_the_vision_tower(tmp_path):
     assert len(ce) == len(qtypes) and all(c > 0 for c in ce)
 
 
+def _tiny_batch(multi_turn=True):
+    from tokenprune_kernels.grounded.model import build_config, build_model, build_processor
+
+    cfg = build_config(vision_dim=16, vision_heads=2, hidden_size=32, intermediate_size=48)
+    model = build_model(cfg, seed=3)
+    batch, _, qtypes = T.training_batch(
+        build_processor(), 4, 0, 2, 3, multi_turn, sizes=[(128, 160)], scale=1.75
+    )
+    return model, batch, qtypes
+
+
+@pytest.mark.parametrize("multi_turn", [True, False])
+def test_involved_token_masks(multi_turn):
+    _, batch, qtypes = _tiny_batch(multi_turn)
+    n_tok = (128 // 16) * (160 // 16)
+    assert len(batch["involved"]) == len(qtypes)
+    assert all(m.dtype == torch.bool and m.shape == (n_tok,) for m in batch["involved"])
+    # every question but a "how many" with answer 0 involves an object with visible tokens
+    assert sum(bool(m.any()) for m in batch["involved"]) >= len(qtypes) - qtypes.count(
+        "count_colour"
+    )
+    _, scenes = T.training_scenes(4, 0, 2, 3, sizes=[(128, 160)], scale=1.75)
+    k = 0
+    for scene, qs in scenes:
+        objs = T.token_objects(scene).flatten()
+        for q in qs:
+            want = np.isin(objs - 1, q.involved) & (objs > 0)
+            assert np.array_equal(batch["involved"][k].numpy(), want)
+            first, second = batch["involved_first"][k], batch["involved_second"][k]
+            if q.qtype == "left_of":
+                assert np.array_equal(first.numpy(), objs - 1 == q.involved[0])
+                assert np.array_equal(second.numpy(), objs - 1 == q.involved[1])
+                assert first.any() and second.any() and not (first & second).any()
+            else:
+                assert torch.equal(first, batch["involved"][k])
+                assert torch.equal(second, batch["involved"][k])
+            k += 1
+    assert k == len(qtypes) and "left_of" in qtypes
+
+
+class _Out:
+    def __init__(self, hidden_states=None):
+        self.hidden_states = hidden_states
+
+
+def test_llm_aux_position_loss_is_zero_for_exact_positions():
+    _, batch, _ = _tiny_batch()
+    ids = batch["input_ids"]
+    visual = ids == T.TOKEN_ID[T.IMAGE_PAD]
+    rows, length = ids.shape
+    aux = T.LLMAux(32, pos_weight=1.0, pos_layer=1)
+    with torch.no_grad():
+        aux.pos.weight.zero_()
+        aux.pos.weight[0, 0] = aux.pos.weight[1, 1] = 1.0
+        aux.pos.bias.zero_()
+    k = torch.arange(8 * 10)
+    exact = torch.stack([k // 10, k % 10], 1).float() / T.POS_SCALE  # grid 8 x 10 tokens
+    hidden = torch.zeros(rows, length, 32)
+    hidden[visual] = torch.cat([exact, torch.zeros(80, 30)], 1).repeat(rows, 1)
+    assert aux(_Out([hidden, hidden]), batch)["pos"].item() == pytest.approx(0.0, abs=1e-12)
+    swapped = hidden.clone()
+    swapped[visual] = torch.cat([exact.flip(1), torch.zeros(80, 30)], 1).repeat(rows, 1)
+    loss = aux(_Out([swapped, swapped]), batch)["pos"]
+    want = ((exact.flip(1) - exact) ** 2).mean()
+    assert loss.item() == pytest.approx(want.item()) and loss > 0
+
+
+@pytest.mark.parametrize("layer, head", [(-1, 0), (1, 3), (0, 2)])
+def test_llm_aux_answer_rows_equal_eager_attention(layer, head):
+    model, batch, _ = _tiny_batch()
+    aux = T.LLMAux(32, attn_weight=1.0, attn_layer=layer, attn_head=head)
+    with pytest.raises(RuntimeError, match="needs attach"):
+        aux.answer_probs(batch)
+    aux.attach(model)
+    model.set_attn_implementation("eager")
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    with torch.no_grad():
+        out = model(
+            **inputs,
+            pixel_values=batch["pixel_values"],
+            image_grid_thw=batch["image_grid_thw"],
+            output_attentions=True,
+            use_cache=False,
+        )
+        rows = aux.answer_probs(batch)
+    want = out.attentions[layer][:, head]
+    assert len(rows) == len(batch["involved"]) == 6
+    for row, col, probs in rows:
+        assert batch["input_ids"][row, col] == T.TOKEN_ID["assistant"]
+        assert torch.allclose(probs, want[row, col], atol=1e-6)
+        assert probs[col + 1 :].abs().sum() == 0
+    aux.detach()
+    with pytest.raises(RuntimeError, match="needs attach"):
+        aux.answer_probs(batch)
+
+
+def test_llm_aux_attention_loss():
+    model, batch, _ = _tiny_batch()
+    aux = T.LLMAux(32, attn_weight=1.0, attn_layer=-1, attn_head=1)
+    aux.attach(model)
+    with torch.no_grad():
+        T.training_forward(model, batch)
+    visual = batch["input_ids"] == T.TOKEN_ID[T.IMAGE_PAD]
+    want = [
+        -np.log(p[visual[row].nonzero().squeeze(1)[m]].sum().item() + 1e-4)
+        for (row, _, p), m in zip(aux.answer_probs(batch), batch["involved"], strict=True)
+        if m.any()
+    ]
+    loss = aux(_Out(), batch)["attn"]
+    assert len(want) >= 4 and loss.item() == pytest.approx(float(np.mean(want)), rel=1e-5)
+    split = T.LLMAux(32, attn_weight=1.0, attn_layer=-1, attn_head=1, split_pairs=True)
+    split.attach(model)
+    with torch.no_grad():
+        T.training_forward(model, batch)
+    want = [
+        -np.log(p[visual[row].nonzero().squeeze(1)[m]].sum().item() + 1e-4)
+        for head, key in ((1, "involved_first"), (2, "involved_second"))
+        for (row, _, p), m in zip(split.answer_probs(batch, head), batch[key], strict=True)
+        if m.any()
+    ]
+    assert split(_Out(), batch)["attn"].item() == pytest.approx(float(np.mean(want)), rel=1e-5)
+    batch["involved"] = batch["involved"][:-1]
+    with pytest.raises(ValueError, match="6 answers for 5"):
+        aux(_Out(), batch)
+
+
+def test_tiny_run_with_llm_aux(tmp_path):
+    log, out = _run(
+        tmp_path, "x", "--steps", "2", "--val-per-size", "1", "--eval-every", "1",
+        "--test-per-size", "0", "--aux-pos", "1", "--aux-attn", "0.5", "--aux-attn-layer", "2",
+    )  # fmt: skip
+    assert {"aux_pos", "aux_attn"} <= set(log["steps"][0]) and log["best"]["step"] in (1, 2)
+    assert "eager" not in (out / "model" / "config.json").read_text()
+    model, _ = load_model_dir(out / "model")
+    assert model.config.text_config.hidden_size == 32
+
+
 @pytest.mark.parametrize(
     "extra, match",
     [
+        (["--aux-pos", "-1"], "--aux-pos and --aux-attn must be >= 0"),
+        (["--aux-pos-layer", "5"], "--aux-pos-layer must be in [1, --layers (4)]"),
+        (["--aux-attn-layer", "4"], "--aux-attn-layer must be a decoder layer index (-4 .. 3)"),
+        (["--aux-attn-head", "4"], "--aux-attn-head must be in [0, --heads (4))"),
+        (["--aux-attn-head", "3", "--aux-attn-split"], "leave a head after it"),
         (["--steps", "0"], "--steps must be >= 1"),
         (["--types", "colour"], "--types must be"),
         (["--aug-prob", "2"], "--aug-prob must be"),

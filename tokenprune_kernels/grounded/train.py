@@ -282,6 +282,17 @@ def training_batch(
     batch["token_centre"] = torch.cat(
         [torch.from_numpy(token_centre_labels(scene)).flatten() for scene, _ in scenes]
     )
+    masks: dict[str, list[torch.Tensor]] = {"involved": [], "first": [], "second": []}
+    for (_, qs), objs in zip(scenes, objects, strict=True):
+        flat = objs.flatten()
+        for q in qs:
+            both = torch.from_numpy(np.isin(flat - 1, q.involved) & (flat > 0))
+            masks["involved"].append(both)
+            pair = q.qtype == "left_of" and len(q.involved) == 2
+            for k, name in enumerate(("first", "second")):
+                masks[name].append(torch.from_numpy(flat - 1 == q.involved[k]) if pair else both)
+    batch["involved"] = masks["involved"]
+    batch["involved_first"], batch["involved_second"] = masks["first"], masks["second"]
     return batch, size, qtypes
 
 
@@ -350,7 +361,21 @@ def training_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def training_forward(
     model: Any, batch: dict[str, torch.Tensor], probe: torch.nn.Module | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(logits [S, L, V], auxiliary loss or None)`` of the teacher-forced sequences.
+    """``(logits [S, L, V], auxiliary loss or None)`` of the teacher-forced sequences: the
+    first two outputs of :func:`training_forward_full` without language-model auxiliaries."""
+    logits, aux, _ = training_forward_full(model, batch, probe)
+    return logits, aux
+
+
+def training_forward_full(
+    model: Any,
+    batch: dict[str, Any],
+    probe: torch.nn.Module | None = None,
+    llm_aux: LLMAux | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """``(logits [S, L, V], auxiliary loss or None, language-model auxiliary losses)`` of the
+    teacher-forced sequences. The last is ``llm_aux(outputs, batch)`` (see :class:`LLMAux`;
+    ``{}`` without it).
 
     With a ``probe`` (a linear layer from the merged visual features to ``1 + len(SHAPES)``
     shape logits, optionally + 1 centre logit) the auxiliary loss is the probe's cross-entropy
@@ -369,24 +394,176 @@ def training_forward(
         "image_grid_thw": grid[idx],
         "use_cache": False,
     }
+    extra: dict[str, bool] = {}
+    if llm_aux is not None and llm_aux.pos_weight > 0:
+        extra = {"output_hidden_states": True}
     if _supports_encoder_outputs(model):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         feats = model.model.get_image_features(batch["pixel_values"], grid).pooler_output
         per_seq = tuple(feats[i] for i in idx.tolist())
         enc = {"image": BaseModelOutputWithPooling(pooler_output=per_seq)}
-        logits = model(**common, mm_encoder_outputs=enc).logits
-        return logits, None if probe is None else _probe_loss(probe, torch.cat(feats), batch)
+        out = model(**common, **extra, mm_encoder_outputs=enc)
+        aux = None if probe is None else _probe_loss(probe, torch.cat(feats), batch)
+        return out.logits, aux, {} if llm_aux is None else llm_aux(out, batch)
     patches = grid.prod(dim=1).tolist()
     chunks = torch.split(batch["pixel_values"], patches)
     pixels = torch.cat([chunks[i] for i in idx.tolist()])
-    logits = model(**common, pixel_values=pixels).logits
+    out = model(**common, **extra, pixel_values=pixels)
+    llm = {} if llm_aux is None else llm_aux(out, batch)
     if probe is None:
-        return logits, None
+        return out.logits, None, llm
     # older transformers: the tower runs once more for the probe's features
     feats = model.model.get_image_features(batch["pixel_values"], grid)
     feats = getattr(feats, "pooler_output", feats)
-    return logits, _probe_loss(probe, torch.cat(tuple(feats)), batch)
+    return out.logits, _probe_loss(probe, torch.cat(tuple(feats)), batch), llm
+
+
+POS_SCALE = 24.0
+"""Token rows / columns are divided by this (the longest side of the training grids) as the
+targets of :class:`LLMAux`'s position probe."""
+
+
+class LLMAux(torch.nn.Module):
+    """Auxiliary losses on the LANGUAGE model's internals (training only; not part of the model).
+
+    - position (``pos_weight > 0``): a linear probe reads the hidden state of every visual token
+      after decoder layer ``pos_layer - 1`` (``hidden_states[pos_layer]``) and regresses its
+      token row and column (divided by :data:`POS_SCALE`); mean squared error. Qwen2-VL gives
+      visual tokens no absolute position (the tower and M-RoPE are relative), so a comparison
+      of two objects' columns needs it computed; this teaches the first layers to write it into
+      the tokens, where later layers can read it with the object's colour and shape.
+    - attention (``attn_weight > 0``): head ``attn_head`` of decoder layer ``attn_layer``, from
+      the position that predicts each answer (the ``assistant`` token), should put its mass on
+      the visual tokens of the objects the question involves (``batch["involved"]``, see
+      :func:`training_batch`): ``-log`` of that mass, averaged over the questions that involve
+      an object. With ``split_pairs`` a question about two objects (``left_of``) instead
+      supervises head ``attn_head`` with its first object and head ``attn_head + 1`` with its
+      second (``batch["involved_first"]`` / ``["involved_second"]``; other questions supervise
+      both heads with all their objects), so each object's features, position included, reach
+      the answer through a head of its own. The probabilities of those few query rows are
+      recomputed from the layer's inputs (a forward pre-hook installed by :meth:`attach`), so
+      the model keeps its fast attention and never materialises attention matrices.
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        pos_weight: float = 0.0,
+        pos_layer: int = 1,
+        attn_weight: float = 0.0,
+        attn_layer: int = -1,
+        attn_head: int = 0,
+        split_pairs: bool = False,
+    ) -> None:
+        super().__init__()
+        self.pos_weight, self.pos_layer = float(pos_weight), int(pos_layer)
+        self.attn_weight, self.attn_layer = float(attn_weight), int(attn_layer)
+        self.attn_head, self.split_pairs = int(attn_head), bool(split_pairs)
+        self.pos = torch.nn.Linear(hidden, 2)
+        self._attn: tuple[Any, ...] = ()  # (attention module, hook handle): not submodules
+        self._inputs: dict[str, Any] = {}
+
+    def attach(self, model: Any) -> None:
+        """Hook the attention of decoder layer ``attn_layer`` of ``model`` (a Qwen2-VL) so that
+        :meth:`answer_probs` can recompute its answer rows after each forward."""
+        self.detach()
+        attn = model.model.language_model.layers[self.attn_layer].self_attn
+
+        def grab(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self._inputs = {
+                "hidden": kwargs["hidden_states"] if "hidden_states" in kwargs else args[0],
+                "rope": kwargs.get("position_embeddings"),
+            }
+
+        self._attn = (attn, attn.register_forward_pre_hook(grab, with_kwargs=True))
+
+    def detach(self) -> None:
+        """Remove the hook of :meth:`attach` (if any)."""
+        if self._attn:
+            self._attn[1].remove()
+        self._attn, self._inputs = (), {}
+
+    def answer_probs(
+        self, batch: dict[str, Any], head: int | None = None
+    ) -> list[tuple[int, int, torch.Tensor]]:
+        """``(row, col, probs [L])`` per answer, in question order: the attention
+        probabilities of head ``head`` (default ``attn_head``) of layer ``attn_layer`` from the
+        ``assistant`` token ``col`` of sequence ``row`` over the keys ``0 .. L-1`` (0 after
+        ``col`` and on padding), from the inputs of the last forward (:meth:`attach` first)."""
+        if not self._attn or not self._inputs:
+            raise RuntimeError("LLMAux.answer_probs needs attach(model) and a forward first")
+        attn = self._attn[0]
+        hidden, rope = self._inputs["hidden"], self._inputs["rope"]
+        if rope is None or rope[0].dim() != 3:
+            raise RuntimeError(
+                "LLMAux expects the attention's position_embeddings as (cos, sin) of shape "
+                "[batch, length, head_dim] (transformers >= 5)"
+            )
+        cos, sin = rope
+        d = attn.head_dim
+        group = attn.config.num_attention_heads // attn.config.num_key_value_heads
+        qh = self.attn_head if head is None else int(head)
+        kh = qh // group
+
+        def rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+            return x * c + torch.cat((-x2, x1), -1) * s
+
+        ids, real = batch["input_ids"], batch["attention_mask"].bool()
+        answers = (ids[:, :-2] == TOKEN_ID["assistant"]).nonzero().tolist()
+        out: list[tuple[int, int, torch.Tensor]] = []
+        for row in sorted({r for r, _ in answers}):
+            cols = [c for r, c in answers if r == row]
+            h = hidden[row]
+            k = attn.k_proj(h).view(h.shape[0], -1, d)[:, kh]
+            k = rotate(k, cos[row], sin[row])
+            q = attn.q_proj(h[cols]).view(len(cols), -1, d)[:, qh]
+            q = rotate(q, cos[row, cols], sin[row, cols])
+            logits = (q @ k.t()) * attn.scaling  # [answers, L]
+            key = torch.arange(h.shape[0])
+            allowed = (key[None, :] <= torch.tensor(cols)[:, None]) & real[row][None, :]
+            probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+            out.extend((row, c, probs[i]) for i, c in enumerate(cols))
+        return out
+
+    def forward(self, outputs: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``{"pos": loss, "attn": loss}`` (the enabled ones, unweighted) from the model's
+        ``outputs`` (with ``hidden_states`` for the position probe) and the batch of
+        :func:`training_batch`."""
+        ids = batch["input_ids"]
+        visual = ids == TOKEN_ID[IMAGE_PAD]
+        rows = visual.shape[0]
+        n = int(visual[0].sum())
+        if not bool((visual.sum(1) == n).all()):
+            raise ValueError("every sequence of a batch must hold one image of the batch's size")
+        grid = batch["image_grid_thw"][0]
+        width = int(grid[2]) // 2
+        losses: dict[str, torch.Tensor] = {}
+        if self.pos_weight > 0:
+            h = outputs.hidden_states[self.pos_layer][visual].view(rows, n, -1)
+            k = torch.arange(n)
+            target = torch.stack([k // width, k % width], 1).float() / POS_SCALE
+            pred = self.pos(h.float())
+            losses["pos"] = torch.nn.functional.mse_loss(pred, target.expand_as(pred))
+        if self.attn_weight > 0:
+            heads = [(self.attn_head, "involved")]
+            if self.split_pairs:
+                heads = [
+                    (self.attn_head, "involved_first"),
+                    (self.attn_head + 1, "involved_second"),
+                ]
+            terms = []
+            for head, key in heads:
+                probs = self.answer_probs(batch, head)
+                if len(probs) != len(batch[key]):
+                    raise ValueError(f"{len(probs)} answers for {len(batch[key])} questions' masks")
+                for (row, _, p), mask in zip(probs, batch[key], strict=True):
+                    if mask.any():
+                        keys = visual[row].nonzero().squeeze(1)[mask]
+                        terms.append(-torch.log(p[keys].sum() + 1e-4))
+            losses["attn"] = torch.stack(terms).mean() if terms else torch.zeros(())
+        return losses
 
 
 class AuxProbe(torch.nn.Module):
@@ -704,6 +881,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="stop after this many steps of the --steps schedule (a reproducibility check)",
     )
+    p.add_argument(
+        "--aux-pos",
+        type=float,
+        default=0.0,
+        help="weight of the language model's visual-token position probe (LLMAux; 0: off)",
+    )
+    p.add_argument(
+        "--aux-pos-layer",
+        type=int,
+        default=1,
+        help="the position probe reads hidden_states[N] (after decoder layer N-1)",
+    )
+    p.add_argument(
+        "--aux-attn",
+        type=float,
+        default=0.0,
+        help="weight of the answer-to-involved-objects attention loss (LLMAux; 0: off)",
+    )
+    p.add_argument("--aux-attn-layer", type=int, default=-1, help="decoder layer of --aux-attn")
+    p.add_argument("--aux-attn-head", type=int, default=0, help="attention head of --aux-attn")
+    p.add_argument(
+        "--aux-attn-split",
+        action="store_true",
+        help="--aux-attn: left_of's two objects each through a head of their own (head, head + 1)",
+    )
     p.add_argument("--vision-depth", type=int, default=2)
     p.add_argument("--vision-dim", type=int, default=64)
     p.add_argument("--vision-heads", type=int, default=4)
@@ -743,6 +945,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         half = args.hidden_size // args.heads // 2
         if len(args.mrope) != 3 or min(args.mrope) < 1 or sum(args.mrope) != half:
             p.error(f"--mrope must be 3 ints >= 1 summing to half the head dim ({half})")
+    if args.aux_pos < 0 or args.aux_attn < 0:
+        p.error("--aux-pos and --aux-attn must be >= 0 (0: off)")
+    if not 1 <= args.aux_pos_layer <= args.layers:
+        p.error(f"--aux-pos-layer must be in [1, --layers ({args.layers})]")
+    if not -args.layers <= args.aux_attn_layer < args.layers:
+        n = args.layers
+        p.error(f"--aux-attn-layer must be a decoder layer index ({-n} .. {n - 1})")
+    if not 0 <= args.aux_attn_head < args.heads - int(args.aux_attn_split):
+        p.error(
+            f"--aux-attn-head must be in [0, --heads ({args.heads}))"
+            + (" and leave a head after it for --aux-attn-split" if args.aux_attn_split else "")
+        )
     if args.aux_weight < 0:
         p.error(f"--aux-weight must be >= 0 (0: off), got {args.aux_weight}")
     if not 0.0 <= args.warm <= 1.0:
@@ -787,10 +1001,26 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any
             words=args.aux_words,
             centre=args.aux_centre,
         )
+    llm_aux = None
+    if args.aux_pos > 0 or args.aux_attn > 0:
+        torch.manual_seed(args.seed + 2)
+        llm_aux = LLMAux(
+            config.text_config.hidden_size,
+            pos_weight=args.aux_pos,
+            pos_layer=args.aux_pos_layer,
+            attn_weight=args.aux_attn,
+            attn_layer=args.aux_attn_layer,
+            attn_head=args.aux_attn_head,
+            split_pairs=args.aux_attn_split,
+        )
+        if args.aux_attn > 0:
+            llm_aux.attach(model)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     if probe is not None:
         no_decay += list(probe.parameters())
+    if llm_aux is not None:
+        no_decay += list(llm_aux.parameters())
     opt = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": args.weight_decay},
@@ -820,6 +1050,7 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any
     running: list[float] = []
     by_type: dict[str, list[float]] = defaultdict(list)
     aux_running: list[float] = []
+    llm_running: dict[str, list[float]] = defaultdict(list)
     seen = 0
     step = 0
     stopped_early = False
@@ -844,11 +1075,15 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any
         )
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        logits, aux = training_forward(model, batch, probe)
+        logits, aux, llm_losses = training_forward_full(model, batch, probe, llm_aux)
         loss = answer_loss(logits, batch["labels"])
+        answer_only = loss.item()
         if aux is not None:
             aux_running.append(aux.item())
             loss = loss + args.aux_weight * aux
+        for name, value in llm_losses.items():
+            llm_running[name].append(value.item())
+            loss = loss + (args.aux_pos if name == "pos" else args.aux_attn) * value
         with torch.no_grad():
             for qtype, ce in zip(qtypes, answer_token_losses(logits, batch["labels"]), strict=True):
                 by_type[qtype].append(ce)
@@ -856,13 +1091,14 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
-        running.append(loss.item() - (0.0 if aux is None else args.aux_weight * aux.item()))
+        running.append(answer_only)
         seen += int(batch["input_ids"].shape[0])
         if (step + 1) % args.log_every == 0:
             entry = {
                 "step": step + 1,
                 "loss": float(np.mean(running)),
                 "aux": round(float(np.mean(aux_running)), 4) if aux_running else None,
+                **{f"aux_{k}": round(float(np.mean(v)), 4) for k, v in llm_running.items()},
                 "answer_ce": {t: round(float(np.mean(v)), 3) for t, v in sorted(by_type.items())},
                 "grad_norm": float(grad_norm),
                 "lr": opt.param_groups[0]["lr"],
@@ -880,6 +1116,7 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any
             running = []
             by_type.clear()
             aux_running.clear()
+            llm_running.clear()
         last = step + 1 == args.steps
         over = args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes
         over = over or (args.stop_after is not None and step + 1 >= args.stop_after)
