@@ -1077,10 +1077,11 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         logits, aux, llm_losses = training_forward_full(model, batch, probe, llm_aux)
         loss = answer_loss(logits, batch["labels"])
-        answer_only = loss.item()
         if aux is not None:
             aux_running.append(aux.item())
             loss = loss + args.aux_weight * aux
+        # the logged answer loss (computed as the shipped log's was, to the bit)
+        answer_only = loss.item() - (0.0 if aux is None else args.aux_weight * aux.item())
         for name, value in llm_losses.items():
             llm_running[name].append(value.item())
             loss = loss + (args.aux_pos if name == "pos" else args.aux_attn) * value
