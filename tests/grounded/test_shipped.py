@@ -75,7 +75,9 @@ def test_retraining_reproduces_the_shipped_log(tmp_path):
     argv = ["--out", str(tmp_path / "run"), "--stop-after", "25"]
     argv += ["--val-per-size", "0", "--test-per-size", "0", "--threads", "1"]
     args = T.parse_args(argv)
-    for key in ("steps", "lr", "warm", "curriculum", "rope_theta", "aux_weight", "images"):
+    keys = ("steps", "lr", "warm", "curriculum", "rope_theta", "aux_weight", "images")
+    keys += ("aux_pos", "aux_pos_layer", "aux_attn", "aux_attn_layer", "aux_attn_head")
+    for key in (*keys, "aux_attn_split"):
         assert getattr(args, key) == shipped_log["args"][key], key  # defaults = shipped recipe
     log = T.train(args, command="test")
     got, want = log["steps"][0], shipped_log["steps"][0]
