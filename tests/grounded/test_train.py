@@ -263,26 +263,30 @@ def test_llm_aux_position_loss_is_zero_for_exact_positions():
     assert loss.item() == pytest.approx(want.item()) and loss > 0
 
 
+@pytest.mark.parametrize("multi_turn", [True, False])
 @pytest.mark.parametrize("layer, head", [(-1, 0), (1, 3), (0, 2)])
-def test_llm_aux_answer_rows_equal_eager_attention(layer, head):
-    model, batch, _ = _tiny_batch()
+def test_llm_aux_answer_rows_equal_eager_attention(layer, head, multi_turn):
+    model, batch, _ = _tiny_batch(multi_turn)
     aux = T.LLMAux(32, attn_weight=1.0, attn_layer=layer, attn_head=head)
     with pytest.raises(RuntimeError, match="needs attach"):
         aux.answer_probs(batch)
     aux.attach(model)
     model.set_attn_implementation("eager")
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    with torch.no_grad():
+    idx, grid = batch["image_index"], batch["image_grid_thw"]
+    chunks = torch.split(batch["pixel_values"], grid.prod(1).tolist())
+    with torch.no_grad():  # each sequence with its image's pixels
         out = model(
             **inputs,
-            pixel_values=batch["pixel_values"],
-            image_grid_thw=batch["image_grid_thw"],
+            pixel_values=torch.cat([chunks[i] for i in idx.tolist()]),
+            image_grid_thw=grid[idx],
             output_attentions=True,
             use_cache=False,
         )
         rows = aux.answer_probs(batch)
     want = out.attentions[layer][:, head]
     assert len(rows) == len(batch["involved"]) == 6
+    assert len({row for row, _, _ in rows}) == (2 if multi_turn else 6)
     for row, col, probs in rows:
         assert batch["input_ids"][row, col] == T.TOKEN_ID["assistant"]
         assert torch.allclose(probs, want[row, col], atol=1e-6)
@@ -290,6 +294,19 @@ def test_llm_aux_answer_rows_equal_eager_attention(layer, head):
     aux.detach()
     with pytest.raises(RuntimeError, match="needs attach"):
         aux.answer_probs(batch)
+
+
+def test_llm_aux_bad_layer_or_head():
+    model, batch, _ = _tiny_batch()
+    with pytest.raises(ValueError, match="attn_layer must index one of the 4 decoder layers"):
+        T.LLMAux(32, attn_weight=1.0, attn_layer=4).attach(model)
+    with pytest.raises(ValueError, match=r"attn_head must be in \[0, 4\) for 4 heads"):
+        T.LLMAux(32, attn_weight=1.0, attn_head=4).attach(model)
+    with pytest.raises(ValueError, match="split_pairs also uses attn_head"):
+        T.LLMAux(32, attn_weight=1.0, attn_head=3, split_pairs=True).attach(model)
+    states = [torch.zeros(2, batch["input_ids"].shape[1], 32)] * 5
+    with pytest.raises(ValueError, match=r"pos_layer must be in \[1, 4\]"):
+        T.LLMAux(32, pos_weight=1.0, pos_layer=5)(_Out(states), batch)
 
 
 def test_llm_aux_attention_loss():

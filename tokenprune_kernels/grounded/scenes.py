@@ -667,13 +667,13 @@ def parse_size(text: str, name: str = "size") -> tuple[int, int]:
     m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
     if m is None:
         raise ValueError(f"{name} must be HEIGHTxWIDTH in pixels (e.g. 256x320), got {text!r}")
-    size = (int(m.group(1)), int(m.group(2)))
-    if not all(v >= 4 * TOKEN_PX and v % TOKEN_PX == 0 for v in size):
+    try:
+        return _check_size((int(m.group(1)), int(m.group(2))))
+    except ValueError:
         raise ValueError(
             f"{name} must be multiples of {TOKEN_PX} px and >= {4 * TOKEN_PX} on both sides, "
             f"got {text!r}"
-        )
-    return size
+        ) from None
 
 
 def check_sizes(sizes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -481,12 +481,32 @@ class LLMAux(torch.nn.Module):
         self.pos = torch.nn.Linear(hidden, 2)
         self._attn: tuple[Any, ...] = ()  # (attention module, hook handle): not submodules
         self._inputs: dict[str, Any] = {}
+        self._apply_rotary: Any = None  # the modeling module's apply_rotary_pos_emb
 
     def attach(self, model: Any) -> None:
         """Hook the attention of decoder layer ``attn_layer`` of ``model`` (a Qwen2-VL) so that
-        :meth:`answer_probs` can recompute its answer rows after each forward."""
+        :meth:`answer_probs` can recompute its answer rows after each forward.
+
+        Raises:
+            ValueError: ``attn_layer`` is not a decoder layer of ``model``, or ``attn_head``
+                (and ``attn_head + 1`` with ``split_pairs``) not one of its heads.
+        """
         self.detach()
-        attn = model.model.language_model.layers[self.attn_layer].self_attn
+        layers = model.model.language_model.layers
+        if not -len(layers) <= self.attn_layer < len(layers):
+            raise ValueError(
+                f"attn_layer must index one of the {len(layers)} decoder layers, "
+                f"got {self.attn_layer}"
+            )
+        attn = layers[self.attn_layer].self_attn
+        heads = attn.config.num_attention_heads
+        if not 0 <= self.attn_head < heads - int(self.split_pairs):
+            raise ValueError(
+                f"attn_head must be in [0, {heads - int(self.split_pairs)}) for {heads} heads"
+                + (" (split_pairs also uses attn_head + 1)" if self.split_pairs else "")
+                + f", got {self.attn_head}"
+            )
+        self._apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
 
         def grab(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             self._inputs = {
@@ -525,8 +545,9 @@ class LLMAux(torch.nn.Module):
         kh = qh // group
 
         def rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-            x1, x2 = x[..., : d // 2], x[..., d // 2 :]
-            return x * c + torch.cat((-x2, x1), -1) * s
+            # x [T, D], c / s [T, D]: the model's own rotary on a [1, 1, T, D] view
+            y = x[None, None]
+            return self._apply_rotary(y, y, c[None], s[None])[0][0, 0]
 
         ids, real = batch["input_ids"], batch["attention_mask"].bool()
         answers = (ids[:, :-2] == TOKEN_ID["assistant"]).nonzero().tolist()
@@ -559,7 +580,13 @@ class LLMAux(torch.nn.Module):
         width = int(grid[2]) // 2
         losses: dict[str, torch.Tensor] = {}
         if self.pos_weight > 0:
-            h = outputs.hidden_states[self.pos_layer][visual].view(rows, n, -1)
+            states = outputs.hidden_states
+            if not 1 <= self.pos_layer < len(states):
+                raise ValueError(
+                    f"pos_layer must be in [1, {len(states) - 1}] (the hidden states after a "
+                    f"decoder layer), got {self.pos_layer}"
+                )
+            h = states[self.pos_layer][visual].view(rows, n, -1)
             k = torch.arange(n)
             target = torch.stack([k // width, k % width], 1).float() / POS_SCALE
             pred = self.pos(h.float())
@@ -572,14 +599,14 @@ class LLMAux(torch.nn.Module):
                     (self.attn_head + 1, "involved_second"),
                 ]
             terms = []
+            positions = visual.nonzero()[:, 1].view(rows, n)  # each row's visual positions
             for head, key in heads:
                 probs = self.answer_probs(batch, head)
                 if len(probs) != len(batch[key]):
                     raise ValueError(f"{len(probs)} answers for {len(batch[key])} questions' masks")
                 for (row, _, p), mask in zip(probs, batch[key], strict=True):
                     if mask.any():
-                        keys = visual[row].nonzero().squeeze(1)[mask]
-                        terms.append(-torch.log(p[keys].sum() + 1e-4))
+                        terms.append(-torch.log(p[positions[row, mask]].sum() + 1e-4))
             losses["attn"] = torch.stack(terms).mean() if terms else torch.zeros(())
         return losses
 
