@@ -73,6 +73,10 @@ def test_config_shape_and_errors():
     assert sum(c.text_config.rope_parameters["mrope_section"]) == 128 // 4 // 2
     with pytest.raises(ValueError, match="num_layers must be an int >= 1"):
         M.build_config(num_layers=0)
+    with pytest.raises(ValueError, match=r"mrope_section must be .*multiple of 3.*got \[8, 8\]"):
+        M.build_config(mrope_section=[8, 8])
+    with pytest.raises(ValueError, match="at least one frequency to each of t, h and w"):
+        M.build_config(mrope_section=[8, 0, 0, 8, 0, 0])
     with pytest.raises(ValueError, match="hidden_size"):
         M.build_config(hidden_size=100, num_heads=3)
     with pytest.raises(ValueError, match="vision_dim"):
@@ -172,3 +176,21 @@ def test_training_logits_equal_standard_forward(processor, tiny):
     logits[0, 1, 7] = 50.0  # position 1 predicts label[2] = 7: zero loss there
     labels = torch.tensor([[-100, -100, 7, -100]])
     assert float(answer_loss(logits, labels)) < 1e-6
+
+
+@pytest.mark.parametrize("section", [[2, 7, 7], [1, 1, 1, 0, 1, 1, 0, 1, 1, 0, 1, 1, 7, 0, 0]])
+def test_mrope_sections_reach_the_rotary_embedding_as_documented(section):
+    """Chunk i of ``mrope_section`` rotates by position component i % 3 (t, h, w) in the
+    installed transformers: the interleaved layout is what the model really computes."""
+    import torch
+
+    model = M.build_model(M.build_config(mrope_section=section)).eval()
+    rotary = model.model.language_model.rotary_emb
+    pos = torch.tensor([3.0, 5.0, 11.0]).view(3, 1, 1)  # t, h, w of one token
+    x = torch.zeros(1, 1, 32)
+    cos, _ = rotary(x, pos.long())
+    inv = rotary.inv_freq
+    comp = [i % 3 for i, n in enumerate(section) for _ in range(n)]
+    want = torch.stack([torch.cos(pos[c, 0, 0] * inv[k]) for k, c in enumerate(comp)])
+    torch.testing.assert_close(cos[0, 0, :16], want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cos[0, 0, 16:], want, rtol=1e-5, atol=1e-6)

@@ -90,6 +90,23 @@ CHAT_TEMPLATE = (
 assert TOKEN_PX == PATCH_SIZE * MERGE_SIZE and len(VOCAB) <= VOCAB_SIZE
 
 
+def check_mrope_section(section: Sequence[int], half: int) -> str | None:
+    """Why ``section`` is not a valid M-RoPE section list for ``half`` rotary frequencies, or None.
+
+    Valid: ints >= 0, a length that is a multiple of 3 (chunk ``i`` goes to component
+    ``i % 3``: t, h, w), summing to ``half``, with at least one frequency for each of t, h, w.
+    """
+    vals = list(section)
+    not_int = any(isinstance(v, bool) or not isinstance(v, int) for v in vals)
+    if not vals or len(vals) % 3 or not_int:
+        return "must be a list of ints whose length is a multiple of 3 (t, h, w chunks in turn)"
+    if min(vals) < 0 or sum(vals) != half:
+        return f"must be ints >= 0 summing to half the head dim ({half})"
+    if any(sum(vals[c::3]) < 1 for c in range(3)):
+        return "must give at least one frequency to each of t, h and w"
+    return None
+
+
 def build_config(
     *,
     vision_depth: int = 2,
@@ -111,8 +128,12 @@ def build_config(
     The language model's head dim is ``hidden_size // num_heads``; its M-RoPE sections split the
     rotary half-dim over (t, h, w) as ``[half/8, rest/2, rest/2]`` (``[2, 7, 7]`` at head
     dim 32): images have one frame, so the frequencies go to rows and columns. ``mrope_section``
-    ``[t, h, w]`` (summing to half the head dim) overrides that split. Every visual token of an
-    image sits at the same relative ``t`` from a text query, so the ``t`` frequencies are
+    (summing to half the head dim) overrides that split: ``[t, h, w]``, or a longer list whose
+    chunks of consecutive frequencies go to ``t, h, w, t, h, w, ...`` in turn (transformers
+    assigns chunk ``i`` to component ``i % 3``; a length that is a multiple of 3 keeps that true
+    in every transformers version; zero-size chunks are allowed) - an interleaved layout like
+    Qwen3-VL's, so that rows and columns both get fast and slow frequencies. Every visual token of
+    an image sits at the same relative ``t`` from a text query, so the ``t`` frequencies are
     position-free "content" channels for text-to-image attention, and ``h`` / ``w`` take the
     highest remaining frequencies in that order (the lowest go to ``w``).
 
@@ -154,12 +175,10 @@ def build_config(
     h_sec = (half - t_sec) // 2
     mrope = [t_sec, h_sec, half - t_sec - h_sec]
     if mrope_section is not None:
+        err = check_mrope_section(mrope_section, half)
+        if err:
+            raise ValueError(f"mrope_section {err}, got {list(mrope_section)!r}")
         mrope = [int(v) for v in mrope_section]
-        if len(mrope) != 3 or min(mrope) < 1 or sum(mrope) != half:
-            raise ValueError(
-                f"mrope_section must be 3 ints >= 1 summing to half the head dim ({half}), "
-                f"got {list(mrope_section)!r}"
-            )
     text = dict(
         vocab_size=VOCAB_SIZE,
         hidden_size=hidden_size,

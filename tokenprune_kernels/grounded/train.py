@@ -99,6 +99,7 @@ from tokenprune_kernels.grounded.model import (
     build_config,
     build_model,
     build_processor,
+    check_mrope_section,
     generate_answers,
     save_model_dir,
 )
@@ -964,7 +965,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--mrope",
         default=None,
-        help="language-model M-RoPE sections T,H,W (sum: half the head dim)",
+        help="language-model M-RoPE sections T,H,W (sum: half the head dim), or a longer "
+        "T,H,W,T,H,W,... list of frequency chunks (interleaved; see model.build_config)",
     )
     args = p.parse_args(argv)
     for name in ("steps", "images", "questions", "warmup", "threads", "eval_every", "log_every"):
@@ -987,9 +989,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             args.mrope = [int(v) for v in args.mrope.split(",")]
         except ValueError:
             p.error(f"--mrope must be T,H,W ints, got {args.mrope!r}")
-        half = args.hidden_size // args.heads // 2
-        if len(args.mrope) != 3 or min(args.mrope) < 1 or sum(args.mrope) != half:
-            p.error(f"--mrope must be 3 ints >= 1 summing to half the head dim ({half})")
+        err = check_mrope_section(args.mrope, args.hidden_size // args.heads // 2)
+        if err:
+            p.error(f"--mrope {err}")
     if args.aux_pos < 0 or args.aux_attn < 0:
         p.error("--aux-pos and --aux-attn must be >= 0 (0: off)")
     if not 1 <= args.aux_pos_layer <= args.layers:
