@@ -40,6 +40,27 @@ CE 0.40 against 0.67 at step 2800) but colour and shape matching far more slowly
 shape CE 0.81 against 0.01), and was stopped. Splitting ``left_of``'s two objects over two heads
 (``--aux-attn-split``) was slower on every type at equal steps up to step 1400 and was stopped.
 
+Rotary frequencies, measured against this recipe at equal steps (answer CE per type: colour of a
+shape, shape of a colour, count, left of, extreme; mean of the logged steps in the 200 before):
+
+- base 30, sections ``2,7,7`` (every frequency fast): ``extreme`` learnt (CE 0.11 at step 2000,
+  validation 10/10 and 9/10 at steps 1500 and 2000), but colour / shape / count did not
+  (0.94 / 1.39 / 1.26 against 0.06 / 0.08 / 0.40), and the supervised head's attention loss
+  stayed at 0.88-0.97 (0.42 here): text-to-image attention that matches CONTENT needs slow
+  frequencies, since the query's position changes with the turn and the image size.
+- base 100 (``2,7,7``) and base 30 with ``6,5,5``: behind on every type at step 1400.
+- base 10000 with ``1,4,11`` / ``1,5,10`` (faster column frequencies, slow ones kept):
+  content learnt, ``extreme`` not (CE 0.85 / 0.89 at step 2000 against 0.77).
+- interleaved sections (``--mrope 1,1,1,0,1,1,0,1,1,0,1,1,7,0,0``: rows and columns each get
+  4 of the 9 fastest frequencies, ``t`` the 7 slowest): tracks this recipe on content, spatial
+  types near chance (CE 0.70 / 0.69 at step 3000 against 0.70 / 0.66); full run (3011 s): test
+  77.3% (left of 65.4%, extreme 44.2%, count 76.9%; best validation at step 2500), not shipped.
+- 2 heads of dim 64 with interleaved sections (7 fast row and 7 fast column frequencies, 17
+  slow ``t`` ones): count learnt faster (0.27 against 0.34 at step 2200) but colour and shape
+  not (0.83 / 1.27), spatial types at chance; stopped.
+- this recipe on the spatial types alone (``--types left_of,extreme``): ``extreme`` CE 0.82 at
+  step 1600, not learnt either.
+
 Each step draws ONE image size from ``--sizes`` (default
 :data:`~tokenprune_kernels.grounded.scenes.TRAIN_SIZES`; size buckets: no padding of pixels) and
 ``--images`` scenes of that size with up to ``--questions`` questions each (balanced answers; no
