@@ -132,10 +132,11 @@ def build_config(
     chunks of consecutive frequencies go to ``t, h, w, t, h, w, ...`` in turn (transformers
     assigns chunk ``i`` to component ``i % 3``; a length that is a multiple of 3 keeps that true
     in every transformers version; zero-size chunks are allowed) - an interleaved layout like
-    Qwen3-VL's, so that rows and columns both get fast and slow frequencies. Every visual token of
-    an image sits at the same relative ``t`` from a text query, so the ``t`` frequencies are
-    position-free "content" channels for text-to-image attention, and ``h`` / ``w`` take the
-    highest remaining frequencies in that order (the lowest go to ``w``).
+    Qwen3-VL's, so that rows and columns both get fast and slow frequencies. With ``[t, h, w]``
+    the ``w`` (column) section gets the slowest frequencies. Text-to-image attention that
+    matches content needs slow frequencies whatever their section: every visual token of an
+    image sits at the same ``t``, but the text query's own position changes with the turn and
+    the image size (measured: at base 30 no content question was learnt; see ``train``).
 
     ``initializer_range`` (std of the initial weights, vision tower and language model) is
     0.08 (about ``1 / sqrt(hidden_size)``) rather than the 0.02 of the big checkpoints: at this

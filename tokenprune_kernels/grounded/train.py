@@ -52,9 +52,9 @@ shape, shape of a colour, count, left of, extreme; mean of the logged steps in t
 - base 10000 with ``1,4,11`` / ``1,5,10`` (faster column frequencies, slow ones kept):
   content learnt, ``extreme`` not (CE 0.85 / 0.89 at step 2000 against 0.77).
 - interleaved sections (``--mrope 1,1,1,0,1,1,0,1,1,0,1,1,7,0,0``: rows and columns each get
-  4 of the 9 fastest frequencies, ``t`` the 7 slowest): tracks this recipe on content, spatial
-  types near chance (CE 0.70 / 0.69 at step 3000 against 0.70 / 0.66); full run (3011 s): test
-  77.3% (left of 65.4%, extreme 44.2%, count 76.9%; best validation at step 2500), not shipped.
+  4 of the 9 fastest frequencies, ``t`` the 7 slowest): tracks this recipe on content; spatial
+  answer CE at step 3000 0.70 / 0.69 (against 0.70 / 0.66); full run (3011 s): test 77.3%
+  (left of 65.4%, extreme 44.2%, count 76.9%; best validation at step 2500), not shipped.
 - 2 heads of dim 64 with interleaved sections (7 fast row and 7 fast column frequencies, 17
   slow ``t`` ones): count learnt faster (0.27 against 0.34 at step 2200) but colour and shape
   not (0.83 / 1.27), spatial types at chance; stopped.
