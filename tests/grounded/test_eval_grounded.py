@@ -161,6 +161,10 @@ def test_targets():
     close = E.targets(_fake((0.60, 0.75, 0.70), (0.58, 0.62, 0.66)))
     assert any("mapper vs random" in line and "NOT MET" in line for line in close)
     assert any("mapper at 25%" in line and "NOT MET" in line for line in close)
+    # ours worse: the mean difference carries its own sign
+    worse = E.targets(_fake((0.50, 0.52, 0.51), (0.60, 0.61, 0.62)))
+    line = next(x for x in worse if "mapper vs random" in x)
+    assert ": -10.0 points (mean)" in line and line.endswith("NOT MET"), line
 
 
 def test_report_and_plot(results, tmp_path):

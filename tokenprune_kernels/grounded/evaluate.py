@@ -385,7 +385,7 @@ def targets(results: dict[str, Any]) -> list[str]:
             paired = min(a - b for a, b in zip(mine, theirs, strict=True))
             verdict = "MET" if d > spread else "NOT MET"
             lines.append(
-                f"- {ours} vs {other} at 25%: +{100 * d:.1f} points (mean), seed spread "
+                f"- {ours} vs {other} at 25%: {100 * d:+.1f} points (mean), seed spread "
                 f"{100 * spread:.1f}, smallest per-seed difference {100 * paired:+.1f}: {verdict}"
             )
     return lines
