@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Ship a trained grounded model and regenerate everything that depends on it:
+#
+#   bash scripts/grounded_pipeline.sh RUN_DIR [LABELS_DIR]
+#
+# RUN_DIR is the --out of `python -m tokenprune_kernels.grounded.train` (model/, train_log.json,
+# test_predictions.json). Steps, in order, each the command the README quotes:
+#   1. copy the model and its logs into tokenprune_kernels/grounded/assets;
+#   2. explanation labels for 1500 training scenes (LABELS_DIR, default
+#      runs/grounded_labels; relative paths are from the repository root; emptied first);
+#   3. the mapper (assets/mapper.safetensors, .json, .train.json; labels summary beside it);
+#   4. `tokenprune eval` at the training sizes and at the large sizes (benchmarks/results);
+#   5. `tokenprune demo` (benchmarks/results/grounded_demo.png / .json).
+# About 30 min on one thread of the 2-core CI machine. Every step uses one thread, so timings in
+# the results are single-thread CPU timings.
+set -euo pipefail
+usage="usage: bash scripts/grounded_pipeline.sh RUN_DIR [LABELS_DIR]"
+run=${1:?$usage}
+labels=${2:-runs/grounded_labels}
+run=$(readlink -f "$run")
+cd "$(dirname "$0")/.."
+assets=tokenprune_kernels/grounded/assets
+results=benchmarks/results
+
+for f in model/config.json model/model.safetensors train_log.json test_predictions.json; do
+    if [[ ! -f "$run/$f" ]]; then
+        echo "grounded_pipeline: RUN_DIR $run has no $f (expected a grounded.train --out)" >&2
+        exit 2
+    fi
+done
+
+step() { echo "[grounded_pipeline $(date +%H:%M:%S)] $*"; }
+
+step "ship the model from $run"
+rm -rf "$assets/model"
+cp -r "$run/model" "$assets/model"
+cp "$run/train_log.json" "$run/test_predictions.json" "$assets/"
+
+step "explanation labels"
+rm -rf "$labels"
+python3 -m tokenprune_kernels.grounded.labels_pipeline --n 1500 --threads 1 --labels "$labels"
+cp "$labels/summary.json" "$assets/mapper.labels_summary.json"
+
+step "mapper"
+python3 -m tokenprune_kernels train-mapper --labels "$labels" \
+    --out "$assets/mapper.safetensors" --epochs 60 --bucket --threads 1 --no-progress
+
+step "eval (training sizes)"
+python3 -m tokenprune_kernels eval --seeds 0 1 2 3 4 --n-per-size 10 --threads 1 \
+    --out "$results/grounded_eval"
+
+step "eval (large sizes)"
+python3 -m tokenprune_kernels eval --sizes large --seeds 0 1 2 --n-per-size 5 --threads 1 \
+    --out "$results/grounded_eval_large"
+
+step "demo"
+python3 -m tokenprune_kernels demo --out "$results/grounded_demo.png" \
+    --json "$results/grounded_demo.json"
+step "done"
