@@ -77,7 +77,7 @@ def test_retraining_reproduces_the_shipped_log(tmp_path):
     args = T.parse_args(argv)
     keys = ("steps", "lr", "warm", "curriculum", "rope_theta", "aux_weight", "images")
     keys += ("aux_pos", "aux_pos_layer", "aux_attn", "aux_attn_layer", "aux_attn_head")
-    for key in (*keys, "aux_attn_split"):
+    for key in (*keys, "aux_attn_split", "mrope"):
         assert getattr(args, key) == shipped_log["args"][key], key  # defaults = shipped recipe
     log = T.train(args, command="test")
     got, want = log["steps"][0], shipped_log["steps"][0]

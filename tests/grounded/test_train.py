@@ -379,3 +379,12 @@ def test_bad_options(extra, match, capsys):
     with pytest.raises(SystemExit):
         T.parse_args(["--out", "x", *extra])
     assert match in capsys.readouterr().err
+
+
+def test_mrope_default_follows_the_head_dim():
+    """The shipped interleaved sections at head dim 32; build_config's split elsewhere; an
+    explicit --mrope always wins."""
+    assert T.parse_args(["--out", "x"]).mrope == list(T.SHIPPED_MROPE)
+    assert sum(T.SHIPPED_MROPE) == 128 // 4 // 2
+    assert T.parse_args(["--out", "x", "--heads", "2", "--kv-heads", "2"]).mrope is None
+    assert T.parse_args(["--out", "x", "--mrope", "2,7,7"]).mrope == [2, 7, 7]
