@@ -219,7 +219,8 @@ def run_bench(
     return results
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -237,7 +238,7 @@ def environment(device: str) -> dict[str, str]:
     if torch.device(device).type == "cuda":
         name = torch.cuda.get_device_name(torch.device(device))
     else:
-        name = f"CPU {_cpu_model()}, {torch.get_num_threads()} threads"
+        name = f"CPU {cpu_model()}, {torch.get_num_threads()} threads"
     info = {
         "device": name,
         "python": platform.python_version(),

@@ -6,8 +6,8 @@ The defaults are the shipped model's recipe (``assets/train_log.json`` holds its
 versions, per-step losses and test accuracy): 3800 steps, 49 min of training on one thread of
 the 2-core CI machine (the other core busy with a second run); test accuracy 77.3%.
 ``bash scripts/grounded_pipeline.sh runs/grounded`` ships a retrained model (and regenerates its
-mapper, evaluations and demo). The same command and thread count on the same torch give the
-same weights (tested on a tiny configuration).
+mapper, evaluations and demo). The same command and thread count on the same torch and CPU
+vector ISA give the same weights (tested on a tiny configuration; see below for other CPUs).
 
 Earlier recipes (initial std 0.02, training sizes only, no auxiliary loss, M-RoPE base 100) sat
 near chance for 15-20 min runs. The shipped recipe differs in four ways, chosen together (not
@@ -88,7 +88,10 @@ up to ``--aug-max`` times larger all along (objects as many pixels wide as the l
 show them).
 
 Everything is seeded: step ``i`` draws its data from ``sample_rng("train", i, seed)``, weights
-from ``torch.manual_seed(seed)``; the same command and thread count give the same weights.
+from ``torch.manual_seed(seed)``; the same command and thread count on the same torch and CPU
+give the same weights. Another CPU may round differently: the 77.3% model's recipe, rerun on an
+AMD EPYC (torch's AVX2 kernels) against the Intel Xeon that trained it, differs in the 7th digit
+of the loss at step 25 and in the 5th by step 300, and the run then follows another trajectory.
 Every ``--eval-every`` steps the validation set (``--val-per-size`` scenes per training size,
 fixed) is answered by ``model.generate`` (greedy, the real model on processor inputs) and the
 best model by validation accuracy is kept. At the end the test set (``--test-per-size`` per size,
@@ -118,6 +121,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tokenprune_kernels.bench import cpu_model
 from tokenprune_kernels.grounded.model import (
     CHAT_TEMPLATE,
     IM_END,
@@ -850,7 +854,9 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, final: float = 0.1) -> 
 
 
 def versions() -> dict[str, str]:
-    """Versions of Python, torch, transformers, numpy, Pillow, tokenizers and the platform."""
+    """Versions of Python, torch, transformers, numpy, Pillow, tokenizers, the platform, and the
+    CPU with the vector ISA torch's kernels use (floating-point results, and so the trained
+    weights, can differ between CPUs)."""
     import PIL
     import tokenizers
     import transformers
@@ -863,6 +869,7 @@ def versions() -> dict[str, str]:
         "pillow": PIL.__version__,
         "tokenizers": tokenizers.__version__,
         "platform": platform.platform(),
+        "cpu": f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()})",
     }
 
 
