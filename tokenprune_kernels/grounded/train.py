@@ -61,6 +61,16 @@ logged steps in the 200 before):
   answer CE at step 3000 0.70 / 0.69 (against 0.70 / 0.66); full run (3011 s): test 77.3%
   (left of 65.4%, extreme 44.2%, count 76.9%; best validation at step 2500): the shipped model,
   and these sections are the ``--mrope`` default.
+- interleaved sections with the position probe after layer 2 (``--aux-pos-layer 3``), on the
+  Intel Xeon that trained the shipped model: ``extreme`` learnt (CE 0.39 against 0.75 at step
+  2400, 0.02 at step 3450; validation 10/10), content a little later (colour of a shape 0.26
+  against 0.02 at step 2400, 0.03 at 3450); its test result was not recorded (the run's
+  directory was lost). The same command on an AMD EPYC: colour of a shape not learnt (CE 0.57
+  against 0.01 at step 3600), nor ``extreme`` (0.62); test 57.7% (colour of a shape 36.5%,
+  shape of a colour 94.2%, count 65.4%, left of 51.9%, extreme 40.4%; best validation at step
+  2000; 4893 s). With ``--aux-attn-split`` as well (AMD): the same picture to step 3400
+  (colour of a shape 0.63, extreme 0.63); stopped. So one run is one draw: which question types
+  a run learns changed with the CPU's floating-point rounding alone.
 - 2 heads of dim 64 with interleaved sections (7 fast row and 7 fast column frequencies, 17
   slow ``t`` ones): count learnt faster (0.27 against 0.34 at step 2200) but colour and shape
   not (0.83 / 1.27), spatial types at chance; stopped.
