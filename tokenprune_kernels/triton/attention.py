@@ -61,7 +61,9 @@ FLOPs: ``2 * D * Hq * sum_b n_q[b] * n_k[b]`` (pass 1) plus ``2 * D * Hq * sum_b
 **Precision.** ``tl.dot`` takes the operands as given (fp16/bf16 on the tensor cores, fp32
 accumulate). For float32 inputs it runs with ``input_precision="ieee"`` (exact fp32 products, no
 TF32); the tests hold it to a float64 reference at ``atol 1e-6, rtol 1e-4``. Softmax
-statistics, ``exp2`` and all sums are fp32.
+statistics, ``exp2`` and all sums are fp32. Under the interpreter (CPU tensors) bf16 tiles are
+cast to fp32 before ``tl.dot`` (``DOT_F32``): it stores bf16 as uint16 and would multiply the
+bits as integers. The GPU path never sets it.
 
 **Launch configuration** (:func:`_launch_config`, also what ``LOWERING_CASES`` lowers): fixed per
 dtype, no autotuning (nothing to tune under the interpreter, and no first-call tuning cost).
@@ -145,6 +147,7 @@ def _row_stats_kernel(
     BLOCK_N: tl.constexpr,
     HAS_Q_POS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     """Pass 1: partial (max, normaliser) of split ``program_id(2)`` for BLOCK_M packed rows."""
     tile = tl.program_id(0)
@@ -177,6 +180,8 @@ def _row_stats_kernel(
         mask=row_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
+    if DOT_F32:
+        q = q.to(tl.float32)
 
     # Keys 0..kv_len-1 are seen by some row of the tile, 0..full_len-1 by all of them.
     kv_len = tl.max(tl.where(row_ok, qpos, -1), 0) + 1
@@ -198,6 +203,8 @@ def _row_stats_kernel(
             mask=d_ok[None, :],
             other=0.0,
         )
+        if DOT_F32:
+            k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -212,6 +219,8 @@ def _row_stats_kernel(
             mask=in_split[:, None] & d_ok[None, :],
             other=0.0,
         )
+        if DOT_F32:
+            k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         seen = in_split[None, :] & (keys[None, :] <= qpos[:, None])
         s = tl.where(seen, s, float("-inf"))
@@ -255,6 +264,7 @@ def _visual_colsum_kernel(
     BLOCK_S: tl.constexpr,
     HAS_Q_POS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     """Pass 2: the mean attention of BLOCK_V visual tokens of one sample, over heads and rows."""
     tile = tl.program_id(0)
@@ -285,6 +295,8 @@ def _visual_colsum_kernel(
             mask=col_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
+        if DOT_F32:
+            k = k.to(tl.float32)
         kt = tl.trans(k)
         for r0 in range(0, n_rows, BLOCK_M):
             rows = r0 + tl.arange(0, BLOCK_M)
@@ -304,6 +316,8 @@ def _visual_colsum_kernel(
                 mask=row_ok[:, None] & d_ok[None, :],
                 other=0.0,
             )
+            if DOT_F32:
+                q = q.to(tl.float32)
             # Merge the splits' statistics: m = max m_s, l = sum l_s 2^(m_s - m).
             stat = (token * num_heads_q + head) * num_splits
             stat_ok = row_ok[:, None] & s_ok[None, :]
@@ -469,6 +483,8 @@ def instruction_attention_triton(
             "BLOCK_M": bm,
             "HAS_Q_POS": has_q_pos,
             "DOT_PRECISION": cfg["DOT_PRECISION"],
+            # The interpreter stores bf16 as uint16 and would multiply the bits as integers.
+            "DOT_F32": q.dtype == torch.bfloat16 and q.device.type != "cuda",
             "num_warps": cfg["num_warps"],
         }
         with device_guard:
@@ -517,6 +533,7 @@ def _cases(
         "BLOCK_M": cfg["BLOCK_M"],
         "HAS_Q_POS": has_q_pos,
         "DOT_PRECISION": cfg["DOT_PRECISION"],
+        "DOT_F32": False,  # the GPU path
     }
     strides = {"stride_qt": "i32", "stride_qh": "i32", "stride_kt": "i32", "stride_kh": "i32"}
     rows_sig = {
