@@ -17,6 +17,10 @@ set -euo pipefail
 usage="usage: bash scripts/grounded_pipeline.sh RUN_DIR [LABELS_DIR]"
 run=${1:?$usage}
 labels=${2:-runs/grounded_labels}
+if [[ ! -d "$run" ]]; then
+    echo "grounded_pipeline: RUN_DIR $run is not a directory ($usage)" >&2
+    exit 2
+fi
 run=$(readlink -f "$run")
 cd "$(dirname "$0")/.."
 assets=tokenprune_kernels/grounded/assets
@@ -28,6 +32,12 @@ for f in model/config.json model/model.safetensors train_log.json test_predictio
         exit 2
     fi
 done
+
+# LABELS_DIR is emptied: refuse anything that is not a label directory (or empty / absent).
+if [[ -e "$labels" && ! -f "$labels/summary.json" && -n "$(ls -A "$labels" 2>/dev/null)" ]]; then
+    echo "grounded_pipeline: LABELS_DIR $labels exists and holds no summary.json; not emptying it" >&2
+    exit 2
+fi
 
 step() { echo "[grounded_pipeline $(date +%H:%M:%S)] $*"; }
 
