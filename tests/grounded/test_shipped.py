@@ -80,6 +80,7 @@ def test_retraining_reproduces_the_shipped_log(tmp_path):
     keys += ("aux_pos", "aux_pos_layer", "aux_attn", "aux_attn_layer", "aux_attn_head")
     for key in (*keys, "aux_attn_split", "mrope"):
         assert getattr(args, key) == shipped_log["args"][key], key  # defaults = shipped recipe
+    assert args.aux_attn_left == shipped_log["args"].get("aux_attn_left", False)
     log = T.train(args, command="test")
     got, want = log["steps"][0], shipped_log["steps"][0]
     assert got["step"] == want["step"] == 25 and got["size"] == want["size"]

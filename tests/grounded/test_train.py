@@ -225,13 +225,17 @@ def test_involved_token_masks(multi_turn):
             want = np.isin(objs - 1, q.involved) & (objs > 0)
             assert np.array_equal(batch["involved"][k].numpy(), want)
             first, second = batch["involved_first"][k], batch["involved_second"][k]
+            left = batch["involved_left"][k]
             if q.qtype == "left_of":
                 assert np.array_equal(first.numpy(), objs - 1 == q.involved[0])
                 assert np.array_equal(second.numpy(), objs - 1 == q.involved[1])
                 assert first.any() and second.any() and not (first & second).any()
+                # the left object of the pair: the first named one exactly when the answer is yes
+                assert torch.equal(left, first if q.answer == "yes" else second)
             else:
                 assert torch.equal(first, batch["involved"][k])
                 assert torch.equal(second, batch["involved"][k])
+                assert torch.equal(left, batch["involved"][k])
             k += 1
     assert k == len(qtypes) and "left_of" in qtypes
 
@@ -304,6 +308,8 @@ def test_llm_aux_bad_layer_or_head():
         T.LLMAux(32, attn_weight=1.0, attn_head=4).attach(model)
     with pytest.raises(ValueError, match="split_pairs also uses attn_head"):
         T.LLMAux(32, attn_weight=1.0, attn_head=3, split_pairs=True).attach(model)
+    with pytest.raises(ValueError, match="split_pairs and left_only are exclusive"):
+        T.LLMAux(32, attn_weight=1.0, split_pairs=True, left_only=True)
     states = [torch.zeros(2, batch["input_ids"].shape[1], 32)] * 5
     with pytest.raises(ValueError, match=r"pos_layer must be in \[1, 4\]"):
         T.LLMAux(32, pos_weight=1.0, pos_layer=5)(_Out(states), batch)
@@ -334,6 +340,17 @@ def test_llm_aux_attention_loss():
         if m.any()
     ]
     assert split(_Out(), batch)["attn"].item() == pytest.approx(float(np.mean(want)), rel=1e-5)
+    left = T.LLMAux(32, attn_weight=1.0, attn_layer=1, attn_head=2, left_only=True)
+    left.attach(model)
+    with torch.no_grad():
+        T.training_forward(model, batch)
+    want = [
+        -np.log(p[visual[row].nonzero().squeeze(1)[m]].sum().item() + 1e-4)
+        for (row, _, p), m in zip(left.answer_probs(batch), batch["involved_left"], strict=True)
+        if m.any()
+    ]
+    got = left(_Out(), batch)["attn"].item()
+    assert got == pytest.approx(float(np.mean(want)), rel=1e-5)
     batch["involved"] = batch["involved"][:-1]
     with pytest.raises(ValueError, match="6 answers for 5"):
         aux(_Out(), batch)
@@ -358,6 +375,7 @@ def test_tiny_run_with_llm_aux(tmp_path):
         (["--aux-attn-layer", "4"], "--aux-attn-layer must be a decoder layer index (-4 .. 3)"),
         (["--aux-attn-head", "4"], "--aux-attn-head must be in [0, --heads (4))"),
         (["--aux-attn-head", "3", "--aux-attn-split"], "leave a head after it"),
+        (["--aux-attn-split", "--aux-attn-left"], "--aux-attn-split and --aux-attn-left are"),
         (["--steps", "0"], "--steps must be >= 1"),
         (["--types", "colour"], "--types must be"),
         (["--aug-prob", "2"], "--aug-prob must be"),

@@ -348,8 +348,8 @@ def training_batch(
     batch["token_centre"] = torch.cat(
         [torch.from_numpy(token_centre_labels(scene)).flatten() for scene, _ in scenes]
     )
-    masks: dict[str, list[torch.Tensor]] = {"involved": [], "first": [], "second": []}
-    for (_, qs), objs in zip(scenes, objects, strict=True):
+    masks: dict[str, list[torch.Tensor]] = {"involved": [], "first": [], "second": [], "left": []}
+    for (scene, qs), objs in zip(scenes, objects, strict=True):
         flat = objs.flatten()
         for q in qs:
             both = torch.from_numpy(np.isin(flat - 1, q.involved) & (flat > 0))
@@ -357,8 +357,14 @@ def training_batch(
             pair = q.qtype == "left_of" and len(q.involved) == 2
             for k, name in enumerate(("first", "second")):
                 masks[name].append(torch.from_numpy(flat - 1 == q.involved[k]) if pair else both)
+            if pair:
+                left = min(q.involved, key=lambda i: scene.objects[i].cx)
+                masks["left"].append(torch.from_numpy(flat - 1 == left))
+            else:
+                masks["left"].append(both)
     batch["involved"] = masks["involved"]
     batch["involved_first"], batch["involved_second"] = masks["first"], masks["second"]
+    batch["involved_left"] = masks["left"]
     return batch, size, qtypes
 
 
@@ -507,7 +513,10 @@ class LLMAux(torch.nn.Module):
       supervises head ``attn_head`` with its first object and head ``attn_head + 1`` with its
       second (``batch["involved_first"]`` / ``["involved_second"]``; other questions supervise
       both heads with all their objects), so each object's features, position included, reach
-      the answer through a head of its own. The probabilities of those few query rows are
+      the answer through a head of its own. With ``left_only`` a ``left_of`` question supervises
+      the head with the LEFT object of its pair only (``batch["involved_left"]``): the pair's
+      leftmost object, found as ``extreme`` finds the scene's, whose colour then answers whether
+      it is the first-named one. The probabilities of those few query rows are
       recomputed from the layer's inputs (a forward pre-hook installed by :meth:`attach`), so
       the model keeps its fast attention and never materialises attention matrices.
     """
@@ -521,11 +530,15 @@ class LLMAux(torch.nn.Module):
         attn_layer: int = -1,
         attn_head: int = 0,
         split_pairs: bool = False,
+        left_only: bool = False,
     ) -> None:
         super().__init__()
+        if split_pairs and left_only:
+            raise ValueError("split_pairs and left_only are exclusive (both set)")
         self.pos_weight, self.pos_layer = float(pos_weight), int(pos_layer)
         self.attn_weight, self.attn_layer = float(attn_weight), int(attn_layer)
         self.attn_head, self.split_pairs = int(attn_head), bool(split_pairs)
+        self.left_only = bool(left_only)
         self.pos = torch.nn.Linear(hidden, 2)
         self._attn: tuple[Any, ...] = ()  # (attention module, hook handle): not submodules
         self._inputs: dict[str, Any] = {}
@@ -640,7 +653,7 @@ class LLMAux(torch.nn.Module):
             pred = self.pos(h.float())
             losses["pos"] = torch.nn.functional.mse_loss(pred, target.expand_as(pred))
         if self.attn_weight > 0:
-            heads = [(self.attn_head, "involved")]
+            heads = [(self.attn_head, "involved_left" if self.left_only else "involved")]
             if self.split_pairs:
                 heads = [
                     (self.attn_head, "involved_first"),
@@ -1002,6 +1015,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="--aux-attn: left_of's two objects each through a head of their own (head, head + 1)",
     )
+    p.add_argument(
+        "--aux-attn-left",
+        action="store_true",
+        help="--aux-attn: a left_of question supervises it onto its pair's left object only",
+    )
     p.add_argument("--vision-depth", type=int, default=2)
     p.add_argument("--vision-dim", type=int, default=64)
     p.add_argument("--vision-heads", type=int, default=4)
@@ -1052,6 +1070,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not -args.layers <= args.aux_attn_layer < args.layers:
         n = args.layers
         p.error(f"--aux-attn-layer must be a decoder layer index ({-n} .. {n - 1})")
+    if args.aux_attn_split and args.aux_attn_left:
+        p.error("--aux-attn-split and --aux-attn-left are exclusive")
     if not 0 <= args.aux_attn_head < args.heads - int(args.aux_attn_split):
         p.error(
             f"--aux-attn-head must be in [0, --heads ({args.heads}))"
@@ -1112,6 +1132,7 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any
             attn_layer=args.aux_attn_layer,
             attn_head=args.aux_attn_head,
             split_pairs=args.aux_attn_split,
+            left_only=args.aux_attn_left,
         )
         if args.aux_attn > 0:
             llm_aux.attach(model)
