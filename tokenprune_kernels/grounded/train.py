@@ -166,6 +166,8 @@ from tokenprune_kernels.grounded.scenes import (
 )
 
 LOG_FILE = "train_log.json"
+SPATIAL_TYPES = ("left_of", "extreme")
+"""Question types that compare positions (``--aux-attn-spatial-layer``)."""
 REF_SHORT = 224
 """Shorter side (px) whose object pixel sizes the small warm-up canvases reproduce."""
 WARM_SIZES: tuple[tuple[int, int], ...] = ((128, 128), (128, 160), (160, 160), (160, 192))
@@ -365,6 +367,7 @@ def training_batch(
     batch["involved"] = masks["involved"]
     batch["involved_first"], batch["involved_second"] = masks["first"], masks["second"]
     batch["involved_left"] = masks["left"]
+    batch["spatial"] = [t in SPATIAL_TYPES for t in qtypes]
     return batch, size, qtypes
 
 
@@ -516,8 +519,12 @@ class LLMAux(torch.nn.Module):
       the answer through a head of its own. With ``left_only`` a ``left_of`` question supervises
       the head with the LEFT object of its pair only (``batch["involved_left"]``): the pair's
       leftmost object, found as ``extreme`` finds the scene's, whose colour then answers whether
-      it is the first-named one. The probabilities of those few query rows are
-      recomputed from the layer's inputs (a forward pre-hook installed by :meth:`attach`), so
+      it is the first-named one. With ``spatial_layer`` the spatial questions (``left_of``,
+      ``extreme``: ``batch["spatial"]``) supervise head ``attn_head`` of decoder layer
+      ``spatial_layer`` instead, and the others keep ``attn_layer``: spatial answers read
+      positions early, where the position probe keeps them, content answers read late, once an
+      object's tokens have pooled its shape. The probabilities of those few query rows are
+      recomputed from the layers' inputs (forward pre-hooks installed by :meth:`attach`), so
       the model keeps its fast attention and never materialises attention matrices.
     """
 
@@ -531,6 +538,7 @@ class LLMAux(torch.nn.Module):
         attn_head: int = 0,
         split_pairs: bool = False,
         left_only: bool = False,
+        spatial_layer: int | None = None,
     ) -> None:
         super().__init__()
         if split_pairs and left_only:
@@ -539,26 +547,31 @@ class LLMAux(torch.nn.Module):
         self.attn_weight, self.attn_layer = float(attn_weight), int(attn_layer)
         self.attn_head, self.split_pairs = int(attn_head), bool(split_pairs)
         self.left_only = bool(left_only)
+        self.spatial_layer = None if spatial_layer is None else int(spatial_layer)
         self.pos = torch.nn.Linear(hidden, 2)
-        self._attn: tuple[Any, ...] = ()  # (attention module, hook handle): not submodules
-        self._inputs: dict[str, Any] = {}
+        # layer index (as given) -> (attention module, hook handle): not submodules
+        self._attn: dict[int, tuple[Any, Any]] = {}
+        self._inputs: dict[int, dict[str, Any]] = {}
         self._apply_rotary: Any = None  # the modeling module's apply_rotary_pos_emb
 
     def attach(self, model: Any) -> None:
-        """Hook the attention of decoder layer ``attn_layer`` of ``model`` (a Qwen2-VL) so that
-        :meth:`answer_probs` can recompute its answer rows after each forward.
+        """Hook the attention of decoder layer ``attn_layer`` (and ``spatial_layer``) of
+        ``model`` (a Qwen2-VL) so that :meth:`answer_probs` can recompute its answer rows after
+        each forward.
 
         Raises:
-            ValueError: ``attn_layer`` is not a decoder layer of ``model``, or ``attn_head``
-                (and ``attn_head + 1`` with ``split_pairs``) not one of its heads.
+            ValueError: ``attn_layer`` or ``spatial_layer`` is not a decoder layer of ``model``,
+                or ``attn_head`` (and ``attn_head + 1`` with ``split_pairs``) not one of its
+                heads.
         """
         self.detach()
         layers = model.model.language_model.layers
-        if not -len(layers) <= self.attn_layer < len(layers):
-            raise ValueError(
-                f"attn_layer must index one of the {len(layers)} decoder layers, "
-                f"got {self.attn_layer}"
-            )
+        for name in ("attn_layer", "spatial_layer"):
+            index = getattr(self, name)
+            if index is not None and not -len(layers) <= index < len(layers):
+                raise ValueError(
+                    f"{name} must index one of the {len(layers)} decoder layers, got {index}"
+                )
         attn = layers[self.attn_layer].self_attn
         heads = attn.config.num_attention_heads
         if not 0 <= self.attn_head < heads - int(self.split_pairs):
@@ -569,31 +582,41 @@ class LLMAux(torch.nn.Module):
             )
         self._apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
 
-        def grab(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            self._inputs = {
-                "hidden": kwargs["hidden_states"] if "hidden_states" in kwargs else args[0],
-                "rope": kwargs.get("position_embeddings"),
-            }
+        def grabber(index: int) -> Any:
+            def grab(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                self._inputs[index] = {
+                    "hidden": kwargs["hidden_states"] if "hidden_states" in kwargs else args[0],
+                    "rope": kwargs.get("position_embeddings"),
+                }
 
-        self._attn = (attn, attn.register_forward_pre_hook(grab, with_kwargs=True))
+            return grab
+
+        for index in {self.attn_layer, self.spatial_layer} - {None}:
+            module = layers[index].self_attn
+            hook = module.register_forward_pre_hook(grabber(index), with_kwargs=True)
+            self._attn[index] = (module, hook)
 
     def detach(self) -> None:
-        """Remove the hook of :meth:`attach` (if any)."""
-        if self._attn:
-            self._attn[1].remove()
-        self._attn, self._inputs = (), {}
+        """Remove the hooks of :meth:`attach` (if any)."""
+        for _, hook in self._attn.values():
+            hook.remove()
+        self._attn, self._inputs = {}, {}
 
     def answer_probs(
-        self, batch: dict[str, Any], head: int | None = None
+        self, batch: dict[str, Any], head: int | None = None, layer: int | None = None
     ) -> list[tuple[int, int, torch.Tensor]]:
         """``(row, col, probs [L])`` per answer, in question order: the attention
-        probabilities of head ``head`` (default ``attn_head``) of layer ``attn_layer`` from the
-        ``assistant`` token ``col`` of sequence ``row`` over the keys ``0 .. L-1`` (0 after
-        ``col`` and on padding), from the inputs of the last forward (:meth:`attach` first)."""
-        if not self._attn or not self._inputs:
-            raise RuntimeError("LLMAux.answer_probs needs attach(model) and a forward first")
-        attn = self._attn[0]
-        hidden, rope = self._inputs["hidden"], self._inputs["rope"]
+        probabilities of head ``head`` (default ``attn_head``) of layer ``layer`` (default
+        ``attn_layer``; a hooked one) from the ``assistant`` token ``col`` of sequence ``row``
+        over the keys ``0 .. L-1`` (0 after ``col`` and on padding), from the inputs of the last
+        forward (:meth:`attach` first)."""
+        layer = self.attn_layer if layer is None else int(layer)
+        if layer not in self._attn or layer not in self._inputs:
+            raise RuntimeError(
+                f"LLMAux.answer_probs needs attach(model) and a forward first (layer {layer})"
+            )
+        attn = self._attn[layer][0]
+        hidden, rope = self._inputs[layer]["hidden"], self._inputs[layer]["rope"]
         if rope is None or rope[0].dim() != 3:
             raise RuntimeError(
                 "LLMAux expects the attention's position_embeddings as (cos, sin) of shape "
@@ -665,6 +688,12 @@ class LLMAux(torch.nn.Module):
                 probs = self.answer_probs(batch, head)
                 if len(probs) != len(batch[key]):
                     raise ValueError(f"{len(probs)} answers for {len(batch[key])} questions' masks")
+                if self.spatial_layer is not None:
+                    early = self.answer_probs(batch, head, self.spatial_layer)
+                    spatial = batch["spatial"]
+                    if len(spatial) != len(probs):
+                        raise ValueError(f"{len(probs)} answers for {len(spatial)} spatial flags")
+                    probs = [e if f else p for p, e, f in zip(probs, early, spatial, strict=True)]
                 for (row, _, p), mask in zip(probs, batch[key], strict=True):
                     if mask.any():
                         terms.append(-torch.log(p[positions[row, mask]].sum() + 1e-4))
@@ -1020,6 +1049,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="--aux-attn: a left_of question supervises it onto its pair's left object only",
     )
+    p.add_argument(
+        "--aux-attn-spatial-layer",
+        type=int,
+        default=None,
+        help="--aux-attn: decoder layer of the spatial questions' (left_of, extreme) attention",
+    )
     p.add_argument("--vision-depth", type=int, default=2)
     p.add_argument("--vision-dim", type=int, default=64)
     p.add_argument("--vision-heads", type=int, default=4)
@@ -1070,6 +1105,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not -args.layers <= args.aux_attn_layer < args.layers:
         n = args.layers
         p.error(f"--aux-attn-layer must be a decoder layer index ({-n} .. {n - 1})")
+    sl = args.aux_attn_spatial_layer
+    if sl is not None and not -args.layers <= sl < args.layers:
+        n = args.layers
+        p.error(f"--aux-attn-spatial-layer must be a decoder layer index ({-n} .. {n - 1})")
     if args.aux_attn_split and args.aux_attn_left:
         p.error("--aux-attn-split and --aux-attn-left are exclusive")
     if not 0 <= args.aux_attn_head < args.heads - int(args.aux_attn_split):
@@ -1133,6 +1172,7 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any
             attn_head=args.aux_attn_head,
             split_pairs=args.aux_attn_split,
             left_only=args.aux_attn_left,
+            spatial_layer=args.aux_attn_spatial_layer,
         )
         if args.aux_attn > 0:
             llm_aux.attach(model)
