@@ -308,8 +308,10 @@ def test_llm_aux_bad_layer_or_head():
         T.LLMAux(32, attn_weight=1.0, attn_head=4).attach(model)
     with pytest.raises(ValueError, match="split_pairs also uses attn_head"):
         T.LLMAux(32, attn_weight=1.0, attn_head=3, split_pairs=True).attach(model)
-    with pytest.raises(ValueError, match="spatial_layer must index one of the 4 decoder layers"):
-        T.LLMAux(32, attn_weight=1.0, spatial_layer=-5).attach(model)
+    with pytest.raises(ValueError, match="early_layer must index one of the 4 decoder layers"):
+        T.LLMAux(32, attn_weight=1.0, early_layer=-5).attach(model)
+    with pytest.raises(ValueError, match=r"early_types must be of .*\['x'\]"):
+        T.LLMAux(32, attn_weight=1.0, early_types=["extreme", "x"])
     with pytest.raises(ValueError, match="split_pairs and left_only are exclusive"):
         T.LLMAux(32, attn_weight=1.0, split_pairs=True, left_only=True)
     states = [torch.zeros(2, batch["input_ids"].shape[1], 32)] * 5
@@ -354,17 +356,18 @@ def test_llm_aux_attention_loss():
     got = left(_Out(), batch)["attn"].item()
     assert got == pytest.approx(float(np.mean(want)), rel=1e-5)
     # spatial questions read head 1 of layer 1, the others head 1 of the last layer
-    two = T.LLMAux(32, attn_weight=1.0, attn_layer=-1, attn_head=1, spatial_layer=1)
+    two = T.LLMAux(32, attn_weight=1.0, attn_layer=-1, attn_head=1, early_layer=1)
     two.attach(model)
     with torch.no_grad():
         T.training_forward(model, batch)
     late, early = two.answer_probs(batch), two.answer_probs(batch, layer=1)
-    assert batch["spatial"] == [t in ("left_of", "extreme") for t in qtypes]
-    assert any(batch["spatial"]) and not all(batch["spatial"])
+    assert batch["qtypes"] == qtypes
+    spatial = [t in ("left_of", "extreme") for t in qtypes]
+    assert any(spatial) and not all(spatial)
     want = [
         -np.log(p[visual[row].nonzero().squeeze(1)[m]].sum().item() + 1e-4)
         for (row, _, p), (_, _, e), m, f in zip(
-            late, early, batch["involved"], batch["spatial"], strict=True
+            late, early, batch["involved"], spatial, strict=True
         )
         if m.any()
         for p in [e if f else p]
@@ -398,7 +401,8 @@ def test_tiny_run_with_llm_aux(tmp_path):
         (["--aux-attn-head", "4"], "--aux-attn-head must be in [0, --heads (4))"),
         (["--aux-attn-head", "3", "--aux-attn-split"], "leave a head after it"),
         (["--aux-attn-split", "--aux-attn-left"], "--aux-attn-split and --aux-attn-left are"),
-        (["--aux-attn-spatial-layer", "4"], "--aux-attn-spatial-layer must be a decoder layer"),
+        (["--aux-attn-early-layer", "4"], "--aux-attn-early-layer must be a decoder layer"),
+        (["--aux-attn-early-types", "extreme,x"], "--aux-attn-early-types must be of"),
         (["--steps", "0"], "--steps must be >= 1"),
         (["--types", "colour"], "--types must be"),
         (["--aug-prob", "2"], "--aug-prob must be"),

@@ -167,7 +167,7 @@ from tokenprune_kernels.grounded.scenes import (
 
 LOG_FILE = "train_log.json"
 SPATIAL_TYPES = ("left_of", "extreme")
-"""Question types that compare positions (``--aux-attn-spatial-layer``)."""
+"""Question types that compare positions: the default ``--aux-attn-early-types``."""
 REF_SHORT = 224
 """Shorter side (px) whose object pixel sizes the small warm-up canvases reproduce."""
 WARM_SIZES: tuple[tuple[int, int], ...] = ((128, 128), (128, 160), (160, 160), (160, 192))
@@ -367,7 +367,7 @@ def training_batch(
     batch["involved"] = masks["involved"]
     batch["involved_first"], batch["involved_second"] = masks["first"], masks["second"]
     batch["involved_left"] = masks["left"]
-    batch["spatial"] = [t in SPATIAL_TYPES for t in qtypes]
+    batch["qtypes"] = list(qtypes)
     return batch, size, qtypes
 
 
@@ -519,13 +519,14 @@ class LLMAux(torch.nn.Module):
       the answer through a head of its own. With ``left_only`` a ``left_of`` question supervises
       the head with the LEFT object of its pair only (``batch["involved_left"]``): the pair's
       leftmost object, found as ``extreme`` finds the scene's, whose colour then answers whether
-      it is the first-named one. With ``spatial_layer`` the spatial questions (``left_of``,
-      ``extreme``: ``batch["spatial"]``) supervise head ``attn_head`` of decoder layer
-      ``spatial_layer`` instead, and the others keep ``attn_layer``: spatial answers read
-      positions early, where the position probe keeps them, content answers read late, once an
-      object's tokens have pooled its shape. The probabilities of those few query rows are
-      recomputed from the layers' inputs (forward pre-hooks installed by :meth:`attach`), so
-      the model keeps its fast attention and never materialises attention matrices.
+      it is the first-named one. With ``early_layer`` the questions of ``early_types`` (default
+      the spatial ones, ``left_of`` and ``extreme``; ``batch["qtypes"]``) supervise head
+      ``attn_head`` of decoder layer ``early_layer`` instead, and the others keep
+      ``attn_layer``: spatial answers read positions early, where the position probe keeps
+      them, shape answers read late, once an object's tokens have pooled its shape. The
+      probabilities of those few query rows are recomputed from the layers' inputs (forward
+      pre-hooks installed by :meth:`attach`), so the model keeps its fast attention and never
+      materialises attention matrices.
     """
 
     def __init__(
@@ -538,7 +539,8 @@ class LLMAux(torch.nn.Module):
         attn_head: int = 0,
         split_pairs: bool = False,
         left_only: bool = False,
-        spatial_layer: int | None = None,
+        early_layer: int | None = None,
+        early_types: Sequence[str] = SPATIAL_TYPES,
     ) -> None:
         super().__init__()
         if split_pairs and left_only:
@@ -547,7 +549,11 @@ class LLMAux(torch.nn.Module):
         self.attn_weight, self.attn_layer = float(attn_weight), int(attn_layer)
         self.attn_head, self.split_pairs = int(attn_head), bool(split_pairs)
         self.left_only = bool(left_only)
-        self.spatial_layer = None if spatial_layer is None else int(spatial_layer)
+        self.early_layer = None if early_layer is None else int(early_layer)
+        unknown = sorted(set(early_types) - set(QUESTION_TYPES))
+        if unknown:
+            raise ValueError(f"early_types must be of {QUESTION_TYPES}, got {unknown}")
+        self.early_types = tuple(early_types)
         self.pos = torch.nn.Linear(hidden, 2)
         # layer index (as given) -> (attention module, hook handle): not submodules
         self._attn: dict[int, tuple[Any, Any]] = {}
@@ -555,18 +561,18 @@ class LLMAux(torch.nn.Module):
         self._apply_rotary: Any = None  # the modeling module's apply_rotary_pos_emb
 
     def attach(self, model: Any) -> None:
-        """Hook the attention of decoder layer ``attn_layer`` (and ``spatial_layer``) of
+        """Hook the attention of decoder layer ``attn_layer`` (and ``early_layer``) of
         ``model`` (a Qwen2-VL) so that :meth:`answer_probs` can recompute its answer rows after
         each forward.
 
         Raises:
-            ValueError: ``attn_layer`` or ``spatial_layer`` is not a decoder layer of ``model``,
+            ValueError: ``attn_layer`` or ``early_layer`` is not a decoder layer of ``model``,
                 or ``attn_head`` (and ``attn_head + 1`` with ``split_pairs``) not one of its
                 heads.
         """
         self.detach()
         layers = model.model.language_model.layers
-        for name in ("attn_layer", "spatial_layer"):
+        for name in ("attn_layer", "early_layer"):
             index = getattr(self, name)
             if index is not None and not -len(layers) <= index < len(layers):
                 raise ValueError(
@@ -591,7 +597,7 @@ class LLMAux(torch.nn.Module):
 
             return grab
 
-        for index in {self.attn_layer, self.spatial_layer} - {None}:
+        for index in {self.attn_layer, self.early_layer} - {None}:
             module = layers[index].self_attn
             hook = module.register_forward_pre_hook(grabber(index), with_kwargs=True)
             self._attn[index] = (module, hook)
@@ -688,12 +694,15 @@ class LLMAux(torch.nn.Module):
                 probs = self.answer_probs(batch, head)
                 if len(probs) != len(batch[key]):
                     raise ValueError(f"{len(probs)} answers for {len(batch[key])} questions' masks")
-                if self.spatial_layer is not None:
-                    early = self.answer_probs(batch, head, self.spatial_layer)
-                    spatial = batch["spatial"]
-                    if len(spatial) != len(probs):
-                        raise ValueError(f"{len(probs)} answers for {len(spatial)} spatial flags")
-                    probs = [e if f else p for p, e, f in zip(probs, early, spatial, strict=True)]
+                if self.early_layer is not None:
+                    early = self.answer_probs(batch, head, self.early_layer)
+                    qtypes = batch["qtypes"]
+                    if len(qtypes) != len(probs):
+                        raise ValueError(f"{len(probs)} answers for {len(qtypes)} question types")
+                    probs = [
+                        e if t in self.early_types else p
+                        for p, e, t in zip(probs, early, qtypes, strict=True)
+                    ]
                 for (row, _, p), mask in zip(probs, batch[key], strict=True):
                     if mask.any():
                         terms.append(-torch.log(p[positions[row, mask]].sum() + 1e-4))
@@ -1050,10 +1059,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="--aux-attn: a left_of question supervises it onto its pair's left object only",
     )
     p.add_argument(
-        "--aux-attn-spatial-layer",
+        "--aux-attn-early-layer",
         type=int,
         default=None,
-        help="--aux-attn: decoder layer of the spatial questions' (left_of, extreme) attention",
+        help="--aux-attn: decoder layer of the --aux-attn-early-types questions' attention",
+    )
+    p.add_argument(
+        "--aux-attn-early-types",
+        default=",".join(SPATIAL_TYPES),
+        help="comma-separated question types of --aux-attn-early-layer",
     )
     p.add_argument("--vision-depth", type=int, default=2)
     p.add_argument("--vision-dim", type=int, default=64)
@@ -1105,10 +1119,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not -args.layers <= args.aux_attn_layer < args.layers:
         n = args.layers
         p.error(f"--aux-attn-layer must be a decoder layer index ({-n} .. {n - 1})")
-    sl = args.aux_attn_spatial_layer
+    sl = args.aux_attn_early_layer
     if sl is not None and not -args.layers <= sl < args.layers:
         n = args.layers
-        p.error(f"--aux-attn-spatial-layer must be a decoder layer index ({-n} .. {n - 1})")
+        p.error(f"--aux-attn-early-layer must be a decoder layer index ({-n} .. {n - 1})")
+    args.aux_attn_early_types = [t for t in args.aux_attn_early_types.split(",") if t]
+    if not set(args.aux_attn_early_types) <= set(QUESTION_TYPES):
+        p.error(f"--aux-attn-early-types must be of {','.join(QUESTION_TYPES)}")
     if args.aux_attn_split and args.aux_attn_left:
         p.error("--aux-attn-split and --aux-attn-left are exclusive")
     if not 0 <= args.aux_attn_head < args.heads - int(args.aux_attn_split):
@@ -1172,7 +1189,8 @@ def train(args: argparse.Namespace, command: str | None = None) -> dict[str, Any
             attn_head=args.aux_attn_head,
             split_pairs=args.aux_attn_split,
             left_only=args.aux_attn_left,
-            spatial_layer=args.aux_attn_spatial_layer,
+            early_layer=args.aux_attn_early_layer,
+            early_types=args.aux_attn_early_types,
         )
         if args.aux_attn > 0:
             llm_aux.attach(model)
