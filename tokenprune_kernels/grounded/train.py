@@ -77,6 +77,25 @@ logged steps in the 200 before):
 - this recipe on the spatial types alone (``--types left_of,extreme``): ``extreme`` CE 0.82 at
   step 1600, not learnt either.
 
+Where the answer attention is supervised (AMD EPYC, interleaved sections, every other option
+the 77.3% recipe's; answer CE per type as above). The 77.3% run's ``left_of`` CE never left
+ln 2 (0.70 at step 3600): its 65.4% on 52 test questions was not a learnt comparison.
+
+- all types at decoder layer 1 (``--aux-attn-layer 1``), where the position probe
+  (``--aux-pos-layer 1``) keeps the token positions: ``extreme`` learnt early (CE 0.22 at step
+  1400 against 0.79; validation 9/10 at step 1500), colour of a shape too (0.04 at 1800), but
+  shape of a colour stalled (1.08 at 1800 against 0.23) and count went back (1.23 against
+  0.55); ``left_of`` at chance. Stopped at step 2400. With ``--aux-attn-split`` as well: nothing
+  spatial learnt by step 1800; stopped.
+- the same with ``--aux-attn-left`` (a ``left_of`` question supervises the attention onto the
+  LEFT object of its pair only, the pair's leftmost, as ``extreme`` finds the scene's): test
+  71.2% (4502 s): ``extreme`` 100% (the first run to learn it on test), colour of a shape 100%,
+  shape of a colour 78.8%, count 23.1%, ``left_of`` 53.8% (CE at ln 2 throughout).
+- ``left_of`` and ``extreme`` at layer 1, the others at the last layer
+  (``--aux-attn-early-layer 1 --aux-attn-early-types left_of,extreme --aux-attn-left``):
+  ``extreme`` learnt (0.20 at step 1800), but colour of a shape not (0.95 against 0.20), nor
+  count (1.20); stopped at step 1900.
+
 Each step draws ONE image size from ``--sizes`` (default
 :data:`~tokenprune_kernels.grounded.scenes.TRAIN_SIZES`; size buckets: no padding of pixels) and
 ``--images`` scenes of that size with up to ``--questions`` questions each (balanced answers; no
