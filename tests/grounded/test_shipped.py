@@ -78,9 +78,9 @@ def test_retraining_reproduces_the_shipped_log(tmp_path):
     args = T.parse_args(argv)
     keys = ("steps", "lr", "warm", "curriculum", "rope_theta", "aux_weight", "images")
     keys += ("aux_pos", "aux_pos_layer", "aux_attn", "aux_attn_layer", "aux_attn_head")
-    for key in (*keys, "aux_attn_split", "mrope"):
+    keys += ("aux_attn_split", "aux_attn_left", "aux_attn_early_layer", "aux_attn_early_types")
+    for key in (*keys, "mrope"):
         assert getattr(args, key) == shipped_log["args"][key], key  # defaults = shipped recipe
-    assert args.aux_attn_left == shipped_log["args"].get("aux_attn_left", False)
     log = T.train(args, command="test")
     got, want = log["steps"][0], shipped_log["steps"][0]
     assert got["step"] == want["step"] == 25 and got["size"] == want["size"]

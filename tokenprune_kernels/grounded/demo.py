@@ -69,12 +69,12 @@ MAPPER_FILE = ASSETS_DIR / "mapper.safetensors"
 
 HOW_TO_TRAIN = (
     "train it with `python -m tokenprune_kernels.grounded.train --out runs/grounded --threads 1` "
-    f"(about 50 min) and copy runs/grounded/model to {MODEL_DIR}"
+    f"(about 75 min) and copy runs/grounded/model to {MODEL_DIR}"
 )
 HOW_TO_MAPPER = (
     "make it with `python -m tokenprune_kernels.grounded.labels_pipeline --n 1500 --threads 1 "
     "--labels runs/grounded_labels`, then `tokenprune train-mapper --labels runs/grounded_labels "
-    f"--out {MAPPER_FILE} --epochs 60 --bucket`"
+    f"--out {MAPPER_FILE} --epochs 20 --bucket --threads 2`"
 )
 
 
