@@ -12,7 +12,7 @@
 #   4. `tokenprune eval` at the training sizes and at the large sizes (benchmarks/results), the
 #      two at once (one thread each; logs in LABELS_DIR/../grounded_eval*.log);
 #   5. `tokenprune demo` (benchmarks/results/grounded_demo.png / .json).
-# About 25 min on the 2-core CI machine (labels 6, mapper 6, evals 12). The mapper trains on two
+# About 20 min on the 2-core CI machine (measured: labels 5, mapper 6, the evals and demo 6). The mapper trains on two
 # threads; every other step uses one, so timings in the results are single-thread CPU timings
 # (taken with the other core busy).
 set -euo pipefail
@@ -63,7 +63,11 @@ python3 -m tokenprune_kernels eval --seeds 0 1 2 3 4 --n-per-size 10 --threads 1
     --out "$results/grounded_eval" > "$logs/grounded_eval.log" 2>&1 &
 small=$!
 python3 -m tokenprune_kernels eval --sizes large --seeds 0 1 2 --n-per-size 5 --threads 1 \
-    --out "$results/grounded_eval_large" 2>&1 | tee "$logs/grounded_eval_large.log"
+    --out "$results/grounded_eval_large" 2>&1 | tee "$logs/grounded_eval_large.log" || {
+    kill "$small" 2>/dev/null || true
+    echo "grounded_pipeline: eval (large sizes) failed" >&2
+    exit 1
+}
 if ! wait "$small"; then
     cat "$logs/grounded_eval.log" >&2
     echo "grounded_pipeline: eval (training sizes) failed" >&2

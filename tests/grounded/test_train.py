@@ -376,6 +376,15 @@ def test_llm_aux_attention_loss():
     assert got == pytest.approx(float(np.mean(want)), rel=1e-5)
     assert not all(torch.equal(a[2], b[2]) for a, b in zip(late, early, strict=True))
     two.detach()
+    # -1 and 3 name the same layer of 4: one hook, the same rows either way
+    same = T.LLMAux(32, attn_weight=1.0, attn_layer=-1, attn_head=1, early_layer=3)
+    same.attach(model)
+    assert list(same._attn) == [3]
+    with torch.no_grad():
+        T.training_forward(model, batch)
+    for a, b in zip(same.answer_probs(batch), same.answer_probs(batch, layer=3), strict=True):
+        assert torch.equal(a[2], b[2])
+    same.detach()
     batch["involved"] = batch["involved"][:-1]
     with pytest.raises(ValueError, match="6 answers for 5"):
         aux(_Out(), batch)
@@ -403,6 +412,7 @@ def test_tiny_run_with_llm_aux(tmp_path):
         (["--aux-attn-split"], "--aux-attn-split and --aux-attn-left are exclusive (add --no-"),
         (["--aux-attn-early-layer", "4"], "--aux-attn-early-layer must be a decoder layer"),
         (["--aux-attn-early-types", "extreme,x"], "--aux-attn-early-types must be of"),
+        (["--aux-attn-early-types", "extreme,x,y"], "(or ''), got x,y"),
         (["--steps", "0"], "--steps must be >= 1"),
         (["--types", "colour"], "--types must be"),
         (["--aug-prob", "2"], "--aug-prob must be"),
@@ -433,3 +443,12 @@ def test_mrope_default_follows_the_head_dim():
     assert sum(T.SHIPPED_MROPE) == 128 // 4 // 2
     assert T.parse_args(["--out", "x", "--heads", "2", "--kv-heads", "2"]).mrope is None
     assert T.parse_args(["--out", "x", "--mrope", "2,7,7"]).mrope == [2, 7, 7]
+
+
+def test_early_attention_options():
+    """The shipped defaults; '' puts every type at --aux-attn-layer; --no-aux-attn-left."""
+    args = T.parse_args(["--out", "x"])
+    assert args.aux_attn_early_layer == 1 and args.aux_attn_left
+    assert args.aux_attn_early_types == list(T.SHIPPED_EARLY_TYPES)
+    assert T.parse_args(["--out", "x", "--aux-attn-early-types", ""]).aux_attn_early_types == []
+    assert not T.parse_args(["--out", "x", "--no-aux-attn-left"]).aux_attn_left

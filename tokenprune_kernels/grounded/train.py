@@ -592,8 +592,9 @@ class LLMAux(torch.nn.Module):
             raise ValueError(f"early_types must be of {QUESTION_TYPES}, got {unknown}")
         self.early_types = tuple(early_types)
         self.pos = torch.nn.Linear(hidden, 2)
-        # layer index (as given) -> (attention module, hook handle): not submodules
+        # layer index (from 0) -> (attention module, hook handle): not submodules
         self._attn: dict[int, tuple[Any, Any]] = {}
+        self._n_layers = 0  # of the attached model
         self._inputs: dict[int, dict[str, Any]] = {}
         self._apply_rotary: Any = None  # the modeling module's apply_rotary_pos_emb
 
@@ -634,7 +635,9 @@ class LLMAux(torch.nn.Module):
 
             return grab
 
-        for index in {self.attn_layer, self.early_layer} - {None}:
+        self._n_layers = len(layers)
+        wanted = {self.attn_layer, self.early_layer} - {None}
+        for index in {i % len(layers) for i in wanted}:  # -1 and 3 of 4 layers: one hook
             module = layers[index].self_attn
             hook = module.register_forward_pre_hook(grabber(index), with_kwargs=True)
             self._attn[index] = (module, hook)
@@ -654,6 +657,8 @@ class LLMAux(torch.nn.Module):
         over the keys ``0 .. L-1`` (0 after ``col`` and on padding), from the inputs of the last
         forward (:meth:`attach` first)."""
         layer = self.attn_layer if layer is None else int(layer)
+        if self._n_layers:
+            layer %= self._n_layers
         if layer not in self._attn or layer not in self._inputs:
             raise RuntimeError(
                 f"LLMAux.answer_probs needs attach(model) and a forward first (layer {layer})"
@@ -1163,8 +1168,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         n = args.layers
         p.error(f"--aux-attn-early-layer must be a decoder layer index ({-n} .. {n - 1})")
     args.aux_attn_early_types = [t for t in args.aux_attn_early_types.split(",") if t]
-    if not set(args.aux_attn_early_types) <= set(QUESTION_TYPES):
-        p.error(f"--aux-attn-early-types must be of {','.join(QUESTION_TYPES)}")
+    unknown = [t for t in args.aux_attn_early_types if t not in QUESTION_TYPES]
+    if unknown:
+        p.error(
+            f"--aux-attn-early-types must be of {','.join(QUESTION_TYPES)} "
+            f"(or ''), got {','.join(unknown)}"
+        )
     if args.aux_attn_split and args.aux_attn_left:
         p.error("--aux-attn-split and --aux-attn-left are exclusive (add --no-aux-attn-left)")
     if not 0 <= args.aux_attn_head < args.heads - int(args.aux_attn_split):
