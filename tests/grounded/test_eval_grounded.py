@@ -237,24 +237,24 @@ def test_label_sample_matches_the_inference_signal(eager, processor):
 
 
 def test_make_labels_writes_shards_and_summary(eager, processor, tmp_path, monkeypatch):
-    """Every sample 'correct' (reference = greedy): shards hold them all, resumable."""
+    """Every sample 'correct' (reference = the greedy text, even when it decodes to ''): the
+    shards hold all three, each once; a rerun skips them all."""
     real = LP.make_sample
 
     def fake(split, i, seed):
         s = real(split, i, seed, (64, 64))
         _, greedy, _ = LP.label_grounded_sample(eager, processor, s)
-        return dataclasses.replace(
-            s, question=dataclasses.replace(s.question, answer=greedy or "none")
-        )
+        return dataclasses.replace(s, question=dataclasses.replace(s.question, answer=greedy))
 
     monkeypatch.setattr(LP, "make_sample", fake)
     summary = LP.make_labels(eager, processor, tmp_path / "labels", 3, metadata={"m": 1})
-    assert summary["seen"] == 3
+    assert summary["seen"] == summary["correct"] == 3 and summary["incorrect"] == 0
     recs = read_labels(tmp_path / "labels")
-    assert len(recs) == summary["correct"]
+    assert sorted(r.sample_id for r in recs) == ["train-0", "train-1", "train-2"]
     assert all(r.attn.shape == r.label.shape == (16,) for r in recs)
     again = LP.make_labels(eager, processor, tmp_path / "labels", 3, metadata={"m": 1})
-    assert again["skipped"] == summary["correct"] and again["seen"] == 3 - summary["correct"]
+    assert again["skipped"] == 3 and again["seen"] == 0
+    assert len(read_labels(tmp_path / "labels")) == 3
     with pytest.raises(ValueError, match="n must be"):
         LP.make_labels(eager, processor, tmp_path / "labels", 0)
 
