@@ -135,7 +135,8 @@ def build_config(
     the ``w`` (column) section gets the slowest frequencies. Text-to-image attention that
     matches content needs slow frequencies whatever their section: every visual token of an
     image sits at the same ``t``, but the text query's own position changes with the turn and
-    the image size (measured: at base 30 no content question was learnt; see ``train``).
+    the image size (measured: at base 30 no content question was learnt; see
+    ``docs/grounded_training.md``).
 
     ``initializer_range`` (std of the initial weights, vision tower and language model) is
     0.08 (about ``1 / sqrt(hidden_size)``) rather than the 0.02 of the big checkpoints: at this
