@@ -31,6 +31,7 @@ import torch
 
 from tokenprune_kernels.explain.data import ExplainRecord, read_records
 from tokenprune_kernels.explain.pipeline import MATCH_MODES, SampleResult, label_sample
+from tokenprune_kernels.explain.processor import load_processor
 from tokenprune_kernels.explain.relevance import SUPPORTED_MODEL_TYPES, TARGETS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -141,20 +142,16 @@ def check_model_dir(model_dir: str | Path) -> str:
 
 
 def load_model_and_processor(
-    model_dir: str | Path, device: torch.device, dtype: torch.dtype
+    model_dir: str | Path, device: torch.device, dtype: torch.dtype, *, video: bool = True
 ) -> tuple[torch.nn.Module, Any]:
     """Load a supported model (eager attention, eval mode, on ``device`` in ``dtype``) and its
-    processor from a local directory (never the hub)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    processor from a local directory (never the hub). ``video=False`` (image-only data) lets
+    the processor be built without torchvision (see
+    :func:`~tokenprune_kernels.explain.processor.load_processor`)."""
+    from transformers import AutoModelForImageTextToText
 
     model_type = check_model_dir(model_dir)
-    try:
-        processor = AutoProcessor.from_pretrained(str(model_dir), local_files_only=True)
-    except Exception as err:
-        hint = ""
-        if model_type != "llava":
-            hint = " (the video-capable processors of transformers 5.x also need torchvision)"
-        raise ValueError(f"cannot load the processor from '{model_dir}': {err}{hint}") from err
+    processor = load_processor(model_dir, model_type, video=video)
     model = AutoModelForImageTextToText.from_pretrained(
         str(model_dir), local_files_only=True, dtype=dtype, attn_implementation="eager"
     )
@@ -243,7 +240,8 @@ def run_explain(
                 f"'{out}' holds a run with other settings ({previous}); this run has {settings}: "
                 "use another --out or the same settings"
             )
-    model, processor = load_model_and_processor(model_dir, dev, torch_dtype)
+    video = any(r.modality == "video" for r in records)
+    model, processor = load_model_and_processor(model_dir, dev, torch_dtype, video=video)
     out.mkdir(parents=True, exist_ok=True)
     settings_path.write_text(json.dumps(settings, indent=2) + "\n")
     incorrect_path = out / INCORRECT_FILE
