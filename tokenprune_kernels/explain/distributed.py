@@ -398,7 +398,7 @@ def merge(
         if len(e.labelled) + len(e.incorrect) > 1
     }
     if twice:
-        shown = ", ".join(f"{sid!r} in {where}" for sid, where in list(twice.items())[:5])
+        shown = "; ".join(f"{sid!r} in {' and '.join(w)}" for sid, w in list(twice.items())[:3])
         raise ValueError(
             f"{len(twice)} sample(s) are recorded as done more than once ({shown}): two runs "
             f"wrote into '{out}' at the same time? Remove one of the {PARTS_DIR}/ directories "
