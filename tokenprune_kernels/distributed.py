@@ -34,6 +34,7 @@ __all__ = [
     "detect_env",
     "process_group",
     "rank_device",
+    "write_bytes_atomic",
     "write_json_atomic",
 ]
 
@@ -218,18 +219,18 @@ def process_group(
         dist.destroy_process_group()
 
 
-def write_json_atomic(path: str | os.PathLike[str], data: Any, fsync: bool = True) -> None:
-    """Write ``data`` as indented JSON to ``path`` so that no reader ever sees a partial file.
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` so that no reader ever sees a partial file.
 
-    The text goes to a temporary name in the same directory (unique per process), is flushed
+    The bytes go to a temporary name in the same directory (unique per process), are flushed
     (and ``fsync``-ed unless ``fsync=False``), then renamed over ``path`` (``os.replace``): a
     process killed at any point leaves either the old file or the new one.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(data, indent=2) + "\n")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
             fh.flush()
             if fsync:
                 os.fsync(fh.fileno())
@@ -237,3 +238,8 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any, fsync: bool = Tru
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any, fsync: bool = True) -> None:
+    """:func:`write_bytes_atomic` of ``data`` as indented JSON."""
+    write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"), fsync)

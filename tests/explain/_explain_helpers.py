@@ -39,21 +39,22 @@ def make_tokenizer():
     )
 
 
-def save_llava_dir(path: Path) -> Path:
-    """Save a tiny random LLaVA (fp32) and a matching ``LlavaProcessor`` to ``path``."""
+def save_llava_dir(path: Path, model=None, image_size: int = LLAVA_IMAGE) -> Path:
+    """Save a tiny random LLaVA (fp32; ``model`` if given, its CLIP tower sized for
+    ``image_size``-pixel images) and a matching ``LlavaProcessor`` to ``path``."""
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    model = build_model("llava", attn="eager", seed=3)
+    model = build_model("llava", attn="eager", seed=3) if model is None else model
     model.save_pretrained(path)
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": LLAVA_IMAGE},
-        crop_size={"height": LLAVA_IMAGE, "width": LLAVA_IMAGE},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
     )
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=make_tokenizer(),
-        patch_size=4,
+        patch_size=model.config.vision_config.patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,

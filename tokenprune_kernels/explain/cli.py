@@ -1,16 +1,40 @@
 """``tokenprune explain``: relevance labels for mapper training from a local model and JSONL data.
 
     tokenprune explain --model /models/Qwen2-VL-7B-Instruct --data train.jsonl --out labels/
+    torchrun --nproc_per_node 8 -m tokenprune_kernels explain --model ... --data ... --out ...
 
 For every record (see :mod:`tokenprune_kernels.explain.data` for the format) the model decodes
 the prompt greedily; samples whose answer matches the reference (``--match``) are labelled: the
 layer-0 instruction attention of the visual tokens on the prompt (the mapper input, computed as
 inference does) and the gradient-weighted relevance of each visual token averaged over the answer
 tokens (the label). They go to ``--out`` as safetensors shards
-(:class:`tokenprune_kernels.labels.ShardWriter`); wrong answers go to ``incorrect.jsonl``. The run
-is resumable: rerun the same command after an interruption and finished samples (labelled or
-wrong) are skipped. ``summary.json`` holds the counts (``seen``, ``correct``, ``incorrect``,
-``rate`` = correct / seen, ``skipped`` = already done before this run).
+(:class:`tokenprune_kernels.labels.ShardWriter`) in data-file order; wrong answers go to
+``incorrect.jsonl``, one entry per record to ``index.json``. ``summary.json`` holds the counts
+(``seen``, ``correct``, ``incorrect``, ``rate`` = correct / seen, ``oom``, ``missing``,
+``skipped`` = already done before this run, ``computed``, ``samples_per_s``).
+
+One process or many: under torchrun or srun (:mod:`tokenprune_kernels.distributed`) every process
+loads the model on its own GPU and labels every ``world_size``-th sample not done yet; each
+writes only its own part of ``--out`` and the last to finish merges
+(:mod:`tokenprune_kernels.explain.distributed`). The run is resumable: rerun the same command -
+with any number of processes - after an interruption and finished samples (labelled or wrong)
+are skipped; a killed process loses at most its last ``--shard-size`` samples, never records a
+half-finished one. ``--merge-only`` rebuilds the merged output from what is committed.
+
+Memory, per process (bf16 by default on CUDA). Alive the whole run: the weights (2 bytes per
+parameter). Per sample, freed before the next: greedy decoding holds the KV cache (``2 * layers
+* kv_heads * head_dim * 2`` bytes per token) and one layer's eager attention scores at a time;
+the relevance pass (teacher-forced sequence of ``S = prompt + answer - 1`` tokens; parameters
+frozen, so no weight gradient and no vision-tower graph) keeps for EVERY decoder layer the
+attention probabilities autograd saves - the float32 softmax output and its bf16 copy, ``6 * heads
+* S^2`` bytes per layer (``8 * heads * S^2`` in float32) - plus the layers' ``[S, hidden]`` /
+``[S, mlp]`` activations and the ``[answer, vocab]`` logits; the backward adds one layer's
+``[heads, S, S]`` gradient at a time with ``--answer-chunk 1`` (``k`` per layer, all layers at
+once, with ``--answer-chunk k``). For a 28-layer, 28-head model (Qwen2-VL-7B) at ``S = 1300``
+the saved attention is about 8 GB, at ``S = 2600`` about 32 GB: it grows with the square of the
+visual-token count. A sample that raises ``torch.cuda.OutOfMemoryError`` is recorded (its id and
+the error in ``index.json``, ``oom_ids`` in ``summary.json``), its memory released, and the run
+goes on; it is not done, so the next run tries it again.
 
 The model is loaded from the local directory only (``local_files_only``) with eager attention;
 model types: those of :data:`~tokenprune_kernels.explain.relevance.SUPPORTED_MODEL_TYPES`.

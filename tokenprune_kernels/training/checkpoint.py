@@ -27,6 +27,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
+from tokenprune_kernels.distributed import write_bytes_atomic
+
 __all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "checkpoint_path_for", "load_checkpoint"]
 
 CHECKPOINT_FORMAT = "tokenprune mapper checkpoint v1"
@@ -94,17 +96,7 @@ class Checkpoint:
             "config": self.config,
             "world_size": self.world_size,
         }
-        data = safetensors_save(tensors, metadata={_META_KEY: json.dumps(meta)})
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        write_bytes_atomic(path, safetensors_save(tensors, metadata={_META_KEY: json.dumps(meta)}))
 
 
 def load_checkpoint(path: str | os.PathLike[str], config: dict[str, Any]) -> Checkpoint:
