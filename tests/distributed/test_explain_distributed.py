@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("PIL", reason="tokenprune explain reads images with Pillow")
 from _explain_helpers import make_dataset
-from conftest import srun_like, torchrun
+from _launch import srun_like, torchrun
 
 from tokenprune_kernels.explain import cli
 from tokenprune_kernels.explain.distributed import (

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import torchrun
+from _launch import torchrun
 
 from tokenprune_kernels.mapper import load_mapper
 from tokenprune_kernels.training.cli import main as train_main
