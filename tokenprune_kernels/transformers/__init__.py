@@ -13,8 +13,19 @@ the INSTANCE at the visual-token merge only (``qwen.py``: qwen2_vl, qwen2_5_vl, 
 whatever attention implementation the model was loaded with (sdpa, flash_attention_2, eager); the
 scores come from layer-0 queries and keys computed by the package, never from
 ``output_attentions``. Models without a transformers class (VILA1.5) call :func:`prune_inputs`
-from their own code. See ``core.py`` for the shared rules (instruction tokens, positions,
-generation bookkeeping).
+from their own code; engines that hold packed (varlen) tokens call :func:`prune_packed`.
+
+Where things live:
+
+- ``prune.py``: computing the pruned inputs, no model forward involved (:class:`Layer0`,
+  :func:`prune_packed`, :func:`prune_inputs`, the default instruction rule);
+- ``patch.py``: the one seam every family shares (placeholder recorder, language-model forward
+  with its generation bookkeeping, label pruning), parameterised by a :class:`FamilySpec`;
+- ``qwen.py`` / ``llava.py``: each family's spec (where layer 0 lives, position ids at prefill and
+  in decoding, what else is pruned with the tokens).
+
+A new family adds ``<family>.py`` with its ``SPEC`` and ``install``/``uninstall``, and its model
+types in :data:`FAMILIES`.
 """
 
 from __future__ import annotations
@@ -26,18 +37,25 @@ from types import ModuleType
 from torch import nn
 
 from tokenprune_kernels.mapper import TokenMapper, load_mapper
-from tokenprune_kernels.transformers.core import (
+from tokenprune_kernels.transformers.patch import (
     SUPPORTED_TRANSFORMERS,
+    FamilySpec,
     GenerationState,
+    TokenPrunePatch,
+    check_transformers_version,
+    get_patch,
+)
+from tokenprune_kernels.transformers.prune import (
     InstructionMaskSpec,
     Layer0,
     PrunedInputs,
+    PrunedPacked,
     TokenPruneConfig,
-    TokenPrunePatch,
-    check_transformers_version,
     default_instruction_mask,
-    get_patch,
+    layer0_from_text_model,
+    packed_instruction_mask,
     prune_inputs,
+    prune_packed,
 )
 
 # model_type -> family module (imported lazily).
@@ -152,9 +170,12 @@ def last_pruned(model: nn.Module) -> PrunedInputs | None:
 __all__ = [
     "FAMILIES",
     "SUPPORTED_TRANSFORMERS",
+    "FamilySpec",
     "GenerationState",
+    "InstructionMaskSpec",
     "Layer0",
     "PrunedInputs",
+    "PrunedPacked",
     "TokenPruneConfig",
     "TokenPrunePatch",
     "apply_tokenprune",
@@ -162,6 +183,9 @@ __all__ = [
     "default_instruction_mask",
     "is_tokenprune_applied",
     "last_pruned",
+    "layer0_from_text_model",
+    "packed_instruction_mask",
     "prune_inputs",
+    "prune_packed",
     "revert_tokenprune",
 ]
