@@ -1,5 +1,5 @@
-"""Fixtures of the multi-process tests: the tiny LLaVA of ``tests/explain`` (whose helpers, and
-those of ``tests/transformers``, are put on ``sys.path``); the launchers are in ``_launch.py``."""
+"""Fixtures of the multi-process tests: the tiny LLaVA of ``tests/explain`` (whose helpers are
+put on ``sys.path``); the launchers are in ``_launch.py``."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ import pytest
 import transformers
 
 _ROOT = Path(__file__).resolve().parents[2]
-for _folder in ("explain", "transformers"):
-    _path = str(_ROOT / "tests" / _folder)
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+_path = str(_ROOT / "tests" / "explain")
+if _path not in sys.path:
+    sys.path.insert(0, _path)
 
 transformers.logging.set_verbosity_error()
 

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _llava_configs import IMAGE_ID, LLAVA_IMAGE, PAD_ID, VOCAB, build_model
+
+from tokenprune_kernels.testing_models.llava import (
+    IMAGE_ID,
+    LLAVA_IMAGE,
+    PAD_ID,
+    VOCAB,
+    build_model,
+)
 
 SPECIALS = {PAD_ID: "<pad>", 1: "<unk>", IMAGE_ID: "<image>"}
 CHAT_TEMPLATE = (

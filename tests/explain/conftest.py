@@ -1,20 +1,13 @@
-"""Fixtures of the explain tests: tiny random models built in-process (nothing is downloaded).
-
-The model builders of ``tests/transformers`` (``_qwen_models.py``, ``_llava_configs.py``) are
-reused: their folder is put on ``sys.path`` here.
+"""Fixtures of the explain tests: tiny random models built in-process (nothing is downloaded),
+with the builders of ``tokenprune_kernels.testing_models``.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import transformers
-
-_TRANSFORMERS_TESTS = str(Path(__file__).resolve().parent.parent / "transformers")
-if _TRANSFORMERS_TESTS not in sys.path:
-    sys.path.insert(0, _TRANSFORMERS_TESTS)
 
 transformers.logging.set_verbosity_error()
 

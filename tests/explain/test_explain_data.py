@@ -117,8 +117,9 @@ def test_file_errors(tmp_path, gen):
 
 
 def test_prompt_puts_the_image_before_the_question(llava_dir, tmp_path, gen):
-    from _llava_configs import IMAGE_ID
     from transformers import AutoProcessor
+
+    from tokenprune_kernels.testing_models.llava import IMAGE_ID
 
     processor = AutoProcessor.from_pretrained(str(llava_dir), local_files_only=True)
     save_image(tmp_path / "a.png", gen)

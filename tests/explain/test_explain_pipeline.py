@@ -6,9 +6,10 @@ from __future__ import annotations
 import dataclasses
 from unittest import mock
 
-import _qwen_models as Q
 import pytest
 import torch
+
+import tokenprune_kernels.testing_models.qwen as Q
 
 pytest.importorskip("PIL", reason="tokenprune explain reads images with Pillow")
 from _explain_helpers import independent_relevance, save_image

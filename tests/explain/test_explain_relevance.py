@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import math
 
-import _llava_configs as LC
-import _qwen_models as Q
 import pytest
 import torch
 from _explain_helpers import independent_relevance
 from torch import nn
 
+import tokenprune_kernels.testing_models.llava as LC
+import tokenprune_kernels.testing_models.qwen as Q
 from tokenprune_kernels.explain import (
     explain_relevance,
     gradient_weighted_relevance,

@@ -1,15 +1,18 @@
 """tokenprune_kernels.transformers.llava: LLaVA and LLaVA-OneVision patched at the merge seam.
 
-Every pruned result is compared with an independent computation (``_llava_configs.oracle``): the
-unpatched model with eager attention and ``output_attentions=True`` gives the layer-0 attention,
-the reference selects, and the unpatched language model runs on the hand-pruned sequence.
+Every pruned result is compared with an independent computation
+(``tokenprune_kernels.testing_models.llava.oracle``): the unpatched model with eager attention and
+``output_attentions=True`` gives the layer-0 attention, the reference selects, and the unpatched
+language model runs on the hand-pruned sequence.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from _llava_configs import (
+
+from tokenprune_kernels.mapper import MapperConfig, TokenMapper, save_mapper
+from tokenprune_kernels.testing_models.llava import (
     FAMILIES,
     IMAGE_ID,
     Sample,
@@ -19,8 +22,6 @@ from _llava_configs import (
     oracle,
     unpatched_logits,
 )
-
-from tokenprune_kernels.mapper import MapperConfig, TokenMapper, save_mapper
 from tokenprune_kernels.transformers import (
     TokenPruneConfig,
     apply_tokenprune,

@@ -1,12 +1,15 @@
 """Qwen2-VL / Qwen2.5-VL / Qwen3-VL patches against the unpatched model and the independent
-oracle of ``_qwen_models.py`` (tiny random configs built in-process, fp32)."""
+oracle of ``tokenprune_kernels.testing_models.qwen`` (tiny random configs built in-process, fp32)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _qwen_models import (
+from transformers import DynamicCache
+
+from tokenprune_kernels.mapper import TokenMapper, save_mapper
+from tokenprune_kernels.testing_models.qwen import (
     IMAGE_ID,
     QWEN_TYPES,
     VIDEO_ID,
@@ -20,9 +23,6 @@ from _qwen_models import (
     oracle_logits,
     real_rows,
 )
-from transformers import DynamicCache
-
-from tokenprune_kernels.mapper import TokenMapper, save_mapper
 from tokenprune_kernels.transformers import (
     apply_tokenprune,
     is_tokenprune_applied,
