@@ -271,6 +271,22 @@ def test_bad_input(make_qwen, gen, monkeypatch):
         apply_tokenprune(model, keep_ratio=0.5)
 
 
+def test_visual_tokens_after_a_filled_cache_are_refused(make_qwen, gen):
+    """Pruning needs the whole prompt in one call: a new image with a filled cache is an error,
+    with the prefill's own cache as with another one."""
+    model = make_qwen("qwen2_vl")
+    inputs = build_inputs("qwen2_vl", TWO_SIZES[:1], gen, "left")
+    apply_tokenprune(model, keep_ratio=0.5)
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+        with pytest.raises(NotImplementedError, match="non-empty KV cache"):
+            model(**inputs, past_key_values=cache)
+        other = DynamicCache(config=model.config.text_config)
+        model(input_ids=inputs["input_ids"][:, :2], use_cache=True, past_key_values=other)
+        with pytest.raises(NotImplementedError, match="non-empty KV cache"):
+            model(**inputs, past_key_values=other)
+
+
 def test_unsupported_model_type():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
