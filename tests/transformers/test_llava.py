@@ -8,6 +8,8 @@ language model runs on the hand-pruned sequence.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -195,14 +197,76 @@ def test_labels_are_pruned_like_the_sequence(family, gen):
 
 
 def test_training_loss_reaches_the_vision_side(gen):
-    """With autograd on, the pruned sequence stays differentiable in the merged embeddings."""
+    """With autograd on, the loss of the pruned model backpropagates into the vision side through
+    the KEPT visual tokens only (a non-zero gradient at each of them, exactly zero at the removed
+    ones), with the gradient of the same loss computed by hand on the hand-pruned sequence."""
     model = build_model("llava")
     inputs = build_inputs(model, _two_samples("llava"), gen, "left")
-    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    ids, real = inputs["input_ids"], inputs["attention_mask"].bool()
+    labels = ids.masked_fill(~real, -100)
+    visual = ids == IMAGE_ID
+    kept = oracle(model, inputs, keep_ratio=0.5).kept
+
+    # By hand: the unpatched model's language model on the hand-pruned (left-padded) sequence.
+    keep = real & ~visual
+    for b, k in enumerate(kept):
+        keep[b, k] = True
+    width = int(keep.sum(1).max())
+    src = [keep[b].nonzero().flatten() for b in range(2)]
+
+    def hand_prune(_module, args, kwargs):
+        e = kwargs["inputs_embeds"]
+        pads = [e.new_zeros(width - s.numel(), e.shape[-1]) for s in src]
+        kwargs["inputs_embeds"] = torch.stack(
+            [torch.cat([p, e[b, s]]) for b, (p, s) in enumerate(zip(pads, src, strict=True))]
+        )
+        kwargs["attention_mask"] = torch.stack(
+            [(torch.arange(width) >= width - s.numel()).long() for s in src]
+        )
+        kwargs["position_ids"] = torch.stack(
+            [torch.cat([torch.zeros(width - s.numel(), dtype=torch.long), s]) for s in src]
+        )
+        return args, kwargs
+
+    ref = copy.deepcopy(model)
+    hook = ref.model.language_model.register_forward_pre_hook(hand_prune, with_kwargs=True)
+    logits = ref(**inputs).logits
+    hook.remove()
+    hand_labels = torch.stack(
+        [
+            torch.cat([torch.full((width - s.numel(),), -100), labels[b, s]])
+            for b, s in enumerate(src)
+        ]
+    )
+    want_loss = ref.loss_function(
+        logits=logits, labels=hand_labels, vocab_size=ref.config.text_config.vocab_size
+    )
+    want_loss.backward()
+    want = ref.model.multi_modal_projector.linear_2.weight.grad
+    assert want is not None and bool(want.abs().sum() > 0)
+
+    features: dict = {}
+
+    def keep_grad(_module, _args, out):
+        out.retain_grad()
+        features["out"] = out
+
+    projector = model.model.multi_modal_projector
+    hook = projector.register_forward_hook(keep_grad)
     apply_tokenprune(model, keep_ratio=0.5)
-    model(**inputs, labels=labels).loss.backward()
-    grad = model.model.multi_modal_projector.linear_2.weight.grad
-    assert grad is not None and bool(grad.abs().sum() > 0)
+    loss = model(**inputs, labels=labels).loss
+    loss.backward()
+    hook.remove()
+    torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
+    grad = projector.linear_2.weight.grad
+    assert grad is not None
+    torch.testing.assert_close(grad, want, atol=1e-5, rtol=1e-4)
+    # The features fill the visual positions in row-major order (sample, then position).
+    per_token = features["out"].grad.reshape(-1, features["out"].shape[-1]).abs().sum(-1)
+    rows = visual.nonzero()
+    is_kept = torch.tensor([bool((kept[b] == p).any()) for b, p in rows.tolist()])
+    assert 0 < int(is_kept.sum()) < is_kept.numel()
+    assert torch.equal(per_token > 0, is_kept)
 
 
 def test_bfloat16_model_runs_pruned(gen):
