@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -395,6 +396,18 @@ def test_bad_keep_ratio(family, keep):
     with pytest.raises(ValueError, match=r"keep_ratio must be in \(0, 1\]"):
         apply_tokenprune(model, keep_ratio=keep)
     assert not is_tokenprune_applied(model)
+
+
+@pytest.mark.parametrize("keep", [np.float32(0.5), torch.tensor(0.5)])
+def test_keep_ratio_of_any_real_type(keep, gen):
+    """A numpy scalar or a 0-d tensor is a keep ratio like the float it holds."""
+    model = build_model("llava")
+    inputs = build_inputs(model, _two_samples("llava"), gen, "left")
+    expected = oracle(model, inputs, keep_ratio=0.5)
+    apply_tokenprune(model, keep_ratio=keep)
+    got, pruned = _patched(model, inputs)
+    _assert_kept(pruned, expected)
+    _assert_logits(got, expected.logits)
 
 
 def test_unsupported_model_type():

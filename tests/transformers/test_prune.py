@@ -4,7 +4,10 @@ computation, the default instruction rule, the config and Layer0 checks."""
 from __future__ import annotations
 
 import math
+from decimal import Decimal
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -391,11 +394,59 @@ def test_prune_inputs_errors(gen):
         ({"keep_ratio": 0.5, "keep_count": 2}, "exactly one of keep_ratio and keep_count"),
         ({"keep_count": 0}, "keep_count must be an int >= 1"),
         ({"keep_count": True}, "keep_count must be an int >= 1"),
+        ({"keep_ratio": np.float32(1.5)}, r"keep_ratio must be in \(0, 1\], got np.float32\(1.5\)"),
+        ({"keep_ratio": float("nan")}, r"keep_ratio must be in \(0, 1\], got nan"),
+        ({"keep_ratio": torch.tensor(0.0)}, r"keep_ratio must be in \(0, 1\], got tensor\(0.\)"),
+        ({"keep_count": np.int64(0)}, "keep_count must be an int >= 1"),
     ],
 )
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TokenPruneConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.float32(0.5),
+        np.float64(0.25),
+        np.float16(1.0),
+        Fraction(1, 3),
+        1,
+        np.int64(1),
+        torch.tensor(0.5),
+        torch.tensor(0.75, dtype=torch.float64),
+        torch.tensor(1),
+    ],
+)
+def test_keep_ratio_takes_any_real_number(value):
+    """numbers.Real (Python, numpy scalars, Fraction) and 0-d real tensors, stored as float."""
+    config = TokenPruneConfig(keep_ratio=value)
+    assert type(config.keep_ratio) is float and config.keep_ratio == float(value)
+    assert config.op_kwargs(torch.device("cpu"))["keep_ratio"] == float(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [True, np.bool_(True), torch.tensor(True), torch.tensor([0.5]), "0.5", Decimal("0.5"), 0.5j],
+)
+def test_keep_ratio_rejects_what_is_not_a_real_number(value):
+    with pytest.raises(ValueError, match=r"keep_ratio must be a real number in \(0, 1\]"):
+        TokenPruneConfig(keep_ratio=value)
+
+
+@pytest.mark.parametrize("value", [np.int64(3), np.int32(3), torch.tensor(3), 3])
+def test_keep_count_takes_any_integer(value):
+    config = TokenPruneConfig(keep_count=value)
+    assert type(config.keep_count) is int and config.keep_count == 3
+
+
+@pytest.mark.parametrize(
+    "value", [3.0, np.float64(3.0), np.bool_(True), torch.tensor(3.0), torch.tensor([3])]
+)
+def test_keep_count_rejects_what_is_not_an_integer(value):
+    with pytest.raises(ValueError, match="keep_count must be an int >= 1"):
+        TokenPruneConfig(keep_count=value)
 
 
 def test_config_mapper_type():

@@ -111,8 +111,10 @@ def apply_tokenprune(
     Args:
         model: a transformers model whose ``config.model_type`` is in :data:`FAMILIES` (the
             ``...ForConditionalGeneration`` class or the bare ``...Model``).
-        keep_ratio: fraction of each sample's visual tokens to keep, in ``(0, 1]``.
-        keep_count: or a fixed count per sample (exactly one of the two).
+        keep_ratio: fraction of each sample's visual tokens to keep, in ``(0, 1]``: any real
+            number (``numbers.Real`` such as float or a numpy scalar, or a 0-d tensor; not bool).
+        keep_count: or a fixed count per sample, an integer ``>= 1`` (int, numpy integer or 0-d
+            integer tensor; not bool). Exactly one of the two (see :class:`TokenPruneConfig`).
         mapper: None (training-free: raw layer-0 instruction attention is the score), a
             :class:`~tokenprune_kernels.mapper.TokenMapper`, or a path to a ``.safetensors``
             mapper (loaded with safetensors only, onto the model's device).

@@ -26,6 +26,7 @@ Patching a model (which calls these at its visual-token merge) lives in ``patch.
 from __future__ import annotations
 
 import itertools
+import numbers
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,17 +53,43 @@ attention_mask | None) -> [B, L] bool``."""
 # --------------------------------------------------------------------------------------------
 
 
+def _scalar(value: Any, integral: bool) -> int | float | None:
+    """``value`` as a Python int (``integral``) or float when it is a real number: a
+    :class:`numbers.Real` (int, float, Fraction, numpy integer/floating scalars) or a 0-d
+    real-valued tensor; integral values only for ``integral``. None otherwise (bools too)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            return None
+        if integral and value.is_floating_point():
+            return None
+        value = value.item()
+    if isinstance(value, bool):
+        return None
+    if integral:
+        return int(value) if isinstance(value, numbers.Integral) else None
+    return float(value) if isinstance(value, numbers.Real) else None
+
+
 @dataclass(frozen=True)
 class TokenPruneConfig:
     """How many visual tokens to keep and how to score them.
 
     Attributes:
-        keep_ratio: fraction in ``(0, 1]``; per sample ``clamp(floor(r * n + 0.5), 1, n)``.
-        keep_count: tokens kept per sample (``>= 1``, at most the sample's visual tokens).
+        keep_ratio: fraction in ``(0, 1]``; per sample ``clamp(floor(r * n + 0.5), 1, n)``. Any
+            real number is accepted - a :class:`numbers.Real` (int, float, ``Fraction``, numpy
+            integer/floating scalars) or a 0-d real tensor - and stored as a Python float
+            (``float(r)``: ``np.float32(0.1)`` is ``0.10000000149...``); bools are rejected.
+        keep_count: tokens kept per sample (``>= 1``, at most the sample's visual tokens): a
+            :class:`numbers.Integral` (int, numpy integer scalars) or a 0-d integer tensor, stored
+            as a Python int; bools and floats (``3.0``) are rejected.
         mapper: ``None`` for the training-free mode (raw layer-0 attention is the score), or a
             :class:`~tokenprune_kernels.mapper.TokenMapper` (the paper's method).
 
     Exactly one of ``keep_ratio`` / ``keep_count`` is set.
+
+    Raises:
+        ValueError: neither or both set, a value of another type or out of range.
+        TypeError: ``mapper`` of another type.
     """
 
     keep_ratio: float | None = None
@@ -76,13 +103,23 @@ class TokenPruneConfig:
                 f"keep_ratio={self.keep_ratio!r}, keep_count={self.keep_count!r}"
             )
         if self.keep_ratio is not None:
-            r = self.keep_ratio
-            if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 < r <= 1.0):
-                raise ValueError(f"keep_ratio must be in (0, 1], got {r!r}")
+            r = _scalar(self.keep_ratio, integral=False)
+            if r is None:
+                raise ValueError(
+                    "keep_ratio must be a real number in (0, 1] (int, float, numpy scalar or 0-d "
+                    f"tensor; not bool), got {self.keep_ratio!r}"
+                )
+            if not (0.0 < r <= 1.0):
+                raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+            object.__setattr__(self, "keep_ratio", r)
         if self.keep_count is not None:
-            c = self.keep_count
-            if isinstance(c, bool) or not isinstance(c, int) or c < 1:
-                raise ValueError(f"keep_count must be an int >= 1, got {c!r}")
+            c = _scalar(self.keep_count, integral=True)
+            if c is None or c < 1:
+                raise ValueError(
+                    "keep_count must be an int >= 1 (int, numpy integer or 0-d integer tensor; "
+                    f"not bool), got {self.keep_count!r}"
+                )
+            object.__setattr__(self, "keep_count", c)
         if self.mapper is not None and not isinstance(self.mapper, TokenMapper):
             raise TypeError(
                 "mapper must be None, a TokenMapper or a path to a .safetensors mapper, got "
