@@ -34,6 +34,7 @@ from tokenprune_kernels.transformers import (
     revert_tokenprune,
 )
 from tokenprune_kernels.transformers.llava import layer0_from_text_model
+from tokenprune_kernels.transformers.patch import get_patch
 
 ATOL, RTOL = 1e-4, 1e-4
 
@@ -408,6 +409,40 @@ def test_keep_ratio_of_any_real_type(keep, gen):
     got, pruned = _patched(model, inputs)
     _assert_kept(pruned, expected)
     _assert_logits(got, expected.logits)
+
+
+@pytest.mark.parametrize(
+    ("spec", "error", "match"),
+    [
+        (
+            3,
+            TypeError,
+            r"instruction_mask must be None, a \[B, L\] bool or integer tensor, or a callable .*got int",
+        ),
+        ("last", TypeError, r"instruction_mask must be None.*got str"),
+        (
+            torch.ones(2, 5),
+            TypeError,
+            r"instruction_mask must be a bool or integer tensor, got torch\.float32",
+        ),
+        (
+            torch.ones(5, dtype=torch.bool),
+            ValueError,
+            r"instruction_mask must be a \[B, L\] tensor, got shape \[5\]",
+        ),
+    ],
+)
+def test_bad_instruction_mask_is_refused_at_apply(spec, error, match):
+    """The instruction_mask spec is checked when applied, not at the first forward."""
+    model = build_model("llava")
+    with pytest.raises(error, match=match):
+        apply_tokenprune(model, keep_ratio=0.5, instruction_mask=spec)
+    assert not is_tokenprune_applied(model)
+    apply_tokenprune(model, keep_ratio=0.5)
+    with pytest.raises(error, match=match):
+        apply_tokenprune(model, keep_ratio=0.25, instruction_mask=spec)
+    patch = get_patch(model)  # a refused re-apply changes nothing
+    assert patch.instruction_mask is None and patch.config.keep_ratio == 0.5
 
 
 def test_unsupported_model_type():

@@ -51,6 +51,7 @@ from tokenprune_kernels.transformers.prune import (
     PrunedInputs,
     PrunedPacked,
     TokenPruneConfig,
+    check_instruction_mask,
     default_instruction_mask,
     layer0_from_text_model,
     packed_instruction_mask,
@@ -119,8 +120,9 @@ def apply_tokenprune(
             :class:`~tokenprune_kernels.mapper.TokenMapper`, or a path to a ``.safetensors``
             mapper (loaded with safetensors only, onto the model's device).
         instruction_mask: None for the default rule (the real tokens after the last visual token
-            of each sample), a ``[B, L]`` bool tensor, or a callable
-            ``(input_ids | None, visual_mask [B, L], attention_mask | None) -> [B, L] bool``.
+            of each sample), a ``[B, L]`` bool or integer tensor, or a callable
+            ``(input_ids | None, visual_mask [B, L], attention_mask | None) -> [B, L] bool``;
+            checked here (a tensor's ``[B, L]`` is checked against each prompt).
 
     Returns:
         ``model`` (patched). Applying again replaces the config; it never patches twice.
@@ -128,8 +130,11 @@ def apply_tokenprune(
     Raises:
         RuntimeError: transformers outside :data:`SUPPORTED_TRANSFORMERS`.
         ValueError: unsupported ``model_type``, bad keep ratio/count.
+        TypeError: an ``instruction_mask`` that is not None, a bool/integer tensor or a callable
+            (ValueError for a tensor that is not ``[B, L]``).
     """
     check_transformers_version()
+    check_instruction_mask(instruction_mask)
     model_type = _model_type(model)
     family = FAMILIES.get(model_type)
     if family is None:
@@ -181,6 +186,7 @@ __all__ = [
     "TokenPruneConfig",
     "TokenPrunePatch",
     "apply_tokenprune",
+    "check_instruction_mask",
     "check_transformers_version",
     "default_instruction_mask",
     "is_tokenprune_applied",

@@ -78,6 +78,7 @@ from tokenprune_kernels.transformers.prune import (
     Layer0,
     PrunedInputs,
     TokenPruneConfig,
+    check_instruction_mask,
     prune_inputs,
     resolve_instruction_mask,
 )
@@ -364,10 +365,13 @@ def install(
     Raises:
         RuntimeError: transformers outside :data:`SUPPORTED_TRANSFORMERS`.
         ValueError: not a model of the family (class or ``config.model_type``).
+        TypeError, ValueError: a bad ``config`` or ``instruction_mask`` (see
+            :func:`~tokenprune_kernels.transformers.prune.check_instruction_mask`).
     """
     check_transformers_version()
     if not isinstance(config, TokenPruneConfig):
         raise TypeError(f"config must be a TokenPruneConfig, got {type(config).__name__}")
+    check_instruction_mask(instruction_mask)
     patch = get_patch(model)
     if patch is not None and patch.family == spec.name:
         patch.config = config

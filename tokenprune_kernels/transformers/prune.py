@@ -816,6 +816,35 @@ def prune_inputs(
 # --------------------------------------------------------------------------------------------
 
 
+def check_instruction_mask(spec: Any) -> None:
+    """Check the ``instruction_mask`` given to ``apply_tokenprune`` when it is applied.
+
+    Accepted: None (the default rule), a ``[B, L]`` (or ``[B, L, 1]``) bool or integer tensor
+    (its ``[B, L]`` must match each prompt; checked per call), or a callable
+    ``(input_ids | None, visual_mask [B, L] bool, attention_mask | None) -> [B, L] bool``.
+
+    Raises:
+        TypeError: any other type, or a float/complex tensor.
+        ValueError: a tensor of another rank.
+    """
+    if spec is None:
+        return
+    if isinstance(spec, torch.Tensor):
+        if spec.dtype.is_floating_point or spec.dtype.is_complex:
+            raise TypeError(f"instruction_mask must be a bool or integer tensor, got {spec.dtype}")
+        if not (spec.dim() == 2 or (spec.dim() == 3 and spec.shape[-1] == 1)):
+            raise ValueError(
+                f"instruction_mask must be a [B, L] tensor, got shape {list(spec.shape)}"
+            )
+        return
+    if not callable(spec):
+        raise TypeError(
+            "instruction_mask must be None, a [B, L] bool or integer tensor, or a callable "
+            "(input_ids, visual_mask, attention_mask) -> [B, L] bool mask; got "
+            f"{type(spec).__name__}"
+        )
+
+
 def resolve_instruction_mask(
     spec: InstructionMaskSpec,
     input_ids: torch.Tensor | None,
