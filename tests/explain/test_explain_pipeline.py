@@ -101,5 +101,5 @@ def test_label_sample_qwen2_vl(tmp_path, gen):
     with torch.no_grad():
         a0 = model(**inputs, output_attentions=True).attentions[0][0].double()
     vis = torch.arange(3, 9)
-    want_attn = a0[:, 9:][:, :, vis].mean((0, 1))  # instruction: after the last image token
+    want_attn = a0[:, 10:][:, :, vis].mean((0, 1))  # instruction: after <|vision_end|>
     torch.testing.assert_close(rec.attn.double(), want_attn, rtol=1e-5, atol=1e-7)

@@ -18,6 +18,7 @@ from tokenprune_kernels.mapper import MapperConfig, TokenMapper, save_mapper
 from tokenprune_kernels.testing_models.llava import (
     FAMILIES,
     IMAGE_ID,
+    VIDEO_ID,
     Sample,
     build_inputs,
     build_model,
@@ -28,6 +29,7 @@ from tokenprune_kernels.testing_models.llava import (
 from tokenprune_kernels.transformers import (
     TokenPruneConfig,
     apply_tokenprune,
+    default_instruction_mask_for,
     is_tokenprune_applied,
     last_pruned,
     prune_inputs,
@@ -349,6 +351,20 @@ def test_custom_instruction_mask(gen):
         got, pruned = _patched(model, inputs)
         _assert_kept(pruned, expected)
         _assert_logits(got, expected.logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_instruction_is_all_the_text_after_the_image(family, gen):
+    """LLaVA / LLaVA-OneVision have no structural token after the visual block (the image
+    newlines are visual tokens; the chat template follows the image with text): the default
+    instruction is every real token after the last visual one."""
+    model = build_model(family)
+    inputs = build_inputs(model, _two_samples(family), gen, "right")
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    visual = (ids == IMAGE_ID) | (ids == VIDEO_ID)
+    pos = torch.arange(ids.shape[1])
+    want = (pos > torch.where(visual, pos, -1).amax(1, keepdim=True)) & mask.bool()
+    assert torch.equal(default_instruction_mask_for(model, ids, visual, mask), want)
 
 
 def test_generic_function_for_vila_style_models(gen):

@@ -18,7 +18,10 @@ model does them and prunes between the merge and the language model. This module
   ``apply_rotary_pos_emb`` (:func:`layer0_from_text_model`);
 - positions: plain 1-D RoPE, ``[B, L]``; without ``position_ids`` the language model's own
   default, ``arange(L)``, is what kept tokens keep. A continuation call without ``position_ids``
-  continues at the unpruned length (``arange(q) + L + decoded``).
+  continues at the unpruned length (``arange(q) + L + decoded``);
+- no structural tokens: the image newlines of LLaVA-OneVision are visual tokens (the processor
+  counts them in the image placeholder), and the chat templates follow the image with text
+  (``"\n" + question``), so every real token after the last visual one is instruction.
 
 VILA1.5 and other LLaVA-style models without a transformers class
 ------------------------------------------------------------------

@@ -79,6 +79,7 @@ from tokenprune_kernels.transformers.prune import (
     PrunedInputs,
     TokenPruneConfig,
     check_instruction_mask,
+    default_instruction_mask,
     prune_inputs,
     resolve_instruction_mask,
 )
@@ -283,6 +284,10 @@ def _nothing_else(lm_kwargs: dict[str, Any], pruned: PrunedInputs) -> None:
     return None
 
 
+def _no_structural_tokens(config: Any) -> tuple[int, ...]:
+    return ()
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     """What the seam needs to know about one model family.
@@ -306,6 +311,9 @@ class FamilySpec:
             (default: ``pruned.position_ids``).
         prune_lm_kwargs: ``(language-model kwargs, PrunedInputs) -> None``, prunes any other
             per-token input of the language model in place (Qwen3-VL's deepstack features).
+        structural_token_ids: ``model config -> token ids`` that mark visual content without
+            asking anything (Qwen's ``<|vision_start|>`` / ``<|vision_end|>``); the default
+            instruction rule never counts them (default: none).
     """
 
     name: str
@@ -320,6 +328,7 @@ class FamilySpec:
     ]
     lm_position_ids: Callable[[PrunedInputs], torch.Tensor] = _same_positions
     prune_lm_kwargs: Callable[[dict[str, Any], PrunedInputs], None] = _nothing_else
+    structural_token_ids: Callable[[Any], tuple[int, ...]] = _no_structural_tokens
 
 
 def find_parts(model: nn.Module, spec: FamilySpec) -> tuple[nn.Module | None, nn.Module]:
@@ -456,6 +465,7 @@ _RECORD = ("recording", "visual", "input_ids")
 def _wrap(patch: TokenPrunePatch, spec: FamilySpec, top: nn.Module | None, inner: nn.Module):
     lm = inner.language_model
     layer0 = spec.layer0(inner)
+    structural = _StructuralTokens(spec.structural_token_ids(inner.config), inner)
     orig_mask, orig_inner, orig_lm = inner.get_placeholder_mask, inner.forward, lm.forward
     bind_mask, bind_inner, bind_lm = _binder(orig_mask), _binder(orig_inner), _binder(orig_lm)
     scratch = patch.scratch
@@ -519,7 +529,7 @@ def _wrap(patch: TokenPrunePatch, spec: FamilySpec, top: nn.Module | None, inner
                     a.get("attention_mask"), cache_length(past), _query_length(a)
                 )
             return orig_lm(**a)
-        return _pruned_prefill(patch, spec, layer0, lm, orig_lm, a, visual, input_ids)
+        return _pruned_prefill(patch, spec, layer0, structural, lm, orig_lm, a, visual, input_ids)
 
     patch.set_attr(inner, "get_placeholder_mask", get_placeholder_mask)
     patch.set_attr(inner, "forward", inner_forward)
@@ -528,10 +538,33 @@ def _wrap(patch: TokenPrunePatch, spec: FamilySpec, top: nn.Module | None, inner
         _wrap_labels(patch, top)
 
 
+class _StructuralTokens:
+    """Finds a family's structural tokens in a prompt: by id, or - when the call brings only
+    ``inputs_embeds`` - by their input embedding (as transformers finds the image tokens)."""
+
+    def __init__(self, ids: tuple[int, ...], inner: nn.Module) -> None:
+        self.ids = tuple(ids)
+        self.inner = inner
+
+    def mask(self, input_ids: torch.Tensor | None, embeds: torch.Tensor) -> torch.Tensor | None:
+        """``[B, L]`` bool, or None when the family has no structural tokens."""
+        if not self.ids:
+            return None
+        ids = torch.tensor(self.ids, device=embeds.device)
+        if isinstance(input_ids, torch.Tensor) and input_ids.shape == embeds.shape[:2]:
+            return torch.isin(input_ids.to(embeds.device), ids)
+        rows = self.inner.get_input_embeddings()(ids).to(embeds.dtype)  # [n, H]
+        found = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+        for row in rows:
+            found |= (embeds == row).all(-1)
+        return found
+
+
 def _pruned_prefill(
     patch: TokenPrunePatch,
     spec: FamilySpec,
     layer0: Layer0,
+    structural: _StructuralTokens,
     lm: nn.Module,
     orig_lm: Callable[..., Any],
     a: dict[str, Any],
@@ -557,6 +590,11 @@ def _pruned_prefill(
     b, length = visual.shape
     position_ids = spec.prefill_positions(a.get("position_ids"), b, length, embeds.device)
     instr = resolve_instruction_mask(patch.instruction_mask, input_ids, visual, mask)
+    if instr is None:
+        with torch.no_grad():
+            instr = default_instruction_mask(
+                visual, mask, structural_mask=structural.mask(input_ids, embeds)
+            )
     pruned = prune_inputs(
         embeds, visual, position_ids, layer0, patch.config,
         attention_mask=mask, instruction_mask=instr,

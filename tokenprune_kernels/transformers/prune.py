@@ -433,13 +433,19 @@ def _check_bool_mask(name: str, mask: torch.Tensor, shape: tuple[int, ...]) -> t
 
 
 def default_instruction_mask(
-    visual_mask: torch.Tensor, attention_mask: torch.Tensor | None = None
+    visual_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    structural_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The default instruction tokens: the real (non-pad) tokens after the LAST visual token.
+    """The default instruction tokens: the real (non-pad) tokens after the LAST visual token,
+    except structural tokens.
 
     Args:
         visual_mask: ``[B, L]`` bool, True at visual tokens.
         attention_mask: ``[B, L]`` (1 real / 0 pad) or None (no pads).
+        structural_mask: ``[B, L]`` bool or None: tokens that mark visual content rather than
+            ask anything (Qwen's ``<|vision_end|>``), never instruction. A model family's are
+            given by :func:`~tokenprune_kernels.transformers.default_instruction_mask_for`.
 
     Returns:
         ``[B, L]`` bool. A sample without visual tokens gets no instruction tokens (it is not
@@ -455,6 +461,9 @@ def default_instruction_mask(
         after = after & _check_bool_mask("attention_mask", attention_mask, (b, length)).to(
             after.device
         )
+    if structural_mask is not None:
+        structural = _check_bool_mask("structural_mask", structural_mask, (b, length))
+        after = after & ~structural.to(after.device)
     return after
 
 
@@ -494,23 +503,34 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device: torch.device
     return cu_seqlens.to(device=device, dtype=torch.int64)
 
 
-def packed_instruction_mask(visual_mask: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+def packed_instruction_mask(
+    visual_mask: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    structural_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """:func:`default_instruction_mask` on packed tokens: per sample, the tokens after its last
-    visual token.
+    visual token, except structural tokens.
 
     Args:
         visual_mask: ``[T]`` bool, True at visual tokens.
         cu_seqlens: ``[B+1]`` int32/int64 sample offsets into the ``T`` packed tokens.
+        structural_mask: ``[T]`` bool or None, tokens that are never instruction (e.g.
+            ``torch.isin(token_ids, FamilySpec.structural_token_ids(config))``).
 
     Returns:
         ``[T]`` bool (False for every token of a sample without visual tokens).
     """
-    t = visual_mask.shape[0] if isinstance(visual_mask, torch.Tensor) else -1
-    visual = _check_bool_mask("visual_mask", visual_mask, (max(t, 0),))
+    if not isinstance(visual_mask, torch.Tensor):
+        raise TypeError(f"visual_mask must be a torch.Tensor, got {type(visual_mask).__name__}")
+    t = visual_mask.shape[0] if visual_mask.dim() > 0 else 0
+    visual = _check_bool_mask("visual_mask", visual_mask, (t,))
     cu = _check_cu_seqlens(cu_seqlens, t, visual.device)
     seg, local = _segments(cu, t)
     last = _segment_last(visual, seg, local, cu.numel() - 1)[seg]
-    return (local > last) & (last >= 0)
+    after = (local > last) & (last >= 0)
+    if structural_mask is not None:
+        after = after & ~_check_bool_mask("structural_mask", structural_mask, (t,)).to(after.device)
+    return after
 
 
 # --------------------------------------------------------------------------------------------
@@ -577,13 +597,7 @@ def prune_packed(
         TypeError: a float mask, non-float embeddings, non-integer offsets, a wrong
             ``layer0`` / ``config`` type.
     """
-    if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 2:
-        raise ValueError(
-            "inputs_embeds must be a [T, H] tensor, got "
-            f"{getattr(inputs_embeds, 'shape', type(inputs_embeds).__name__)}"
-        )
-    _check_embeds_dtype(inputs_embeds)
-    _check_layer0_config(layer0, config)
+    _check_common(inputs_embeds, "[T, H]", layer0, config)
     t = inputs_embeds.shape[0]
     device = inputs_embeds.device
     cu = _check_cu_seqlens(cu_seqlens, t, device)
@@ -608,8 +622,9 @@ def prune_packed(
     if bad:
         raise ValueError(
             f"sample(s) {bad} have visual tokens but no instruction tokens: with the default rule "
-            "the instruction is the text after the last visual token, so the prompt must not end "
-            "with a visual token; or pass instruction_mask"
+            "the instruction is the text after the last visual token (structural tokens such as "
+            "Qwen's <|vision_end|> do not count), so the prompt needs text after its visual "
+            "content; or pass instruction_mask"
         )
     last_instr = _segment_last(instr, seg, local, b)
     last_vis = _segment_last(visual, seg, local, b)
@@ -654,14 +669,20 @@ def prune_packed(
     )
 
 
-def _check_embeds_dtype(inputs_embeds: torch.Tensor) -> None:
+def _check_common(
+    inputs_embeds: torch.Tensor, dims: str, layer0: Layer0, config: TokenPruneConfig
+) -> None:
+    """The checks :func:`prune_packed` and :func:`prune_inputs` share (``dims``: the expected
+    layout of ``inputs_embeds``, one letter per dimension)."""
+    if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != dims.count(",") + 1:
+        raise ValueError(
+            f"inputs_embeds must be a {dims} tensor, got "
+            f"{getattr(inputs_embeds, 'shape', type(inputs_embeds).__name__)}"
+        )
     if inputs_embeds.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(
             f"inputs_embeds must be float32/float16/bfloat16, got {inputs_embeds.dtype}"
         )
-
-
-def _check_layer0_config(layer0: Layer0, config: TokenPruneConfig) -> None:
     if not isinstance(layer0, Layer0):
         raise TypeError(f"layer0 must be a Layer0, got {type(layer0).__name__}")
     if not isinstance(config, TokenPruneConfig):
@@ -710,13 +731,7 @@ def prune_inputs(
     Returns:
         :class:`PrunedInputs`. Samples without visual tokens pass through unchanged (minus pads).
     """
-    if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3:
-        raise ValueError(
-            "inputs_embeds must be a [B, L, H] tensor, got "
-            f"{getattr(inputs_embeds, 'shape', type(inputs_embeds).__name__)}"
-        )
-    _check_embeds_dtype(inputs_embeds)
-    _check_layer0_config(layer0, config)
+    _check_common(inputs_embeds, "[B, L, H]", layer0, config)
     if padding_side not in (None, "left", "right"):
         raise ValueError(f"padding_side must be None, 'left' or 'right', got {padding_side!r}")
     b, length, hidden = inputs_embeds.shape

@@ -19,7 +19,11 @@ attention_mask=..., [visual_pos_masks=..., deepstack_visual_embeds=...])``. The 
   positions (``cumsum(mask) - 1``, or the cache length plus the removed count) plus
   ``rope_deltas``;
 - deepstack (Qwen3-VL): the features added to the first decoder layers at ``visual_pos_masks``
-  are pruned with the same kept set.
+  are pruned with the same kept set;
+- structural tokens: ``<|vision_start|>`` / ``<|vision_end|>`` (``config.vision_start_token_id``,
+  ``config.vision_end_token_id``) frame each image / video (frame); they are never instruction
+  tokens, so ``...<image><|vision_end|>`` with no text after it has no instruction (an error)
+  rather than the instruction ``<|vision_end|>``.
 
 Batched generation with left padding works as unpruned.
 """
@@ -119,6 +123,15 @@ def _prune_deepstack(a: dict[str, Any], pruned: PrunedInputs) -> None:
         a["deepstack_visual_embeds"] = [d[keep_rows.to(d.device)] for d in ds]
 
 
+def _structural_token_ids(config: Any) -> tuple[int, ...]:
+    """``<|vision_start|>`` and ``<|vision_end|>``: they frame each image / video (frame)."""
+    ids = (
+        getattr(config, "vision_start_token_id", None),
+        getattr(config, "vision_end_token_id", None),
+    )
+    return tuple(int(i) for i in ids if i is not None)
+
+
 SPEC = FamilySpec(
     name="qwen",
     model_types=MODEL_TYPES,
@@ -130,6 +143,7 @@ SPEC = FamilySpec(
     continuation_positions=_continuation_positions,
     lm_position_ids=_lm_position_ids,
     prune_lm_kwargs=_prune_deepstack,
+    structural_token_ids=_structural_token_ids,
 )
 
 
