@@ -1,5 +1,6 @@
 """Fixtures of the explain tests: tiny random models built in-process (nothing is downloaded),
-with the builders of ``tokenprune_kernels.testing_models``.
+with the builders of ``tokenprune_kernels.testing_models`` (``explain``: the model directory with
+its processor, media, data sets and the independent relevance computation).
 """
 
 from __future__ import annotations
@@ -16,6 +17,6 @@ transformers.logging.set_verbosity_error()
 def llava_dir(tmp_path_factory) -> Path:
     """A local directory holding a tiny random LLaVA and its processor (tokenizer trained on
     nothing: a fixed word-level vocabulary; CLIP image processor; a chat template)."""
-    from _explain_helpers import save_llava_dir
+    from tokenprune_kernels.testing_models.explain import save_llava_dir
 
     return save_llava_dir(tmp_path_factory.mktemp("llava_model"))

@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 
 pytest.importorskip("PIL", reason="tokenprune explain reads images with Pillow")
-from _explain_helpers import save_image
-
 from tokenprune_kernels.explain.data import (
     build_prompt_inputs,
     load_image,
@@ -17,6 +15,7 @@ from tokenprune_kernels.explain.data import (
     read_records,
 )
 from tokenprune_kernels.explain.pipeline import answers_match, normalize_answer
+from tokenprune_kernels.testing_models.explain import save_image
 
 
 def _jsonl(path, *objs, raw=""):

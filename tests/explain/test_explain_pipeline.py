@@ -12,10 +12,9 @@ import torch
 import tokenprune_kernels.testing_models.qwen as Q
 
 pytest.importorskip("PIL", reason="tokenprune explain reads images with Pillow")
-from _explain_helpers import independent_relevance, save_image
-
 from tokenprune_kernels.explain.data import build_prompt_inputs, read_records
 from tokenprune_kernels.explain.pipeline import label_sample
+from tokenprune_kernels.testing_models.explain import independent_relevance, save_image
 
 SPECIALS = {
     Q.PAD_ID: "<pad>",

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from _explain_helpers import independent_relevance
 from torch import nn
 
 import tokenprune_kernels.testing_models.llava as LC
@@ -20,6 +19,7 @@ from tokenprune_kernels.explain import (
     propagate_relevance_rows,
 )
 from tokenprune_kernels.explain.pipeline import greedy_with_attention
+from tokenprune_kernels.testing_models.explain import independent_relevance
 from tokenprune_kernels.transformers import apply_tokenprune, revert_tokenprune
 
 # --------------------------------------------------------------------------------------------

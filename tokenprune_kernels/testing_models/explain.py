@@ -1,5 +1,6 @@
-"""Helpers of the explain tests: a tiny LLaVA model directory with a processor, media files, and
-the independent relevance computation (the formula, from ``output_attentions``)."""
+"""Helpers of the explain tests and benchmarks: a tiny LLaVA model directory with a processor,
+media files and data sets, and the independent relevance computation (the formula, from
+``output_attentions``). Pillow and tokenizers are imported where used."""
 
 from __future__ import annotations
 
