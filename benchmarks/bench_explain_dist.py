@@ -38,10 +38,7 @@ MAX_NEW = 8
 
 def _build(work: Path, samples: int) -> tuple[Path, Path]:
     """The model directory and a data file whose answers are the model's greedy answers."""
-    sys.path[:0] = [str(ROOT / "tests" / "explain"), str(ROOT / "tests" / "transformers")]
     import torch
-    from _explain_helpers import greedy_answers, save_image, save_llava_dir, write_jsonl
-    from _llava_configs import IMAGE_ID, _text_kwargs
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -50,6 +47,13 @@ def _build(work: Path, samples: int) -> tuple[Path, Path]:
     )
 
     from tokenprune_kernels.explain.cli import load_model_and_processor
+    from tokenprune_kernels.testing_models.explain import (
+        greedy_answers,
+        save_image,
+        save_llava_dir,
+        write_jsonl,
+    )
+    from tokenprune_kernels.testing_models.llava import IMAGE_ID, _text_kwargs
 
     torch.manual_seed(0)
     config = LlavaConfig(

@@ -1,19 +1,12 @@
-"""Fixtures of the multi-process tests: the tiny LLaVA of ``tests/explain`` (whose helpers, and
-those of ``tests/transformers``, are put on ``sys.path``); the launchers are in ``_launch.py``."""
+"""Fixtures of the multi-process tests: the tiny LLaVA of the explain tests
+(``tokenprune_kernels.testing_models.explain``); the launchers are in ``_launch.py``."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import transformers
-
-_ROOT = Path(__file__).resolve().parents[2]
-for _folder in ("explain", "transformers"):
-    _path = str(_ROOT / "tests" / _folder)
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
 
 transformers.logging.set_verbosity_error()
 
@@ -21,6 +14,6 @@ transformers.logging.set_verbosity_error()
 @pytest.fixture(scope="session")
 def llava_dir(tmp_path_factory) -> Path:
     """The tiny random LLaVA of the explain tests, saved with its processor."""
-    from _explain_helpers import save_llava_dir
+    from tokenprune_kernels.testing_models.explain import save_llava_dir
 
     return save_llava_dir(tmp_path_factory.mktemp("llava_model"))

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 pytest.importorskip("PIL", reason="tokenprune explain reads images with Pillow")
-from _explain_helpers import make_dataset
 from _launch import srun_like, torchrun
 
 from tokenprune_kernels.explain import cli
@@ -23,6 +22,7 @@ from tokenprune_kernels.explain.distributed import (
     read_commits,
 )
 from tokenprune_kernels.labels import LabelRecord, ShardWriter, label_shard_paths, read_labels
+from tokenprune_kernels.testing_models.explain import make_dataset
 
 MAX_NEW = 3
 WORKER = Path(__file__).resolve().parent / "_explain_worker.py"

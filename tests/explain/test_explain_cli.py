@@ -11,11 +11,14 @@ import pytest
 import torch
 
 pytest.importorskip("PIL", reason="tokenprune explain reads images with Pillow")
-from _explain_helpers import independent_relevance, make_dataset, save_image
-from _llava_configs import IMAGE_ID
-
 from tokenprune_kernels.explain import cli
 from tokenprune_kernels.labels import read_labels
+from tokenprune_kernels.testing_models.explain import (
+    independent_relevance,
+    make_dataset,
+    save_image,
+)
+from tokenprune_kernels.testing_models.llava import IMAGE_ID
 
 MAX_NEW = 3
 N_VISUAL = 25  # 20x20 CLIP image, patch 4

@@ -1,5 +1,6 @@
-"""Helpers of the explain tests: a tiny LLaVA model directory with a processor, media files, and
-the independent relevance computation (the formula, from ``output_attentions``)."""
+"""Helpers of the explain tests and benchmarks: a tiny LLaVA model directory with a processor,
+media files and data sets, and the independent relevance computation (the formula, from
+``output_attentions``). Pillow and tokenizers are imported where used."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _llava_configs import IMAGE_ID, LLAVA_IMAGE, PAD_ID, VOCAB, build_model
+
+from tokenprune_kernels.testing_models.llava import (
+    IMAGE_ID,
+    LLAVA_IMAGE,
+    PAD_ID,
+    VOCAB,
+    build_model,
+)
 
 SPECIALS = {PAD_ID: "<pad>", 1: "<unk>", IMAGE_ID: "<image>"}
 CHAT_TEMPLATE = (
