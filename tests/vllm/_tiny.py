@@ -1,0 +1,85 @@
+"""A tiny random Qwen2-VL / Qwen2.5-VL saved to a directory vLLM can serve (offline tokenizer and
+processor from :mod:`tokenprune_kernels.grounded.model`), its prompts and images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tokenprune_kernels.grounded.model import (
+    IM_END,
+    IMAGE_PAD,
+    TOKEN_ID,
+    build_config,
+    build_model,
+    build_processor,
+    save_model_dir,
+)
+
+TALL = (48, 128)  # (width, height) px -> 16 x 6 patches -> 24 visual tokens
+WIDE = (128, 48)
+QUESTIONS = (
+    "what colour is the circle ?",
+    "how many objects are there ?",
+)
+
+
+def prompt(question: str, images: int = 1) -> str:
+    """One user turn: the images, then the question; then the assistant header."""
+    vis = "<|vision_start|><|image_pad|><|vision_end|> " * images
+    return f"<|im_start|>user {vis}{question} {IM_END} <|im_start|>assistant "
+
+
+def image(size: tuple[int, int], seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def save_tiny(path: Path, model_type: str = "qwen2_vl", seed: int = 0, layers: int = 2) -> Path:
+    """Save a random model (fp32; language model: hidden 128, 4 heads of dim 32, 2 kv heads,
+    M-RoPE sections [2, 7, 7]; vision tower depth 2) and its processor to ``path``. Layer-0
+    q/k weights are scaled up so the layer-0 attention ranks the visual tokens far from ties."""
+    config = build_config(num_layers=layers)
+    if model_type == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        v = config.vision_config
+        config = Qwen2_5_VLConfig(
+            text_config=config.text_config.to_dict(),
+            vision_config=dict(
+                depth=2, hidden_size=64, intermediate_size=128, num_heads=4,
+                out_hidden_size=config.text_config.hidden_size, window_size=32,
+                fullatt_block_indexes=[1], in_channels=3, patch_size=v.patch_size,
+                spatial_merge_size=v.spatial_merge_size,
+                temporal_patch_size=v.temporal_patch_size, initializer_range=0.08,
+            ),
+            image_token_id=config.image_token_id,
+            video_token_id=config.video_token_id,
+            vision_start_token_id=config.vision_start_token_id,
+            vision_end_token_id=config.vision_end_token_id,
+            tie_word_embeddings=True,
+        )  # fmt: skip
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    elif model_type == "qwen2_vl":
+        model = build_model(config, seed=seed)
+    else:
+        raise ValueError(f"model_type must be qwen2_vl or qwen2_5_vl, got {model_type!r}")
+    with torch.no_grad():
+        attn = model.model.language_model.layers[0].self_attn
+        attn.q_proj.weight.mul_(3.0)
+        attn.k_proj.weight.mul_(3.0)
+    processor = build_processor()
+    save_model_dir(model, processor, path)
+    if model_type == "qwen2_5_vl":
+        (path / "processor_config.json").write_text(
+            json.dumps({"processor_class": "Qwen2_5_VLProcessor"}, indent=2) + "\n"
+        )
+    return path
+
+
+IMAGE_TOKEN = TOKEN_ID[IMAGE_PAD]
