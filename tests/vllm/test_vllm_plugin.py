@@ -120,7 +120,7 @@ def _generate(llm: LLM, requests: list[dict]):
 
 def _history(llm: LLM, clear: bool = True) -> list[dict]:
     def read(model):
-        h = [dict(x) for x in model.tokenprune_history]
+        h = [{k: v.cpu() for k, v in x.items()} for x in model.tokenprune_history]
         if clear:
             model.tokenprune_history.clear()
         return h

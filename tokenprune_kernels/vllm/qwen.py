@@ -80,7 +80,7 @@ from tokenprune_kernels.vllm.scoring import (
 
 CTX_KEY = "tokenprune_ctx"
 ROLE_TEXT, ROLE_VISUAL, ROLE_INSTRUCTION = 0, 1, 2
-HISTORY = 64  # selections kept for inspection (``model.tokenprune_history``)
+HISTORY = 64  # last selections, for inspection: ``model.tokenprune_history`` (tests read it)
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,12 +362,8 @@ class _PruneModelMixin:
         for i in range(len(features)):
             a, b = bounds[i], bounds[i + 1]
             out.append(encode_positions(kept_embeds[a:b], kept_pos[:, a:b], FLAG_SET))
-            self.tokenprune_history.append(
-                {
-                    "kept": (kept_idx[a:b] - cu_v[i]).cpu(),
-                    "scores": scores[cu_v[i] : cu_v[i + 1]].cpu(),
-                    "instruction_ids": contexts[i][0][contexts[i][4] == ROLE_INSTRUCTION].cpu(),
-                }
+            self.tokenprune_history.append(  # device tensors: no extra synchronisation
+                {"kept": kept_idx[a:b] - cu_v[i], "scores": scores[cu_v[i] : cu_v[i + 1]]}
             )
         return tuple(out)
 
