@@ -17,15 +17,17 @@ square pixels = (px / 16)^2 visual tokens.
 CPU (the vLLM venv from ``scripts/setup_vllm.sh``; this script runs in the main env, which has
 matplotlib, and builds the model with its transformers)::
 
-    python3 benchmarks/bench_vllm.py --vllm .venv-vllm/bin/vllm \\
+    python3 benchmarks/bench_vllm.py --vllm .venv-vllm/bin/vllm --rounds 2 \\
         --out benchmarks/results/vllm_cpu.md
 
 GPU (a venv with vLLM's CUDA package, ``VLLM_PACKAGE=vllm==0.32.0 bash scripts/setup_vllm.sh``;
-a model size whose prefill dominates there)::
+a ~1 B-parameter language model, built in fp32 on the host first, so that the prefill dominates
+there; not run yet)::
 
     python3 benchmarks/bench_vllm.py --vllm .venv-vllm/bin/vllm --dtype bfloat16 \\
-        --hidden 3584 --layers 28 --heads 28 --kv-heads 4 --intermediate 18944 \\
-        --image-px 1024 --requests 1:8,4:32,8:64 --out benchmarks/results/vllm_h100.md
+        --hidden 2048 --layers 16 --heads 16 --kv-heads 2 --intermediate 8192 \\
+        --image-px 1024 --max-model-len 8192 --requests 1:8,4:32,8:64 --rounds 2 \\
+        --out benchmarks/results/vllm_h100.md
 """
 
 from __future__ import annotations

@@ -42,7 +42,9 @@ def image(size: tuple[int, int], seed: int) -> Image.Image:
 def save_tiny(path: Path, model_type: str = "qwen2_vl", seed: int = 0, layers: int = 2) -> Path:
     """Save a random model (fp32; language model: hidden 128, 4 heads of dim 32, 2 kv heads,
     M-RoPE sections [2, 7, 7]; vision tower depth 2) and its processor to ``path``. Layer-0
-    q/k weights are scaled up so the layer-0 attention ranks the visual tokens far from ties."""
+    q/k weights (Qwen3-VL: its q/k norms) are scaled up so the layer-0 attention ranks the
+    visual tokens far from ties. ``qwen3_vl``: head dim 32, interleaved M-RoPE [4, 6, 6],
+    deepstack features from both vision blocks."""
     config = build_config(num_layers=layers)
     if model_type == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -65,19 +67,50 @@ def save_tiny(path: Path, model_type: str = "qwen2_vl", seed: int = 0, layers: i
         )  # fmt: skip
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    elif model_type == "qwen3_vl":
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+        v = config.vision_config
+        text = config.text_config.to_dict()
+        text["head_dim"] = 32
+        text["rope_parameters"] = {
+            "rope_type": "default", "rope_theta": 100.0, "mrope_section": [4, 6, 6],
+            "mrope_interleaved": True,
+        }  # fmt: skip
+        config = Qwen3VLConfig(
+            text_config=text,
+            vision_config=dict(
+                depth=2, hidden_size=64, intermediate_size=128, num_heads=4,
+                out_hidden_size=config.text_config.hidden_size, num_position_embeddings=64,
+                deepstack_visual_indexes=[0, 1], in_channels=3, patch_size=v.patch_size,
+                spatial_merge_size=v.spatial_merge_size,
+                temporal_patch_size=v.temporal_patch_size, initializer_range=0.08,
+            ),
+            image_token_id=config.image_token_id,
+            video_token_id=config.video_token_id,
+            vision_start_token_id=config.vision_start_token_id,
+            vision_end_token_id=config.vision_end_token_id,
+            tie_word_embeddings=True,
+        )  # fmt: skip
+        torch.manual_seed(seed)
+        model = Qwen3VLForConditionalGeneration(config).eval()
     elif model_type == "qwen2_vl":
         model = build_model(config, seed=seed)
     else:
-        raise ValueError(f"model_type must be qwen2_vl or qwen2_5_vl, got {model_type!r}")
+        raise ValueError(f"model_type must be qwen2_vl, qwen2_5_vl or qwen3_vl, got {model_type!r}")
     with torch.no_grad():
         attn = model.model.language_model.layers[0].self_attn
         attn.q_proj.weight.mul_(3.0)
         attn.k_proj.weight.mul_(3.0)
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3: the per-head norms set the scale
+            attn.q_norm.weight.mul_(3.0)
+            attn.k_norm.weight.mul_(3.0)
     processor = build_processor()
     save_model_dir(model, processor, path)
-    if model_type == "qwen2_5_vl":
+    name = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}.get(model_type)
+    if name is not None:
         (path / "processor_config.json").write_text(
-            json.dumps({"processor_class": "Qwen2_5_VLProcessor"}, indent=2) + "\n"
+            json.dumps({"processor_class": name}, indent=2) + "\n"
         )
     return path
 

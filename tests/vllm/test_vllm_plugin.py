@@ -42,6 +42,11 @@ def model_dir_25(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def model_dir_3(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("qwen3_vl"), model_type="qwen3_vl")
+
+
+@pytest.fixture(scope="module")
 def mapper_path(tmp_path_factory):
     torch.manual_seed(1)
     mapper = TokenMapper(MapperConfig(channels=(4, 8), kernel_size=3))
@@ -75,7 +80,7 @@ def _close(llm: LLM) -> None:
 
 
 @pytest.fixture(scope="module")
-def engines(model_dir, model_dir_25, mapper_path):
+def engines(model_dir, model_dir_25, model_dir_3, mapper_path):
     """Engines created on first use, shut down at the end of the module."""
     made: dict[str, LLM] = {}
 
@@ -94,6 +99,11 @@ def engines(model_dir, model_dir_25, mapper_path):
                 "full": (model_dir, hf_overrides(1.0), {}),
                 "plain": (model_dir, None, {}),
                 "q25_half": (model_dir_25, hf_overrides(0.5, architecture=q25), {}),
+                "q3_half": (
+                    model_dir_3,
+                    hf_overrides(0.5, architecture="Qwen3VLForConditionalGeneration"),
+                    {},
+                ),
             }[name]
             made[name] = _llm(path, overrides, **kwargs)
         return made[name]
@@ -175,14 +185,15 @@ def test_greedy_matches_transformers(engines, model_dir, mapper_path, engine, ke
 
 
 @pytest.mark.parametrize("size", [TALL, WIDE], ids=["tall", "wide"])
-def test_qwen2_5_vl_matches_transformers(engines, model_dir_25, size):
-    llm = engines("q25_half")
+@pytest.mark.parametrize("engine", ["q25_half", "q3_half"], ids=["qwen2_5_vl", "qwen3_vl"])
+def test_other_families_match_transformers(engines, request, engine, size):
+    """Qwen2.5-VL, and Qwen3-VL (q/k norms, interleaved M-RoPE, deepstack features)."""
+    llm = engines(engine)
+    path = request.getfixturevalue({"q25_half": "model_dir_25", "q3_half": "model_dir_3"}[engine])
     _history(llm)
     [(tokens, lps, _)] = _generate(llm, [_request(QUESTIONS[1], size, seed=7)])
     [sel] = _history(llm)
-    want_tokens, want_lps, want_kept, _ = _transformers(
-        model_dir_25, QUESTIONS[1], size, 0.5, seed=7
-    )
+    want_tokens, want_lps, want_kept, _ = _transformers(path, QUESTIONS[1], size, 0.5, seed=7)
     assert torch.equal(sel["kept"], want_kept)
     assert tokens == want_tokens
     assert lps == pytest.approx(want_lps, abs=LOGPROB_ATOL)

@@ -34,12 +34,16 @@ ARCHITECTURES: dict[str, str] = {
     "TokenPruneQwen2_5_VLForConditionalGeneration": (
         "tokenprune_kernels.vllm.qwen:TokenPruneQwen2_5_VLForConditionalGeneration"
     ),
+    "TokenPruneQwen3VLForConditionalGeneration": (
+        "tokenprune_kernels.vllm.qwen:TokenPruneQwen3VLForConditionalGeneration"
+    ),
 }
 """Architecture name -> ``module:Class``, as handed to ``ModelRegistry.register_model``."""
 
 PRUNED_ARCHITECTURE: dict[str, str] = {
     "Qwen2VLForConditionalGeneration": "TokenPruneQwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "TokenPruneQwen2_5_VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "TokenPruneQwen3VLForConditionalGeneration",
 }
 """vLLM's architecture -> ours."""
 

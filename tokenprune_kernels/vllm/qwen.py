@@ -1,4 +1,5 @@
-"""Qwen2-VL / Qwen2.5-VL with visual-token pruning, as vLLM model and processor subclasses.
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL with visual-token pruning, as vLLM model and processor
+subclasses.
 
 Imported by vLLM (never by ``import tokenprune_kernels``) when an architecture of
 :data:`tokenprune_kernels.vllm.ARCHITECTURES` is selected through ``hf_overrides``.
@@ -22,8 +23,9 @@ How a request flows (vLLM 0.32)
    other images' tokens are left out, see below).
 3. ``embed_multimodal`` (worker, per encoder batch). The vision tower runs as usual; then every
    image of the batch is scored at once (varlen) by :func:`scoring.score_and_select` from the
-   model's OWN layer-0 modules (``input_layernorm``, ``qkv_proj``, ``rotary_emb``; vLLM may
-   repack weights, so they are called, never read) and the ops; the kept rows are returned,
+   model's OWN layer-0 modules (``input_layernorm``, ``qkv_proj``, Qwen3's ``q_norm`` /
+   ``k_norm``, ``rotary_emb``; vLLM may repack weights, so they are called, never read) and the
+   ops; the kept rows are returned (Qwen3-VL: with their deepstack channels),
    with their original t/h/w ids appended as extra channels (:func:`scoring.encode_positions`).
    The encoder cache stores that, so chunked prefill and cache hits get the same rows.
 4. ``embed_input_ids`` strips the channels; ``forward`` writes the carried ids into the
@@ -61,6 +63,12 @@ from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLMultiModalProcessor,
     Qwen2VLProcessingInfo,
 )
+from vllm.model_executor.models.qwen3_vl import (
+    Qwen3VLDummyInputsBuilder,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMultiModalProcessor,
+    Qwen3VLProcessingInfo,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFieldElem, PlaceholderRange
 from vllm.multimodal.processing.processor import PromptReplacement
@@ -75,6 +83,7 @@ from tokenprune_kernels.vllm.scoring import (
     PackedPrompts,
     decode_positions,
     encode_positions,
+    position_channels,
     score_and_select,
 )
 
@@ -167,6 +176,10 @@ class TokenPruneQwen2VLMultiModalProcessor(_PruneProcessorMixin, Qwen2VLMultiMod
 
 class TokenPruneQwen2_5_VLMultiModalProcessor(_PruneProcessorMixin, Qwen2_5_VLMultiModalProcessor):
     """Qwen2.5-VL's processor with pruned image placeholder runs."""
+
+
+class TokenPruneQwen3VLMultiModalProcessor(_PruneProcessorMixin, Qwen3VLMultiModalProcessor):
+    """Qwen3-VL's processor with pruned image placeholder runs."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,9 +301,14 @@ class _PruneModelMixin:
         layer = self.language_model.model.layers[0]
         attn = layer.self_attn
 
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+
         def qk(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             qkv, _ = attn.qkv_proj(h)
             q, k, _ = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+            if q_norm is not None:  # Qwen3: per-head RMSNorm before rotary
+                q = q_norm(q.reshape(-1, attn.num_heads, attn.head_dim)).reshape(q.shape)
+                k = k_norm(k.reshape(-1, attn.num_kv_heads, attn.head_dim)).reshape(k.shape)
             return q, k
 
         return Layer0Fns(
@@ -309,6 +327,7 @@ class _PruneModelMixin:
         if len(features) != len(contexts):
             raise RuntimeError(f"tokenprune: {len(features)} images but {len(contexts)} contexts")
         embed = self.language_model.embed_input_ids
+        hidden = int(self.config.text_config.hidden_size)  # Qwen3-VL: deepstack channels follow
         rows, pos, vis_pos = [], [], []
         lengths, n_q, n_v = [], [], []
         q_rows, v_rows = [], []
@@ -323,7 +342,7 @@ class _PruneModelMixin:
                     f"tokenprune: an image has {feat.shape[0]} features but its context "
                     f"{int(vis.sum())} visual rows"
                 )
-            x[vis] = feat
+            x[vis] = feat[:, :hidden]
             rows.append(x)
             pos.append(ctx[1:4])
             vis_pos.append(ctx[1:4][:, vis])
@@ -395,10 +414,10 @@ class _PruneModelMixin:
             return super().embed_input_ids(
                 input_ids, multimodal_embeddings, is_multimodal=is_multimodal
             )
-        hidden = int(self.config.text_config.hidden_size)
+        width = multimodal_embeddings[0].shape[-1] - position_channels(3)
         embeds, flags, positions = [], [], []
         for carried in multimodal_embeddings:
-            e, f, p = decode_positions(carried, hidden, 3)
+            e, f, p = decode_positions(carried, width, 3)
             embeds.append(e)
             flags.append(f)
             positions.append(p)
@@ -453,9 +472,21 @@ class TokenPruneQwen2_5_VLForConditionalGeneration(
     """vLLM's Qwen2.5-VL with pruned image tokens (settings: ``hf_config.tokenprune``)."""
 
 
+@MULTIMODAL_REGISTRY.register_processor(
+    TokenPruneQwen3VLMultiModalProcessor,
+    info=Qwen3VLProcessingInfo,
+    dummy_inputs=Qwen3VLDummyInputsBuilder,
+)
+class TokenPruneQwen3VLForConditionalGeneration(_PruneModelMixin, Qwen3VLForConditionalGeneration):
+    """vLLM's Qwen3-VL with pruned image tokens; the deepstack features of the kept tokens go
+    with them (they are channels of the same encoder output)."""
+
+
 __all__ = [
     "TokenPruneQwen2VLForConditionalGeneration",
     "TokenPruneQwen2VLMultiModalProcessor",
     "TokenPruneQwen2_5_VLForConditionalGeneration",
     "TokenPruneQwen2_5_VLMultiModalProcessor",
+    "TokenPruneQwen3VLForConditionalGeneration",
+    "TokenPruneQwen3VLMultiModalProcessor",
 ]
