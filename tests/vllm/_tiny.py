@@ -28,10 +28,17 @@ QUESTIONS = (
 )
 
 
-def prompt(question: str, images: int = 1) -> str:
-    """One user turn: the images, then the question; then the assistant header."""
+def prompt(question: str, images: int = 1, videos: int = 0) -> str:
+    """One user turn: the images and videos, then the question; then the assistant header."""
     vis = "<|vision_start|><|image_pad|><|vision_end|> " * images
+    vis += "<|vision_start|><|video_pad|><|vision_end|> " * videos
     return f"<|im_start|>user {vis}{question} {IM_END} <|im_start|>assistant "
+
+
+def video(frames: int, size: tuple[int, int], seed: int) -> np.ndarray:
+    """``[frames, height, width, 3]`` uint8 random frames."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (frames, size[1], size[0], 3), dtype=np.uint8)
 
 
 def image(size: tuple[int, int], seed: int) -> Image.Image:
@@ -107,6 +114,14 @@ def save_tiny(path: Path, model_type: str = "qwen2_vl", seed: int = 0, layers: i
             attn.k_norm.weight.mul_(3.0)
     processor = build_processor()
     save_model_dir(model, processor, path)
+    if model_type != "qwen3_vl":  # a video processor of the same patch sizes (needs torchvision)
+        from transformers import Qwen2VLVideoProcessor
+
+        ip = processor.image_processor
+        Qwen2VLVideoProcessor(
+            patch_size=ip.patch_size, temporal_patch_size=ip.temporal_patch_size,
+            merge_size=ip.merge_size, size=dict(ip.size), do_sample_frames=False,
+        ).save_pretrained(path)  # fmt: skip
     name = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}.get(model_type)
     if name is not None:
         (path / "processor_config.json").write_text(

@@ -19,7 +19,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 pytest.importorskip("vllm.entrypoints.llm", reason="needs vLLM: scripts/setup_vllm.sh")
 
 import torch
-from _tiny import QUESTIONS, TALL, WIDE, image, prompt, save_tiny
+from _tiny import QUESTIONS, TALL, WIDE, image, prompt, save_tiny, video
 from vllm import LLM, SamplingParams
 
 from tokenprune_kernels.grounded.model import load_processor
@@ -28,6 +28,9 @@ from tokenprune_kernels.vllm import hf_overrides
 
 STEPS = 6
 LOGPROB_ATOL = 2e-3
+VIDEO_META = {  # 4 frames at 2 fps (Qwen2.5-VL's temporal positions use it)
+    "total_num_frames": 4, "fps": 2.0, "duration": 2.0, "frames_indices": [0, 1, 2, 3],
+}  # fmt: skip
 CHUNK = 8  # engine "keep 0.5": prompts are prefilled 8 tokens a step (images straddle chunks)
 
 
@@ -65,7 +68,7 @@ def _llm(path, overrides=None, **kwargs) -> LLM:
         dtype="float32",
         max_model_len=512,
         enforce_eager=True,
-        limit_mm_per_prompt={"image": 2, "video": 0},
+        limit_mm_per_prompt={"image": 2, "video": 1},
         max_num_seqs=4,
         seed=0,
     )
@@ -138,18 +141,28 @@ def _history(llm: LLM, clear: bool = True) -> list[dict]:
     return llm.apply_model(read)[0]
 
 
-def _transformers(model_dir, question, size, keep_ratio, mapper=None, seed=0):
-    """Greedy tokens, their logprobs and the kept visual indices (within the image) of
-    transformers + apply_tokenprune on the same checkpoint."""
-    from transformers import AutoModelForImageTextToText
+def _transformers(model_dir, question, size, keep_ratio, mapper=None, seed=0, frames=None):
+    """Greedy tokens, their logprobs and the kept visual indices (within the image, or the
+    video of ``frames`` frames) of transformers + apply_tokenprune on the same checkpoint."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from tokenprune_kernels.transformers import apply_tokenprune, last_pruned
 
     model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
     model.generation_config.eos_token_id = None
-    processor = load_processor(model_dir)
-    inputs = processor(text=[prompt(question)], images=[image(size, seed)], return_tensors="pt")
+    if frames is None:
+        processor = load_processor(model_dir)
+        inputs = processor(text=[prompt(question)], images=[image(size, seed)], return_tensors="pt")
+        token = model.config.image_token_id
+    else:  # the saved processor, video processor included
+        processor = AutoProcessor.from_pretrained(str(model_dir))
+        text = [prompt(question, images=0, videos=1)]
+        inputs = processor(
+            text=text, videos=[video(frames, size, seed)], video_metadata=[VIDEO_META],
+            return_tensors="pt",
+        )  # fmt: skip
+        token = model.config.video_token_id
     apply_tokenprune(model, keep_ratio=keep_ratio, mapper=mapper)
     with torch.no_grad():
         out = model.generate(
@@ -161,7 +174,7 @@ def _transformers(model_dir, question, size, keep_ratio, mapper=None, seed=0):
         torch.log_softmax(s[0].float(), -1)[t].item()
         for s, t in zip(out.scores, tokens, strict=True)
     ]
-    first = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[0])
+    first = int((inputs["input_ids"][0] == token).nonzero()[0])
     kept = last_pruned(model).kept_visual[0] - first
     return tokens, lps, kept, inputs["input_ids"].shape[1]
 
@@ -194,6 +207,28 @@ def test_other_families_match_transformers(engines, request, engine, size):
     [(tokens, lps, _)] = _generate(llm, [_request(QUESTIONS[1], size, seed=7)])
     [sel] = _history(llm)
     want_tokens, want_lps, want_kept, _ = _transformers(path, QUESTIONS[1], size, 0.5, seed=7)
+    assert torch.equal(sel["kept"], want_kept)
+    assert tokens == want_tokens
+    assert lps == pytest.approx(want_lps, abs=LOGPROB_ATOL)
+
+
+@pytest.mark.parametrize("engine", ["half", "q25_half"], ids=["qwen2_vl", "qwen2_5_vl"])
+def test_video_matches_transformers(engines, request, engine):
+    """A 4-frame video (two temporal patches), all frames pruned as one sequence."""
+    llm = engines(engine)
+    path = request.getfixturevalue({"half": "model_dir", "q25_half": "model_dir_25"}[engine])
+    _history(llm)
+    req = {
+        "prompt": prompt(QUESTIONS[0], images=0, videos=1),
+        "multi_modal_data": {"video": (video(4, (64, 48), seed=11), VIDEO_META)},
+    }
+    [(tokens, lps, out)] = _generate(llm, [req])
+    [sel] = _history(llm)
+    want_tokens, want_lps, want_kept, full_len = _transformers(
+        path, QUESTIONS[0], (64, 48), 0.5, seed=11, frames=4
+    )
+    n = int(sel["scores"].numel())
+    assert len(out.prompt_token_ids) == full_len - n + round(0.5 * n)
     assert torch.equal(sel["kept"], want_kept)
     assert tokens == want_tokens
     assert lps == pytest.approx(want_lps, abs=LOGPROB_ATOL)

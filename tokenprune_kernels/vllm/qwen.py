@@ -6,13 +6,13 @@ Imported by vLLM (never by ``import tokenprune_kernels``) when an architecture o
 
 How a request flows (vLLM 0.32)
 -------------------------------
-1. Processor (API process). Each image's placeholder run is ``k = clamp(floor(r * n + 0.5),
-   1, n)`` tokens instead of ``n``, so the scheduler sizes the KV cache (and chunks the
-   prompt) for the pruned prompt from the start. Each image's multimodal hash is re-keyed with
-   the whole prompt and every item hash of the request: the selection depends on the question
-   and on the prompt's layout, so vLLM's processor cache, encoder cache and prefix cache never
-   hand one prompt's selection to another. A prompt whose last token is visual (no instruction
-   after it) is refused.
+1. Processor (API process). Each pruned item's (image; video for Qwen2/2.5-VL) placeholder run
+   is ``k = clamp(floor(r * n + 0.5), 1, n)`` tokens instead of ``n``, so the scheduler sizes
+   the KV cache (and chunks the prompt) for the pruned prompt from the start. Each such item's
+   multimodal hash is re-keyed with the whole prompt and every item hash of the request: the
+   selection depends on the question and on the prompt's layout, so vLLM's processor cache,
+   encoder cache and prefix cache never hand one prompt's selection to another. A prompt whose
+   last token is visual (no instruction after it) is refused.
 2. ``get_mrope_input_positions`` (worker, when the request is added). The unpruned prompt is
    rebuilt (``n`` tokens per image) and vLLM's own M-RoPE rule (the parent class) gives its
    position ids; text keeps exactly those (text after an image keeps the unpruned ids), and
@@ -33,11 +33,13 @@ How a request flows (vLLM 0.32)
    where vLLM's own pruning hook (``recompute_mrope_positions``) is never enabled (the CPU
    runner).
 
-Multi-image prompts: each image is scored and pruned on its own (its own ``k``, since the KV
-size is fixed per image in step 1) with the prompt's instruction (the text after the last
-visual token) as queries; its keys are the prompt's text and its own tokens (other images may
-be encoded in other steps). For a single image this is exactly the transformers integration's
-rule. Videos pass through unpruned. Not supported (clear error at startup): tensor or pipeline
+Videos (Qwen2-VL, Qwen2.5-VL) are pruned like images, all frames as one sequence; Qwen3-VL's
+videos (timestamp text between frames) pass through unpruned. Several images / videos in a
+prompt: each is scored and pruned on its own (its own ``k``, since the KV size is fixed per
+item in step 1) with the prompt's instruction (the text after the last visual token) as
+queries; its keys are the prompt's text and its own tokens (other items may be encoded in
+other steps). For a single item this is exactly the transformers integration's rule.
+Not supported (clear error at startup): tensor or pipeline
 parallelism (the per-head scores would need an all-reduce across ranks).
 """
 
@@ -98,7 +100,9 @@ HISTORY = 64  # last selections, for inspection: ``model.tokenprune_history`` (t
 
 
 class _PruneProcessorMixin:
-    """Shrinks each image's placeholder run to its kept count and re-keys image hashes."""
+    """Shrinks each pruned item's placeholder run to its kept count and re-keys its hash."""
+
+    tokenprune_modalities: tuple[str, ...] = ("image", "video")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -117,7 +121,7 @@ class _PruneProcessorMixin:
         settings = self._tokenprune_settings()
         out = []
         for update in updates:
-            if update.modality == "image":
+            if update.modality in self.tokenprune_modalities:
                 full = update.replacement
 
                 def kept(item_idx: int, full: Any = full) -> list[int]:
@@ -141,7 +145,7 @@ class _PruneProcessorMixin:
         return {
             m: [
                 hashlib.sha256(f"tokenprune|{x}|{prompt_key}".encode()).hexdigest()
-                if m == "image"
+                if m in self.tokenprune_modalities
                 else x
                 for x in items
             ]
@@ -161,7 +165,8 @@ class _PruneProcessorMixin:
         if getattr(self, "_tokenprune_dummy", False):
             return out
         ends = [r.offset + r.length for ranges in out["mm_placeholders"].values() for r in ranges]
-        if out["mm_placeholders"].get("image") and max(ends) >= len(out["prompt_token_ids"]):
+        pruned = any(out["mm_placeholders"].get(m) for m in self.tokenprune_modalities)
+        if pruned and max(ends) >= len(out["prompt_token_ids"]):
             raise ValueError(
                 "tokenprune: the prompt ends with a visual token; pruning ranks the visual "
                 "tokens by the attention of the text after the last image or video (the "
@@ -171,15 +176,18 @@ class _PruneProcessorMixin:
 
 
 class TokenPruneQwen2VLMultiModalProcessor(_PruneProcessorMixin, Qwen2VLMultiModalProcessor):
-    """Qwen2-VL's processor with pruned image placeholder runs."""
+    """Qwen2-VL's processor with pruned image and video placeholder runs."""
 
 
 class TokenPruneQwen2_5_VLMultiModalProcessor(_PruneProcessorMixin, Qwen2_5_VLMultiModalProcessor):
-    """Qwen2.5-VL's processor with pruned image placeholder runs."""
+    """Qwen2.5-VL's processor with pruned image and video placeholder runs."""
 
 
 class TokenPruneQwen3VLMultiModalProcessor(_PruneProcessorMixin, Qwen3VLMultiModalProcessor):
-    """Qwen3-VL's processor with pruned image placeholder runs."""
+    """Qwen3-VL's processor with pruned image placeholder runs (videos: timestamps between
+    frames, not pruned yet)."""
+
+    tokenprune_modalities = ("image",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,6 +201,8 @@ def _grid(feature: Any) -> list[int]:
 
 class _PruneModelMixin:
     """Pruning for a vLLM Qwen VL model class (see the module docstring)."""
+
+    tokenprune_modalities: tuple[str, ...] = ("image", "video")
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -246,7 +256,7 @@ class _PruneModelMixin:
             src.append(np.arange(st, off) + len(full) - st)
             full += input_tokens[st:off]
             n = k
-            if f.modality == "image":
+            if f.modality in self.tokenprune_modalities:
                 t, h, w = _grid(f)
                 n = t * h * w // merge**2
                 if k != self.tokenprune.kept_count(n):
@@ -285,7 +295,7 @@ class _PruneModelMixin:
         role = torch.full((len(full),), ROLE_TEXT, dtype=torch.int64)
         role[end:] = ROLE_INSTRUCTION
         for f, off, n in spans:
-            if f.modality != "image" or f.data is None:
+            if f.modality not in self.tokenprune_modalities or f.data is None:
                 continue
             rows = ~visual
             rows[off : off + n] = True
@@ -321,7 +331,7 @@ class _PruneModelMixin:
             softmax_scale=attn.scaling,
         )
 
-    def _prune_images(
+    def _prune_items(
         self, features: list[torch.Tensor], contexts: list[torch.Tensor]
     ) -> tuple[torch.Tensor, ...]:
         if len(features) != len(contexts):
@@ -391,14 +401,14 @@ class _PruneModelMixin:
         outputs = super().embed_multimodal(**kwargs)
         if not outputs:
             return outputs
-        images = "pixel_values" in kwargs or "image_embeds" in kwargs
-        if not images:
+        video = "pixel_values_videos" in kwargs or "video_embeds" in kwargs
+        if ("video" if video else "image") not in self.tokenprune_modalities:
             return tuple(encode_positions(e, None, FLAG_KEEP) for e in outputs)
         if contexts is None:  # vLLM's profiling run: dummy items never added as requests
             return tuple(encode_positions(e, None, FLAG_UNSCORED) for e in outputs)
         if isinstance(contexts, torch.Tensor):
             contexts = list(contexts.unbind(0))
-        return self._prune_images(list(outputs), list(contexts))
+        return self._prune_items(list(outputs), list(contexts))
 
     # -- merge and positions of the step --------------------------------------------------------
 
@@ -458,7 +468,7 @@ class _PruneModelMixin:
     dummy_inputs=Qwen2VLDummyInputsBuilder,
 )
 class TokenPruneQwen2VLForConditionalGeneration(_PruneModelMixin, Qwen2VLForConditionalGeneration):
-    """vLLM's Qwen2-VL with pruned image tokens (settings: ``hf_config.tokenprune``)."""
+    """vLLM's Qwen2-VL with pruned image and video tokens (settings: ``hf_config.tokenprune``)."""
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -469,7 +479,7 @@ class TokenPruneQwen2VLForConditionalGeneration(_PruneModelMixin, Qwen2VLForCond
 class TokenPruneQwen2_5_VLForConditionalGeneration(
     _PruneModelMixin, Qwen2_5_VLForConditionalGeneration
 ):
-    """vLLM's Qwen2.5-VL with pruned image tokens (settings: ``hf_config.tokenprune``)."""
+    """vLLM's Qwen2.5-VL with pruned image and video tokens (``hf_config.tokenprune``)."""
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -479,7 +489,9 @@ class TokenPruneQwen2_5_VLForConditionalGeneration(
 )
 class TokenPruneQwen3VLForConditionalGeneration(_PruneModelMixin, Qwen3VLForConditionalGeneration):
     """vLLM's Qwen3-VL with pruned image tokens; the deepstack features of the kept tokens go
-    with them (they are channels of the same encoder output)."""
+    with them (they are channels of the same encoder output). Videos pass through."""
+
+    tokenprune_modalities = ("image",)
 
 
 __all__ = [
