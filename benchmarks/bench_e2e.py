@@ -367,9 +367,10 @@ def cached_vision(model) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def timed_pruning(family: str, device: torch.device, sink: list[float]) -> Iterator[None]:
-    """Time every ``prune_inputs`` call the family's patch makes (synchronised) into ``sink``."""
-    module = importlib.import_module(f"tokenprune_kernels.transformers.{FAMILY_MODULE[family]}")
+def timed_pruning(device: torch.device, sink: list[float]) -> Iterator[None]:
+    """Time every ``prune_inputs`` call the patched model makes (synchronised) into ``sink``:
+    the seam every family shares, ``tokenprune_kernels.transformers.patch``, calls it."""
+    module = importlib.import_module("tokenprune_kernels.transformers.patch")
     original: Callable = module.prune_inputs
 
     def prune_inputs(*args, **kwargs):
@@ -430,7 +431,7 @@ def pruning_times(model, family: str, inputs: dict, device: torch.device, keep: 
     sink: list[float] = []
     _set_case(model, keep)
     try:
-        with timed_pruning(family, device, sink):
+        with timed_pruning(device, sink):
             for _ in range(n):
                 first_token(model, inputs)
     finally:

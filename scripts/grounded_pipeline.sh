@@ -3,7 +3,7 @@
 #
 #   bash scripts/grounded_pipeline.sh RUN_DIR [LABELS_DIR]
 #
-# RUN_DIR is the --out of `python -m tokenprune_kernels.grounded.train` (model/, train_log.json,
+# RUN_DIR is the --out of `python3 -m benchmarks.grounded.train` (model/, train_log.json,
 # test_predictions.json). Steps, in order, each the command the README quotes:
 #   1. copy the model and its logs into tokenprune_kernels/grounded/assets;
 #   2. explanation labels for 1500 training scenes (LABELS_DIR, default
@@ -30,7 +30,7 @@ results=benchmarks/results
 
 for f in model/config.json model/model.safetensors train_log.json test_predictions.json; do
     if [[ ! -f "$run/$f" ]]; then
-        echo "grounded_pipeline: RUN_DIR $run has no $f (expected a grounded.train --out)" >&2
+        echo "grounded_pipeline: RUN_DIR $run has no $f (expected the --out of python3 -m benchmarks.grounded.train)" >&2
         exit 2
     fi
 done

@@ -11,13 +11,14 @@ import pytest
 import torch
 
 pytest.importorskip("PIL", reason="tokenprune explain reads images with Pillow")
-from _explain_helpers import independent_relevance, save_image, write_jsonl
-from _llava_configs import IMAGE_ID
-
 from tokenprune_kernels.explain import cli
-from tokenprune_kernels.explain.data import build_prompt_inputs, read_records
-from tokenprune_kernels.explain.pipeline import greedy_with_attention, to_model
 from tokenprune_kernels.labels import read_labels
+from tokenprune_kernels.testing_models.explain import (
+    independent_relevance,
+    make_dataset,
+    save_image,
+)
+from tokenprune_kernels.testing_models.llava import IMAGE_ID
 
 MAX_NEW = 3
 N_VISUAL = 25  # 20x20 CLIP image, patch 4
@@ -28,39 +29,8 @@ def loaded(llava_dir):
     return cli.load_model_and_processor(llava_dir, torch.device("cpu"), torch.float32)
 
 
-def _greedy(loaded, data_file):
-    """The model's greedy answer (text, ids) for each record of a data file."""
-    model, processor = loaded
-    out = {}
-    for record in read_records(data_file):
-        inputs = to_model(build_prompt_inputs(processor, record), model)
-        ids, _, _ = greedy_with_attention(model, inputs, MAX_NEW)
-        out[record.sample_id] = (
-            processor.tokenizer.decode(ids.tolist(), skip_special_tokens=True),
-            ids,
-            inputs,
-        )
-    return out
-
-
 def _dataset(tmp_path, gen, loaded, wrong=("s1",), n=3):
-    """Records s0..s{n-1}; each answer is the model's greedy answer except those in ``wrong``."""
-    recs = []
-    for i in range(n):
-        save_image(tmp_path / f"im{i}.png", gen, (22 + 3 * i, 31 - i))
-        recs.append(
-            {"id": f"s{i}", "image": f"im{i}.png", "question": f"w5 w{9 + i} w11", "answer": "?"}
-        )
-    data = write_jsonl(tmp_path / "data.jsonl", recs)
-    greedy = _greedy(loaded, data)
-    for r in recs:
-        text = greedy[r["id"]][0]
-        assert text.strip()
-        # Case and a final period differ from the greedy text: the normalized match ignores them.
-        r["answer"] = "w7 w7 w7" if r["id"] in wrong else text.upper() + "."
-        assert r["id"] in wrong or text != r["answer"]
-    write_jsonl(data, recs)
-    return data, greedy
+    return make_dataset(tmp_path, gen, loaded, MAX_NEW, wrong=wrong, n=n)
 
 
 def _args(llava_dir, data, out, *extra):

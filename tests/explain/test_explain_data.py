@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 
 pytest.importorskip("PIL", reason="tokenprune explain reads images with Pillow")
-from _explain_helpers import save_image
-
 from tokenprune_kernels.explain.data import (
     build_prompt_inputs,
     load_image,
@@ -17,6 +15,7 @@ from tokenprune_kernels.explain.data import (
     read_records,
 )
 from tokenprune_kernels.explain.pipeline import answers_match, normalize_answer
+from tokenprune_kernels.testing_models.explain import save_image
 
 
 def _jsonl(path, *objs, raw=""):
@@ -117,8 +116,9 @@ def test_file_errors(tmp_path, gen):
 
 
 def test_prompt_puts_the_image_before_the_question(llava_dir, tmp_path, gen):
-    from _llava_configs import IMAGE_ID
     from transformers import AutoProcessor
+
+    from tokenprune_kernels.testing_models.llava import IMAGE_ID
 
     processor = AutoProcessor.from_pretrained(str(llava_dir), local_files_only=True)
     save_image(tmp_path / "a.png", gen)

@@ -6,15 +6,15 @@ from __future__ import annotations
 import dataclasses
 from unittest import mock
 
-import _qwen_models as Q
 import pytest
 import torch
 
-pytest.importorskip("PIL", reason="tokenprune explain reads images with Pillow")
-from _explain_helpers import independent_relevance, save_image
+import tokenprune_kernels.testing_models.qwen as Q
 
+pytest.importorskip("PIL", reason="tokenprune explain reads images with Pillow")
 from tokenprune_kernels.explain.data import build_prompt_inputs, read_records
 from tokenprune_kernels.explain.pipeline import label_sample
+from tokenprune_kernels.testing_models.explain import independent_relevance, save_image
 
 SPECIALS = {
     Q.PAD_ID: "<pad>",
@@ -100,5 +100,5 @@ def test_label_sample_qwen2_vl(tmp_path, gen):
     with torch.no_grad():
         a0 = model(**inputs, output_attentions=True).attentions[0][0].double()
     vis = torch.arange(3, 9)
-    want_attn = a0[:, 9:][:, :, vis].mean((0, 1))  # instruction: after the last image token
+    want_attn = a0[:, 10:][:, :, vis].mean((0, 1))  # instruction: after <|vision_end|>
     torch.testing.assert_close(rec.attn.double(), want_attn, rtol=1e-5, atol=1e-7)

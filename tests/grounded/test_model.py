@@ -1,5 +1,5 @@
-"""The grounded model's tokenizer, processor, save / load round trip and training forward, on a
-tiny random Qwen2-VL built in-process."""
+"""The grounded model's tokenizer, processor, config and save / load round trip, on a tiny random
+Qwen2-VL built in-process (the training recipe's batches and forward: test_train*.py)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,6 @@ pytest.importorskip("PIL", reason="scenes are rendered with Pillow")
 
 from tokenprune_kernels.grounded import model as M
 from tokenprune_kernels.grounded import scenes as S
-from tokenprune_kernels.grounded.train import (
-    answer_loss,
-    encode_training_batch,
-    training_batch,
-    training_logits,
-    training_scenes,
-)
 
 TINY = dict(vision_dim=16, vision_heads=2, hidden_size=32, intermediate_size=48, num_heads=4)
 
@@ -77,6 +70,8 @@ def test_config_shape_and_errors():
         M.build_config(mrope_section=[8, 8])
     with pytest.raises(ValueError, match="at least one frequency to each of t, h and w"):
         M.build_config(mrope_section=[8, 0, 0, 8, 0, 0])
+    with pytest.raises(ValueError, match=r"ints >= 0 summing to half the head dim \(16\)"):
+        M.build_config(mrope_section=[8, 4, 5])
     with pytest.raises(ValueError, match="hidden_size"):
         M.build_config(hidden_size=100, num_heads=3)
     with pytest.raises(ValueError, match="vision_dim"):
@@ -105,77 +100,6 @@ def test_save_load_round_trip(tmp_path, processor, tiny):
         M.load_model_dir(tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match=r"tokenizer\.json"):
         M.load_processor(tmp_path)
-
-
-@pytest.mark.parametrize("multi_turn", [False, True], ids=["single", "multi"])
-def test_training_batch_matches_processor(processor, multi_turn):
-    kw = dict(scale=1.5, aug_prob=0.5, aug_max=2.0)
-    batch, size, qtypes = training_batch(processor, 3, 0, 2, 3, multi_turn, **kw)
-    size2, scenes = training_scenes(3, 0, 2, 3, **kw)
-    assert size == size2 and [q.qtype for _, qs in scenes for q in qs] == qtypes
-    n_seq = 2 if multi_turn else len(qtypes)
-    assert batch["input_ids"].shape[0] == batch["image_index"].numel() == n_seq
-    assert batch["image_grid_thw"].shape[0] == 2
-    assert int((batch["labels"] != -100).sum()) == 2 * len(qtypes)  # answer + <|im_end|> each
-    # sequence 0 starts with exactly the evaluation prompt of its image + answer + <|im_end|>
-    scene, qs = scenes[0]
-    image = S.render_scene(scene)
-    ref = M.build_inputs(processor, [image], [qs[0].text])
-    prompt_len = ref["input_ids"].shape[1]
-    assert batch["input_ids"][0, :prompt_len].tolist() == ref["input_ids"][0].tolist()
-    ans = [M.TOKEN_ID[qs[0].answer], M.TOKEN_ID["<|im_end|>"]]
-    assert batch["input_ids"][0, prompt_len : prompt_len + 2].tolist() == ans
-    assert batch["labels"][0, prompt_len : prompt_len + 2].tolist() == ans
-    assert (batch["labels"][0, :prompt_len] == -100).all()
-    row = batch["input_ids"][0][batch["attention_mask"][0].bool()]
-    words = processor.tokenizer.decode(row).split()
-    if multi_turn:  # later turns: each question then its answer, in order
-        for q in qs[1:]:
-            turn = f"<|im_start|> user {q.text} <|im_end|> <|im_start|> assistant {q.answer} <|im_end|>"
-            assert turn in " ".join(words)
-        labelled = batch["labels"][0][batch["labels"][0] != -100][0::2].tolist()
-        assert labelled == [M.TOKEN_ID[q.answer] for q in qs]
-    else:
-        assert words[-2:] == [qs[0].answer, "<|im_end|>"]
-    patches = int(batch["image_grid_thw"][0].prod())
-    assert torch.equal(batch["pixel_values"][:patches], ref["pixel_values"])
-    with pytest.raises(ValueError, match="one size"):
-        encode_training_batch(
-            processor,
-            [image, S.make_sample("val", 0, size=(224, 224)).image],
-            [["a ?"], ["b ?"]],
-            [["red"], ["red"]],
-        )
-    with pytest.raises(ValueError, match="one known word"):
-        encode_training_batch(processor, [image], [["what colour is it ?"]], [["red blue"]])
-
-
-def test_training_logits_equal_standard_forward(processor, tiny):
-    batch, _, _ = training_batch(processor, step=5, seed=2, n_images=2, n_questions=3)
-    with torch.no_grad():
-        got = training_logits(tiny, batch)
-    grid, idx = batch["image_grid_thw"], batch["image_index"]
-    starts = torch.cat([torch.zeros(1, dtype=torch.long), grid.prod(1).cumsum(0)])
-    for s in range(batch["input_ids"].shape[0]):
-        i = int(idx[s])
-        n = int(batch["attention_mask"][s].sum())
-        with torch.no_grad():
-            want = tiny(
-                input_ids=batch["input_ids"][s : s + 1, :n],
-                mm_token_type_ids=batch["mm_token_type_ids"][s : s + 1, :n],
-                pixel_values=batch["pixel_values"][starts[i] : starts[i + 1]],
-                image_grid_thw=grid[i : i + 1],
-            ).logits
-        torch.testing.assert_close(got[s, :n], want[0], rtol=1e-5, atol=1e-5)
-    # the loss sees exactly the answer and <|im_end|> positions; it backpropagates to the tower
-    loss = answer_loss(training_logits(tiny, batch), batch["labels"])
-    loss.backward()
-    assert tiny.model.visual.patch_embed.proj.weight.grad.abs().sum() > 0
-    tiny.zero_grad(set_to_none=True)
-    logits = torch.zeros(1, 4, M.VOCAB_SIZE)
-    logits[0, 1, 7] = 50.0  # position 1 predicts label[2] = 7: zero loss there
-    labels = torch.tensor([[-100, -100, 7, -100]])
-    assert float(answer_loss(logits, labels)) < 1e-6
 
 
 @pytest.mark.parametrize("section", [[2, 7, 7], [1, 1, 1, 0, 1, 1, 0, 1, 1, 0, 1, 1, 7, 0, 0]])

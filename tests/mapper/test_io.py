@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -198,4 +200,84 @@ def test_corrupt_file(saved):
     _, path = saved
     path.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{bad}")
     with pytest.raises(ValueError, match=r"not a valid safetensors file"):
+        load_mapper(path)
+
+
+_LIMITED_LOAD = """
+import re, resource, sys
+from tokenprune_kernels.mapper import load_mapper
+status = open("/proc/self/status").read()
+vm = int(re.search(r"VmSize:\\s+(\\d+) kB", status).group(1)) * 1024
+hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+resource.setrlimit(resource.RLIMIT_AS, (vm + 512 * 2**20, hard))  # 512 MiB more than now
+try:
+    load_mapper(sys.argv[1])
+except ValueError as err:
+    print("ValueError:", err)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc: Linux")
+@pytest.mark.parametrize("width", [20000, 40000])
+def test_huge_config_fails_on_shapes_before_allocating(saved, width):
+    """A 2 KB file whose config asks for channels [width, width] (1.6 GB / 6.4 GB of pointwise
+    weights): the stored shapes are checked against the config before anything is built, so
+    the load fails with the shape error naming the file even with only 512 MiB of address
+    space to spare (it used to build the module first: allocator error or 1.8 GB in use)."""
+    _, path = saved
+    tensors, _ = _state(path)
+    huge = MapperConfig(channels=(width, width), kernel_size=3)
+    save_file(tensors, str(path), metadata={CONFIG_METADATA_KEY: json.dumps(huge.to_dict())})
+    config_path_for(path).unlink()
+    assert path.stat().st_size < 4096
+    run = subprocess.run(
+        [sys.executable, "-c", _LIMITED_LOAD, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = run.stdout
+    assert out.startswith("ValueError:") and str(path) in out, out
+    assert (
+        "mis-shaped tensors [" in out
+        and f"blocks.0.pw.weight: expected [{width}, 1], got [3, 1]" in out
+    )
+    assert f"blocks.1.pw.weight: expected [{width}, {width}], got [4, 3]" in out
+    assert "missing tensors ['blocks.2." not in out and "unexpected tensors ['blocks.2." in out
+
+
+@pytest.mark.parametrize(
+    "name, value, count",
+    [
+        ("blocks.1.dw.weight", float("nan"), "1 NaN, 0 inf"),
+        ("head.bias", float("inf"), "0 NaN, 1 inf"),
+        ("blocks.0.norm.weight", float("-inf"), "0 NaN, 1 inf"),
+    ],
+)
+def test_non_finite_weights_rejected(saved, name, value, count):
+    """A mapper with a NaN or inf weight scores every token NaN (top-k would keep the first
+    tokens silently): loading it fails, naming the file and the tensor."""
+    _, path = saved
+
+    def poison(t):
+        t[name].view(-1)[0] = value
+
+    _rewrite(path, poison)
+    with pytest.raises(ValueError, match="non-finite") as info:
+        load_mapper(path)
+    assert str(path) in str(info.value)
+    numel = dict(_state(path)[0])[name].numel()
+    assert f"{name}: {count} of {numel}" in str(info.value)
+
+
+def test_several_non_finite_tensors_listed(saved):
+    _, path = saved
+
+    def poison(t):
+        t["blocks.0.pw.weight"][:] = float("nan")
+        t["head.weight"][0, 1] = float("inf")
+
+    _rewrite(path, poison)
+    with pytest.raises(ValueError, match=r"blocks\.0\.pw\.weight: 3 NaN.*head\.weight: 0 NaN, 1"):
         load_mapper(path)

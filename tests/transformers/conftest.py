@@ -1,6 +1,6 @@
 """Shared fixtures of the transformers-integration tests (tiny random models built in-process;
-nothing is downloaded). Family helpers live beside the tests: ``_qwen_models.py``,
-``_llava_configs.py``."""
+nothing is downloaded). The model builders and oracles live in
+``tokenprune_kernels.testing_models`` (``qwen``, ``llava``)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ transformers.logging.set_verbosity_error()
 def make_qwen():
     """Factory ``make_qwen(model_type, attn="sdpa", seed=0)`` -> a tiny random Qwen VL model
     (``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``), fp32, eval mode, reverted after the test."""
-    from _qwen_models import make_model
+    from tokenprune_kernels.testing_models.qwen import make_model
 
     made = []
 

@@ -1,17 +1,24 @@
 """tokenprune_kernels.transformers.llava: LLaVA and LLaVA-OneVision patched at the merge seam.
 
-Every pruned result is compared with an independent computation (``_llava_configs.oracle``): the
-unpatched model with eager attention and ``output_attentions=True`` gives the layer-0 attention,
-the reference selects, and the unpatched language model runs on the hand-pruned sequence.
+Every pruned result is compared with an independent computation
+(``tokenprune_kernels.testing_models.llava.oracle``): the unpatched model with eager attention and
+``output_attentions=True`` gives the layer-0 attention, the reference selects, and the unpatched
+language model runs on the hand-pruned sequence.
 """
 
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import pytest
 import torch
-from _llava_configs import (
+
+from tokenprune_kernels.mapper import MapperConfig, TokenMapper, save_mapper
+from tokenprune_kernels.testing_models.llava import (
     FAMILIES,
     IMAGE_ID,
+    VIDEO_ID,
     Sample,
     build_inputs,
     build_model,
@@ -19,17 +26,17 @@ from _llava_configs import (
     oracle,
     unpatched_logits,
 )
-
-from tokenprune_kernels.mapper import MapperConfig, TokenMapper, save_mapper
 from tokenprune_kernels.transformers import (
     TokenPruneConfig,
     apply_tokenprune,
+    default_instruction_mask_for,
     is_tokenprune_applied,
     last_pruned,
     prune_inputs,
     revert_tokenprune,
 )
 from tokenprune_kernels.transformers.llava import layer0_from_text_model
+from tokenprune_kernels.transformers.patch import get_patch
 
 ATOL, RTOL = 1e-4, 1e-4
 
@@ -194,14 +201,76 @@ def test_labels_are_pruned_like_the_sequence(family, gen):
 
 
 def test_training_loss_reaches_the_vision_side(gen):
-    """With autograd on, the pruned sequence stays differentiable in the merged embeddings."""
+    """With autograd on, the loss of the pruned model backpropagates into the vision side through
+    the KEPT visual tokens only (a non-zero gradient at each of them, exactly zero at the removed
+    ones), with the gradient of the same loss computed by hand on the hand-pruned sequence."""
     model = build_model("llava")
     inputs = build_inputs(model, _two_samples("llava"), gen, "left")
-    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    ids, real = inputs["input_ids"], inputs["attention_mask"].bool()
+    labels = ids.masked_fill(~real, -100)
+    visual = ids == IMAGE_ID
+    kept = oracle(model, inputs, keep_ratio=0.5).kept
+
+    # By hand: the unpatched model's language model on the hand-pruned (left-padded) sequence.
+    keep = real & ~visual
+    for b, k in enumerate(kept):
+        keep[b, k] = True
+    width = int(keep.sum(1).max())
+    src = [keep[b].nonzero().flatten() for b in range(2)]
+
+    def hand_prune(_module, args, kwargs):
+        e = kwargs["inputs_embeds"]
+        pads = [e.new_zeros(width - s.numel(), e.shape[-1]) for s in src]
+        kwargs["inputs_embeds"] = torch.stack(
+            [torch.cat([p, e[b, s]]) for b, (p, s) in enumerate(zip(pads, src, strict=True))]
+        )
+        kwargs["attention_mask"] = torch.stack(
+            [(torch.arange(width) >= width - s.numel()).long() for s in src]
+        )
+        kwargs["position_ids"] = torch.stack(
+            [torch.cat([torch.zeros(width - s.numel(), dtype=torch.long), s]) for s in src]
+        )
+        return args, kwargs
+
+    ref = copy.deepcopy(model)
+    hook = ref.model.language_model.register_forward_pre_hook(hand_prune, with_kwargs=True)
+    logits = ref(**inputs).logits
+    hook.remove()
+    hand_labels = torch.stack(
+        [
+            torch.cat([torch.full((width - s.numel(),), -100), labels[b, s]])
+            for b, s in enumerate(src)
+        ]
+    )
+    want_loss = ref.loss_function(
+        logits=logits, labels=hand_labels, vocab_size=ref.config.text_config.vocab_size
+    )
+    want_loss.backward()
+    want = ref.model.multi_modal_projector.linear_2.weight.grad
+    assert want is not None and bool(want.abs().sum() > 0)
+
+    features: dict = {}
+
+    def keep_grad(_module, _args, out):
+        out.retain_grad()
+        features["out"] = out
+
+    projector = model.model.multi_modal_projector
+    hook = projector.register_forward_hook(keep_grad)
     apply_tokenprune(model, keep_ratio=0.5)
-    model(**inputs, labels=labels).loss.backward()
-    grad = model.model.multi_modal_projector.linear_2.weight.grad
-    assert grad is not None and bool(grad.abs().sum() > 0)
+    loss = model(**inputs, labels=labels).loss
+    loss.backward()
+    hook.remove()
+    torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
+    grad = projector.linear_2.weight.grad
+    assert grad is not None
+    torch.testing.assert_close(grad, want, atol=1e-5, rtol=1e-4)
+    # The features fill the visual positions in row-major order (sample, then position).
+    per_token = features["out"].grad.reshape(-1, features["out"].shape[-1]).abs().sum(-1)
+    rows = visual.nonzero()
+    is_kept = torch.tensor([bool((kept[b] == p).any()) for b, p in rows.tolist()])
+    assert 0 < int(is_kept.sum()) < is_kept.numel()
+    assert torch.equal(per_token > 0, is_kept)
 
 
 def test_bfloat16_model_runs_pruned(gen):
@@ -284,6 +353,20 @@ def test_custom_instruction_mask(gen):
         _assert_logits(got, expected.logits)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_instruction_is_all_the_text_after_the_image(family, gen):
+    """LLaVA / LLaVA-OneVision have no structural token after the visual block (the image
+    newlines are visual tokens; the chat template follows the image with text): the default
+    instruction is every real token after the last visual one."""
+    model = build_model(family)
+    inputs = build_inputs(model, _two_samples(family), gen, "right")
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    visual = (ids == IMAGE_ID) | (ids == VIDEO_ID)
+    pos = torch.arange(ids.shape[1])
+    want = (pos > torch.where(visual, pos, -1).amax(1, keepdim=True)) & mask.bool()
+    assert torch.equal(default_instruction_mask_for(model, ids, visual, mask), want)
+
+
 def test_generic_function_for_vila_style_models(gen):
     """A LLaVA-style model without a transformers class calls prune_inputs from its own code
     with the layer-0 modules of its Llama text model (what VILA1.5 does)."""
@@ -330,6 +413,52 @@ def test_bad_keep_ratio(family, keep):
     with pytest.raises(ValueError, match=r"keep_ratio must be in \(0, 1\]"):
         apply_tokenprune(model, keep_ratio=keep)
     assert not is_tokenprune_applied(model)
+
+
+@pytest.mark.parametrize("keep", [np.float32(0.5), torch.tensor(0.5)])
+def test_keep_ratio_of_any_real_type(keep, gen):
+    """A numpy scalar or a 0-d tensor is a keep ratio like the float it holds."""
+    model = build_model("llava")
+    inputs = build_inputs(model, _two_samples("llava"), gen, "left")
+    expected = oracle(model, inputs, keep_ratio=0.5)
+    apply_tokenprune(model, keep_ratio=keep)
+    got, pruned = _patched(model, inputs)
+    _assert_kept(pruned, expected)
+    _assert_logits(got, expected.logits)
+
+
+@pytest.mark.parametrize(
+    ("spec", "error", "match"),
+    [
+        (
+            3,
+            TypeError,
+            r"instruction_mask must be None, a \[B, L\] bool or integer tensor, or a callable .*got int",
+        ),
+        ("last", TypeError, r"instruction_mask must be None.*got str"),
+        (
+            torch.ones(2, 5),
+            TypeError,
+            r"instruction_mask must be a bool or integer tensor, got torch\.float32",
+        ),
+        (
+            torch.ones(5, dtype=torch.bool),
+            ValueError,
+            r"instruction_mask must be a \[B, L\] tensor, got shape \[5\]",
+        ),
+    ],
+)
+def test_bad_instruction_mask_is_refused_at_apply(spec, error, match):
+    """The instruction_mask spec is checked when applied, not at the first forward."""
+    model = build_model("llava")
+    with pytest.raises(error, match=match):
+        apply_tokenprune(model, keep_ratio=0.5, instruction_mask=spec)
+    assert not is_tokenprune_applied(model)
+    apply_tokenprune(model, keep_ratio=0.5)
+    with pytest.raises(error, match=match):
+        apply_tokenprune(model, keep_ratio=0.25, instruction_mask=spec)
+    patch = get_patch(model)  # a refused re-apply changes nothing
+    assert patch.instruction_mask is None and patch.config.keep_ratio == 0.5
 
 
 def test_unsupported_model_type():

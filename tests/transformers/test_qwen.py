@@ -1,14 +1,18 @@
 """Qwen2-VL / Qwen2.5-VL / Qwen3-VL patches against the unpatched model and the independent
-oracle of ``_qwen_models.py`` (tiny random configs built in-process, fp32)."""
+oracle of ``tokenprune_kernels.testing_models.qwen`` (tiny random configs built in-process, fp32)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _qwen_models import (
+from transformers import DynamicCache
+
+from tokenprune_kernels.mapper import TokenMapper, save_mapper
+from tokenprune_kernels.testing_models.qwen import (
     IMAGE_ID,
     QWEN_TYPES,
+    VEND_ID,
     VIDEO_ID,
     Sample,
     build_inputs,
@@ -20,11 +24,9 @@ from _qwen_models import (
     oracle_logits,
     real_rows,
 )
-from transformers import DynamicCache
-
-from tokenprune_kernels.mapper import TokenMapper, save_mapper
 from tokenprune_kernels.transformers import (
     apply_tokenprune,
+    default_instruction_mask_for,
     is_tokenprune_applied,
     last_pruned,
     revert_tokenprune,
@@ -269,6 +271,56 @@ def test_bad_input(make_qwen, gen, monkeypatch):
     monkeypatch.setattr(transformers, "__version__", "5.16.0")
     with pytest.raises(RuntimeError, match=r"but transformers 5\.16\.0 is installed"):
         apply_tokenprune(model, keep_ratio=0.5)
+
+
+def test_visual_tokens_after_a_filled_cache_are_refused(make_qwen, gen):
+    """Pruning needs the whole prompt in one call: a new image with a filled cache is an error,
+    with the prefill's own cache as with another one."""
+    model = make_qwen("qwen2_vl")
+    inputs = build_inputs("qwen2_vl", TWO_SIZES[:1], gen, "left")
+    apply_tokenprune(model, keep_ratio=0.5)
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+        with pytest.raises(NotImplementedError, match="non-empty KV cache"):
+            model(**inputs, past_key_values=cache)
+        other = DynamicCache(config=model.config.text_config)
+        model(input_ids=inputs["input_ids"][:, :2], use_cache=True, past_key_values=other)
+        with pytest.raises(NotImplementedError, match="non-empty KV cache"):
+            model(**inputs, past_key_values=other)
+
+
+@pytest.mark.parametrize("model_type", QWEN_TYPES)
+def test_vision_end_is_not_an_instruction(make_qwen, gen, model_type):
+    """``<image><|vision_end|>`` with no text after it has no instruction: the clear error, from
+    input_ids or (inputs_embeds only) from the token's embedding. With text after it, the
+    default instruction is that text without <|vision_end|>, as the oracle takes it."""
+    model = make_qwen(model_type)
+    inputs = build_inputs(model_type, [Sample([("text", 3), ("image", (4, 4))])], gen, "left")
+    assert inputs["input_ids"][0, -1] == VEND_ID
+    embeds = model.model.get_input_embeddings()(inputs["input_ids"])
+    no_ids = {k: v for k, v in inputs.items() if k != "input_ids"}
+    apply_tokenprune(model, keep_ratio=0.5)
+    for call in (inputs, {**no_ids, "inputs_embeds": embeds}):
+        with (
+            pytest.raises(ValueError, match="have visual tokens but no instruction tokens"),
+            torch.no_grad(),
+        ):
+            model(**call)
+
+    inputs = build_inputs(model_type, TWO_SIZES, gen, "left")
+    ids = inputs["input_ids"]
+    visual = (ids == IMAGE_ID) | (ids == VIDEO_ID)
+    pos = torch.arange(ids.shape[1])
+    after = pos > torch.where(visual, pos, -1).amax(1, keepdim=True)
+    want = after & inputs["attention_mask"].bool() & (ids != VEND_ID)
+    got = default_instruction_mask_for(model, ids, visual, inputs["attention_mask"])
+    assert torch.equal(got, want) and int(got.sum()) == 5 + 4
+    revert_tokenprune(model)
+    kept = oracle_kept(eager_copy(model), inputs, keep_ratio=0.5)
+    apply_tokenprune(model, keep_ratio=0.5)
+    with torch.no_grad():
+        model(**inputs)
+    assert [k.tolist() for k in last_pruned(model).kept_visual] == [k.tolist() for k in kept]
 
 
 def test_unsupported_model_type():

@@ -16,11 +16,15 @@ are labelled and written to ``--out`` as safetensors shards (``tokenprune_kernel
 exactly as inference computes it), and ``label``, the gradient-weighted relevance of each visual
 token averaged over the answer tokens, plus per-sample metadata. Wrong answers are listed in
 ``incorrect.jsonl``; ``summary.json`` has ``seen``, ``correct``, ``incorrect``, ``rate``
-(correct / seen) and ``skipped``. Rerunning the same command after an interruption skips the
-finished samples. Options: ``--device`` (default cuda when visible), ``--dtype`` (default
-bfloat16 on CUDA, float32 on CPU), ``--target logit|logprob`` (explained output, default the
-logit), ``--answer-chunk N`` (answer tokens per backward pass; 1 uses the least memory),
-``--max-new-tokens`` (default 32), ``--shard-size``, ``--limit``, ``--no-progress``.
+(correct / seen), ``skipped``, ``oom`` and ``samples_per_s``; ``index.json`` one entry per record.
+Rerunning the same command after an interruption skips the finished samples. Under ``torchrun``
+or ``srun`` the processes share the samples (each on its own GPU) and the last to finish merges
+their parts; ``--merge-only`` merges without computing. Options: ``--device`` (default cuda
+when visible; each process's local GPU under torchrun/srun), ``--dtype`` (default bfloat16 on
+CUDA, float32 on CPU), ``--target logit|logprob`` (explained output, default the logit),
+``--answer-chunk N`` (answer tokens per backward pass; 1 uses the least memory),
+``--max-new-tokens`` (default 32), ``--shard-size`` (samples per commit and per merged shard),
+``--limit``, ``--no-progress``, ``--merge-only``.
 
 Modules:
 
@@ -28,6 +32,7 @@ Modules:
   :func:`explain_relevance` for transformers models (eager attention, hooks, teacher forcing).
 - :mod:`~tokenprune_kernels.explain.data`: the JSONL records, image/video loading, prompts.
 - :mod:`~tokenprune_kernels.explain.pipeline`: one sample: greedy answer, mapper input, label.
+- :mod:`~tokenprune_kernels.explain.distributed`: per-process parts, commits, the merge.
 - :mod:`~tokenprune_kernels.explain.cli`: the command (``add_explain_parser``, ``run_explain``).
 """
 

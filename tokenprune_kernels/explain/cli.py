@@ -1,16 +1,40 @@
 """``tokenprune explain``: relevance labels for mapper training from a local model and JSONL data.
 
     tokenprune explain --model /models/Qwen2-VL-7B-Instruct --data train.jsonl --out labels/
+    torchrun --nproc_per_node 8 -m tokenprune_kernels explain --model ... --data ... --out ...
 
 For every record (see :mod:`tokenprune_kernels.explain.data` for the format) the model decodes
 the prompt greedily; samples whose answer matches the reference (``--match``) are labelled: the
 layer-0 instruction attention of the visual tokens on the prompt (the mapper input, computed as
 inference does) and the gradient-weighted relevance of each visual token averaged over the answer
 tokens (the label). They go to ``--out`` as safetensors shards
-(:class:`tokenprune_kernels.labels.ShardWriter`); wrong answers go to ``incorrect.jsonl``. The run
-is resumable: rerun the same command after an interruption and finished samples (labelled or
-wrong) are skipped. ``summary.json`` holds the counts (``seen``, ``correct``, ``incorrect``,
-``rate`` = correct / seen, ``skipped`` = already done before this run).
+(:class:`tokenprune_kernels.labels.ShardWriter`) in data-file order; wrong answers go to
+``incorrect.jsonl``, one entry per record to ``index.json``. ``summary.json`` holds the counts
+(``seen``, ``correct``, ``incorrect``, ``rate`` = correct / seen, ``oom``, ``missing``,
+``skipped`` = already done before this run, ``computed``, ``samples_per_s``).
+
+One process or many: under torchrun or srun (:mod:`tokenprune_kernels.distributed`) every process
+loads the model on its own GPU and labels every ``world_size``-th sample not done yet; each
+writes only its own part of ``--out`` and the last to finish merges
+(:mod:`tokenprune_kernels.explain.distributed`). The run is resumable: rerun the same command -
+with any number of processes - after an interruption and finished samples (labelled or wrong)
+are skipped; a killed process loses at most its last ``--shard-size`` samples, never records a
+half-finished one. ``--merge-only`` rebuilds the merged output from what is committed.
+
+Memory, per process (bf16 by default on CUDA). Alive the whole run: the weights (2 bytes per
+parameter). Per sample, freed before the next: greedy decoding holds the KV cache (``2 * layers
+* kv_heads * head_dim * 2`` bytes per token) and one layer's eager attention scores at a time;
+the relevance pass (teacher-forced sequence of ``S = prompt + answer - 1`` tokens; parameters
+frozen, so no weight gradient and no vision-tower graph) keeps for EVERY decoder layer the
+attention probabilities autograd saves - the float32 softmax output and its bf16 copy, ``6 * heads
+* S^2`` bytes per layer (``8 * heads * S^2`` in float32) - plus the layers' ``[S, hidden]`` /
+``[S, mlp]`` activations and the ``[answer, vocab]`` logits; the backward adds one layer's
+``[heads, S, S]`` gradient at a time with ``--answer-chunk 1`` (``k`` per layer, all layers at
+once, with ``--answer-chunk k``). For a 28-layer, 28-head model (Qwen2-VL-7B) at ``S = 1300``
+the saved attention is about 8 GB, at ``S = 2600`` about 32 GB: it grows with the square of the
+visual-token count. A sample that raises ``torch.cuda.OutOfMemoryError`` is recorded (its id and
+the error in ``index.json``, ``oom_ids`` in ``summary.json``), its memory released, and the run
+goes on; it is not done, so the next run tries it again.
 
 The model is loaded from the local directory only (``local_files_only``) with eager attention;
 model types: those of :data:`~tokenprune_kernels.explain.relevance.SUPPORTED_MODEL_TYPES`.
@@ -19,6 +43,7 @@ model types: those of :data:`~tokenprune_kernels.explain.relevance.SUPPORTED_MOD
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shlex
 import sys
@@ -29,14 +54,33 @@ from typing import Any
 
 import torch
 
+from tokenprune_kernels.distributed import (
+    DistEnv,
+    detect_env,
+    process_group,
+    rank_device,
+    write_json_atomic,
+)
 from tokenprune_kernels.explain.data import ExplainRecord, read_records
+from tokenprune_kernels.explain.distributed import (
+    SUMMARY_FILE,
+    PartWriter,
+    assign,
+    check_layout,
+    claim_merge,
+    done_ids,
+    merge,
+    new_run_id,
+    read_commits,
+    read_rank_summaries,
+    write_rank_summary,
+)
 from tokenprune_kernels.explain.pipeline import MATCH_MODES, SampleResult, label_sample
+from tokenprune_kernels.explain.processor import load_processor
 from tokenprune_kernels.explain.relevance import SUPPORTED_MODEL_TYPES, TARGETS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-INCORRECT_FILE = "incorrect.jsonl"
 SETTINGS_FILE = "explain_settings.json"
-SUMMARY_FILE = "summary.json"
 
 
 def add_explain_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -53,7 +97,9 @@ def add_explain_parser(subparsers: Any) -> argparse.ArgumentParser:
             "gradient-weighted relevance (the label) as safetensors shards. Resumable."
         ),
     )
-    p.add_argument("--model", required=True, help="local model directory (weights + processor)")
+    p.add_argument(
+        "--model", default=None, help="local model directory (weights + processor); required"
+    )
     p.add_argument("--data", required=True, help="JSONL records: image|video, question, answer")
     p.add_argument("--out", required=True, help="output directory (shards, summary.json)")
     p.add_argument("--device", default=None, help="cuda[:N] or cpu (default: cuda if visible)")
@@ -87,6 +133,11 @@ def add_explain_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard (default 256)")
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--merge-only",
+        action="store_true",
+        help="compute nothing: merge what earlier runs committed in --out (no --model needed)",
+    )
     p.set_defaults(func=cmd_explain)
     return p
 
@@ -94,15 +145,6 @@ def add_explain_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _positive(name: str, value: Any) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
-def _resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for, but no CUDA GPU is visible")
-    return dev
 
 
 def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -141,43 +183,45 @@ def check_model_dir(model_dir: str | Path) -> str:
 
 
 def load_model_and_processor(
-    model_dir: str | Path, device: torch.device, dtype: torch.dtype
+    model_dir: str | Path, device: torch.device, dtype: torch.dtype, *, video: bool = True
 ) -> tuple[torch.nn.Module, Any]:
     """Load a supported model (eager attention, eval mode, on ``device`` in ``dtype``) and its
-    processor from a local directory (never the hub)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    processor from a local directory (never the hub). ``video=False`` (image-only data) lets
+    the processor be built without torchvision (see
+    :func:`~tokenprune_kernels.explain.processor.load_processor`)."""
+    from transformers import AutoModelForImageTextToText
 
     model_type = check_model_dir(model_dir)
-    try:
-        processor = AutoProcessor.from_pretrained(str(model_dir), local_files_only=True)
-    except Exception as err:
-        hint = ""
-        if model_type != "llava":
-            hint = " (the video-capable processors of transformers 5.x also need torchvision)"
-        raise ValueError(f"cannot load the processor from '{model_dir}': {err}{hint}") from err
+    processor = load_processor(model_dir, model_type, video=video)
     model = AutoModelForImageTextToText.from_pretrained(
         str(model_dir), local_files_only=True, dtype=dtype, attn_implementation="eager"
     )
     return model.to(device).eval(), processor
 
 
-def _read_incorrect(path: Path) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    if not path.is_file():
-        return out
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by an interruption: that sample is redone
-            if isinstance(obj, dict) and "id" in obj:
-                out[str(obj["id"])] = obj
-    return out
+def _release_memory(device: torch.device) -> None:
+    """After an out-of-memory error: collect the dropped sample's tensors, return the cached
+    blocks to the driver."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _share_run_id(env: DistEnv) -> str:
+    """Rank 0's fresh run id, the same in every process of the run."""
+    run_id = new_run_id()
+    if not env.distributed:
+        return run_id
+    import torch.distributed as dist
+
+    with process_group(env, "gloo"):
+        box = [run_id]
+        dist.broadcast_object_list(box, src=0)
+    return str(box[0])
 
 
 def run_explain(
-    model_dir: str | Path,
+    model_dir: str | Path | None,
     data: str | Path,
     out: str | Path,
     *,
@@ -191,21 +235,29 @@ def run_explain(
     limit: int | None = None,
     progress: bool = True,
     command: str | None = None,
-    on_sample: Callable[[ExplainRecord, SampleResult], None] | None = None,
+    on_sample: Callable[[ExplainRecord, SampleResult | None], None] | None = None,
+    merge_only: bool = False,
+    env: DistEnv | None = None,
 ) -> dict[str, Any]:
     """Label every record of ``data`` with the model in ``model_dir``; write shards to ``out``.
 
-    Arguments as the CLI options; ``on_sample(record, result)`` is called after each computed
-    sample has been stored (tests use it to interrupt a run). Returns the summary dict (also
-    written to ``out/summary.json``).
+    Arguments as the CLI options. ``env`` is this process's place in a multi-process run
+    (default: :func:`~tokenprune_kernels.distributed.detect_env`, from torchrun's or srun's
+    variables); each process labels its share of the samples not done yet (see
+    :mod:`tokenprune_kernels.explain.distributed`). ``on_sample(record, result)`` is called after
+    each computed sample has been buffered for its commit (``result`` is None for a sample that
+    ran out of memory); tests use it to interrupt a run. ``merge_only``: compute nothing, merge
+    what earlier runs committed (``model_dir`` is not needed).
+
+    Returns:
+        The merged summary (also ``out/summary.json``) when this process merged - always for a
+        single process - else this process's rank summary (``"merged": False``).
 
     Raises:
         FileNotFoundError: missing data file, model directory or media file.
         ValueError: bad record, unreadable image, unsupported model type, settings that differ
-            from an earlier run in ``out``, bad option values.
+            from an earlier run in ``out``, bad option values, a sample done twice (merge).
     """
-    from tokenprune_kernels.labels import ShardWriter
-
     for name, value in (
         ("answer_chunk", answer_chunk),
         ("max_new_tokens", max_new_tokens),
@@ -217,13 +269,28 @@ def run_explain(
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     if match not in MATCH_MODES:
         raise ValueError(f"match must be one of {MATCH_MODES}, got {match!r}")
+    env = detect_env() if env is None else env
     records = read_records(data)
     if limit is not None:
         records = records[:limit]
-    model_type = check_model_dir(model_dir)
-    dev = _resolve_device(device)
-    torch_dtype = _resolve_dtype(dtype, dev)
+    ids = [r.sample_id for r in records]
+    lines = [r.line for r in records]
     out = Path(out)
+    settings_path = out / SETTINGS_FILE
+    info = {"data": str(Path(data).resolve()), "command": command}
+    if merge_only:
+        if not settings_path.is_file():
+            raise FileNotFoundError(f"'{out}' holds no {SETTINGS_FILE}: nothing to merge")
+        settings = json.loads(settings_path.read_text())
+        summary = merge(out, ids, lines, settings, shard_size)
+        summary.update(model=settings["model"], model_type=settings["model_type"], **info)
+        write_json_atomic(out / SUMMARY_FILE, summary)
+        return summary
+    if model_dir is None:
+        raise ValueError("model_dir (--model) is required unless merge_only (--merge-only)")
+    model_type = check_model_dir(model_dir)
+    dev = rank_device(env, device)
+    torch_dtype = _resolve_dtype(dtype, dev)
     settings = {
         "tool": "tokenprune explain",
         "model": str(Path(model_dir).resolve()),
@@ -235,7 +302,6 @@ def run_explain(
         "attn": "layer-0 instruction attention on the prompt (default instruction rule)",
         "label": "gradient-weighted attention relevance, mean over answer tokens",
     }
-    settings_path = out / SETTINGS_FILE
     if settings_path.is_file():
         previous = json.loads(settings_path.read_text())
         if previous != settings:
@@ -243,32 +309,38 @@ def run_explain(
                 f"'{out}' holds a run with other settings ({previous}); this run has {settings}: "
                 "use another --out or the same settings"
             )
-    model, processor = load_model_and_processor(model_dir, dev, torch_dtype)
+    check_layout(out)
+    run_id = _share_run_id(env)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)
+    video = any(r.modality == "video" for r in records)
+    model, processor = load_model_and_processor(model_dir, dev, torch_dtype, video=video)
     out.mkdir(parents=True, exist_ok=True)
-    settings_path.write_text(json.dumps(settings, indent=2) + "\n")
-    incorrect_path = out / INCORRECT_FILE
-    incorrect = _read_incorrect(incorrect_path)
+    if not settings_path.is_file():
+        write_json_atomic(settings_path, settings)
+    # what earlier runs finished; this run's own commits are left out, so that every process
+    # sees the same set however late it starts
+    done = done_ids(read_commits(out), exclude_run=run_id)
+    mine = [records[i] for i in assign(ids, done, env.rank, env.world_size)]
+    skipped = sum(1 for sid in ids if sid in done)
 
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    skipped = computed = 0
+    computed = 0
     finished = False
-    ids = [r.sample_id for r in records]
-    summary: dict[str, Any] = {}
-    n_ok = n_bad = 0
-    with ShardWriter(out, shard_size=shard_size, metadata=settings) as writer:
-        stored = writer.done_ids()
-        n_ok = sum(1 for i in ids if i in stored)
-        n_bad = sum(1 for i in ids if i in incorrect and i not in stored)
-        bar = tqdm(total=len(records), desc="explain", unit="sample", disable=not progress)
-        try:
-            with open(incorrect_path, "a", encoding="utf-8") as log:
-                for record in records:
-                    if record.sample_id in stored or record.sample_id in incorrect:
-                        skipped += 1
-                        bar.update(1)
-                        continue
+    bar = tqdm(
+        total=len(mine),
+        desc="explain" if not env.distributed else f"explain rank 0/{env.world_size}",
+        unit="sample",
+        disable=not progress or not env.is_main,
+    )
+    part = PartWriter(out, run_id, env.rank, env.world_size, shard_size, settings)
+    try:
+        with part:
+            for record in mine:
+                error = None
+                try:
                     result = label_sample(
                         model,
                         processor,
@@ -278,47 +350,87 @@ def run_explain(
                         answer_chunk=answer_chunk,
                         match=match,
                     )
-                    if result.record is not None:
-                        writer.add(result.record)
-                        n_ok += 1
-                    else:
-                        entry = {
+                except torch.cuda.OutOfMemoryError as err:
+                    result, error = None, (str(err).strip().splitlines() or ["out of memory"])[0]
+                if result is None:  # outside the except block: the failed frames are gone
+                    _release_memory(dev)
+                    part.add_oom({"id": record.sample_id, "line": record.line, "error": error})
+                elif result.record is not None:
+                    part.add_labelled(result.record)
+                else:
+                    part.add_incorrect(
+                        {
                             "id": record.sample_id,
                             "line": record.line,
                             "answer": record.answer,
                             "greedy_answer": result.greedy_answer,
                         }
-                        incorrect[record.sample_id] = entry
-                        log.write(json.dumps(entry) + "\n")
-                        log.flush()
-                        n_bad += 1
-                    computed += 1
-                    bar.update(1)
-                    bar.set_postfix(correct=n_ok, rate=f"{n_ok / (n_ok + n_bad):.2f}")
-                    if on_sample is not None:
-                        on_sample(record, result)
-            finished = True
-        finally:
-            bar.close()
-            writer.flush()
-            seen = n_ok + n_bad
-            summary = {
-                "records": len(records),
-                "seen": seen,
-                "correct": n_ok,
-                "incorrect": n_bad,
-                "rate": n_ok / seen if seen else None,
-                "skipped": skipped,
-                "computed": computed,
-                "finished": finished,
-                "seconds": round(time.perf_counter() - start, 3),
-                "model": settings["model"],
-                "model_type": model_type,
-                "data": str(Path(data).resolve()),
-                "command": command,
-            }
-            (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+                    )
+                computed += 1
+                bar.update(1)
+                ok, bad = part.committed["labelled"], part.committed["incorrect"]
+                bar.set_postfix(committed=ok + bad, oom=part.committed["oom"])
+                if on_sample is not None:
+                    on_sample(record, result)
+        finished = True
+    finally:
+        bar.close()
+        seconds = time.perf_counter() - start
+        rank_summary = {
+            "run": run_id,
+            "rank": env.rank,
+            "world_size": env.world_size,
+            "launcher": env.launcher,
+            "device": str(dev),
+            "assigned": len(mine),
+            "computed": computed,
+            "skipped": skipped,
+            **part.committed,
+            "finished": finished,
+            "seconds": round(seconds, 3),
+        }
+        write_rank_summary(out, run_id, env.rank, rank_summary)
+        merged = None
+        if claim_merge(out, run_id, env.world_size):
+            try:
+                merged = _merge_run(out, run_id, ids, lines, settings, shard_size, info)
+            except Exception as err:
+                if finished:
+                    raise
+                print(f"tokenprune explain: merge after the interruption failed: {err}",
+                      file=sys.stderr)  # fmt: skip
+    return merged if merged is not None else {**rank_summary, "merged": False}
+
+
+def _merge_run(
+    out: Path,
+    run_id: str,
+    ids: list[str],
+    lines: list[int],
+    settings: dict[str, Any],
+    shard_size: int,
+    info: dict[str, Any],
+) -> dict[str, Any]:
+    """Merge after the last rank of run ``run_id`` finished; the run's figures from its ranks."""
+    ranks = read_rank_summaries(out, run_id)
+    computed = sum(r["computed"] for r in ranks)
+    seconds = max(r["seconds"] for r in ranks)
+    run = {
+        "skipped": ranks[0]["skipped"],
+        "computed": computed,
+        "seconds": seconds,
+        "samples_per_s": round(computed / seconds, 4) if seconds > 0 else None,
+        "world_size": len(ranks),
+        "run": run_id,
+        "ranks": [
+            {k: r[k] for k in ("rank", "device", "assigned", "computed", "seconds", "finished")}
+            for r in ranks
+        ],
+        "model": settings["model"],
+        "model_type": settings["model_type"],
+        **info,
+    }
+    return merge(out, ids, lines, settings, shard_size, run=run)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -326,6 +438,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     argv = getattr(args, "argv", None)
     command = None if argv is None else "tokenprune " + " ".join(shlex.quote(a) for a in argv)
     try:
+        env = detect_env()
+        if args.model is None and not args.merge_only:
+            raise ValueError("--model is required (unless --merge-only)")
         summary = run_explain(
             args.model,
             args.data,
@@ -340,15 +455,26 @@ def cmd_explain(args: argparse.Namespace) -> int:
             limit=args.limit,
             progress=not args.no_progress,
             command=command,
+            merge_only=args.merge_only,
+            env=env,
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"tokenprune explain: error: {err}", file=sys.stderr)
         return 2
+    if summary.get("merged") is False:
+        print(
+            f"explain {env.describe()}: {summary['computed']} computed ({summary['labelled']} "
+            f"labelled, {summary['incorrect']} wrong, {summary['oom']} out of memory) in "
+            f"{summary['seconds']:.1f} s; the last rank to finish merges"
+        )
+        return 0
     rate = "n/a" if summary["rate"] is None else f"{summary['rate']:.3f}"
+    oom = f", {summary['oom']} out of memory (retried by the next run)" if summary["oom"] else ""
+    missing = f", {summary['missing']} not done yet" if summary["missing"] else ""
     print(
         f"explain: {summary['correct']} of {summary['seen']} answered correctly (rate {rate}), "
-        f"{summary['computed']} computed now, {summary['skipped']} already done; "
-        f"shards and summary.json in {args.out}"
+        f"{summary['computed']} computed now, {summary['skipped']} already done{oom}{missing}; "
+        f"shards, index.json and summary.json in {args.out}"
     )
     return 0
 

@@ -269,7 +269,8 @@ def build_prompt_inputs(processor: Any, record: ExplainRecord) -> dict[str, torc
         the model's pixel inputs.
 
     Raises:
-        ValueError: no chat template, unreadable media.
+        ValueError: no chat template, unreadable media, a video record for a processor without
+            a video processor.
     """
     if not _has_chat_template(processor):
         raise ValueError(
@@ -286,6 +287,12 @@ def build_prompt_inputs(processor: Any, record: ExplainRecord) -> dict[str, torc
         content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
         kwargs["images"] = images
     else:
+        if getattr(processor, "video_processor", True) is None:
+            raise ValueError(
+                f"{record.where()}: a video record, but the processor has no video processor "
+                "(built for image-only data: transformers' video processors need torchvision, "
+                "pip install torchvision)"
+            )
         kwargs["videos"] = [load_video(record)]
         content = [{"type": "video"}]
     content.append({"type": "text", "text": record.question})

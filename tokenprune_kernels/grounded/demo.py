@@ -68,8 +68,8 @@ DEFAULT_REPEATS = 3
 MAPPER_FILE = ASSETS_DIR / "mapper.safetensors"
 
 HOW_TO_TRAIN = (
-    "train it with `python -m tokenprune_kernels.grounded.train --out runs/grounded --threads 1` "
-    f"(about 75 min) and copy runs/grounded/model to {MODEL_DIR}"
+    "train it from a clone of the repository with `python3 -m benchmarks.grounded.train --out "
+    f"runs/grounded --threads 1` (about 75 min) and copy runs/grounded/model to {MODEL_DIR}"
 )
 HOW_TO_MAPPER = (
     "make it with `python -m tokenprune_kernels.grounded.labels_pipeline --n 1500 --threads 1 "

@@ -4,11 +4,12 @@
         --labels runs/grounded_labels --mapper tokenprune_kernels/grounded/assets/mapper.safetensors
 
 This is ``tokenprune explain`` + ``tokenprune train-mapper`` run through their LIBRARY
-functions, not the command: ``tokenprune explain`` loads the processor with ``AutoProcessor``
-from a directory, which for Qwen2-VL needs torchvision in transformers 5.x; here the grounded
-model's own in-process processor (:func:`~tokenprune_kernels.grounded.model.load_grounded_model`)
-is used instead. Per sample (train split, :func:`~tokenprune_kernels.grounded.scenes.make_sample`
-with ``seed`` - by default a stream the model was not trained on):
+functions on scenes generated in-process (no image or JSONL files), with the grounded model's
+own processor (:func:`~tokenprune_kernels.grounded.model.load_grounded_model`). ``tokenprune
+explain --model tokenprune_kernels/grounded/assets/model`` on the same scenes saved as files
+gives the same labels (``tests/explain/test_explain_shipped_model.py``). Per sample (train
+split, :func:`~tokenprune_kernels.grounded.scenes.make_sample` with ``seed`` - by default a
+stream the model was not trained on):
 
 1. prompt inputs with :func:`~tokenprune_kernels.grounded.model.build_inputs`;
 2. greedy answer + the layer-0 instruction attention of the visual tokens with

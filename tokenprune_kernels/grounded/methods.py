@@ -52,6 +52,7 @@ from torch import nn
 
 from tokenprune_kernels.mapper import TokenMapper
 from tokenprune_kernels.training.data import topk_mask
+from tokenprune_kernels.transformers import default_instruction_mask_for
 from tokenprune_kernels.transformers.core import Layer0, TokenPruneConfig, prune_inputs
 from tokenprune_kernels.transformers.qwen import layer0_of
 
@@ -380,12 +381,14 @@ def select_layer0(
         ``(kept visual positions [keep] int64 ascending, scores [n_v] float32)``.
     """
     base = _base(model)
+    ids = prep.inputs["input_ids"].to(prep.embeds.device)
     pruned = prune_inputs(
         prep.embeds,
         prep.visual_mask,
         prep.position_ids,
         layer0_of(base),
         TokenPruneConfig(keep_count=keep, mapper=mapper),
+        instruction_mask=default_instruction_mask_for(base, ids, prep.visual_mask),
     )
     return torch.sort(pruned.kept_visual[0]).values, pruned.scores[0]
 

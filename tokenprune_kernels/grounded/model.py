@@ -18,22 +18,21 @@ Prompt (one user turn, image first, then the question; answer = one word then ``
     <|im_start|>user <|vision_start|><|image_pad|><|vision_end|> what colour is the circle ?
     <|im_end|> <|im_start|>assistant red <|im_end|>
 
-transformers 5.x refuses to construct a Qwen2-VL processor without torchvision (its class check
-looks up the video processor classes); :func:`build_processor` and :func:`load_processor` bypass
-that check while constructing (the processor has no video processor: images only).
+transformers 5.x builds a Qwen2-VL processor's video processor, which needs torchvision;
+:func:`build_processor` and :func:`load_processor` build it without one (images only; see
+:func:`tokenprune_kernels.explain.processor.processor_without_video`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 
+from tokenprune_kernels.explain.processor import processor_without_video
 from tokenprune_kernels.grounded.scenes import (
     ANSWERS,
     COLOURS,
@@ -136,7 +135,8 @@ def build_config(
     the ``w`` (column) section gets the slowest frequencies. Text-to-image attention that
     matches content needs slow frequencies whatever their section: every visual token of an
     image sits at the same ``t``, but the text query's own position changes with the turn and
-    the image size (measured: at base 30 no content question was learnt; see ``train``).
+    the image size (measured: at base 30 no content question was learnt; see
+    ``docs/grounded_training.md``).
 
     ``initializer_range`` (std of the initial weights, vision tower and language model) is
     0.08 (about ``1 / sqrt(hidden_size)``) rather than the 0.02 of the big checkpoints: at this
@@ -289,26 +289,10 @@ def build_image_processor() -> Any:
     )
 
 
-def _no_class_check() -> Any:
-    from transformers.processing_utils import ProcessorMixin
-
-    if hasattr(ProcessorMixin, "check_argument_for_proper_class"):
-        return mock.patch.object(
-            ProcessorMixin, "check_argument_for_proper_class", lambda *a, **k: None
-        )
-    return contextlib.nullcontext()  # pragma: no cover
-
-
 def _make_processor(image_processor: Any, tokenizer: Any, chat_template: str) -> Any:
     from transformers import Qwen2VLProcessor
 
-    with _no_class_check():
-        return Qwen2VLProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            video_processor=None,
-            chat_template=chat_template,
-        )
+    return processor_without_video(Qwen2VLProcessor, image_processor, tokenizer, chat_template)
 
 
 def build_processor() -> Any:

@@ -7,7 +7,11 @@
 - ``m.json``: the same config (:meth:`MapperConfig.to_dict`), for people and tools to read.
 
 ``load_mapper`` reads the config from ``m.json`` when it exists (and then checks it against the
-metadata copy when that exists too), else from the metadata.
+metadata copy when that exists too), else from the metadata. It trusts neither before the file's
+tensors back it: the stored names, shapes and dtypes (read from the safetensors header, nothing
+loaded) must be those of a mapper with that config before any tensor is loaded or any module
+built, so a small file whose config asks for huge channels fails with a clear error instead of
+allocating them; loaded tensors must be finite.
 """
 
 from __future__ import annotations
@@ -76,6 +80,63 @@ def _parse_config(text: str, source: str) -> MapperConfig:
         raise ValueError(f"bad mapper config in {source}: {err}") from err
 
 
+def _expected_shapes(config: MapperConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of a mapper with ``config``, in the op's order, from a
+    module built on the meta device: no memory is allocated, however large the config."""
+    with torch.device("meta"):
+        model = TokenMapper(config)
+    return {name: tuple(p.shape) for name, p in model.named_op_params()}
+
+
+def _check_stored_tensors(
+    f: Any, expected: dict[str, tuple[int, ...]], path: Path, config: MapperConfig
+) -> None:
+    """Compare the names, shapes and dtypes stored in the open safetensors file ``f`` (read from
+    its header, nothing loaded) with ``expected``; one ``ValueError`` names the file and lists
+    every problem."""
+    stored = set(f.keys())
+    missing = sorted(set(expected) - stored)
+    unexpected = sorted(stored - set(expected))
+    misshaped = []
+    wrong_dtype = []
+    for name in sorted(stored & set(expected)):
+        tensor_slice = f.get_slice(name)
+        shape = tuple(tensor_slice.get_shape())
+        if shape != expected[name]:
+            misshaped.append(f"{name}: expected {list(expected[name])}, got {list(shape)}")
+        dtype = tensor_slice.get_dtype()
+        if dtype != "F32":
+            wrong_dtype.append(f"{name}: {dtype}")
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected}")
+    if misshaped:
+        problems.append(f"mis-shaped tensors [{'; '.join(misshaped)}]")
+    if wrong_dtype:
+        problems.append(f"tensors that are not float32 (F32) [{'; '.join(wrong_dtype)}]")
+    if problems:
+        raise ValueError(
+            f"'{path}' does not match a mapper with {config} "
+            f"(expected tensors {mapper_param_names(config.num_blocks)}): " + ", ".join(problems)
+        )
+
+
+def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Reject NaN / inf weights: every score of such a mapper is NaN and top-k would keep the
+    first tokens silently. The error names the file and each bad tensor."""
+    bad = []
+    for name, tensor in state.items():
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            n_nan = int(torch.isnan(tensor).sum())
+            n_inf = int((~finite).sum()) - n_nan
+            bad.append(f"{name}: {n_nan} NaN, {n_inf} inf of {tensor.numel()}")
+    if bad:
+        raise ValueError(f"'{path}' holds non-finite mapper weights [{'; '.join(bad)}]")
+
+
 def load_mapper(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> TokenMapper:
     """Load a mapper written by :func:`save_mapper`; returns it on ``device`` in eval mode.
 
@@ -85,7 +146,8 @@ def load_mapper(path: str | os.PathLike[str], device: str | torch.device = "cpu"
     Raises:
         ValueError: ``path`` does not end in ``.safetensors``; the file is not a valid safetensors
             file; no config is found; the JSON and metadata configs differ; tensors are missing,
-            unexpected, mis-shaped or not float32 (each list names the tensors).
+            unexpected, mis-shaped or not float32 (checked before anything is allocated), or hold
+            NaN / inf values (each list names the tensors; every message names the file).
         FileNotFoundError: ``path`` does not exist.
     """
     path = _checked_path(path)
@@ -119,40 +181,13 @@ def load_mapper(path: str | os.PathLike[str], device: str | torch.device = "cpu"
                     f"of '{path}' says {meta_config}"
                 )
             config = configs[0]
-
-            model = TokenMapper(config)
-            expected = {name: tuple(p.shape) for name, p in model.named_op_params()}
-            stored = set(f.keys())
-            missing = sorted(set(expected) - stored)
-            unexpected = sorted(stored - set(expected))
-            misshaped = []
-            wrong_dtype = []
-            for name in sorted(stored & set(expected)):
-                tensor_slice = f.get_slice(name)
-                shape = tuple(tensor_slice.get_shape())
-                if shape != expected[name]:
-                    misshaped.append(f"{name}: expected {list(expected[name])}, got {list(shape)}")
-                dtype = tensor_slice.get_dtype()
-                if dtype != "F32":
-                    wrong_dtype.append(f"{name}: {dtype}")
-            problems = []
-            if missing:
-                problems.append(f"missing tensors {missing}")
-            if unexpected:
-                problems.append(f"unexpected tensors {unexpected}")
-            if misshaped:
-                problems.append(f"mis-shaped tensors [{'; '.join(misshaped)}]")
-            if wrong_dtype:
-                problems.append(f"tensors that are not float32 (F32) [{'; '.join(wrong_dtype)}]")
-            if problems:
-                raise ValueError(
-                    f"'{path}' does not match a mapper with {config} "
-                    f"(expected tensors {mapper_param_names(config.num_blocks)}): "
-                    + ", ".join(problems)
-                )
+            expected = _expected_shapes(config)
+            _check_stored_tensors(f, expected, path, config)
             state = {name: f.get_tensor(name) for name in expected}
     except SafetensorError as err:
         raise ValueError(f"'{path}' is not a valid safetensors file: {err}") from err
 
+    _check_finite(state, path)
+    model = TokenMapper(config)
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()

@@ -17,7 +17,10 @@ _DESCRIPTION = (
     "Train a mapper on the (attention, relevance) labels of `tokenprune explain`: target = label "
     "with its lowest 50%% zeroed and renormalised, loss KL(target || softmax(mapper)), Adam, a "
     "validation split. Saves the mapper with the lowest validation KL (OUT and OUT's .json "
-    "config, what apply_tokenprune(mapper=OUT) loads) and a per-epoch log OUT -> *.train.json."
+    "config, what apply_tokenprune(mapper=OUT) loads), a per-epoch log OUT -> *.train.json and a "
+    "checkpoint OUT -> *.ckpt.safetensors (--resume continues from it). Under torchrun or srun "
+    "the processes train data-parallel (DistributedDataParallel; --batch-size is the global "
+    "batch); only rank 0 writes files."
 )
 
 
@@ -41,7 +44,11 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--val-fraction", type=float, default=0.1, help="validation share, in (0, 1) (0.1)"
     )
     parser.add_argument("--seed", type=int, default=0, help="init, split and batch order (0)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default) or cuda[:N]; under torchrun/srun cuda is each rank's local GPU",
+    )
     parser.add_argument(
         "--channels",
         type=_channels,
@@ -64,6 +71,16 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (torch's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--log", default=None, help="log path (default OUT -> *.train.json)")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="training state written after every epoch (default OUT -> *.ckpt.safetensors)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from --checkpoint if it exists (same settings; --epochs may grow)",
+    )
     parser.set_defaults(func=cmd_train_mapper)
     return parser
 
@@ -87,8 +104,10 @@ def cmd_train_mapper(args: argparse.Namespace) -> int:
     """Run ``train-mapper`` with parsed arguments; returns the exit code (0, or 2 on bad input)."""
     import torch
 
+    from tokenprune_kernels.distributed import detect_env, process_group, rank_device
     from tokenprune_kernels.mapper import MapperConfig
 
+    from .checkpoint import checkpoint_path_for
     from .train import TrainConfig, log_path_for, train_mapper_from_labels
 
     argv = getattr(args, "argv", None)
@@ -99,6 +118,8 @@ def cmd_train_mapper(args: argparse.Namespace) -> int:
             argv = ["train-mapper", *argv]
         command = "tokenprune " + " ".join(shlex.quote(a) for a in argv)
     try:
+        env = detect_env()
+        device = rank_device(env, args.device)
         defaults = MapperConfig()
         mapper = MapperConfig(
             channels=defaults.channels if args.channels is None else args.channels,
@@ -111,7 +132,7 @@ def cmd_train_mapper(args: argparse.Namespace) -> int:
             lr=args.lr,
             val_fraction=args.val_fraction,
             seed=args.seed,
-            device=args.device,
+            device=str(device),
             bucket=args.bucket,
             max_batch_tokens=args.max_batch_tokens,
             mapper=mapper,
@@ -122,24 +143,32 @@ def cmd_train_mapper(args: argparse.Namespace) -> int:
         return _error(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    checkpoint = args.checkpoint or checkpoint_path_for(args.out)
     try:
-        result = train_mapper_from_labels(
-            args.labels,
-            args.out,
-            config,
-            progress=not args.no_progress,
-            printer=lambda line: print(line, flush=True),
-            command=command,
-            log_path=args.log,
-        )
+        with process_group(env, "nccl" if device.type == "cuda" else "gloo"):
+            if device.type == "cuda" and device.index is not None:
+                torch.cuda.set_device(device)
+            result = train_mapper_from_labels(
+                args.labels,
+                args.out,
+                config,
+                progress=not args.no_progress,
+                printer=lambda line: print(line, flush=True),
+                command=command,
+                log_path=args.log,
+                checkpoint=checkpoint,
+                resume=args.resume,
+            )
     except (FileNotFoundError, ValueError) as err:
         return _error(str(err))
+    if not env.is_main:
+        return 0
     best = result.best
     log = args.log or log_path_for(args.out)
     print(
         f"best epoch {result.best_epoch}: val_kl {best['val_kl']:.4f}  "
         f"val_recall@50% {best['val_recall@50%']:.4f}  val_recall@25% "
-        f"{best['val_recall@25%']:.4f}\nwrote {args.out} (+ .json config) and {log}"
+        f"{best['val_recall@25%']:.4f}\nwrote {args.out} (+ .json config), {log} and {checkpoint}"
     )
     return 0
 

@@ -15,13 +15,14 @@ KL is saved with :func:`~tokenprune_kernels.mapper.save_mapper`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
 import math
 import os
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,10 +31,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tokenprune_kernels.distributed import write_json_atomic
 from tokenprune_kernels.labels import read_label_metadata, read_labels
 from tokenprune_kernels.mapper import MapperConfig, TokenMapper, save_mapper
 from tokenprune_kernels.mapper.io import config_path_for
 
+from .checkpoint import Checkpoint, load_checkpoint
 from .data import (
     PackedSamples,
     batch_indices,
@@ -183,6 +186,26 @@ def _micro_batches(batch: Tensor, lengths: Tensor, max_tokens: int | None) -> li
     return parts
 
 
+def _rank_world() -> tuple[int, int]:
+    """This process's rank and the world size of the initialised process group (0, 1 without)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum of ``values`` over the processes of the group (as is for one process)."""
+    if _rank_world()[1] == 1:
+        return values
+    import torch.distributed as dist
+
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
 @torch.no_grad()
 def evaluate(
     model: TokenMapper,
@@ -194,14 +217,19 @@ def evaluate(
     """Validation metrics of ``model`` on ``samples[indices]`` (``[M]`` int64, ``M >= 1``).
 
     Returns ``{"kl": mean KL, "recall@50%": ..., "recall@25%": ...}`` (means over samples),
-    computed on the model's device.
+    computed on the model's device. Inside an initialised process group every process scores
+    every ``world_size``-th sample and the sums are added up over the processes (all of them must
+    call it, with the same arguments); every process gets the same result.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    sums = {"kl": 0.0, **{_metric_name(r): 0.0 for r in RECALL_RATIOS}}
+    rank, world = _rank_world()
+    names = ["kl", *(_metric_name(r) for r in RECALL_RATIOS)]
+    sums = dict.fromkeys(names, 0.0)
     lengths_all = samples.lengths
-    for batch in batch_indices(indices, batch_size):
+    share = indices[rank::world] if world > 1 else indices
+    for batch in batch_indices(share, batch_size) if share.numel() else []:
         for part in _micro_batches(batch, lengths_all, max_batch_tokens):
             attn, target, label, lengths = (t.to(device) for t in samples.collate(part))
             logits = model(attn, lengths)
@@ -210,7 +238,8 @@ def evaluate(
                 recall = recall_at(logits, label, lengths, ratio)
                 sums[_metric_name(ratio)] += float(recall.double().sum())
     model.train(was_training)
-    return {key: value / indices.numel() for key, value in sums.items()}
+    totals = _sum_over_ranks([sums[k] for k in names], device)
+    return {key: value / indices.numel() for key, value in zip(names, totals, strict=True)}
 
 
 def attention_baseline(samples: PackedSamples, indices: Tensor) -> dict[str, float]:
@@ -253,12 +282,6 @@ class TrainResult:
         return self.history[self.best_epoch - 1]
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _save_mapper_atomic(model: TokenMapper, out: Path) -> None:
     """save_mapper to temporary names beside ``out``, then rename both files into place."""
     tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}.safetensors")
@@ -277,6 +300,44 @@ def _versions() -> dict[str, str]:
     }
 
 
+def _train_step(
+    net: torch.nn.Module,
+    batch: Tensor,
+    samples: PackedSamples,
+    max_batch_tokens: int | None,
+    device: torch.device,
+) -> float:
+    """Gradients of one optimiser step over the GLOBAL ``batch``; returns its mean loss.
+
+    One process: the batch, split into micro-batches when ``max_batch_tokens`` asks for it.
+    Under DistributedDataParallel (``net``) process ``r`` of ``W`` takes ``batch[r::W]`` and
+    scales its summed KL by ``W / len(batch)``: DDP averages the processes' gradients, so the step
+    is that of the mean over the global batch, as one process takes it. Only the last micro-batch
+    of a process synchronises; a process whose share is empty (a batch smaller than the world)
+    runs a zero-weighted pass so that every process joins the gradient all-reduce.
+    """
+    rank, world = _rank_world()
+    share = batch[rank::world] if world > 1 else batch
+    lengths_all = samples.lengths
+    parts = _micro_batches(share, lengths_all, max_batch_tokens) if share.numel() else []
+    batch_loss = 0.0
+    if not parts:
+        attn = torch.zeros(1, 1, device=device)
+        net(attn, torch.ones(1, dtype=torch.int64, device=device)).sum().mul(0.0).backward()
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        sync = contextlib.nullcontext() if world == 1 or last else net.no_sync()
+        with sync:
+            attn, target, _, lengths = (t.to(device) for t in samples.collate(part))
+            kl = kl_per_sample(net(attn, lengths), target, lengths)
+            loss = kl.sum() / batch.numel()
+            if world > 1:
+                loss = loss * world
+            loss.backward()
+            batch_loss += float(kl.detach().sum() / batch.numel())
+    return _sum_over_ranks([batch_loss], device)[0]
+
+
 def train_mapper(
     samples: PackedSamples,
     config: TrainConfig | None = None,
@@ -285,8 +346,17 @@ def train_mapper(
     progress: bool = False,
     log_extra: dict[str, Any] | None = None,
     printer: Callable[[str], None] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    resume: bool = False,
 ) -> TrainResult:
     """Train a :class:`TokenMapper` on packed samples with Adam and a validation split.
+
+    Inside an initialised ``torch.distributed`` process group (``tokenprune train-mapper`` under
+    torchrun or srun) the mapper trains data-parallel (DistributedDataParallel): every process
+    builds the same batches (same seed), takes its share of each, and the step is the one a
+    single process takes on the whole batch (``config.batch_size`` is the global batch); up to
+    float rounding, the result is the single-process one. Only rank 0 writes ``out``, the log and
+    the checkpoint and calls ``printer``.
 
     Args:
         samples: from :func:`~tokenprune_kernels.training.data.prepare_samples`.
@@ -297,14 +367,19 @@ def train_mapper(
         progress: show a tqdm progress bar per epoch.
         log_extra: extra JSON-ready entries for the log (label dir, command, ...).
         printer: called with one line per epoch (and a header); None prints nothing.
+        checkpoint: if given, the training state is saved there after every epoch
+            (:mod:`~tokenprune_kernels.training.checkpoint`).
+        resume: continue from ``checkpoint`` when that file exists (it must have been written
+            with the same settings but ``epochs`` and ``device``); start afresh when it does not.
 
     Returns:
         :class:`TrainResult`. The same ``samples`` and ``config`` on the same device give
-        bitwise-identical weights on the CPU (run to run; cuDNN is set deterministic on CUDA).
+        bitwise-identical weights on the CPU (run to run; cuDNN is set deterministic on CUDA),
+        also when the run was stopped after an epoch and resumed from its checkpoint.
 
     Raises:
         ValueError: too few samples for the split, a bad ``out`` suffix, CUDA asked for but not
-            available, or a non-finite loss (lower ``lr``).
+            available, a non-finite loss (lower ``lr``), a checkpoint of other settings.
     """
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
@@ -318,7 +393,12 @@ def train_mapper(
             raise ValueError(f"out must end with '.safetensors', got '{out}'")
         out.parent.mkdir(parents=True, exist_ok=True)
     log_path = None if log_path is None else Path(log_path)
-    say = printer or (lambda line: None)
+    checkpoint = None if checkpoint is None else Path(checkpoint)
+    if resume and checkpoint is None:
+        raise ValueError("resume needs a checkpoint path")
+    rank, world = _rank_world()
+    main = rank == 0
+    say = (printer if main else None) or (lambda line: None)
 
     train_idx, val_idx = split_indices(len(samples), config.val_fraction, config.seed)
     lengths_all = samples.lengths
@@ -328,15 +408,40 @@ def train_mapper(
     model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     batch_gen = torch.Generator().manual_seed(config.seed + 1)
+    history: list[dict[str, float]] = []
+    best_kl = math.inf
+    best_epoch = 0
+    best_state: dict[str, Tensor] | None = None
+    start_epoch = 0
+    resumed = None
+    if resume and checkpoint is not None and checkpoint.is_file():
+        state = load_checkpoint(checkpoint, config.to_dict())
+        model.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        batch_gen.set_state(state.batch_rng)
+        torch.set_rng_state(state.torch_rng)
+        history, start_epoch = state.history, state.epoch
+        best_kl, best_epoch = state.best_kl, state.best_epoch
+        best_state = {k: v.to(device) for k, v in state.best.items()} or None
+        initial, baseline = state.initial, state.baseline
+        resumed = {"checkpoint": str(checkpoint), "epoch": state.epoch, "world_size": world}
+    else:
+        baseline = attention_baseline(samples, val_idx)
+        initial = evaluate(model, samples, val_idx, config.batch_size, config.max_batch_tokens)
+    net: torch.nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
 
-    baseline = attention_baseline(samples, val_idx)
-    initial = evaluate(model, samples, val_idx, config.batch_size, config.max_batch_tokens)
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     log: dict[str, Any] = {
         "format": "tokenprune mapper training log v1",
         **(log_extra or {}),
         "out": None if out is None else str(out),
         "versions": _versions(),
         "device": str(device),
+        "world_size": world,
         "config": config.to_dict(),
         "samples": {
             "usable": len(samples),
@@ -348,15 +453,20 @@ def train_mapper(
         },
         "val_attention_baseline": baseline,
         "val_initial": initial,
-        "epochs": [],
-        "best_epoch": None,
-        "best": None,
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "resumed": resumed,
+        "epochs": history,
+        "best_epoch": best_epoch or None,
+        "best": history[best_epoch - 1] if best_epoch else None,
     }
     say(
         f"training a mapper {config.mapper.channels} k={config.mapper.kernel_size} on "
         f"{train_idx.numel()} samples ({log['samples']['train_tokens']} tokens), validating on "
         f"{val_idx.numel()}; device {device}"
+        + (f", {world} processes (DistributedDataParallel)" if world > 1 else "")
     )
+    if resumed:
+        say(f"resumed from '{checkpoint}' after epoch {start_epoch}")
     say(
         "val before training: "
         + "  ".join(f"{k} {v:.4f}" for k, v in initial.items())
@@ -366,15 +476,14 @@ def train_mapper(
 
     from tqdm.auto import tqdm
 
-    history: list[dict[str, float]] = []
-    best_kl = math.inf
-    best_epoch = 0
-    best_state: dict[str, Tensor] | None = None
     cudnn_flags = torch.backends.cudnn.flags(
         enabled=torch.backends.cudnn.enabled, benchmark=False, deterministic=True
     )
-    with cudnn_flags:
-        for epoch in range(1, config.epochs + 1):
+    with cudnn_flags, warnings.catch_warnings():
+        # The depthwise weights' gradients ([C, 1, K]) come with another stride on the size-1
+        # axis than DDP's bucket views: the same layout, which DDP copies with a warning.
+        warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides")
+        for epoch in range(start_epoch + 1, config.epochs + 1):
             started = time.perf_counter()
             model.train()
             loss_sum = 0.0
@@ -385,19 +494,13 @@ def train_mapper(
                 total=int(train_idx.numel()),
                 desc=f"epoch {epoch}/{config.epochs}",
                 unit="sample",
-                disable=not progress,
+                disable=not progress or not main,
                 leave=False,
                 file=sys.stderr,
             )
             for batch in batches:
                 optimizer.zero_grad(set_to_none=True)
-                batch_loss = 0.0
-                for part in _micro_batches(batch, lengths_all, config.max_batch_tokens):
-                    attn, target, _, lengths = (t.to(device) for t in samples.collate(part))
-                    kl = kl_per_sample(model(attn, lengths), target, lengths)
-                    loss = kl.sum() / batch.numel()
-                    loss.backward()
-                    batch_loss += float(loss.detach())
+                batch_loss = _train_step(net, batch, samples, config.max_batch_tokens, device)
                 if not math.isfinite(batch_loss):
                     bar.close()
                     raise ValueError(
@@ -426,13 +529,29 @@ def train_mapper(
             if improved:
                 best_kl, best_epoch = metrics["kl"], epoch
                 best_state = copy.deepcopy(model.state_dict())
-                if out is not None:
+                if out is not None and main:
                     _save_mapper_atomic(model, out)
             log["epochs"] = history
             log["best_epoch"] = best_epoch
             log["best"] = history[best_epoch - 1] if best_epoch else None
-            if log_path is not None:
-                _write_json_atomic(log_path, log)
+            if main and checkpoint is not None:
+                Checkpoint(
+                    epoch=epoch,
+                    model=model.state_dict(),
+                    best=best_state or {},
+                    best_epoch=best_epoch,
+                    best_kl=best_kl,
+                    optimizer=optimizer.state_dict(),
+                    batch_rng=batch_gen.get_state(),
+                    torch_rng=torch.get_rng_state(),
+                    history=history,
+                    initial=initial,
+                    baseline=baseline,
+                    config=config.to_dict(),
+                    world_size=world,
+                ).save(checkpoint)
+            if main and log_path is not None:
+                write_json_atomic(log_path, log, fsync=False)
             say(
                 f"epoch {epoch}/{config.epochs}  train_loss {entry['train_loss']:.4f}  "
                 f"val_kl {metrics['kl']:.4f}  "
@@ -464,6 +583,8 @@ def train_mapper_from_labels(
     printer: Callable[[str], None] | None = None,
     command: str | None = None,
     log_path: str | os.PathLike[str] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    resume: bool = False,
 ) -> TrainResult:
     """Read a label directory, train a mapper, save it to ``out`` and the log beside it.
 
@@ -472,7 +593,7 @@ def train_mapper_from_labels(
             :mod:`tokenprune_kernels.labels`).
         out: ``.safetensors`` path of the best mapper (``.json`` config beside it); the log goes
             to :func:`log_path_for` ``(out)`` unless ``log_path`` is given.
-        config, progress, printer: as :func:`train_mapper`.
+        config, progress, printer, checkpoint, resume: as :func:`train_mapper`.
         command: the command line, recorded in the log.
 
     Raises:
@@ -486,7 +607,7 @@ def train_mapper_from_labels(
     config = TrainConfig() if config is None else config
     if torch.device(config.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {config.device!r} asked for, but no CUDA GPU is visible")
-    say = printer or (lambda line: None)
+    say = (printer if _rank_world()[0] == 0 else None) or (lambda line: None)
     label_meta = read_label_metadata(labels)
     records = read_labels(labels)
     samples, skipped = prepare_samples(records)
@@ -513,5 +634,7 @@ def train_mapper_from_labels(
         progress=progress,
         log_extra=extra,
         printer=printer,
+        checkpoint=checkpoint,
+        resume=resume,
     )
     return result

@@ -13,8 +13,32 @@ the INSTANCE at the visual-token merge only (``qwen.py``: qwen2_vl, qwen2_5_vl, 
 whatever attention implementation the model was loaded with (sdpa, flash_attention_2, eager); the
 scores come from layer-0 queries and keys computed by the package, never from
 ``output_attentions``. Models without a transformers class (VILA1.5) call :func:`prune_inputs`
-from their own code. See ``core.py`` for the shared rules (instruction tokens, positions,
-generation bookkeeping).
+from their own code; engines that hold packed (varlen) tokens call :func:`prune_packed`.
+
+Where things live:
+
+- ``prune.py``: computing the pruned inputs, no model forward involved (:class:`Layer0`,
+  :func:`prune_packed`, :func:`prune_inputs`, the default instruction rule);
+- ``patch.py``: the one seam every family shares (placeholder recorder, language-model forward
+  with its generation bookkeeping, label pruning), parameterised by a :class:`FamilySpec`;
+- ``qwen.py`` / ``llava.py``: each family's spec (where layer 0 lives, position ids at prefill and
+  in decoding, what else is pruned with the tokens).
+
+A new family adds ``<family>.py`` with its ``SPEC`` and ``install``/``uninstall``, and its model
+types in :data:`FAMILIES`.
+
+Instruction tokens
+------------------
+The scores are the layer-0 attention of the INSTRUCTION tokens to the visual tokens. By default
+they are the real tokens after the last visual token of each sample (for a chat prompt: the
+user's text after the image/video and the assistant header the processor appends), except the
+family's structural tokens, which mark visual content and ask nothing: Qwen VL's
+``<|vision_start|>`` / ``<|vision_end|>`` (ids from the model config); LLaVA and LLaVA-OneVision
+have none (the image newlines are visual tokens, and the chat template follows the image with
+text). So a prompt with no text after its visual content - ``...<image><|vision_end|>`` - is an
+error ("have visual tokens but no instruction tokens"), not a prompt whose instruction is
+``<|vision_end|>``. ``apply_tokenprune(..., instruction_mask=...)`` overrides the rule;
+:func:`default_instruction_mask_for` gives it to code that calls :func:`prune_inputs` itself.
 """
 
 from __future__ import annotations
@@ -23,21 +47,30 @@ import importlib
 import os
 from types import ModuleType
 
+import torch
 from torch import nn
 
 from tokenprune_kernels.mapper import TokenMapper, load_mapper
-from tokenprune_kernels.transformers.core import (
+from tokenprune_kernels.transformers.patch import (
     SUPPORTED_TRANSFORMERS,
+    FamilySpec,
     GenerationState,
+    TokenPrunePatch,
+    check_transformers_version,
+    get_patch,
+)
+from tokenprune_kernels.transformers.prune import (
     InstructionMaskSpec,
     Layer0,
     PrunedInputs,
+    PrunedPacked,
     TokenPruneConfig,
-    TokenPrunePatch,
-    check_transformers_version,
+    check_instruction_mask,
     default_instruction_mask,
-    get_patch,
+    layer0_from_text_model,
+    packed_instruction_mask,
     prune_inputs,
+    prune_packed,
 )
 
 # model_type -> family module (imported lazily).
@@ -64,6 +97,19 @@ def _model_type(model: nn.Module) -> str:
     return str(model_type)
 
 
+def _family_of(model: nn.Module, caller: str) -> str:
+    """The family module name of ``model`` (ValueError naming ``caller`` when unsupported)."""
+    model_type = _model_type(model)
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise ValueError(
+            f"model_type {model_type!r} is not supported by {caller}; supported: "
+            f"{sorted(FAMILIES)} (other LLaVA-style models: call "
+            "tokenprune_kernels.transformers.prune_inputs from the model code)"
+        )
+    return family
+
+
 def _resolve_mapper(
     mapper: TokenMapper | str | os.PathLike[str] | None, model: nn.Module
 ) -> TokenMapper | None:
@@ -81,6 +127,40 @@ def _resolve_mapper(
     )
 
 
+def default_instruction_mask_for(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    visual_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The default instruction tokens of ``model``'s family for a prompt: the real tokens after
+    the last visual token, except the family's structural tokens (Qwen VL:
+    ``<|vision_start|>`` / ``<|vision_end|>``; LLaVA: none - what follows the image is text).
+    What the patched model uses when ``instruction_mask`` is None; for code that calls
+    :func:`prune_inputs` itself on a model of a supported family.
+
+    Args:
+        model: a model whose ``config.model_type`` is in :data:`FAMILIES`.
+        input_ids: ``[B, L]`` int64 token ids of the prompt.
+        visual_mask: ``[B, L]`` bool, True at visual tokens.
+        attention_mask: ``[B, L]`` (1 real / 0 pad) or None.
+
+    Returns:
+        ``[B, L]`` bool.
+    """
+    ids = _family_module(
+        _family_of(model, "default_instruction_mask_for")
+    ).SPEC.structural_token_ids(model.config)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids must be a [B, L] tensor, got {getattr(input_ids, 'shape', input_ids)}"
+        )
+    structural = torch.isin(
+        input_ids, torch.tensor(ids, dtype=input_ids.dtype).to(input_ids.device)
+    )
+    return default_instruction_mask(visual_mask, attention_mask, structural_mask=structural)
+
+
 def apply_tokenprune(
     model: nn.Module,
     keep_ratio: float | None = None,
@@ -93,14 +173,18 @@ def apply_tokenprune(
     Args:
         model: a transformers model whose ``config.model_type`` is in :data:`FAMILIES` (the
             ``...ForConditionalGeneration`` class or the bare ``...Model``).
-        keep_ratio: fraction of each sample's visual tokens to keep, in ``(0, 1]``.
-        keep_count: or a fixed count per sample (exactly one of the two).
+        keep_ratio: fraction of each sample's visual tokens to keep, in ``(0, 1]``: any real
+            number (``numbers.Real`` such as float or a numpy scalar, or a 0-d tensor; not bool).
+        keep_count: or a fixed count per sample, an integer ``>= 1`` (int, numpy integer or 0-d
+            integer tensor; not bool). Exactly one of the two (see :class:`TokenPruneConfig`).
         mapper: None (training-free: raw layer-0 instruction attention is the score), a
             :class:`~tokenprune_kernels.mapper.TokenMapper`, or a path to a ``.safetensors``
             mapper (loaded with safetensors only, onto the model's device).
         instruction_mask: None for the default rule (the real tokens after the last visual token
-            of each sample), a ``[B, L]`` bool tensor, or a callable
-            ``(input_ids | None, visual_mask [B, L], attention_mask | None) -> [B, L] bool``.
+            of each sample, structural tokens such as ``<|vision_end|>`` excluded; see the
+            module docstring), a ``[B, L]`` bool or integer tensor, or a callable
+            ``(input_ids | None, visual_mask [B, L], attention_mask | None) -> [B, L] bool``;
+            checked here (a tensor's ``[B, L]`` is checked against each prompt).
 
     Returns:
         ``model`` (patched). Applying again replaces the config; it never patches twice.
@@ -108,16 +192,12 @@ def apply_tokenprune(
     Raises:
         RuntimeError: transformers outside :data:`SUPPORTED_TRANSFORMERS`.
         ValueError: unsupported ``model_type``, bad keep ratio/count.
+        TypeError: an ``instruction_mask`` that is not None, a bool/integer tensor or a callable
+            (ValueError for a tensor that is not ``[B, L]``).
     """
     check_transformers_version()
-    model_type = _model_type(model)
-    family = FAMILIES.get(model_type)
-    if family is None:
-        raise ValueError(
-            f"model_type {model_type!r} is not supported by apply_tokenprune; supported: "
-            f"{sorted(FAMILIES)} (other LLaVA-style models: call "
-            "tokenprune_kernels.transformers.prune_inputs from the model code)"
-        )
+    check_instruction_mask(instruction_mask)
+    family = _family_of(model, "apply_tokenprune")
     config = TokenPruneConfig(
         keep_ratio=keep_ratio, keep_count=keep_count, mapper=_resolve_mapper(mapper, model)
     )
@@ -152,16 +232,24 @@ def last_pruned(model: nn.Module) -> PrunedInputs | None:
 __all__ = [
     "FAMILIES",
     "SUPPORTED_TRANSFORMERS",
+    "FamilySpec",
     "GenerationState",
+    "InstructionMaskSpec",
     "Layer0",
     "PrunedInputs",
+    "PrunedPacked",
     "TokenPruneConfig",
     "TokenPrunePatch",
     "apply_tokenprune",
+    "check_instruction_mask",
     "check_transformers_version",
     "default_instruction_mask",
+    "default_instruction_mask_for",
     "is_tokenprune_applied",
     "last_pruned",
+    "layer0_from_text_model",
+    "packed_instruction_mask",
     "prune_inputs",
+    "prune_packed",
     "revert_tokenprune",
 ]

@@ -1,10 +1,13 @@
-"""tokenprune_kernels.transformers.core: prune_inputs against a naive computation, the default
-instruction rule, the generation bookkeeping, the public API's errors."""
+"""tokenprune_kernels.transformers.prune: prune_packed and prune_inputs against a naive
+computation, the default instruction rule, the config and Layer0 checks."""
 
 from __future__ import annotations
 
 import math
+from decimal import Decimal
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -12,21 +15,12 @@ from torch import nn
 from tokenprune_kernels.mapper import TokenMapper
 from tokenprune_kernels.reference import keep_counts_ref, select_topk_ref
 from tokenprune_kernels.transformers import (
-    SUPPORTED_TRANSFORMERS,
     Layer0,
     TokenPruneConfig,
-    apply_tokenprune,
     default_instruction_mask,
+    packed_instruction_mask,
     prune_inputs,
-    revert_tokenprune,
-)
-from tokenprune_kernels.transformers.core import (
-    GenerationState,
-    TokenPrunePatch,
-    attach_patch,
-    check_transformers_version,
-    detach_patch,
-    get_patch,
+    prune_packed,
 )
 
 H, HQ, HK, D = 24, 4, 2, 6
@@ -215,6 +209,156 @@ def test_prune_inputs_grad_flows_to_embeddings(gen):
     assert torch.equal(x.grad[0].abs().sum(-1) > 0, out.keep_mask[0])
 
 
+def _packed(gen, layouts, rows):
+    """Packed samples (no pads), every tensor a NON-contiguous view. layouts: per sample
+    (n_sys, n_vis, n_txt); visual tokens are one block after n_sys. Returns x [T, H], cu [B+1],
+    vis [T], pos [T] or [R, T]."""
+    lens = [sum(x) for x in layouts]
+    t = sum(lens)
+    x = torch.randn(t, 2 * H, generator=gen)[:, ::2]
+    vis = torch.zeros(t, 2, dtype=torch.bool)[:, 0]
+    pos = torch.zeros((rows, 2 * t) if rows else (2 * t,), dtype=torch.long)[..., ::2]
+    off = 0
+    for ns, nv, nt in layouts:
+        n = ns + nv + nt
+        vis[off + ns : off + ns + nv] = True
+        p = torch.arange(n) * 3 + 7  # not contiguous on purpose: ids are carried, not recomputed
+        if rows:
+            pr = torch.stack([p + r for r in range(rows)])
+            pr[1:, ns : ns + nv] = torch.randint(0, 50, (rows - 1, nv), generator=gen)
+            pos[:, off : off + n] = pr
+        else:
+            pos[off : off + n] = p
+        off += n
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    assert not x.is_contiguous() and not vis.is_contiguous() and not pos.is_contiguous()
+    return x, cu, vis, pos
+
+
+@pytest.mark.parametrize(
+    ("rows", "keep", "instruction"),
+    [(0, 0.5, "default"), (3, 0.25, "default"), (2, 1.0, "system"), (0, 3, "default")],
+)
+def test_prune_packed_matches_naive(gen, rows, keep, instruction):
+    """Samples of awkward sizes (one token, none, visual first, primes), strided inputs."""
+    layer = _Layer(gen)
+    layouts = [(3, 17, 5), (1, 0, 0), (0, 0, 0), (2, 11, 2), (0, 7, 1), (1, 23, 3)]
+    x, cu, vis, pos = _packed(gen, layouts, rows)
+    if instruction == "default":
+        instr = packed_instruction_mask(vis, cu)
+    else:  # the system tokens ask; the visual tokens after a query still count as keys
+        instr = torch.zeros_like(vis)
+        for (ns, nv, _), start in zip(layouts, cu[:-1].tolist(), strict=True):
+            instr[start : start + (ns if nv else 0)] = True
+        layouts[4] = (0, 0, 8)  # no instruction before its image: now a text-only sample
+        vis[int(cu[4]) : int(cu[5])] = False
+    config = TokenPruneConfig(keep_count=keep) if isinstance(keep, int) else None
+    config = config or TokenPruneConfig(keep_ratio=keep)
+    out = prune_packed(x, cu, vis, instr, pos, layer.layer0(), config)
+
+    want_src, want_vis, want_kept, want_scores, kept_counts = [], [], [], [], []
+    n_seen = 0
+    for i in range(len(layouts)):
+        a, b = int(cu[i]), int(cu[i + 1])
+        vs, ins = vis[a:b], instr[a:b]
+        nv = int(vs.sum())
+        rows_v = torch.arange(a, b)[vs]
+        keep_local = ~vs
+        if nv:
+            with torch.no_grad():
+                s = layer.naive_scores(x[a:b], pos[..., a:b], vs, ins)
+            k = keep_counts_ref(torch.tensor([0, nv]), keep_ratio=config.keep_ratio,
+                                keep_count=config.keep_count)  # fmt: skip
+            kept, _ = select_topk_ref(s, torch.tensor([0, nv]), k)
+            srt = s.sort(descending=True).values
+            if int(k) < nv:  # no near-tie at the threshold
+                assert float(srt[int(k) - 1] - srt[int(k)]) > 1e-5
+            keep_local[vs.nonzero().flatten()[kept]] = True
+            want_scores.append(s)
+            want_kept.append(kept + n_seen)
+        kept_counts.append(int(keep_local.sum()) - int((~vs).sum()))
+        want_src.append(torch.arange(a, b)[keep_local])
+        want_vis.append(rows_v)
+        n_seen += nv
+    src = torch.cat(want_src)
+    assert torch.equal(out.src_index, src)
+    assert torch.equal(out.visual_index, torch.cat(want_vis))
+    assert torch.equal(out.kept_index, torch.cat(want_kept))
+    assert torch.equal(out.kept_rows, out.visual_index[out.kept_index])
+    torch.testing.assert_close(out.scores, torch.cat(want_scores), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.inputs_embeds, x[src], rtol=0, atol=0)
+    assert torch.equal(out.position_ids, pos[..., src])
+    lens = [w.numel() for w in want_src]
+    assert out.cu_seqlens.tolist() == [0, *torch.tensor(lens).cumsum(0).tolist()]
+    assert out.cu_seqlens_kept.tolist() == [0, *torch.tensor(kept_counts).cumsum(0).tolist()]
+    n_vis = [w.numel() for w in want_vis]
+    assert out.cu_seqlens_visual.tolist() == [0, *torch.tensor(n_vis).cumsum(0).tolist()]
+    assert out.cu_seqlens.dtype == out.cu_seqlens_kept.dtype == torch.int64
+
+
+def test_prune_packed_grad_flows_to_the_kept_rows(gen):
+    layer = _Layer(gen)
+    x, cu, vis, pos = _packed(gen, [(2, 9, 3), (1, 5, 2)], 0)
+    x = x.clone().requires_grad_(True)
+    out = prune_packed(x, cu, vis, packed_instruction_mask(vis, cu), pos, layer.layer0(),
+                       TokenPruneConfig(keep_ratio=0.5))  # fmt: skip
+    out.inputs_embeds.sum().backward()
+    survived = torch.zeros(x.shape[0], dtype=torch.bool)
+    survived[out.src_index] = True
+    assert torch.equal(x.grad.abs().sum(-1) > 0, survived)
+    assert not out.scores.requires_grad
+
+
+def test_packed_instruction_mask_is_the_padded_rule_packed(gen):
+    _, vis, mask, _ = _batch(gen, [(3, 4, 2), (2, 0, 3), (1, 5, 0), (0, 2, 4)], "left", 0)
+    real = mask.bool()
+    cu = torch.tensor([0, *real.sum(1).cumsum(0).tolist()])
+    got = packed_instruction_mask(vis[real], cu)
+    assert torch.equal(got, default_instruction_mask(vis, mask)[real])
+    assert got.tolist() == [0] * 7 + [1, 1] + [0] * 5 + [0] * 6 + [0, 0, 1, 1, 1, 1]
+
+
+def test_prune_packed_errors(gen):
+    layer = _Layer(gen)
+    x, cu, vis, pos = _packed(gen, [(2, 5, 3), (1, 4, 2)], 0)
+    instr = packed_instruction_mask(vis, cu)
+    cfg = TokenPruneConfig(keep_ratio=0.5)
+    l0 = layer.layer0()
+    with pytest.raises(
+        ValueError, match=r"cu_seqlens must start at 0, never decrease and end at T = 17"
+    ):
+        prune_packed(x, cu + 1, vis, instr, pos, l0, cfg)
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
+        prune_packed(x, torch.tensor([0, 12, 10, 17]), vis, instr, pos, l0, cfg)
+    with pytest.raises(TypeError, match=r"cu_seqlens must be int32 or int64, got torch\.float32"):
+        prune_packed(x, cu.float(), vis, instr, pos, l0, cfg)
+    with pytest.raises(ValueError, match=r"cu_seqlens must be a 1-D \[B\+1\] tensor"):
+        prune_packed(x, cu[None], vis, instr, pos, l0, cfg)
+    with pytest.raises(ValueError, match=r"inputs_embeds must be a \[T, H\] tensor"):
+        prune_packed(x[None], cu, vis, instr, pos, l0, cfg)
+    with pytest.raises(TypeError, match="inputs_embeds must be float32/float16/bfloat16"):
+        prune_packed(x.double(), cu, vis, instr, pos, l0, cfg)
+    with pytest.raises(ValueError, match=r"visual_mask must have shape \[T\] = \[17\], got \[16\]"):
+        prune_packed(x, cu, vis[1:], instr, pos, l0, cfg)
+    with pytest.raises(TypeError, match="instruction_mask must be a bool or integer tensor"):
+        prune_packed(x, cu, vis, instr.float(), pos, l0, cfg)
+    with pytest.raises(ValueError, match="instruction_mask must not select visual tokens"):
+        prune_packed(x, cu, vis, instr | vis, pos, l0, cfg)
+    with pytest.raises(
+        ValueError, match=r"sample\(s\) \[1\] have visual tokens but no instruction"
+    ):
+        prune_packed(x, cu, vis, instr & (torch.arange(17) < 10), pos, l0, cfg)
+    with pytest.raises(ValueError, match=r"position_ids must end in T = 17"):
+        prune_packed(x, cu, vis, instr, pos[1:], l0, cfg)
+    with pytest.raises(ValueError, match=r"position_ids must be \[T\] or \[R, T\]"):
+        prune_packed(x, cu, vis, instr, pos[None, None], l0, cfg)
+    with pytest.raises(TypeError, match="layer0 must be a Layer0"):
+        prune_packed(x, cu, vis, instr, pos, layer, cfg)
+    # integer masks are nonzero-true
+    got = prune_packed(x, cu, vis.int(), instr.to(torch.uint8), pos, l0, cfg)
+    assert torch.equal(got.src_index, prune_packed(x, cu, vis, instr, pos, l0, cfg).src_index)
+
+
 def test_default_instruction_mask():
     vis = torch.tensor([[0, 1, 1, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0]]).bool()
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1] * 7, [0, 1, 1, 1, 1, 1, 1]])
@@ -250,11 +394,59 @@ def test_prune_inputs_errors(gen):
         ({"keep_ratio": 0.5, "keep_count": 2}, "exactly one of keep_ratio and keep_count"),
         ({"keep_count": 0}, "keep_count must be an int >= 1"),
         ({"keep_count": True}, "keep_count must be an int >= 1"),
+        ({"keep_ratio": np.float32(1.5)}, r"keep_ratio must be in \(0, 1\], got np.float32\(1.5\)"),
+        ({"keep_ratio": float("nan")}, r"keep_ratio must be in \(0, 1\], got nan"),
+        ({"keep_ratio": torch.tensor(0.0)}, r"keep_ratio must be in \(0, 1\], got tensor\(0.\)"),
+        ({"keep_count": np.int64(0)}, "keep_count must be an int >= 1"),
     ],
 )
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TokenPruneConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.float32(0.5),
+        np.float64(0.25),
+        np.float16(1.0),
+        Fraction(1, 3),
+        1,
+        np.int64(1),
+        torch.tensor(0.5),
+        torch.tensor(0.75, dtype=torch.float64),
+        torch.tensor(1),
+    ],
+)
+def test_keep_ratio_takes_any_real_number(value):
+    """numbers.Real (Python, numpy scalars, Fraction) and 0-d real tensors, stored as float."""
+    config = TokenPruneConfig(keep_ratio=value)
+    assert type(config.keep_ratio) is float and config.keep_ratio == float(value)
+    assert config.op_kwargs(torch.device("cpu"))["keep_ratio"] == float(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [True, np.bool_(True), torch.tensor(True), torch.tensor([0.5]), "0.5", Decimal("0.5"), 0.5j],
+)
+def test_keep_ratio_rejects_what_is_not_a_real_number(value):
+    with pytest.raises(ValueError, match=r"keep_ratio must be a real number in \(0, 1\]"):
+        TokenPruneConfig(keep_ratio=value)
+
+
+@pytest.mark.parametrize("value", [np.int64(3), np.int32(3), torch.tensor(3), 3])
+def test_keep_count_takes_any_integer(value):
+    config = TokenPruneConfig(keep_count=value)
+    assert type(config.keep_count) is int and config.keep_count == 3
+
+
+@pytest.mark.parametrize(
+    "value", [3.0, np.float64(3.0), np.bool_(True), torch.tensor(3.0), torch.tensor([3])]
+)
+def test_keep_count_rejects_what_is_not_an_integer(value):
+    with pytest.raises(ValueError, match="keep_count must be an int >= 1"):
+        TokenPruneConfig(keep_count=value)
 
 
 def test_config_mapper_type():
@@ -267,76 +459,3 @@ def test_layer0_errors():
         Layer0(nn.Identity(), nn.Identity(), nn.Identity(), 3, 2, 4, _Rotary(), _apply_rotary)
     with pytest.raises(ValueError, match="head_dim must be an int >= 1"):
         Layer0(nn.Identity(), nn.Identity(), nn.Identity(), 2, 2, 0, _Rotary(), _apply_rotary)
-
-
-def test_generation_state_translates_masks():
-    pruned_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
-    st = GenerationState(full_length=7, pruned_length=4, attention_mask=pruned_mask,
-                         removed=torch.tensor([2, 3]), pruned=None)  # fmt: skip
-
-    class Cache:
-        n = 4
-
-        def get_seq_length(self):
-            return self.n
-
-    cache = Cache()
-    st.bind_cache(cache)
-    assert st.continues(cache) and not st.continues(Cache()) and not st.continues(None)
-    cache.n = 6  # two tokens decoded; this call brings one more
-    full = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 10])
-    got = st.translate_attention_mask(full, past_length=6, query_length=1)
-    assert got.tolist() == [[0, 1, 1, 1, 1, 1, 1], [1] * 7]
-    assert st.translate_attention_mask(got, 6, 1) is got  # already pruned
-    assert st.translate_attention_mask(None, 6, 1).tolist() == [[0, 1, 1, 1, 1, 1, 1], [1] * 7]
-    with pytest.raises(ValueError, match="expects 10 \\(unpruned\\) or 7 \\(pruned\\)"):
-        st.translate_attention_mask(full[:, :-1], 6, 1)
-    with pytest.raises(NotImplementedError, match="2-D attention_mask"):
-        st.translate_attention_mask(torch.ones(2, 1, 1, 7), 6, 1)
-    st2 = GenerationState(7, 4, torch.ones(2, 4, dtype=torch.long), torch.tensor([3, 3]), None)
-    assert st2.translate_attention_mask(None, 4, 1) is None
-
-
-def test_patch_restores_instance_attributes():
-    m = nn.Linear(2, 2)
-    orig_forward = m.forward
-    patch = TokenPrunePatch("qwen", TokenPruneConfig(keep_ratio=0.5), None)
-    patch.set_attr(m, "forward", lambda x: x)
-    patch.set_attr(m, "extra", 3)
-    attach_patch(m, patch)
-    assert get_patch(m) is patch and "forward" in vars(m)
-    assert detach_patch(m) is patch
-    assert get_patch(m) is None and "forward" not in vars(m) and not hasattr(m, "extra")
-    assert m.forward == orig_forward
-    assert detach_patch(m) is None
-
-
-def test_version_check(monkeypatch):
-    import transformers
-
-    assert check_transformers_version() == transformers.__version__
-    for bad in ("4.57.1", "5.16.2", "5.24.0", "not-a-version"):
-        with pytest.raises(
-            RuntimeError,
-            match=rf"supports transformers {SUPPORTED_TRANSFORMERS}, but transformers {bad} is installed",
-        ):
-            check_transformers_version(bad)
-    monkeypatch.setattr(transformers, "__version__", "6.0.0")
-    with pytest.raises(RuntimeError, match=r"but transformers 6\.0\.0 is installed"):
-        apply_tokenprune(nn.Linear(2, 2), keep_ratio=0.5)
-
-
-def test_apply_unsupported_model_type():
-    class Cfg:
-        model_type = "gpt2"
-
-    m = nn.Linear(2, 2)
-    m.config = Cfg()
-    with pytest.raises(
-        ValueError,
-        match=r"model_type 'gpt2' is not supported .*'llava', 'llava_onevision', 'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl'",
-    ):
-        apply_tokenprune(m, keep_ratio=0.5)
-    with pytest.raises(ValueError, match=r"config\.model_type"):
-        apply_tokenprune(nn.Linear(2, 2), keep_ratio=0.5)
-    assert revert_tokenprune(m) is m  # harmless when not applied

@@ -1,5 +1,6 @@
-"""Helpers of the explain tests: a tiny LLaVA model directory with a processor, media files, and
-the independent relevance computation (the formula, from ``output_attentions``)."""
+"""Helpers of the explain tests and benchmarks: a tiny LLaVA model directory with a processor,
+media files and data sets, and the independent relevance computation (the formula, from
+``output_attentions``). Pillow and tokenizers are imported where used."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _llava_configs import IMAGE_ID, LLAVA_IMAGE, PAD_ID, VOCAB, build_model
+
+from tokenprune_kernels.testing_models.llava import (
+    IMAGE_ID,
+    LLAVA_IMAGE,
+    PAD_ID,
+    VOCAB,
+    build_model,
+)
 
 SPECIALS = {PAD_ID: "<pad>", 1: "<unk>", IMAGE_ID: "<image>"}
 CHAT_TEMPLATE = (
@@ -39,21 +47,22 @@ def make_tokenizer():
     )
 
 
-def save_llava_dir(path: Path) -> Path:
-    """Save a tiny random LLaVA (fp32) and a matching ``LlavaProcessor`` to ``path``."""
+def save_llava_dir(path: Path, model=None, image_size: int = LLAVA_IMAGE) -> Path:
+    """Save a tiny random LLaVA (fp32; ``model`` if given, its CLIP tower sized for
+    ``image_size``-pixel images) and a matching ``LlavaProcessor`` to ``path``."""
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    model = build_model("llava", attn="eager", seed=3)
+    model = build_model("llava", attn="eager", seed=3) if model is None else model
     model.save_pretrained(path)
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": LLAVA_IMAGE},
-        crop_size={"height": LLAVA_IMAGE, "width": LLAVA_IMAGE},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
     )
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=make_tokenizer(),
-        patch_size=4,
+        patch_size=model.config.vision_config.patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
@@ -74,6 +83,47 @@ def save_image(path: Path, gen: torch.Generator, size: tuple[int, int] = (24, 30
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def greedy_answers(loaded, data_file: Path, max_new: int) -> dict:
+    """The model's greedy answer (text, ids, prompt inputs) for each record of a data file."""
+    from tokenprune_kernels.explain.data import build_prompt_inputs, read_records
+    from tokenprune_kernels.explain.pipeline import greedy_with_attention, to_model
+
+    model, processor = loaded
+    out = {}
+    for record in read_records(data_file):
+        inputs = to_model(build_prompt_inputs(processor, record), model)
+        ids, _, _ = greedy_with_attention(model, inputs, max_new)
+        out[record.sample_id] = (
+            processor.tokenizer.decode(ids.tolist(), skip_special_tokens=True),
+            ids,
+            inputs,
+        )
+    return out
+
+
+def make_dataset(
+    tmp_path: Path, gen: torch.Generator, loaded, max_new: int, wrong=("s1",), n: int = 3
+) -> tuple[Path, dict]:
+    """Records s0..s{n-1} in ``tmp_path/data.jsonl``; each answer is the model's greedy answer
+    (upper case, with a final period: the normalized match ignores both) except those in
+    ``wrong``. Returns the data file and :func:`greedy_answers`."""
+    recs = []
+    for i in range(n):
+        save_image(tmp_path / f"im{i}.png", gen, (22 + 3 * i, 31 - i))
+        recs.append(
+            {"id": f"s{i}", "image": f"im{i}.png", "question": f"w5 w{9 + i} w11", "answer": "?"}
+        )
+    data = write_jsonl(tmp_path / "data.jsonl", recs)
+    greedy = greedy_answers(loaded, data, max_new)
+    for r in recs:
+        text = greedy[r["id"]][0]
+        assert text.strip()
+        r["answer"] = "w7 w7 w7" if r["id"] in wrong else text.upper() + "."
+        assert r["id"] in wrong or text != r["answer"]
+    write_jsonl(data, recs)
+    return data, greedy
 
 
 def extend(inputs: dict, answer: torch.Tensor) -> dict:

@@ -207,7 +207,7 @@ def oracle_kept(
 ) -> list[torch.Tensor]:
     """Per sample, the original positions of the visual tokens to keep, from the unpatched eager
     model's layer-0 attention (instruction rows: ``instruction`` [B, L] or, by default, the real
-    tokens after the last visual token)."""
+    tokens after the last visual token except ``<|vision_start|>`` / ``<|vision_end|>``)."""
     with torch.no_grad():
         att = eager_model(**inputs, output_attentions=True).attentions[0]  # [B, Hq, L, L]
     ids = inputs["input_ids"]
@@ -218,7 +218,7 @@ def oracle_kept(
         vpos = visual[b].nonzero().flatten()
         last = int(vpos.max())
         if instruction is None:
-            instr = mask[b].clone()
+            instr = mask[b] & ~torch.isin(ids[b], torch.tensor([VSTART_ID, VEND_ID]))
             instr[: last + 1] = False
         else:
             instr = instruction[b] & mask[b]

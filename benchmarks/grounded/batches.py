@@ -1,0 +1,236 @@
+"""Training batches of the grounded recipe: seeded scenes per step, their chat sequences and the
+per-token targets of the auxiliary losses.
+
+Step ``i`` draws ONE image size (size buckets: no padding of pixels) and its scenes from
+``sample_rng("train", i, seed)``. A scene's questions form ONE chat sequence, turn after turn
+(the first turn is exactly the evaluation prompt + answer + ``<|im_end|>``), so its visual tokens
+go through the vision tower and the language model once for all its questions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from tokenprune_kernels.grounded.model import CHAT_TEMPLATE, IM_END, IMAGE_PAD, TOKEN_ID
+from tokenprune_kernels.grounded.scenes import (
+    MAX_OBJECTS,
+    MIN_OBJECTS,
+    SHAPES,
+    TOKEN_PX,
+    TRAIN_SIZES,
+    Question,
+    Scene,
+    make_training_scene,
+    render_scene,
+    sample_rng,
+    visual_tokens,
+)
+
+REF_SHORT = 224
+"""Shorter side (px) whose object pixel sizes the small warm-up canvases reproduce."""
+WARM_SIZES: tuple[tuple[int, int], ...] = ((128, 128), (128, 160), (160, 160), (160, 192))
+"""Small canvases of the warm-up phase: 64 - 120 visual tokens."""
+
+
+def conversation_text(questions: Sequence[str], answers: Sequence[str]) -> str:
+    """The chat text of one image and several question / answer turns (the first turn is the
+    evaluation prompt of ``questions[0]`` followed by its answer and ``<|im_end|>``)."""
+    from jinja2 import Template
+
+    messages: list[dict[str, Any]] = []
+    for k, (q, a) in enumerate(zip(questions, answers, strict=True)):
+        content: list[dict[str, Any]] = [{"type": "text", "text": q}]
+        if k == 0:
+            content.insert(0, {"type": "image"})
+        messages.append({"role": "user", "content": content})
+        messages.append({"role": "assistant", "content": a})
+    return Template(CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=False)
+
+
+def encode_training_batch(
+    processor: Any,
+    images: Sequence[Any],
+    questions: Sequence[Sequence[str]],
+    answers: Sequence[Sequence[str]],
+) -> dict[str, torch.Tensor]:
+    """Teacher-forcing inputs, right-padded: one sequence per image holding all its questions as
+    successive chat turns (:func:`conversation_text`).
+
+    Args:
+        processor: the grounded processor.
+        images: ``N`` RGB images, all of ONE size.
+        questions, answers: per image, its questions and their one-word answers.
+
+    Returns:
+        ``input_ids [N, L]``, ``attention_mask [N, L]``, ``mm_token_type_ids [N, L]``,
+        ``labels [N, L]`` (``-100`` except each answer token and the ``<|im_end|>`` after it),
+        ``pixel_values [N * patches, 384]`` fp32, ``image_grid_thw [N, 3]``.
+    """
+    if not images or len(images) != len(questions) or len(images) != len(answers):
+        raise ValueError("images, questions and answers must be non-empty and of one length")
+    sizes = {im.size for im in images}
+    if len(sizes) != 1:
+        raise ValueError(f"images must all have one size (a size bucket), got {sorted(sizes)}")
+    width, height = images[0].size
+    n_tok = visual_tokens((height, width))
+    vis = processor.image_processor(images=list(images), return_tensors="pt")
+    texts, n_answers = [], []
+    for i, (qs, ans) in enumerate(zip(questions, answers, strict=True)):
+        if len(qs) != len(ans) or not qs:
+            raise ValueError(f"image {i}: needs as many answers as questions (>= 1)")
+        texts.append(conversation_text(list(qs), list(ans)).replace(IMAGE_PAD, IMAGE_PAD * n_tok))
+        n_answers.append(len(ans))
+    tok = processor.tokenizer
+    side = tok.padding_side
+    tok.padding_side = "right"
+    try:
+        enc = tok(texts, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    ids = enc["input_ids"]
+    labels = torch.full_like(ids, -100)
+    # an answer is the token after each "assistant" header; it and the <|im_end|> are labelled
+    for row, col in (ids[:, :-2] == TOKEN_ID["assistant"]).nonzero().tolist():
+        labels[row, col + 1 : col + 3] = ids[row, col + 1 : col + 3]
+    for row, want in enumerate(n_answers):
+        got = labels[row][labels[row] != -100]
+        if (
+            got.numel() != 2 * want
+            or (got[1::2] != TOKEN_ID[IM_END]).any()
+            or (got[0::2] == TOKEN_ID["<unk>"]).any()
+        ):
+            raise ValueError(f"sequence {row}: every answer must be one known word + {IM_END}")
+    return {
+        "input_ids": ids,
+        "attention_mask": enc["attention_mask"],
+        "mm_token_type_ids": (ids == TOKEN_ID[IMAGE_PAD]).long(),
+        "labels": labels,
+        "pixel_values": vis["pixel_values"],
+        "image_grid_thw": vis["image_grid_thw"],
+    }
+
+
+def training_scenes(
+    step: int,
+    seed: int,
+    n_images: int,
+    n_questions: int,
+    sizes: Sequence[tuple[int, int]] = TRAIN_SIZES,
+    scale: float = 1.0,
+    aug_prob: float = 0.0,
+    aug_max: float = 1.0,
+    object_range: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS),
+    warm_sizes: Sequence[tuple[int, int]] = (),
+    warm_prob: float = 0.0,
+) -> tuple[tuple[int, int], list[tuple[Scene, list[Question]]]]:
+    """The scenes of training step ``step``, drawn from ``sample_rng("train", step, seed)``: one
+    size of ``sizes`` and ``n_images`` scenes with up to ``n_questions`` questions each (every
+    question type; balanced answers, see
+    :func:`~tokenprune_kernels.grounded.scenes.make_training_scene`).
+
+    With probability ``warm_prob`` the size is one of ``warm_sizes`` instead (small canvases,
+    the warm-up phase): few visual tokens, so attention to the objects gets a strong gradient
+    and a step is cheap; object sizes are then multiplied by ``REF_SHORT / min(size)`` so that
+    objects are as many pixels wide as on a ``REF_SHORT`` px image.
+
+    Object sizes are multiplied by ``scale`` (the curriculum) and, for a share ``aug_prob`` of
+    the scenes, by a further factor drawn from ``U(1, aug_max)`` (scale augmentation, so the
+    tower also sees objects as many pixels wide as the large test sizes show them). Object
+    counts are drawn from ``object_range``.
+    """
+    rng = sample_rng("train", step, seed)
+    size = tuple(sizes[int(rng.integers(len(sizes)))])
+    if warm_sizes and rng.random() < warm_prob:
+        # a small canvas: few visual tokens, objects as many pixels wide as at REF_SHORT px
+        size = tuple(warm_sizes[int(rng.integers(len(warm_sizes)))])
+        scale = scale * max(1.0, REF_SHORT / min(size))
+    out = []
+    for _ in range(n_images):
+        s = scale
+        if rng.random() < aug_prob:
+            s *= float(rng.uniform(1.0, aug_max))
+        scene = make_training_scene(
+            rng, size, n_questions, scale=min(s, 4.0), object_range=object_range
+        )
+        out.append(scene)
+    return size, out
+
+
+def training_batch(
+    processor: Any, step: int, seed: int, n_images: int, n_questions: int, **kwargs: Any
+) -> tuple[dict[str, Any], tuple[int, int], list[str]]:
+    """The batch of training step ``step``: ``(inputs, size, question types)`` of the scenes of
+    :func:`training_scenes` (same arguments), rendered and encoded by
+    :func:`encode_training_batch`, with the targets of the auxiliary losses:
+
+    - ``token_shape [visual tokens of the batch]`` int64: :func:`token_shape_labels` of each
+      scene, flattened, scenes in order (the shape probe's target);
+    - ``attn_target``: per question (in order), a ``[visual tokens of its scene]`` bool mask of
+      the tokens its answer attention is supervised onto: the objects the question involves,
+      for ``left_of`` the LEFT object of its pair only (the pair's leftmost, found as
+      ``extreme`` finds the scene's);
+    - ``qtypes``: the question types, in order.
+    """
+    size, scenes = training_scenes(step, seed, n_images, n_questions, **kwargs)
+    images = [render_scene(scene) for scene, _ in scenes]
+    questions = [[q.text for q in qs] for _, qs in scenes]
+    answers = [[q.answer for q in qs] for _, qs in scenes]
+    qtypes = [q.qtype for _, qs in scenes for q in qs]
+    batch: dict[str, Any] = dict(encode_training_batch(processor, images, questions, answers))
+    objects = [token_objects(scene) for scene, _ in scenes]  # rendered once per scene
+    batch["token_shape"] = torch.cat(
+        [
+            torch.from_numpy(token_shape_labels(scene, objs)).flatten()
+            for (scene, _), objs in zip(scenes, objects, strict=True)
+        ]
+    )
+    targets: list[torch.Tensor] = []
+    for (scene, qs), objs in zip(scenes, objects, strict=True):
+        flat = objs.flatten()
+        for q in qs:
+            if q.qtype == "left_of" and len(q.involved) == 2:
+                left = min(q.involved, key=lambda i: scene.objects[i].cx)
+                targets.append(torch.from_numpy(flat - 1 == left))
+            else:
+                targets.append(torch.from_numpy(np.isin(flat - 1, q.involved) & (flat > 0)))
+    batch["attn_target"] = targets
+    batch["qtypes"] = list(qtypes)
+    return batch, size, qtypes
+
+
+def token_objects(scene: Scene) -> np.ndarray:
+    """Per visual token (16 x 16 px cell, row-major ``[H/16, W/16]`` int64): ``0`` where no
+    object covers a quarter of the cell, else ``1 +`` the index of the object covering most of
+    it (drawn with the scene's own polygons)."""
+    from PIL import Image, ImageDraw
+
+    from tokenprune_kernels.grounded.scenes import _shape_points
+
+    height, width = scene.size
+    ids = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(ids)
+    for k, o in enumerate(scene.objects, start=1):
+        pts = _shape_points(o, 1.0)
+        if pts is None:
+            r = o.size / 2
+            draw.ellipse([o.cx - r, o.cy - r, o.cx + r, o.cy + r], fill=k)
+        else:
+            draw.polygon(pts, fill=k)
+    cells = np.asarray(ids).reshape(height // TOKEN_PX, TOKEN_PX, width // TOKEN_PX, TOKEN_PX)
+    cells = cells.transpose(0, 2, 1, 3).reshape(height // TOKEN_PX, width // TOKEN_PX, -1)
+    cover = np.stack([(cells == k).sum(-1) for k in range(len(scene.objects) + 1)])
+    cover[0] = TOKEN_PX * TOKEN_PX // 4  # an object needs a quarter of the cell
+    return cover.argmax(0).astype(np.int64)
+
+
+def token_shape_labels(scene: Scene, objects: np.ndarray | None = None) -> np.ndarray:
+    """Per visual token (row-major ``[H/16, W/16]`` int64): ``0`` where no object covers a
+    quarter of the cell, else ``1 + SHAPES.index(shape)`` of the object covering most of it
+    (the shape probe's target). ``objects``: :func:`token_objects` of ``scene`` if already
+    computed."""
+    shape_of = np.array([0] + [1 + SHAPES.index(o.shape) for o in scene.objects], np.int64)
+    return shape_of[token_objects(scene) if objects is None else objects]

@@ -1,0 +1,273 @@
+"""Losses of the grounded recipe: the answer loss and the training-only auxiliary losses (none
+of their parameters are part of the model).
+
+- :func:`answer_loss`: teacher-forced next-token cross-entropy on the answer tokens and the
+  ``<|im_end|>`` after each.
+- :func:`shape_probe_loss`: a linear probe (:func:`shape_probe`) classifies each merged visual
+  token's shape, so that the vision tower learns shapes early.
+- :class:`LLMAux`: on the language model, a position probe after the first decoder layer and the
+  attention of one head from the token that predicts each answer onto the objects the question
+  is about.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from tokenprune_kernels.grounded.model import IM_END, IMAGE_PAD, TOKEN_ID
+from tokenprune_kernels.grounded.scenes import QUESTION_TYPES, SHAPES
+
+SPATIAL_TYPES = ("left_of", "extreme")
+"""Question types that compare positions: :class:`LLMAux`'s default ``early_types``."""
+POS_SCALE = 24.0
+"""Token rows / columns are divided by this (the longest side of the training grids) as the
+targets of :class:`LLMAux`'s position probe."""
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy at the labelled positions (``logits[:, t]`` predicts
+    ``labels[:, t + 1]``). ``logits [S, L, V]``, ``labels [S, L]`` int64 with -100 ignored."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+    )
+
+
+def answer_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """Cross-entropy of each ANSWER token (not its ``<|im_end|>``), in sequence order then
+    position order (the order of the questions of the training batch). ``logits [S, L, V]``,
+    ``labels [S, L]`` as for :func:`answer_loss`."""
+    lab = labels[:, 1:]
+    answer = (lab != -100) & (lab != TOKEN_ID[IM_END])
+    rows, cols = answer.nonzero(as_tuple=True)
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1][rows, cols].float(), lab[rows, cols], reduction="none"
+    )
+    return ce.tolist()
+
+
+def shape_probe(hidden: int) -> torch.nn.Linear:
+    """The shape probe: merged visual features ``[N, hidden]`` -> ``1 + len(SHAPES)`` logits
+    (background, then each shape)."""
+    return torch.nn.Linear(hidden, 1 + len(SHAPES))
+
+
+def shape_probe_loss(
+    probe: torch.nn.Module, feats: torch.Tensor, batch: dict[str, Any]
+) -> torch.Tensor:
+    """The probe's cross-entropy against ``batch["token_shape"]`` (see
+    :func:`~benchmarks.grounded.batches.token_shape_labels`): the mean over object tokens plus a
+    quarter of the mean over background tokens. ``feats [N, hidden]``, one row per visual token
+    of the batch."""
+    target = batch["token_shape"]
+    if target.shape[0] != feats.shape[0]:
+        raise ValueError(f"token_shape has {target.shape[0]} labels for {feats.shape[0]} tokens")
+    out = probe(feats.float())
+    ce = torch.nn.functional.cross_entropy(out, target, reduction="none")
+    return _balanced(ce, target > 0)
+
+
+def _balanced(loss: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Mean over ``positive`` entries + a quarter of the mean over the others."""
+    out = 0.25 * loss[~positive].mean() if (~positive).any() else loss.new_zeros(())
+    return out + loss[positive].mean() if positive.any() else out
+
+
+class LLMAux(torch.nn.Module):
+    """Auxiliary losses on the LANGUAGE model's internals (training only; not part of the model).
+
+    - position (``pos_weight > 0``): a linear probe reads the hidden state of every visual token
+      after decoder layer ``pos_layer - 1`` (``hidden_states[pos_layer]``) and regresses its
+      token row and column (divided by :data:`POS_SCALE`); mean squared error. Qwen2-VL gives
+      visual tokens no absolute position (the tower and M-RoPE are relative), so a comparison
+      of two objects' columns needs it computed; this teaches the first layers to write it into
+      the tokens, where later layers can read it with the object's colour and shape.
+    - attention (``attn_weight > 0``): head ``attn_head`` of decoder layer ``attn_layer``, from
+      the position that predicts each answer (the ``assistant`` token), should put its mass on
+      the visual tokens of ``batch["attn_target"]`` (the objects the question involves; for
+      ``left_of`` the left object of its pair): ``-log`` of that mass, averaged over the
+      questions whose target holds a token. With ``early_layer`` the questions of
+      ``early_types`` (``batch["qtypes"]``) supervise head ``attn_head`` of decoder layer
+      ``early_layer`` instead, and the others keep ``attn_layer``: spatial answers read
+      positions early, where the position probe keeps them, shape answers read late, once an
+      object's tokens have pooled its shape. The probabilities of those few query rows are
+      recomputed from the layers' inputs (forward pre-hooks installed by :meth:`attach`), so
+      the model keeps its fast attention and never materialises attention matrices.
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        pos_weight: float = 0.0,
+        pos_layer: int = 1,
+        attn_weight: float = 0.0,
+        attn_layer: int = -1,
+        attn_head: int = 0,
+        early_layer: int | None = None,
+        early_types: Sequence[str] = SPATIAL_TYPES,
+    ) -> None:
+        super().__init__()
+        self.pos_weight, self.pos_layer = float(pos_weight), int(pos_layer)
+        self.attn_weight, self.attn_layer = float(attn_weight), int(attn_layer)
+        self.attn_head = int(attn_head)
+        self.early_layer = None if early_layer is None else int(early_layer)
+        unknown = sorted(set(early_types) - set(QUESTION_TYPES))
+        if unknown:
+            raise ValueError(f"early_types must be of {QUESTION_TYPES}, got {unknown}")
+        self.early_types = tuple(early_types)
+        self.pos = torch.nn.Linear(hidden, 2)
+        # layer index (from 0) -> (attention module, hook handle): not submodules
+        self._attn: dict[int, tuple[Any, Any]] = {}
+        self._n_layers = 0  # of the attached model
+        self._inputs: dict[int, dict[str, Any]] = {}
+        self._apply_rotary: Any = None  # the modeling module's apply_rotary_pos_emb
+
+    def attach(self, model: Any) -> None:
+        """Hook the attention of decoder layer ``attn_layer`` (and ``early_layer``) of
+        ``model`` (a Qwen2-VL) so that :meth:`answer_probs` can recompute its answer rows after
+        each forward.
+
+        Raises:
+            ValueError: ``attn_layer`` or ``early_layer`` is not a decoder layer of ``model``,
+                or ``attn_head`` not one of its heads.
+        """
+        self.detach()
+        layers = model.model.language_model.layers
+        for name in ("attn_layer", "early_layer"):
+            index = getattr(self, name)
+            if index is not None and not -len(layers) <= index < len(layers):
+                raise ValueError(
+                    f"{name} must index one of the {len(layers)} decoder layers, got {index}"
+                )
+        attn = layers[self.attn_layer].self_attn
+        heads = attn.config.num_attention_heads
+        if not 0 <= self.attn_head < heads:
+            raise ValueError(
+                f"attn_head must be in [0, {heads}) for {heads} heads, got {self.attn_head}"
+            )
+        self._apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+
+        def grabber(index: int) -> Any:
+            def grab(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                self._inputs[index] = {
+                    "hidden": kwargs["hidden_states"] if "hidden_states" in kwargs else args[0],
+                    "rope": kwargs.get("position_embeddings"),
+                }
+
+            return grab
+
+        self._n_layers = len(layers)
+        wanted = {self.attn_layer, self.early_layer} - {None}
+        for index in {i % len(layers) for i in wanted}:  # -1 and 3 of 4 layers: one hook
+            module = layers[index].self_attn
+            hook = module.register_forward_pre_hook(grabber(index), with_kwargs=True)
+            self._attn[index] = (module, hook)
+
+    def detach(self) -> None:
+        """Remove the hooks of :meth:`attach` (if any)."""
+        for _, hook in self._attn.values():
+            hook.remove()
+        self._attn, self._inputs = {}, {}
+
+    def answer_probs(
+        self, batch: dict[str, Any], head: int | None = None, layer: int | None = None
+    ) -> list[tuple[int, int, torch.Tensor]]:
+        """``(row, col, probs [L])`` per answer, in question order: the attention
+        probabilities of head ``head`` (default ``attn_head``) of layer ``layer`` (default
+        ``attn_layer``; a hooked one) from the ``assistant`` token ``col`` of sequence ``row``
+        over the keys ``0 .. L-1`` (0 after ``col`` and on padding), from the inputs of the last
+        forward (:meth:`attach` first)."""
+        layer = self.attn_layer if layer is None else int(layer)
+        if self._n_layers:
+            layer %= self._n_layers
+        if layer not in self._attn or layer not in self._inputs:
+            raise RuntimeError(
+                f"LLMAux.answer_probs needs attach(model) and a forward first (layer {layer})"
+            )
+        attn = self._attn[layer][0]
+        hidden, rope = self._inputs[layer]["hidden"], self._inputs[layer]["rope"]
+        if rope is None or rope[0].dim() != 3:
+            raise RuntimeError(
+                "LLMAux expects the attention's position_embeddings as (cos, sin) of shape "
+                "[batch, length, head_dim] (transformers >= 5)"
+            )
+        cos, sin = rope
+        d = attn.head_dim
+        group = attn.config.num_attention_heads // attn.config.num_key_value_heads
+        qh = self.attn_head if head is None else int(head)
+        kh = qh // group
+
+        def rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            # x [T, D], c / s [T, D]: the model's own rotary on a [1, 1, T, D] view
+            y = x[None, None]
+            return self._apply_rotary(y, y, c[None], s[None])[0][0, 0]
+
+        ids, real = batch["input_ids"], batch["attention_mask"].bool()
+        answers = (ids[:, :-2] == TOKEN_ID["assistant"]).nonzero().tolist()
+        out: list[tuple[int, int, torch.Tensor]] = []
+        for row in sorted({r for r, _ in answers}):
+            cols = [c for r, c in answers if r == row]
+            h = hidden[row]
+            k = attn.k_proj(h).view(h.shape[0], -1, d)[:, kh]
+            k = rotate(k, cos[row], sin[row])
+            q = attn.q_proj(h[cols]).view(len(cols), -1, d)[:, qh]
+            q = rotate(q, cos[row, cols], sin[row, cols])
+            logits = (q @ k.t()) * attn.scaling  # [answers, L]
+            key = torch.arange(h.shape[0])
+            allowed = (key[None, :] <= torch.tensor(cols)[:, None]) & real[row][None, :]
+            probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+            out.extend((row, c, probs[i]) for i, c in enumerate(cols))
+        return out
+
+    def forward(self, outputs: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``{"pos": loss, "attn": loss}`` (the enabled ones, unweighted) from the model's
+        ``outputs`` (with ``hidden_states`` for the position probe) and the batch of
+        :func:`~benchmarks.grounded.batches.training_batch`."""
+        ids = batch["input_ids"]
+        visual = ids == TOKEN_ID[IMAGE_PAD]
+        rows = visual.shape[0]
+        n = int(visual[0].sum())
+        if not bool((visual.sum(1) == n).all()):
+            raise ValueError("every sequence of a batch must hold one image of the batch's size")
+        grid = batch["image_grid_thw"][0]
+        width = int(grid[2]) // 2
+        losses: dict[str, torch.Tensor] = {}
+        if self.pos_weight > 0:
+            states = outputs.hidden_states
+            if not 1 <= self.pos_layer < len(states):
+                raise ValueError(
+                    f"pos_layer must be in [1, {len(states) - 1}] (the hidden states after a "
+                    f"decoder layer), got {self.pos_layer}"
+                )
+            h = states[self.pos_layer][visual].view(rows, n, -1)
+            k = torch.arange(n)
+            target = torch.stack([k // width, k % width], 1).float() / POS_SCALE
+            pred = self.pos(h.float())
+            losses["pos"] = torch.nn.functional.mse_loss(pred, target.expand_as(pred))
+        if self.attn_weight > 0:
+            masks = batch["attn_target"]
+            positions = visual.nonzero()[:, 1].view(rows, n)  # each row's visual positions
+            probs = self.answer_probs(batch)
+            if len(probs) != len(masks):
+                raise ValueError(f"{len(probs)} answers for {len(masks)} questions' masks")
+            if self.early_layer is not None:
+                early = self.answer_probs(batch, layer=self.early_layer)
+                qtypes = batch["qtypes"]
+                if len(qtypes) != len(probs):
+                    raise ValueError(f"{len(probs)} answers for {len(qtypes)} question types")
+                probs = [
+                    e if t in self.early_types else p
+                    for p, e, t in zip(probs, early, qtypes, strict=True)
+                ]
+            terms = [
+                -torch.log(p[positions[row, mask]].sum() + 1e-4)
+                for (row, _, p), mask in zip(probs, masks, strict=True)
+                if mask.any()
+            ]
+            losses["attn"] = torch.stack(terms).mean() if terms else torch.zeros(())
+        return losses

@@ -1,0 +1,210 @@
+"""Train the grounded-VQA Qwen2-VL from scratch on the CPU; evaluate it with greedy ``generate``.
+
+    python3 -m benchmarks.grounded.train --out runs/grounded --threads 1
+
+Run from the repository root (the recipe is not part of the installed package). The defaults
+are the shipped model's recipe: ``tokenprune_kernels/grounded/assets/train_log.json`` holds its
+command, versions, per-step losses and test accuracy, and ``docs/grounded_training.md`` what made
+it learn and the runs that did not. ``bash scripts/grounded_pipeline.sh runs/grounded`` ships a
+run's model and regenerates its mapper, evaluations and demo.
+
+Outputs in ``--out``: the model directory (``save_pretrained`` safetensors + processor files),
+``train_log.json`` (command, versions, arguments, config, per-step losses, validation accuracy
+per evaluation, wall times, test accuracy per question type, per size and per token range) and
+``test_predictions.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+
+from benchmarks.grounded.batches import WARM_SIZES
+from benchmarks.grounded.loop import train
+from tokenprune_kernels.grounded.scenes import QUESTION_TYPES, TRAIN_SIZES, parse_size
+
+PROG = "python3 -m benchmarks.grounded.train"
+SHIPPED_EARLY_TYPES = ("colour_of_shape", "left_of", "extreme")
+"""Default ``--aux-attn-early-types``: the question types whose answer attention is supervised
+at ``--aux-attn-early-layer`` (1): the spatial ones and the one answered by a colour read from
+single tokens."""
+SHIPPED_MROPE: tuple[int, ...] = (1, 1, 1, 0, 1, 1, 0, 1, 1, 0, 1, 1, 7, 0, 0)
+"""The language model's M-RoPE sections at the default head dim (32): interleaved chunks
+(t, h, w, t, h, w, ... of the 16 rotary frequencies, fastest first): rows and columns each get 4
+of the 9 fastest, ``t`` the 7 slowest. Other head dims (tests' tiny models) get
+:func:`~tokenprune_kernels.grounded.model.build_config`'s ``[t, h, w]`` split."""
+
+
+def _parse_sizes(p: argparse.ArgumentParser, flag: str, text: str) -> list[list[int]]:
+    try:
+        return [list(parse_size(s, flag)) for s in text.split(",") if s.strip()]
+    except ValueError as err:
+        p.error(f"{flag} must be HxW,HxW,... ({err})")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line of :func:`main` (defaults: the shipped recipe)."""
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train the grounded-VQA Qwen2-VL from scratch (CPU) and evaluate it.",
+    )
+    p.add_argument("--out", required=True, help="output directory (model + train_log.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=3800, help="optimizer steps")
+    p.add_argument("--images", type=int, default=8, help="scenes per step (one size per step)")
+    p.add_argument("--questions", type=int, default=6, help="questions per scene (at most)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--clip", type=float, default=2.0, help="gradient-norm clipping")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--eval-every", type=int, default=500, help="validate every N steps")
+    p.add_argument(
+        "--val-per-size", type=int, default=6, help="validation scenes per size (0: none)"
+    )
+    p.add_argument("--test-per-size", type=int, default=20, help="test scenes per size (0: none)")
+    p.add_argument(
+        "--sizes",
+        default=None,
+        help="training sizes as HxW,HxW,... (default: TRAIN_SIZES)",
+    )
+    p.add_argument("--start-scale", type=float, default=2.5, help="object-size factor at step 0")
+    p.add_argument(
+        "--curriculum",
+        type=float,
+        default=0.5,
+        help="share of the steps over which objects shrink to their evaluation size",
+    )
+    p.add_argument(
+        "--aug-prob", type=float, default=0.25, help="share of scenes with larger objects"
+    )
+    p.add_argument("--aug-max", type=float, default=2.0, help="largest augmentation factor")
+    p.add_argument(
+        "--warm",
+        type=float,
+        default=1.0,
+        help="share of the steps over which small warm-up canvases give way to --sizes",
+    )
+    p.add_argument(
+        "--warm-sizes",
+        default=",".join(f"{h}x{w}" for h, w in WARM_SIZES),
+        help="warm-up canvas sizes as HxW,HxW,... ('' for none)",
+    )
+    p.add_argument(
+        "--aux-weight",
+        type=float,
+        default=1.0,
+        help="weight of the shape probe's loss on the merged visual features (0: off)",
+    )
+    p.add_argument("--log-every", type=int, default=25, help="log the loss every N steps")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop after this many steps of the --steps schedule (a reproducibility check)",
+    )
+    p.add_argument(
+        "--aux-pos",
+        type=float,
+        default=1.0,
+        help="weight of the language model's visual-token position probe (LLMAux; 0: off)",
+    )
+    p.add_argument(
+        "--aux-pos-layer",
+        type=int,
+        default=1,
+        help="the position probe reads hidden_states[N] (after decoder layer N-1)",
+    )
+    p.add_argument(
+        "--aux-attn",
+        type=float,
+        default=0.5,
+        help="weight of the answer-to-involved-objects attention loss (LLMAux; 0: off)",
+    )
+    p.add_argument("--aux-attn-layer", type=int, default=-1, help="decoder layer of --aux-attn")
+    p.add_argument("--aux-attn-head", type=int, default=0, help="attention head of --aux-attn")
+    p.add_argument(
+        "--aux-attn-early-layer",
+        type=int,
+        default=1,
+        help="--aux-attn: decoder layer of the --aux-attn-early-types questions' attention",
+    )
+    p.add_argument(
+        "--aux-attn-early-types",
+        default=",".join(SHIPPED_EARLY_TYPES),
+        help="comma-separated question types of --aux-attn-early-layer ('': none, all at "
+        "--aux-attn-layer)",
+    )
+    p.add_argument("--vision-depth", type=int, default=2)
+    p.add_argument("--vision-dim", type=int, default=64)
+    p.add_argument("--vision-heads", type=int, default=4)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--intermediate-size", type=int, default=384)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--rope-theta", type=float, default=10000.0, help="language-model M-RoPE base")
+    p.add_argument("--init", type=float, default=0.08, help="std of the initial weights")
+    args = p.parse_args(argv)
+    _check(p, args)
+    return args
+
+
+def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("steps", "images", "questions", "warmup", "threads", "eval_every", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.stop_after is not None and args.stop_after < 1:
+        p.error("--stop-after must be >= 1")
+    for name in ("val_per_size", "test_per_size"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0 (0: skip)")
+    if not 1.0 <= args.start_scale <= 4.0 or not 0.0 <= args.curriculum <= 1.0:
+        p.error("--start-scale must be in [1, 4] and --curriculum in [0, 1]")
+    if not 0.0 <= args.aug_prob <= 1.0 or not 1.0 <= args.aug_max <= 2.5:
+        p.error("--aug-prob must be in [0, 1] and --aug-max in [1, 2.5]")
+    head_dim = args.hidden_size // args.heads
+    args.mrope = list(SHIPPED_MROPE) if head_dim == 2 * sum(SHIPPED_MROPE) else None
+    if args.aux_pos < 0 or args.aux_attn < 0:
+        p.error("--aux-pos and --aux-attn must be >= 0 (0: off)")
+    if not 1 <= args.aux_pos_layer <= args.layers:
+        p.error(f"--aux-pos-layer must be in [1, --layers ({args.layers})]")
+    n = args.layers
+    if not -n <= args.aux_attn_layer < n:
+        p.error(f"--aux-attn-layer must be a decoder layer index ({-n} .. {n - 1})")
+    if not -n <= args.aux_attn_early_layer < n:
+        p.error(f"--aux-attn-early-layer must be a decoder layer index ({-n} .. {n - 1})")
+    args.aux_attn_early_types = [t for t in args.aux_attn_early_types.split(",") if t]
+    unknown = [t for t in args.aux_attn_early_types if t not in QUESTION_TYPES]
+    if unknown:
+        p.error(
+            f"--aux-attn-early-types must be of {','.join(QUESTION_TYPES)} "
+            f"(or ''), got {','.join(unknown)}"
+        )
+    if not 0 <= args.aux_attn_head < args.heads:
+        p.error(f"--aux-attn-head must be in [0, --heads ({args.heads}))")
+    if args.aux_weight < 0:
+        p.error(f"--aux-weight must be >= 0 (0: off), got {args.aux_weight}")
+    if not 0.0 <= args.warm <= 1.0:
+        p.error("--warm must be in [0, 1]")
+    if args.sizes is None:
+        args.sizes = [list(s) for s in TRAIN_SIZES]
+    else:
+        args.sizes = _parse_sizes(p, "--sizes", args.sizes)
+        if not args.sizes:
+            p.error("--sizes must name at least one size")
+    args.warm_sizes = _parse_sizes(p, "--warm-sizes", args.warm_sizes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python3 -m benchmarks.grounded.train``."""
+    args = parse_args(argv)
+    given = sys.argv[1:] if argv is None else list(argv)
+    train(args, f"{PROG} " + " ".join(shlex.quote(a) for a in given))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

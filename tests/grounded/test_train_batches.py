@@ -1,0 +1,137 @@
+"""The training recipe's batches (benchmarks/grounded/batches.py): seeded scenes, the chat
+sequences against the evaluation prompt, the per-token shape targets against an independent
+rendering, and the answer-attention targets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("PIL", reason="scenes are rendered with Pillow")
+
+from benchmarks.grounded import batches as B
+from tokenprune_kernels.grounded import model as M
+from tokenprune_kernels.grounded import scenes as S
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return M.build_processor()
+
+
+def test_training_batch_matches_processor(processor):
+    kw = dict(scale=1.5, aug_prob=0.5, aug_max=2.0)
+    batch, size, qtypes = B.training_batch(processor, 3, 0, 2, 3, **kw)
+    size2, scenes = B.training_scenes(3, 0, 2, 3, **kw)
+    assert size == size2 and [q.qtype for _, qs in scenes for q in qs] == qtypes
+    assert batch["input_ids"].shape[0] == batch["image_grid_thw"].shape[0] == 2
+    assert int((batch["labels"] != -100).sum()) == 2 * len(qtypes)  # answer + <|im_end|> each
+    # sequence 0 starts with exactly the evaluation prompt of its image + answer + <|im_end|>
+    scene, qs = scenes[0]
+    image = S.render_scene(scene)
+    ref = M.build_inputs(processor, [image], [qs[0].text])
+    prompt_len = ref["input_ids"].shape[1]
+    assert batch["input_ids"][0, :prompt_len].tolist() == ref["input_ids"][0].tolist()
+    ans = [M.TOKEN_ID[qs[0].answer], M.TOKEN_ID["<|im_end|>"]]
+    assert batch["input_ids"][0, prompt_len : prompt_len + 2].tolist() == ans
+    assert batch["labels"][0, prompt_len : prompt_len + 2].tolist() == ans
+    assert (batch["labels"][0, :prompt_len] == -100).all()
+    row = batch["input_ids"][0][batch["attention_mask"][0].bool()]
+    words = processor.tokenizer.decode(row).split()
+    for q in qs[1:]:  # later turns: each question then its answer, in order
+        turn = f"<|im_start|> user {q.text} <|im_end|> <|im_start|> assistant {q.answer} <|im_end|>"
+        assert turn in " ".join(words)
+    labelled = batch["labels"][0][batch["labels"][0] != -100][0::2].tolist()
+    assert labelled == [M.TOKEN_ID[q.answer] for q in qs]
+    patches = int(batch["image_grid_thw"][0].prod())
+    assert torch.equal(batch["pixel_values"][:patches], ref["pixel_values"])
+    with pytest.raises(ValueError, match="one size"):
+        B.encode_training_batch(
+            processor,
+            [image, S.make_sample("val", 0, size=(224, 224)).image],
+            [["a ?"], ["b ?"]],
+            [["red"], ["red"]],
+        )
+    with pytest.raises(ValueError, match="one known word"):
+        B.encode_training_batch(processor, [image], [["what colour is it ?"]], [["red blue"]])
+
+
+def test_warm_canvases_scale_objects():
+    sizes, warm = [(224, 224)], [(128, 128), (128, 160)]
+    seen = set()
+    for step in range(6):
+        size, scenes = B.training_scenes(step, 0, 2, 1, sizes, warm_sizes=warm, warm_prob=1.0)
+        seen.add(size)
+        assert size in warm
+        for scene, _ in scenes:  # objects as wide as on a 224 px image (capped at 0.3 * 128)
+            assert all(o.size >= min(0.12 * 224, 0.3 * 128) - 1e-6 for o in scene.objects)
+    assert len(seen) == 2
+    assert B.training_scenes(0, 0, 1, 1, sizes, warm_sizes=warm, warm_prob=0.0)[0] == (224, 224)
+
+
+def _coverage_labels(scene):
+    """Independent: render each object alone, count its pixels per 16 px cell."""
+    from PIL import Image
+
+    h, w = scene.size
+    plain = {"kind": "solid", "base": [0, 0, 0]}
+    best = np.zeros((h // S.TOKEN_PX, w // S.TOKEN_PX))
+    out = np.zeros_like(best, dtype=np.int64)
+    for o in scene.objects:
+        img = S.render_scene(S.Scene(scene.size, (o,), plain, ()), supersample=1)
+        mask = np.asarray(img.convert("L")) > 0
+        cover = mask.reshape(h // S.TOKEN_PX, S.TOKEN_PX, w // S.TOKEN_PX, S.TOKEN_PX).sum((1, 3))
+        win = (cover >= S.TOKEN_PX * S.TOKEN_PX // 4) & (cover > best)
+        out[win] = 1 + S.SHAPES.index(o.shape)
+        best = np.maximum(best, np.where(cover >= S.TOKEN_PX * S.TOKEN_PX // 4, cover, 0))
+    assert isinstance(img, Image.Image)
+    return out
+
+
+@pytest.mark.parametrize("index", [0, 3, 11])
+def test_token_shape_labels(index):
+    scene = S.random_scene(S.sample_rng("train", index, 5), (96, 144), scale=2.0)
+    got = B.token_shape_labels(scene)
+    assert got.shape == (6, 9) and got.dtype == np.int64
+    want = _coverage_labels(scene)
+    assert (got > 0).sum() > 0
+    # equal up to anti-aliasing / ties on cells covered by two objects or at the threshold
+    assert (got == want).mean() >= 0.95
+
+
+def test_token_objects_and_shape_labels_agree():
+    scene = S.random_scene(S.sample_rng("train", 4, 1), (112, 160), scale=2.0)
+    objs, shapes = B.token_objects(scene), B.token_shape_labels(scene)
+    assert objs.shape == shapes.shape == (7, 10)
+    for k, o in enumerate(scene.objects, start=1):
+        assert (shapes[objs == k] == 1 + S.SHAPES.index(o.shape)).all()
+    assert ((shapes == 0) == (objs == 0)).all()
+    assert np.array_equal(B.token_shape_labels(scene, objs), shapes)
+
+
+def test_attn_target_masks(processor):
+    """Per question: the tokens of the objects it involves; for ``left_of`` the left object of
+    its pair only (the first-named one exactly when the answer is yes)."""
+    batch, _, qtypes = B.training_batch(processor, 4, 0, 2, 3, sizes=[(128, 160)], scale=1.75)
+    n_tok = (128 // 16) * (160 // 16)
+    masks = batch["attn_target"]
+    assert len(masks) == len(qtypes) and batch["qtypes"] == qtypes
+    assert all(m.dtype == torch.bool and m.shape == (n_tok,) for m in masks)
+    # every question but a "how many" with answer 0 involves an object with visible tokens
+    assert sum(bool(m.any()) for m in masks) >= len(qtypes) - qtypes.count("count_colour")
+    _, scenes = B.training_scenes(4, 0, 2, 3, sizes=[(128, 160)], scale=1.75)
+    k = 0
+    for scene, qs in scenes:
+        objs = B.token_objects(scene).flatten()
+        for q in qs:
+            if q.qtype == "left_of":
+                first = objs - 1 == q.involved[0]
+                second = objs - 1 == q.involved[1]
+                assert first.any() and second.any() and not (first & second).any()
+                want = first if q.answer == "yes" else second
+            else:
+                want = np.isin(objs - 1, q.involved) & (objs > 0)
+            assert np.array_equal(masks[k].numpy(), want)
+            k += 1
+    assert k == len(qtypes) and "left_of" in qtypes
