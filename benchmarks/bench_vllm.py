@@ -9,10 +9,10 @@ has its own random image (no encoder or prefix cache reuse) and ``--max-tokens``
 Request count and time are bounded (``--requests``, ``--timeout``); the servers are stopped at
 the end.
 
-The model: a random-weight Qwen2-VL (this package's offline tokenizer and image processor,
-``tokenprune_kernels.grounded.model``) whose language model is large enough that the prefill
-dominates (``--hidden``, ``--layers``...), a small vision tower; each image is ``--image-px``
-square pixels = (px / 16)^2 visual tokens.
+The model (``tokenprune_kernels.testing_models.saved``): a random-weight Qwen2-VL whose language
+model is large enough that the prefill dominates (``--hidden``, ``--layers``...; at most 4096
+positions), a small vision tower, the package's offline tokenizer and image processor; each image
+is ``--image-px`` square pixels = (px / 16)^2 visual tokens.
 
 CPU (the vLLM venv from ``scripts/setup_vllm.sh``; this script runs in the main env, which has
 matplotlib, and builds the model with its transformers)::
@@ -26,7 +26,7 @@ there; not run yet)::
 
     python3 benchmarks/bench_vllm.py --vllm .venv-vllm/bin/vllm --dtype bfloat16 \\
         --hidden 2048 --layers 16 --heads 16 --kv-heads 2 --intermediate 8192 \\
-        --image-px 1024 --max-model-len 8192 --requests 1:8,4:32,8:64 --rounds 2 \\
+        --image-px 896 --max-model-len 4096 --requests 1:8,4:32,8:64 --rounds 2 \\
         --out benchmarks/results/vllm_h100.md
 """
 
@@ -37,6 +37,7 @@ import base64
 import contextlib
 import io
 import json
+import math
 import os
 import platform
 import shlex
@@ -53,7 +54,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # this checkout's tokenprune_kernels (the plugin's hf_overrides)
 HOST = "127.0.0.1"  # loopback only
 QUESTIONS = (
     "what colour is the circle ?",
@@ -83,31 +83,24 @@ class Cell:
 
 def build_model_dir(path: Path, args: argparse.Namespace) -> tuple[Path, int]:
     """Save the random-weight Qwen2-VL and its processor to ``path``; (path, LM parameters)."""
-    import torch
+    from safetensors import safe_open
 
-    from tokenprune_kernels.grounded.model import (
-        build_config,
-        build_model,
-        build_processor,
-        save_model_dir,
-    )
+    from tokenprune_kernels.testing_models.saved import save_qwen_dir
 
-    config = build_config(
+    save_qwen_dir(
+        path,
+        layers=args.layers,
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
-        num_layers=args.layers,
         num_heads=args.heads,
         num_kv_heads=args.kv_heads,
         initializer_range=0.02,
     )
-    config.text_config.max_position_embeddings = 8192
-    model = build_model(config, seed=0)
-    with torch.no_grad():  # a far-from-flat layer-0 attention, as a trained model has
-        attn = model.model.language_model.layers[0].self_attn
-        attn.q_proj.weight.mul_(3.0)
-        attn.k_proj.weight.mul_(3.0)
-    save_model_dir(model, build_processor(), path)
-    n_params = sum(p.numel() for p in model.model.language_model.parameters())
+    n_params = 0
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            if "language_model" in name:
+                n_params += math.prod(f.get_slice(name).get_shape())
     return path, n_params
 
 

@@ -19,11 +19,19 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 pytest.importorskip("vllm.entrypoints.llm", reason="needs vLLM: scripts/setup_vllm.sh")
 
 import torch
-from _tiny import QUESTIONS, TALL, WIDE, image, prompt, save_tiny, video
 from vllm import LLM, SamplingParams
 
 from tokenprune_kernels.grounded.model import load_processor
 from tokenprune_kernels.mapper import MapperConfig, TokenMapper, save_mapper
+from tokenprune_kernels.testing_models.saved import (
+    QUESTIONS,
+    TALL,
+    WIDE,
+    image,
+    prompt,
+    save_qwen_dir,
+    video,
+)
 from tokenprune_kernels.vllm import hf_overrides
 
 STEPS = 6
@@ -36,17 +44,17 @@ CHUNK = 8  # engine "keep 0.5": prompts are prefilled 8 tokens a step (images st
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("qwen2_vl"))
+    return save_qwen_dir(tmp_path_factory.mktemp("qwen2_vl"))
 
 
 @pytest.fixture(scope="module")
 def model_dir_25(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("qwen2_5_vl"), model_type="qwen2_5_vl")
+    return save_qwen_dir(tmp_path_factory.mktemp("qwen2_5_vl"), model_type="qwen2_5_vl")
 
 
 @pytest.fixture(scope="module")
 def model_dir_3(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("qwen3_vl"), model_type="qwen3_vl")
+    return save_qwen_dir(tmp_path_factory.mktemp("qwen3_vl"), model_type="qwen3_vl")
 
 
 @pytest.fixture(scope="module")
@@ -317,3 +325,17 @@ def test_bad_settings_fail_at_startup(model_dir, settings, message):
     overrides = {**hf_overrides(0.5), "tokenprune": settings}
     with pytest.raises(Exception, match=message):
         _llm(model_dir, overrides)
+
+
+def test_prompt_without_question_is_refused(engines):
+    """Nothing but <|vision_end|> after the image: no instruction, a clear error for the request
+    (the engine keeps serving)."""
+    llm = engines("half")
+    req = {
+        "prompt": "<|im_start|>user <|vision_start|><|image_pad|><|vision_end|>",
+        "multi_modal_data": {"image": image(TALL, 0)},
+    }
+    with pytest.raises(ValueError, match="no text after its last image or video"):
+        _generate(llm, [req])
+    [(tokens, _, _)] = _generate(llm, [_request(QUESTIONS[0], TALL)])
+    assert len(tokens) == STEPS

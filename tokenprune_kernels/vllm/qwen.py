@@ -76,6 +76,8 @@ from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFieldElem, 
 from vllm.multimodal.processing.processor import PromptReplacement
 
 import tokenprune_kernels as tp
+from tokenprune_kernels.transformers.prune import packed_instruction_mask
+from tokenprune_kernels.transformers.qwen import SPEC as QWEN_SPEC
 from tokenprune_kernels.vllm import VllmPruneSettings, settings_from_config
 from tokenprune_kernels.vllm.scoring import (
     FLAG_KEEP,
@@ -164,13 +166,17 @@ class _PruneProcessorMixin:
         out = super().apply(inputs, timing_ctx)
         if getattr(self, "_tokenprune_dummy", False):
             return out
-        ends = [r.offset + r.length for ranges in out["mm_placeholders"].values() for r in ranges]
+        ids = torch.tensor(out["prompt_token_ids"], dtype=torch.int64)
+        visual = torch.zeros(ids.numel(), dtype=torch.bool)
+        for ranges in out["mm_placeholders"].values():
+            for r in ranges:
+                visual[r.offset : r.offset + r.length] = True
         pruned = any(out["mm_placeholders"].get(m) for m in self.tokenprune_modalities)
-        if pruned and max(ends) >= len(out["prompt_token_ids"]):
+        if pruned and not bool(_instruction_rows(ids, visual, self.info.get_hf_config()).any()):
             raise ValueError(
-                "tokenprune: the prompt ends with a visual token; pruning ranks the visual "
-                "tokens by the attention of the text after the last image or video (the "
-                "question), so the prompt needs some"
+                "tokenprune: the prompt has no text after its last image or video (other than "
+                "<|vision_end|>); pruning ranks the visual tokens by the attention of that text "
+                "(the question), so the prompt needs some"
             )
         return out
 
@@ -193,6 +199,14 @@ class TokenPruneQwen3VLMultiModalProcessor(_PruneProcessorMixin, Qwen3VLMultiMod
 # --------------------------------------------------------------------------------------------
 # Model (worker)
 # --------------------------------------------------------------------------------------------
+
+
+def _instruction_rows(ids: torch.Tensor, visual: torch.Tensor, config: Any) -> torch.Tensor:
+    """The family's instruction rule (the one the transformers integration uses): the tokens
+    after the last visual token, except the structural ``<|vision_start|>`` / ``<|vision_end|>``.
+    ``ids``, ``visual``: ``[L]`` of one prompt. Returns ``[L]`` bool."""
+    structural = torch.isin(ids, torch.tensor(QWEN_SPEC.structural_token_ids(config)))
+    return packed_instruction_mask(visual, torch.tensor([0, ids.numel()]), structural)
 
 
 def _grid(feature: Any) -> list[int]:
@@ -288,12 +302,14 @@ class _PruneModelMixin:
         visual = torch.zeros(len(full), dtype=torch.bool)
         for _, off, n in spans:
             visual[off : off + n] = True
-        end = max(off + n for _, off, n in spans)
-        if end >= len(full):
-            raise ValueError("tokenprune: the prompt ends with a visual token (no instruction)")
         ids = torch.tensor(full, dtype=torch.int64)
+        instruction = _instruction_rows(ids, visual, self.config)
+        if not bool(instruction.any()):
+            raise ValueError(
+                "tokenprune: the prompt has no instruction after its last visual token"
+            )
         role = torch.full((len(full),), ROLE_TEXT, dtype=torch.int64)
-        role[end:] = ROLE_INSTRUCTION
+        role[instruction] = ROLE_INSTRUCTION
         for f, off, n in spans:
             if f.modality not in self.tokenprune_modalities or f.data is None:
                 continue

@@ -1,10 +1,14 @@
-"""A tiny random Qwen2-VL / Qwen2.5-VL saved to a directory vLLM can serve (offline tokenizer and
-processor from :mod:`tokenprune_kernels.grounded.model`), its prompts and images."""
+"""Random-weight Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints saved to a directory that a server
+loads (vLLM: ``LLM(path)`` / ``vllm serve path``), with the offline word-level tokenizer and the
+image (and video) processor of :mod:`tokenprune_kernels.grounded.model`; prompts, images and
+videos for them. Used by tests/vllm and benchmarks/bench_vllm.py. Saving the video processor
+needs torchvision (the vLLM venv has it)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,13 +50,21 @@ def image(size: tuple[int, int], seed: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
-def save_tiny(path: Path, model_type: str = "qwen2_vl", seed: int = 0, layers: int = 2) -> Path:
-    """Save a random model (fp32; language model: hidden 128, 4 heads of dim 32, 2 kv heads,
-    M-RoPE sections [2, 7, 7]; vision tower depth 2) and its processor to ``path``. Layer-0
-    q/k weights (Qwen3-VL: its q/k norms) are scaled up so the layer-0 attention ranks the
-    visual tokens far from ties. ``qwen3_vl``: head dim 32, interleaved M-RoPE [4, 6, 6],
-    deepstack features from both vision blocks."""
-    config = build_config(num_layers=layers)
+def save_qwen_dir(
+    path: Path, model_type: str = "qwen2_vl", seed: int = 0, layers: int = 2, **sizes: Any
+) -> Path:
+    """Save a random model (fp32) and its processor to ``path``; returns ``path``.
+
+    Language model by default: hidden 128, 4 heads of dim 32, 2 kv heads, ``layers`` layers,
+    M-RoPE sections [2, 7, 7] (``sizes``: other :func:`~tokenprune_kernels.grounded.model.
+    build_config` sizes, Qwen2-VL only); vision tower depth 2. ``qwen3_vl``: head dim 32,
+    interleaved M-RoPE [4, 6, 6], deepstack features from both vision blocks. Layer-0 q/k
+    weights (Qwen3-VL: its q/k norms) are scaled up so that the layer-0 attention ranks the
+    visual tokens far from ties, as a trained model's does.
+    """
+    if sizes and model_type != "qwen2_vl":
+        raise ValueError(f"sizes are for qwen2_vl only, got {sorted(sizes)} for {model_type!r}")
+    config = build_config(num_layers=layers, **sizes)
     if model_type == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
