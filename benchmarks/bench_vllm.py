@@ -90,6 +90,7 @@ def build_model_dir(path: Path, args: argparse.Namespace) -> tuple[Path, int]:
     save_qwen_dir(
         path,
         layers=args.layers,
+        video=False,
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
         num_heads=args.heads,

@@ -51,7 +51,12 @@ def image(size: tuple[int, int], seed: int) -> Image.Image:
 
 
 def save_qwen_dir(
-    path: Path, model_type: str = "qwen2_vl", seed: int = 0, layers: int = 2, **sizes: Any
+    path: Path,
+    model_type: str = "qwen2_vl",
+    seed: int = 0,
+    layers: int = 2,
+    video: bool = True,
+    **sizes: Any,
 ) -> Path:
     """Save a random model (fp32) and its processor to ``path``; returns ``path``.
 
@@ -60,7 +65,8 @@ def save_qwen_dir(
     build_config` sizes, Qwen2-VL only); vision tower depth 2. ``qwen3_vl``: head dim 32,
     interleaved M-RoPE [4, 6, 6], deepstack features from both vision blocks. Layer-0 q/k
     weights (Qwen3-VL: its q/k norms) are scaled up so that the layer-0 attention ranks the
-    visual tokens far from ties, as a trained model's does.
+    visual tokens far from ties, as a trained model's does. ``video``: also save a video
+    processor of the same patch sizes (Qwen2-VL / Qwen2.5-VL; needs torchvision).
     """
     if sizes and model_type != "qwen2_vl":
         raise ValueError(f"sizes are for qwen2_vl only, got {sorted(sizes)} for {model_type!r}")
@@ -126,7 +132,7 @@ def save_qwen_dir(
             attn.k_norm.weight.mul_(3.0)
     processor = build_processor()
     save_model_dir(model, processor, path)
-    if model_type != "qwen3_vl":  # a video processor of the same patch sizes (needs torchvision)
+    if video and model_type != "qwen3_vl":
         from transformers import Qwen2VLVideoProcessor
 
         ip = processor.image_processor
