@@ -100,7 +100,7 @@ def build_model_dir(path: Path, args: argparse.Namespace) -> tuple[Path, int]:
     n_params = 0
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:
         for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-            if "language_model" in name:
+            if "visual." not in name:  # the language model (tied lm_head: stored once)
                 n_params += math.prod(f.get_slice(name).get_shape())
     return path, n_params
 
