@@ -19,8 +19,8 @@ How a request flows (vLLM 0.32)
    ``mrope_position_delta`` makes decoded tokens continue from the unpruned prompt's maximum.
    For each image the "context" of its scoring is attached to its multimodal item
    (``tokenprune_ctx``: token ids, unpruned t/h/w ids and role of every row the image's
-   instruction queries see: every text token of the prompt, then this image's own tokens;
-   other images' tokens are left out, see below).
+   instruction queries see: every text token of the prompt and this image's own tokens, in
+   prompt order; other images' tokens are left out, see below).
 3. ``embed_multimodal`` (worker, per encoder batch). The vision tower runs as usual; then every
    image of the batch is scored at once (varlen) by :func:`scoring.score_and_select` from the
    model's OWN layer-0 modules (``input_layernorm``, ``qkv_proj``, Qwen3's ``q_norm`` /
@@ -36,11 +36,12 @@ How a request flows (vLLM 0.32)
 Videos (Qwen2-VL, Qwen2.5-VL) are pruned like images, all frames as one sequence; Qwen3-VL's
 videos (timestamp text between frames) pass through unpruned. Several images / videos in a
 prompt: each is scored and pruned on its own (its own ``k``, since the KV size is fixed per
-item in step 1) with the prompt's instruction (the text after the last visual token) as
-queries; its keys are the prompt's text and its own tokens (other items may be encoded in
-other steps). For a single item this is exactly the transformers integration's rule.
-Not supported (clear error at startup): tensor or pipeline
-parallelism (the per-head scores would need an all-reduce across ranks).
+item in step 1) with the prompt's instruction (the text after the last visual token, less
+``<|vision_start|>`` / ``<|vision_end|>``: the transformers integration's rule) as queries;
+its keys are the prompt's text and its own tokens (other items may be encoded in other steps).
+For a single item this is exactly what the transformers integration computes.
+Not supported (clear error at startup): tensor or pipeline parallelism (the per-head scores
+would need an all-reduce across ranks).
 """
 
 from __future__ import annotations
