@@ -3,25 +3,15 @@ The serving run itself needs vLLM and minutes per server; it is not run by the t
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+import importlib
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_vllm.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_vllm", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    # benchmarks/ is importable from the repository root (pytest's pythonpath)
+    return importlib.import_module("benchmarks.bench_vllm")
 
 
 def test_percentile(bench):
