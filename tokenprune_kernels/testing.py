@@ -8,7 +8,7 @@ header, say) is in the full sequence only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -37,13 +37,35 @@ class PruningInputs:
     queries_last: bool  # True when every sample's queries are the last keys (q_pos may be None)
 
     def to(self, device: torch.device | str) -> PruningInputs:
-        values = {
-            f.name: (
-                getattr(self, f.name).to(device) if f.name != "queries_last" else self.queries_last
-            )
-            for f in fields(self)
-        }
-        return PruningInputs(**values)
+        return self._map(lambda t: t.to(device))
+
+    def strided(self) -> PruningInputs:
+        """The same inputs, every tensor a non-contiguous view (see :func:`strided`)."""
+        return self._map(strided)
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PruningInputs:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PruningInputs(
+            **{k: fn(t) if isinstance(t, torch.Tensor) else t for k, t in values.items()}
+        )
+
+
+def strided(t: torch.Tensor, fill: float | None = None) -> torch.Tensor:
+    """``t``'s values in a non-contiguous view of a larger buffer: along the last axis every other
+    element, from storage offset 1; the gaps hold ``fill``. A kernel that ignores strides and
+    reads the view as flat memory reads ``fill``: by default a huge value (an out-of-range index,
+    a score that wins every selection), so it shows.
+
+    Any shape with at least one axis and one element per row; a 0-D tensor comes back as is.
+    """
+    if t.dim() == 0:
+        return t
+    if fill is None:
+        fill = 1e4 if t.is_floating_point() else 1 << 30
+    buf = torch.full((*t.shape[:-1], 2 * t.shape[-1] + 1), fill, dtype=t.dtype, device=t.device)
+    view = buf[..., 1::2]
+    view.copy_(t)
+    return view
 
 
 def simple_layout(

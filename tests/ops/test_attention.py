@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import tokenprune_kernels as tp
+from tokenprune_kernels import backend
 from tokenprune_kernels.reference import instruction_attention_ref
-from tokenprune_kernels.testing import make_inputs, simple_layout
+from tokenprune_kernels.testing import make_inputs, simple_layout, strided
 
 
 def naive_instruction_attention(inp, scale=None):
@@ -113,3 +114,21 @@ def test_low_precision_inputs_stay_close_to_float64(dtype, tol, gen):
     assert got.dtype == torch.float32
     rel = float((got.double() - want).norm() / want.norm())
     assert rel < tol, rel
+
+
+def every_backend(op: str) -> list[str]:
+    """The backends that run ``op`` on CPU tensors here (Triton: the interpreter)."""
+    return [b for b in ("ref", "cpp", "triton") if backend.implemented(op, b, "cpu")]
+
+
+@pytest.mark.parametrize("backend_name", every_backend("instruction_attention"))
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_strided_inputs(backend_name, index_dtype, gen):
+    """Every argument a non-contiguous view (q and k strided along head_dim too)."""
+    inp = make_inputs(LAYOUTS["ragged_multi_image"], index_dtype=index_dtype, generator=gen)
+    args = (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v,
+            inp.q_pos)  # fmt: skip
+    want = naive_instruction_attention(inp)
+    with backend.use_backend(backend_name):
+        got = tp.instruction_attention(*(strided(t) for t in args))
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)

@@ -8,7 +8,7 @@ import torch
 import tokenprune_kernels as tp
 from tokenprune_kernels import backend
 from tokenprune_kernels.reference import gather_kept_ref, merge_kept_ref
-from tokenprune_kernels.testing import make_inputs
+from tokenprune_kernels.testing import make_inputs, strided
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = [
@@ -120,3 +120,59 @@ def test_merge_backends_match_reference(backend_name, dtype, index_dtype, one_d,
         got = tp.merge_kept(*args)
     for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype and torch.equal(g, w)
+
+
+def every_backend(op: str) -> list[str]:
+    """The backends that run ``op`` on CPU tensors here (Triton: the interpreter)."""
+    return [b for b in ("ref", "cpp", "triton") if backend.implemented(op, b, "cpu")]
+
+
+@pytest.mark.parametrize("backend_name", every_backend("gather_kept"))
+def test_gather_strided_inputs(backend_name, gen):
+    """Non-contiguous embeddings, position ids and kept_idx gather what the reference gathers."""
+    with backend.use_backend(backend_name):
+        embeds, pos = tp.gather_kept(
+            torch.arange(12.0).reshape(6, 2), torch.arange(6), torch.tensor([5, 9, 1, 9])[::2]
+        )
+        assert embeds.tolist() == [[10.0, 11.0], [2.0, 3.0]] and pos.tolist() == [5, 1]
+        rows = torch.arange(6).expand(3, 6)  # stride 0 along the rows (text-only M-RoPE ids)
+        pos = tp.gather_kept(torch.zeros(6, 2), rows, torch.tensor([4, 0]))[1]
+        assert pos.tolist() == [[4, 0]] * 3
+        for dtype in DTYPES:
+            inp = make_inputs(LAYOUTS, dtype=dtype, generator=gen)
+            kept = random_kept(inp.cu_seqlens_v, gen)
+            for pos in (inp.visual_position_ids, inp.visual_position_ids[1]):
+                want = gather_kept_ref(inp.visual_embeds, pos, kept)
+                got = tp.gather_kept(strided(inp.visual_embeds), strided(pos), strided(kept))
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+                got = tp.gather_kept(
+                    inp.visual_embeds.t().contiguous().t(), pos.t().contiguous().t(), kept
+                )
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("backend_name", every_backend("merge_kept"))
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_merge_strided_inputs(backend_name, index_dtype, gen):
+    """Every argument a non-contiguous view: the merge equals the reference's."""
+    inp = make_inputs(LAYOUTS, index_dtype=index_dtype, generator=gen)
+    kept = random_kept(inp.cu_seqlens_v, gen)
+    args = (inp.inputs_embeds, inp.position_ids, inp.cu_seqlens, inp.visual_embeds, inp.visual_idx,
+            inp.cu_seqlens_v, kept)  # fmt: skip
+    want = merge_kept_ref(*args)
+    with backend.use_backend(backend_name):
+        got = tp.merge_kept(*(strided(t) for t in args))
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == w.dtype and torch.equal(g, w)
+        # Offsets as a strided view: [0, 5, 9] read flat would be [0, 7, 5].
+        cu = torch.tensor([0, 7, 5, 7, 9], dtype=index_dtype)[::2]
+        embeds = torch.arange(18.0).reshape(9, 2)
+        vis = -torch.arange(6.0).reshape(3, 2) - 1
+        vidx = torch.tensor([1, 3, 0], dtype=index_dtype)
+        cu_v = torch.tensor([0, 2, 3], dtype=index_dtype)
+        got = tp.merge_kept(embeds, torch.arange(9), cu, vis, vidx, cu_v, torch.tensor([1, 2]))
+        want = merge_kept_ref(embeds, torch.arange(9), cu.contiguous(), vis, vidx, cu_v,
+                              torch.tensor([1, 2]))  # fmt: skip
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)
+        assert got[3].tolist() == [0, 2, 3, 4, 5, 6, 7, 8]

@@ -8,7 +8,7 @@ import torch
 import tokenprune_kernels as tp
 from tokenprune_kernels import backend, reference
 from tokenprune_kernels.mapper import MapperConfig, TokenMapper
-from tokenprune_kernels.testing import make_inputs
+from tokenprune_kernels.testing import make_inputs, strided
 
 LAYOUTS = [
     [("t", 3), ("v", 29), ("t", 2), ("v", 13), ("q", 4), ("t", 2)],
@@ -90,3 +90,44 @@ def test_empty_batch(backend_name):
         )  # fmt: skip
     assert attn.shape == (0,) and kept.shape == (0,) and cu_kept.tolist() == [0]
     assert out[0].shape == (0, 8) and out[1].shape == (3, 0) and out[2].tolist() == [0]
+
+
+def every_backend(op: str) -> list[str]:
+    """The backends that run ``op`` on CPU tensors here (Triton: the interpreter)."""
+    return [b for b in ("ref", "cpp", "triton") if backend.implemented(op, b, "cpu")]
+
+
+@pytest.mark.parametrize("backend_name", every_backend("select_topk"))
+@pytest.mark.parametrize("use_mapper", [False, True], ids=["raw_attention", "mapper"])
+def test_composites_strided_inputs(backend_name, use_mapper, gen):
+    """Every argument a non-contiguous view: both composites equal the reference's results."""
+    layouts = [[("t", 1), ("v", 2), ("q", 2)], [("v", 3), ("q", 1)], [("t", 2), ("q", 1)]]
+    inp = make_inputs(layouts, generator=gen, qk_std=1.5)
+    params = _small_mapper(gen).op_params() if use_mapper else []
+    params = [p.detach() for p in params]
+    keep = {"keep_count": 1}
+    prune = (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v,
+             inp.visual_embeds, inp.visual_position_ids)  # fmt: skip
+    merge = (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.inputs_embeds, inp.position_ids,
+             inp.cu_seqlens, inp.visual_embeds, inp.visual_idx, inp.cu_seqlens_v)  # fmt: skip
+    with torch.no_grad():
+        with backend.use_backend("ref"):
+            want_prune = tp.prune_visual_tokens(*prune, params, q_pos=inp.q_pos, **keep)
+            want_merge = tp.prune_and_merge(*merge, params, q_pos=inp.q_pos, **keep)
+        s = inp.strided()
+        with backend.use_backend(backend_name):
+            # cu_seqlens_v = [0, 2, 5, 5] as a view whose flat memory reads [0, 9, 2, 9].
+            cu_v = torch.tensor([0, 9, 2, 9, 5, 9, 5])[::2]
+            got_prune = tp.prune_visual_tokens(
+                s.q, s.k, s.cu_seqlens_q, s.cu_seqlens_k, s.visual_idx, cu_v, s.visual_embeds,
+                s.visual_position_ids, [strided(p) for p in params], q_pos=s.q_pos, **keep,
+            )  # fmt: skip
+            got_merge = tp.prune_and_merge(
+                s.q, s.k, s.cu_seqlens_q, s.cu_seqlens_k, s.inputs_embeds, s.position_ids,
+                s.cu_seqlens, s.visual_embeds, s.visual_idx, cu_v, [strided(p) for p in params],
+                q_pos=s.q_pos, **keep,
+            )  # fmt: skip
+    for got, want in ((got_prune, want_prune), (got_merge, want_merge)):
+        for g, w in zip(got[:-1], want[:-1], strict=True):
+            assert g.dtype == w.dtype and torch.equal(g, w)
+        torch.testing.assert_close(got[-1], want[-1], rtol=2e-4, atol=2e-5)

@@ -11,6 +11,7 @@ import torch
 import tokenprune_kernels as tp
 from tokenprune_kernels import backend, reference
 from tokenprune_kernels.reference import keep_counts_ref, score_keys_ref, select_topk_ref
+from tokenprune_kernels.testing import strided
 
 SIZES = [1, 2, 3, 5, 31, 127, 4099]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -152,3 +153,28 @@ def test_host_keep_total_equals_device_rule(keep, gen):
     cu[1:] = torch.cumsum(n, 0)
     want = int(reference.keep_counts_ref(cu, **keep).sum())
     assert reference.keep_total_host(cu.tolist(), **keep) == want
+
+
+def every_backend(op: str) -> list[str]:
+    """The backends that run ``op`` on CPU tensors here (Triton: the interpreter)."""
+    return [b for b in ("ref", "cpp", "triton") if backend.implemented(op, b, "cpu")]
+
+
+@pytest.mark.parametrize("backend_name", every_backend("select_topk"))
+def test_strided_inputs(backend_name, gen):
+    """Non-contiguous scores and offsets select what the reference selects."""
+    with backend.use_backend(backend_name):
+        scores = torch.tensor([0.0, 9.0, 1.0, 0.0, 2.0, 0.0, 3.0, 0.0])[::2]  # [0, 1, 2, 3]
+        assert tp.select_topk(scores, torch.tensor([0, 4]), keep_count=1)[0].tolist() == [3]
+        cu = torch.tensor([0, 9, 3, 9, 7])[::2]  # [0, 3, 7]
+        kept, cu_kept = tp.select_topk(torch.arange(7.0), cu, keep_count=2)
+        assert kept.tolist() == [1, 2, 5, 6] and cu_kept.tolist() == [0, 2, 4]
+        expanded = torch.tensor([2.0]).expand(5)  # stride 0: five equal scores
+        assert tp.select_topk(expanded, torch.tensor([0, 5]), keep_count=2)[0].tolist() == [0, 1]
+        for dtype in DTYPES:
+            scores, cu = ragged([1, 0, 37, 3, 130], dtype, gen, planted=True)
+            for index_dtype in (torch.int64, torch.int32):
+                cu_i = cu.to(index_dtype)
+                want = select_topk_ref(scores, cu_i, keep_counts_ref(cu_i, keep_ratio=0.3))
+                got = tp.select_topk(strided(scores), strided(cu_i), keep_ratio=0.3)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -75,6 +75,11 @@ def _score(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_pa
     return scores
 
 
+def _flat(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Contiguous versions (the same tensors when they already are: no copy on the usual path)."""
+    return tuple(t.contiguous() for t in tensors)
+
+
 def _fused_select(scores: torch.Tensor) -> bool:
     """Whether stage c runs in Triton, in which case c and d run fused (one compaction pass)."""
     return backend.choose("select_topk", scores.device.type) == "triton"
@@ -107,6 +112,11 @@ def _prune_impl(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visu
             visual_position_ids, mapper_params, mapper_kernel_size, mapper_input_eps,
             keep_ratio, keep_count, q_pos, softmax_scale,
         )  # fmt: skip
+    # Flat once, here: every stage after this sees contiguous offsets and indices.
+    cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v = _flat(
+        cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v
+    )
+    q_pos = None if q_pos is None else q_pos.contiguous()
     scores = _score(
         q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_params,
         mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale,
@@ -162,6 +172,11 @@ def _merge_impl(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, c
             visual_embeds, visual_idx, cu_seqlens_v, mapper_params, mapper_kernel_size,
             mapper_input_eps, keep_ratio, keep_count, q_pos, softmax_scale,
         )  # fmt: skip
+    # Flat once, here: every stage after this sees contiguous offsets and indices.
+    cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, cu_seqlens = _flat(
+        cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, cu_seqlens
+    )
+    q_pos = None if q_pos is None else q_pos.contiguous()
     scores = _score(
         q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_params,
         mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale,

@@ -459,6 +459,12 @@ def _total_kept(keep_counts: torch.Tensor, total_kept: int | None) -> int:
     return int(keep_counts.sum())  # one device -> host sync when keep_counts is on the GPU
 
 
+def _flat(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The 1-D score and index tensors as the kernels read them: flat memory, element stride 1
+    (a copy only for a non-contiguous view; the usual contiguous tensor passes through)."""
+    return tuple(t.contiguous() for t in tensors)
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """A [T, H] tensor with unit stride along H (copied only when it has not)."""
     return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
@@ -584,6 +590,7 @@ def select_topk_triton(
         device ``keep_counts``, else one.
     """
     with stage_range("tokenprune.select_topk", scores.device):
+        scores, cu_seqlens_v, keep_counts = _flat(scores, cu_seqlens_v, keep_counts)
         total = _total_kept(keep_counts, total_kept)
         return _select(scores, cu_seqlens_v, keep_counts, total, block_v, wide)
 
@@ -602,6 +609,7 @@ def gather_kept_triton(
         ([Tk, H], [Tk] or [R, Tk]) in the input dtypes.
     """
     with stage_range("tokenprune.gather_kept", visual_embeds.device):
+        (kept_idx,) = _flat(kept_idx)
         return _copy_rows(None, visual_embeds, kept_idx, position_ids, kept_idx)
 
 
@@ -630,6 +638,9 @@ def merge_kept_triton(
         ``cu_seqlens``), src_idx [To] int64; To = Tl - Tv + Tk. Two launches, no sync.
     """
     with stage_range("tokenprune.merge_kept", inputs_embeds.device):
+        cu_seqlens, cu_seqlens_v, visual_idx, kept_idx = _flat(
+            cu_seqlens, cu_seqlens_v, visual_idx, kept_idx
+        )
         src_idx, row_src, cu_out = _merge_maps(
             cu_seqlens, cu_seqlens_v, visual_idx, kept_idx, inputs_embeds.shape[0]
         )
@@ -671,6 +682,9 @@ def select_merge_triton(
         Syncs: none with ``total_kept`` and device ``keep_counts``, else one.
     """
     with stage_range("tokenprune.select_merge", scores.device):
+        scores, cu_seqlens_v, keep_counts, cu_seqlens, visual_idx = _flat(
+            scores, cu_seqlens_v, keep_counts, cu_seqlens, visual_idx
+        )
         total = _total_kept(keep_counts, total_kept)
         kept_idx, _ = _select(scores, cu_seqlens_v, keep_counts, total, block_v, wide)
         src_idx, row_src, cu_out = _merge_maps(
@@ -704,6 +718,7 @@ def select_gather_triton(
         cu_seqlens_kept [B+1] dtype of ``cu_seqlens_v``).
     """
     with stage_range("tokenprune.select_gather", scores.device):
+        scores, cu_seqlens_v, keep_counts = _flat(scores, cu_seqlens_v, keep_counts)
         total = _total_kept(keep_counts, total_kept)
         kept_idx, cu_kept = _select(scores, cu_seqlens_v, keep_counts, total, block_v, wide)
         embeds, pos = _copy_rows(None, visual_embeds, kept_idx, position_ids, kept_idx)
