@@ -147,10 +147,6 @@ def make_sets(n_visual: int, sets: int, device: str, dtype: torch.dtype, dims: d
     ]
 
 
-def _args_attention(s: PruningInputs) -> tuple:
-    return (s.q, s.k, s.cu_seqlens_q, s.cu_seqlens_k, s.visual_idx, s.cu_seqlens_v)
-
-
 def _args_merge(s: PruningInputs) -> tuple:
     return (s.inputs_embeds, s.position_ids, s.cu_seqlens, s.visual_embeds, s.visual_idx,
             s.cu_seqlens_v)  # fmt: skip
@@ -171,7 +167,7 @@ def stage_fns(
             fns.append(_triton_fn(stage, s, a, kidx, params, keep))
             continue
         if stage == "attention":
-            fns.append(lambda s=s, f=ref.instruction_attention_ref: f(*_args_attention(s)))
+            fns.append(lambda s=s, f=ref.instruction_attention_ref: f(*s.scoring()))
         elif stage == "mapper":
             fns.append(
                 lambda s=s, a=a, f=ref.mapper_forward_ref: f(
@@ -186,7 +182,7 @@ def stage_fns(
             p = params if stage == "composite" else []
             fns.append(
                 lambda s=s, p=p, f=ref.prune_and_merge_ref: f(
-                    s.q, s.k, s.cu_seqlens_q, s.cu_seqlens_k, *_args_merge(s), p, 5, 1e-4, keep
+                    s.scoring(), *_args_merge(s)[:4], reference.MapperArgs(p, 5, 1e-4), keep
                 )
             )
         else:
@@ -196,7 +192,7 @@ def stage_fns(
 
 def _triton_fn(stage, s, a, kidx, params, keep) -> Callable[[], object]:
     if stage == "attention":
-        return lambda: instruction_attention(*_args_attention(s))
+        return lambda: instruction_attention(*s.scoring())
     if stage == "mapper":
         return lambda: mapper_forward(a, s.cu_seqlens_v, params)
     if stage == "select":
@@ -280,7 +276,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], float]:
     for n in args.n_visual:
         sets_ = make_sets(n, args.sets, device, dtype, dims)
         with torch.no_grad():
-            attn = [reference.instruction_attention_ref(*_args_attention(s)) for s in sets_]
+            attn = [reference.instruction_attention_ref(*s.scoring()) for s in sets_]
         for stage in args.stages:
             for keep in (None,) if stage in KEEP_FREE else tuple(args.keep):
                 kept = None

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from tokenprune_kernels.validation import segment_ids
+from tokenprune_kernels.validation import ScoringArgs, segment_ids
 
 Segment = tuple[str, int]
 
@@ -35,6 +35,13 @@ class PruningInputs:
     position_ids: torch.Tensor  # [R, Tl]
     cu_seqlens: torch.Tensor  # [B+1]
     queries_last: bool  # True when every sample's queries are the last keys (q_pos may be None)
+
+    def scoring(self, q_pos: bool = False) -> ScoringArgs:
+        """Stage a's arguments (``q_pos`` passed only when asked: None otherwise)."""
+        return ScoringArgs(
+            self.q, self.k, self.cu_seqlens_q, self.cu_seqlens_k, self.visual_idx,
+            self.cu_seqlens_v, self.q_pos if q_pos else None,
+        )  # fmt: skip
 
     def to(self, device: torch.device | str) -> PruningInputs:
         return self._map(lambda t: t.to(device))

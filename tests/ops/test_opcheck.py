@@ -140,7 +140,11 @@ def _compiled_cases():
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["_select_topk", "_gather_kept", "_merge_kept"])
+def test_every_compiled_op_is_checked():
+    assert set(_compiled_cases()) == set(backend.kernels())
+
+
+@pytest.mark.parametrize("name", sorted(backend.kernels()))
 def test_compiled_ops_opcheck_and_compile(name):
     """The private compiled ops have fakes too: opcheck and fullgraph compile pass."""
     from tokenprune_kernels import _extension

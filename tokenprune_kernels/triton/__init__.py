@@ -20,15 +20,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {
-    "instruction_attention_triton": "attention",
-    "mapper_forward_triton": "mapper",
-    "select_topk_triton": "select",
-    "gather_kept_triton": "select",
-    "merge_kept_triton": "select",
-    "select_merge_triton": "select",
-    "select_gather_triton": "select",
-}
+from tokenprune_kernels import backend
+
+_EXPORTS = backend.triton_functions()  # host function -> module, from the op table
 
 __all__ = sorted(_EXPORTS)
 

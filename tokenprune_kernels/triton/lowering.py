@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-MODULES = ("attention", "mapper", "select")
+from tokenprune_kernels import backend
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,9 @@ class LoweringCase:
 
 
 def all_cases() -> list[LoweringCase]:
-    """Every module's ``LOWERING_CASES``, in module order."""
+    """Every module's ``LOWERING_CASES``, for the modules of the op table's Triton entries."""
     cases: list[LoweringCase] = []
-    for name in MODULES:
+    for name in dict.fromkeys(backend.triton_functions().values()):
         module = importlib.import_module(f"tokenprune_kernels.triton.{name}")
         cases.extend(module.LOWERING_CASES)
     return cases
