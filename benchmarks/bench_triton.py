@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from tokenprune_kernels import backend, reference
-from tokenprune_kernels.bench import N_AFTER, N_INSTRUCTION, N_SYSTEM, QWEN2_VL_7B, environment
+from tokenprune_kernels.bench import QWEN2_VL_7B, bench_inputs, environment
 from tokenprune_kernels.mapper import MapperConfig, TokenMapper
 from tokenprune_kernels.ops import (
     instruction_attention,
@@ -40,7 +40,7 @@ from tokenprune_kernels.ops import (
     prune_and_merge,
     select_topk,
 )
-from tokenprune_kernels.testing import PruningInputs, make_inputs, simple_layout
+from tokenprune_kernels.testing import PruningInputs
 
 STAGES = ("attention", "mapper", "select", "merge", "composite", "composite_free")
 IMPLS = ("triton", "eager", "compile")
@@ -132,21 +132,6 @@ def stage_traffic(
 
 
 # ----------------------------------------------------------------------------- callables
-def make_sets(n_visual: int, sets: int, device: str, dtype: torch.dtype, dims: dict) -> list:
-    layout = simple_layout(n_visual, N_INSTRUCTION, n_system=N_SYSTEM, n_after=N_AFTER)
-    return [
-        make_inputs(
-            [layout],
-            dtype=dtype,
-            device=device,
-            qk_std=1.5,
-            generator=torch.Generator().manual_seed(7919 * n_visual + i),
-            **dims,
-        )
-        for i in range(sets)
-    ]
-
-
 def _args_merge(s: PruningInputs) -> tuple:
     return (s.inputs_embeds, s.position_ids, s.cu_seqlens, s.visual_embeds, s.visual_idx,
             s.cu_seqlens_v)  # fmt: skip
@@ -274,7 +259,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], float]:
     bandwidth = copy_bandwidth(device, args.smoke)
     rows: list[Row] = []
     for n in args.n_visual:
-        sets_ = make_sets(n, args.sets, device, dtype, dims)
+        sets_ = bench_inputs(n, args.sets, device, dtype, dims, seed=7919)
         with torch.no_grad():
             attn = [reference.instruction_attention_ref(*s.scoring()) for s in sets_]
         for stage in args.stages:

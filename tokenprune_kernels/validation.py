@@ -67,6 +67,50 @@ class MapperArgs(NamedTuple):
     input_eps: float = 1e-4
 
 
+class MergeArgs(NamedTuple):
+    """``merge_kept``'s arguments, in its order (``MergeArgs(*args, **kwargs)`` binds a call)."""
+
+    inputs_embeds: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    visual_embeds: torch.Tensor
+    visual_idx: torch.Tensor
+    cu_seqlens_v: torch.Tensor
+    kept_idx: torch.Tensor
+
+
+class PruneArgs(NamedTuple):
+    """``prune_visual_tokens``'s arguments grouped, in ``prune_visual_tokens_ref``'s order."""
+
+    scoring: ScoringArgs
+    visual_embeds: torch.Tensor
+    visual_position_ids: torch.Tensor
+    mapper: MapperArgs
+    keep_ratio: float | None
+    keep_count: int | None
+
+
+class PruneMergeArgs(NamedTuple):
+    """``prune_and_merge``'s arguments grouped, in ``prune_and_merge_ref``'s order."""
+
+    scoring: ScoringArgs
+    inputs_embeds: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    visual_embeds: torch.Tensor
+    mapper: MapperArgs
+    keep_ratio: float | None
+    keep_count: int | None
+
+    def merge(self, kept_idx: torch.Tensor) -> MergeArgs:
+        """The merge's arguments for ``kept_idx`` (the visual indices and offsets: stage a's)."""
+        s = self.scoring
+        return MergeArgs(
+            self.inputs_embeds, self.position_ids, self.cu_seqlens, self.visual_embeds,
+            s.visual_idx, s.cu_seqlens_v, kept_idx,
+        )  # fmt: skip
+
+
 def _fail(message: str) -> None:
     raise ValueError(message)
 
@@ -392,79 +436,52 @@ def _detailed_scoring_positions(s: ScoringArgs, bk: list[int]) -> None:
 # -------------------------------------------------------------------------------- composites
 
 
-def _check_composite(
-    s: ScoringArgs,
-    visual_embeds: torch.Tensor,
-    m: MapperArgs,
-    keep_ratio: float | None,
-    keep_count: int | None,
-) -> None:
+def _check_composite(a: PruneArgs | PruneMergeArgs) -> None:
     """Static checks of stages a-c shared by both composites (fake and real)."""
+    s = a.scoring
     check_instruction_attention(s)
-    check_keep(keep_ratio, keep_count)
-    if len(m.params) > 0:
-        check_mapper_config(*m, s.q.device)
-    check_rank("visual_embeds", visual_embeds, 2, "[total_v, hidden]")
+    check_keep(a.keep_ratio, a.keep_count)
+    if len(a.mapper.params) > 0:
+        check_mapper_config(*a.mapper, s.q.device)
+    check_rank("visual_embeds", a.visual_embeds, 2, "[total_v, hidden]")
     require(
-        visual_embeds.shape[0] == s.visual_idx.shape[0],
+        a.visual_embeds.shape[0] == s.visual_idx.shape[0],
         f"visual_embeds must have one row per visual token ({s.visual_idx.shape[0]}), got "
-        f"{visual_embeds.shape[0]}",
+        f"{a.visual_embeds.shape[0]}",
     )
 
 
-def check_prune(
-    s: ScoringArgs,
-    visual_embeds: torch.Tensor,
-    visual_position_ids: torch.Tensor,
-    m: MapperArgs,
-    keep_ratio: float | None,
-    keep_count: int | None,
-) -> None:
-    """Static checks of ``prune_visual_tokens`` (arguments as its reference takes them)."""
-    _check_composite(s, visual_embeds, m, keep_ratio, keep_count)
-    no_kept = s.visual_idx.new_empty(0, dtype=torch.int64)
-    check_gather(visual_embeds, visual_position_ids, no_kept)
+def check_prune(a: PruneArgs) -> None:
+    """Static checks of ``prune_visual_tokens``."""
+    _check_composite(a)
+    no_kept = a.scoring.visual_idx.new_empty(0, dtype=torch.int64)
+    check_gather(a.visual_embeds, a.visual_position_ids, no_kept)
 
 
-def check_prune_and_merge(
-    s: ScoringArgs,
-    inputs_embeds: torch.Tensor,
-    position_ids: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    visual_embeds: torch.Tensor,
-    m: MapperArgs,
-    keep_ratio: float | None,
-    keep_count: int | None,
-) -> None:
-    """Static checks of ``prune_and_merge`` (arguments as its reference takes them)."""
-    _check_composite(s, visual_embeds, m, keep_ratio, keep_count)
-    no_kept = s.visual_idx.new_empty(0, dtype=torch.int64)
-    check_merge(
-        inputs_embeds, position_ids, cu_seqlens, visual_embeds, s.visual_idx, s.cu_seqlens_v,
-        no_kept,
-    )  # fmt: skip
+def check_prune_and_merge(a: PruneMergeArgs) -> None:
+    """Static checks of ``prune_and_merge``."""
+    _check_composite(a)
+    check_merge(a.merge(a.scoring.visual_idx.new_empty(0, dtype=torch.int64)))
 
 
-def check_prune_values(s: ScoringArgs, keep_count: int | None) -> list[int]:
+def check_prune_values(a: PruneArgs) -> list[int]:
     """The value checks of ``prune_visual_tokens`` (stage a's, then ``keep_count`` against every
     sample), in one device read. Returns the visual offsets [B+1] as Python ints."""
-    bv = check_instruction_attention_values(s)
-    check_keep_count_values(keep_count, bv)
+    bv = check_instruction_attention_values(a.scoring)
+    check_keep_count_values(a.keep_count, bv)
     return bv
 
 
-def check_prune_merge_values(
-    s: ScoringArgs, inputs_embeds: torch.Tensor, cu_seqlens: torch.Tensor, keep_count: int | None
-) -> list[int]:
+def check_prune_merge_values(a: PruneMergeArgs) -> list[int]:
     """The value checks of ``prune_and_merge`` in one device read: stage a's, ``keep_count``,
     then the merge's (``cu_seqlens`` covers ``inputs_embeds``, ``visual_idx`` lies in each
-    sequence; ``visual_idx``'s order and ``cu_seqlens_v`` are stage a's already). Shapes as in
-    :func:`check_instruction_attention` and :func:`check_merge`. Returns the visual offsets."""
-    bv, bl, bad = _check_scoring_values(s, cu_seqlens)
-    check_keep_count_values(keep_count, bv)
-    check_offsets("cu_seqlens", bl, inputs_embeds.shape[0], "inputs_embeds.shape[0]")
+    sequence; ``visual_idx``'s order and ``cu_seqlens_v`` are stage a's already). Returns the
+    visual offsets."""
+    bv, bl, bad = _check_scoring_values(a.scoring, a.cu_seqlens)
+    check_keep_count_values(a.keep_count, bv)
+    check_offsets("cu_seqlens", bl, a.inputs_embeds.shape[0], "inputs_embeds.shape[0]")
     if bad:
-        _detailed_merge_positions(s.visual_idx, s.cu_seqlens_v, None, bl)
+        _detailed_merge_positions(a.scoring.visual_idx, a.scoring.cu_seqlens_v, None, bl)
     return bv
 
 
@@ -657,15 +674,9 @@ def check_kept_idx_values(kept_idx: torch.Tensor, total_v: int) -> None:
         _fail(f"kept_idx must index the {total_v} visual tokens, got an entry {bad}")
 
 
-def check_merge(
-    inputs_embeds: torch.Tensor,
-    position_ids: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    visual_embeds: torch.Tensor,
-    visual_idx: torch.Tensor,
-    cu_seqlens_v: torch.Tensor,
-    kept_idx: torch.Tensor,
-) -> None:
+def check_merge(a: MergeArgs) -> None:
+    """Ranks, dtypes, sizes and devices of ``merge_kept``'s arguments."""
+    inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx = a
     check_rank("inputs_embeds", inputs_embeds, 2, "[total_len, hidden]")
     check_dtype("inputs_embeds", inputs_embeds, FLOAT_DTYPES)
     check_rank("visual_embeds", visual_embeds, 2, "[total_v, hidden]")
@@ -699,23 +710,14 @@ def check_merge(
     check_rank("kept_idx", kept_idx, 1, "[total_kept] global visual indices")
     if kept_idx.dtype != torch.int64:
         raise TypeError(f"kept_idx must be int64, got {kept_idx.dtype}")
-    check_same_device(
-        inputs_embeds=inputs_embeds, position_ids=position_ids, cu_seqlens=cu_seqlens,
-        visual_embeds=visual_embeds, visual_idx=visual_idx, cu_seqlens_v=cu_seqlens_v,
-        kept_idx=kept_idx,
-    )  # fmt: skip
+    check_same_device(**a._asdict())
 
 
-def check_merge_values(
-    inputs_embeds: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    visual_idx: torch.Tensor,
-    cu_seqlens_v: torch.Tensor,
-    kept_idx: torch.Tensor,
-) -> None:
+def check_merge_values(a: MergeArgs) -> None:
     """The merge's value checks in one device read: offsets cover their tensors, ``visual_idx``
     lies in each sequence and increases strictly within a sample, ``kept_idx`` indexes the
-    visual tokens and increases strictly. Shapes as in :func:`check_merge`."""
+    visual tokens and increases strictly."""
+    inputs_embeds, _, cu_seqlens, _, visual_idx, cu_seqlens_v, kept_idx = a
     masks = _position_masks(visual_idx, cu_seqlens_v, _lengths(cu_seqlens), increasing=True)
     masks += _kept_masks(kept_idx, visual_idx.shape[0])
     (bl, bv), bad = read_values([cu_seqlens, cu_seqlens_v], masks)

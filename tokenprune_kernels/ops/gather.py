@@ -7,8 +7,6 @@ give them the stage's calling convention (the kernels take ``[R, T]`` position i
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from tokenprune_kernels import backend
@@ -23,18 +21,6 @@ MERGE_SCHEMA = (
     "Tensor visual_embeds, Tensor visual_idx, Tensor cu_seqlens_v, Tensor kept_idx) "
     "-> (Tensor, Tensor, Tensor, Tensor)"
 )
-
-
-class MergeArgs(NamedTuple):
-    """``merge_kept``'s arguments, in its order (``MergeArgs(*args, **kwargs)`` binds a call)."""
-
-    inputs_embeds: torch.Tensor
-    position_ids: torch.Tensor
-    cu_seqlens: torch.Tensor
-    visual_embeds: torch.Tensor
-    visual_idx: torch.Tensor
-    cu_seqlens_v: torch.Tensor
-    kept_idx: torch.Tensor
 
 
 def _gathered(visual_embeds, position_ids, n):
@@ -66,15 +52,15 @@ def _merged(inputs_embeds, position_ids, cu_seqlens):
 
 
 def _merge_fake(*args, **kwargs):
-    a = MergeArgs(*args, **kwargs)
-    v.check_merge(*a)
+    a = v.MergeArgs(*args, **kwargs)
+    v.check_merge(a)
     return _merged(a.inputs_embeds, a.position_ids, a.cu_seqlens)
 
 
 def _merge_impl(*args, **kwargs):
-    a = MergeArgs(*args, **kwargs)
-    v.check_merge(*a)
-    v.check_merge_values(a.inputs_embeds, a.cu_seqlens, a.visual_idx, a.cu_seqlens_v, a.kept_idx)
+    a = v.MergeArgs(*args, **kwargs)
+    v.check_merge(a)
+    v.check_merge_values(a)
     return backend.call("merge_kept", a.inputs_embeds.device.type, *a)
 
 
@@ -91,8 +77,8 @@ def _gather_kept_fake(visual_embeds, position_ids, kept_idx):
 
 
 def _merge_kept_fake(*args, **kwargs):
-    a = MergeArgs(*args, **kwargs)
-    v.check_merge(*a)
+    a = v.MergeArgs(*args, **kwargs)
+    v.check_merge(a)
     v.check_rank("position_ids", a.position_ids, 2, "[rows, total_len]")
     return _merged(a.inputs_embeds, a.position_ids, a.cu_seqlens)
 
@@ -113,7 +99,7 @@ def _gather_kept_compiled(visual_embeds, position_ids, kept_idx):
 
 def _merge_kept_compiled(*args):
     """``_merge_kept`` in the stage's convention (1-D position ids too)."""
-    a = MergeArgs(*args)
+    a = v.MergeArgs(*args)
     embeds, pos, cu_out, src = torch.ops.tokenprune._merge_kept(
         *a._replace(position_ids=_rows2d(a.position_ids))
     )

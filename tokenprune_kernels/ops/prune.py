@@ -12,8 +12,10 @@ Inside, the arguments travel grouped (:class:`~tokenprune_kernels.validation.Sco
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -40,95 +42,35 @@ MERGE_SCHEMA = (
 )
 
 
-class PruneArgs(NamedTuple):
-    """``prune_visual_tokens``'s arguments grouped, in ``prune_visual_tokens_ref``'s order."""
-
-    scoring: v.ScoringArgs
-    visual_embeds: torch.Tensor
-    visual_position_ids: torch.Tensor
-    mapper: v.MapperArgs
-    keep_ratio: float | None
-    keep_count: int | None
-
-
-class MergeArgs(NamedTuple):
-    """``prune_and_merge``'s arguments grouped, in ``prune_and_merge_ref``'s order."""
-
-    scoring: v.ScoringArgs
-    inputs_embeds: torch.Tensor
-    position_ids: torch.Tensor
-    cu_seqlens: torch.Tensor
-    visual_embeds: torch.Tensor
-    mapper: v.MapperArgs
-    keep_ratio: float | None
-    keep_count: int | None
+def _grouped(cls: type, public: Callable, args: tuple, kwargs: dict) -> Any:
+    """A call of a composite - flat, as its schema (and ``public``, its Python function, which
+    takes the same arguments) orders them - grouped into ``cls`` (the reference's order)."""
+    bound = _signature(public).bind(*args, **kwargs)
+    bound.apply_defaults()
+    call = bound.arguments
+    scoring = v.ScoringArgs(**{f: call[f] for f in v.ScoringArgs._fields})
+    mapper = v.MapperArgs(*(call[f"mapper_{f}"] for f in v.MapperArgs._fields))
+    rest = {f: call[f] for f in cls._fields if f not in ("scoring", "mapper")}
+    return cls(scoring=scoring, mapper=mapper, **rest)
 
 
-def _prune_args(
-    q,
-    k,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    visual_idx,
-    cu_seqlens_v,
-    visual_embeds,
-    visual_position_ids,
-    mapper_params,
-    mapper_kernel_size=5,
-    mapper_input_eps=1e-4,
-    keep_ratio=None,
-    keep_count=None,
-    q_pos=None,
-    softmax_scale=None,
-) -> PruneArgs:
-    """A call of ``prune_visual_tokens`` (the schema's flat arguments), grouped."""
-    scoring = v.ScoringArgs(
-        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale
-    )
-    mapper = v.MapperArgs(mapper_params, mapper_kernel_size, mapper_input_eps)
-    return PruneArgs(scoring, visual_embeds, visual_position_ids, mapper, keep_ratio, keep_count)
+_signature = functools.cache(inspect.signature)
 
 
-def _merge_args(
-    q,
-    k,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    inputs_embeds,
-    position_ids,
-    cu_seqlens,
-    visual_embeds,
-    visual_idx,
-    cu_seqlens_v,
-    mapper_params,
-    mapper_kernel_size=5,
-    mapper_input_eps=1e-4,
-    keep_ratio=None,
-    keep_count=None,
-    q_pos=None,
-    softmax_scale=None,
-) -> MergeArgs:
-    """A call of ``prune_and_merge`` (the schema's flat arguments), grouped."""
-    scoring = v.ScoringArgs(
-        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale
-    )
-    mapper = v.MapperArgs(mapper_params, mapper_kernel_size, mapper_input_eps)
-    return MergeArgs(
-        scoring, inputs_embeds, position_ids, cu_seqlens, visual_embeds, mapper, keep_ratio,
-        keep_count,
-    )  # fmt: skip
-
-
-def _score(s: v.ScoringArgs, m: v.MapperArgs) -> torch.Tensor:
-    """Stages a and b (b only with a mapper), each on its own backend: [Tv] float32 scores."""
+def _score_and_count(a: v.PruneArgs | v.PruneMergeArgs, bounds_v: list[int]):
+    """Stages a and b (b only with a mapper), each on its own backend, and the keep counts:
+    (scoring arguments made contiguous once, for every stage after; [Tv] float32 scores;
+    per-sample keep counts on the device; their total)."""
+    s = a.scoring.contiguous()
     device = s.q.device.type
     scores = backend.call("instruction_attention", device, *s)
-    if len(m.params) > 0:
-        scores = backend.call("mapper_forward", device, scores, s.cu_seqlens_v, *m)
-    return scores
+    if len(a.mapper.params) > 0:
+        scores = backend.call("mapper_forward", device, scores, s.cu_seqlens_v, *a.mapper)
+    counts, total = keep_counts_from_bounds(bounds_v, scores.device, a.keep_ratio, a.keep_count)
+    return s, scores, counts, total
 
 
-def _select_then(last: str, scores, cu_seqlens_v, counts, total, *rest):
+def _select_then(last: str, scores, cu_seqlens_v, counts, total, *rest) -> tuple:
     """Stage c, then ``last`` (gather_kept or merge_kept) on the kept indices: as one
     implementation where the op table fuses them, else one after the other. Returns what the
     fused implementation returns: ``last``'s outputs, then kept_idx (and, after a gather,
@@ -146,8 +88,8 @@ def _select_then(last: str, scores, cu_seqlens_v, counts, total, *rest):
 
 
 def _prune_fake(*args, **kwargs):
-    a = _prune_args(*args, **kwargs)
-    v.check_prune(*a)
+    a = _grouped(v.PruneArgs, prune_visual_tokens, args, kwargs)
+    v.check_prune(a)
     n = torch.library.get_ctx().new_dynamic_size()
     return (
         a.visual_embeds.new_empty((n, a.visual_embeds.shape[1])),
@@ -159,30 +101,28 @@ def _prune_fake(*args, **kwargs):
 
 
 def _prune_impl(*args, **kwargs):
-    a = _prune_args(*args, **kwargs)
+    a = _grouped(v.PruneArgs, prune_visual_tokens, args, kwargs)
     with stage_range("tokenprune.prune_visual_tokens", a.scoring.q.device):
-        v.check_prune(*a)
+        v.check_prune(a)
         # The value checks of stages a-c, once per call and in one device read (the stages then
         # run unchecked).
-        bounds_v = v.check_prune_values(a.scoring, a.keep_count)
+        bounds_v = v.check_prune_values(a)
         if backend.requested() == "ref":
             return reference.prune_visual_tokens_ref(*a)
-        s = a.scoring.contiguous()  # once, here: no stage copies an offset again
-        scores = _score(s, a.mapper)
-        counts, total = keep_counts_from_bounds(bounds_v, scores.device, a.keep_ratio, a.keep_count)
-        embeds, pos, kept_idx, cu_kept = _select_then(
+        s, scores, counts, total = _score_and_count(a, bounds_v)
+        gathered = _select_then(
             "gather_kept", scores, s.cu_seqlens_v, counts, total, a.visual_embeds,
             a.visual_position_ids,
         )  # fmt: skip
-        return embeds, pos, kept_idx, cu_kept, scores
+        return (*gathered, scores)
 
 
 define(PRUNE_SCHEMA, _prune_impl, _prune_fake)
 
 
 def _merge_fake(*args, **kwargs):
-    a = _merge_args(*args, **kwargs)
-    v.check_prune_and_merge(*a)
+    a = _grouped(v.PruneMergeArgs, prune_and_merge, args, kwargs)
+    v.check_prune_and_merge(a)
     ctx = torch.library.get_ctx()
     n_out, n_kept = ctx.new_dynamic_size(), ctx.new_dynamic_size()
     return (
@@ -196,22 +136,17 @@ def _merge_fake(*args, **kwargs):
 
 
 def _merge_impl(*args, **kwargs):
-    a = _merge_args(*args, **kwargs)
+    a = _grouped(v.PruneMergeArgs, prune_and_merge, args, kwargs)
     with stage_range("tokenprune.prune_and_merge", a.scoring.q.device):
-        v.check_prune_and_merge(*a)
+        v.check_prune_and_merge(a)
         # The value checks of stages a-c and the merge, once per call and in one device read.
-        bounds_v = v.check_prune_merge_values(
-            a.scoring, a.inputs_embeds, a.cu_seqlens, a.keep_count
-        )
+        bounds_v = v.check_prune_merge_values(a)
         if backend.requested() == "ref":
             return reference.prune_and_merge_ref(*a)
-        s = a.scoring.contiguous()  # once, here: no stage copies an offset again
-        cu_seqlens = a.cu_seqlens.contiguous()
-        scores = _score(s, a.mapper)
-        counts, total = keep_counts_from_bounds(bounds_v, scores.device, a.keep_ratio, a.keep_count)
+        s, scores, counts, total = _score_and_count(a, bounds_v)
         merged = _select_then(
             "merge_kept", scores, s.cu_seqlens_v, counts, total, a.inputs_embeds, a.position_ids,
-            cu_seqlens, a.visual_embeds, s.visual_idx,
+            a.cu_seqlens.contiguous(), a.visual_embeds, s.visual_idx,
         )  # fmt: skip
         return (*merged, scores)
 
