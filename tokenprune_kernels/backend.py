@@ -144,23 +144,23 @@ OPS: dict[str, dict[str, Impl]] = {
         "ref": Impl(f"{_REF}:gather_kept_ref"),
         "cpp": _GATHER,
         "cuda": _GATHER,
-        "triton": Impl(f"{_TRITON}.select:gather_kept_triton"),
+        "triton": Impl(f"{_TRITON}.gather:gather_kept_triton"),
     },
     "merge_kept": {
         "ref": Impl(f"{_REF}:merge_kept_ref"),
         "cpp": _MERGE,
         "cuda": _MERGE,
-        "triton": Impl(f"{_TRITON}.select:merge_kept_triton"),
+        "triton": Impl(f"{_TRITON}.gather:merge_kept_triton"),
     },
 }
 
 #: (stage, next stage) -> backend -> one implementation of both (see "Fusion" above).
 FUSED: dict[tuple[str, str], dict[str, Impl]] = {
     ("select_topk", "gather_kept"): {
-        "triton": Impl(f"{_TRITON}.select:select_gather_triton", hints=_TOTAL),
+        "triton": Impl(f"{_TRITON}.gather:select_gather_triton", hints=_TOTAL),
     },
     ("select_topk", "merge_kept"): {
-        "triton": Impl(f"{_TRITON}.select:select_merge_triton", hints=_TOTAL),
+        "triton": Impl(f"{_TRITON}.gather:select_merge_triton", hints=_TOTAL),
     },
 }
 
