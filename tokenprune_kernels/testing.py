@@ -8,11 +8,13 @@ header, say) is in the full sequence only.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import torch
 
+from tokenprune_kernels import _extension, backend
 from tokenprune_kernels.validation import ScoringArgs, segment_ids
 
 Segment = tuple[str, int]
@@ -168,3 +170,34 @@ def make_inputs(
         queries_last=queries_last,
     )
     return inputs.to(device)
+
+
+def backend_cases(op: str) -> list[tuple[str, str, str | None]]:
+    """``(backend, device, why not)`` for every backend the op table lists for ``op`` (for a
+    composite: for any of its stages), in table order: what the parity tests run over.
+
+    ``device`` is where the backend's kernels take tensors: ``cuda`` for ``cuda``, for ``triton``
+    too when a GPU is visible (else the CPU, under the interpreter: ``TRITON_INTERPRET=1`` must be
+    set before the first kernel import), ``cpu`` otherwise. ``why not`` is None when the backend
+    runs ``op`` there now, else the reason it cannot (no extension, no GPU, no Triton).
+    """
+    stages = backend.COMPOSITES.get(op, (op,))
+    cases = []
+    for name in backend.BACKENDS:
+        if not any(name in backend.OPS[stage] for stage in stages):
+            continue
+        gpu = torch.cuda.is_available()
+        device = "cuda" if name == "cuda" or (name == "triton" and gpu) else "cpu"
+        runs = any(backend.implemented(stage, name, device) for stage in stages)
+        cases.append((name, device, None if runs else _why_not(name, device, op)))
+    return cases
+
+
+def _why_not(name: str, device: str, op: str) -> str:
+    if device == "cuda" and not torch.cuda.is_available():
+        return f"{name}: needs a CUDA GPU"
+    if name == "triton" and importlib.util.find_spec("triton") is None:
+        return "triton: not installed"
+    if name in ("cpp", "cuda") and not _extension.available():
+        return f"{name}: the compiled extension is not built ({_extension.load_error()})"
+    return f"{name} has no {op} kernel for {device} tensors here"

@@ -651,17 +651,25 @@ def check_gather(
 ) -> None:
     check_rank("visual_embeds", visual_embeds, 2, "[total_v, hidden]")
     check_dtype("visual_embeds", visual_embeds, FLOAT_DTYPES)
-    check_rank("position_ids", position_ids, (1, 2), "[total_v] or [rows, total_v]")
+    _check_position_ids(position_ids, visual_embeds.shape[0], "total_v", "visual token")
+    _check_kept_idx(kept_idx)
+    check_same_device(visual_embeds=visual_embeds, position_ids=position_ids, kept_idx=kept_idx)
+
+
+def _check_position_ids(position_ids: torch.Tensor, n: int, axis: str, per: str) -> None:
+    """[axis] or [rows, axis] int32/int64 position ids with ``n`` columns, one per ``per``."""
+    check_rank("position_ids", position_ids, (1, 2), f"[{axis}] or [rows, {axis}]")
     check_dtype("position_ids", position_ids, INDEX_DTYPES)
     require(
-        position_ids.shape[-1] == visual_embeds.shape[0],
-        f"position_ids must have one column per visual token ({visual_embeds.shape[0]}), got "
-        f"shape {tuple(position_ids.shape)}",
+        position_ids.shape[-1] == n,
+        f"position_ids must have one column per {per} ({n}), got shape {tuple(position_ids.shape)}",
     )
+
+
+def _check_kept_idx(kept_idx: torch.Tensor) -> None:
     check_rank("kept_idx", kept_idx, 1, "[total_kept] global visual indices")
     if kept_idx.dtype != torch.int64:
         raise TypeError(f"kept_idx must be int64, got {kept_idx.dtype}")
-    check_same_device(visual_embeds=visual_embeds, position_ids=position_ids, kept_idx=kept_idx)
 
 
 def check_kept_idx_values(kept_idx: torch.Tensor, total_v: int) -> None:
@@ -690,13 +698,7 @@ def check_merge(a: MergeArgs) -> None:
         f"visual_embeds must have the hidden size of inputs_embeds ({inputs_embeds.shape[1]}), "
         f"got {visual_embeds.shape[1]}",
     )
-    check_rank("position_ids", position_ids, (1, 2), "[total_len] or [rows, total_len]")
-    check_dtype("position_ids", position_ids, INDEX_DTYPES)
-    require(
-        position_ids.shape[-1] == inputs_embeds.shape[0],
-        f"position_ids must have one column per sequence token ({inputs_embeds.shape[0]}), got "
-        f"shape {tuple(position_ids.shape)}",
-    )
+    _check_position_ids(position_ids, inputs_embeds.shape[0], "total_len", "sequence token")
     check_cu_seqlens("cu_seqlens", cu_seqlens)
     check_cu_seqlens("cu_seqlens_v", cu_seqlens_v)
     check_same_batch(cu_seqlens=cu_seqlens, cu_seqlens_v=cu_seqlens_v)
@@ -707,9 +709,7 @@ def check_merge(a: MergeArgs) -> None:
         f"visual_idx must have one entry per row of visual_embeds ({visual_embeds.shape[0]}), got "
         f"{visual_idx.shape[0]}",
     )
-    check_rank("kept_idx", kept_idx, 1, "[total_kept] global visual indices")
-    if kept_idx.dtype != torch.int64:
-        raise TypeError(f"kept_idx must be int64, got {kept_idx.dtype}")
+    _check_kept_idx(kept_idx)
     check_same_device(**a._asdict())
 
 

@@ -64,6 +64,21 @@ void gather_position_ids(const at::Tensor& pos, const int64_t* src, int64_t n_ou
   }
 }
 
+// kept_idx as a contiguous int64 tensor, its entries checked on the host: each indexes the `tv`
+// visual tokens and, with `ascending`, each is larger than the one before.
+at::Tensor checked_kept_idx(const at::Tensor& kept_idx, int64_t tv, bool ascending) {
+  at::Tensor t = kept_idx.contiguous();
+  const int64_t* kept = t.const_data_ptr<int64_t>();
+  for (int64_t j = 0; j < t.size(0); ++j) {
+    TORCH_CHECK_VALUE(kept[j] >= 0 && kept[j] < tv, "kept_idx[", j, "] = ", kept[j],
+                      " is out of range for Tv = ", tv, " visual tokens");
+    TORCH_CHECK_VALUE(!ascending || j == 0 || kept[j] > kept[j - 1],
+                      "kept_idx must be strictly increasing, got kept_idx[", j - 1, "] = ",
+                      kept[j - 1], " >= kept_idx[", j, "] = ", kept[j]);
+  }
+  return t;
+}
+
 std::tuple<at::Tensor, at::Tensor> gather_kept_cpu(const at::Tensor& visual_embeds,
                                                    const at::Tensor& position_ids,
                                                    const at::Tensor& kept_idx) {
@@ -72,13 +87,9 @@ std::tuple<at::Tensor, at::Tensor> gather_kept_cpu(const at::Tensor& visual_embe
   const int64_t tv = sizes.tv;
   const int64_t hidden = sizes.hidden;
 
-  const at::Tensor idx_t = kept_idx.contiguous();
+  const at::Tensor idx_t = checked_kept_idx(kept_idx, tv, /*ascending=*/false);
   const int64_t* idx = idx_t.const_data_ptr<int64_t>();
   const int64_t tk = idx_t.size(0);
-  for (int64_t o = 0; o < tk; ++o) {
-    TORCH_CHECK_VALUE(idx[o] >= 0 && idx[o] < tv, "kept_idx[", o, "] = ", idx[o],
-                      " is out of range for Tv = ", tv, " visual tokens");
-  }
 
   at::Tensor embeds = at::empty({tk, hidden}, visual_embeds.options());
   at::Tensor pos = at::empty({position_ids.size(0), tk}, position_ids.options());
@@ -126,16 +137,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_kept_cpu(
     }
   }
 
-  const at::Tensor kept_t = kept_idx.contiguous();
+  const at::Tensor kept_t = checked_kept_idx(kept_idx, tv, /*ascending=*/true);
   const int64_t* kept = kept_t.const_data_ptr<int64_t>();
   const int64_t tk = kept_t.size(0);
-  for (int64_t j = 0; j < tk; ++j) {
-    TORCH_CHECK_VALUE(kept[j] >= 0 && kept[j] < tv, "kept_idx[", j, "] = ", kept[j],
-                      " is out of range for Tv = ", tv, " visual tokens");
-    TORCH_CHECK_VALUE(j == 0 || kept[j] > kept[j - 1],
-                      "kept_idx must be strictly increasing, got kept_idx[", j - 1, "] = ",
-                      kept[j - 1], " >= kept_idx[", j, "] = ", kept[j]);
-  }
 
   // Output offsets: the text rows of each sample plus its kept visual rows.
   std::vector<int64_t> cu_k(static_cast<size_t>(batch + 1));

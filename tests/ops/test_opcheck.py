@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from stage_backends import runnable
 
 import tokenprune_kernels as tp
 from tokenprune_kernels import backend
@@ -66,13 +67,7 @@ def _cases(dtype=torch.float32):
 OPS = list(_cases().keys())
 
 
-def cpu_backends() -> list[str]:
-    """ref, the C++ kernels when built, and Triton when the interpreter is on (tests' default)."""
-    names = ["ref"] + (["cpp"] if backend.implemented("select_topk", "cpp", "cpu") else [])
-    return names + (["triton"] if backend.implemented("select_topk", "triton", "cpu") else [])
-
-
-@pytest.mark.parametrize("backend_name", cpu_backends())
+@pytest.mark.parametrize("backend_name", runnable("prune_and_merge", "cpu"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", OPS)
 def test_opcheck(name, dtype, backend_name):
@@ -124,24 +119,15 @@ def test_fullgraph_inductor_pipeline():
 
 
 def _compiled_cases():
-    inp, _, attn, kept = _inputs()
-    ops = torch.ops.tokenprune
-    counts = torch.tensor([3, 0, 4])
+    """Each private op the table names, on its public op's case (gather and merge: the same
+    arguments) or, for select, per-sample keep counts instead of the keep rule."""
+    inp, _, attn, _ = _inputs()
+    own = {"_select_topk": (attn, inp.cu_seqlens_v, torch.tensor([3, 0, 4]))}
+    public = _cases()
     return {
-        "_select_topk": (ops._select_topk.default, (attn, inp.cu_seqlens_v, counts)),
-        "_gather_kept": (
-            ops._gather_kept.default, (inp.visual_embeds, inp.visual_position_ids, kept)
-        ),
-        "_merge_kept": (
-            ops._merge_kept.default,
-            (inp.inputs_embeds, inp.position_ids, inp.cu_seqlens, inp.visual_embeds,
-             inp.visual_idx, inp.cu_seqlens_v, kept),
-        ),
-    }  # fmt: skip
-
-
-def test_every_compiled_op_is_checked():
-    assert set(_compiled_cases()) == set(backend.kernels())
+        name: (getattr(torch.ops.tokenprune, name).default, own.get(name) or public[name[1:]][1])
+        for name in backend.kernels()
+    }
 
 
 @pytest.mark.parametrize("name", sorted(backend.kernels()))

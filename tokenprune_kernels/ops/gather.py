@@ -23,7 +23,7 @@ MERGE_SCHEMA = (
 )
 
 
-def _gathered(visual_embeds, position_ids, n):
+def fake_gathered(visual_embeds, position_ids, n):
     """Empty outputs of a gather of ``n`` rows: [n, H] and [n] or [R, n]."""
     embeds = visual_embeds.new_empty((n, visual_embeds.shape[1]))
     return embeds, position_ids.new_empty((*position_ids.shape[:-1], n))
@@ -31,7 +31,7 @@ def _gathered(visual_embeds, position_ids, n):
 
 def _gather_fake(visual_embeds, position_ids, kept_idx):
     v.check_gather(visual_embeds, position_ids, kept_idx)
-    return _gathered(visual_embeds, position_ids, kept_idx.shape[0])
+    return fake_gathered(visual_embeds, position_ids, kept_idx.shape[0])
 
 
 def _gather_impl(visual_embeds, position_ids, kept_idx):
@@ -44,17 +44,17 @@ def _gather_impl(visual_embeds, position_ids, kept_idx):
 define(GATHER_SCHEMA, _gather_impl, _gather_fake)
 
 
-def _merged(inputs_embeds, position_ids, cu_seqlens):
+def fake_merged(inputs_embeds, position_ids, cu_seqlens):
     """Empty outputs of a merge (a data-dependent number of rows)."""
     n = torch.library.get_ctx().new_dynamic_size()
-    embeds, pos = _gathered(inputs_embeds, position_ids, n)
+    embeds, pos = fake_gathered(inputs_embeds, position_ids, n)
     return embeds, pos, torch.empty_like(cu_seqlens), inputs_embeds.new_empty(n, dtype=torch.int64)
 
 
 def _merge_fake(*args, **kwargs):
     a = v.MergeArgs(*args, **kwargs)
     v.check_merge(a)
-    return _merged(a.inputs_embeds, a.position_ids, a.cu_seqlens)
+    return fake_merged(a.inputs_embeds, a.position_ids, a.cu_seqlens)
 
 
 def _merge_impl(*args, **kwargs):
@@ -73,14 +73,14 @@ define(MERGE_SCHEMA, _merge_impl, _merge_fake)
 def _gather_kept_fake(visual_embeds, position_ids, kept_idx):
     v.check_gather(visual_embeds, position_ids, kept_idx)
     v.check_rank("position_ids", position_ids, 2, "[rows, total_v]")
-    return _gathered(visual_embeds, position_ids, kept_idx.shape[0])
+    return fake_gathered(visual_embeds, position_ids, kept_idx.shape[0])
 
 
 def _merge_kept_fake(*args, **kwargs):
     a = v.MergeArgs(*args, **kwargs)
     v.check_merge(a)
     v.check_rank("position_ids", a.position_ids, 2, "[rows, total_len]")
-    return _merged(a.inputs_embeds, a.position_ids, a.cu_seqlens)
+    return fake_merged(a.inputs_embeds, a.position_ids, a.cu_seqlens)
 
 
 def _rows2d(position_ids: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from tokenprune_kernels import backend, reference
 from tokenprune_kernels import validation as v
 from tokenprune_kernels._nvtx import stage_range
 from tokenprune_kernels.ops._library import define
+from tokenprune_kernels.ops.gather import fake_gathered, fake_merged
 from tokenprune_kernels.ops.select import keep_counts_from_bounds
 
 PRUNE_SCHEMA = (
@@ -57,19 +58,6 @@ def _grouped(cls: type, public: Callable, args: tuple, kwargs: dict) -> Any:
 _signature = functools.cache(inspect.signature)
 
 
-def _score_and_count(a: v.PruneArgs | v.PruneMergeArgs, bounds_v: list[int]):
-    """Stages a and b (b only with a mapper), each on its own backend, and the keep counts:
-    (scoring arguments made contiguous once, for every stage after; [Tv] float32 scores;
-    per-sample keep counts on the device; their total)."""
-    s = a.scoring.contiguous()
-    device = s.q.device.type
-    scores = backend.call("instruction_attention", device, *s)
-    if len(a.mapper.params) > 0:
-        scores = backend.call("mapper_forward", device, scores, s.cu_seqlens_v, *a.mapper)
-    counts, total = keep_counts_from_bounds(bounds_v, scores.device, a.keep_ratio, a.keep_count)
-    return s, scores, counts, total
-
-
 def _select_then(last: str, scores, cu_seqlens_v, counts, total, *rest) -> tuple:
     """Stage c, then ``last`` (gather_kept or merge_kept) on the kept indices: as one
     implementation where the op table fuses them, else one after the other. Returns what the
@@ -87,34 +75,68 @@ def _select_then(last: str, scores, cu_seqlens_v, counts, total, *rest) -> tuple
     return (*backend.call(last, device, *rest, cu_seqlens_v, kept_idx), kept_idx)
 
 
+#: Grouped arguments -> (composite, its static checks, its value checks, its reference).
+_COMPOSITES: dict[type, tuple[str, Callable, Callable, Callable]] = {
+    v.PruneArgs: (
+        "prune_visual_tokens",
+        v.check_prune,
+        v.check_prune_values,
+        reference.prune_visual_tokens_ref,
+    ),
+    v.PruneMergeArgs: (
+        "prune_and_merge",
+        v.check_prune_and_merge,
+        v.check_prune_merge_values,
+        reference.prune_and_merge_ref,
+    ),
+}
+
+
+def _run(a: v.PruneArgs | v.PruneMergeArgs, last_args: Callable[[v.ScoringArgs], tuple]) -> tuple:
+    """One call of the composite whose grouped arguments ``a`` are (:data:`_COMPOSITES`).
+
+    The static checks, then the value checks of every stage, once per call and in one device
+    read (the stages then run unchecked; they return the visual offsets). Then the whole
+    reference under ``TOKENPRUNE_BACKEND=ref``, else each stage on its own backend: attention,
+    the mapper (when given parameters), the selection and the composite's last stage
+    (:data:`backend.COMPOSITES`), which takes ``last_args(s)`` (``s``: the scoring arguments,
+    made contiguous once here so that no stage copies them again).
+    """
+    name, check, check_values, ref = _COMPOSITES[type(a)]
+    with stage_range(f"tokenprune.{name}", a.scoring.q.device):
+        check(a)
+        bounds_v = check_values(a)
+        if backend.requested() == "ref":
+            return ref(*a)
+        s = a.scoring.contiguous()
+        device = s.q.device.type
+        scores = backend.call("instruction_attention", device, *s)
+        if len(a.mapper.params) > 0:
+            scores = backend.call("mapper_forward", device, scores, s.cu_seqlens_v, *a.mapper)
+        counts, total = keep_counts_from_bounds(bounds_v, scores.device, a.keep_ratio, a.keep_count)
+        last = backend.COMPOSITES[name][-1]
+        out = _select_then(last, scores, s.cu_seqlens_v, counts, total, *last_args(s))
+        return (*out, scores)
+
+
+def _kept_and_scores(s: v.ScoringArgs, n: torch.SymInt) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake kept_idx [n] int64 and scores [Tv] float32."""
+    kept_idx = s.visual_idx.new_empty(n, dtype=torch.int64)
+    return kept_idx, s.q.new_empty(s.visual_idx.shape[0], dtype=torch.float32)
+
+
 def _prune_fake(*args, **kwargs):
     a = _grouped(v.PruneArgs, prune_visual_tokens, args, kwargs)
     v.check_prune(a)
     n = torch.library.get_ctx().new_dynamic_size()
-    return (
-        a.visual_embeds.new_empty((n, a.visual_embeds.shape[1])),
-        a.visual_position_ids.new_empty((*a.visual_position_ids.shape[:-1], n)),
-        a.scoring.visual_idx.new_empty(n, dtype=torch.int64),
-        torch.empty_like(a.scoring.cu_seqlens_v),
-        a.scoring.q.new_empty(a.scoring.visual_idx.shape[0], dtype=torch.float32),
-    )
+    kept_idx, scores = _kept_and_scores(a.scoring, n)
+    embeds, pos = fake_gathered(a.visual_embeds, a.visual_position_ids, n)
+    return embeds, pos, kept_idx, torch.empty_like(a.scoring.cu_seqlens_v), scores
 
 
 def _prune_impl(*args, **kwargs):
     a = _grouped(v.PruneArgs, prune_visual_tokens, args, kwargs)
-    with stage_range("tokenprune.prune_visual_tokens", a.scoring.q.device):
-        v.check_prune(a)
-        # The value checks of stages a-c, once per call and in one device read (the stages then
-        # run unchecked).
-        bounds_v = v.check_prune_values(a)
-        if backend.requested() == "ref":
-            return reference.prune_visual_tokens_ref(*a)
-        s, scores, counts, total = _score_and_count(a, bounds_v)
-        gathered = _select_then(
-            "gather_kept", scores, s.cu_seqlens_v, counts, total, a.visual_embeds,
-            a.visual_position_ids,
-        )  # fmt: skip
-        return (*gathered, scores)
+    return _run(a, lambda s: (a.visual_embeds, a.visual_position_ids))
 
 
 define(PRUNE_SCHEMA, _prune_impl, _prune_fake)
@@ -123,32 +145,22 @@ define(PRUNE_SCHEMA, _prune_impl, _prune_fake)
 def _merge_fake(*args, **kwargs):
     a = _grouped(v.PruneMergeArgs, prune_and_merge, args, kwargs)
     v.check_prune_and_merge(a)
-    ctx = torch.library.get_ctx()
-    n_out, n_kept = ctx.new_dynamic_size(), ctx.new_dynamic_size()
-    return (
-        a.inputs_embeds.new_empty((n_out, a.inputs_embeds.shape[1])),
-        a.position_ids.new_empty((*a.position_ids.shape[:-1], n_out)),
-        torch.empty_like(a.cu_seqlens),
-        a.inputs_embeds.new_empty(n_out, dtype=torch.int64),
-        a.scoring.visual_idx.new_empty(n_kept, dtype=torch.int64),
-        a.scoring.q.new_empty(a.scoring.visual_idx.shape[0], dtype=torch.float32),
-    )
+    kept_idx, scores = _kept_and_scores(a.scoring, torch.library.get_ctx().new_dynamic_size())
+    return (*fake_merged(a.inputs_embeds, a.position_ids, a.cu_seqlens), kept_idx, scores)
 
 
 def _merge_impl(*args, **kwargs):
     a = _grouped(v.PruneMergeArgs, prune_and_merge, args, kwargs)
-    with stage_range("tokenprune.prune_and_merge", a.scoring.q.device):
-        v.check_prune_and_merge(a)
-        # The value checks of stages a-c and the merge, once per call and in one device read.
-        bounds_v = v.check_prune_merge_values(a)
-        if backend.requested() == "ref":
-            return reference.prune_and_merge_ref(*a)
-        s, scores, counts, total = _score_and_count(a, bounds_v)
-        merged = _select_then(
-            "merge_kept", scores, s.cu_seqlens_v, counts, total, a.inputs_embeds, a.position_ids,
-            a.cu_seqlens.contiguous(), a.visual_embeds, s.visual_idx,
-        )  # fmt: skip
-        return (*merged, scores)
+    return _run(
+        a,
+        lambda s: (
+            a.inputs_embeds,
+            a.position_ids,
+            a.cu_seqlens.contiguous(),
+            a.visual_embeds,
+            s.visual_idx,
+        ),
+    )
 
 
 define(MERGE_SCHEMA, _merge_impl, _merge_fake)

@@ -308,16 +308,14 @@ def select_merge_triton(
         Syncs: none with ``total_kept`` and device ``keep_counts``, else one.
     """
     with stage_range("tokenprune.select_merge", scores.device):
-        scores, cu_seqlens_v, keep_counts, cu_seqlens, visual_idx = sel._flat(
-            scores, cu_seqlens_v, keep_counts, cu_seqlens, visual_idx
+        kept_idx, _, cu_seqlens_v = sel._select_flat(
+            scores, cu_seqlens_v, keep_counts, total_kept, block_v, wide
         )
-        total = sel._total_kept(keep_counts, total_kept)
-        kept_idx, _ = sel._select(scores, cu_seqlens_v, keep_counts, total, block_v, wide)
-        src_idx, row_src, cu_out = _merge_maps(
-            cu_seqlens, cu_seqlens_v, visual_idx, kept_idx, inputs_embeds.shape[0]
-        )
-        embeds, pos = _copy_rows(inputs_embeds, visual_embeds, row_src, position_ids, src_idx)
-        return embeds, pos, cu_out, src_idx, kept_idx
+        merged = merge_kept_triton(
+            inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v,
+            kept_idx,
+        )  # fmt: skip
+        return (*merged, kept_idx)
 
 
 def select_gather_triton(
@@ -344,8 +342,7 @@ def select_gather_triton(
         cu_seqlens_kept [B+1] dtype of ``cu_seqlens_v``).
     """
     with stage_range("tokenprune.select_gather", scores.device):
-        scores, cu_seqlens_v, keep_counts = sel._flat(scores, cu_seqlens_v, keep_counts)
-        total = sel._total_kept(keep_counts, total_kept)
-        kept_idx, cu_kept = sel._select(scores, cu_seqlens_v, keep_counts, total, block_v, wide)
-        embeds, pos = _copy_rows(None, visual_embeds, kept_idx, position_ids, kept_idx)
-        return embeds, pos, kept_idx, cu_kept
+        kept_idx, cu_kept, _ = sel._select_flat(
+            scores, cu_seqlens_v, keep_counts, total_kept, block_v, wide
+        )
+        return (*gather_kept_triton(visual_embeds, position_ids, kept_idx), kept_idx, cu_kept)

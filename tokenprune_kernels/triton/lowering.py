@@ -56,6 +56,9 @@ class LoweringCase:
     attrs: dict[Any, Any] | None = None
 
 
+F32, F16, BF16, I32, I64 = torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64
+
+
 def ptr(dtype: torch.dtype) -> str:
     """The Triton pointer type of a tensor of ``dtype`` (``"*fp16"``, ``"*i64"``, ...)."""
     return _PTR[dtype]
@@ -111,6 +114,12 @@ def case(
     return LoweringCase(name, kernel, signature, dict(constexprs), dict(options), attrs)
 
 
+def for_kernel(types: Mapping[str, str], kernel: Any) -> dict[str, str]:
+    """The entries of ``types`` that name arguments of ``kernel`` (types shared by a module's
+    kernels, handed to :func:`case` per kernel)."""
+    return {n: t for n, t in types.items() if n in kernel.arg_names}
+
+
 # ------------------------------------------------------------------------------- attention
 
 
@@ -143,20 +152,27 @@ def _attention_cases(
     types |= {n: ptr(index) for n in ("q_pos_ptr", "visual_idx_ptr", "cu_q_ptr", "cu_k_ptr")}
     types |= {"cu_v_ptr": ptr(index), "m_ptr": "*fp32", "l_ptr": "*fp32", "out_ptr": "*fp32"}
 
-    def typed(kernel: Any) -> dict[str, str]:
-        return {n: t for n, t in types.items() if n in kernel.arg_names}
-
     rows_options = {"num_warps": cfg["num_warps"], "num_stages": cfg["stages_rows"]}
     cols_options = {"num_warps": cfg["num_warps"], "num_stages": cfg["stages_cols"]}
     cols_const = {**common, "BLOCK_V": block_v, "BLOCK_S": triton.next_power_of_2(splits)}
     return [
-        case(f"attention.row_stats[{label}]", att._row_stats_kernel,
-             typed(att._row_stats_kernel), {**common, "BLOCK_N": cfg["BLOCK_N"]}, rows_options,
-             aligned=None),
-        case(f"attention.visual_colsum[{label},S<={splits},BLOCK_V={block_v}]",
-             att._visual_colsum_kernel, typed(att._visual_colsum_kernel), cols_const,
-             cols_options, aligned=None),
-    ]  # fmt: skip
+        case(
+            f"attention.row_stats[{label}]",
+            att._row_stats_kernel,
+            for_kernel(types, att._row_stats_kernel),
+            {**common, "BLOCK_N": cfg["BLOCK_N"]},
+            rows_options,
+            aligned=None,
+        ),
+        case(
+            f"attention.visual_colsum[{label},S<={splits},BLOCK_V={block_v}]",
+            att._visual_colsum_kernel,
+            for_kernel(types, att._visual_colsum_kernel),
+            cols_const,
+            cols_options,
+            aligned=None,
+        ),
+    ]
 
 
 def attention_cases() -> list[LoweringCase]:
@@ -165,15 +181,13 @@ def attention_cases() -> list[LoweringCase]:
     at an odd head dim (D=80, padded to 128)."""
     from tokenprune_kernels.triton.attention import MAX_SPLITS
 
-    f16, b16, f32, i32, i64 = (torch.float16, torch.bfloat16, torch.float32, torch.int32,
-                               torch.int64)  # fmt: skip
     return [
-        *_attention_cases(f16, 128, 7, True, i64, MAX_SPLITS),
-        *_attention_cases(b16, 128, 7, False, i32, 1),
-        *_attention_cases(b16, 128, 7, True, i64, 4, block_v=16),
-        *_attention_cases(f32, 128, 7, True, i64, 5),
-        *_attention_cases(f32, 128, 7, False, i32, 4),
-        *_attention_cases(f16, 80, 4, False, i64, 3, block_v=32),
+        *_attention_cases(F16, 128, 7, True, I64, MAX_SPLITS),
+        *_attention_cases(BF16, 128, 7, False, I32, 1),
+        *_attention_cases(BF16, 128, 7, True, I64, 4, block_v=16),
+        *_attention_cases(F32, 128, 7, True, I64, 5),
+        *_attention_cases(F32, 128, 7, False, I32, 4),
+        *_attention_cases(F16, 80, 4, False, I64, 3, block_v=32),
     ]
 
 
@@ -183,14 +197,32 @@ def attention_cases() -> list[LoweringCase]:
 def _mapper_case(label: str, cu: torch.dtype, kernel_size: int, blocks: tuple[int, int, int]):
     from tokenprune_kernels.triton import mapper as mp
 
-    types = {"attn_ptr": "*fp32", "cu_ptr": ptr(cu), "params_ptr": "*fp32", "meta_ptr": "*i32",
-             "scratch_ptr": "*fp32", "out_ptr": "*fp32", "input_eps": "fp32"}  # fmt: skip
+    types = {
+        "attn_ptr": "*fp32",
+        "cu_ptr": ptr(cu),
+        "params_ptr": "*fp32",
+        "meta_ptr": "*i32",
+        "scratch_ptr": "*fp32",
+        "out_ptr": "*fp32",
+        "input_eps": "fp32",
+    }
     block_m, block_k, block_n = blocks
-    constexprs = {"KSIZE": kernel_size, "BLOCK_M": block_m, "BLOCK_K": block_k,
-                  "BLOCK_N": block_n, "DOT_PRECISION": mp.DOT_PRECISION}  # fmt: skip
+    constexprs = {
+        "KSIZE": kernel_size,
+        "BLOCK_M": block_m,
+        "BLOCK_K": block_k,
+        "BLOCK_N": block_n,
+        "DOT_PRECISION": mp.DOT_PRECISION,
+    }
     options = {"num_warps": mp.NUM_WARPS, "num_stages": mp.NUM_STAGES}
-    return case(f"mapper.forward[{label}]", mp._mapper_forward_kernel, types, constexprs, options,
-                aligned=None)  # fmt: skip
+    return case(
+        f"mapper.forward[{label}]",
+        mp._mapper_forward_kernel,
+        types,
+        constexprs,
+        options,
+        aligned=None,
+    )
 
 
 def mapper_cases() -> list[LoweringCase]:
@@ -215,11 +247,17 @@ def select_cases() -> list[LoweringCase]:
     from tokenprune_kernels.triton import select as sel
 
     def types(score: torch.dtype, cu: torch.dtype) -> dict[str, str]:
-        return {"scores_ptr": ptr(score), "cu_v_ptr": ptr(cu), "counts_ptr": "*i64",
-                "hist_ptr": "*i32", "kept_ptr": "*i64", "cu_kept_ptr": ptr(cu)}  # fmt: skip
+        return {
+            "scores_ptr": ptr(score),
+            "cu_v_ptr": ptr(cu),
+            "counts_ptr": "*i64",
+            "hist_ptr": "*i32",
+            "kept_ptr": "*i64",
+            "cu_kept_ptr": ptr(cu),
+        }
 
     def kernel_case(kernel: Any, label: str, score, cu, constexprs, aligned=()) -> LoweringCase:
-        wanted = {n: t for n, t in types(score, cu).items() if n in kernel.arg_names}
+        wanted = for_kernel(types(score, cu), kernel)
         name = (
             f"select.{label}[{ptr(score)[1:]},cu={ptr(cu)[1:]}"
             + "".join(f",{k}={v}" for k, v in constexprs.items() if k == "PASS")
@@ -228,30 +266,39 @@ def select_cases() -> list[LoweringCase]:
         return case(name, kernel, wanted, constexprs, {"num_warps": sel.SELECT_WARPS}, aligned)
 
     def serial(score, cu):
-        return kernel_case(sel._select_kernel, "select", score, cu,
-                           {"BLOCK": sel.BLOCK_V, "BLOCK_B": sel.BLOCK_B})  # fmt: skip
+        return kernel_case(
+            sel._select_kernel, "select", score, cu, {"BLOCK": sel.BLOCK_V, "BLOCK_B": sel.BLOCK_B}
+        )
 
     def radix(score, cu, p):
-        return kernel_case(sel._radix_pass_kernel, "radix_pass", score, cu,
-                           {"PASS": p, "BLOCK": sel.BLOCK_V, "S_MAX": sel.WIDE_SLICES},
-                           ("slice_len",))  # fmt: skip
+        return kernel_case(
+            sel._radix_pass_kernel,
+            "radix_pass",
+            score,
+            cu,
+            {"PASS": p, "BLOCK": sel.BLOCK_V, "S_MAX": sel.WIDE_SLICES},
+            ("slice_len",),
+        )
 
     def compact(score, cu):
-        return kernel_case(sel._wide_compact_kernel, "wide_compact", score, cu,
-                           {"BLOCK": sel.BLOCK_V, "BLOCK_B": sel.BLOCK_B,
-                            "S_MAX": sel.WIDE_SLICES}, ("slice_len",))  # fmt: skip
+        return kernel_case(
+            sel._wide_compact_kernel,
+            "wide_compact",
+            score,
+            cu,
+            {"BLOCK": sel.BLOCK_V, "BLOCK_B": sel.BLOCK_B, "S_MAX": sel.WIDE_SLICES},
+            ("slice_len",),
+        )
 
-    f32, f16, b16, i32, i64 = (torch.float32, torch.float16, torch.bfloat16, torch.int32,
-                               torch.int64)  # fmt: skip
     return [
-        serial(f32, i32),
-        serial(f16, i64),
-        serial(b16, i32),
-        *(radix(f32, i64, p) for p in range(4)),
-        radix(b16, i32, 0),
-        radix(f16, i32, 3),
-        compact(f32, i32),
-        compact(b16, i64),
+        serial(F32, I32),
+        serial(F16, I64),
+        serial(BF16, I32),
+        *(radix(F32, I64, p) for p in range(4)),
+        radix(BF16, I32, 0),
+        radix(F16, I32, 3),
+        compact(F32, I32),
+        compact(BF16, I64),
     ]
 
 
@@ -264,37 +311,58 @@ def gather_cases() -> list[LoweringCase]:
     from tokenprune_kernels.triton import gather as g
 
     def maps(cu: torch.dtype, vidx: torch.dtype) -> LoweringCase:
-        types = {"cu_ptr": ptr(cu), "cu_v_ptr": ptr(cu), "vidx_ptr": ptr(vidx),
-                 "kept_ptr": "*i64", "src_ptr": "*i64", "row_src_ptr": "*i64",
-                 "cu_out_ptr": ptr(cu)}  # fmt: skip
-        return case(f"gather.merge_maps[cu={ptr(cu)[1:]},visual_idx={ptr(vidx)[1:]}]",
-                    g._merge_maps_kernel, types, {"BLOCK": g.MAPS_BLOCK},
-                    {"num_warps": g.MAPS_WARPS})  # fmt: skip
+        types = {
+            "cu_ptr": ptr(cu),
+            "cu_v_ptr": ptr(cu),
+            "vidx_ptr": ptr(vidx),
+            "kept_ptr": "*i64",
+            "src_ptr": "*i64",
+            "row_src_ptr": "*i64",
+            "cu_out_ptr": ptr(cu),
+        }
+        return case(
+            f"gather.merge_maps[cu={ptr(cu)[1:]},visual_idx={ptr(vidx)[1:]}]",
+            g._merge_maps_kernel,
+            types,
+            {"BLOCK": g.MAPS_BLOCK},
+            {"num_warps": g.MAPS_WARPS},
+        )
 
     def copy(emb, pos, has_text: bool, block_h: int, aligned_h: bool = True) -> LoweringCase:
         """``aligned_h``: H and the row strides divisible by 16 (H = 3584, say), as a launch
         sees them."""
-        types = {"out_ptr": ptr(emb), "text_ptr": ptr(emb), "vis_ptr": ptr(emb),
-                 "row_src_ptr": "*i64", "pos_out_ptr": ptr(pos), "pos_in_ptr": ptr(pos),
-                 "pos_idx_ptr": "*i64"}  # fmt: skip
+        types = {
+            "out_ptr": ptr(emb),
+            "text_ptr": ptr(emb),
+            "vis_ptr": ptr(emb),
+            "row_src_ptr": "*i64",
+            "pos_out_ptr": ptr(pos),
+            "pos_in_ptr": ptr(pos),
+            "pos_idx_ptr": "*i64",
+        }
         kind = "merge" if has_text else "gather"
-        name = (f"gather.copy_rows[{ptr(emb)[1:]},pos={ptr(pos)[1:]},{kind},BLOCK_H={block_h},"
-                f"H%16={'0' if aligned_h else '?'}]")  # fmt: skip
+        name = (
+            f"gather.copy_rows[{ptr(emb)[1:]},pos={ptr(pos)[1:]},{kind},BLOCK_H={block_h},"
+            f"H%16={'0' if aligned_h else '?'}]"
+        )
         ints = ("hidden", "stride_out", "stride_text", "stride_vis") if aligned_h else ()
-        return case(name, g._copy_rows_kernel, types,
-                    {"BLOCK_R": g.COPY_ROWS, "BLOCK_H": block_h, "HAS_TEXT": has_text},
-                    {"num_warps": g.COPY_WARPS}, ints)  # fmt: skip
+        return case(
+            name,
+            g._copy_rows_kernel,
+            types,
+            {"BLOCK_R": g.COPY_ROWS, "BLOCK_H": block_h, "HAS_TEXT": has_text},
+            {"num_warps": g.COPY_WARPS},
+            ints,
+        )
 
-    f32, f16, b16, i32, i64 = (torch.float32, torch.float16, torch.bfloat16, torch.int32,
-                               torch.int64)  # fmt: skip
     return [
-        maps(i32, i64),
-        maps(i64, i32),
-        copy(f16, i64, True, g.COPY_MAX_H),
-        copy(b16, i32, True, g.COPY_MAX_H),
-        copy(f32, i64, True, g.COPY_MAX_H),
-        copy(f32, i32, False, g.COPY_MAX_H),
-        copy(b16, i64, False, 128, aligned_h=False),
+        maps(I32, I64),
+        maps(I64, I32),
+        copy(F16, I64, True, g.COPY_MAX_H),
+        copy(BF16, I32, True, g.COPY_MAX_H),
+        copy(F32, I64, True, g.COPY_MAX_H),
+        copy(F32, I32, False, g.COPY_MAX_H),
+        copy(BF16, I64, False, 128, aligned_h=False),
     ]
 
 

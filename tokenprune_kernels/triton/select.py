@@ -377,6 +377,19 @@ def select_topk_triton(
         device ``keep_counts``, else one.
     """
     with stage_range("tokenprune.select_topk", scores.device):
-        scores, cu_seqlens_v, keep_counts = _flat(scores, cu_seqlens_v, keep_counts)
-        total = _total_kept(keep_counts, total_kept)
-        return _select(scores, cu_seqlens_v, keep_counts, total, block_v, wide)
+        return _select_flat(scores, cu_seqlens_v, keep_counts, total_kept, block_v, wide)[:2]
+
+
+def _select_flat(
+    scores: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    keep_counts: torch.Tensor,
+    total_kept: int | None,
+    block_v: int,
+    wide: bool | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_select` on the flat (contiguous) inputs: (kept_idx, cu_seqlens_kept, the flat
+    ``cu_seqlens_v``, for the fused functions of :mod:`.gather` to reuse)."""
+    scores, cu_seqlens_v, keep_counts = _flat(scores, cu_seqlens_v, keep_counts)
+    total = _total_kept(keep_counts, total_kept)
+    return (*_select(scores, cu_seqlens_v, keep_counts, total, block_v, wide), cu_seqlens_v)
