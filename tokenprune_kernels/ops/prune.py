@@ -46,16 +46,21 @@ MERGE_SCHEMA = (
 def _grouped(cls: type, public: Callable, args: tuple, kwargs: dict) -> Any:
     """A call of a composite - flat, as its schema (and ``public``, its Python function, which
     takes the same arguments) orders them - grouped into ``cls`` (the reference's order)."""
-    bound = _signature(public).bind(*args, **kwargs)
-    bound.apply_defaults()
-    call = bound.arguments
+    names, defaults = _parameters(public)
+    call = {**defaults, **dict(zip(names, args, strict=False)), **kwargs}
     scoring = v.ScoringArgs(**{f: call[f] for f in v.ScoringArgs._fields})
     mapper = v.MapperArgs(*(call[f"mapper_{f}"] for f in v.MapperArgs._fields))
     rest = {f: call[f] for f in cls._fields if f not in ("scoring", "mapper")}
     return cls(scoring=scoring, mapper=mapper, **rest)
 
 
-_signature = functools.cache(inspect.signature)
+@functools.cache
+def _parameters(public: Callable) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """``public``'s parameter names, in order, and their defaults (read once: binding a call
+    with ``inspect.Signature.bind`` costs tens of microseconds)."""
+    params = inspect.signature(public).parameters
+    defaults = {n: p.default for n, p in params.items() if p.default is not p.empty}
+    return tuple(params), defaults
 
 
 def _select_then(last: str, scores, cu_seqlens_v, counts, total, *rest) -> tuple:
