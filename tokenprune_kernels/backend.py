@@ -43,12 +43,12 @@ kernel needs to exist at all. A C++ CPU ``instruction_attention`` (private op
 
 A CUDA kernel: ``csrc/cuda/<stage>.cu`` (torch-free, launcher in ``kernels.h``), its glue in
 ``csrc/cuda/ops_cuda.cpp`` (``TORCH_LIBRARY_IMPL(tokenprune, CUDA, m)``), ``csrc/sources.txt``,
-the schema line if the private op is new, and ``"cuda": Impl(kernel=...)``. A Triton kernel:
-``tokenprune_kernels/triton/<stage>.py`` (kernels and a host function taking the convention),
-its cases in ``triton/lowering.py``, and ``"triton": Impl(f"{_TRITON}.<stage>:<function>")``.
-Dispatch, fake registration, ``tokenprune env``, the Triton exports, the lowering check and the
-tests' backend lists follow from the entry. Nothing here touches a device or imports an
-implementation before its first call.
+the schema line if the private op is new, and ``"cuda": Impl(kernel=..., fake=...)`` (the same
+fake as a ``cpp`` entry of that op). A Triton kernel: ``tokenprune_kernels/triton/<stage>.py``
+(kernels and a host function taking the convention), its cases in ``triton/lowering.py``, and
+``"triton": Impl(f"{_TRITON}.<stage>:<function>")``. Dispatch, fake registration, ``tokenprune
+env``, the Triton exports, the lowering check and the tests' backend lists follow from the entry.
+Nothing here touches a device or imports an implementation before its first call.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ CONVENTIONS: dict[str, tuple[str, ...]] = {
         "inputs_embeds", "position_ids", "cu_seqlens", "visual_embeds", "visual_idx",
         "cu_seqlens_v", "kept_idx",
     ),
-    # Fused: the first stage's arguments, then the second's but what the first produces.
+    # Fused: the first stage's arguments, then the second's less those the first takes or makes.
     "select_topk+gather_kept": (
         "scores", "cu_seqlens_v", "keep_counts", "visual_embeds", "position_ids",
     ),
