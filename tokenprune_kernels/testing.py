@@ -201,3 +201,28 @@ def _why_not(name: str, device: str, op: str) -> str:
     if name in ("cpp", "cuda") and not _extension.available():
         return f"{name}: the compiled extension is not built ({_extension.load_error()})"
     return f"{name} has no {op} kernel for {device} tensors here"
+
+
+def backend_params(op: str) -> list:
+    """:func:`backend_cases` as pytest parameters ``(backend_name, device)``, id'd by the backend's
+    name, those that cannot run here skipped with the reason (imports pytest: for tests only)."""
+    import pytest
+
+    return [
+        pytest.param(name, device, id=name, marks=[pytest.mark.skip(reason=why)] if why else [])
+        for name, device, why in backend_cases(op)
+    ]
+
+
+def planted_scores(
+    n: int, dtype: torch.dtype, gen: torch.Generator, levels: int = 4
+) -> torch.Tensor:
+    """[n] scores of ``dtype`` with few distinct values (ties everywhere, negatives) and NaN,
+    +-inf, -0.0 and +0.0 planted at random places: what a selection must order by the contract's
+    rules rather than by luck."""
+    s = (torch.randint(-levels, levels + 1, (n,), generator=gen).float() / 2).to(dtype)
+    specials = [float("nan"), float("inf"), float("-inf"), -0.0, 0.0, float("nan"), -0.0]
+    pick = torch.randperm(n, generator=gen)[: min(n, len(specials))]
+    for i, p in enumerate(pick.tolist()):
+        s[p] = specials[i]
+    return s

@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
-from stage_backends import backend_params
 
 import tokenprune_kernels as tp
 from tokenprune_kernels import backend
 from tokenprune_kernels.reference import instruction_attention_ref
-from tokenprune_kernels.testing import make_inputs, simple_layout
+from tokenprune_kernels.testing import backend_params, make_inputs, simple_layout
 
 
 def naive_instruction_attention(inp, scale=None):

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from stage_backends import backend_params
 
 import tokenprune_kernels as tp
 from tokenprune_kernels import backend
 from tokenprune_kernels.reference import gather_kept_ref, merge_kept_ref
-from tokenprune_kernels.testing import make_inputs, strided
+from tokenprune_kernels.testing import backend_params, make_inputs, strided
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GATHER_BACKENDS = backend_params("gather_kept")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from stage_backends import backend_params
 
 import tokenprune_kernels as tp
 from tokenprune_kernels import backend
 from tokenprune_kernels.mapper import MapperConfig, TokenMapper
 from tokenprune_kernels.mapper.functional import mapper_forward_ref
-from tokenprune_kernels.testing import strided
+from tokenprune_kernels.testing import backend_params, strided
 
 BACKENDS = backend_params("mapper_forward")
 # Ragged batches with empty samples and samples shorter than the kernel's halo.

@@ -7,12 +7,11 @@ import zlib
 
 import pytest
 import torch
-from stage_backends import backend_params
 
 import tokenprune_kernels as tp
 from tokenprune_kernels import backend, reference
 from tokenprune_kernels.mapper import MapperConfig, TokenMapper
-from tokenprune_kernels.testing import PruningInputs, make_inputs, strided
+from tokenprune_kernels.testing import PruningInputs, backend_params, make_inputs, strided
 
 LAYOUTS = [
     [("t", 3), ("v", 29), ("t", 2), ("v", 13), ("q", 4), ("t", 2)],

@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
-from stage_backends import backend_params
 
 import tokenprune_kernels as tp
 from tokenprune_kernels import backend, reference
 from tokenprune_kernels.reference import keep_counts_ref, score_keys_ref, select_topk_ref
-from tokenprune_kernels.testing import strided
+from tokenprune_kernels.testing import backend_params, strided
 
 BACKENDS = backend_params("select_topk")
 

@@ -21,13 +21,12 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-from stage_backends import backend_params
 
 import tokenprune_kernels as tp
 from tokenprune_kernels import backend, reference
 from tokenprune_kernels.mapper import MapperConfig, TokenMapper
 from tokenprune_kernels.ops.select import keep_counts_from_bounds, keep_counts_host
-from tokenprune_kernels.testing import make_inputs
+from tokenprune_kernels.testing import backend_params, make_inputs
 
 READ_METHODS = ("item", "tolist", "__bool__", "__int__", "__index__", "__float__")
 

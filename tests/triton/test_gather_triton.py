@@ -11,7 +11,6 @@ import torch
 
 pytest.importorskip("triton")
 
-from triton_cases import planted
 
 from tokenprune_kernels.reference import (
     gather_kept_ref,
@@ -19,7 +18,7 @@ from tokenprune_kernels.reference import (
     merge_kept_ref,
     select_topk_ref,
 )
-from tokenprune_kernels.testing import make_inputs
+from tokenprune_kernels.testing import make_inputs, planted_scores
 from tokenprune_kernels.triton import gather as gat
 
 pytestmark = [pytest.mark.interpret, pytest.mark.usefixtures("poisoned_buffers")]
@@ -108,7 +107,7 @@ def test_merge_matches_reference(dtype, index_dtype, rows, device, gen):
 )
 def test_select_merge_matches_reference(wide, dtype, index_dtype, rows, device, gen):
     inp, args = merge_args(dtype, index_dtype, rows, gen)
-    scores = planted(inp.visual_idx.numel(), dtype, gen)
+    scores = planted_scores(inp.visual_idx.numel(), dtype, gen)
     for ratio in (0.3, 1.0):
         counts = keep_counts_ref(inp.cu_seqlens_v, keep_ratio=ratio)
         kept, _ = select_topk_ref(scores, inp.cu_seqlens_v, counts)
@@ -124,7 +123,7 @@ def test_select_merge_matches_reference(wide, dtype, index_dtype, rows, device, 
 def test_select_gather_matches_reference(wide, rows, device, gen):
     inp = make_inputs(LAYOUTS, hidden=24, dtype=torch.float16, generator=gen)
     pos = inp.visual_position_ids if rows == 3 else inp.visual_position_ids[2]
-    scores = planted(inp.visual_idx.numel(), torch.float32, gen)
+    scores = planted_scores(inp.visual_idx.numel(), torch.float32, gen)
     counts = keep_counts_ref(inp.cu_seqlens_v, keep_ratio=0.45)
     kept, cu_kept = select_topk_ref(scores, inp.cu_seqlens_v, counts)
     want = (*gather_kept_ref(inp.visual_embeds, pos, kept), kept, cu_kept)
@@ -139,7 +138,7 @@ def test_production_sizes_once(device, gen):
     """Production chunk sizes end to end: the fused paths with the default schedule."""
     layouts = [[("t", 7), ("v", 2500), ("q", 5)], [("t", 3), ("q", 2)], [("v", 40), ("q", 1)]]
     inp, args = merge_args(torch.bfloat16, torch.int64, 3, gen, hidden=16, layouts=layouts)
-    scores = planted(inp.visual_idx.numel(), torch.float16, gen, levels=30)
+    scores = planted_scores(inp.visual_idx.numel(), torch.float16, gen, levels=30)
     counts = keep_counts_ref(inp.cu_seqlens_v, keep_ratio=0.25)
     kept, cu_kept = select_topk_ref(scores, inp.cu_seqlens_v, counts)
     got = gat.select_merge_triton(*moved((scores, inp.cu_seqlens_v, counts, *args[:5]), device))

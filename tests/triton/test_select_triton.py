@@ -14,13 +14,13 @@ pytest.importorskip("triton")
 
 import triton
 import triton.language as tl
-from triton_cases import planted
 
 from tokenprune_kernels.reference import (
     keep_counts_ref,
     score_keys_ref,
     select_topk_ref,
 )
+from tokenprune_kernels.testing import planted_scores
 from tokenprune_kernels.triton import select as sel
 
 pytestmark = [pytest.mark.interpret, pytest.mark.usefixtures("poisoned_buffers")]
@@ -81,7 +81,7 @@ def test_score_keys_match_reference(device):
 @pytest.mark.parametrize("n", SIZES)
 def test_select_sizes_and_keep_counts(n, device, gen):
     for dtype in FLOATS:
-        scores = planted(n, dtype, gen)
+        scores = planted_scores(n, dtype, gen)
         for k in sorted({1, max(1, n // 3), max(1, n - 1), n}):
             check_select(scores, torch.tensor([0, n]), torch.tensor([k]), device)
     scores = torch.randn(n, generator=gen)
@@ -93,7 +93,7 @@ def test_select_sizes_and_keep_counts(n, device, gen):
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_select_ragged_batch_with_empty_samples(wide, index_dtype, device, gen):
     sizes = [0, 7, 0, 1, 40, 2, 0, 97, 0]
-    scores, cu = pack([planted(n, torch.float32, gen) if n else torch.empty(0) for n in sizes],
+    scores, cu = pack([planted_scores(n, torch.float32, gen) if n else torch.empty(0) for n in sizes],
                       index_dtype)  # fmt: skip
     block = 32 if wide else SMALL_BLOCK  # wide: 5 slices, the 97-token sample spans 4
     for ratio in (0.05, 0.5, 1.0):
@@ -143,7 +143,10 @@ def test_select_production_chunk(device, gen):
     """The production BLOCK_V, serial and wide: a sample spanning three chunks (wide: three
     slices) next to a short one."""
     scores, cu = pack(
-        [planted(4099, torch.float32, gen, levels=40), planted(13, torch.float32, gen)]
+        [
+            planted_scores(4099, torch.float32, gen, levels=40),
+            planted_scores(13, torch.float32, gen),
+        ]
     )
     for wide in SCHEDULES:
         check_select(scores, cu, keep_counts_ref(cu, keep_ratio=0.25), device, wide, sel.BLOCK_V)
@@ -157,7 +160,7 @@ def test_select_schedule_by_size(device, gen, monkeypatch):
         kernel = getattr(sel, name)
         monkeypatch.setattr(sel, name, _Recorder(kernel, name, launched))
     for n, want in ((40, "_select_kernel"), (150, "_wide_compact_kernel")):
-        scores = planted(n, torch.float32, gen)
+        scores = planted_scores(n, torch.float32, gen)
         cu, counts = torch.tensor([0, n]), torch.tensor([n // 4])
         got, _ = sel.select_topk_triton(scores.to(device), cu.to(device), counts, block_v=32)
         assert torch.equal(got.cpu(), select_topk_ref(scores, cu, counts)[0])
