@@ -38,6 +38,19 @@ inline int64_t rows_per_task(int64_t row_bytes) {
   return std::max<int64_t>(1, kCopyBytesPerTask / std::max<int64_t>(row_bytes, 1));
 }
 
+// Row o < n of `out` (dense rows of `row_bytes`) = the `row_bytes` at `source(o)`: one memcpy per
+// row, the rows split across the intra-op threads.
+template <class Source>
+void copy_rows(at::Tensor& out, int64_t n, int64_t row_bytes, const Source& source) {
+  if (row_bytes == 0) return;
+  char* dst = static_cast<char*>(out.mutable_data_ptr());
+  at::parallel_for(0, n, rows_per_task(row_bytes), [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      std::memcpy(dst + o * row_bytes, source(o), static_cast<size_t>(row_bytes));
+    }
+  });
+}
+
 // out[i, o] = pos[i, src[o]] for i < R, o < n_out.
 template <typename index_t>
 void gather_columns(const at::Tensor& pos, const int64_t* src, int64_t n_out, at::Tensor& out) {
@@ -97,15 +110,7 @@ std::tuple<at::Tensor, at::Tensor> gather_kept_cpu(const at::Tensor& visual_embe
 
   const RowView src = row_view(visual_embeds);
   const int64_t row_bytes = hidden * static_cast<int64_t>(visual_embeds.element_size());
-  char* dst = static_cast<char*>(embeds.mutable_data_ptr());
-  if (row_bytes > 0) {
-    at::parallel_for(0, tk, rows_per_task(row_bytes), [&](int64_t begin, int64_t end) {
-      for (int64_t o = begin; o < end; ++o) {
-        std::memcpy(dst + o * row_bytes, src.data + idx[o] * src.row_stride,
-                    static_cast<size_t>(row_bytes));
-      }
-    });
-  }
+  copy_rows(embeds, tk, row_bytes, [&](int64_t o) { return src.data + idx[o] * src.row_stride; });
   gather_position_ids(position_ids, idx, tk, pos);
   return {embeds, pos};
 }
@@ -189,16 +194,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_kept_cpu(
   const RowView text = row_view(inputs_embeds);
   const RowView vis = row_view(visual_embeds);
   const int64_t row_bytes = hidden * static_cast<int64_t>(inputs_embeds.element_size());
-  char* dst = static_cast<char*>(embeds.mutable_data_ptr());
-  if (row_bytes > 0) {
-    at::parallel_for(0, t_out, rows_per_task(row_bytes), [&](int64_t begin, int64_t end) {
-      for (int64_t o = begin; o < end; ++o) {
-        const char* from = vsrc[o] >= 0 ? vis.data + vsrc[o] * vis.row_stride
-                                        : text.data + src[o] * text.row_stride;
-        std::memcpy(dst + o * row_bytes, from, static_cast<size_t>(row_bytes));
-      }
-    });
-  }
+  copy_rows(embeds, t_out, row_bytes, [&](int64_t o) {
+    return vsrc[o] >= 0 ? vis.data + vsrc[o] * vis.row_stride
+                        : text.data + src[o] * text.row_stride;
+  });
   gather_position_ids(position_ids, src, t_out, pos);
   return {embeds, pos, cu_out_t, src_idx};
 }

@@ -122,6 +122,13 @@ def _locate_tile(
 
 
 @triton.jit
+def _segment(cu_ptr, b):
+    """(start, length) of sample ``b`` in packed offsets ``cu_ptr``, as int32."""
+    start = tl.load(cu_ptr + b).to(tl.int32)
+    return start, tl.load(cu_ptr + b + 1).to(tl.int32) - start
+
+
+@triton.jit
 def _load_q_tile(
     q_ptr,
     q_pos_ptr,
@@ -199,10 +206,8 @@ def _row_stats_kernel(
     b, local, total = _locate_tile(cu_q_ptr, cu_v_ptr, n_batch, tile, GROUP, BLOCK_M)
     if tile >= total:
         return
-    q_start = tl.load(cu_q_ptr + b).to(tl.int32)
-    n_q = tl.load(cu_q_ptr + b + 1).to(tl.int32) - q_start
-    k_start = tl.load(cu_k_ptr + b).to(tl.int32)
-    n_k = tl.load(cu_k_ptr + b + 1).to(tl.int32) - k_start
+    q_start, n_q = _segment(cu_q_ptr, b)
+    k_start, n_k = _segment(cu_k_ptr, b)
 
     rows = local * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_q * GROUP
@@ -301,12 +306,9 @@ def _visual_colsum_kernel(
     b, local, total = _locate_tile(cu_v_ptr, cu_v_ptr, n_batch, tile, 1, BLOCK_V)
     if tile >= total:
         return
-    q_start = tl.load(cu_q_ptr + b).to(tl.int32)
-    n_q = tl.load(cu_q_ptr + b + 1).to(tl.int32) - q_start
-    k_start = tl.load(cu_k_ptr + b).to(tl.int32)
-    n_k = tl.load(cu_k_ptr + b + 1).to(tl.int32) - k_start
-    v_start = tl.load(cu_v_ptr + b).to(tl.int32)
-    n_v = tl.load(cu_v_ptr + b + 1).to(tl.int32) - v_start
+    q_start, n_q = _segment(cu_q_ptr, b)
+    k_start, n_k = _segment(cu_k_ptr, b)
+    v_start, n_v = _segment(cu_v_ptr, b)
 
     cols = local * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < n_v

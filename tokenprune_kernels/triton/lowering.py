@@ -197,32 +197,12 @@ def attention_cases() -> list[LoweringCase]:
 def _mapper_case(label: str, cu: torch.dtype, kernel_size: int, blocks: tuple[int, int, int]):
     from tokenprune_kernels.triton import mapper as mp
 
-    types = {
-        "attn_ptr": "*fp32",
-        "cu_ptr": ptr(cu),
-        "params_ptr": "*fp32",
-        "meta_ptr": "*i32",
-        "scratch_ptr": "*fp32",
-        "out_ptr": "*fp32",
-        "input_eps": "fp32",
-    }
-    block_m, block_k, block_n = blocks
-    constexprs = {
-        "KSIZE": kernel_size,
-        "BLOCK_M": block_m,
-        "BLOCK_K": block_k,
-        "BLOCK_N": block_n,
-        "DOT_PRECISION": mp.DOT_PRECISION,
-    }
+    types = {"attn_ptr": "*fp32", "cu_ptr": ptr(cu), "params_ptr": "*fp32", "meta_ptr": "*i32"}
+    types |= {"scratch_ptr": "*fp32", "out_ptr": "*fp32", "input_eps": "fp32"}
     options = {"num_warps": mp.NUM_WARPS, "num_stages": mp.NUM_STAGES}
-    return case(
-        f"mapper.forward[{label}]",
-        mp._mapper_forward_kernel,
-        types,
-        constexprs,
-        options,
-        aligned=None,
-    )
+    kernel = mp._mapper_forward_kernel
+    constexprs = mp._constexprs(kernel_size, *blocks)
+    return case(f"mapper.forward[{label}]", kernel, types, constexprs, options, aligned=None)
 
 
 def mapper_cases() -> list[LoweringCase]:

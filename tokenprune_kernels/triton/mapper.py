@@ -76,6 +76,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import triton
@@ -487,12 +488,19 @@ def mapper_forward_triton(
             packed.act_stride // 16,
             packed.dw_stride // 16,
             float(input_eps),
-            KSIZE=kernel_size,
-            BLOCK_M=block_m,
-            BLOCK_K=block_k,
-            BLOCK_N=block_n,
-            DOT_PRECISION=DOT_PRECISION,
+            **_constexprs(kernel_size, block_m, block_k, block_n),
             num_warps=NUM_WARPS,
             num_stages=NUM_STAGES,
         )
         return out
+
+
+def _constexprs(kernel_size: int, block_m: int, block_k: int, block_n: int) -> dict[str, Any]:
+    """The kernel's constexpr arguments for a launch (and for its lowering cases)."""
+    return {
+        "KSIZE": kernel_size,
+        "BLOCK_M": block_m,
+        "BLOCK_K": block_k,
+        "BLOCK_N": block_n,
+        "DOT_PRECISION": DOT_PRECISION,
+    }
