@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from tokenprune_kernels import backend, reference
-from tokenprune_kernels.bench import N_AFTER, N_INSTRUCTION, N_SYSTEM, QWEN2_VL_7B, environment
+from tokenprune_kernels.bench import QWEN2_VL_7B, bench_inputs, environment
 from tokenprune_kernels.mapper import MapperConfig, TokenMapper
 from tokenprune_kernels.ops import (
     instruction_attention,
@@ -40,7 +40,7 @@ from tokenprune_kernels.ops import (
     prune_and_merge,
     select_topk,
 )
-from tokenprune_kernels.testing import PruningInputs, make_inputs, simple_layout
+from tokenprune_kernels.testing import PruningInputs
 
 STAGES = ("attention", "mapper", "select", "merge", "composite", "composite_free")
 IMPLS = ("triton", "eager", "compile")
@@ -132,25 +132,6 @@ def stage_traffic(
 
 
 # ----------------------------------------------------------------------------- callables
-def make_sets(n_visual: int, sets: int, device: str, dtype: torch.dtype, dims: dict) -> list:
-    layout = simple_layout(n_visual, N_INSTRUCTION, n_system=N_SYSTEM, n_after=N_AFTER)
-    return [
-        make_inputs(
-            [layout],
-            dtype=dtype,
-            device=device,
-            qk_std=1.5,
-            generator=torch.Generator().manual_seed(7919 * n_visual + i),
-            **dims,
-        )
-        for i in range(sets)
-    ]
-
-
-def _args_attention(s: PruningInputs) -> tuple:
-    return (s.q, s.k, s.cu_seqlens_q, s.cu_seqlens_k, s.visual_idx, s.cu_seqlens_v)
-
-
 def _args_merge(s: PruningInputs) -> tuple:
     return (s.inputs_embeds, s.position_ids, s.cu_seqlens, s.visual_embeds, s.visual_idx,
             s.cu_seqlens_v)  # fmt: skip
@@ -171,7 +152,7 @@ def stage_fns(
             fns.append(_triton_fn(stage, s, a, kidx, params, keep))
             continue
         if stage == "attention":
-            fns.append(lambda s=s, f=ref.instruction_attention_ref: f(*_args_attention(s)))
+            fns.append(lambda s=s, f=ref.instruction_attention_ref: f(*s.scoring()))
         elif stage == "mapper":
             fns.append(
                 lambda s=s, a=a, f=ref.mapper_forward_ref: f(
@@ -186,7 +167,7 @@ def stage_fns(
             p = params if stage == "composite" else []
             fns.append(
                 lambda s=s, p=p, f=ref.prune_and_merge_ref: f(
-                    s.q, s.k, s.cu_seqlens_q, s.cu_seqlens_k, *_args_merge(s), p, 5, 1e-4, keep
+                    s.scoring(), *_args_merge(s)[:4], reference.MapperArgs(p, 5, 1e-4), keep
                 )
             )
         else:
@@ -196,7 +177,7 @@ def stage_fns(
 
 def _triton_fn(stage, s, a, kidx, params, keep) -> Callable[[], object]:
     if stage == "attention":
-        return lambda: instruction_attention(*_args_attention(s))
+        return lambda: instruction_attention(*s.scoring())
     if stage == "mapper":
         return lambda: mapper_forward(a, s.cu_seqlens_v, params)
     if stage == "select":
@@ -278,9 +259,9 @@ def run(args: argparse.Namespace) -> tuple[list[Row], float]:
     bandwidth = copy_bandwidth(device, args.smoke)
     rows: list[Row] = []
     for n in args.n_visual:
-        sets_ = make_sets(n, args.sets, device, dtype, dims)
+        sets_ = bench_inputs(n, args.sets, device, dtype, dims, seed=7919)
         with torch.no_grad():
-            attn = [reference.instruction_attention_ref(*_args_attention(s)) for s in sets_]
+            attn = [reference.instruction_attention_ref(*s.scoring()) for s in sets_]
         for stage in args.stages:
             for keep in (None,) if stage in KEEP_FREE else tuple(args.keep):
                 kept = None

@@ -1,9 +1,11 @@
-// Schemas of every op in torch.ops.tokenprune, and the Python module `tokenprune_kernels._C`.
+// Schemas of the private ops in torch.ops.tokenprune, and the Python module `tokenprune_kernels._C`.
 //
-// The strings below are byte-identical to tokenprune_kernels/ops/schemas.py (PUBLIC_SCHEMAS and
-// COMPILED_SCHEMAS); tests/ops/test_schemas.py compares the two. Public ops get no C++ kernel here:
-// the Python side registers their CPU/CUDA implementations and routes between backends. The
-// private ops get kernels in csrc/cpu/*.cpp (CPU) and csrc/cuda/ops_cuda.cpp (CUDA builds).
+// Each private op (the compiled kernels of one stage, called by the op layer once it has
+// validated the public op's arguments) is defined here and nowhere else. Their CPU kernels are in
+// csrc/cpu/*.cpp, their CUDA kernels (CUDA builds) in csrc/cuda/ops_cuda.cpp; the op table in
+// tokenprune_kernels/backend.py says which stage each implements, and names its fake. The public
+// ops (instruction_attention, select_topk, ...) are defined in Python, each in its stage module
+// tokenprune_kernels/ops/<stage>.py.
 //
 // Importing `tokenprune_kernels._C` loads this shared object, which runs the static
 // registrations; the module itself exposes no functions. It uses only the stable Python C API, so
@@ -13,38 +15,6 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(tokenprune, m) {
-  // ---- public ops (implemented on the Python side) ----
-  m.def(
-      "instruction_attention(Tensor q, Tensor k, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-      "Tensor visual_idx, Tensor cu_seqlens_v, Tensor? q_pos=None, float? softmax_scale=None) "
-      "-> Tensor");
-  m.def(
-      "mapper_forward(Tensor attn, Tensor cu_seqlens_v, Tensor[] params, int kernel_size, "
-      "float input_eps) -> Tensor");
-  m.def(
-      "select_topk(Tensor scores, Tensor cu_seqlens_v, float? keep_ratio=None, "
-      "int? keep_count=None) -> (Tensor, Tensor)");
-  m.def(
-      "gather_kept(Tensor visual_embeds, Tensor position_ids, Tensor kept_idx) -> (Tensor, Tensor)");
-  m.def(
-      "merge_kept(Tensor inputs_embeds, Tensor position_ids, Tensor cu_seqlens, "
-      "Tensor visual_embeds, Tensor visual_idx, Tensor cu_seqlens_v, Tensor kept_idx) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "prune_visual_tokens(Tensor q, Tensor k, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-      "Tensor visual_idx, Tensor cu_seqlens_v, Tensor visual_embeds, Tensor visual_position_ids, "
-      "Tensor[] mapper_params, int mapper_kernel_size=5, float mapper_input_eps=0.0001, "
-      "float? keep_ratio=None, int? keep_count=None, Tensor? q_pos=None, "
-      "float? softmax_scale=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "prune_and_merge(Tensor q, Tensor k, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-      "Tensor inputs_embeds, Tensor position_ids, Tensor cu_seqlens, Tensor visual_embeds, "
-      "Tensor visual_idx, Tensor cu_seqlens_v, Tensor[] mapper_params, "
-      "int mapper_kernel_size=5, float mapper_input_eps=0.0001, float? keep_ratio=None, "
-      "int? keep_count=None, Tensor? q_pos=None, float? softmax_scale=None) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-
-  // ---- private ops (kernels in this extension) ----
   m.def("_select_topk(Tensor scores, Tensor cu_seqlens_v, Tensor keep_counts) -> (Tensor, Tensor)");
   m.def(
       "_gather_kept(Tensor visual_embeds, Tensor position_ids, Tensor kept_idx) "
@@ -60,7 +30,8 @@ namespace {
 PyModuleDef tokenprune_module = {
     PyModuleDef_HEAD_INIT,
     "_C",
-    "Compiled kernels of tokenprune_kernels; importing it registers torch.ops.tokenprune.",
+    "Compiled kernels of tokenprune_kernels; importing it registers torch.ops.tokenprune's private "
+    "ops.",
     -1,
     nullptr,
 };

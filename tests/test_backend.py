@@ -19,7 +19,7 @@ def test_extension_builds_where_required():
     if os.environ.get("TOKENPRUNE_REQUIRE_EXT") != "1":
         pytest.skip("TOKENPRUNE_REQUIRE_EXT is not set")
     assert _extension.available(), _extension.load_error()
-    for op in ("_select_topk", "_gather_kept", "_merge_kept"):
+    for op in backend.kernels():
         assert _extension.has_kernel(op, "CPU"), op
 
 
@@ -28,11 +28,14 @@ def test_describe_covers_every_public_op():
 
 
 def test_auto_prefers_compiled_on_cpu():
+    """Every stage with a C++ kernel in the op table runs it on CPU (when built), the rest ref."""
     table = backend.describe("cpu")
-    expected = "cpp" if _extension.available() else "ref"
-    for op in ("select_topk", "gather_kept", "merge_kept"):
-        assert table[op] == expected
-    assert table["instruction_attention"] == "ref"  # no CPU fast path for it yet
+    for op in STAGE_OPS:
+        compiled = "cpp" in backend.OPS[op] and _extension.available()
+        assert table[op] == ("cpp" if compiled else "ref"), op
+    assert {op for op in STAGE_OPS if "cpp" in backend.OPS[op]} >= {
+        "select_topk", "gather_kept", "merge_kept"
+    }  # fmt: skip
 
 
 def test_env_var_forces_reference(monkeypatch):
@@ -58,7 +61,9 @@ def test_forcing_a_backend_an_op_lacks_uses_the_reference(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert backend.choose("select_topk", "cpu") == "triton"
     monkeypatch.setenv(backend.ENV_VAR, "cpp")
-    assert backend.choose("instruction_attention", "cpu") == "ref"  # no C++ attention kernel
+    lacking = [op for op in STAGE_OPS if "cpp" not in backend.OPS[op]]
+    for op in lacking:  # no C++ kernel in the table (attention and mapper, today)
+        assert backend.choose(op, "cpu") == "ref"
 
 
 def test_triton_is_never_chosen_automatically_on_cpu(monkeypatch):
@@ -102,8 +107,7 @@ def test_missing_extension_is_said_once(monkeypatch, caplog):
 def test_auto_on_cuda_takes_triton_where_no_compiled_kernel(monkeypatch):
     monkeypatch.setenv(backend.ENV_VAR, "auto")
     table = backend.describe("cuda")
-    assert table["instruction_attention"] == table["mapper_forward"] == "triton"
-    assert table["select_topk"] == "triton"  # there is no compiled CUDA select
-    for op in ("gather_kept", "merge_kept"):
+    for op in STAGE_OPS:
         compiled = backend.implemented(op, "cuda", "cuda")
-        assert table[op] == ("cuda" if compiled else "triton")
+        assert table[op] == ("cuda" if compiled else "triton"), op
+    assert "cuda" not in backend.OPS["select_topk"]  # there is no compiled CUDA select

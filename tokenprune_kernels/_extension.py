@@ -43,6 +43,15 @@ def path() -> str | None:
     return getattr(_ext, "__file__", None)
 
 
+def defined(op: str) -> bool:
+    """Whether ``tokenprune::<op>`` exists (a private op exists only when the extension loaded)."""
+    try:
+        torch._C._dispatch_find_schema_or_throw(f"tokenprune::{op}", "")
+    except RuntimeError:
+        return False
+    return True
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``tokenprune::<op>`` has a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
     if _ext is None:

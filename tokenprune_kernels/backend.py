@@ -1,9 +1,17 @@
-"""Which implementation runs each op on each device: decided here and nowhere else.
+"""The op table: which backend implements which stage, and the choice made from it.
+
+:data:`OPS` says which backends implement each stage op and with what, :data:`FUSED` which stage
+pairs a backend runs as one, :data:`COMPOSITES` which stages each composite chains, and
+:data:`CONVENTIONS` what every implementation of a stage is called with. Everything else is
+derived from them: the backend that runs an op (:func:`choose`), the call itself (:func:`call`,
+:func:`fused`, :func:`run`), ``tokenprune env``'s listing (:func:`describe`), the private compiled
+ops whose fakes get registered (:func:`kernels`), the Triton modules and their lowering for sm_90
+(:func:`triton_functions`), and the backends each parity test runs (:func:`backends`).
 
 Backends:
     ``ref``    plain PyTorch (:mod:`tokenprune_kernels.reference`), every op, every device.
-    ``cpp``    the compiled extension's CPU kernels (``torch.ops.tokenprune._*``).
-    ``cuda``   the compiled extension's CUDA kernels (CUDA builds only).
+    ``cpp``    a CPU kernel of the compiled extension (a private op ``torch.ops.tokenprune._*``).
+    ``cuda``   a CUDA kernel of the compiled extension (CUDA builds only).
     ``triton`` Triton kernels (CUDA tensors, or any tensor under ``TRITON_INTERPRET=1``).
 
 Automatic choice, per op: on CPU ``cpp`` then ``ref``; on CUDA ``cuda``, ``triton``, then ``ref``.
@@ -11,34 +19,164 @@ Automatic choice, per op: on CPU ``cpp`` then ``ref``; on CUDA ``cuda``, ``trito
 every op it implements on that device; the other ops use ``ref``. ``auto`` (or unset) is the
 automatic choice. Forcing a compiled backend when the extension did not load is an error.
 
-In the composites, when ``select_topk`` runs on ``triton`` the selection and the gather/merge run
-fused in Triton (whatever backend the stand-alone gather/merge would get).
+Fusion (stated here only): when ``select_topk`` runs on a backend that :data:`FUSED` lists for
+(select, gather) or (select, merge) - Triton - the composites run the selection and the gather or
+merge as that one implementation (one compaction pass writes the kept rows straight into the
+output), whatever backend the stand-alone gather or merge would get.
+
+Calling convention: an implementation of a stage takes :data:`CONVENTIONS` positionally (the
+public op's own arguments, validated by :mod:`tokenprune_kernels.ops`; select takes the
+per-sample keep counts instead of the keep rule) plus the keywords its entry lists in ``hints``
+(``total_kept``: the sum of the keep counts, known on the host), and returns what the public op
+returns. ``tests/ops/test_schemas.py`` checks every entry against it.
+
+Adding a backend for one stage touches its kernel file and one entry here, plus what a compiled
+kernel needs to exist at all. A C++ CPU ``instruction_attention`` (private op
+``_instruction_attention``; ``_mapper_forward`` likewise):
+
+1. ``csrc/cpu/attention.cpp``: the kernel, registered with
+   ``TORCH_LIBRARY_IMPL(tokenprune, CPU, m) { m.impl("_instruction_attention", ...); }``;
+2. ``csrc/sources.txt``: ``cpp: csrc/cpu/attention.cpp`` (the source list of both builds);
+3. ``csrc/torch_bindings.cpp``: its schema, one ``m.def`` taking the stage's
+   :data:`CONVENTIONS` (then it needs no adapter, and the public op's fake is its fake);
+4. here: ``"cpp": Impl(kernel="_instruction_attention", fake=f"{_OPS}.attention:_fake")``.
+
+A CUDA kernel: ``csrc/cuda/<stage>.cu`` (torch-free, launcher in ``kernels.h``), its glue in
+``csrc/cuda/ops_cuda.cpp`` (``TORCH_LIBRARY_IMPL(tokenprune, CUDA, m)``), ``csrc/sources.txt``,
+the schema line if the private op is new, and ``"cuda": Impl(kernel=..., fake=...)`` (the same
+fake as a ``cpp`` entry of that op). A Triton kernel: ``tokenprune_kernels/triton/<stage>.py``
+(kernels and a host function taking the convention), its cases in ``triton/lowering.py``, and
+``"triton": Impl(f"{_TRITON}.<stage>:<function>")``. Dispatch, fake registration, ``tokenprune
+env``, the Triton exports, the lowering check and the tests' backend lists follow from the entry.
+Nothing here touches a device or imports an implementation before its first call.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 from tokenprune_kernels import _extension
 
 ENV_VAR = "TOKENPRUNE_BACKEND"
 BACKENDS = ("ref", "cpp", "cuda", "triton")
 _PREFERENCE = {"cpu": ("cpp", "ref"), "cuda": ("cuda", "triton", "ref")}
+#: The compiled backends: their device type and the dispatch key of their kernels.
+_COMPILED = {"cpp": ("cpu", "CPU"), "cuda": ("cuda", "CUDA")}
 
-#: Stage ops and the private compiled op that implements each in C++/CUDA.
-COMPILED_OP = {
-    "select_topk": "_select_topk",
-    "gather_kept": "_gather_kept",
-    "merge_kept": "_merge_kept",
+
+@dataclass(frozen=True)
+class Impl:
+    """One backend's implementation of one stage.
+
+    Attributes:
+        call: ``"module:function"`` following the stage's calling convention, imported on first
+            use. Empty for a private op called as is (``torch.ops.tokenprune.<kernel>``).
+        kernel: for ``cpp``/``cuda``, the private compiled op; the entry is available where that
+            op has a kernel for the backend's dispatch key.
+        fake: ``"module:function"``, the fake of ``kernel`` (registered by the op layer).
+        hints: keyword arguments the implementation takes beyond the convention (``total_kept``).
+    """
+
+    call: str = ""
+    kernel: str = ""
+    fake: str = ""
+    hints: tuple[str, ...] = ()
+
+
+#: Stage (or fused pair) -> the positional arguments of every implementation, in order.
+CONVENTIONS: dict[str, tuple[str, ...]] = {
+    "instruction_attention": (
+        "q", "k", "cu_seqlens_q", "cu_seqlens_k", "visual_idx", "cu_seqlens_v", "q_pos",
+        "softmax_scale",
+    ),
+    "mapper_forward": ("attn", "cu_seqlens_v", "params", "kernel_size", "input_eps"),
+    "select_topk": ("scores", "cu_seqlens_v", "keep_counts"),
+    "gather_kept": ("visual_embeds", "position_ids", "kept_idx"),
+    "merge_kept": (
+        "inputs_embeds", "position_ids", "cu_seqlens", "visual_embeds", "visual_idx",
+        "cu_seqlens_v", "kept_idx",
+    ),
+    # Fused: the first stage's arguments, then the second's less those the first takes or makes.
+    "select_topk+gather_kept": (
+        "scores", "cu_seqlens_v", "keep_counts", "visual_embeds", "position_ids",
+    ),
+    "select_topk+merge_kept": (
+        "scores", "cu_seqlens_v", "keep_counts", "inputs_embeds", "position_ids", "cu_seqlens",
+        "visual_embeds", "visual_idx",
+    ),
+}  # fmt: skip
+
+_OPS = "tokenprune_kernels.ops"
+_REF = "tokenprune_kernels.reference"
+_TRITON = "tokenprune_kernels.triton"
+_TOTAL = ("total_kept",)
+
+_GATHER = Impl(
+    f"{_OPS}.gather:_gather_kept_compiled", "_gather_kept", f"{_OPS}.gather:_gather_kept_fake"
+)
+_MERGE = Impl(
+    f"{_OPS}.gather:_merge_kept_compiled", "_merge_kept", f"{_OPS}.gather:_merge_kept_fake"
+)
+
+#: Stage op -> backend -> implementation (the conventions are in the module docstring).
+OPS: dict[str, dict[str, Impl]] = {
+    "instruction_attention": {
+        "ref": Impl(f"{_REF}:instruction_attention_ref"),
+        "triton": Impl(f"{_TRITON}.attention:instruction_attention_triton"),
+    },
+    "mapper_forward": {
+        "ref": Impl(f"{_OPS}.mapper:_mapper_forward_ref"),
+        "triton": Impl(f"{_TRITON}.mapper:mapper_forward_triton"),
+    },
+    "select_topk": {
+        "ref": Impl(f"{_REF}:select_topk_ref"),
+        "cpp": Impl(kernel="_select_topk", fake=f"{_OPS}.select:_select_topk_fake"),
+        "triton": Impl(f"{_TRITON}.select:select_topk_triton", hints=_TOTAL),
+    },
+    "gather_kept": {
+        "ref": Impl(f"{_REF}:gather_kept_ref"),
+        "cpp": _GATHER,
+        "cuda": _GATHER,
+        "triton": Impl(f"{_TRITON}.gather:gather_kept_triton"),
+    },
+    "merge_kept": {
+        "ref": Impl(f"{_REF}:merge_kept_ref"),
+        "cpp": _MERGE,
+        "cuda": _MERGE,
+        "triton": Impl(f"{_TRITON}.gather:merge_kept_triton"),
+    },
 }
-STAGE_OPS = ("instruction_attention", "mapper_forward", "select_topk", "gather_kept", "merge_kept")
-#: Stage ops with a Triton implementation (:mod:`tokenprune_kernels.triton`): all of them.
-TRITON_OPS = frozenset(STAGE_OPS)
-COMPOSITE_OPS = ("prune_visual_tokens", "prune_and_merge")
+
+#: (stage, next stage) -> backend -> one implementation of both (see "Fusion" above).
+FUSED: dict[tuple[str, str], dict[str, Impl]] = {
+    ("select_topk", "gather_kept"): {
+        "triton": Impl(f"{_TRITON}.gather:select_gather_triton", hints=_TOTAL),
+    },
+    ("select_topk", "merge_kept"): {
+        "triton": Impl(f"{_TRITON}.gather:select_merge_triton", hints=_TOTAL),
+    },
+}
+
+#: Composite op -> the stages it chains, in order (mapper_forward only when given parameters).
+COMPOSITES: dict[str, tuple[str, ...]] = {
+    "prune_visual_tokens": (
+        "instruction_attention",
+        "mapper_forward",
+        "select_topk",
+        "gather_kept",
+    ),
+    "prune_and_merge": ("instruction_attention", "mapper_forward", "select_topk", "merge_kept"),
+}
+
+STAGE_OPS = tuple(OPS)
+COMPOSITE_OPS = tuple(COMPOSITES)
 
 _override: str | None = None
 
@@ -56,19 +194,26 @@ def _triton_usable(device_type: str) -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
-def implemented(op: str, backend: str, device_type: str) -> bool:
-    """Whether ``backend`` implements stage ``op`` for tensors on ``device_type``."""
+def _usable(impl: Impl, backend: str, device_type: str) -> bool:
     if backend == "ref":
         return True
-    if backend in ("cpp", "cuda"):
-        if (backend == "cpp") != (device_type == "cpu"):
-            return False
-        compiled = COMPILED_OP.get(op)
-        key = "CPU" if backend == "cpp" else "CUDA"
-        return compiled is not None and _extension.has_kernel(compiled, key)
-    if backend == "triton":
-        return op in TRITON_OPS and _triton_usable(device_type)
-    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend in _COMPILED:
+        device, key = _COMPILED[backend]
+        return device_type == device and _extension.has_kernel(impl.kernel, key)
+    return _triton_usable(device_type)
+
+
+def implemented(op: str, backend: str, device_type: str) -> bool:
+    """Whether ``backend`` implements stage ``op`` for tensors on ``device_type`` (here, now)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    impl = OPS[op].get(backend)
+    return impl is not None and _usable(impl, backend, device_type)
+
+
+def backends(op: str) -> tuple[str, ...]:
+    """Every backend the table lists for stage ``op`` (whether or not it can run here)."""
+    return tuple(b for b in BACKENDS if b in OPS[op])
 
 
 def requested() -> str:
@@ -77,7 +222,7 @@ def requested() -> str:
     value = value.strip().lower() or "auto"
     if value != "auto" and value not in BACKENDS:
         raise ValueError(f"{ENV_VAR} must be one of auto, {', '.join(BACKENDS)}; got {value!r}")
-    if value in ("cpp", "cuda") and not _extension.available():
+    if value in _COMPILED and not _extension.available():
         raise RuntimeError(
             f"{ENV_VAR}={value} needs the compiled extension, which did not load: "
             f"{_extension.load_error()}"
@@ -98,20 +243,76 @@ def choose(op: str, device_type: str) -> str:
     return "ref"
 
 
+def fused(op: str, next_op: str, device_type: str) -> Impl | None:
+    """The implementation that runs stage ``op`` and ``next_op`` as one on ``device_type``, when
+    ``op``'s backend (:func:`choose`) has one in :data:`FUSED`; else None."""
+    return FUSED.get((op, next_op), {}).get(choose(op, device_type))
+
+
+def resolve(target: str) -> Any:
+    """The object a ``"module:name"`` target names (the module imported now if it was not)."""
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@functools.cache
+def _load(impl: Impl) -> Callable[..., Any]:
+    if not impl.call:
+        import torch
+
+        return getattr(torch.ops.tokenprune, impl.kernel)
+    return resolve(impl.call)
+
+
+def run(impl: Impl, *args: Any, **hints: Any) -> Any:
+    """Call ``impl`` with its stage's arguments; of ``hints`` it gets those it lists."""
+    return _load(impl)(*args, **{k: v for k, v in hints.items() if k in impl.hints})
+
+
+def call(op: str, device_type: str, *args: Any, **hints: Any) -> Any:
+    """Run stage ``op`` on the backend :func:`choose` picks for ``device_type``, with the stage's
+    (validated) arguments and ``hints``."""
+    return run(OPS[op][choose(op, device_type)], *args, **hints)
+
+
+def kernels() -> dict[str, str]:
+    """Every private compiled op the table names -> its fake (``"module:function"``)."""
+    found: dict[str, str] = {}
+    for impls in OPS.values():
+        for impl in impls.values():
+            if impl.kernel and impl.fake:
+                found[impl.kernel] = impl.fake
+    return found
+
+
+def triton_functions() -> dict[str, str]:
+    """Host function -> its module in :mod:`tokenprune_kernels.triton`, for every Triton
+    implementation the table names (what that package exports and lowers for sm_90)."""
+    found: dict[str, str] = {}
+    for impls in (*OPS.values(), *FUSED.values()):
+        if "triton" in impls:
+            module, function = impls["triton"].call.split(":")
+            found[function] = module.rsplit(".", 1)[1]
+    return found
+
+
 def describe(device_type: str) -> dict[str, str]:
     """op -> backend for every public op on ``device_type`` (composites list their stages)."""
-    table = {op: choose(op, device_type) for op in STAGE_OPS}
+    table = {op: choose(op, device_type) for op in OPS}
     forced = requested()
-    for op in COMPOSITE_OPS:
+    for op, stages in COMPOSITES.items():
         if forced == "ref":
             table[op] = "ref"
             continue
-        last = "merge_kept" if "merge" in op else "gather_kept"
-        parts = [f"{s}={table[s]}" for s in ("instruction_attention", "mapper_forward")]
-        if table["select_topk"] == "triton":
-            parts.append(f"select_topk+{last}=triton(fused)")
-        else:
-            parts += [f"select_topk={table['select_topk']}", f"{last}={table[last]}"]
+        parts, i = [], 0
+        while i < len(stages):
+            pair = stages[i : i + 2]
+            if len(pair) == 2 and fused(*pair, device_type) is not None:
+                parts.append(f"{pair[0]}+{pair[1]}={table[pair[0]]}(fused)")
+                i += 2
+            else:
+                parts.append(f"{stages[i]}={table[stages[i]]}")
+                i += 1
         table[op] = "stages(" + ", ".join(parts) + ")"
     return table
 

@@ -37,14 +37,7 @@ N_AFTER = 5  # "<|im_end|>\n<|im_start|>assistant\n"
 N_VISUAL = (1024, 4096, 16384)
 KEEP_RATIOS = (0.5, 0.25)
 STAGE_KEEP_INDEPENDENT = ("instruction_attention", "mapper_forward")
-BENCH_OPS = (
-    "instruction_attention",
-    "mapper_forward",
-    "select_topk",
-    "gather_kept",
-    "merge_kept",
-    "prune_and_merge",
-)
+BENCH_OPS = (*backend.STAGE_OPS, "prune_and_merge")
 
 
 @dataclass
@@ -79,8 +72,16 @@ def backends_for(op: str, device_type: str) -> list[str]:
     return ["ref", *fast]
 
 
-def bench_inputs(n_visual: int, sets: int, device: str, dtype: torch.dtype) -> list[PruningInputs]:
-    """``sets`` random input sets of one Qwen2-VL-7B-shaped prompt with ``n_visual`` tokens."""
+def bench_inputs(
+    n_visual: int,
+    sets: int,
+    device: str,
+    dtype: torch.dtype,
+    dims: dict[str, int] = QWEN2_VL_7B,
+    seed: int = 1000,
+) -> list[PruningInputs]:
+    """``sets`` random input sets of one prompt with ``n_visual`` visual tokens, model ``dims``
+    (Qwen2-VL-7B's by default); set ``s`` is seeded with ``seed * n_visual + s``."""
     layout = simple_layout(n_visual, N_INSTRUCTION, n_system=N_SYSTEM, n_after=N_AFTER)
     return [
         make_inputs(
@@ -88,8 +89,8 @@ def bench_inputs(n_visual: int, sets: int, device: str, dtype: torch.dtype) -> l
             dtype=dtype,
             device=device,
             qk_std=1.5,
-            generator=torch.Generator().manual_seed(1000 * n_visual + s),
-            **QWEN2_VL_7B,
+            generator=torch.Generator().manual_seed(seed * n_visual + s),
+            **dims,
         )
         for s in range(sets)
     ]

@@ -40,7 +40,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
     print()
     if _extension.available():
         print(f"compiled extension: loaded from {_extension.path()}")
-        for op in ("_select_topk", "_gather_kept", "_merge_kept"):
+        for op in backend.kernels():
             keys = [k for k in ("CPU", "CUDA") if _extension.has_kernel(op, k)]
             print(f"  {op:20s} kernels: {', '.join(keys) or 'none'}")
     else:

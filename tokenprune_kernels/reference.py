@@ -13,9 +13,11 @@ from collections.abc import Sequence
 import torch
 
 from tokenprune_kernels.mapper.functional import mapper_forward_ref
-from tokenprune_kernels.validation import segment_ids
+from tokenprune_kernels.validation import MapperArgs, ScoringArgs, segment_ids
 
 __all__ = [
+    "MapperArgs",
+    "ScoringArgs",
     "gather_kept_ref",
     "instruction_attention_ref",
     "keep_counts_ref",
@@ -226,86 +228,54 @@ def merge_kept_ref(
     )
 
 
-def _scores_ref(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    visual_idx: torch.Tensor,
-    cu_seqlens_v: torch.Tensor,
-    mapper_params: Sequence[torch.Tensor],
-    mapper_kernel_size: int,
-    mapper_input_eps: float,
-    q_pos: torch.Tensor | None,
-    softmax_scale: float | None,
-) -> torch.Tensor:
-    attn = instruction_attention_ref(
-        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale
-    )
-    if len(mapper_params) == 0:
+#: The default of the reference composites: no mapper, the raw attention is ranked.
+_NO_MAPPER = MapperArgs()
+
+
+def _scores_ref(s: ScoringArgs, m: MapperArgs) -> torch.Tensor:
+    attn = instruction_attention_ref(*s)
+    if len(m.params) == 0:
         return attn
-    return mapper_forward_ref(
-        attn, cu_seqlens_v, mapper_params, mapper_kernel_size, mapper_input_eps, validate=False
-    )
+    return mapper_forward_ref(attn, s.cu_seqlens_v, *m, validate=False)
 
 
 def prune_visual_tokens_ref(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    visual_idx: torch.Tensor,
-    cu_seqlens_v: torch.Tensor,
+    scoring: ScoringArgs,
     visual_embeds: torch.Tensor,
     visual_position_ids: torch.Tensor,
-    mapper_params: Sequence[torch.Tensor] = (),
-    mapper_kernel_size: int = 5,
-    mapper_input_eps: float = 1e-4,
+    mapper: MapperArgs = _NO_MAPPER,
     keep_ratio: float | None = None,
     keep_count: int | None = None,
-    q_pos: torch.Tensor | None = None,
-    softmax_scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stages a-d chained. Returns (kept_embeds, kept_position_ids, kept_idx, cu_seqlens_kept,
+    """Stages a-d chained: ``prune_visual_tokens`` with its arguments grouped (``scoring``: those
+    of :func:`instruction_attention_ref`; ``mapper``: params, kernel size, input eps, no params
+    for the raw attention). Returns (kept_embeds, kept_position_ids, kept_idx, cu_seqlens_kept,
     scores [Tv] float32)."""
-    scores = _scores_ref(
-        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v,
-        mapper_params, mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale,
-    )  # fmt: skip
-    counts = keep_counts_ref(cu_seqlens_v, keep_ratio, keep_count)
-    kept_idx, cu_kept = select_topk_ref(scores, cu_seqlens_v, counts)
+    scores = _scores_ref(scoring, mapper)
+    counts = keep_counts_ref(scoring.cu_seqlens_v, keep_ratio, keep_count)
+    kept_idx, cu_kept = select_topk_ref(scores, scoring.cu_seqlens_v, counts)
     kept_embeds, kept_pos = gather_kept_ref(visual_embeds, visual_position_ids, kept_idx)
     return kept_embeds, kept_pos, kept_idx, cu_kept, scores
 
 
 def prune_and_merge_ref(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
+    scoring: ScoringArgs,
     inputs_embeds: torch.Tensor,
     position_ids: torch.Tensor,
     cu_seqlens: torch.Tensor,
     visual_embeds: torch.Tensor,
-    visual_idx: torch.Tensor,
-    cu_seqlens_v: torch.Tensor,
-    mapper_params: Sequence[torch.Tensor] = (),
-    mapper_kernel_size: int = 5,
-    mapper_input_eps: float = 1e-4,
+    mapper: MapperArgs = _NO_MAPPER,
     keep_ratio: float | None = None,
     keep_count: int | None = None,
-    q_pos: torch.Tensor | None = None,
-    softmax_scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stages a-c then the merge. Returns (embeds, position_ids_out, cu_seqlens_out, src_idx,
+    """Stages a-c then the merge: ``prune_and_merge`` with its arguments grouped as in
+    :func:`prune_visual_tokens_ref`. Returns (embeds, position_ids_out, cu_seqlens_out, src_idx,
     kept_idx, scores)."""
-    scores = _scores_ref(
-        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v,
-        mapper_params, mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale,
-    )  # fmt: skip
-    counts = keep_counts_ref(cu_seqlens_v, keep_ratio, keep_count)
-    kept_idx, _ = select_topk_ref(scores, cu_seqlens_v, counts)
+    scores = _scores_ref(scoring, mapper)
+    counts = keep_counts_ref(scoring.cu_seqlens_v, keep_ratio, keep_count)
+    kept_idx, _ = select_topk_ref(scores, scoring.cu_seqlens_v, counts)
     merged = merge_kept_ref(
-        inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx
-    )
+        inputs_embeds, position_ids, cu_seqlens, visual_embeds, scoring.visual_idx,
+        scoring.cu_seqlens_v, kept_idx,
+    )  # fmt: skip
     return (*merged, kept_idx, scores)

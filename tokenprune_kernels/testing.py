@@ -8,12 +8,14 @@ header, say) is in the full sequence only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib.util
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import torch
 
-from tokenprune_kernels.validation import segment_ids
+from tokenprune_kernels import _extension, backend
+from tokenprune_kernels.validation import ScoringArgs, segment_ids
 
 Segment = tuple[str, int]
 
@@ -36,14 +38,43 @@ class PruningInputs:
     cu_seqlens: torch.Tensor  # [B+1]
     queries_last: bool  # True when every sample's queries are the last keys (q_pos may be None)
 
+    def scoring(self, q_pos: bool = False) -> ScoringArgs:
+        """Stage a's arguments (``q_pos`` passed only when asked: None otherwise)."""
+        return ScoringArgs(
+            self.q, self.k, self.cu_seqlens_q, self.cu_seqlens_k, self.visual_idx,
+            self.cu_seqlens_v, self.q_pos if q_pos else None,
+        )  # fmt: skip
+
     def to(self, device: torch.device | str) -> PruningInputs:
-        values = {
-            f.name: (
-                getattr(self, f.name).to(device) if f.name != "queries_last" else self.queries_last
-            )
-            for f in fields(self)
-        }
-        return PruningInputs(**values)
+        return self._map(lambda t: t.to(device))
+
+    def strided(self) -> PruningInputs:
+        """The same inputs, every tensor a non-contiguous view (see :func:`strided`)."""
+        return self._map(strided)
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PruningInputs:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PruningInputs(
+            **{k: fn(t) if isinstance(t, torch.Tensor) else t for k, t in values.items()}
+        )
+
+
+def strided(t: torch.Tensor, fill: float | None = None) -> torch.Tensor:
+    """``t``'s values in a non-contiguous view of a larger buffer: along the last axis every other
+    element, from storage offset 1; the gaps hold ``fill``. A kernel that ignores strides and
+    reads the view as flat memory reads ``fill``: by default a huge value (an out-of-range index,
+    a score that wins every selection), so it shows.
+
+    Any shape with at least one axis and one element per row; a 0-D tensor comes back as is.
+    """
+    if t.dim() == 0:
+        return t
+    if fill is None:
+        fill = 1e4 if t.is_floating_point() else 1 << 30
+    buf = torch.full((*t.shape[:-1], 2 * t.shape[-1] + 1), fill, dtype=t.dtype, device=t.device)
+    view = buf[..., 1::2]
+    view.copy_(t)
+    return view
 
 
 def simple_layout(
@@ -139,3 +170,59 @@ def make_inputs(
         queries_last=queries_last,
     )
     return inputs.to(device)
+
+
+def backend_cases(op: str) -> list[tuple[str, str, str | None]]:
+    """``(backend, device, why not)`` for every backend the op table lists for ``op`` (for a
+    composite: for any of its stages), in table order: what the parity tests run over.
+
+    ``device`` is where the backend's kernels take tensors: ``cuda`` for ``cuda``, for ``triton``
+    too when a GPU is visible (else the CPU, under the interpreter: ``TRITON_INTERPRET=1`` must be
+    set before the first kernel import), ``cpu`` otherwise. ``why not`` is None when the backend
+    runs ``op`` there now, else the reason it cannot (no extension, no GPU, no Triton).
+    """
+    stages = backend.COMPOSITES.get(op, (op,))
+    cases = []
+    for name in backend.BACKENDS:
+        if not any(name in backend.OPS[stage] for stage in stages):
+            continue
+        gpu = torch.cuda.is_available()
+        device = "cuda" if name == "cuda" or (name == "triton" and gpu) else "cpu"
+        runs = any(backend.implemented(stage, name, device) for stage in stages)
+        cases.append((name, device, None if runs else _why_not(name, device, op)))
+    return cases
+
+
+def _why_not(name: str, device: str, op: str) -> str:
+    if device == "cuda" and not torch.cuda.is_available():
+        return f"{name}: needs a CUDA GPU"
+    if name == "triton" and importlib.util.find_spec("triton") is None:
+        return "triton: not installed"
+    if name in ("cpp", "cuda") and not _extension.available():
+        return f"{name}: the compiled extension is not built ({_extension.load_error()})"
+    return f"{name} has no {op} kernel for {device} tensors here"
+
+
+def backend_params(op: str) -> list:
+    """:func:`backend_cases` as pytest parameters ``(backend_name, device)``, id'd by the backend's
+    name, those that cannot run here skipped with the reason (imports pytest: for tests only)."""
+    import pytest
+
+    return [
+        pytest.param(name, device, id=name, marks=[pytest.mark.skip(reason=why)] if why else [])
+        for name, device, why in backend_cases(op)
+    ]
+
+
+def planted_scores(
+    n: int, dtype: torch.dtype, gen: torch.Generator, levels: int = 4
+) -> torch.Tensor:
+    """[n] scores of ``dtype`` with few distinct values (ties everywhere, negatives) and NaN,
+    +-inf, -0.0 and +0.0 planted at random places: what a selection must order by the contract's
+    rules rather than by luck."""
+    s = (torch.randint(-levels, levels + 1, (n,), generator=gen).float() / 2).to(dtype)
+    specials = [float("nan"), float("inf"), float("-inf"), -0.0, 0.0, float("nan"), -0.0]
+    pick = torch.randperm(n, generator=gen)[: min(n, len(specials))]
+    for i, p in enumerate(pick.tolist()):
+        s[p] = specials[i]
+    return s

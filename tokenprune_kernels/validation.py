@@ -24,11 +24,91 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+class ScoringArgs(NamedTuple):
+    """Stage a's arguments, in ``instruction_attention``'s order (so ``ScoringArgs(*args,
+    **kwargs)`` binds a call of it): the scoring prefix of both composites, carried as one value
+    through the op layer, the checks and the reference composites."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    visual_idx: torch.Tensor
+    cu_seqlens_v: torch.Tensor
+    q_pos: torch.Tensor | None = None
+    softmax_scale: float | None = None
+
+    def contiguous(self) -> ScoringArgs:
+        """The same arguments with the 1-D offsets and indices contiguous (each copied only when
+        it is not already): what a kernel reading flat memory needs, made once per call."""
+        flat = {
+            n: getattr(self, n).contiguous() for n in _SCORING_1D if getattr(self, n) is not None
+        }
+        return self._replace(**flat)
+
+
+_SCORING_1D = ("cu_seqlens_q", "cu_seqlens_k", "visual_idx", "cu_seqlens_v", "q_pos")
+
+
+class MapperArgs(NamedTuple):
+    """The mapper's configuration as ``mapper_forward`` takes it: ``params`` (empty: no mapper,
+    the composites then rank the raw attention), ``kernel_size``, ``input_eps``."""
+
+    params: Sequence[torch.Tensor] = ()
+    kernel_size: int = 5
+    input_eps: float = 1e-4
+
+
+class MergeArgs(NamedTuple):
+    """``merge_kept``'s arguments, in its order (``MergeArgs(*args, **kwargs)`` binds a call)."""
+
+    inputs_embeds: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    visual_embeds: torch.Tensor
+    visual_idx: torch.Tensor
+    cu_seqlens_v: torch.Tensor
+    kept_idx: torch.Tensor
+
+
+class PruneArgs(NamedTuple):
+    """``prune_visual_tokens``'s arguments grouped, in ``prune_visual_tokens_ref``'s order."""
+
+    scoring: ScoringArgs
+    visual_embeds: torch.Tensor
+    visual_position_ids: torch.Tensor
+    mapper: MapperArgs
+    keep_ratio: float | None
+    keep_count: int | None
+
+
+class PruneMergeArgs(NamedTuple):
+    """``prune_and_merge``'s arguments grouped, in ``prune_and_merge_ref``'s order."""
+
+    scoring: ScoringArgs
+    inputs_embeds: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    visual_embeds: torch.Tensor
+    mapper: MapperArgs
+    keep_ratio: float | None
+    keep_count: int | None
+
+    def merge(self, kept_idx: torch.Tensor) -> MergeArgs:
+        """The merge's arguments for ``kept_idx`` (the visual indices and offsets: stage a's)."""
+        s = self.scoring
+        return MergeArgs(
+            self.inputs_embeds, self.position_ids, self.cu_seqlens, self.visual_embeds,
+            s.visual_idx, s.cu_seqlens_v, kept_idx,
+        )  # fmt: skip
 
 
 def _fail(message: str) -> None:
@@ -230,24 +310,17 @@ def _position_masks(
     return masks
 
 
-def _scoring_masks(
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    visual_idx: torch.Tensor,
-    cu_seqlens_v: torch.Tensor,
-    q_pos: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None = None,
-) -> list[torch.Tensor]:
+def _scoring_masks(s: ScoringArgs, cu_seqlens: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Device masks of stage a's position rules (q_pos and visual_idx within the key range,
     visual_idx strictly increasing); with ``cu_seqlens``, visual_idx also within the sequence."""
-    key_lengths = _lengths(cu_seqlens_k)
+    key_lengths = _lengths(s.cu_seqlens_k)
     masks = []
-    if q_pos is not None:
-        masks += _position_masks(q_pos, cu_seqlens_q, key_lengths, increasing=False)
+    if s.q_pos is not None:
+        masks += _position_masks(s.q_pos, s.cu_seqlens_q, key_lengths, increasing=False)
     limits = key_lengths
     if cu_seqlens is not None:
         limits = torch.minimum(key_lengths, _lengths(cu_seqlens))
-    masks += _position_masks(visual_idx, cu_seqlens_v, limits, increasing=True)
+    masks += _position_masks(s.visual_idx, s.cu_seqlens_v, limits, increasing=True)
     return masks
 
 
@@ -261,16 +334,9 @@ def _kept_masks(kept_idx: torch.Tensor, total_v: int) -> list[torch.Tensor]:
 # ---------------------------------------------------------------------------- per-op checks
 
 
-def check_instruction_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    visual_idx: torch.Tensor,
-    cu_seqlens_v: torch.Tensor,
-    q_pos: torch.Tensor | None,
-    softmax_scale: float | None,
-) -> None:
+def check_instruction_attention(s: ScoringArgs) -> None:
+    """Ranks, dtypes, sizes and devices of stage a's arguments (see ``instruction_attention``)."""
+    q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale = s
     check_rank("q", q, 3, "[total_q, heads_q, head_dim]")
     check_rank("k", k, 3, "[total_k, heads_k, head_dim]")
     check_dtype("q", q, FLOAT_DTYPES)
@@ -309,47 +375,40 @@ def check_instruction_attention(
         )
     if softmax_scale is not None and not (math.isfinite(softmax_scale) and softmax_scale > 0):
         _fail(f"softmax_scale must be a finite number > 0 or None, got {softmax_scale!r}")
-    check_same_device(
-        q=q, k=k, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        visual_idx=visual_idx, cu_seqlens_v=cu_seqlens_v, q_pos=q_pos,
-    )  # fmt: skip
+    tensors = s._asdict()
+    del tensors["softmax_scale"]
+    check_same_device(**tensors)
 
 
-def check_instruction_attention_values(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    visual_idx: torch.Tensor,
-    cu_seqlens_v: torch.Tensor,
-    q_pos: torch.Tensor | None,
-) -> list[int]:
+def check_instruction_attention_values(s: ScoringArgs) -> list[int]:
     """Offsets, positions and the instruction/visual rule of stage a, in one device read.
 
-    Shapes as in :func:`check_instruction_attention`. Returns the visual offsets as Python ints
-    (for callers that check more against them).
+    Returns the visual offsets as Python ints (for callers that check more against them).
     """
-    masks = _scoring_masks(cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos)
-    (bq, bk, bv), bad = read_values([cu_seqlens_q, cu_seqlens_k, cu_seqlens_v], masks)
-    _check_scoring_offsets(q, k, visual_idx, bq, bk, bv, q_pos is not None)
+    return _check_scoring_values(s)[0]
+
+
+def _check_scoring_values(
+    s: ScoringArgs, cu_seqlens: torch.Tensor | None = None
+) -> tuple[list[int], list[int], bool]:
+    """Stage a's value checks in one device read; with ``cu_seqlens`` (the merge's), its offsets
+    and the rule "visual_idx lies in each sequence" ride in the same read. Returns (visual
+    offsets, ``cu_seqlens``'s offsets or [], whether some device mask found a broken rule)."""
+    masks = _scoring_masks(s, cu_seqlens)
+    offsets = [s.cu_seqlens_q, s.cu_seqlens_k, s.cu_seqlens_v]
+    values, bad = read_values(offsets + ([] if cu_seqlens is None else [cu_seqlens]), masks)
+    bq, bk, bv = values[:3]
+    _check_scoring_offsets(s, bq, bk, bv)
     if bad:
-        _detailed_scoring_positions(cu_seqlens_q, visual_idx, cu_seqlens_v, q_pos, bk)
-    return bv
+        _detailed_scoring_positions(s, bk)
+    return bv, (values[3] if cu_seqlens is not None else []), bad
 
 
-def _check_scoring_offsets(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    visual_idx: torch.Tensor,
-    bq: list[int],
-    bk: list[int],
-    bv: list[int],
-    has_q_pos: bool,
-) -> None:
+def _check_scoring_offsets(s: ScoringArgs, bq: list[int], bk: list[int], bv: list[int]) -> None:
     """Stage a's rules on offsets already on the host."""
-    check_offsets("cu_seqlens_q", bq, q.shape[0], "q.shape[0]")
-    check_offsets("cu_seqlens_k", bk, k.shape[0], "k.shape[0]")
-    check_offsets("cu_seqlens_v", bv, visual_idx.shape[0], "visual_idx.shape[0]")
+    check_offsets("cu_seqlens_q", bq, s.q.shape[0], "q.shape[0]")
+    check_offsets("cu_seqlens_k", bk, s.k.shape[0], "k.shape[0]")
+    check_offsets("cu_seqlens_v", bv, s.visual_idx.shape[0], "visual_idx.shape[0]")
     for b in range(len(bq) - 1):
         nq, nk, nv = bq[b + 1] - bq[b], bk[b + 1] - bk[b], bv[b + 1] - bv[b]
         if nv > 0 and nq == 0:
@@ -358,73 +417,71 @@ def _check_scoring_offsets(
                 f"(cu_seqlens_q[{b}] == cu_seqlens_q[{b + 1}]); the score needs at least one "
                 "instruction query"
             )
-        if not has_q_pos and nq > nk:
+        if s.q_pos is None and nq > nk:
             _fail(
                 f"sample {b} has {nq} queries but only {nk} keys; without q_pos the queries "
                 "are the last keys of the sample, so they must be among the keys"
             )
 
 
-def _detailed_scoring_positions(
-    cu_seqlens_q: torch.Tensor,
-    visual_idx: torch.Tensor,
-    cu_seqlens_v: torch.Tensor,
-    q_pos: torch.Tensor | None,
-    bk: list[int],
-) -> None:
+def _detailed_scoring_positions(s: ScoringArgs, bk: list[int]) -> None:
     """Stage a's position rules one at a time, naming the first offending entry (several device
     reads: run only once the offsets passed and a device mask found something wrong)."""
     nks = [bk[b + 1] - bk[b] for b in range(len(bk) - 1)]
-    if q_pos is not None and q_pos.numel() > 0:
-        _check_local_positions("q_pos", q_pos, cu_seqlens_q, nks, "key range")
-    check_visual_idx_values(visual_idx, cu_seqlens_v, nks, "key sequence")
+    if s.q_pos is not None and s.q_pos.numel() > 0:
+        _check_local_positions("q_pos", s.q_pos, s.cu_seqlens_q, nks, "key range")
+    check_visual_idx_values(s.visual_idx, s.cu_seqlens_v, nks, "key sequence")
 
 
-def check_prune_values(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    visual_idx: torch.Tensor,
-    cu_seqlens_v: torch.Tensor,
-    q_pos: torch.Tensor | None,
-    keep_count: int | None,
-) -> list[int]:
+# -------------------------------------------------------------------------------- composites
+
+
+def _check_composite(a: PruneArgs | PruneMergeArgs) -> None:
+    """Static checks of stages a-c shared by both composites (fake and real)."""
+    s = a.scoring
+    check_instruction_attention(s)
+    check_keep(a.keep_ratio, a.keep_count)
+    if len(a.mapper.params) > 0:
+        check_mapper_config(*a.mapper, s.q.device)
+    check_rank("visual_embeds", a.visual_embeds, 2, "[total_v, hidden]")
+    require(
+        a.visual_embeds.shape[0] == s.visual_idx.shape[0],
+        f"visual_embeds must have one row per visual token ({s.visual_idx.shape[0]}), got "
+        f"{a.visual_embeds.shape[0]}",
+    )
+
+
+def check_prune(a: PruneArgs) -> None:
+    """Static checks of ``prune_visual_tokens``."""
+    _check_composite(a)
+    no_kept = a.scoring.visual_idx.new_empty(0, dtype=torch.int64)
+    check_gather(a.visual_embeds, a.visual_position_ids, no_kept)
+
+
+def check_prune_and_merge(a: PruneMergeArgs) -> None:
+    """Static checks of ``prune_and_merge``."""
+    _check_composite(a)
+    check_merge(a.merge(a.scoring.visual_idx.new_empty(0, dtype=torch.int64)))
+
+
+def check_prune_values(a: PruneArgs) -> list[int]:
     """The value checks of ``prune_visual_tokens`` (stage a's, then ``keep_count`` against every
     sample), in one device read. Returns the visual offsets [B+1] as Python ints."""
-    bv = check_instruction_attention_values(
-        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos
-    )
-    check_keep_count_values(keep_count, bv)
+    bv = check_instruction_attention_values(a.scoring)
+    check_keep_count_values(a.keep_count, bv)
     return bv
 
 
-def check_prune_merge_values(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    inputs_embeds: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    visual_idx: torch.Tensor,
-    cu_seqlens_v: torch.Tensor,
-    q_pos: torch.Tensor | None,
-    keep_count: int | None,
-) -> list[int]:
+def check_prune_merge_values(a: PruneMergeArgs) -> list[int]:
     """The value checks of ``prune_and_merge`` in one device read: stage a's, ``keep_count``,
     then the merge's (``cu_seqlens`` covers ``inputs_embeds``, ``visual_idx`` lies in each
-    sequence; ``visual_idx``'s order and ``cu_seqlens_v`` are stage a's already). Shapes as in
-    :func:`check_instruction_attention` and :func:`check_merge`. Returns the visual offsets."""
-    masks = _scoring_masks(cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, cu_seqlens)
-    offsets = [cu_seqlens_q, cu_seqlens_k, cu_seqlens_v, cu_seqlens]
-    (bq, bk, bv, bl), bad = read_values(offsets, masks)
-    _check_scoring_offsets(q, k, visual_idx, bq, bk, bv, q_pos is not None)
+    sequence; ``visual_idx``'s order and ``cu_seqlens_v`` are stage a's already). Returns the
+    visual offsets."""
+    bv, bl, bad = _check_scoring_values(a.scoring, a.cu_seqlens)
+    check_keep_count_values(a.keep_count, bv)
+    check_offsets("cu_seqlens", bl, a.inputs_embeds.shape[0], "inputs_embeds.shape[0]")
     if bad:
-        _detailed_scoring_positions(cu_seqlens_q, visual_idx, cu_seqlens_v, q_pos, bk)
-    check_keep_count_values(keep_count, bv)
-    check_offsets("cu_seqlens", bl, inputs_embeds.shape[0], "inputs_embeds.shape[0]")
-    if bad:
-        _detailed_merge_positions(visual_idx, cu_seqlens_v, None, bl)
+        _detailed_merge_positions(a.scoring.visual_idx, a.scoring.cu_seqlens_v, None, bl)
     return bv
 
 
@@ -594,17 +651,25 @@ def check_gather(
 ) -> None:
     check_rank("visual_embeds", visual_embeds, 2, "[total_v, hidden]")
     check_dtype("visual_embeds", visual_embeds, FLOAT_DTYPES)
-    check_rank("position_ids", position_ids, (1, 2), "[total_v] or [rows, total_v]")
+    _check_position_ids(position_ids, visual_embeds.shape[0], "total_v", "visual token")
+    _check_kept_idx(kept_idx)
+    check_same_device(visual_embeds=visual_embeds, position_ids=position_ids, kept_idx=kept_idx)
+
+
+def _check_position_ids(position_ids: torch.Tensor, n: int, axis: str, per: str) -> None:
+    """[axis] or [rows, axis] int32/int64 position ids with ``n`` columns, one per ``per``."""
+    check_rank("position_ids", position_ids, (1, 2), f"[{axis}] or [rows, {axis}]")
     check_dtype("position_ids", position_ids, INDEX_DTYPES)
     require(
-        position_ids.shape[-1] == visual_embeds.shape[0],
-        f"position_ids must have one column per visual token ({visual_embeds.shape[0]}), got "
-        f"shape {tuple(position_ids.shape)}",
+        position_ids.shape[-1] == n,
+        f"position_ids must have one column per {per} ({n}), got shape {tuple(position_ids.shape)}",
     )
+
+
+def _check_kept_idx(kept_idx: torch.Tensor) -> None:
     check_rank("kept_idx", kept_idx, 1, "[total_kept] global visual indices")
     if kept_idx.dtype != torch.int64:
         raise TypeError(f"kept_idx must be int64, got {kept_idx.dtype}")
-    check_same_device(visual_embeds=visual_embeds, position_ids=position_ids, kept_idx=kept_idx)
 
 
 def check_kept_idx_values(kept_idx: torch.Tensor, total_v: int) -> None:
@@ -617,15 +682,9 @@ def check_kept_idx_values(kept_idx: torch.Tensor, total_v: int) -> None:
         _fail(f"kept_idx must index the {total_v} visual tokens, got an entry {bad}")
 
 
-def check_merge(
-    inputs_embeds: torch.Tensor,
-    position_ids: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    visual_embeds: torch.Tensor,
-    visual_idx: torch.Tensor,
-    cu_seqlens_v: torch.Tensor,
-    kept_idx: torch.Tensor,
-) -> None:
+def check_merge(a: MergeArgs) -> None:
+    """Ranks, dtypes, sizes and devices of ``merge_kept``'s arguments."""
+    inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx = a
     check_rank("inputs_embeds", inputs_embeds, 2, "[total_len, hidden]")
     check_dtype("inputs_embeds", inputs_embeds, FLOAT_DTYPES)
     check_rank("visual_embeds", visual_embeds, 2, "[total_v, hidden]")
@@ -639,13 +698,7 @@ def check_merge(
         f"visual_embeds must have the hidden size of inputs_embeds ({inputs_embeds.shape[1]}), "
         f"got {visual_embeds.shape[1]}",
     )
-    check_rank("position_ids", position_ids, (1, 2), "[total_len] or [rows, total_len]")
-    check_dtype("position_ids", position_ids, INDEX_DTYPES)
-    require(
-        position_ids.shape[-1] == inputs_embeds.shape[0],
-        f"position_ids must have one column per sequence token ({inputs_embeds.shape[0]}), got "
-        f"shape {tuple(position_ids.shape)}",
-    )
+    _check_position_ids(position_ids, inputs_embeds.shape[0], "total_len", "sequence token")
     check_cu_seqlens("cu_seqlens", cu_seqlens)
     check_cu_seqlens("cu_seqlens_v", cu_seqlens_v)
     check_same_batch(cu_seqlens=cu_seqlens, cu_seqlens_v=cu_seqlens_v)
@@ -656,26 +709,15 @@ def check_merge(
         f"visual_idx must have one entry per row of visual_embeds ({visual_embeds.shape[0]}), got "
         f"{visual_idx.shape[0]}",
     )
-    check_rank("kept_idx", kept_idx, 1, "[total_kept] global visual indices")
-    if kept_idx.dtype != torch.int64:
-        raise TypeError(f"kept_idx must be int64, got {kept_idx.dtype}")
-    check_same_device(
-        inputs_embeds=inputs_embeds, position_ids=position_ids, cu_seqlens=cu_seqlens,
-        visual_embeds=visual_embeds, visual_idx=visual_idx, cu_seqlens_v=cu_seqlens_v,
-        kept_idx=kept_idx,
-    )  # fmt: skip
+    _check_kept_idx(kept_idx)
+    check_same_device(**a._asdict())
 
 
-def check_merge_values(
-    inputs_embeds: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    visual_idx: torch.Tensor,
-    cu_seqlens_v: torch.Tensor,
-    kept_idx: torch.Tensor,
-) -> None:
+def check_merge_values(a: MergeArgs) -> None:
     """The merge's value checks in one device read: offsets cover their tensors, ``visual_idx``
     lies in each sequence and increases strictly within a sample, ``kept_idx`` indexes the
-    visual tokens and increases strictly. Shapes as in :func:`check_merge`."""
+    visual tokens and increases strictly."""
+    inputs_embeds, _, cu_seqlens, _, visual_idx, cu_seqlens_v, kept_idx = a
     masks = _position_masks(visual_idx, cu_seqlens_v, _lengths(cu_seqlens), increasing=True)
     masks += _kept_masks(kept_idx, visual_idx.shape[0])
     (bl, bv), bad = read_values([cu_seqlens, cu_seqlens_v], masks)

@@ -38,6 +38,19 @@ inline int64_t rows_per_task(int64_t row_bytes) {
   return std::max<int64_t>(1, kCopyBytesPerTask / std::max<int64_t>(row_bytes, 1));
 }
 
+// Row o < n of `out` (dense rows of `row_bytes`) = the `row_bytes` at `source(o)`: one memcpy per
+// row, the rows split across the intra-op threads.
+template <class Source>
+void copy_rows(at::Tensor& out, int64_t n, int64_t row_bytes, const Source& source) {
+  if (row_bytes == 0) return;
+  char* dst = static_cast<char*>(out.mutable_data_ptr());
+  at::parallel_for(0, n, rows_per_task(row_bytes), [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      std::memcpy(dst + o * row_bytes, source(o), static_cast<size_t>(row_bytes));
+    }
+  });
+}
+
 // out[i, o] = pos[i, src[o]] for i < R, o < n_out.
 template <typename index_t>
 void gather_columns(const at::Tensor& pos, const int64_t* src, int64_t n_out, at::Tensor& out) {
@@ -64,6 +77,21 @@ void gather_position_ids(const at::Tensor& pos, const int64_t* src, int64_t n_ou
   }
 }
 
+// kept_idx as a contiguous int64 tensor, its entries checked on the host: each indexes the `tv`
+// visual tokens and, with `ascending`, each is larger than the one before.
+at::Tensor checked_kept_idx(const at::Tensor& kept_idx, int64_t tv, bool ascending) {
+  at::Tensor t = kept_idx.contiguous();
+  const int64_t* kept = t.const_data_ptr<int64_t>();
+  for (int64_t j = 0; j < t.size(0); ++j) {
+    TORCH_CHECK_VALUE(kept[j] >= 0 && kept[j] < tv, "kept_idx[", j, "] = ", kept[j],
+                      " is out of range for Tv = ", tv, " visual tokens");
+    TORCH_CHECK_VALUE(!ascending || j == 0 || kept[j] > kept[j - 1],
+                      "kept_idx must be strictly increasing, got kept_idx[", j - 1, "] = ",
+                      kept[j - 1], " >= kept_idx[", j, "] = ", kept[j]);
+  }
+  return t;
+}
+
 std::tuple<at::Tensor, at::Tensor> gather_kept_cpu(const at::Tensor& visual_embeds,
                                                    const at::Tensor& position_ids,
                                                    const at::Tensor& kept_idx) {
@@ -72,13 +100,9 @@ std::tuple<at::Tensor, at::Tensor> gather_kept_cpu(const at::Tensor& visual_embe
   const int64_t tv = sizes.tv;
   const int64_t hidden = sizes.hidden;
 
-  const at::Tensor idx_t = kept_idx.contiguous();
+  const at::Tensor idx_t = checked_kept_idx(kept_idx, tv, /*ascending=*/false);
   const int64_t* idx = idx_t.const_data_ptr<int64_t>();
   const int64_t tk = idx_t.size(0);
-  for (int64_t o = 0; o < tk; ++o) {
-    TORCH_CHECK_VALUE(idx[o] >= 0 && idx[o] < tv, "kept_idx[", o, "] = ", idx[o],
-                      " is out of range for Tv = ", tv, " visual tokens");
-  }
 
   at::Tensor embeds = at::empty({tk, hidden}, visual_embeds.options());
   at::Tensor pos = at::empty({position_ids.size(0), tk}, position_ids.options());
@@ -86,15 +110,7 @@ std::tuple<at::Tensor, at::Tensor> gather_kept_cpu(const at::Tensor& visual_embe
 
   const RowView src = row_view(visual_embeds);
   const int64_t row_bytes = hidden * static_cast<int64_t>(visual_embeds.element_size());
-  char* dst = static_cast<char*>(embeds.mutable_data_ptr());
-  if (row_bytes > 0) {
-    at::parallel_for(0, tk, rows_per_task(row_bytes), [&](int64_t begin, int64_t end) {
-      for (int64_t o = begin; o < end; ++o) {
-        std::memcpy(dst + o * row_bytes, src.data + idx[o] * src.row_stride,
-                    static_cast<size_t>(row_bytes));
-      }
-    });
-  }
+  copy_rows(embeds, tk, row_bytes, [&](int64_t o) { return src.data + idx[o] * src.row_stride; });
   gather_position_ids(position_ids, idx, tk, pos);
   return {embeds, pos};
 }
@@ -126,16 +142,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_kept_cpu(
     }
   }
 
-  const at::Tensor kept_t = kept_idx.contiguous();
+  const at::Tensor kept_t = checked_kept_idx(kept_idx, tv, /*ascending=*/true);
   const int64_t* kept = kept_t.const_data_ptr<int64_t>();
   const int64_t tk = kept_t.size(0);
-  for (int64_t j = 0; j < tk; ++j) {
-    TORCH_CHECK_VALUE(kept[j] >= 0 && kept[j] < tv, "kept_idx[", j, "] = ", kept[j],
-                      " is out of range for Tv = ", tv, " visual tokens");
-    TORCH_CHECK_VALUE(j == 0 || kept[j] > kept[j - 1],
-                      "kept_idx must be strictly increasing, got kept_idx[", j - 1, "] = ",
-                      kept[j - 1], " >= kept_idx[", j, "] = ", kept[j]);
-  }
 
   // Output offsets: the text rows of each sample plus its kept visual rows.
   std::vector<int64_t> cu_k(static_cast<size_t>(batch + 1));
@@ -185,16 +194,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_kept_cpu(
   const RowView text = row_view(inputs_embeds);
   const RowView vis = row_view(visual_embeds);
   const int64_t row_bytes = hidden * static_cast<int64_t>(inputs_embeds.element_size());
-  char* dst = static_cast<char*>(embeds.mutable_data_ptr());
-  if (row_bytes > 0) {
-    at::parallel_for(0, t_out, rows_per_task(row_bytes), [&](int64_t begin, int64_t end) {
-      for (int64_t o = begin; o < end; ++o) {
-        const char* from = vsrc[o] >= 0 ? vis.data + vsrc[o] * vis.row_stride
-                                        : text.data + src[o] * text.row_stride;
-        std::memcpy(dst + o * row_bytes, from, static_cast<size_t>(row_bytes));
-      }
-    });
-  }
+  copy_rows(embeds, t_out, row_bytes, [&](int64_t o) {
+    return vsrc[o] >= 0 ? vis.data + vsrc[o] * vis.row_stride
+                        : text.data + src[o] * text.row_stride;
+  });
   gather_position_ids(position_ids, src, t_out, pos);
   return {embeds, pos, cu_out_t, src_idx};
 }

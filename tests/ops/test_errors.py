@@ -7,7 +7,7 @@ import torch
 
 import tokenprune_kernels as tp
 from tokenprune_kernels.mapper import MapperConfig, TokenMapper
-from tokenprune_kernels.testing import make_inputs
+from tokenprune_kernels.testing import backend_params, make_inputs
 
 LAYOUT = [[("t", 2), ("v", 7), ("q", 3)], [("t", 1), ("v", 4), ("q", 2)]]
 
@@ -165,8 +165,13 @@ def test_merge_errors(inp):
         merge(inp, kept, visual_idx=torch.tensor([2, 3, 4, 5, 6, 7, 8, 7, 8, 9, 10]))
 
 
-@pytest.mark.parametrize("backend_name", ["ref", "auto"])
-def test_merge_needs_ascending_kept_idx_on_every_backend(inp, backend_name):
+@pytest.mark.parametrize(
+    ("backend_name", "device"),
+    [pytest.param("auto", "cpu", id="auto"), *backend_params("merge_kept")],
+)
+def test_merge_needs_ascending_kept_idx_on_every_backend(inp, backend_name, device):
+    """The op checks before any backend runs (``device``: where the backend would run; the error
+    comes first, whatever the tensors' device)."""
     from tokenprune_kernels import backend
 
     with (

@@ -8,7 +8,7 @@ import torch
 import tokenprune_kernels as tp
 from tokenprune_kernels import backend
 from tokenprune_kernels.mapper import MapperConfig, TokenMapper
-from tokenprune_kernels.testing import make_inputs
+from tokenprune_kernels.testing import backend_cases, make_inputs
 
 LAYOUTS = [
     [("t", 3), ("v", 17), ("t", 2), ("v", 6), ("q", 4), ("t", 2)],
@@ -66,13 +66,10 @@ def _cases(dtype=torch.float32):
 OPS = list(_cases().keys())
 
 
-def cpu_backends() -> list[str]:
-    """ref, the C++ kernels when built, and Triton when the interpreter is on (tests' default)."""
-    names = ["ref"] + (["cpp"] if backend.implemented("select_topk", "cpp", "cpu") else [])
-    return names + (["triton"] if backend.implemented("select_topk", "triton", "cpu") else [])
-
-
-@pytest.mark.parametrize("backend_name", cpu_backends())
+@pytest.mark.parametrize(
+    "backend_name",
+    [n for n, device, why in backend_cases("prune_and_merge") if device == "cpu" and not why],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", OPS)
 def test_opcheck(name, dtype, backend_name):
@@ -124,23 +121,18 @@ def test_fullgraph_inductor_pipeline():
 
 
 def _compiled_cases():
-    inp, _, attn, kept = _inputs()
-    ops = torch.ops.tokenprune
-    counts = torch.tensor([3, 0, 4])
+    """Each private op the table names, on its public op's case (gather and merge: the same
+    arguments) or, for select, per-sample keep counts instead of the keep rule."""
+    inp, _, attn, _ = _inputs()
+    own = {"_select_topk": (attn, inp.cu_seqlens_v, torch.tensor([3, 0, 4]))}
+    public = _cases()
     return {
-        "_select_topk": (ops._select_topk.default, (attn, inp.cu_seqlens_v, counts)),
-        "_gather_kept": (
-            ops._gather_kept.default, (inp.visual_embeds, inp.visual_position_ids, kept)
-        ),
-        "_merge_kept": (
-            ops._merge_kept.default,
-            (inp.inputs_embeds, inp.position_ids, inp.cu_seqlens, inp.visual_embeds,
-             inp.visual_idx, inp.cu_seqlens_v, kept),
-        ),
-    }  # fmt: skip
+        name: (getattr(torch.ops.tokenprune, name).default, own.get(name) or public[name[1:]][1])
+        for name in backend.kernels()
+    }
 
 
-@pytest.mark.parametrize("name", ["_select_topk", "_gather_kept", "_merge_kept"])
+@pytest.mark.parametrize("name", sorted(backend.kernels()))
 def test_compiled_ops_opcheck_and_compile(name):
     """The private compiled ops have fakes too: opcheck and fullgraph compile pass."""
     from tokenprune_kernels import _extension

@@ -11,13 +11,12 @@ import torch
 import tokenprune_kernels as tp
 from tokenprune_kernels import backend, reference
 from tokenprune_kernels.reference import keep_counts_ref, score_keys_ref, select_topk_ref
+from tokenprune_kernels.testing import backend_params, strided
+
+BACKENDS = backend_params("select_topk")
 
 SIZES = [1, 2, 3, 5, 31, 127, 4099]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def cpu_backends(op: str) -> list[str]:
-    return [b for b in ("ref", "cpp") if backend.implemented(op, b, "cpu")]
 
 
 def naive_topk(scores: torch.Tensor, cu: list[int], counts: list[int]) -> list[int]:
@@ -93,10 +92,15 @@ def test_reference_matches_naive(n, planted, gen):
         assert cu_kept.tolist() == [0, int(counts.sum())]
 
 
-def test_ties_break_to_lower_index_and_nan_ranks_last():
-    s = torch.tensor([1.0, float("nan"), 2.0, 1.0, float("-inf"), 1.0, -0.0, 0.0])
-    cu = torch.tensor([0, 8])
-    pick = lambda k: tp.select_topk(s, cu, keep_count=k)[0].tolist()  # noqa: E731
+@pytest.mark.parametrize(("backend_name", "device"), BACKENDS)
+def test_ties_break_to_lower_index_and_nan_ranks_last(backend_name, device):
+    s = torch.tensor([1.0, float("nan"), 2.0, 1.0, float("-inf"), 1.0, -0.0, 0.0], device=device)
+    cu = torch.tensor([0, 8], device=device)
+
+    def pick(k: int) -> list[int]:
+        with backend.use_backend(backend_name):
+            return tp.select_topk(s, cu, keep_count=k)[0].tolist()
+
     assert pick(1) == [2]
     assert pick(3) == [0, 2, 3]  # ties 0, 3, 5: lowest indices first
     assert pick(5) == [0, 2, 3, 5, 6]  # -0.0 and 0.0 tie: index 6 first
@@ -104,10 +108,11 @@ def test_ties_break_to_lower_index_and_nan_ranks_last():
     assert pick(8) == list(range(8))
 
 
-@pytest.mark.parametrize("backend_name", cpu_backends("select_topk"))
+@pytest.mark.parametrize(("backend_name", "device"), BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("planted", [False, True], ids=["random", "ties_nan_inf"])
-def test_backends_match_reference(backend_name, dtype, planted, gen):
+def test_backends_match_reference(backend_name, device, dtype, planted, gen):
+    """The stage's parity test: identical indices and offsets on every backend."""
     sizes = [1, 0, 2, 37, 4099, 3, 257]
     scores, cu = ragged(sizes, dtype, gen, planted)
     for index_dtype in (torch.int64, torch.int32):
@@ -120,16 +125,17 @@ def test_backends_match_reference(backend_name, dtype, planted, gen):
         ):
             want = select_topk_ref(scores, cu_i, keep_counts_ref(cu_i, **kw))
             with backend.use_backend(backend_name):
-                got = tp.select_topk(scores, cu_i, **kw)
-            assert torch.equal(got[0], want[0]), (backend_name, kw)
-            assert got[1].dtype == index_dtype and torch.equal(got[1], want[1])
+                got = tp.select_topk(scores.to(device), cu_i.to(device), **kw)
+            assert torch.equal(got[0].cpu(), want[0]), (backend_name, kw)
+            assert got[1].dtype == index_dtype and torch.equal(got[1].cpu(), want[1])
 
 
-@pytest.mark.parametrize("backend_name", cpu_backends("select_topk"))
-def test_kept_are_ascending_and_best(backend_name, gen):
+@pytest.mark.parametrize(("backend_name", "device"), BACKENDS)
+def test_kept_are_ascending_and_best(backend_name, device, gen):
     scores, cu = ragged([1000, 333], torch.float32, gen, planted=False)
     with backend.use_backend(backend_name):
-        kept, cu_kept = tp.select_topk(scores, cu, keep_ratio=0.25)
+        kept, cu_kept = tp.select_topk(scores.to(device), cu.to(device), keep_ratio=0.25)
+    kept, cu_kept = kept.cpu(), cu_kept.cpu()
     assert torch.all(kept[1:] > kept[:-1])
     for b in range(2):
         lo, hi = int(cu[b]), int(cu[b + 1])
@@ -152,3 +158,28 @@ def test_host_keep_total_equals_device_rule(keep, gen):
     cu[1:] = torch.cumsum(n, 0)
     want = int(reference.keep_counts_ref(cu, **keep).sum())
     assert reference.keep_total_host(cu.tolist(), **keep) == want
+
+
+@pytest.mark.parametrize(("backend_name", "device"), BACKENDS)
+def test_strided_inputs(backend_name, device, gen):
+    """Non-contiguous scores and offsets select what the reference selects."""
+
+    def select(scores, cu, **keep):
+        with backend.use_backend(backend_name):
+            kept, cu_kept = tp.select_topk(scores.to(device), cu.to(device), **keep)
+        return kept.cpu(), cu_kept.cpu()
+
+    scores = torch.tensor([0.0, 9.0, 1.0, 0.0, 2.0, 0.0, 3.0, 0.0])  # [::2]: [0, 1, 2, 3]
+    assert select(scores[::2], torch.tensor([0, 4]), keep_count=1)[0].tolist() == [3]
+    cu = torch.tensor([0, 9, 3, 9, 7])  # [::2]: [0, 3, 7]
+    kept, cu_kept = select(torch.arange(7.0), cu[::2], keep_count=2)
+    assert kept.tolist() == [1, 2, 5, 6] and cu_kept.tolist() == [0, 2, 4]
+    expanded = torch.tensor([2.0]).expand(5)  # stride 0: five equal scores
+    assert select(expanded, torch.tensor([0, 5]), keep_count=2)[0].tolist() == [0, 1]
+    for dtype in DTYPES:
+        scores, cu = ragged([1, 0, 37, 3, 130], dtype, gen, planted=True)
+        for index_dtype in (torch.int64, torch.int32):
+            cu_i = cu.to(index_dtype)
+            want = select_topk_ref(scores, cu_i, keep_counts_ref(cu_i, keep_ratio=0.3))
+            got = select(strided(scores), strided(cu_i), keep_ratio=0.3)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -23,10 +23,10 @@ import pytest
 import torch
 
 import tokenprune_kernels as tp
-from tokenprune_kernels import _extension, backend, reference
+from tokenprune_kernels import backend, reference
 from tokenprune_kernels.mapper import MapperConfig, TokenMapper
 from tokenprune_kernels.ops.select import keep_counts_from_bounds, keep_counts_host
-from tokenprune_kernels.testing import make_inputs
+from tokenprune_kernels.testing import backend_params, make_inputs
 
 READ_METHODS = ("item", "tolist", "__bool__", "__int__", "__index__", "__float__")
 
@@ -35,6 +35,7 @@ REF_LIMITS = {"instruction_attention": 4, "prune_visual_tokens": 4, "prune_and_m
 LIMITS = {
     "ref": REF_LIMITS,
     "cpp": REF_LIMITS,
+    "cuda": REF_LIMITS,  # no CUDA kernel of stage a: the reference runs it
     "triton": {},  # every op: 1
 }
 
@@ -127,20 +128,9 @@ def _call(case: str, gen: torch.Generator, device: str) -> Callable[[], object]:
     )  # fmt: skip
 
 
-def _backend_device(name: str) -> str:
-    if name == "cpp" and not _extension.available():
-        pytest.skip(f"compiled extension not built: {_extension.load_error()}")
-    if name == "triton":  # natively on a GPU, else in the interpreter (tests/conftest.py)
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cpu"
-
-
-@pytest.mark.parametrize(
-    "backend_name", ["ref", "cpp", pytest.param("triton", marks=pytest.mark.interpret)]
-)
+@pytest.mark.parametrize(("backend_name", "device"), backend_params("prune_and_merge"))
 @pytest.mark.parametrize("case", CASES)
-def test_one_call_reads_the_device_at_most_once(monkeypatch, gen, backend_name, case):
-    device = _backend_device(backend_name)
+def test_one_call_reads_the_device_at_most_once(monkeypatch, gen, backend_name, device, case):
     call = _call(case, gen, device)
     limit = LIMITS[backend_name].get(case.split("[")[0], 1)
     with backend.use_backend(backend_name), torch.no_grad():

@@ -86,18 +86,6 @@ def attention64(inp, q_pos, scale):
     return out
 
 
-def args_of(inp, q_pos):
-    return (
-        inp.q,
-        inp.k,
-        inp.cu_seqlens_q,
-        inp.cu_seqlens_k,
-        inp.visual_idx,
-        inp.cu_seqlens_v,
-        q_pos,
-    )
-
-
 @pytest.fixture
 def poisoned_empty(monkeypatch):
     """torch.empty returns NaN-filled float tensors: an element the kernels forget is visible."""
@@ -137,15 +125,16 @@ def test_matches_reference(
     if not with_q_pos:
         assert inp.queries_last
     q_pos = inp.q_pos if with_q_pos else None
-    got = instruction_attention_triton(*args_of(inp, q_pos), scale, **options)
+    args = inp.scoring(with_q_pos)._replace(softmax_scale=scale)
+    got = instruction_attention_triton(*args, **options)
     assert got.dtype == torch.float32 and got.shape == inp.visual_idx.shape
     assert got.device.type == torch.device(device).type
     want = attention64(inp, q_pos, scale)
     torch.testing.assert_close(got.double(), want, **TOL[dtype])
-    ref = instruction_attention_ref(*args_of(inp, q_pos), scale)
+    ref = instruction_attention_ref(*args)
     torch.testing.assert_close(got, ref, **TOL[dtype])
     # Deterministic: no atomics, a fixed order of every sum.
-    assert torch.equal(got, instruction_attention_triton(*args_of(inp, q_pos), scale, **options))
+    assert torch.equal(got, instruction_attention_triton(*args, **options))
 
 
 @pytest.mark.parametrize("options", [{}, SMALL], ids=["default", "small"])
@@ -182,7 +171,7 @@ def test_visual_after_every_query_is_exactly_zero(device, gen):
 
 def test_no_visual_tokens_gives_empty(device, gen):
     inp = make_inputs([[("t", 3), ("q", 2)], [("q", 1)]], generator=gen).to(device)
-    got = instruction_attention_triton(*args_of(inp, None))
+    got = instruction_attention_triton(*inp.scoring())
     assert got.shape == (0,) and got.dtype == torch.float32
 
 

@@ -159,16 +159,6 @@ def test_window_must_exceed_the_halo(gen, device):
         mapper_forward_triton(attn, cu, params, 5, EPS, block_m=16)
 
 
-def test_lowering_cases_name_the_host_constants():
-    cases = triton_mapper.LOWERING_CASES
-    assert cases and all(c.name.startswith("mapper.") for c in cases)
-    default = cases[0]
-    assert default.constexprs["BLOCK_M"] == triton_mapper.BLOCK_M
-    assert default.constexprs["BLOCK_N"] == triton_mapper.BLOCK_N
-    assert default.constexprs["DOT_PRECISION"] == triton_mapper.DOT_PRECISION
-    assert default.options["num_warps"] == triton_mapper.NUM_WARPS
-
-
 def test_packing_is_cached_but_not_for_inference_tensors(gen, device):
     params = _mapper((4, 8), 3, gen, device)
     first = triton_mapper._pack_params(params, 3, 16, 16)

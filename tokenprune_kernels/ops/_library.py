@@ -1,8 +1,10 @@
-"""The ``tokenprune`` op library: schemas defined once, implementations and fakes registered.
+"""The ``tokenprune`` op library: :func:`define` registers a public op, its implementation and
+its fake; :func:`register_kernel_fakes` the fakes of the compiled extension's private ops.
 
-When the compiled extension loaded, its ``TORCH_LIBRARY`` block already defined every schema and
-this module only adds the Python implementations (which route between backends) and the fakes.
-Without it, the same schemas are defined here from :mod:`tokenprune_kernels.ops.schemas`.
+Public ops are defined here, in Python, each by its stage module (``ops/<stage>.py``) beside its
+implementation and fake. Private ops (``_select_topk``, ...) are defined once, in C++
+(``csrc/torch_bindings.cpp``), when the compiled extension loads; the op table
+(:data:`tokenprune_kernels.backend.OPS`) names them and their fakes.
 """
 
 from __future__ import annotations
@@ -11,27 +13,31 @@ from collections.abc import Callable
 
 import torch
 
-from tokenprune_kernels import _extension  # noqa: F401  (loads _C, which defines the schemas)
-from tokenprune_kernels.ops.schemas import NAMESPACE, PUBLIC_SCHEMAS
+from tokenprune_kernels import _extension, backend
 
+NAMESPACE = "tokenprune"
 LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
 
-
-def _defined(name: str) -> bool:
-    try:
-        torch._C._dispatch_find_schema_or_throw(f"{NAMESPACE}::{name}", "")
-    except RuntimeError:
-        return False
-    return True
+#: Public op name -> schema (without the namespace), in definition order.
+SCHEMAS: dict[str, str] = {}
 
 
-for _name, _schema in PUBLIC_SCHEMAS.items():
-    if not _defined(_name):
-        LIB.define(_schema)
-
-
-def register(name: str, impl: Callable, fake: Callable) -> None:
-    """Register ``impl`` for CPU and CUDA tensors and ``fake`` for fake/meta tensors."""
+def define(schema: str, impl: Callable, fake: Callable) -> None:
+    """Define the public op ``schema``; ``impl`` runs for CPU and CUDA tensors, ``fake`` for
+    fake/meta tensors (shapes, dtypes and the static argument checks only)."""
+    name = schema.split("(", 1)[0]
+    LIB.define(schema)
+    SCHEMAS[name] = schema
     qualname = f"{NAMESPACE}::{name}"
     torch.library.register_kernel(qualname, ("cpu", "cuda"), impl, lib=LIB)
     torch.library.register_fake(qualname, fake, lib=LIB)
+
+
+def register_kernel_fakes() -> None:
+    """Register the fake of every private op the op table names (those the extension defines:
+    without it they do not exist)."""
+    if not _extension.available():
+        return
+    for op, fake in backend.kernels().items():
+        if _extension.defined(op):
+            torch.library.register_fake(f"{NAMESPACE}::{op}", backend.resolve(fake), lib=LIB)

@@ -4,42 +4,31 @@ from __future__ import annotations
 
 import torch
 
-from tokenprune_kernels import backend, reference
+from tokenprune_kernels import backend
 from tokenprune_kernels import validation as v
-from tokenprune_kernels.ops._library import register
+from tokenprune_kernels.ops._library import define
+
+SCHEMA = (
+    "instruction_attention(Tensor q, Tensor k, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+    "Tensor visual_idx, Tensor cu_seqlens_v, Tensor? q_pos=None, float? softmax_scale=None) "
+    "-> Tensor"
+)
 
 
-def run_instruction_attention(
-    q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale
-):
-    """Stage a on the chosen backend; the arguments are already validated."""
-    args = (q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale)
-    if backend.choose("instruction_attention", q.device.type) == "triton":
-        from tokenprune_kernels.triton import instruction_attention_triton
-
-        return instruction_attention_triton(*args)
-    return reference.instruction_attention_ref(*args)
+def _fake(*args, **kwargs) -> torch.Tensor:
+    s = v.ScoringArgs(*args, **kwargs)
+    v.check_instruction_attention(s)
+    return s.q.new_empty(s.visual_idx.shape[0], dtype=torch.float32)
 
 
-def _impl(
-    q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos=None, softmax_scale=None
-):
-    args = (q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos)
-    v.check_instruction_attention(*args, softmax_scale)
-    v.check_instruction_attention_values(*args)
-    return run_instruction_attention(*args, softmax_scale)
+def _impl(*args, **kwargs) -> torch.Tensor:
+    s = v.ScoringArgs(*args, **kwargs)
+    v.check_instruction_attention(s)
+    v.check_instruction_attention_values(s)
+    return backend.call("instruction_attention", s.q.device.type, *s)
 
 
-def _fake(
-    q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos=None, softmax_scale=None
-):
-    v.check_instruction_attention(
-        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale
-    )
-    return q.new_empty(visual_idx.shape[0], dtype=torch.float32)
-
-
-register("instruction_attention", _impl, _fake)
+define(SCHEMA, _impl, _fake)
 
 
 def instruction_attention(

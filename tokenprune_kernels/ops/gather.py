@@ -1,45 +1,109 @@
 """Stage d: gather of the kept tokens, and the merge that builds the pruned input sequence.
 
-``torch.ops.tokenprune.gather_kept`` and ``torch.ops.tokenprune.merge_kept``.
+``torch.ops.tokenprune.gather_kept`` and ``torch.ops.tokenprune.merge_kept``; also the Python
+side of their compiled kernels ``_gather_kept`` and ``_merge_kept``: fakes, and the adapters that
+give them the stage's calling convention (the kernels take ``[R, T]`` position ids only).
 """
 
 from __future__ import annotations
 
 import torch
 
-from tokenprune_kernels import backend, reference
+from tokenprune_kernels import backend
 from tokenprune_kernels import validation as v
-from tokenprune_kernels.ops._library import register
+from tokenprune_kernels.ops._library import define
+
+GATHER_SCHEMA = (
+    "gather_kept(Tensor visual_embeds, Tensor position_ids, Tensor kept_idx) -> (Tensor, Tensor)"
+)
+MERGE_SCHEMA = (
+    "merge_kept(Tensor inputs_embeds, Tensor position_ids, Tensor cu_seqlens, "
+    "Tensor visual_embeds, Tensor visual_idx, Tensor cu_seqlens_v, Tensor kept_idx) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
+)
 
 
-def run_gather_kept(visual_embeds, position_ids, kept_idx):
-    """Stage d on the chosen backend; the arguments are already validated."""
-    which = backend.choose("gather_kept", visual_embeds.device.type)
-    if which == "triton":
-        from tokenprune_kernels.triton import gather_kept_triton
+def fake_gathered(visual_embeds, position_ids, n):
+    """Empty outputs of a gather of ``n`` rows: [n, H] and [n] or [R, n]."""
+    embeds = visual_embeds.new_empty((n, visual_embeds.shape[1]))
+    return embeds, position_ids.new_empty((*position_ids.shape[:-1], n))
 
-        return gather_kept_triton(visual_embeds, position_ids, kept_idx)
-    if which in ("cpp", "cuda"):
-        pos2d = position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
-        embeds, pos = torch.ops.tokenprune._gather_kept(visual_embeds, pos2d, kept_idx)
-        return embeds, (pos if position_ids.dim() == 2 else pos.squeeze(0))
-    return reference.gather_kept_ref(visual_embeds, position_ids, kept_idx)
+
+def _gather_fake(visual_embeds, position_ids, kept_idx):
+    v.check_gather(visual_embeds, position_ids, kept_idx)
+    return fake_gathered(visual_embeds, position_ids, kept_idx.shape[0])
 
 
 def _gather_impl(visual_embeds, position_ids, kept_idx):
     v.check_gather(visual_embeds, position_ids, kept_idx)
     v.check_kept_idx_values(kept_idx, visual_embeds.shape[0])
-    return run_gather_kept(visual_embeds, position_ids, kept_idx)
+    device = visual_embeds.device.type
+    return backend.call("gather_kept", device, visual_embeds, position_ids, kept_idx)
 
 
-def _gather_fake(visual_embeds, position_ids, kept_idx):
+define(GATHER_SCHEMA, _gather_impl, _gather_fake)
+
+
+def fake_merged(inputs_embeds, position_ids, cu_seqlens):
+    """Empty outputs of a merge (a data-dependent number of rows)."""
+    n = torch.library.get_ctx().new_dynamic_size()
+    embeds, pos = fake_gathered(inputs_embeds, position_ids, n)
+    return embeds, pos, torch.empty_like(cu_seqlens), inputs_embeds.new_empty(n, dtype=torch.int64)
+
+
+def _merge_fake(*args, **kwargs):
+    a = v.MergeArgs(*args, **kwargs)
+    v.check_merge(a)
+    return fake_merged(a.inputs_embeds, a.position_ids, a.cu_seqlens)
+
+
+def _merge_impl(*args, **kwargs):
+    a = v.MergeArgs(*args, **kwargs)
+    v.check_merge(a)
+    v.check_merge_values(a)
+    return backend.call("merge_kept", a.inputs_embeds.device.type, *a)
+
+
+define(MERGE_SCHEMA, _merge_impl, _merge_fake)
+
+
+# ------------------------------------------------------------------ the compiled kernels' side
+
+
+def _gather_kept_fake(visual_embeds, position_ids, kept_idx):
     v.check_gather(visual_embeds, position_ids, kept_idx)
-    n = kept_idx.shape[0]
-    embeds = visual_embeds.new_empty((n, visual_embeds.shape[1]))
-    return embeds, position_ids.new_empty((*position_ids.shape[:-1], n))
+    v.check_rank("position_ids", position_ids, 2, "[rows, total_v]")
+    return fake_gathered(visual_embeds, position_ids, kept_idx.shape[0])
 
 
-register("gather_kept", _gather_impl, _gather_fake)
+def _merge_kept_fake(*args, **kwargs):
+    a = v.MergeArgs(*args, **kwargs)
+    v.check_merge(a)
+    v.check_rank("position_ids", a.position_ids, 2, "[rows, total_len]")
+    return fake_merged(a.inputs_embeds, a.position_ids, a.cu_seqlens)
+
+
+def _rows2d(position_ids: torch.Tensor) -> torch.Tensor:
+    return position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
+
+
+def _like(out: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    return out if position_ids.dim() == 2 else out.squeeze(0)
+
+
+def _gather_kept_compiled(visual_embeds, position_ids, kept_idx):
+    """``_gather_kept`` in the stage's convention (1-D position ids too)."""
+    embeds, pos = torch.ops.tokenprune._gather_kept(visual_embeds, _rows2d(position_ids), kept_idx)
+    return embeds, _like(pos, position_ids)
+
+
+def _merge_kept_compiled(*args):
+    """``_merge_kept`` in the stage's convention (1-D position ids too)."""
+    a = v.MergeArgs(*args)
+    embeds, pos, cu_out, src = torch.ops.tokenprune._merge_kept(
+        *a._replace(position_ids=_rows2d(a.position_ids))
+    )
+    return embeds, _like(pos, a.position_ids), cu_out, src
 
 
 def gather_kept(
@@ -57,64 +121,6 @@ def gather_kept(
         ``select_topk``'s ``cu_seqlens_kept``.
     """
     return torch.ops.tokenprune.gather_kept(visual_embeds, position_ids, kept_idx)
-
-
-def run_merge_kept(
-    inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx
-):
-    """The merge on the chosen backend; the arguments are already validated."""
-    which = backend.choose("merge_kept", inputs_embeds.device.type)
-    if which == "triton":
-        from tokenprune_kernels.triton import merge_kept_triton
-
-        return merge_kept_triton(
-            inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v,
-            kept_idx,
-        )  # fmt: skip
-    if which in ("cpp", "cuda"):
-        pos2d = position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
-        embeds, pos, cu_out, src = torch.ops.tokenprune._merge_kept(
-            inputs_embeds, pos2d, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx
-        )
-        return embeds, (pos if position_ids.dim() == 2 else pos.squeeze(0)), cu_out, src
-    return reference.merge_kept_ref(
-        inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx
-    )
-
-
-def _merge_impl(
-    inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx
-):
-    args = (
-        inputs_embeds,
-        position_ids,
-        cu_seqlens,
-        visual_embeds,
-        visual_idx,
-        cu_seqlens_v,
-        kept_idx,
-    )
-    v.check_merge(*args)
-    v.check_merge_values(inputs_embeds, cu_seqlens, visual_idx, cu_seqlens_v, kept_idx)
-    return run_merge_kept(*args)
-
-
-def _merge_fake(
-    inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx
-):
-    v.check_merge(
-        inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx
-    )
-    n = torch.library.get_ctx().new_dynamic_size()
-    return (
-        inputs_embeds.new_empty((n, inputs_embeds.shape[1])),
-        position_ids.new_empty((*position_ids.shape[:-1], n)),
-        torch.empty_like(cu_seqlens),
-        inputs_embeds.new_empty(n, dtype=torch.int64),
-    )
-
-
-register("merge_kept", _merge_impl, _merge_fake)
 
 
 def merge_kept(

@@ -8,32 +8,35 @@ import torch
 
 from tokenprune_kernels import backend, reference
 from tokenprune_kernels import validation as v
-from tokenprune_kernels.ops._library import register
+from tokenprune_kernels.ops._library import define
+
+SCHEMA = (
+    "mapper_forward(Tensor attn, Tensor cu_seqlens_v, Tensor[] params, int kernel_size, "
+    "float input_eps) -> Tensor"
+)
 
 
-def run_mapper_forward(attn, cu_seqlens_v, params, kernel_size, input_eps):
-    """Stage b on the chosen backend; the arguments are already validated."""
-    if backend.choose("mapper_forward", attn.device.type) == "triton":
-        from tokenprune_kernels.triton import mapper_forward_triton
-
-        return mapper_forward_triton(attn, cu_seqlens_v, params, kernel_size, input_eps)
-    return reference.mapper_forward_ref(
-        attn, cu_seqlens_v, params, kernel_size, input_eps, validate=False
-    )
-
-
-def _impl(attn, cu_seqlens_v, params, kernel_size, input_eps):
-    v.check_mapper(attn, cu_seqlens_v, params, kernel_size, input_eps)
-    v.check_mapper_values(attn, cu_seqlens_v)
-    return run_mapper_forward(attn, cu_seqlens_v, params, kernel_size, input_eps)
-
-
-def _fake(attn, cu_seqlens_v, params, kernel_size, input_eps):
+def _fake(attn, cu_seqlens_v, params, kernel_size, input_eps) -> torch.Tensor:
     v.check_mapper(attn, cu_seqlens_v, params, kernel_size, input_eps)
     return torch.empty_like(attn)
 
 
-register("mapper_forward", _impl, _fake)
+def _impl(attn, cu_seqlens_v, params, kernel_size, input_eps) -> torch.Tensor:
+    v.check_mapper(attn, cu_seqlens_v, params, kernel_size, input_eps)
+    v.check_mapper_values(attn, cu_seqlens_v)
+    return backend.call(
+        "mapper_forward", attn.device.type, attn, cu_seqlens_v, params, kernel_size, input_eps
+    )
+
+
+define(SCHEMA, _impl, _fake)
+
+
+def _mapper_forward_ref(attn, cu_seqlens_v, params, kernel_size, input_eps) -> torch.Tensor:
+    """The reference in the stage's calling convention: the op has validated the arguments."""
+    return reference.mapper_forward_ref(
+        attn, cu_seqlens_v, params, kernel_size, input_eps, validate=False
+    )
 
 
 def mapper_forward(

@@ -3,205 +3,172 @@
 
 The arguments are checked once per call; then, with ``TOKENPRUNE_BACKEND=ref``, the whole composite
 runs the reference, and otherwise each stage runs, unchecked, on the backend
-:mod:`tokenprune_kernels.backend` picks for it. When selection runs in Triton, selection and the
-gather (or merge) run fused: one select launch and one compaction pass that writes the kept rows
-straight into the output.
+:mod:`tokenprune_kernels.backend` picks for it (selection and gather/merge as one implementation
+where the op table fuses them).
+
+Inside, the arguments travel grouped (:class:`~tokenprune_kernels.validation.ScoringArgs`,
+:class:`~tokenprune_kernels.validation.MapperArgs`), in the order the reference composites take.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from tokenprune_kernels import backend, reference
 from tokenprune_kernels import validation as v
 from tokenprune_kernels._nvtx import stage_range
-from tokenprune_kernels.ops._library import register
-from tokenprune_kernels.ops.attention import run_instruction_attention
-from tokenprune_kernels.ops.gather import run_gather_kept, run_merge_kept
-from tokenprune_kernels.ops.mapper import run_mapper_forward
-from tokenprune_kernels.ops.select import keep_counts_from_bounds, run_select_topk
+from tokenprune_kernels.ops._library import define
+from tokenprune_kernels.ops.gather import fake_gathered, fake_merged
+from tokenprune_kernels.ops.select import keep_counts_from_bounds
 
-
-def _check_scoring(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
-                   mapper_params, mapper_kernel_size, mapper_input_eps, keep_ratio, keep_count,
-                   q_pos, softmax_scale):  # fmt: skip
-    """Static checks of stages a-c shared by both composites (fake and real)."""
-    v.check_instruction_attention(
-        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale
-    )
-    v.check_keep(keep_ratio, keep_count)
-    if len(mapper_params) > 0:
-        v.check_mapper_config(mapper_params, mapper_kernel_size, mapper_input_eps, q.device)
-    v.check_rank("visual_embeds", visual_embeds, 2, "[total_v, hidden]")
-    v.require(
-        visual_embeds.shape[0] == visual_idx.shape[0],
-        f"visual_embeds must have one row per visual token ({visual_idx.shape[0]}), got "
-        f"{visual_embeds.shape[0]}",
-    )
-
-
-def _check_prune(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
-                 visual_position_ids, mapper_params, mapper_kernel_size, mapper_input_eps,
-                 keep_ratio, keep_count, q_pos, softmax_scale):  # fmt: skip
-    _check_scoring(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
-                   mapper_params, mapper_kernel_size, mapper_input_eps, keep_ratio, keep_count,
-                   q_pos, softmax_scale)  # fmt: skip
-    v.check_gather(visual_embeds, visual_position_ids, visual_idx.new_empty(0, dtype=torch.int64))
-
-
-def _check_merge(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, cu_seqlens,
-                 visual_embeds, visual_idx, cu_seqlens_v, mapper_params, mapper_kernel_size,
-                 mapper_input_eps, keep_ratio, keep_count, q_pos, softmax_scale):  # fmt: skip
-    _check_scoring(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
-                   mapper_params, mapper_kernel_size, mapper_input_eps, keep_ratio, keep_count,
-                   q_pos, softmax_scale)  # fmt: skip
-    v.check_merge(inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx,
-                  cu_seqlens_v, visual_idx.new_empty(0, dtype=torch.int64))  # fmt: skip
-
-
-def _score(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_params,
-           mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale):  # fmt: skip
-    """Stages a and b (b only with a mapper), each on its own backend: [Tv] float32 scores."""
-    scores = run_instruction_attention(
-        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale
-    )
-    if len(mapper_params) > 0:
-        scores = run_mapper_forward(
-            scores, cu_seqlens_v, mapper_params, mapper_kernel_size, mapper_input_eps
-        )
-    return scores
-
-
-def _fused_select(scores: torch.Tensor) -> bool:
-    """Whether stage c runs in Triton, in which case c and d run fused (one compaction pass)."""
-    return backend.choose("select_topk", scores.device.type) == "triton"
-
-
-def _in_range(name: str, impl: Callable) -> Callable:
-    """``impl`` inside the NVTX range ``name`` (when its first argument, q, is on a GPU)."""
-
-    @functools.wraps(impl)
-    def wrapped(q, *args, **kwargs):
-        with stage_range(name, q.device):
-            return impl(q, *args, **kwargs)
-
-    return wrapped
-
-
-def _prune_impl(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
-                visual_position_ids, mapper_params, mapper_kernel_size=5, mapper_input_eps=1e-4,
-                keep_ratio=None, keep_count=None, q_pos=None, softmax_scale=None):  # fmt: skip
-    _check_prune(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
-                 visual_position_ids, mapper_params, mapper_kernel_size, mapper_input_eps,
-                 keep_ratio, keep_count, q_pos, softmax_scale)  # fmt: skip
-    # The value checks of stages a-c, once per call and in one device read (the stages then run
-    # unchecked).
-    bounds_v = v.check_prune_values(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v,
-                                    q_pos, keep_count)  # fmt: skip
-    if backend.requested() == "ref":
-        return reference.prune_visual_tokens_ref(
-            q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
-            visual_position_ids, mapper_params, mapper_kernel_size, mapper_input_eps,
-            keep_ratio, keep_count, q_pos, softmax_scale,
-        )  # fmt: skip
-    scores = _score(
-        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_params,
-        mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale,
-    )  # fmt: skip
-    counts, total = keep_counts_from_bounds(bounds_v, scores.device, keep_ratio, keep_count)
-    if _fused_select(scores):
-        from tokenprune_kernels.triton import select_gather_triton
-
-        embeds, pos, kept_idx, cu_kept = select_gather_triton(
-            scores, cu_seqlens_v, counts, visual_embeds, visual_position_ids, total_kept=total
-        )
-        return embeds, pos, kept_idx, cu_kept, scores
-    kept_idx, cu_kept = run_select_topk(scores, cu_seqlens_v, counts, total)
-    embeds, pos = run_gather_kept(visual_embeds, visual_position_ids, kept_idx)
-    return embeds, pos, kept_idx, cu_kept, scores
-
-
-def _prune_fake(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
-                visual_position_ids, mapper_params, mapper_kernel_size=5, mapper_input_eps=1e-4,
-                keep_ratio=None, keep_count=None, q_pos=None, softmax_scale=None):  # fmt: skip
-    _check_prune(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
-                 visual_position_ids, mapper_params, mapper_kernel_size, mapper_input_eps,
-                 keep_ratio, keep_count, q_pos, softmax_scale)  # fmt: skip
-    n = torch.library.get_ctx().new_dynamic_size()
-    return (
-        visual_embeds.new_empty((n, visual_embeds.shape[1])),
-        visual_position_ids.new_empty((*visual_position_ids.shape[:-1], n)),
-        visual_idx.new_empty(n, dtype=torch.int64),
-        torch.empty_like(cu_seqlens_v),
-        q.new_empty(visual_idx.shape[0], dtype=torch.float32),
-    )
-
-
-register(
-    "prune_visual_tokens", _in_range("tokenprune.prune_visual_tokens", _prune_impl), _prune_fake
+PRUNE_SCHEMA = (
+    "prune_visual_tokens(Tensor q, Tensor k, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+    "Tensor visual_idx, Tensor cu_seqlens_v, Tensor visual_embeds, Tensor visual_position_ids, "
+    "Tensor[] mapper_params, int mapper_kernel_size=5, float mapper_input_eps=0.0001, "
+    "float? keep_ratio=None, int? keep_count=None, Tensor? q_pos=None, "
+    "float? softmax_scale=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+MERGE_SCHEMA = (
+    "prune_and_merge(Tensor q, Tensor k, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+    "Tensor inputs_embeds, Tensor position_ids, Tensor cu_seqlens, Tensor visual_embeds, "
+    "Tensor visual_idx, Tensor cu_seqlens_v, Tensor[] mapper_params, "
+    "int mapper_kernel_size=5, float mapper_input_eps=0.0001, float? keep_ratio=None, "
+    "int? keep_count=None, Tensor? q_pos=None, float? softmax_scale=None) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
-def _merge_impl(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, cu_seqlens,
-                visual_embeds, visual_idx, cu_seqlens_v, mapper_params, mapper_kernel_size=5,
-                mapper_input_eps=1e-4, keep_ratio=None, keep_count=None, q_pos=None,
-                softmax_scale=None):  # fmt: skip
-    _check_merge(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, cu_seqlens,
-                 visual_embeds, visual_idx, cu_seqlens_v, mapper_params, mapper_kernel_size,
-                 mapper_input_eps, keep_ratio, keep_count, q_pos, softmax_scale)  # fmt: skip
-    # The value checks of stages a-c and the merge, once per call and in one device read.
-    bounds_v = v.check_prune_merge_values(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds,
-                                          cu_seqlens, visual_idx, cu_seqlens_v, q_pos,
-                                          keep_count)  # fmt: skip
-    if backend.requested() == "ref":
-        return reference.prune_and_merge_ref(
-            q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, cu_seqlens,
-            visual_embeds, visual_idx, cu_seqlens_v, mapper_params, mapper_kernel_size,
-            mapper_input_eps, keep_ratio, keep_count, q_pos, softmax_scale,
-        )  # fmt: skip
-    scores = _score(
-        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_params,
-        mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale,
-    )  # fmt: skip
-    counts, total = keep_counts_from_bounds(bounds_v, scores.device, keep_ratio, keep_count)
-    if _fused_select(scores):
-        from tokenprune_kernels.triton import select_merge_triton
+def _grouped(cls: type, public: Callable, args: tuple, kwargs: dict) -> Any:
+    """A call of a composite - flat, as its schema (and ``public``, its Python function, which
+    takes the same arguments) orders them - grouped into ``cls`` (the reference's order)."""
+    names, defaults = _parameters(public)
+    call = {**defaults, **dict(zip(names, args, strict=False)), **kwargs}
+    scoring = v.ScoringArgs(**{f: call[f] for f in v.ScoringArgs._fields})
+    mapper = v.MapperArgs(*(call[f"mapper_{f}"] for f in v.MapperArgs._fields))
+    rest = {f: call[f] for f in cls._fields if f not in ("scoring", "mapper")}
+    return cls(scoring=scoring, mapper=mapper, **rest)
 
-        embeds, pos, cu_out, src_idx, kept_idx = select_merge_triton(
-            scores, cu_seqlens_v, counts, inputs_embeds, position_ids, cu_seqlens,
-            visual_embeds, visual_idx, total_kept=total,
-        )  # fmt: skip
-        return embeds, pos, cu_out, src_idx, kept_idx, scores
-    kept_idx, _ = run_select_topk(scores, cu_seqlens_v, counts, total)
-    merged = run_merge_kept(
-        inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx
+
+@functools.cache
+def _parameters(public: Callable) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """``public``'s parameter names, in order, and their defaults (read once: binding a call
+    with ``inspect.Signature.bind`` costs tens of microseconds)."""
+    params = inspect.signature(public).parameters
+    defaults = {n: p.default for n, p in params.items() if p.default is not p.empty}
+    return tuple(params), defaults
+
+
+def _select_then(last: str, scores, cu_seqlens_v, counts, total, *rest) -> tuple:
+    """Stage c, then ``last`` (gather_kept or merge_kept) on the kept indices: as one
+    implementation where the op table fuses them, else one after the other. Returns what the
+    fused implementation returns: ``last``'s outputs, then kept_idx (and, after a gather,
+    cu_seqlens_kept)."""
+    device = scores.device.type
+    fused = backend.fused("select_topk", last, device)
+    if fused is not None:
+        return backend.run(fused, scores, cu_seqlens_v, counts, *rest, total_kept=total)
+    kept_idx, cu_kept = backend.call(
+        "select_topk", device, scores, cu_seqlens_v, counts, total_kept=total
     )
-    return (*merged, kept_idx, scores)
+    if last == "gather_kept":
+        return (*backend.call(last, device, *rest, kept_idx), kept_idx, cu_kept)
+    return (*backend.call(last, device, *rest, cu_seqlens_v, kept_idx), kept_idx)
 
 
-def _merge_fake(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, cu_seqlens,
-                visual_embeds, visual_idx, cu_seqlens_v, mapper_params, mapper_kernel_size=5,
-                mapper_input_eps=1e-4, keep_ratio=None, keep_count=None, q_pos=None,
-                softmax_scale=None):  # fmt: skip
-    _check_merge(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, cu_seqlens,
-                 visual_embeds, visual_idx, cu_seqlens_v, mapper_params, mapper_kernel_size,
-                 mapper_input_eps, keep_ratio, keep_count, q_pos, softmax_scale)  # fmt: skip
-    ctx = torch.library.get_ctx()
-    n_out, n_kept = ctx.new_dynamic_size(), ctx.new_dynamic_size()
-    return (
-        inputs_embeds.new_empty((n_out, inputs_embeds.shape[1])),
-        position_ids.new_empty((*position_ids.shape[:-1], n_out)),
-        torch.empty_like(cu_seqlens),
-        inputs_embeds.new_empty(n_out, dtype=torch.int64),
-        visual_idx.new_empty(n_kept, dtype=torch.int64),
-        q.new_empty(visual_idx.shape[0], dtype=torch.float32),
+#: Grouped arguments -> (composite, its static checks, its value checks, its reference).
+_COMPOSITES: dict[type, tuple[str, Callable, Callable, Callable]] = {
+    v.PruneArgs: (
+        "prune_visual_tokens",
+        v.check_prune,
+        v.check_prune_values,
+        reference.prune_visual_tokens_ref,
+    ),
+    v.PruneMergeArgs: (
+        "prune_and_merge",
+        v.check_prune_and_merge,
+        v.check_prune_merge_values,
+        reference.prune_and_merge_ref,
+    ),
+}
+
+
+def _run(a: v.PruneArgs | v.PruneMergeArgs, last_args: Callable[[v.ScoringArgs], tuple]) -> tuple:
+    """One call of the composite whose grouped arguments ``a`` are (:data:`_COMPOSITES`).
+
+    The static checks, then the value checks of every stage, once per call and in one device
+    read (the stages then run unchecked; they return the visual offsets). Then the whole
+    reference under ``TOKENPRUNE_BACKEND=ref``, else each stage on its own backend: attention,
+    the mapper (when given parameters), the selection and the composite's last stage
+    (:data:`backend.COMPOSITES`), which takes ``last_args(s)`` (``s``: the scoring arguments,
+    made contiguous once here so that no stage copies them again).
+    """
+    name, check, check_values, ref = _COMPOSITES[type(a)]
+    with stage_range(f"tokenprune.{name}", a.scoring.q.device):
+        check(a)
+        bounds_v = check_values(a)
+        if backend.requested() == "ref":
+            return ref(*a)
+        s = a.scoring.contiguous()
+        device = s.q.device.type
+        scores = backend.call("instruction_attention", device, *s)
+        if len(a.mapper.params) > 0:
+            scores = backend.call("mapper_forward", device, scores, s.cu_seqlens_v, *a.mapper)
+        counts, total = keep_counts_from_bounds(bounds_v, scores.device, a.keep_ratio, a.keep_count)
+        last = backend.COMPOSITES[name][-1]
+        out = _select_then(last, scores, s.cu_seqlens_v, counts, total, *last_args(s))
+        return (*out, scores)
+
+
+def _kept_and_scores(s: v.ScoringArgs, n: torch.SymInt) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake kept_idx [n] int64 and scores [Tv] float32."""
+    kept_idx = s.visual_idx.new_empty(n, dtype=torch.int64)
+    return kept_idx, s.q.new_empty(s.visual_idx.shape[0], dtype=torch.float32)
+
+
+def _prune_fake(*args, **kwargs):
+    a = _grouped(v.PruneArgs, prune_visual_tokens, args, kwargs)
+    v.check_prune(a)
+    n = torch.library.get_ctx().new_dynamic_size()
+    kept_idx, scores = _kept_and_scores(a.scoring, n)
+    embeds, pos = fake_gathered(a.visual_embeds, a.visual_position_ids, n)
+    return embeds, pos, kept_idx, torch.empty_like(a.scoring.cu_seqlens_v), scores
+
+
+def _prune_impl(*args, **kwargs):
+    a = _grouped(v.PruneArgs, prune_visual_tokens, args, kwargs)
+    return _run(a, lambda s: (a.visual_embeds, a.visual_position_ids))
+
+
+define(PRUNE_SCHEMA, _prune_impl, _prune_fake)
+
+
+def _merge_fake(*args, **kwargs):
+    a = _grouped(v.PruneMergeArgs, prune_and_merge, args, kwargs)
+    v.check_prune_and_merge(a)
+    kept_idx, scores = _kept_and_scores(a.scoring, torch.library.get_ctx().new_dynamic_size())
+    return (*fake_merged(a.inputs_embeds, a.position_ids, a.cu_seqlens), kept_idx, scores)
+
+
+def _merge_impl(*args, **kwargs):
+    a = _grouped(v.PruneMergeArgs, prune_and_merge, args, kwargs)
+    return _run(
+        a,
+        lambda s: (
+            a.inputs_embeds,
+            a.position_ids,
+            a.cu_seqlens.contiguous(),
+            a.visual_embeds,
+            s.visual_idx,
+        ),
     )
 
 
-register("prune_and_merge", _in_range("tokenprune.prune_and_merge", _merge_impl), _merge_fake)
+define(MERGE_SCHEMA, _merge_impl, _merge_fake)
 
 
 def prune_visual_tokens(

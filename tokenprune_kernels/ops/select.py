@@ -7,22 +7,9 @@ from collections.abc import Sequence
 
 import torch
 
-from tokenprune_kernels import backend, reference
+from tokenprune_kernels import backend
 from tokenprune_kernels import validation as v
-from tokenprune_kernels.ops._library import register
-
-
-def run_select_topk(scores, cu_seqlens_v, keep_counts, total_kept=None):
-    """Stage c on the chosen backend, for validated arguments and per-sample ``keep_counts``
-    (``total_kept``: their sum when known on the host; it spares the Triton path a sync)."""
-    which = backend.choose("select_topk", scores.device.type)
-    if which in ("cpp", "cuda"):
-        return torch.ops.tokenprune._select_topk(scores, cu_seqlens_v, keep_counts)
-    if which == "triton":
-        from tokenprune_kernels.triton import select_topk_triton
-
-        return select_topk_triton(scores, cu_seqlens_v, keep_counts, total_kept=total_kept)
-    return reference.select_topk_ref(scores, cu_seqlens_v, keep_counts)
+from tokenprune_kernels.ops._library import define
 
 
 def keep_counts_host(
@@ -69,11 +56,10 @@ def keep_counts_from_bounds(
     return keep_counts_tensor(counts, device), sum(counts)
 
 
-def _impl(scores, cu_seqlens_v, keep_ratio=None, keep_count=None):
-    v.check_select(scores, cu_seqlens_v, keep_ratio, keep_count)
-    bounds = v.check_select_values(scores, cu_seqlens_v, keep_count)
-    counts, total = keep_counts_from_bounds(bounds, scores.device, keep_ratio, keep_count)
-    return run_select_topk(scores, cu_seqlens_v, counts, total)
+SCHEMA = (
+    "select_topk(Tensor scores, Tensor cu_seqlens_v, float? keep_ratio=None, "
+    "int? keep_count=None) -> (Tensor, Tensor)"
+)
 
 
 def _fake(scores, cu_seqlens_v, keep_ratio=None, keep_count=None):
@@ -82,7 +68,26 @@ def _fake(scores, cu_seqlens_v, keep_ratio=None, keep_count=None):
     return scores.new_empty(kept, dtype=torch.int64), torch.empty_like(cu_seqlens_v)
 
 
-register("select_topk", _impl, _fake)
+def _impl(scores, cu_seqlens_v, keep_ratio=None, keep_count=None):
+    v.check_select(scores, cu_seqlens_v, keep_ratio, keep_count)
+    bounds = v.check_select_values(scores, cu_seqlens_v, keep_count)
+    counts, total = keep_counts_from_bounds(bounds, scores.device, keep_ratio, keep_count)
+    return backend.call(
+        "select_topk", scores.device.type, scores, cu_seqlens_v, counts, total_kept=total
+    )
+
+
+define(SCHEMA, _impl, _fake)
+
+
+def _select_topk_fake(scores, cu_seqlens_v, keep_counts):
+    """Fake of the compiled kernel ``_select_topk`` (the stage's calling convention)."""
+    v.check_rank("scores", scores, 1, "[total_v]")
+    v.check_dtype("scores", scores, v.FLOAT_DTYPES)
+    v.check_cu_seqlens("cu_seqlens_v", cu_seqlens_v)
+    v.check_rank("keep_counts", keep_counts, 1, "[batch] int64")
+    kept = torch.library.get_ctx().new_dynamic_size()
+    return scores.new_empty(kept, dtype=torch.int64), torch.empty_like(cu_seqlens_v)
 
 
 def select_topk(

@@ -65,7 +65,7 @@ statistics, ``exp2`` and all sums are fp32. Under the interpreter (CPU tensors) 
 cast to fp32 before ``tl.dot`` (``DOT_F32``): it stores bf16 as uint16 and would multiply the
 bits as integers. The GPU path never sets it.
 
-**Launch configuration** (:func:`_launch_config`, also what ``LOWERING_CASES`` lowers): fixed per
+**Launch configuration** (:func:`_launch_config`, also what :mod:`.lowering` lowers): fixed per
 dtype, no autotuning (nothing to tune under the interpreter, and no first-call tuning cost).
 fp16/bf16: ``BLOCK_M = 64``, ``BLOCK_N = 64``, ``BLOCK_V = 64``, 4 warps, 3 stages (pass 1) / 2
 stages (pass 2), no register spills at D=128 (ptxas -v, sm_90a). fp32: ``BLOCK_M = 32``,
@@ -88,9 +88,8 @@ import triton
 import triton.language as tl
 
 from tokenprune_kernels._nvtx import stage_range
-from tokenprune_kernels.triton.lowering import LoweringCase
 
-__all__ = ["LOWERING_CASES", "instruction_attention_triton"]
+__all__ = ["instruction_attention_triton"]
 
 _LOG2E = 1.4426950408889634
 #: Upper bound on the number of key splits of pass 1.
@@ -120,6 +119,57 @@ def _locate_tile(
         first = tl.where(hit, total, first)
         total += n_tiles
     return sample, tile - first, total
+
+
+@triton.jit
+def _segment(cu_ptr, b):
+    """(start, length) of sample ``b`` in packed offsets ``cu_ptr``, as int32."""
+    start = tl.load(cu_ptr + b).to(tl.int32)
+    return start, tl.load(cu_ptr + b + 1).to(tl.int32) - start
+
+
+@triton.jit
+def _load_q_tile(
+    q_ptr,
+    q_pos_ptr,
+    rows,
+    row_ok,
+    kv_head,
+    q_start,
+    n_q,
+    n_k,
+    stride_qt,
+    stride_qh,
+    offs_d,
+    d_ok,
+    GROUP: tl.constexpr,
+    HAS_Q_POS: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """The q tile of packed rows ``rows`` of KV head ``kv_head`` in a sample whose queries start
+    at ``q_start``: row ``r`` is query ``r // GROUP``, head ``kv_head * GROUP + r % GROUP``.
+
+    Returns (q [BLOCK_M, BLOCK_D], zero outside ``row_ok`` and ``d_ok``; qpos, each row's last
+    visible key; token, its packed query index; head, its query head), shared by both passes.
+    """
+    qi = rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    token = q_start + qi
+    if HAS_Q_POS:
+        qpos = tl.load(q_pos_ptr + token, mask=row_ok, other=0).to(tl.int32)
+    else:
+        qpos = n_k - n_q + qi
+    q = tl.load(
+        q_ptr
+        + token.to(tl.int64)[:, None] * stride_qt
+        + head[:, None] * stride_qh
+        + offs_d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    if DOT_F32:
+        q = q.to(tl.float32)
+    return q, qpos, token, head
 
 
 @triton.jit
@@ -156,32 +206,17 @@ def _row_stats_kernel(
     b, local, total = _locate_tile(cu_q_ptr, cu_v_ptr, n_batch, tile, GROUP, BLOCK_M)
     if tile >= total:
         return
-    q_start = tl.load(cu_q_ptr + b).to(tl.int32)
-    n_q = tl.load(cu_q_ptr + b + 1).to(tl.int32) - q_start
-    k_start = tl.load(cu_k_ptr + b).to(tl.int32)
-    n_k = tl.load(cu_k_ptr + b + 1).to(tl.int32) - k_start
+    q_start, n_q = _segment(cu_q_ptr, b)
+    k_start, n_k = _segment(cu_k_ptr, b)
 
     rows = local * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_q * GROUP
-    qi = rows // GROUP
-    head = kv_head * GROUP + rows % GROUP
-    token = q_start + qi
-    if HAS_Q_POS:
-        qpos = tl.load(q_pos_ptr + token, mask=row_ok, other=0).to(tl.int32)
-    else:
-        qpos = n_k - n_q + qi
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(
-        q_ptr
-        + token.to(tl.int64)[:, None] * stride_qt
-        + head[:, None] * stride_qh
-        + offs_d[None, :],
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    if DOT_F32:
-        q = q.to(tl.float32)
+    q, qpos, token, head = _load_q_tile(
+        q_ptr, q_pos_ptr, rows, row_ok, kv_head, q_start, n_q, n_k, stride_qt, stride_qh,
+        offs_d, d_ok, GROUP, HAS_Q_POS, DOT_F32,
+    )  # fmt: skip
 
     # Keys 0..kv_len-1 are seen by some row of the tile, 0..full_len-1 by all of them.
     kv_len = tl.max(tl.where(row_ok, qpos, -1), 0) + 1
@@ -271,12 +306,9 @@ def _visual_colsum_kernel(
     b, local, total = _locate_tile(cu_v_ptr, cu_v_ptr, n_batch, tile, 1, BLOCK_V)
     if tile >= total:
         return
-    q_start = tl.load(cu_q_ptr + b).to(tl.int32)
-    n_q = tl.load(cu_q_ptr + b + 1).to(tl.int32) - q_start
-    k_start = tl.load(cu_k_ptr + b).to(tl.int32)
-    n_k = tl.load(cu_k_ptr + b + 1).to(tl.int32) - k_start
-    v_start = tl.load(cu_v_ptr + b).to(tl.int32)
-    n_v = tl.load(cu_v_ptr + b + 1).to(tl.int32) - v_start
+    q_start, n_q = _segment(cu_q_ptr, b)
+    k_start, n_k = _segment(cu_k_ptr, b)
+    v_start, n_v = _segment(cu_v_ptr, b)
 
     cols = local * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < n_v
@@ -301,23 +333,10 @@ def _visual_colsum_kernel(
         for r0 in range(0, n_rows, BLOCK_M):
             rows = r0 + tl.arange(0, BLOCK_M)
             row_ok = rows < n_rows
-            qi = rows // GROUP
-            head = kv_head * GROUP + rows % GROUP
-            token = q_start + qi
-            if HAS_Q_POS:
-                qpos = tl.load(q_pos_ptr + token, mask=row_ok, other=0).to(tl.int32)
-            else:
-                qpos = n_k - n_q + qi
-            q = tl.load(
-                q_ptr
-                + token.to(tl.int64)[:, None] * stride_qt
-                + head[:, None] * stride_qh
-                + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            if DOT_F32:
-                q = q.to(tl.float32)
+            q, qpos, token, head = _load_q_tile(
+                q_ptr, q_pos_ptr, rows, row_ok, kv_head, q_start, n_q, n_k, stride_qt,
+                stride_qh, offs_d, d_ok, GROUP, HAS_Q_POS, DOT_F32,
+            )  # fmt: skip
             # Merge the splits' statistics: m = max m_s, l = sum l_s 2^(m_s - m).
             stat = (token * num_heads_q + head) * num_splits
             stat_ok = row_ok[:, None] & s_ok[None, :]
@@ -503,82 +522,3 @@ def instruction_attention_triton(
                 num_stages=cfg["stages_cols"], **common,
             )  # fmt: skip
         return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Lowering cases: the specialisations the host code above launches, for a Hopper compile check.
-
-_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def _cases(
-    dtype: torch.dtype,
-    head_dim: int,
-    group: int,
-    has_q_pos: bool,
-    index: str,
-    splits: int,
-    block_v: int | None = None,
-) -> list[LoweringCase]:
-    cfg = _launch_config(dtype, head_dim)
-    block_v = block_v or int(cfg["BLOCK_V"])
-    ptr = _PTR[dtype]
-    idx = f"*{index}"
-    label = f"{_NAME[dtype]},D={head_dim},G={group},q_pos={has_q_pos},{index}"
-    common = {
-        "GROUP": group,
-        "HEAD_DIM": head_dim,
-        "BLOCK_D": cfg["BLOCK_D"],
-        "BLOCK_M": cfg["BLOCK_M"],
-        "HAS_Q_POS": has_q_pos,
-        "DOT_PRECISION": cfg["DOT_PRECISION"],
-        "DOT_F32": False,  # the GPU path
-    }
-    strides = {"stride_qt": "i32", "stride_qh": "i32", "stride_kt": "i32", "stride_kh": "i32"}
-    rows_sig = {
-        "q_ptr": ptr, "k_ptr": ptr, "q_pos_ptr": idx, "cu_q_ptr": idx, "cu_k_ptr": idx,
-        "cu_v_ptr": idx, "m_ptr": "*fp32", "l_ptr": "*fp32", **strides,
-        "n_batch": "i32", "num_heads_q": "i32", "num_splits": "i32", "qk_scale": "fp32",
-    }  # fmt: skip
-    rows_const = {**common, "BLOCK_N": cfg["BLOCK_N"]}
-    cols_sig = {
-        "q_ptr": ptr, "k_ptr": ptr, "q_pos_ptr": idx, "visual_idx_ptr": idx, "cu_q_ptr": idx,
-        "cu_k_ptr": idx, "cu_v_ptr": idx, "m_ptr": "*fp32", "l_ptr": "*fp32", "out_ptr": "*fp32",
-        **strides, "n_batch": "i32", "num_heads_q": "i32", "num_heads_k": "i32",
-        "num_splits": "i32", "qk_scale": "fp32",
-    }  # fmt: skip
-    cols_const = {**common, "BLOCK_V": block_v, "BLOCK_S": triton.next_power_of_2(splits)}
-    for name in rows_const:
-        rows_sig[name] = "constexpr"
-    for name in cols_const:
-        cols_sig[name] = "constexpr"
-    return [
-        LoweringCase(
-            f"attention.row_stats[{label}]",
-            _row_stats_kernel,
-            rows_sig,
-            rows_const,
-            {"num_warps": cfg["num_warps"], "num_stages": cfg["stages_rows"]},
-        ),
-        LoweringCase(
-            f"attention.visual_colsum[{label},S<={splits},BLOCK_V={block_v}]",
-            _visual_colsum_kernel,
-            cols_sig,
-            cols_const,
-            {"num_warps": cfg["num_warps"], "num_stages": cfg["stages_cols"]},
-        ),
-    ]
-
-
-#: Every kernel at D=128 for each dtype (GQA group 7 as in Qwen2-VL-7B, q_pos given and not,
-#: int64 and int32 offsets, 16/5/1 key splits, the narrowed visual tiles of short sequences) and
-#: at an odd head dim (D=80, padded to 128).
-LOWERING_CASES: list[LoweringCase] = [
-    *_cases(torch.float16, 128, 7, True, "i64", MAX_SPLITS),
-    *_cases(torch.bfloat16, 128, 7, False, "i32", 1),
-    *_cases(torch.bfloat16, 128, 7, True, "i64", 4, block_v=16),
-    *_cases(torch.float32, 128, 7, True, "i64", 5),
-    *_cases(torch.float32, 128, 7, False, "i32", 4),
-    *_cases(torch.float16, 80, 4, False, "i64", 3, block_v=32),
-]

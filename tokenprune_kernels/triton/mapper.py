@@ -84,14 +84,12 @@ import triton.language as tl
 from torch import Tensor
 
 from tokenprune_kernels._nvtx import stage_range
-from tokenprune_kernels.triton.lowering import LoweringCase
 
 __all__ = [
     "BLOCK_K",
     "BLOCK_M",
     "BLOCK_N",
     "DOT_PRECISION",
-    "LOWERING_CASES",
     "NUM_STAGES",
     "NUM_WARPS",
     "PROGRAMS_PER_SM",
@@ -490,59 +488,19 @@ def mapper_forward_triton(
             packed.act_stride // 16,
             packed.dw_stride // 16,
             float(input_eps),
-            KSIZE=kernel_size,
-            BLOCK_M=block_m,
-            BLOCK_K=block_k,
-            BLOCK_N=block_n,
-            DOT_PRECISION=DOT_PRECISION,
+            **_constexprs(kernel_size, block_m, block_k, block_n),
             num_warps=NUM_WARPS,
             num_stages=NUM_STAGES,
         )
         return out
 
 
-def _lowering_case(
-    label: str, cu_type: str, kernel_size: int, block_m: int, block_k: int, block_n: int
-) -> LoweringCase:
-    signature: dict[str, Any] = {
-        "attn_ptr": "*fp32",
-        "cu_ptr": cu_type,
-        "params_ptr": "*fp32",
-        "meta_ptr": "*i32",
-        "scratch_ptr": "*fp32",
-        "out_ptr": "*fp32",
-        "total": "i32",
-        "num_samples": "i32",
-        "search_top": "i32",
-        "search_steps": "i32",
-        "num_blocks": "i32",
-        "halo": "i32",
-        "num_windows": "i32",
-        "act_stride16": "i32",
-        "dw_stride16": "i32",
-        "input_eps": "fp32",
-    }
-    constexprs = {
+def _constexprs(kernel_size: int, block_m: int, block_k: int, block_n: int) -> dict[str, Any]:
+    """The kernel's constexpr arguments for a launch (and for its lowering cases)."""
+    return {
         "KSIZE": kernel_size,
         "BLOCK_M": block_m,
         "BLOCK_K": block_k,
         "BLOCK_N": block_n,
         "DOT_PRECISION": DOT_PRECISION,
     }
-    signature.update(dict.fromkeys(constexprs, "constexpr"))
-    return LoweringCase(
-        name=f"mapper.forward[{label}]",
-        kernel=_mapper_forward_kernel,
-        signature=signature,
-        constexprs=constexprs,
-        options={"num_warps": NUM_WARPS, "num_stages": NUM_STAGES},
-    )
-
-
-#: The specialisations the host launches: the default mapper (any widths share one compile per
-#: K and cu dtype) and a small-tile one.
-LOWERING_CASES: list[LoweringCase] = [
-    _lowering_case("K=5,i64,default", "*i64", 5, BLOCK_M, BLOCK_K, BLOCK_N),
-    _lowering_case("K=5,i32,default", "*i32", 5, BLOCK_M, BLOCK_K, BLOCK_N),
-    _lowering_case("K=3,i32,small", "*i32", 3, 32, 16, 16),
-]
