@@ -31,6 +31,8 @@ _PREFERENCE = {"cpu": ("cpp", "ref"), "cuda": ("cuda", "triton", "ref")}
 
 #: Stage ops and the private compiled op that implements each in C++/CUDA.
 COMPILED_OP = {
+    "instruction_attention": "_instruction_attention",
+    "mapper_forward": "_mapper_forward",
     "select_topk": "_select_topk",
     "gather_kept": "_gather_kept",
     "merge_kept": "_merge_kept",

@@ -123,11 +123,17 @@ def test_fullgraph_inductor_pipeline():
         torch.testing.assert_close(g, w)
 
 
-def _compiled_cases():
-    inp, _, attn, kept = _inputs()
+def _compiled_cases(dtype=torch.float32):
+    inp, params, attn, kept = _inputs(dtype)
     ops = torch.ops.tokenprune
     counts = torch.tensor([3, 0, 4])
     return {
+        "_instruction_attention": (
+            ops._instruction_attention.default,
+            (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v,
+             inp.q_pos, 0.3),
+        ),
+        "_mapper_forward": (ops._mapper_forward.default, (attn, inp.cu_seqlens_v, params, 5, 1e-4)),
         "_select_topk": (ops._select_topk.default, (attn, inp.cu_seqlens_v, counts)),
         "_gather_kept": (
             ops._gather_kept.default, (inp.visual_embeds, inp.visual_position_ids, kept)
@@ -140,17 +146,20 @@ def _compiled_cases():
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["_select_topk", "_gather_kept", "_merge_kept"])
-def test_compiled_ops_opcheck_and_compile(name):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(backend.COMPILED_OP.values()))
+def test_compiled_ops_opcheck_and_compile(name, dtype):
     """The private compiled ops have fakes too: opcheck and fullgraph compile pass."""
     from tokenprune_kernels import _extension
 
     if not _extension.available():
         pytest.skip(f"compiled extension not built: {_extension.load_error()}")
-    op, args = _compiled_cases()[name]
+    op, args = _compiled_cases(dtype)[name]
     torch.library.opcheck(op, args)
     torch._dynamo.reset()
     eager = op(*args)
     compiled = torch.compile(lambda *a: op(*a), fullgraph=True, backend="aot_eager")(*args)
+    if isinstance(eager, torch.Tensor):
+        eager, compiled = (eager,), (compiled,)
     for e, c in zip(eager, compiled, strict=True):
         assert torch.equal(e, c)

@@ -47,7 +47,21 @@ def _merge_kept_fake(inputs_embeds, position_ids, cu_seqlens, visual_embeds, vis
     )
 
 
+def _instruction_attention_fake(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v,
+                                q_pos=None, softmax_scale=None):  # fmt: skip
+    v.check_instruction_attention(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v,
+                                  q_pos, softmax_scale)  # fmt: skip
+    return q.new_empty(visual_idx.shape[0], dtype=torch.float32)
+
+
+def _mapper_forward_fake(attn, cu_seqlens_v, params, kernel_size, input_eps):
+    v.check_mapper(attn, cu_seqlens_v, params, kernel_size, input_eps)
+    return torch.empty_like(attn)
+
+
 FAKES = {
+    "_instruction_attention": _instruction_attention_fake,
+    "_mapper_forward": _mapper_forward_fake,
     "_select_topk": _select_topk_fake,
     "_gather_kept": _gather_kept_fake,
     "_merge_kept": _merge_kept_fake,
