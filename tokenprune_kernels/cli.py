@@ -75,8 +75,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     header.append(
         "- shapes: Qwen2-VL-7B (28 query heads, 4 key heads, head dim 128, hidden 3584), bf16 "
         "q/k/embeddings, 32 instruction tokens, 14 system and 5 trailing tokens, batch 1; mapper "
-        "with the default config; median over >= 5 runs (>= 0.3 s), 3 input sets rotated"
+        "with the default config; median over >= 5 runs (>= 0.3 s), 3 input sets rotated; the "
+        "backends of one row group run interleaved, one call each per round"
     )
+    if torch.device(device).type == "cpu":
+        header.append(
+            "- roofline (measured in the same rounds): one fp32 GEMM [1024, 256] @ [256, N] with "
+            "the stage's FLOPs (one q.k per query, head and key; the mapper's pointwise and "
+            "depthwise layers) and one copy moving its bytes (inputs read once, outputs written "
+            "once); x roofline = median / the slower of the two"
+        )
     table = format_table(results)
     print()
     print(table)
