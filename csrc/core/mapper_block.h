@@ -20,14 +20,14 @@ constexpr float kMapperNormEps = 1e-5f;
 
 // The mapper's input feature of one token of a sample of n tokens, as the reference rounds it:
 // n * attn rounded to float32, plus eps rounded to float32, then log.
-TP_HOST_DEVICE inline float mapper_input(float attn, float n, float input_eps) {
+TP_INLINE float mapper_input(float attn, float n, float input_eps) {
   const float scaled = n * attn;
   return ::logf(scaled + input_eps);
 }
 
 // Mean and 1/sqrt(var + eps) of the c values x[0, c), var the biased variance (two passes:
 // no E[x^2] - E[x]^2 cancellation). Fixed-order lane sums (kSumLanes).
-TP_HOST_DEVICE inline void layer_norm_moments(const float* x, int64_t c, float* mean,
+TP_INLINE void layer_norm_moments(const float* x, int64_t c, float* mean,
                                               float* rstd) {
   float lanes[kSumLanes];
   for (int u = 0; u < kSumLanes; ++u) lanes[u] = 0.0f;
@@ -35,8 +35,7 @@ TP_HOST_DEVICE inline void layer_norm_moments(const float* x, int64_t c, float* 
   for (int64_t i = 0; i < full; i += kSumLanes) {
     for (int u = 0; u < kSumLanes; ++u) lanes[u] += x[i + u];
   }
-  float sum = 0.0f;
-  for (int u = 0; u < kSumLanes; ++u) sum += lanes[u];
+  float sum = lane_total(lanes);
   for (int64_t i = full; i < c; ++i) sum += x[i];
   const float mu = sum / static_cast<float>(c);
 
@@ -47,8 +46,7 @@ TP_HOST_DEVICE inline void layer_norm_moments(const float* x, int64_t c, float* 
       lanes[u] += d * d;
     }
   }
-  float sq = 0.0f;
-  for (int u = 0; u < kSumLanes; ++u) sq += lanes[u];
+  float sq = lane_total(lanes);
   for (int64_t i = full; i < c; ++i) {
     const float d = x[i] - mu;
     sq += d * d;
@@ -58,7 +56,7 @@ TP_HOST_DEVICE inline void layer_norm_moments(const float* x, int64_t c, float* 
 }
 
 // One channel after the norm: SiLU(gamma * (x - mean) * rstd + beta).
-TP_HOST_DEVICE inline float norm_silu(float x, float mean, float rstd, float gamma, float beta) {
+TP_INLINE float norm_silu(float x, float mean, float rstd, float gamma, float beta) {
   return silu_f32((x - mean) * rstd * gamma + beta);
 }
 

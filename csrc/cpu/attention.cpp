@@ -11,23 +11,25 @@
 // multiple of 16 with zero queries whose results are discarded.
 //
 // One pass over the keys, the softmax finished through per-tile weights (core/softmax.h):
-//   A. per (item, key tile of kKeyTile keys), in parallel: the logits tile S^T = K_tile Q^T
-//      [keys, rows] as one GEMM (oneDNN's brgemm micro-kernel through ATen; bf16 operands with
-//      fp32 accumulation for bf16 inputs, fp32 otherwise), the causal mask, the tile's row
-//      maxima m_t and sums l_t, and e = exp(scale * (s - max)). The e of visual keys go to a
-//      scratch [visual token, row]; the others are only summed.
-//   B. per item: M = max_t m_t, L = sum_t l_t exp(m_t - M), weights w_t = exp(m_t - M) / L.
-//   C. per chunk of visual tokens, in parallel: out[v] += sum over the items of the sample of
-//      dot(e[v, rows], w_{tile(v)}[rows]).
-// No [Hq, Tq, Tk] tensor: the scratch holds the visual columns of at most kScratchBytes worth of
-// rows at once. Items are processed in waves that fit it (an item too large for it alone gets
-// fewer rows; the keys are then streamed once per item). Every output element is summed in a
-// fixed order (tiles, items and waves in order, fixed-lane dot products), and the work split
-// depends on the shapes only, so the result does not depend on the number of threads.
+//   tile   per (item, key tile of kKeyTile keys): the logits tile S^T = K_tile Q^T [keys, rows]
+//          as one GEMM (oneDNN's brgemm micro-kernel through ATen; bf16 operands with fp32
+//          accumulation for bf16 inputs, fp32 otherwise), the causal mask, the tile's row maxima
+//          m_t and sums l_t (base 2), and e = 2^(scale log2(e) (s - max)). The e of visual keys
+//          go to a scratch [visual token, row]; the others are only summed.
+//   weights per item, by the thread that finishes its last tile: M = max_t m_t,
+//          L = sum_t l_t 2^(m_t - M), w_t = 2^(m_t - M) / L.
+//   sums   per (item, chunk of visual tokens): dot(e[v, rows], w_{tile(v)}[rows]).
+// Then each visual token sums its sample's items in item order and divides by n_q * Hq.
+// No [Hq, Tq, Tk] tensor: a scratch buffer holds the visual columns of at most kScratchBytes
+// worth of rows. Items go in waves that fit it (an item too large for it alone gets fewer rows;
+// the keys are then streamed once per item), two waves in flight on two buffers. All of it runs
+// as one ordered task list in one parallel region (run_items). Every output element is summed in
+// a fixed order (tiles, items in order, fixed-lane dot products) and the work split depends on
+// the shapes only, so the result does not depend on the number of threads.
 //
-// FLOPs: 2 * D * Hq * sum_b n_q[b] * kv_len[b] (the GEMMs, once per key), plus one exp per
-// (row, key). Bytes: q and k once per wave item (k is re-read by the items of one sample, from
-// the cache when a wave holds them all), the scratch written once and read once.
+// FLOPs: 2 * D * Hq * sum_b n_q[b] * kv_len[b] (the GEMMs, once per key), plus one exp2 per
+// (row, key). Bytes: q once, k once per item (the items of one key head share it through the
+// cache when they are in flight together), the scratch written once and read once.
 
 #include "cpu_common.h"
 
@@ -36,17 +38,19 @@
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -56,8 +60,8 @@ namespace {
 
 constexpr int64_t kKeyTile = 128;                     // keys per GEMM tile
 constexpr int64_t kRowAlign = 16;                     // rows padded to 16 floats (64 bytes)
-constexpr int64_t kScratchBytes = int64_t{8} << 20;   // e of visual keys alive at once
-constexpr int64_t kVisualChunk = 256;                 // visual tokens per phase-C task
+constexpr int64_t kScratchBytes = int64_t{8} << 20;   // per scratch buffer (two in flight)
+constexpr int64_t kVisualChunk = 256;                 // visual tokens per column-sum task
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -104,16 +108,18 @@ struct Item {
   int64_t stats = 0;    // offset (floats) of its [ntiles, rows] statistics
   int64_t qpack = 0;    // offset (elements) of its packed queries [D, rows]
   int64_t pos = 0;      // offset of its [rows] query positions
+  int64_t partial = 0;  // offset of its [nv] column sums
 };
 
 // ---- vectorised tile arithmetic (cloned per ISA level) ----
 
 // Softmax pieces of one tile: c [nkeys, rows] raw logits (changed in place). Masks keys a row
-// does not see (key0 + j > pos[r]) when `mask`, writes the tile's scaled row maxima m_t (-inf
-// for a row that sees none of its keys) and sums l_t, and e_j = exp(scale * (s - max)) to
-// dst[j] (the scratch row of a visual key, or c's own row).
+// does not see (key0 + j > pos[r]) when `mask`, writes the tile's row maxima m_t in base-2 units
+// (-inf for a row that sees none of its keys) and sums l_t, and e_j = 2^(scale_log2 * (s - max))
+// to dst[j] (the scratch row of a visual key, or c's own row). Every loop runs over the rows,
+// contiguous, so that it vectorises.
 TP_CPU_CLONES void tile_softmax(float* c, int64_t nkeys, int64_t rows, const int32_t* pos,
-                                int64_t key0, bool mask, float scale, float* const* dst,
+                                int64_t key0, bool mask, float scale_log2, float* const* dst,
                                 float* tile_max, float* tile_sum, float* shift) {
   for (int64_t r = 0; r < rows; ++r) {
     shift[r] = core::kNegInf;
@@ -128,21 +134,21 @@ TP_CPU_CLONES void tile_softmax(float* c, int64_t nkeys, int64_t rows, const int
     for (int64_t r = 0; r < rows; ++r) shift[r] = row[r] > shift[r] ? row[r] : shift[r];
   }
   for (int64_t r = 0; r < rows; ++r) {
-    tile_max[r] = shift[r] == core::kNegInf ? core::kNegInf : shift[r] * scale;
+    tile_max[r] = shift[r] == core::kNegInf ? core::kNegInf : shift[r] * scale_log2;
     shift[r] = core::softmax_shift(shift[r]);
   }
   for (int64_t j = 0; j < nkeys; ++j) {
     const float* row = c + j * rows;
     float* out = dst[j];
     for (int64_t r = 0; r < rows; ++r) {
-      const float e = core::softmax_tile_value(row[r], shift[r], scale);
+      const float e = core::softmax_tile_value(row[r], shift[r], scale_log2);
       out[r] = e;
       tile_sum[r] += e;
     }
   }
 }
 
-// Phase B of one item: m [ntiles, rows] tile maxima become the tile weights w_t (in place);
+// The weights of one item: m [ntiles, rows] tile maxima become the tile weights w_t (in place);
 // rows from `real` on are padding and get weight 0.
 TP_CPU_CLONES void item_weights(float* m, const float* l, int64_t ntiles, int64_t rows,
                                 int64_t real, float* row_max, float* row_sum) {
@@ -201,7 +207,7 @@ void pack_queries(const T* q, int64_t sq0, int64_t sq1, int64_t sq2, int64_t d, 
 struct Problem {
   at::Tensor q, k;  // k has a dense last dimension
   int64_t hq, hk, group, d;
-  float scale;
+  float scale_log2;  // softmax scale * log2(e): the logits in base 2
   bool vnni;  // bf16 GEMM operands (else fp32)
   std::vector<Sample> samples;
   std::vector<int32_t> slot;      // per packed key: its sample-local visual index, or -1
@@ -233,133 +239,181 @@ const void* key_tile(const Problem& p, const T* k, int64_t first_key, int64_t nk
   } else {
     auto* o = static_cast<float*>(buf);
     for (int64_t j = 0; j < kKeyTile; ++j) {
-      for (int64_t i = 0; i < d; ++i) o[j * d + i] = j < nkeys ? static_cast<float>(src[j * sk0 + i]) : 0.f;
+      for (int64_t i = 0; i < d; ++i) {
+        o[j * d + i] = j < nkeys ? static_cast<float>(src[j * sk0 + i]) : 0.f;
+      }
     }
   }
   return buf;
 }
 
+// One call's work as a list of tasks in dependency order, pulled by the threads in that order
+// inside ONE parallel region: pack the queries of every item; then per wave the key tiles of its
+// items, then their column sums. A task waits (yielding its core) only for earlier tasks:
+//   tile of an item      <- the item's packed queries; the column sums of the wave two back
+//                           (the two waves alternate between two scratch buffers)
+//   column sums of item  <- the item's weights, computed by whichever thread finishes the item's
+//                           last tile
+// Since tasks are pulled in order, whatever a task waits for is already running or done: no
+// deadlock, with any number of threads. One region instead of four per wave: each region's end
+// is a barrier, and on a loaded machine a barrier waits for the most delayed thread.
+enum class Kind : uint8_t { kPack, kTile, kSums };
+struct Task {
+  Kind kind;
+  int32_t item;
+  int32_t index;  // the tile, or the chunk of kVisualChunk visual tokens
+};
+
+inline void wait_for(const std::atomic<int64_t>& counter, int64_t target) {
+  while (counter.load(std::memory_order_acquire) < target) std::this_thread::yield();
+}
+
 template <typename T>
-void run_wave(const Problem& p, std::vector<Item>& items, int64_t first, int64_t last,
-              float* scratch, float* out) {
+void run_items(const Problem& p, std::vector<Item>& items,
+               const std::vector<std::pair<int64_t, int64_t>>& waves, int64_t scratch_size,
+               float* out) {
   const int64_t d = p.d;
+  const int64_t dp = round_up(d, 2);
   const T* qd = p.q.const_data_ptr<T>();
   const T* kd = p.k.const_data_ptr<T>();
   const int64_t elem = p.vnni ? 2 : 4;
+  const int64_t nitems = static_cast<int64_t>(items.size());
+  const int64_t nwaves = static_cast<int64_t>(waves.size());
 
-  int64_t stats_size = 0, qpack_size = 0, pos_size = 0, max_rows = 0;
-  for (int64_t i = first; i < last; ++i) {
+  int64_t stats_size = 0, qpack_size = 0, pos_size = 0, partial_size = 0, max_rows = 0;
+  std::vector<int64_t> wave_of(static_cast<size_t>(nitems)), sums_in_wave(nwaves, 0);
+  std::vector<Task> tasks;
+  for (int64_t i = 0; i < nitems; ++i) {
     Item& it = items[i];
     it.stats = stats_size;
     it.qpack = qpack_size;
     it.pos = pos_size;
+    it.partial = partial_size;
     stats_size += it.ntiles * it.rows;
-    qpack_size += round_up(d, 2) * it.rows;
+    qpack_size += dp * it.rows;
     pos_size += it.rows;
+    partial_size += p.samples[it.b].nv;
     max_rows = std::max(max_rows, it.rows);
+    tasks.push_back({Kind::kPack, static_cast<int32_t>(i), 0});
+  }
+  for (int64_t w = 0; w < nwaves; ++w) {
+    const auto [first, last] = waves[w];
+    for (int64_t i = first; i < last; ++i) {
+      wave_of[i] = w;
+      for (int64_t t = 0; t < items[i].ntiles; ++t) {
+        tasks.push_back({Kind::kTile, static_cast<int32_t>(i), static_cast<int32_t>(t)});
+      }
+    }
+    for (int64_t i = first; i < last; ++i) {
+      const int64_t nv = p.samples[items[i].b].nv;
+      for (int64_t c = 0; c * kVisualChunk < nv; ++c) {
+        tasks.push_back({Kind::kSums, static_cast<int32_t>(i), static_cast<int32_t>(c)});
+        ++sums_in_wave[w];
+      }
+    }
   }
   std::vector<float> tmax(static_cast<size_t>(stats_size)), tsum(static_cast<size_t>(stats_size));
   std::vector<char> qpack(static_cast<size_t>(qpack_size * elem));
   std::vector<int32_t> pos(static_cast<size_t>(pos_size));
+  std::vector<float> partial(static_cast<size_t>(partial_size));
+  const int64_t buffers = nwaves > 1 ? 2 : 1;
+  std::unique_ptr<float[]> scratch(new float[static_cast<size_t>(buffers * scratch_size)]);
+  std::unique_ptr<std::atomic<int64_t>[]> packed(new std::atomic<int64_t>[nitems]);
+  std::unique_ptr<std::atomic<int64_t>[]> tiles_done(new std::atomic<int64_t>[nitems]);
+  std::unique_ptr<std::atomic<int64_t>[]> weighted(new std::atomic<int64_t>[nitems]);
+  std::unique_ptr<std::atomic<int64_t>[]> sums_done(new std::atomic<int64_t>[nwaves]);
+  for (int64_t i = 0; i < nitems; ++i) packed[i] = tiles_done[i] = weighted[i] = 0;
+  for (int64_t w = 0; w < nwaves; ++w) sums_done[w] = 0;
+  auto scratch_of = [&](const Item& it) {
+    return scratch.get() + (wave_of[&it - items.data()] % 2) * scratch_size + it.scratch;
+  };
 
-  // Packed queries and each row's position.
-  parallel_pull(last - first, [&](int64_t n, const auto& next) {
-    for (int64_t task = next(); task < n; task = next()) {
-      const Item& it = items[first + task];
-      const Sample& s = p.samples[it.b];
-      pack_queries(qd, p.q.stride(0), p.q.stride(1), p.q.stride(2), d, p.group, it, s.q0, p.vnni,
-                   qpack.data() + it.qpack * elem);
-      for (int64_t rr = 0; rr < it.rows; ++rr) {
-        const int64_t r = it.r0 + rr;
-        pos[it.pos + rr] = r < it.r1 ? p.positions[s.q0 + r / p.group]
-                                     : static_cast<int32_t>(it.kv_len - 1);
-      }
-    }
-  });
-
-  // A. Tiles.
-  std::vector<std::pair<int32_t, int32_t>> tasks;
-  for (int64_t i = first; i < last; ++i) {
-    for (int64_t t = 0; t < items[i].ntiles; ++t) tasks.emplace_back(i, t);
-  }
   parallel_pull(static_cast<int64_t>(tasks.size()), [&](int64_t n, const auto& next) {
     std::vector<float> c(static_cast<size_t>(kKeyTile * max_rows));
-    std::vector<char> abuf(static_cast<size_t>(kKeyTile * round_up(d, 2) * elem));
-    std::vector<float> shift(static_cast<size_t>(max_rows));
+    std::vector<char> abuf(static_cast<size_t>(kKeyTile * dp * elem));
     std::vector<float*> dst(static_cast<size_t>(kKeyTile));
-    for (int64_t task = next(); task < n; task = next()) {
-      const Item& it = items[tasks[task].first];
-      const int64_t t = tasks[task].second;
+    std::vector<float> shift(static_cast<size_t>(max_rows)), row_sum(shift.size());
+    bool used_vnni = false;
+    for (int64_t ti = next(); ti < n; ti = next()) {
+      const Task task = tasks[ti];
+      Item& it = items[task.item];
       const Sample& s = p.samples[it.b];
-      const int64_t j0 = t * kKeyTile;
-      const int64_t nkeys = std::min(kKeyTile, it.kv_len - j0);
       const int64_t rows = it.rows;
-      int64_t lda = 0;
-      const void* a = key_tile(p, kd, s.k0 + j0, nkeys, it.g, abuf.data(), &lda);
-      const void* b = qpack.data() + it.qpack * elem;
-      if (p.vnni) {
-        at::native::cpublas::brgemm(kKeyTile, rows, round_up(d, 2), lda, rows, rows, false,
-                                    static_cast<const at::BFloat16*>(a),
-                                    static_cast<const at::BFloat16*>(b), c.data(), true);
+      if (task.kind == Kind::kPack) {
+        pack_queries(qd, p.q.stride(0), p.q.stride(1), p.q.stride(2), d, p.group, it, s.q0,
+                     p.vnni, qpack.data() + it.qpack * elem);
+        for (int64_t rr = 0; rr < rows; ++rr) {
+          const int64_t r = it.r0 + rr;
+          pos[it.pos + rr] = r < it.r1 ? p.positions[s.q0 + r / p.group]
+                                       : static_cast<int32_t>(it.kv_len - 1);
+        }
+        packed[task.item].store(1, std::memory_order_release);
+      } else if (task.kind == Kind::kTile) {
+        const int64_t w = wave_of[task.item];
+        wait_for(packed[task.item], 1);
+        if (w >= 2) wait_for(sums_done[w - 2], sums_in_wave[w - 2]);
+        const int64_t t = task.index;
+        const int64_t j0 = t * kKeyTile;
+        const int64_t nkeys = std::min(kKeyTile, it.kv_len - j0);
+        int64_t lda = 0;
+        const void* a = key_tile(p, kd, s.k0 + j0, nkeys, it.g, abuf.data(), &lda);
+        const void* b = qpack.data() + it.qpack * elem;
+        if (p.vnni) {
+          at::native::cpublas::brgemm(kKeyTile, rows, dp, lda, rows, rows, false,
+                                      static_cast<const at::BFloat16*>(a),
+                                      static_cast<const at::BFloat16*>(b), c.data(), true);
+          used_vnni = true;
+        } else {
+          at::native::cpublas::brgemm(kKeyTile, rows, d, lda, rows, rows, false,
+                                      static_cast<const float*>(a), static_cast<const float*>(b),
+                                      c.data(), false);
+        }
+        float* e = scratch_of(it);
+        for (int64_t j = 0; j < nkeys; ++j) {
+          const int32_t slot = p.slot[s.k0 + j0 + j];
+          dst[j] = slot >= 0 ? e + slot * rows : c.data() + j * rows;
+        }
+        const bool mask = j0 + nkeys - 1 > it.min_pos;
+        tile_softmax(c.data(), nkeys, rows, pos.data() + it.pos, j0, mask, p.scale_log2,
+                     dst.data(), tmax.data() + it.stats + t * rows,
+                     tsum.data() + it.stats + t * rows, shift.data());
+        if (tiles_done[task.item].fetch_add(1, std::memory_order_acq_rel) + 1 == it.ntiles) {
+          item_weights(tmax.data() + it.stats, tsum.data() + it.stats, it.ntiles, rows,
+                       it.r1 - it.r0, shift.data(), row_sum.data());
+          weighted[task.item].store(1, std::memory_order_release);
+        }
       } else {
-        at::native::cpublas::brgemm(kKeyTile, rows, d, lda, rows, rows, false,
-                                    static_cast<const float*>(a), static_cast<const float*>(b),
-                                    c.data(), false);
+        wait_for(weighted[task.item], 1);
+        const float* e = scratch_of(it);
+        const int64_t v0 = task.index * kVisualChunk;
+        const int64_t v1 = std::min(s.nv, v0 + kVisualChunk);
+        for (int64_t v = v0; v < v1; ++v) {
+          const int64_t key = p.visual_idx[s.v0 + v];
+          // A key past every row's position: no row of the item sees it.
+          partial[it.partial + v] =
+              key < it.kv_len
+                  ? row_dot(e + v * rows, tmax.data() + it.stats + (key / kKeyTile) * rows, rows)
+                  : 0.0f;
+        }
+        sums_done[wave_of[task.item]].fetch_add(1, std::memory_order_acq_rel);
       }
-      for (int64_t j = 0; j < nkeys; ++j) {
-        const int32_t slot = p.slot[s.k0 + j0 + j];
-        dst[j] = slot >= 0 ? scratch + it.scratch + slot * rows : c.data() + j * rows;
-      }
-      const bool mask = j0 + nkeys - 1 > it.min_pos;
-      tile_softmax(c.data(), nkeys, rows, pos.data() + it.pos, j0, mask, p.scale, dst.data(),
-                   tmax.data() + it.stats + t * rows, tsum.data() + it.stats + t * rows,
-                   shift.data());
     }
-    if (p.vnni) at::native::cpublas::brgemm_release(true);
+    if (used_vnni) at::native::cpublas::brgemm_release(true);
   });
 
-  // B. Tile weights.
-  parallel_pull(last - first, [&](int64_t n, const auto& next) {
-    std::vector<float> row_max(static_cast<size_t>(max_rows)), row_sum(row_max.size());
-    for (int64_t task = next(); task < n; task = next()) {
-      const Item& it = items[first + task];
-      item_weights(tmax.data() + it.stats, tsum.data() + it.stats, it.ntiles, it.rows,
-                   it.r1 - it.r0, row_max.data(), row_sum.data());
-    }
-  });
-
-  // C. Column sums, per chunk of one sample's visual tokens; items of a sample are adjacent.
-  struct Chunk {
-    int64_t first_item, last_item, v_begin, v_end;
-  };
-  std::vector<Chunk> chunks;
-  for (int64_t i = first; i < last;) {
-    int64_t j = i;
-    while (j < last && items[j].b == items[i].b) ++j;
+  // Each visual token: the sum over its sample's items, in item order, over the row count.
+  for (int64_t i = 0; i < nitems;) {
     const Sample& s = p.samples[items[i].b];
-    for (int64_t v = 0; v < s.nv; v += kVisualChunk) {
-      chunks.push_back({i, j, v, std::min(s.nv, v + kVisualChunk)});
+    int64_t j = i;
+    while (j < nitems && items[j].b == items[i].b) ++j;
+    const float count = static_cast<float>(s.nq * p.hq);
+    for (int64_t v = 0; v < s.nv; ++v) {
+      float acc = 0.0f;
+      for (int64_t k = i; k < j; ++k) acc += partial[items[k].partial + v];
+      out[s.v0 + v] = acc / count;
     }
     i = j;
   }
-  parallel_pull(static_cast<int64_t>(chunks.size()), [&](int64_t n, const auto& next) {
-    for (int64_t ci = next(); ci < n; ci = next()) {
-      const Chunk& ch = chunks[ci];
-      const Sample& s = p.samples[items[ch.first_item].b];
-      for (int64_t v = ch.v_begin; v < ch.v_end; ++v) {
-        const int64_t key = p.visual_idx[s.v0 + v];
-        float acc = 0.0f;
-        for (int64_t i = ch.first_item; i < ch.last_item; ++i) {
-          const Item& it = items[i];
-          if (key >= it.kv_len) continue;  // no row of the item sees this key
-          const float* e = scratch + it.scratch + v * it.rows;
-          const float* w = tmax.data() + it.stats + (key / kKeyTile) * it.rows;
-          acc += row_dot(e, w, it.rows);
-        }
-        out[s.v0 + v] += acc;
-      }
-    }
-  });
 }
 
 at::Tensor instruction_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -406,7 +460,7 @@ at::Tensor instruction_attention_cpu(const at::Tensor& q_in, const at::Tensor& k
   p.hk = hk;
   p.group = hq / hk;
   p.d = d;
-  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   p.q = q_in;
   p.k = (k_in.size(2) == 1 || k_in.stride(2) == 1) ? k_in : k_in.contiguous();
   const at::Tensor vidx_t = visual_idx_in.to(c10::kLong).contiguous();
@@ -452,7 +506,7 @@ at::Tensor instruction_attention_cpu(const at::Tensor& q_in, const at::Tensor& k
     p.samples.push_back(s);
   }
 
-  at::Tensor out = at::zeros({tv}, q_in.options().dtype(c10::kFloat));
+  at::Tensor out = at::empty({tv}, q_in.options().dtype(c10::kFloat));  // every entry written
   if (tv == 0) return out;
   const c10::ScalarType dtype = q_in.scalar_type();
   p.vnni = dtype == c10::kBFloat16 && d % 2 == 0 && bf16_brgemm_available();
@@ -507,20 +561,13 @@ at::Tensor instruction_attention_cpu(const at::Tensor& q_in, const at::Tensor& k
     max_wave = std::max(max_wave, used);
     i = j;
   }
-  std::unique_ptr<float[]> scratch(new float[static_cast<size_t>(max_wave)]);  // uninitialised
   float* o = out.mutable_data_ptr<float>();
-  for (const auto& [first, last] : waves) {
-    if (dtype == c10::kFloat) {
-      run_wave<float>(p, items, first, last, scratch.get(), o);
-    } else if (dtype == c10::kHalf) {
-      run_wave<at::Half>(p, items, first, last, scratch.get(), o);
-    } else {
-      run_wave<at::BFloat16>(p, items, first, last, scratch.get(), o);
-    }
-  }
-  for (const Sample& s : p.samples) {
-    const float count = static_cast<float>(s.nq * hq);
-    for (int64_t v = 0; v < s.nv; ++v) o[s.v0 + v] /= count;
+  if (dtype == c10::kFloat) {
+    run_items<float>(p, items, waves, max_wave, o);
+  } else if (dtype == c10::kHalf) {
+    run_items<at::Half>(p, items, waves, max_wave, o);
+  } else {
+    run_items<at::BFloat16>(p, items, waves, max_wave, o);
   }
   return out;
 }
