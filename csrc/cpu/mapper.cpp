@@ -101,13 +101,13 @@ TP_CPU_CLONES void norm_rows(float* y, int64_t rows, int64_t c, const float* bia
                              float head_bias, float* logits) {
   for (int64_t r = 0; r < rows; ++r) {
     float* yr = y + r * c;
-    for (int64_t ch = 0; ch < c; ++ch) yr[ch] += bias[ch];
     float mean = 0.0f, rstd = 0.0f;
-    core::layer_norm_moments(yr, c, &mean, &rstd);
-    for (int64_t ch = 0; ch < c; ++ch) {
-      yr[ch] = core::norm_silu(yr[ch], mean, rstd, gamma[ch], beta[ch]);
+    core::bias_norm_moments(yr, bias, c, &mean, &rstd);
+    if (head != nullptr) {
+      logits[r] = core::norm_silu_head(yr, c, mean, rstd, gamma, beta, head, head_bias);
+    } else {
+      core::norm_silu_row(yr, c, mean, rstd, gamma, beta);
     }
-    if (head != nullptr) logits[r] = core::dot_fixed(yr, head, c) + head_bias;
   }
 }
 

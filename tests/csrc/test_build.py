@@ -114,11 +114,13 @@ __global__ void core_kernel(float* x, int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   float m = 0.0f, r = 0.0f;
-  layer_norm_moments(x, n, &m, &r);
-  float v = exp_f32(x[i]) + silu_f32(x[i]) + dot_fixed(x, x, n);
+  bias_norm_moments(x, x, n, &m, &r);
+  norm_silu_row(x, n, m, r, x, x);
+  float v = exp2_f32(x[i]) + silu_f32(x[i]) + dot_fixed(x, x, n);
   v += softmax_tile_value(x[i], softmax_shift(m), 0.5f) + softmax_rescaled_sum(m, r, 1.0f);
   v += softmax_tile_weight(m, 1.0f, 2.0f) + mapper_input(x[i], 3.0f, 1e-4f);
-  x[i] = v + norm_silu(x[i], m, r, 1.0f, 0.0f) + bits_float(float_bits(kNegInf));
+  v += norm_silu_head(x, n, m, r, x, x, x, 1.0f) + bits_float(float_bits(kNegInf));
+  x[i] = v + norm_silu(x[i], m, r, 1.0f, 0.0f);
 }
 """
 
