@@ -75,16 +75,27 @@ def test_attention_matches_reference(layout, heads, dtype, gen):
         assert torch.equal(ops()._instruction_attention(*_attention_args(inp, True)), got)
 
 
+def _with_threads(n: int, fn):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(n)
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_attention_rows_split_over_the_scratch(dtype, gen):
-    """n_q * G rows times N_v above the scratch budget (8 MiB): rows split into items, items
-    into waves; three samples so that a wave holds several items."""
-    layouts = [simple_layout(2053, 37, n_system=5), simple_layout(11, 2), simple_layout(601, 40)]
+    """n_q * G rows times N_v above the scratch budget (8 MiB): the first sample's rows split in
+    two items; the items fill three waves, so the third reuses the first's scratch buffer."""
+    layouts = [simple_layout(2053, 37, n_system=5), simple_layout(11, 2),
+               simple_layout(601, 40), simple_layout(1999, 37)]  # fmt: skip
     inp = make_inputs(layouts, heads_q=28, heads_k=1, head_dim=8, dtype=dtype, generator=gen)
     args = _attention_args(inp, q_pos=False)
-    torch.testing.assert_close(
-        ops()._instruction_attention(*args), instruction_attention_ref(*args), **ATTN_TOL
-    )
+    got = ops()._instruction_attention(*args)
+    torch.testing.assert_close(got, instruction_attention_ref(*args), **ATTN_TOL)
+    for threads in (1, 3):
+        assert torch.equal(_with_threads(threads, lambda: ops()._instruction_attention(*args)), got)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -108,14 +119,7 @@ def test_attention_does_not_depend_on_the_thread_count(dtype, gen):
     inp = make_inputs([simple_layout(1031, 9), simple_layout(300, 4), simple_layout(77, 2)],
                       heads_q=8, heads_k=2, head_dim=32, dtype=dtype, generator=gen)  # fmt: skip
     args = _attention_args(inp, q_pos=False)
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(ops()._instruction_attention(*args))
-    finally:
-        torch.set_num_threads(threads)
+    results = [_with_threads(n, lambda: ops()._instruction_attention(*args)) for n in (1, 2, 3)]
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
@@ -217,14 +221,10 @@ def test_mapper_samples_are_independent(gen):
 def test_mapper_does_not_depend_on_the_thread_count(gen):
     attn, cu = _attn([1000, 3, 517], gen)
     params = _mapper(CHANNELS["method"])
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(ops()._mapper_forward(attn, cu, params, 5, 1e-4))
-    finally:
-        torch.set_num_threads(threads)
+    results = [
+        _with_threads(n, lambda: ops()._mapper_forward(attn, cu, params, 5, 1e-4))
+        for n in (1, 2, 3)
+    ]
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
