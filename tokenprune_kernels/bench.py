@@ -366,6 +366,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (``/proc/loadavg``), or "unknown"."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
 def environment(device: str) -> dict[str, str]:
     """Device, versions and commit, for the header of a results file."""
     import tokenprune_kernels
