@@ -215,8 +215,33 @@ struct Problem {
   const int64_t* visual_idx;      // [Tv] int64 local key positions
 };
 
+// The n rows [n, d] of src (row stride `stride`, elements contiguous) as float into dst
+// [rows, d]; the rows from n on are zeros. Cloned per ISA level: the fp16 conversion then
+// vectorises (F16C); the baseline build converts one value at a time.
+template <typename T>
+TP_INLINE void rows_as_float(const T* src, int64_t stride, int64_t n, int64_t rows, int64_t d,
+                          float* dst) {
+  for (int64_t j = 0; j < rows; ++j) {
+    for (int64_t i = 0; i < d; ++i) {
+      dst[j * d + i] = j < n ? static_cast<float>(src[j * stride + i]) : 0.f;
+    }
+  }
+}
+TP_CPU_CLONES void rows_to_float(const float* src, int64_t stride, int64_t n, int64_t rows,
+                                 int64_t d, float* dst) {
+  rows_as_float(src, stride, n, rows, d, dst);
+}
+TP_CPU_CLONES void rows_to_float(const at::Half* src, int64_t stride, int64_t n, int64_t rows,
+                                 int64_t d, float* dst) {
+  rows_as_float(src, stride, n, rows, d, dst);
+}
+TP_CPU_CLONES void rows_to_float(const at::BFloat16* src, int64_t stride, int64_t n, int64_t rows,
+                                 int64_t d, float* dst) {
+  rows_as_float(src, stride, n, rows, d, dst);
+}
+
 // A key tile as the GEMM's A operand [kKeyTile, D]: straight from k when the tile is full and k
-// has the GEMM's dtype, else converted into `buf` with zero rows past the tile.
+// has the GEMM's dtype, else converted (or copied) into `buf` with zero rows past the tile.
 template <typename T>
 const void* key_tile(const Problem& p, const T* k, int64_t first_key, int64_t nkeys, int64_t g,
                      void* buf, int64_t* lda) {
@@ -229,7 +254,7 @@ const void* key_tile(const Problem& p, const T* k, int64_t first_key, int64_t nk
     return src;
   }
   *lda = d;
-  if (p.vnni) {
+  if (p.vnni) {  // a partial bf16 tile: copied, zero-padded
     auto* o = static_cast<at::BFloat16*>(buf);
     for (int64_t j = 0; j < kKeyTile; ++j) {
       for (int64_t i = 0; i < d; ++i) {
@@ -237,12 +262,7 @@ const void* key_tile(const Problem& p, const T* k, int64_t first_key, int64_t nk
       }
     }
   } else {
-    auto* o = static_cast<float*>(buf);
-    for (int64_t j = 0; j < kKeyTile; ++j) {
-      for (int64_t i = 0; i < d; ++i) {
-        o[j * d + i] = j < nkeys ? static_cast<float>(src[j * sk0 + i]) : 0.f;
-      }
-    }
+    rows_to_float(src, sk0, nkeys, kKeyTile, d, static_cast<float*>(buf));
   }
   return buf;
 }
