@@ -24,14 +24,19 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tokenprune_kernels import backend, reference
-from tokenprune_kernels.bench import QWEN2_VL_7B, bench_inputs, environment
+from tokenprune_kernels.bench import (
+    QWEN2_VL_7B,
+    bench_inputs,
+    environment,
+    stage_traffic,
+)
 from tokenprune_kernels.mapper import MapperConfig, TokenMapper
 from tokenprune_kernels.ops import (
     instruction_attention,
@@ -79,56 +84,6 @@ class Row:
     @property
     def tflops(self) -> float:
         return self.flops / (self.median_us * 1e-6) / 1e12
-
-
-# ----------------------------------------------------------------------------- traffic models
-def mapper_widths(params: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
-    """(C_in, C_out) of each block's pointwise layer, then the head, from the op's params."""
-    if not params:
-        return []
-    blocks = (len(params) - 2) // 6
-    widths = [tuple(params[6 * b + 2].shape[::-1]) for b in range(blocks)]
-    return [*widths, tuple(params[-2].shape[::-1])]
-
-
-def stage_traffic(
-    stage: str, s: PruningInputs, params: Sequence[torch.Tensor], kernel_size: int, kept: int
-) -> tuple[int, int]:
-    """(bytes that must move, FLOPs) of one call of ``stage`` on ``s`` keeping ``kept`` tokens.
-
-    The floor counts every input read once and every output written once; it ignores the
-    intermediates a fused design avoids (the [N_v, 512] activations, the [Hq, Tq, Tk] logits).
-    """
-    es = s.q.element_size()
-    tq, hq, d = s.q.shape
-    tk, hk = s.k.shape[0], s.k.shape[1]
-    tv, hidden = s.visual_embeds.shape
-    tl = s.inputs_embeds.shape[0]
-    rows = s.position_ids.shape[0]
-    n_out = tl - tv + kept
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
-    att_bytes = (tq * hq * d + tk * hk * d) * es + tv * (8 + 4)
-    # q.k for every visible key (pass 1) and again for the visual keys (pass 2).
-    att_flops = 2 * hq * d * tq * (tk + tv)
-    map_bytes = tv * 4 + param_bytes + tv * 4
-    per_token = sum(2 * ci * co for ci, co in mapper_widths(params))
-    per_token += sum(2 * kernel_size * ci for ci, _ in mapper_widths(params)[:-1])
-    map_flops = per_token * tv
-    sel_bytes = tv * 4 + kept * 8
-    merge_bytes = 2 * n_out * hidden * es + 2 * n_out * rows * 8 + n_out * 8 + tv * 8
-    if stage == "attention":
-        return att_bytes, att_flops
-    if stage == "mapper":
-        return map_bytes, map_flops
-    if stage == "select":
-        return sel_bytes, 0
-    if stage == "merge":
-        return merge_bytes + kept * 8, 0
-    if stage == "composite":
-        return att_bytes + param_bytes + sel_bytes + merge_bytes, att_flops + map_flops
-    if stage == "composite_free":
-        return att_bytes + sel_bytes + merge_bytes, att_flops
-    raise ValueError(f"unknown stage {stage!r}")
 
 
 # ----------------------------------------------------------------------------- callables

@@ -34,7 +34,7 @@ def test_auto_prefers_compiled_on_cpu():
         compiled = "cpp" in backend.OPS[op] and _extension.available()
         assert table[op] == ("cpp" if compiled else "ref"), op
     assert {op for op in STAGE_OPS if "cpp" in backend.OPS[op]} >= {
-        "select_topk", "gather_kept", "merge_kept"
+        "instruction_attention", "mapper_forward", "select_topk", "gather_kept", "merge_kept"
     }  # fmt: skip
 
 
@@ -62,8 +62,10 @@ def test_forcing_a_backend_an_op_lacks_uses_the_reference(monkeypatch):
     assert backend.choose("select_topk", "cpu") == "triton"
     monkeypatch.setenv(backend.ENV_VAR, "cpp")
     lacking = [op for op in STAGE_OPS if "cpp" not in backend.OPS[op]]
-    for op in lacking:  # no C++ kernel in the table (attention and mapper, today)
+    for op in lacking:  # no C++ kernel in the table
         assert backend.choose(op, "cpu") == "ref"
+    monkeypatch.setenv(backend.ENV_VAR, "cuda")
+    assert backend.choose("instruction_attention", "cpu") == "ref"  # CUDA kernels: CUDA tensors
 
 
 def test_triton_is_never_chosen_automatically_on_cpu(monkeypatch):

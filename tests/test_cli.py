@@ -46,6 +46,13 @@ def test_bench_quick_writes_table(tmp_path, capsys):
         assert f"| {op} | 1024 |" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "| ref |" in line]
     assert all("1.00x" in row for row in rows)
+    # CPU roofline columns: a GEMM time where the stage has FLOPs, a copy time everywhere.
+    assert "| fp32 GEMM ms (same FLOPs) | copy ms (same bytes) | x roofline |" in text
+    for line in text.splitlines():
+        if line.startswith("| ") and "| 1024 |" in line:
+            op, *_, gemm, copy, roof = (c.strip() for c in line.strip("| ").split("|"))
+            has_flops = op in ("instruction_attention", "mapper_forward", "prune_and_merge")
+            assert (gemm != "-") == has_flops and float(copy) > 0 and float(roof) > 0, line
 
 
 def test_module_entry_point_runs():

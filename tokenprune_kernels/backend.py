@@ -129,10 +129,12 @@ _MERGE = Impl(
 OPS: dict[str, dict[str, Impl]] = {
     "instruction_attention": {
         "ref": Impl(f"{_REF}:instruction_attention_ref"),
+        "cpp": Impl(kernel="_instruction_attention", fake=f"{_OPS}.attention:_fake"),
         "triton": Impl(f"{_TRITON}.attention:instruction_attention_triton"),
     },
     "mapper_forward": {
         "ref": Impl(f"{_OPS}.mapper:_mapper_forward_ref"),
+        "cpp": Impl(kernel="_mapper_forward", fake=f"{_OPS}.mapper:_fake"),
         "triton": Impl(f"{_TRITON}.mapper:mapper_forward_triton"),
     },
     "select_topk": {

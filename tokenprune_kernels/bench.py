@@ -3,6 +3,11 @@
 Used by ``tokenprune bench`` (a table with the median time and the ratio to the reference) and by
 ``benchmarks/bench_ops.py`` (pytest-benchmark). Inputs are random, never zeros, and several input
 sets are rotated so repeated runs do not just measure a warm cache.
+
+The backends of one (op, N_v, keep) case are timed interleaved, one call each per round, so that
+load from other processes hits them alike and their ratios hold on a busy machine. On the CPU two
+roofline references join each round (:func:`roofline_fns`): one fp32 GEMM with the stage's FLOPs
+and one copy moving the stage's compulsory bytes (:func:`stage_traffic`).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +54,8 @@ class Case:
     keep_ratio: float | None
     backend: str
     fn: Callable[[int], object]
+    nbytes: int = 0  # bytes the stage must move (stage_traffic)
+    flops: int = 0  # FLOPs the stage's math needs (stage_traffic)
 
 
 @dataclass
@@ -60,6 +67,103 @@ class Result:
     median_ms: float
     reps: int
     vs_ref: float | None = None  # reference time / this time (> 1: faster than the reference)
+    gemm_ms: float | None = None  # one fp32 GEMM with the stage's FLOPs (CPU; None: no FLOPs)
+    copy_ms: float | None = None  # one copy moving the stage's bytes (CPU)
+
+    @property
+    def vs_roofline(self) -> float | None:
+        """This time over the slower of the two roofline references (1.0: at the roofline)."""
+        bound = max(self.gemm_ms or 0.0, self.copy_ms or 0.0)
+        return self.median_ms / bound if bound > 0 else None
+
+
+#: The traffic-model stage of each op (:func:`stage_traffic`).
+OP_STAGE = {
+    "instruction_attention": "attention",
+    "mapper_forward": "mapper",
+    "select_topk": "select",
+    "gather_kept": "gather",
+    "merge_kept": "merge",
+    "prune_and_merge": "composite",
+}
+
+
+def mapper_widths(params: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
+    """(C_in, C_out) of each block's pointwise layer, then the head, from the op's params."""
+    if not params:
+        return []
+    blocks = (len(params) - 2) // 6
+    widths = [tuple(params[6 * b + 2].shape[::-1]) for b in range(blocks)]
+    return [*widths, tuple(params[-2].shape[::-1])]
+
+
+def stage_traffic(
+    stage: str, s: PruningInputs, params: Sequence[torch.Tensor], kernel_size: int, kept: int
+) -> tuple[int, int]:
+    """(bytes that must move, FLOPs the math needs) of one call of ``stage`` on ``s`` keeping
+    ``kept`` tokens. Stages: attention, mapper, select, gather, merge, composite (prune_and_merge
+    with the mapper ``params``) and composite_free (without a mapper).
+
+    The bytes count every input read once and every output written once; they ignore the
+    intermediates a fused design avoids (the [N_v, 512] activations, the [Hq, Tq, Tk] logits).
+    The FLOPs count one q.k per (query, head, key) and the mapper's pointwise and depthwise
+    layers per token; work a design adds (the Triton attention's second pass recomputes the
+    visual columns: 2 * Hq * D * Tq * Tv more) is not counted.
+    """
+    es = s.q.element_size()
+    tq, hq, d = s.q.shape
+    tk, hk = s.k.shape[0], s.k.shape[1]
+    tv, hidden = s.visual_embeds.shape
+    tl = s.inputs_embeds.shape[0]
+    rows = s.position_ids.shape[0]
+    n_out = tl - tv + kept
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    att_bytes = (tq * hq * d + tk * hk * d) * es + tv * (8 + 4)
+    att_flops = 2 * hq * d * tq * tk
+    map_bytes = tv * 4 + param_bytes + tv * 4
+    per_token = sum(2 * ci * co for ci, co in mapper_widths(params))
+    per_token += sum(2 * kernel_size * ci for ci, _ in mapper_widths(params)[:-1])
+    map_flops = per_token * tv
+    sel_bytes = tv * 4 + kept * 8
+    gather_bytes = 2 * kept * hidden * es + 2 * kept * rows * 8 + kept * 8
+    merge_bytes = 2 * n_out * hidden * es + 2 * n_out * rows * 8 + n_out * 8 + tv * 8
+    if stage == "attention":
+        return att_bytes, att_flops
+    if stage == "mapper":
+        return map_bytes, map_flops
+    if stage == "select":
+        return sel_bytes, 0
+    if stage == "gather":
+        return gather_bytes, 0
+    if stage == "merge":
+        return merge_bytes + kept * 8, 0
+    if stage == "composite":
+        return att_bytes + param_bytes + sel_bytes + merge_bytes, att_flops + map_flops
+    if stage == "composite_free":
+        return att_bytes + sel_bytes + merge_bytes, att_flops
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+#: Shape of the roofline GEMM: [GEMM_M, GEMM_K] @ [GEMM_K, N], N from the FLOPs.
+GEMM_M, GEMM_K = 1024, 256
+
+
+def roofline_fns(flops: int, nbytes: int, device: str) -> dict[str, Callable[[], object]]:
+    """The roofline references of a stage: ``gemm``, one fp32 GEMM
+    ``[GEMM_M, GEMM_K] @ [GEMM_K, N]`` with ``N = round(flops / (2 * GEMM_M * GEMM_K))`` (absent
+    when ``flops`` is 0), and ``copy``, one ``copy_`` of ``nbytes / 2`` bytes (it reads and
+    writes them: ``nbytes`` move). Operands are allocated here, once."""
+    fns: dict[str, Callable[[], object]] = {}
+    if flops > 0:
+        n = max(1, round(flops / (2 * GEMM_M * GEMM_K)))
+        a = torch.randn(GEMM_M, GEMM_K, device=device)
+        b = torch.randn(GEMM_K, n, device=device)
+        c = torch.empty(GEMM_M, n, device=device)
+        fns["gemm"] = lambda: torch.mm(a, b, out=c)
+    src = torch.randint(0, 255, (max(1, nbytes // 2),), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    fns["copy"] = lambda: dst.copy_(src)
+    return fns
 
 
 def backends_for(op: str, device_type: str) -> list[str]:
@@ -131,8 +235,11 @@ def iter_cases(
                     if ratio is not None
                     else None
                 )
+                n_kept = n if kept is None else int(kept[0].numel())
+                nbytes, flops = stage_traffic(OP_STAGE[op], sets_[0], params, 5, n_kept)
                 for name in backends_for(op, device_type):
-                    yield Case(op, n, ratio, name, _make_fn(op, sets_, attn, kept, params, ratio))
+                    fn = _make_fn(op, sets_, attn, kept, params, ratio)
+                    yield Case(op, n, ratio, name, fn, nbytes, flops)
 
 
 def _make_fn(op, sets_, attn, kept, params, ratio) -> Callable[[int], object]:
@@ -164,55 +271,84 @@ def _make_fn(op, sets_, attn, kept, params, ratio) -> Callable[[int], object]:
     return run
 
 
-def time_case(
-    case: Case, device: str, min_time_s: float = 0.3, min_reps: int = 5, warmup: int = 2
-) -> Result:
-    """Median wall time of ``case`` (CUDA: events around each call), warmed up, inputs rotated."""
+def _timed(fn: Callable[[], object], cuda: bool) -> float:
+    """Milliseconds of one call of ``fn`` (CUDA: events around it)."""
+    if cuda:
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(
+    fns: dict[str, tuple[str, Callable[[int], object]]],
+    device: str,
+    min_time_s: float = 0.3,
+    min_reps: int = 5,
+    warmup: int = 2,
+    max_reps: int = 200,
+) -> dict[str, list[float]]:
+    """Wall times (ms) of every entry of ``fns`` (name -> (backend, fn of the round)), run
+    round-robin: one call of each per round, in order, under its backend, inputs rotated by the
+    round. Rounds go on until every entry has ``min_reps`` calls and ``min_time_s`` of calls (or
+    ``max_reps``)."""
     cuda = torch.device(device).type == "cuda"
-    with backend.use_backend(case.backend), torch.no_grad():
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.no_grad():
         for i in range(warmup):
-            case.fn(i)
-        times: list[float] = []
-        start_all = time.perf_counter()
+            for which, fn in fns.values():
+                with backend.use_backend(which):
+                    fn(i)
         i = 0
-        while len(times) < min_reps or time.perf_counter() - start_all < min_time_s:
-            if cuda:
-                begin, end = (
-                    torch.cuda.Event(enable_timing=True),
-                    torch.cuda.Event(enable_timing=True),
-                )
-                begin.record()
-                case.fn(i)
-                end.record()
-                end.synchronize()
-                times.append(begin.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                case.fn(i)
-                times.append((time.perf_counter() - t0) * 1e3)
+        while i < max_reps:
+            for name, (which, fn) in fns.items():
+                with backend.use_backend(which):
+                    times[name].append(_timed(lambda fn=fn, i=i: fn(i), cuda))
             i += 1
-            if len(times) >= 200:
+            if i >= min_reps and all(sum(v) >= min_time_s * 1e3 for v in times.values()):
                 break
-    return Result(
-        case.op, case.n_visual, case.keep_ratio, case.backend, statistics.median(times), len(times)
-    )
+    return times
 
 
 def run_bench(
     device: str = "cpu", quick: bool = False, progress: Callable[[str], None] | None = None
 ) -> list[Result]:
-    """Time every case; ``quick`` runs N_v = 1024 only with fewer repetitions (a smoke run)."""
+    """Time every case; ``quick`` runs N_v = 1024 only with fewer repetitions (a smoke run).
+
+    The backends of one (op, N_v, keep) and, on the CPU, its roofline references are timed
+    interleaved (:func:`time_interleaved`)."""
     sizes = (N_VISUAL[0],) if quick else N_VISUAL
+    cpu = torch.device(device).type == "cpu"
     results: list[Result] = []
-    for case in iter_cases(device, n_visual=sizes):
-        r = time_case(case, device, min_time_s=0.05 if quick else 0.3, min_reps=3 if quick else 5)
-        results.append(r)
-        if progress:
-            keep = "-" if r.keep_ratio is None else f"{r.keep_ratio:g}"
-            progress(
-                f"{r.op:22s} N_v={r.n_visual:6d} keep={keep:4s} {r.backend:6s} "
-                f"{r.median_ms:9.3f} ms"
-            )
+    cases = list(iter_cases(device, n_visual=sizes))
+    groups: dict[tuple, list[Case]] = {}
+    for case in cases:
+        groups.setdefault((case.op, case.n_visual, case.keep_ratio), []).append(case)
+    for (op, n, ratio), group in groups.items():
+        fns = {c.backend: (c.backend, c.fn) for c in group}
+        if cpu:
+            for name, fn in roofline_fns(group[0].flops, group[0].nbytes, device).items():
+                fns[f"roofline_{name}"] = ("ref", lambda i, fn=fn: fn())
+        times = time_interleaved(
+            fns, device, min_time_s=0.05 if quick else 0.3, min_reps=3 if quick else 5
+        )
+        medians = {name: statistics.median(v) for name, v in times.items()}
+        for c in group:
+            r = Result(op, n, ratio, c.backend, medians[c.backend], len(times[c.backend]))
+            r.gemm_ms = medians.get("roofline_gemm")
+            r.copy_ms = medians.get("roofline_copy")
+            results.append(r)
+            if progress:
+                keep = "-" if r.keep_ratio is None else f"{r.keep_ratio:g}"
+                progress(
+                    f"{r.op:22s} N_v={r.n_visual:6d} keep={keep:4s} {r.backend:6s} "
+                    f"{r.median_ms:9.3f} ms"
+                )
     ref = {(r.op, r.n_visual, r.keep_ratio): r.median_ms for r in results if r.backend == "ref"}
     for r in results:
         base = ref.get((r.op, r.n_visual, r.keep_ratio))
@@ -229,6 +365,14 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (``/proc/loadavg``), or "unknown"."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def environment(device: str) -> dict[str, str]:
@@ -277,14 +421,23 @@ def environment(device: str) -> dict[str, str]:
 
 
 def format_table(results: list[Result]) -> str:
-    """A Markdown table: op, N_v, keep, backend, median ms, speed-up over the reference."""
+    """A Markdown table: op, N_v, keep, backend, median ms, speed-up over the reference and, on
+    the CPU, the roofline references measured in the same rounds (fp32 GEMM with the stage's
+    FLOPs, copy of its bytes) and the time over the slower of the two."""
     lines = [
-        "| op | N_v | keep | backend | median ms | reps | speed-up vs ref |",
-        "|---|---:|---:|---|---:|---:|---:|",
+        "| op | N_v | keep | backend | median ms | reps | speed-up vs ref "
+        "| fp32 GEMM ms (same FLOPs) | copy ms (same bytes) | x roofline |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
     for r in results:
         keep = "-" if r.keep_ratio is None else f"{r.keep_ratio:g}"
         ratio = "-" if r.vs_ref is None else f"{r.vs_ref:.2f}x"
-        cells = [r.op, str(r.n_visual), keep, r.backend, f"{r.median_ms:.3f}", str(r.reps), ratio]
+        roof = "-" if r.vs_roofline is None else f"{r.vs_roofline:.2f}"
+        cells = [r.op, str(r.n_visual), keep, r.backend, f"{r.median_ms:.3f}", str(r.reps), ratio,
+                 ms(r.gemm_ms), ms(r.copy_ms), roof]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

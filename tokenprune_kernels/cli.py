@@ -11,6 +11,7 @@ tokenprune demo            one grounded-VQA scene with and without pruning, and 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -56,7 +57,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from tokenprune_kernels.bench import environment, format_table, run_bench
+    from tokenprune_kernels.bench import environment, format_table, load_average, run_bench
 
     device = args.device
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
@@ -67,16 +68,29 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     info = environment(device)
     command = "tokenprune " + " ".join(shlex.quote(a) for a in args.argv)
     print(f"# tokenprune bench on {info['device']}", flush=True)
+    load_before = load_average()
     results = run_bench(
         device, quick=args.quick, progress=lambda line: print("  " + line, flush=True)
     )
     header = [f"- {k}: {v}" for k, v in info.items()]
     header.append(f"- command: `{command}`")
+    header.append(f"- OMP_WAIT_POLICY: {os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+    header.append(
+        f"- load average (1, 5, 15 min): {load_before} at the start, {load_average()} at the end"
+    )
     header.append(
         "- shapes: Qwen2-VL-7B (28 query heads, 4 key heads, head dim 128, hidden 3584), bf16 "
         "q/k/embeddings, 32 instruction tokens, 14 system and 5 trailing tokens, batch 1; mapper "
-        "with the default config; median over >= 5 runs (>= 0.3 s), 3 input sets rotated"
+        "with the default config; median over >= 5 runs (>= 0.3 s), 3 input sets rotated; the "
+        "backends of one row group run interleaved, one call each per round"
     )
+    if torch.device(device).type == "cpu":
+        header.append(
+            "- roofline (measured in the same rounds): one fp32 GEMM [1024, 256] @ [256, N] with "
+            "the stage's FLOPs (one q.k per query, head and key; the mapper's pointwise and "
+            "depthwise layers) and one copy moving its bytes (inputs read once, outputs written "
+            "once); x roofline = median / the slower of the two"
+        )
     table = format_table(results)
     print()
     print(table)

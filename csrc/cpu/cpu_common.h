@@ -1,12 +1,15 @@
-// Helpers shared by the CPU kernels in csrc/cpu (select.cpp, gather.cpp).
+// Helpers shared by the CPU kernels in csrc/cpu.
 #pragma once
 
 #include "../checks.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -58,6 +61,20 @@ inline at::Tensor offsets_tensor(const std::vector<int64_t>& cu, c10::ScalarType
     }
   }
   return out;
+}
+
+// Runs body(n, next) once on each of up to n intra-op threads; next() hands out the task
+// indices 0, 1, ... to whichever thread asks first (values >= n: no task left). On a loaded
+// machine threads get stalled unevenly, and static chunks (at::parallel_for's) would wait for
+// the slowest; here the others take its share. A task's result must depend only on the task, not
+// on the thread (per-thread buffers hold temporaries only), so results stay deterministic.
+template <class Body>
+void parallel_pull(int64_t n, const Body& body) {
+  if (n <= 0) return;
+  std::atomic<int64_t> counter{0};
+  auto next = [&counter]() { return counter.fetch_add(1, std::memory_order_relaxed); };
+  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { body(n, next); });
 }
 
 }  // namespace tokenprune::cpu

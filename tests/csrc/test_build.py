@@ -102,6 +102,49 @@ def test_cuda_kernels_compile_for_sm90(path, tmp_path):
     assert (tmp_path / "k.o").stat().st_size > 0
 
 
+CORE_HEADERS = sorted(p.name for p in (ROOT / "csrc" / "core").glob("*.h"))
+
+# Every function of csrc/core called from a kernel: the CPU kernels' shared arithmetic must
+# compile as device code for the CUDA kernels that include it.
+CORE_KERNEL = """
+#include "softmax.h"
+#include "mapper_block.h"
+using namespace tokenprune::core;
+__global__ void core_kernel(float* x, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float m = 0.0f, r = 0.0f;
+  bias_norm_moments(x, x, n, &m, &r);
+  norm_silu_row(x, n, m, r, x, x);
+  float v = exp2_f32(x[i]) + silu_f32(x[i]) + dot_fixed(x, x, n);
+  v += softmax_tile_value(x[i], softmax_shift(m), 0.5f) + softmax_rescaled_sum(m, r, 1.0f);
+  v += softmax_tile_weight(m, 1.0f, 2.0f) + mapper_input(x[i], 3.0f, 1e-4f);
+  v += norm_silu_head(x, n, m, r, x, x, x, 1.0f) + bits_float(float_bits(kNegInf));
+  x[i] = v + norm_silu(x[i], m, r, 1.0f, 0.0f);
+}
+"""
+
+
+@pytest.mark.parametrize("name", CORE_HEADERS)
+def test_core_headers_are_torch_free(name):
+    for file in local_closure(ROOT / "csrc" / "core" / name):
+        match = TORCH_INCLUDE.search(file.read_text())
+        assert match is None, f"{file.relative_to(ROOT)} includes {match.group(0).strip()}"
+
+
+def test_core_headers_compile_as_device_code(tmp_path):
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    source = tmp_path / "core_kernel.cu"
+    source.write_text(CORE_KERNEL)
+    cmd = [nvcc, "-arch=sm_90", "-std=c++17", "-O3", "-Werror", "all-warnings"]
+    cmd += ["-Xcompiler", "-Wall,-Wextra,-Werror", f"-I{ROOT / 'csrc' / 'core'}"]
+    cmd += ["-c", str(source), "-o", str(tmp_path / "k.o")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_cuda_glue_type_checks(tmp_path):
     """The ATen glue of the CUDA build, checked with -fsyntax-only against this torch's headers
     (a CPU-only torch ships c10/cuda headers but not the generated cuda_cmake_macros.h: a stub

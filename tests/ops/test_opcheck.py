@@ -120,29 +120,32 @@ def test_fullgraph_inductor_pipeline():
         torch.testing.assert_close(g, w)
 
 
-def _compiled_cases():
+def _compiled_cases(dtype=torch.float32):
     """Each private op the table names, on its public op's case (gather and merge: the same
     arguments) or, for select, per-sample keep counts instead of the keep rule."""
-    inp, _, attn, _ = _inputs()
+    inp, _, attn, _ = _inputs(dtype)
     own = {"_select_topk": (attn, inp.cu_seqlens_v, torch.tensor([3, 0, 4]))}
-    public = _cases()
+    public = _cases(dtype)
     return {
         name: (getattr(torch.ops.tokenprune, name).default, own.get(name) or public[name[1:]][1])
         for name in backend.kernels()
     }
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", sorted(backend.kernels()))
-def test_compiled_ops_opcheck_and_compile(name):
+def test_compiled_ops_opcheck_and_compile(name, dtype):
     """The private compiled ops have fakes too: opcheck and fullgraph compile pass."""
     from tokenprune_kernels import _extension
 
     if not _extension.available():
         pytest.skip(f"compiled extension not built: {_extension.load_error()}")
-    op, args = _compiled_cases()[name]
+    op, args = _compiled_cases(dtype)[name]
     torch.library.opcheck(op, args)
     torch._dynamo.reset()
     eager = op(*args)
     compiled = torch.compile(lambda *a: op(*a), fullgraph=True, backend="aot_eager")(*args)
+    if isinstance(eager, torch.Tensor):
+        eager, compiled = (eager,), (compiled,)
     for e, c in zip(eager, compiled, strict=True):
         assert torch.equal(e, c)
