@@ -45,7 +45,9 @@ TORCH_LIBRARY(tokenprune, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // ---- private ops (kernels in this extension) ----
-  m.def("_select_topk(Tensor scores, Tensor cu_seqlens_v, Tensor keep_counts) -> (Tensor, Tensor)");
+  m.def(
+      "_select_topk(Tensor scores, Tensor cu_seqlens_v, Tensor keep_counts, "
+      "int? total_kept=None) -> (Tensor, Tensor)");
   m.def(
       "_gather_kept(Tensor visual_embeds, Tensor position_ids, Tensor kept_idx) "
       "-> (Tensor, Tensor)");

@@ -59,7 +59,8 @@ PUBLIC_SCHEMAS: dict[str, str] = {
 #: Inputs are validated by the public op before these run; they re-check what memory safety needs.
 COMPILED_SCHEMAS: dict[str, str] = {
     "_select_topk": (
-        "_select_topk(Tensor scores, Tensor cu_seqlens_v, Tensor keep_counts) -> (Tensor, Tensor)"
+        "_select_topk(Tensor scores, Tensor cu_seqlens_v, Tensor keep_counts, "
+        "int? total_kept=None) -> (Tensor, Tensor)"
     ),
     "_gather_kept": (
         "_gather_kept(Tensor visual_embeds, Tensor position_ids, Tensor kept_idx) "

@@ -14,10 +14,11 @@ from tokenprune_kernels.ops._library import register
 
 def run_select_topk(scores, cu_seqlens_v, keep_counts, total_kept=None):
     """Stage c on the chosen backend, for validated arguments and per-sample ``keep_counts``
-    (``total_kept``: their sum when known on the host; it spares the Triton path a sync)."""
+    (``total_kept``: their sum when known on the host; it spares the Triton and CUDA
+    paths a sync)."""
     which = backend.choose("select_topk", scores.device.type)
     if which in ("cpp", "cuda"):
-        return torch.ops.tokenprune._select_topk(scores, cu_seqlens_v, keep_counts)
+        return torch.ops.tokenprune._select_topk(scores, cu_seqlens_v, keep_counts, total_kept)
     if which == "triton":
         from tokenprune_kernels.triton import select_topk_triton
 
