@@ -55,6 +55,24 @@ TORCH_LIBRARY(tokenprune, m) {
       "_merge_kept(Tensor inputs_embeds, Tensor position_ids, Tensor cu_seqlens, "
       "Tensor visual_embeds, Tensor visual_idx, Tensor cu_seqlens_v, Tensor kept_idx) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Defined here only (no copy in schemas.py): the schemas of the public ops of the same name.
+  m.def(
+      "_instruction_attention(Tensor q, Tensor k, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "Tensor visual_idx, Tensor cu_seqlens_v, Tensor? q_pos=None, float? softmax_scale=None) "
+      "-> Tensor");
+  m.def(
+      "_mapper_forward(Tensor attn, Tensor cu_seqlens_v, Tensor[] params, int kernel_size, "
+      "float input_eps) -> Tensor");
+  // CUDA only (csrc/cuda/ops_cuda.cpp): the selection fused with the gather / the merge, sized
+  // by the host-known total_kept (no synchronisation). position_ids is [R, T].
+  m.def(
+      "_select_gather_kept(Tensor scores, Tensor cu_seqlens_v, Tensor keep_counts, "
+      "int total_kept, Tensor visual_embeds, Tensor position_ids) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "_select_merge_kept(Tensor scores, Tensor cu_seqlens_v, Tensor keep_counts, "
+      "int total_kept, Tensor inputs_embeds, Tensor position_ids, Tensor cu_seqlens, "
+      "Tensor visual_embeds, Tensor visual_idx) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

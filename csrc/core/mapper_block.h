@@ -1,0 +1,73 @@
+// The per-token arithmetic of the mapper (stage b, docs/contract.md), torch-free.
+//
+// Per sample of n tokens the mapper computes
+//     x = log(n * attn + input_eps)                                 [1, n]
+//     per block: depthwise conv (K taps, zero padding per sample, bias) -> pointwise C_in ->
+//                C_out (bias) -> LayerNorm over the C_out channels (eps 1e-5, affine) -> SiLU
+//     head: pointwise C_last -> 1 (bias).
+// The pointwise layers are GEMMs and stay in the kernels; what a kernel does per token and per
+// channel around them is here, so the CPU and CUDA kernels share it.
+#pragma once
+
+#include "tp_math.h"
+
+#include <cmath>
+
+namespace tokenprune::core {
+
+// LayerNorm epsilon of every mapper block (the contract's, LAYER_NORM_EPS in Python).
+constexpr float kMapperNormEps = 1e-5f;
+
+// The mapper's input feature of one token of a sample of n tokens, as the reference rounds it:
+// n * attn rounded to float32, plus eps rounded to float32, then log.
+TP_HOST_DEVICE inline float mapper_input(float attn, float n, float input_eps) {
+  const float scaled = n * attn;
+  return ::logf(scaled + input_eps);
+}
+
+// One output channel of the depthwise conv at a token: the bias plus the taps that fall inside
+// the token's sample (the others read the sample's zero padding, i.e. add nothing).
+// `x[t]` is the input channel at offset t - K/2 from the token; valid[t] says whether that
+// position is inside the sample.
+TP_HOST_DEVICE inline float depthwise_tap(float acc, float weight, float x, bool valid) {
+  return valid ? acc + weight * x : acc;
+}
+
+// Mean and 1/sqrt(var + eps) of the c values x[0, c), var the biased variance (two passes:
+// no E[x^2] - E[x]^2 cancellation). Fixed-order lane sums (kSumLanes).
+TP_HOST_DEVICE inline void layer_norm_moments(const float* x, int64_t c, float* mean,
+                                              float* rstd) {
+  float lanes[kSumLanes];
+  for (int u = 0; u < kSumLanes; ++u) lanes[u] = 0.0f;
+  const int64_t full = c - c % kSumLanes;
+  for (int64_t i = 0; i < full; i += kSumLanes) {
+    for (int u = 0; u < kSumLanes; ++u) lanes[u] += x[i + u];
+  }
+  float sum = 0.0f;
+  for (int u = 0; u < kSumLanes; ++u) sum += lanes[u];
+  for (int64_t i = full; i < c; ++i) sum += x[i];
+  const float mu = sum / static_cast<float>(c);
+
+  for (int u = 0; u < kSumLanes; ++u) lanes[u] = 0.0f;
+  for (int64_t i = 0; i < full; i += kSumLanes) {
+    for (int u = 0; u < kSumLanes; ++u) {
+      const float d = x[i + u] - mu;
+      lanes[u] += d * d;
+    }
+  }
+  float sq = 0.0f;
+  for (int u = 0; u < kSumLanes; ++u) sq += lanes[u];
+  for (int64_t i = full; i < c; ++i) {
+    const float d = x[i] - mu;
+    sq += d * d;
+  }
+  *mean = mu;
+  *rstd = 1.0f / ::sqrtf(sq / static_cast<float>(c) + kMapperNormEps);
+}
+
+// One channel after the norm: SiLU(gamma * (x - mean) * rstd + beta).
+TP_HOST_DEVICE inline float norm_silu(float x, float mean, float rstd, float gamma, float beta) {
+  return silu_f32((x - mean) * rstd * gamma + beta);
+}
+
+}  // namespace tokenprune::core
