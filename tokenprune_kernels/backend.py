@@ -11,8 +11,8 @@ Automatic choice, per op: on CPU ``cpp`` then ``ref``; on CUDA ``cuda``, ``trito
 every op it implements on that device; the other ops use ``ref``. ``auto`` (or unset) is the
 automatic choice. Forcing a compiled backend when the extension did not load is an error.
 
-In the composites, when ``select_topk`` runs on ``triton`` the selection and the gather/merge run
-fused in Triton (whatever backend the stand-alone gather/merge would get).
+In the composites, when ``select_topk`` runs on ``triton`` (or ``cuda``) the selection and the
+gather/merge run fused in Triton (or CUDA), whatever backend the stand-alone gather/merge would get.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ _PREFERENCE = {"cpu": ("cpp", "ref"), "cuda": ("cuda", "triton", "ref")}
 
 #: Stage ops and the private compiled op that implements each in C++/CUDA.
 COMPILED_OP = {
+    "instruction_attention": "_instruction_attention",
+    "mapper_forward": "_mapper_forward",
     "select_topk": "_select_topk",
     "gather_kept": "_gather_kept",
     "merge_kept": "_merge_kept",
@@ -108,8 +110,8 @@ def describe(device_type: str) -> dict[str, str]:
             continue
         last = "merge_kept" if "merge" in op else "gather_kept"
         parts = [f"{s}={table[s]}" for s in ("instruction_attention", "mapper_forward")]
-        if table["select_topk"] == "triton":
-            parts.append(f"select_topk+{last}=triton(fused)")
+        if table["select_topk"] in ("triton", "cuda"):
+            parts.append(f"select_topk+{last}={table['select_topk']}(fused)")
         else:
             parts += [f"select_topk={table['select_topk']}", f"{last}={table[last]}"]
         table[op] = "stages(" + ", ".join(parts) + ")"

@@ -14,7 +14,10 @@ def run_instruction_attention(
 ):
     """Stage a on the chosen backend; the arguments are already validated."""
     args = (q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale)
-    if backend.choose("instruction_attention", q.device.type) == "triton":
+    which = backend.choose("instruction_attention", q.device.type)
+    if which in ("cpp", "cuda"):
+        return torch.ops.tokenprune._instruction_attention(*args)
+    if which == "triton":
         from tokenprune_kernels.triton import instruction_attention_triton
 
         return instruction_attention_triton(*args)

@@ -47,10 +47,47 @@ def _merge_kept_fake(inputs_embeds, position_ids, cu_seqlens, visual_embeds, vis
     )
 
 
+def _instruction_attention_fake(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v,
+                                q_pos=None, softmax_scale=None):  # fmt: skip
+    v.check_instruction_attention(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v,
+                                  q_pos, softmax_scale)  # fmt: skip
+    return q.new_empty(visual_idx.shape[0], dtype=torch.float32)
+
+
+def _mapper_forward_fake(attn, cu_seqlens_v, params, kernel_size, input_eps):
+    v.check_mapper(attn, cu_seqlens_v, params, kernel_size, input_eps)
+    return torch.empty_like(attn)
+
+
+def _select_gather_kept_fake(scores, cu_seqlens_v, keep_counts, total_kept, visual_embeds,
+                             position_ids):  # fmt: skip
+    kept, cu_kept = _select_topk_fake(scores, cu_seqlens_v, keep_counts, total_kept)
+    embeds, pos = _gather_kept_fake(visual_embeds, position_ids, kept)
+    return embeds, pos, kept, cu_kept
+
+
+def _select_merge_kept_fake(scores, cu_seqlens_v, keep_counts, total_kept, inputs_embeds,
+                            position_ids, cu_seqlens, visual_embeds, visual_idx):  # fmt: skip
+    kept, _ = _select_topk_fake(scores, cu_seqlens_v, keep_counts, total_kept)
+    v.check_rank("position_ids", position_ids, 2, "[rows, total_len]")
+    n = inputs_embeds.shape[0] - visual_embeds.shape[0] + total_kept
+    return (
+        inputs_embeds.new_empty((n, inputs_embeds.shape[1])),
+        position_ids.new_empty((position_ids.shape[0], n)),
+        torch.empty_like(cu_seqlens),
+        inputs_embeds.new_empty(n, dtype=torch.int64),
+        kept,
+    )
+
+
 FAKES = {
+    "_instruction_attention": _instruction_attention_fake,
+    "_mapper_forward": _mapper_forward_fake,
     "_select_topk": _select_topk_fake,
     "_gather_kept": _gather_kept_fake,
     "_merge_kept": _merge_kept_fake,
+    "_select_gather_kept": _select_gather_kept_fake,  # CUDA kernels only
+    "_select_merge_kept": _select_merge_kept_fake,  # CUDA kernels only
 }
 
 if _extension.available():

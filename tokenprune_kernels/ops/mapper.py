@@ -13,7 +13,12 @@ from tokenprune_kernels.ops._library import register
 
 def run_mapper_forward(attn, cu_seqlens_v, params, kernel_size, input_eps):
     """Stage b on the chosen backend; the arguments are already validated."""
-    if backend.choose("mapper_forward", attn.device.type) == "triton":
+    which = backend.choose("mapper_forward", attn.device.type)
+    if which in ("cpp", "cuda"):
+        return torch.ops.tokenprune._mapper_forward(
+            attn, cu_seqlens_v, list(params), int(kernel_size), float(input_eps)
+        )
+    if which == "triton":
         from tokenprune_kernels.triton import mapper_forward_triton
 
         return mapper_forward_triton(attn, cu_seqlens_v, params, kernel_size, input_eps)

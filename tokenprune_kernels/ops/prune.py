@@ -5,7 +5,9 @@ The arguments are checked once per call; then, with ``TOKENPRUNE_BACKEND=ref``, 
 runs the reference, and otherwise each stage runs, unchecked, on the backend
 :mod:`tokenprune_kernels.backend` picks for it. When selection runs in Triton, selection and the
 gather (or merge) run fused: one select launch and one compaction pass that writes the kept rows
-straight into the output.
+straight into the output. When it runs in CUDA, one compiled op (``_select_gather_kept`` /
+``_select_merge_kept``) selects and gathers (merges), sized by the host-known total: no
+synchronisation after the validation's one read.
 """
 
 from __future__ import annotations
@@ -75,9 +77,19 @@ def _score(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, mapper_pa
     return scores
 
 
-def _fused_select(scores: torch.Tensor) -> bool:
-    """Whether stage c runs in Triton, in which case c and d run fused (one compaction pass)."""
-    return backend.choose("select_topk", scores.device.type) == "triton"
+def _fused_select(scores: torch.Tensor) -> str | None:
+    """'triton' or 'cuda' when stage c runs there, in which case c and d run fused; else None."""
+    which = backend.choose("select_topk", scores.device.type)
+    return which if which in ("triton", "cuda") else None
+
+
+def _as_2d(position_ids: torch.Tensor) -> torch.Tensor:
+    return position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
+
+
+def _like(pos: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """``pos`` [R, T] back to the rank of ``position_ids``."""
+    return pos if position_ids.dim() == 2 else pos.squeeze(0)
 
 
 def _in_range(name: str, impl: Callable) -> Callable:
@@ -112,7 +124,13 @@ def _prune_impl(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visu
         mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale,
     )  # fmt: skip
     counts, total = keep_counts_from_bounds(bounds_v, scores.device, keep_ratio, keep_count)
-    if _fused_select(scores):
+    fused = _fused_select(scores)
+    if fused == "cuda":
+        embeds, pos, kept_idx, cu_kept = torch.ops.tokenprune._select_gather_kept(
+            scores, cu_seqlens_v, counts, total, visual_embeds, _as_2d(visual_position_ids)
+        )
+        return embeds, _like(pos, visual_position_ids), kept_idx, cu_kept, scores
+    if fused == "triton":
         from tokenprune_kernels.triton import select_gather_triton
 
         embeds, pos, kept_idx, cu_kept = select_gather_triton(
@@ -167,7 +185,14 @@ def _merge_impl(q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, c
         mapper_kernel_size, mapper_input_eps, q_pos, softmax_scale,
     )  # fmt: skip
     counts, total = keep_counts_from_bounds(bounds_v, scores.device, keep_ratio, keep_count)
-    if _fused_select(scores):
+    fused = _fused_select(scores)
+    if fused == "cuda":
+        embeds, pos, cu_out, src_idx, kept_idx = torch.ops.tokenprune._select_merge_kept(
+            scores, cu_seqlens_v, counts, total, inputs_embeds, _as_2d(position_ids), cu_seqlens,
+            visual_embeds, visual_idx,
+        )  # fmt: skip
+        return embeds, _like(pos, position_ids), cu_out, src_idx, kept_idx, scores
+    if fused == "triton":
         from tokenprune_kernels.triton import select_merge_triton
 
         embeds, pos, cu_out, src_idx, kept_idx = select_merge_triton(
