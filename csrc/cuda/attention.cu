@@ -35,6 +35,7 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 
@@ -455,12 +456,11 @@ cudaError_t launch(const AttentionArgs& a, const AttentionPlan& plan, float* ws,
                    cudaStream_t stream) {
   const int dp = padded_dim(a.head_dim);
   const size_t smem = tile_smem_bytes<T>(dp);
-  TP_RETURN_IF_ERROR(cudaFuncSetAttribute(row_stats_kernel<T>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
-  TP_RETURN_IF_ERROR(cudaFuncSetAttribute(visual_colsum_kernel<T>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
+  static std::atomic<size_t> granted_stats[kMaxDevices];
+  static std::atomic<size_t> granted_colsum[kMaxDevices];
+  TP_RETURN_IF_ERROR(allow_dynamic_smem(row_stats_kernel<T>, smem, granted_stats, kMaxDevices));
+  TP_RETURN_IF_ERROR(
+      allow_dynamic_smem(visual_colsum_kernel<T>, smem, granted_colsum, kMaxDevices));
   const int64_t rows = a.tq * a.hq;
   float* part_max = ws;
   float* part_sum = part_max + rows * plan.splits;

@@ -5,6 +5,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstddef>
 #include <cstdint>
 
 namespace tokenprune::cuda {
@@ -49,5 +51,26 @@ __device__ __forceinline__ int64_t sample_of(const int64_t* cu, int64_t batch, i
   }
   return lo;
 }
+
+// Lets `kernel` use `bytes` of dynamic shared memory on the current device (past the default
+// 48 KiB). cudaFuncSetAttribute is called only when a larger size than before is needed on that
+// device: after a warm-up call, a launch inside a CUDA graph capture makes no such API call.
+// `granted` is the kernel's own table (one entry per device, 0 at start).
+template <typename Kernel>
+cudaError_t allow_dynamic_smem(Kernel kernel, size_t bytes, std::atomic<size_t>* granted,
+                               int max_devices) {
+  int device = 0;
+  TP_RETURN_IF_ERROR(cudaGetDevice(&device));
+  if (device < 0 || device >= max_devices) return cudaErrorInvalidDevice;
+  if (granted[device].load(std::memory_order_relaxed) >= bytes) return cudaSuccess;
+  TP_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(bytes)));
+  size_t seen = granted[device].load(std::memory_order_relaxed);
+  while (seen < bytes && !granted[device].compare_exchange_weak(seen, bytes)) {
+  }
+  return cudaSuccess;
+}
+
+constexpr int kMaxDevices = 64;
 
 }  // namespace tokenprune::cuda

@@ -29,6 +29,7 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 
@@ -347,9 +348,9 @@ cudaError_t mapper_forward(const MapperArgs& a, const MapperPlan& p, float* pack
       packed, 0, static_cast<size_t>(p.packed_floats) * sizeof(float), stream));
   pack_params_kernel<<<blocks_for(p.packed_floats / 4), kThreads, 0, stream>>>(a, p, packed);
   TP_RETURN_IF_ERROR(cudaGetLastError());
-  TP_RETURN_IF_ERROR(cudaFuncSetAttribute(mapper_window_kernel,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(p.smem_bytes)));
+  static std::atomic<size_t> granted[kMaxDevices];
+  TP_RETURN_IF_ERROR(
+      allow_dynamic_smem(mapper_window_kernel, p.smem_bytes, granted, kMaxDevices));
   mapper_window_kernel<<<static_cast<unsigned int>(p.grid), kMapperThreads, p.smem_bytes,
                          stream>>>(a, p, packed);
   return cudaGetLastError();

@@ -205,7 +205,8 @@ cudaError_t select_kept(FloatVector scores, int64_t tv, const int64_t* cu_v, int
   if (kept_idx == nullptr || total_kept <= 0) return cudaSuccess;
 
   bytes = plan.sort_temp;
-  TP_RETURN_IF_ERROR(cub::DeviceScan::ExclusiveSum(temp, bytes, flags, slots, n, stream));
+  const int32_t* flags_in = flags;  // the type the plan queried CUB with
+  TP_RETURN_IF_ERROR(cub::DeviceScan::ExclusiveSum(temp, bytes, flags_in, slots, n, stream));
   scatter_kept_kernel<<<blocks_for(tv), kThreads, 0, stream>>>(flags, slots, tv, total_kept,
                                                                kept_idx);
   return cudaGetLastError();
