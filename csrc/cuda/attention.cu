@@ -301,7 +301,7 @@ __global__ void __launch_bounds__(kBlock, 1) row_stats_kernel(AttentionArgs a, i
   const int64_t lo = split * chunk;
   const int64_t hi = lo + chunk < kv_len ? lo + chunk : kv_len;
 
-  // Two threads per row: lanes 2r and 2r + 1 own row r's even / odd halves of each key tile.
+  // Two threads per row: threads 2r and 2r + 1 own the first / second half of each key tile.
   const int row = threadIdx.x / 2;
   const int half = threadIdx.x % 2;
   const int64_t pos = s_pos[row];
@@ -405,7 +405,7 @@ __global__ void __launch_bounds__(kBlock, 1) visual_colsum_kernel(AttentionArgs 
   const int half = threadIdx.x % 2;
   const float scale = a.scale;
   float acc = 0.0f;
-  const int64_t n_rows = rq.len * group;
+  const int64_t n_rows = rq.len * group;  // rows per KV head
   for (int kv_head = 0; kv_head < a.hk; ++kv_head) {
     const RowMap map{rq.start, rq.len, rk.len, group, kv_head, a.q_pos};
     __syncthreads();  // s_key written / s_k of the previous head consumed
@@ -447,7 +447,9 @@ __global__ void __launch_bounds__(kBlock, 1) visual_colsum_kernel(AttentionArgs 
   __syncthreads();
   if (half == 0 && col < n_cols) {
     const float total = acc + s_part[col];
-    a.out[v0 + col] = n_rows > 0 ? total / static_cast<float>(n_rows) : 0.0f;
+    // The mean over every (query, head) row of the sample: n_q * Hq of them (all KV heads).
+    const int64_t all_rows = rq.len * a.hq;
+    a.out[v0 + col] = all_rows > 0 ? total / static_cast<float>(all_rows) : 0.0f;
   }
 }
 
