@@ -25,14 +25,6 @@ TP_HOST_DEVICE inline float mapper_input(float attn, float n, float input_eps) {
   return ::logf(scaled + input_eps);
 }
 
-// One output channel of the depthwise conv at a token: the bias plus the taps that fall inside
-// the token's sample (the others read the sample's zero padding, i.e. add nothing).
-// `x[t]` is the input channel at offset t - K/2 from the token; valid[t] says whether that
-// position is inside the sample.
-TP_HOST_DEVICE inline float depthwise_tap(float acc, float weight, float x, bool valid) {
-  return valid ? acc + weight * x : acc;
-}
-
 // Mean and 1/sqrt(var + eps) of the c values x[0, c), var the biased variance (two passes:
 // no E[x^2] - E[x]^2 cancellation). Fixed-order lane sums (kSumLanes).
 TP_HOST_DEVICE inline void layer_norm_moments(const float* x, int64_t c, float* mean,
@@ -43,8 +35,7 @@ TP_HOST_DEVICE inline void layer_norm_moments(const float* x, int64_t c, float* 
   for (int64_t i = 0; i < full; i += kSumLanes) {
     for (int u = 0; u < kSumLanes; ++u) lanes[u] += x[i + u];
   }
-  float sum = 0.0f;
-  for (int u = 0; u < kSumLanes; ++u) sum += lanes[u];
+  float sum = lane_total(lanes);
   for (int64_t i = full; i < c; ++i) sum += x[i];
   const float mu = sum / static_cast<float>(c);
 
@@ -55,8 +46,7 @@ TP_HOST_DEVICE inline void layer_norm_moments(const float* x, int64_t c, float* 
       lanes[u] += d * d;
     }
   }
-  float sq = 0.0f;
-  for (int u = 0; u < kSumLanes; ++u) sq += lanes[u];
+  float sq = lane_total(lanes);
   for (int64_t i = full; i < c; ++i) {
     const float d = x[i] - mu;
     sq += d * d;

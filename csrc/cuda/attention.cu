@@ -305,7 +305,7 @@ __global__ void __launch_bounds__(kBlock, 1) row_stats_kernel(AttentionArgs a, i
   const int row = threadIdx.x / 2;
   const int half = threadIdx.x % 2;
   const int64_t pos = s_pos[row];
-  const float scale = a.scale;
+  const float scale_log2 = a.scale * core::kLog2e;  // softmax.h works in base 2
   float run_max = kNegInf;
   float run_sum = 0.0f;
   const T* k_base = static_cast<const T*>(a.k) + kv_head * a.k_stride_h;
@@ -333,12 +333,12 @@ __global__ void __launch_bounds__(kBlock, 1) row_stats_kernel(AttentionArgs a, i
     const float shift = core::softmax_shift(tile_max);
     float tile_sum = 0.0f;
     for (int c = 0; c < kKeys / 2; ++c) {
-      if (c_lo + c < seen) tile_sum += core::softmax_tile_value(lr[c], shift, scale);
+      if (c_lo + c < seen) tile_sum += core::softmax_tile_value(lr[c], shift, scale_log2);
     }
     // Both lanes hold the same sum (half 0's part first: a fixed order).
     const float other_sum = __shfl_xor_sync(0xFFFFFFFFu, tile_sum, 1);
     tile_sum = half == 0 ? tile_sum + other_sum : other_sum + tile_sum;
-    core::softmax_fold(run_max, run_sum, tile_max, tile_sum, scale);
+    core::softmax_fold(run_max, run_sum, tile_max, tile_sum, scale_log2);
     __syncthreads();  // s_k and s_logit are rewritten by the next tile
   }
   if (half == 0 && row0 + row < map.n_q * group) {
@@ -351,13 +351,14 @@ __global__ void __launch_bounds__(kBlock, 1) row_stats_kernel(AttentionArgs a, i
 // Pass 2: the S partial statistics of each (query, head) row, folded in split order.
 __global__ void merge_stats_kernel(const float* __restrict__ part_max,
                                    const float* __restrict__ part_sum, int64_t rows,
-                                   int num_splits, float scale, float* __restrict__ row_max,
+                                   int num_splits, float scale_log2, float* __restrict__ row_max,
                                    float* __restrict__ row_sum) {
   for (int64_t r = global_thread(); r < rows; r += grid_threads()) {
     float m = kNegInf;
     float l = 0.0f;
     for (int s = 0; s < num_splits; ++s) {
-      core::softmax_fold(m, l, part_max[r * num_splits + s], part_sum[r * num_splits + s], scale);
+      core::softmax_fold(m, l, part_max[r * num_splits + s], part_sum[r * num_splits + s],
+                         scale_log2);
     }
     row_max[r] = m;
     row_sum[r] = l;
@@ -403,7 +404,7 @@ __global__ void __launch_bounds__(kBlock, 1) visual_colsum_kernel(AttentionArgs 
 
   const int col = threadIdx.x / 2;
   const int half = threadIdx.x % 2;
-  const float scale = a.scale;
+  const float scale_log2 = a.scale * core::kLog2e;  // softmax.h works in base 2
   float acc = 0.0f;
   const int64_t n_rows = rq.len * group;  // rows per KV head
   for (int kv_head = 0; kv_head < a.hk; ++kv_head) {
@@ -436,7 +437,8 @@ __global__ void __launch_bounds__(kBlock, 1) visual_colsum_kernel(AttentionArgs 
         for (int i = 0; i < kRows / 2; ++i) {
           const int r = half * (kRows / 2) + i;
           if (key <= s_pos[r]) {
-            acc += core::softmax_prob(s_logit[r * kLogitLd + col], s_max[r], s_sum[r], scale);
+            acc += core::softmax_prob(s_logit[r * kLogitLd + col], s_max[r], s_sum[r],
+                                      scale_log2);
           }
         }
       }
@@ -474,7 +476,7 @@ cudaError_t launch(const AttentionArgs& a, const AttentionPlan& plan, float* ws,
     row_stats_kernel<T><<<grid, kBlock, smem, stream>>>(a, plan.splits, part_max, part_sum);
     TP_RETURN_IF_ERROR(cudaGetLastError());
     merge_stats_kernel<<<blocks_for(rows), kThreads, 0, stream>>>(
-        part_max, part_sum, rows, plan.splits, a.scale, row_max, row_sum);
+        part_max, part_sum, rows, plan.splits, a.scale * core::kLog2e, row_max, row_sum);
     TP_RETURN_IF_ERROR(cudaGetLastError());
   }
   visual_colsum_kernel<T><<<static_cast<unsigned int>(plan.visual_tiles), kBlock, smem, stream>>>(

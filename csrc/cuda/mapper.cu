@@ -6,11 +6,11 @@
 // of depthwise kernel K (h = K / 2), a window computes rows rho in [0, M), M = T + 2 h L, token
 // w0 - h L + rho; block l (1..L) only computes the rows that still matter, [h l, M - h l) (n_l =
 // M - 2 h l rows), so the wide late blocks run on little more than the T output rows. Nothing
-// leaks across samples: a depthwise tap reads a row only if its token is in the same sample
-// (core::depthwise_tap), so windows may span samples, and rows outside any sample are ignored.
+// leaks across samples: a depthwise tap reads a row only if its token is in the same sample, so
+// windows may span samples, and rows outside any sample are ignored.
 //
 // Per block, in shared memory (a window's working set, sized on the host to fit):
-//   1. depthwise: DW[i][c] = bias + sum of the K taps of the block input X (core::depthwise_tap);
+//   1. depthwise: DW[i][c] = bias + sum of the K taps of the block input X in the sample;
 //   2. pointwise: X[i][n] = DW[i][:] . W[n][:] on tensor cores in 3xTF32 (a = a_hi + a_lo,
 //      w = w_hi + w_lo, a.w ~ a_lo w_hi + a_hi w_lo + a_hi w_hi: about fp32 accuracy), WMMA
 //      m16n16k8 fragments, fp32 accumulation; each warp owns 16 output channels and runs all the
@@ -230,10 +230,11 @@ __global__ void __launch_bounds__(kMapperThreads)
           const int64_t lo = s_lo[rho];
           const int64_t hi = s_hi[rho];
           acc = packed[o.dw_b + c];
-          for (int j = 0; j < a.kernel_size; ++j) {
+          for (int j = 0; j < a.kernel_size; ++j) {  // taps outside the sample read zeros
             const int64_t t = t0 + rho - halo + j;
-            acc = core::depthwise_tap(acc, packed[o.dw_w + c * a.kernel_size + j],
-                                      x[(i + j) * kp + c], t >= lo && t < hi);
+            if (t >= lo && t < hi) {
+              acc += packed[o.dw_w + c * a.kernel_size + j] * x[(i + j) * kp + c];
+            }
           }
         }
         dw[i * kp + c] = acc;

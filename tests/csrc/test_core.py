@@ -43,6 +43,7 @@ int main() {
       std::scanf("%f %d %d", &scale, &n, &tile);
       std::vector<float> s(n);
       for (int i = 0; i < n; ++i) std::scanf("%f", &s[i]);
+      const float scale_log2 = scale * kLog2e;  // softmax.h works in base 2, as the kernel does
       float row_max = kNegInf, row_sum = 0.0f;
       for (int t = 0; t < n; t += tile) {
         const int end = t + tile < n ? t + tile : n;
@@ -50,11 +51,11 @@ int main() {
         for (int i = t; i < end; ++i) tile_max = s[i] > tile_max ? s[i] : tile_max;
         const float shift = softmax_shift(tile_max);
         float tile_sum = 0.0f;
-        for (int i = t; i < end; ++i) tile_sum += softmax_tile_value(s[i], shift, scale);
-        softmax_fold(row_max, row_sum, tile_max, tile_sum, scale);
+        for (int i = t; i < end; ++i) tile_sum += softmax_tile_value(s[i], shift, scale_log2);
+        softmax_fold(row_max, row_sum, tile_max, tile_sum, scale_log2);
       }
       std::printf("%a %a", row_max, row_sum);
-      for (int i = 0; i < n; ++i) std::printf(" %a", softmax_prob(s[i], row_max, row_sum, scale));
+      for (int i = 0; i < n; ++i) std::printf(" %a", softmax_prob(s[i], row_max, row_sum, scale_log2));
       std::printf("\n");
     }
   }
