@@ -87,6 +87,20 @@ __host__ __device__ constexpr size_t tile_smem_bytes(int dp) {
   return 2 * operand_bytes<T>(dp) + kLogitBytes + kExtraBytes;
 }
 
+// The regions of a tile kernel's dynamic shared memory (tile_smem_bytes<T>(dp) bytes).
+template <typename T>
+struct TileSmem {
+  T* q;                  // [kRows, dp + pad] query rows
+  T* k;                  // [kKeys, dp + pad] key rows
+  float* logit;          // [kRows, kLogitLd]
+  unsigned char* extra;  // kExtraBytes for per-row / per-column arrays
+  __device__ TileSmem(unsigned char* smem, int dp)
+      : q(reinterpret_cast<T*>(smem)),
+        k(reinterpret_cast<T*>(smem + operand_bytes<T>(dp))),
+        logit(reinterpret_cast<float*>(smem + 2 * operand_bytes<T>(dp))),
+        extra(smem + 2 * operand_bytes<T>(dp) + kLogitBytes) {}
+};
+
 // ---------------------------------------------------------------------------------------------
 // Loads and the logit tile.
 
@@ -260,10 +274,11 @@ __global__ void __launch_bounds__(kBlock, 1) row_stats_kernel(AttentionArgs a, i
   extern __shared__ __align__(128) unsigned char smem[];
   const int dp = padded_dim(a.head_dim);
   const int ld = dp + Elem<T>::kPad;
-  T* s_q = reinterpret_cast<T*>(smem);
-  T* s_k = reinterpret_cast<T*>(smem + operand_bytes<T>(dp));
-  float* s_logit = reinterpret_cast<float*>(smem + 2 * operand_bytes<T>(dp));
-  int64_t* s_pos = reinterpret_cast<int64_t*>(smem + 2 * operand_bytes<T>(dp) + kLogitBytes);
+  const TileSmem<T> tiles(smem, dp);
+  T* s_q = tiles.q;
+  T* s_k = tiles.k;
+  float* s_logit = tiles.logit;
+  int64_t* s_pos = reinterpret_cast<int64_t*>(tiles.extra);  // [kRows] query positions
   __shared__ int64_t s_most[2];
 
   const int group = static_cast<int>(a.hq / a.hk);
@@ -375,10 +390,11 @@ __global__ void __launch_bounds__(kBlock, 1) visual_colsum_kernel(AttentionArgs 
   extern __shared__ __align__(128) unsigned char smem[];
   const int dp = padded_dim(a.head_dim);
   const int ld = dp + Elem<T>::kPad;
-  T* s_q = reinterpret_cast<T*>(smem);
-  T* s_k = reinterpret_cast<T*>(smem + operand_bytes<T>(dp));
-  float* s_logit = reinterpret_cast<float*>(smem + 2 * operand_bytes<T>(dp));
-  unsigned char* extra = smem + 2 * operand_bytes<T>(dp) + kLogitBytes;
+  const TileSmem<T> tiles(smem, dp);
+  T* s_q = tiles.q;
+  T* s_k = tiles.k;
+  float* s_logit = tiles.logit;
+  unsigned char* extra = tiles.extra;
   int64_t* s_key = reinterpret_cast<int64_t*>(extra);            // [kCols] local key, -1: none
   int64_t* s_pos = reinterpret_cast<int64_t*>(extra + 512);      // [kRows] query positions
   float* s_max = reinterpret_cast<float*>(extra + 1024);         // [kRows]
