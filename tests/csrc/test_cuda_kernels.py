@@ -29,7 +29,6 @@ from kernel_cases import (
 
 import tokenprune_kernels as tp
 from tokenprune_kernels import backend
-from tokenprune_kernels.mapper import MapperConfig, TokenMapper
 from tokenprune_kernels.mapper.functional import mapper_forward_ref
 from tokenprune_kernels.reference import (
     gather_kept_ref,
@@ -38,7 +37,7 @@ from tokenprune_kernels.reference import (
     merge_kept_ref,
     select_topk_ref,
 )
-from tokenprune_kernels.testing import make_inputs
+from tokenprune_kernels.testing import make_inputs, trained_like_mapper_params
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("compiled_ext")]
 
@@ -476,18 +475,7 @@ def test_attention_no_visual_tokens():
 
 
 def _mapper(channels, kernel_size: int, gen: torch.Generator) -> list[torch.Tensor]:
-    """A mapper whose parameters look trained: non-trivial norm scales and biases everywhere."""
-    model = TokenMapper(MapperConfig(channels=tuple(channels), kernel_size=kernel_size))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.3 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.2 * noise)
-            else:
-                p.mul_(1.0 + 0.5 * noise)
-    return [p.detach().cuda() for p in model.op_params()]
+    return trained_like_mapper_params(channels, kernel_size, gen, "cuda")
 
 
 def _attn(lengths, gen, cu_dtype=torch.int64):
