@@ -67,11 +67,12 @@ step() {
 }
 
 # The GPU commands (printed in the dry run, which runs their CPU forms instead).
-cuda_tests=(-m pytest -q -rs tests/csrc tests/ops/test_syncs.py -m cuda)
+cuda_tests=(-m pytest -q -rs tests/csrc tests/ops/test_syncs.py tests/ops/test_opcheck.py -m cuda)
 triton_tests=(-m pytest -q -rs tests/triton)
 parity=(benchmarks/parity.py --out "$out/parity.md")
 bench=(benchmarks/bench_triton.py --impls cuda triton eager --n-visual 4096 65536 --sets 2
-       --stages attention mapper select merge composite --out "$out/bench_kernels.md")
+       --max-eager 4096 --stages attention mapper select merge composite
+       --out "$out/bench_kernels.md")
 e2e=(benchmarks/bench_e2e.py --device cuda --config 7b --family qwen2_vl --visual-tokens 4096
      --repeats 3 --warmup 1 --out "$out/e2e.md")
 ncu_metrics=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum
@@ -128,7 +129,7 @@ if ((dry)); then step build 120 build.log build_dry; else step build 120 build.l
 
 # 3. tests
 if ((dry)); then
-  step tests_cuda 90 tests_cuda.log "$py" -m pytest -q --collect-only tests/csrc tests/ops/test_syncs.py -m cuda
+  step tests_cuda 90 tests_cuda.log "$py" "${cuda_tests[@]/-rs/--collect-only}"
   step tests_triton 60 tests_triton.log "$py" -m pytest -q --collect-only tests/triton
 else
   step tests_cuda 90 tests_cuda.log "$py" "${cuda_tests[@]}"
@@ -150,7 +151,8 @@ fi
 # 5. per-kernel benchmark (the dry run: the same options in --smoke mode, reference only)
 if ((dry)); then
   step bench 45 bench.log "$py" benchmarks/bench_triton.py --impls eager --n-visual 4096 65536 \
-    --sets 2 --stages attention mapper select merge composite --smoke --out "$out/bench_kernels.md"
+    --sets 2 --max-eager 4096 --stages attention mapper select merge composite --smoke \
+    --out "$out/bench_kernels.md"
 else
   step bench 45 bench.log "$py" "${bench[@]}"
 fi
