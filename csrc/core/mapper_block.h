@@ -20,23 +20,30 @@ constexpr float kMapperNormEps = 1e-5f;
 
 // The mapper's input feature of one token of a sample of n tokens, as the reference rounds it:
 // n * attn rounded to float32, plus eps rounded to float32, then log.
-TP_HOST_DEVICE inline float mapper_input(float attn, float n, float input_eps) {
+TP_INLINE float mapper_input(float attn, float n, float input_eps) {
   const float scaled = n * attn;
   return ::logf(scaled + input_eps);
 }
 
-// Mean and 1/sqrt(var + eps) of the c values x[0, c), var the biased variance (two passes:
-// no E[x^2] - E[x]^2 cancellation). Fixed-order lane sums (kSumLanes).
-TP_HOST_DEVICE inline void layer_norm_moments(const float* x, int64_t c, float* mean,
-                                              float* rstd) {
+// One token's pointwise output x[0, c) (c channels, the GEMM result without bias): adds the
+// bias in place and returns LayerNorm's mean and 1/sqrt(var + eps), var the biased variance
+// (two passes: no E[x^2] - E[x]^2 cancellation). Fixed-order lane sums (kSumLanes).
+TP_INLINE void bias_norm_moments(float* x, const float* bias, int64_t c, float* mean,
+                                 float* rstd) {
   float lanes[kSumLanes];
   for (int u = 0; u < kSumLanes; ++u) lanes[u] = 0.0f;
   const int64_t full = c - c % kSumLanes;
   for (int64_t i = 0; i < full; i += kSumLanes) {
-    for (int u = 0; u < kSumLanes; ++u) lanes[u] += x[i + u];
+    for (int u = 0; u < kSumLanes; ++u) {
+      x[i + u] += bias[i + u];
+      lanes[u] += x[i + u];
+    }
   }
   float sum = lane_total(lanes);
-  for (int64_t i = full; i < c; ++i) sum += x[i];
+  for (int64_t i = full; i < c; ++i) {
+    x[i] += bias[i];
+    sum += x[i];
+  }
   const float mu = sum / static_cast<float>(c);
 
   for (int u = 0; u < kSumLanes; ++u) lanes[u] = 0.0f;
@@ -56,8 +63,35 @@ TP_HOST_DEVICE inline void layer_norm_moments(const float* x, int64_t c, float* 
 }
 
 // One channel after the norm: SiLU(gamma * (x - mean) * rstd + beta).
-TP_HOST_DEVICE inline float norm_silu(float x, float mean, float rstd, float gamma, float beta) {
+TP_INLINE float norm_silu(float x, float mean, float rstd, float gamma, float beta) {
   return silu_f32((x - mean) * rstd * gamma + beta);
+}
+
+// The block's output of one token, in place: norm_silu of every channel.
+TP_INLINE void norm_silu_row(float* x, int64_t c, float mean, float rstd, const float* gamma,
+                             const float* beta) {
+  for (int64_t i = 0; i < c; ++i) x[i] = norm_silu(x[i], mean, rstd, gamma[i], beta[i]);
+}
+
+// The last block's output of one token dotted with the head (fixed order), plus the head's
+// bias: the token's logit. The activations themselves are not stored.
+TP_INLINE float norm_silu_head(const float* x, int64_t c, float mean, float rstd,
+                               const float* gamma, const float* beta, const float* head,
+                               float head_bias) {
+  float lanes[kSumLanes];
+  for (int u = 0; u < kSumLanes; ++u) lanes[u] = 0.0f;
+  const int64_t full = c - c % kSumLanes;
+  for (int64_t i = 0; i < full; i += kSumLanes) {
+    for (int u = 0; u < kSumLanes; ++u) {
+      const int64_t ch = i + u;
+      lanes[u] += norm_silu(x[ch], mean, rstd, gamma[ch], beta[ch]) * head[ch];
+    }
+  }
+  float sum = lane_total(lanes);
+  for (int64_t i = full; i < c; ++i) {
+    sum += norm_silu(x[i], mean, rstd, gamma[i], beta[i]) * head[i];
+  }
+  return sum + head_bias;
 }
 
 }  // namespace tokenprune::core

@@ -17,8 +17,8 @@ namespace tokenprune::core {
 // sum `tile_sum` (of 2^(scale_log2 * (s_j - softmax_shift(tile_max))) over the keys it sees) into
 // the running (row_max, row_sum). Either side may be empty (-inf, 0); both empty stays (-inf, 0).
 // Branch-free: both sides are rescaled to the new shift (0 when both are empty).
-TP_HOST_DEVICE inline void softmax_fold(float& row_max, float& row_sum, float tile_max,
-                                        float tile_sum, float scale_log2) {
+TP_INLINE void softmax_fold(float& row_max, float& row_sum, float tile_max, float tile_sum,
+                            float scale_log2) {
   const float m = row_max > tile_max ? row_max : tile_max;
   const float shift = softmax_shift(m);
   row_sum = row_sum * softmax_tile_value(row_max, shift, scale_log2) +
@@ -28,8 +28,7 @@ TP_HOST_DEVICE inline void softmax_fold(float& row_max, float& row_sum, float ti
 
 // The softmax probability of a key with raw logit s in a row with final statistics
 // (row_max, row_sum); 0 for a row that saw no key (row_sum == 0).
-TP_HOST_DEVICE inline float softmax_prob(float s, float row_max, float row_sum,
-                                         float scale_log2) {
+TP_INLINE float softmax_prob(float s, float row_max, float row_sum, float scale_log2) {
   return row_sum > 0.0f ? softmax_tile_value(s, row_max, scale_log2) / row_sum : 0.0f;
 }
 

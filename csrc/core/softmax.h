@@ -20,24 +20,24 @@ constexpr float kNegInf = -__builtin_huge_valf();
 
 // The shift a tile uses for its e_j: its max m_t, or 0 when the row sees none of its keys
 // (m_t = -inf would give exp(-inf - -inf) = NaN).
-TP_HOST_DEVICE inline float softmax_shift(float tile_max) {
+TP_INLINE float softmax_shift(float tile_max) {
   return tile_max == kNegInf ? 0.0f : tile_max;
 }
 
 // e_j = 2^(scale_log2 * (s_j - s_max)) for a raw logit s_j (q . k_j, unscaled), the tile's raw
 // maximum shift s_max (softmax_shift of the raw max; a scale > 0 keeps the argmax) and
 // scale_log2 = softmax scale * log2(e).
-TP_HOST_DEVICE inline float softmax_tile_value(float s, float s_max, float scale_log2) {
+TP_INLINE float softmax_tile_value(float s, float s_max, float scale_log2) {
   return exp2_f32((s - s_max) * scale_log2);
 }
 
 // A tile's contribution to L, l_t * 2^(m_t - M), for the row maximum M (finite).
-TP_HOST_DEVICE inline float softmax_rescaled_sum(float tile_max, float tile_sum, float row_max) {
+TP_INLINE float softmax_rescaled_sum(float tile_max, float tile_sum, float row_max) {
   return tile_sum * exp2_f32(tile_max - row_max);
 }
 
 // The weight w_t = 2^(m_t - M) / L of the tile's e_j in the row's softmax.
-TP_HOST_DEVICE inline float softmax_tile_weight(float tile_max, float row_max, float row_sum) {
+TP_INLINE float softmax_tile_weight(float tile_max, float row_max, float row_sum) {
   return exp2_f32(tile_max - row_max) / row_sum;
 }
 

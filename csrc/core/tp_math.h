@@ -14,6 +14,16 @@
 #define TP_HOST_DEVICE
 #endif
 
+// The shared functions below are always inlined: a CPU loop cloned per ISA level (TP_CPU_CLONES)
+// must get them compiled for its level, not call a baseline x86-64 copy.
+#if defined(__CUDACC__)
+#define TP_INLINE __host__ __device__ __forceinline__
+#elif defined(__GNUC__) || defined(__clang__)
+#define TP_INLINE inline __attribute__((always_inline))
+#else
+#define TP_INLINE inline
+#endif
+
 // Compiles a CPU function once per x86-64 level (AVX-512, AVX2 + FMA, baseline) and picks the
 // best at load time: the extension is built for the generic x86-64 target (a wheel must run on
 // any x86-64 CPU), so without this its loops would be SSE2-only. Empty elsewhere.
@@ -25,7 +35,7 @@
 
 namespace tokenprune::core {
 
-TP_HOST_DEVICE inline uint32_t float_bits(float x) {
+TP_INLINE uint32_t float_bits(float x) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(x);
 #else
@@ -35,7 +45,7 @@ TP_HOST_DEVICE inline uint32_t float_bits(float x) {
 #endif
 }
 
-TP_HOST_DEVICE inline float bits_float(uint32_t u) {
+TP_INLINE float bits_float(uint32_t u) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
 #else
@@ -51,7 +61,7 @@ TP_HOST_DEVICE inline float bits_float(uint32_t u) {
 // error (max 2e-9 in exact arithmetic), scaled by 2^n through the exponent bits. exp2(-inf) is
 // 0, which the masked softmax relies on. e^y is exp2_f32(y * log2(e)): the product's rounding
 // adds a relative error of |y| * 6e-8.
-TP_HOST_DEVICE inline float exp2_f32(float x) {
+TP_INLINE float exp2_f32(float x) {
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   constexpr float kMin = -126.0f;
   constexpr float kMax = 127.0f;
@@ -82,7 +92,7 @@ constexpr int kSumLanes = 16;
 
 // The sum of the kSumLanes lanes as a fixed tree (lane u += lane u + w for w = 8, 4, 2, 1): four
 // dependent steps instead of fifteen.
-TP_HOST_DEVICE inline float lane_total(float* lanes) {
+TP_INLINE float lane_total(float* lanes) {
   for (int w = kSumLanes / 2; w > 0; w /= 2) {
     for (int u = 0; u < w; ++u) lanes[u] += lanes[u + w];
   }
@@ -90,12 +100,12 @@ TP_HOST_DEVICE inline float lane_total(float* lanes) {
 }
 
 // SiLU (x * sigmoid(x)) in float32, through exp2_f32.
-TP_HOST_DEVICE inline float silu_f32(float x) {
+TP_INLINE float silu_f32(float x) {
   return x / (1.0f + exp2_f32(-x * kLog2e));
 }
 
 // Fixed-order dot product of a[0, c) and b[0, c) (the mapper head, the attention's column sums).
-TP_HOST_DEVICE inline float dot_fixed(const float* a, const float* b, int64_t c) {
+TP_INLINE float dot_fixed(const float* a, const float* b, int64_t c) {
   float lanes[kSumLanes];
   for (int u = 0; u < kSumLanes; ++u) lanes[u] = 0.0f;
   const int64_t full = c - c % kSumLanes;

@@ -15,8 +15,9 @@
 //      w = w_hi + w_lo, a.w ~ a_lo w_hi + a_hi w_lo + a_hi w_hi: about fp32 accuracy), WMMA
 //      m16n16k8 fragments, fp32 accumulation; each warp owns 16 output channels and runs all the
 //      row tiles of the window with them, so the weights are read once per window (from L2);
-//   3. bias, LayerNorm moments per row (core::layer_norm_moments, fixed order), norm + SiLU
-//      (core::norm_silu), in place; in the last block the head (core::dot_fixed) instead.
+//   3. bias and LayerNorm moments per row (core::bias_norm_moments, fixed order), then norm +
+//      SiLU (core::norm_silu) in place; in the last block norm + SiLU + the head per row
+//      (core::norm_silu_head), the last activations never stored.
 // X holds the block input and, once DW is built, the block output; both are sized for the
 // largest block. The input feature is core::mapper_input. Weights are packed once per call by
 // pack_params_kernel: zero-padded to multiples of 16, the pointwise weights split into tf32
@@ -243,16 +244,14 @@ __global__ void __launch_bounds__(kMapperThreads)
       // 2. Pointwise on tensor cores: X[i][n] for i < rows_pad, n < pad16(C_out).
       pointwise_3xtf32(dw, packed + o.w_hi, packed + o.w_lo, x, rows_pad, kp, np);
       __syncthreads();
-      // 3. Bias; pad channels to 0.
-      for (int64_t e = threadIdx.x; e < rows * np; e += blockDim.x) {
-        const int64_t c = e % np;
-        x[e] = c < cout ? x[e] + packed[o.pw_b + c] : 0.0f;
-      }
-      __syncthreads();
+      // 3. Bias and the LayerNorm moments, one thread per row.
       for (int64_t i = threadIdx.x; i < rows; i += blockDim.x) {
-        core::layer_norm_moments(x + i * np, cout, s_mean + i, s_rstd + i);
+        core::bias_norm_moments(x + i * np, packed + o.pw_b, cout, s_mean + i, s_rstd + i);
       }
       __syncthreads();
+      if (l == depth) break;  // the last block's norm and SiLU go into the head below
+      // 4. Norm, affine and SiLU in place, every thread over the rows' channels; pad channels
+      //    (the next block's zero-padded reduction) set to 0.
       for (int64_t e = threadIdx.x; e < rows * np; e += blockDim.x) {
         const int64_t i = e / np;
         const int64_t c = e % np;
@@ -263,14 +262,18 @@ __global__ void __launch_bounds__(kMapperThreads)
       __syncthreads();
     }
 
-    // Head on the T centre rows (the last block's rows are exactly them).
+    // The last block's norm and SiLU dotted with the head, on the T centre rows (the last
+    // block's rows are exactly them): one thread per row.
+    const MapperBlockOffsets& last = p.blocks[depth - 1];
     const int64_t cl = a.widths[depth];
     const int64_t lp = pad16(cl);
     const int64_t out_rows = block_rows(m, halo, depth);
     for (int64_t i = threadIdx.x; i < out_rows; i += blockDim.x) {
       const int64_t t = win * p.tile + i;
       if (t < a.total) {
-        a.out[t] = packed[p.head_b] + core::dot_fixed(x + i * lp, packed + p.head_w, cl);
+        a.out[t] = core::norm_silu_head(x + i * lp, cl, s_mean[i], s_rstd[i],
+                                        packed + last.ln_w, packed + last.ln_b,
+                                        packed + p.head_w, packed[p.head_b]);
       }
     }
   }
