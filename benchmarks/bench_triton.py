@@ -1,4 +1,5 @@
-"""Triton kernels against the eager reference and torch.compile(reference), Qwen2-VL-7B shapes.
+"""Triton and CUDA kernels against the eager reference and torch.compile(reference), Qwen2-VL-7B
+shapes.
 
     python benchmarks/bench_triton.py --out benchmarks/results/triton_h100.md
     python benchmarks/bench_triton.py --n-visual 16384 65536 --stages composite
@@ -12,10 +13,11 @@ floor: the bytes the stage MUST move (``bytes_floor``: each input read once, eac
 once) over the device's measured copy bandwidth. The per-design traffic (what the kernels really
 move, e.g. keys read twice by the two attention passes) is in benchmarks/TRITON.md.
 
-Implementations: ``triton`` (the public op with ``TOKENPRUNE_BACKEND=triton``, argument checks
-included, as users call it), ``eager`` (the reference functions called directly, no checks) and
-``compile`` (``torch.compile`` of the same reference functions). ``--launches`` also counts the
-GPU kernels one call launches (torch.profiler), for the launch-count table.
+Implementations: ``triton`` and ``cuda`` (the public op with ``TOKENPRUNE_BACKEND=triton`` /
+``cuda``, argument checks included, as users call it), ``eager`` (the reference functions called
+directly, no checks) and ``compile`` (``torch.compile`` of the same reference functions).
+``--launches`` also counts the GPU kernels one call launches (torch.profiler), for the
+launch-count table.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from tokenprune_kernels import backend, reference
+from tokenprune_kernels import _extension, backend, reference
 from tokenprune_kernels.bench import (
     QWEN2_VL_7B,
     bench_inputs,
@@ -48,7 +50,8 @@ from tokenprune_kernels.ops import (
 from tokenprune_kernels.testing import PruningInputs
 
 STAGES = ("attention", "mapper", "select", "merge", "composite", "composite_free")
-IMPLS = ("triton", "eager", "compile")
+IMPLS = ("triton", "cuda", "eager", "compile")
+FAST_IMPLS = ("triton", "cuda")  # run through the public ops on that backend
 N_VISUAL = (1024, 4096, 16384, 65536)
 KEEP_RATIOS = (0.5, 0.25)
 KEEP_FREE = ("attention", "mapper")  # stages whose cost does not depend on the keep ratio
@@ -103,8 +106,8 @@ def stage_fns(
     for i, s in enumerate(sets_):
         a, kidx = attn[i], (kept[i] if kept else None)
         counts = None if keep is None else reference.keep_counts_ref(s.cu_seqlens_v, keep)
-        if impl == "triton":
-            fns.append(_triton_fn(stage, s, a, kidx, params, keep))
+        if impl in FAST_IMPLS:
+            fns.append(_op_fn(stage, s, a, kidx, params, keep))
             continue
         if stage == "attention":
             fns.append(lambda s=s, f=ref.instruction_attention_ref: f(*s.scoring()))
@@ -130,7 +133,8 @@ def stage_fns(
     return fns
 
 
-def _triton_fn(stage, s, a, kidx, params, keep) -> Callable[[], object]:
+def _op_fn(stage, s, a, kidx, params, keep) -> Callable[[], object]:
+    """The public op of ``stage`` (its backend is chosen by the caller's ``use_backend``)."""
     if stage == "attention":
         return lambda: instruction_attention(*s.scoring())
     if stage == "mapper":
@@ -233,7 +237,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], float]:
                     if impl == "eager" and n > args.max_eager:
                         continue
                     fns = stage_fns(stage, impl, sets_, attn, kept, params, keep)
-                    name = "triton" if impl == "triton" else "ref"
+                    name = impl if impl in FAST_IMPLS else "ref"
                     with backend.use_backend(name), torch.no_grad():
                         us = time_us(fns, args.smoke)
                         launches = count_launches(fns[0]) if args.launches else None
@@ -293,6 +297,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, help="write a Markdown results file here")
     args = parser.parse_args(argv)
+    if "cuda" in args.impls and not _extension.has_kernel("_select_topk", "CUDA"):
+        print("bench_triton: no CUDA kernels in this build: --impls cuda skipped", file=sys.stderr)
+        args.impls = [i for i in args.impls if i != "cuda"]
     if args.smoke:
         args.n_visual = [n for n in args.n_visual if n <= 64] or [23]
         args.sets = 1

@@ -93,19 +93,28 @@ struct GatherKeptSizes {
   int64_t hidden;
 };
 
+// Device-agnostic checks of the rows a gather reads: visual_embeds [Tv, H] and position_ids
+// [R, Tv] (`backend` is the device type of the calling kernel).
+inline GatherKeptSizes check_gather_inputs(const at::Tensor& visual_embeds,
+                                           const at::Tensor& position_ids,
+                                           c10::DeviceType backend) {
+  check_rows(visual_embeds, "visual_embeds", "[Tv, H]");
+  const c10::Device device = check_backend(visual_embeds, "visual_embeds", backend);
+  const int64_t tv = visual_embeds.size(0);
+  check_position_ids(position_ids, "position_ids", tv, "Tv");
+  check_device(position_ids, "position_ids", device);
+  return {device, tv, visual_embeds.size(1)};
+}
+
 // Device-agnostic checks of _gather_kept: ranks, dtypes, sizes and devices (`backend` is the
 // device type of the calling kernel). The values of kept_idx are left to the backend.
 inline GatherKeptSizes check_gather_kept_args(const at::Tensor& visual_embeds,
                                               const at::Tensor& position_ids,
                                               const at::Tensor& kept_idx,
                                               c10::DeviceType backend) {
-  check_rows(visual_embeds, "visual_embeds", "[Tv, H]");
-  const c10::Device device = check_backend(visual_embeds, "visual_embeds", backend);
-  const int64_t tv = visual_embeds.size(0);
-  check_position_ids(position_ids, "position_ids", tv, "Tv");
-  check_device(position_ids, "position_ids", device);
-  check_kept_idx_meta(kept_idx, device);
-  return {device, tv, visual_embeds.size(1)};
+  const GatherKeptSizes sizes = check_gather_inputs(visual_embeds, position_ids, backend);
+  check_kept_idx_meta(kept_idx, sizes.device);
+  return sizes;
 }
 
 // The sizes of _merge_kept's arguments (contract.md, e), their metadata validated.
@@ -116,16 +125,15 @@ struct MergeKeptSizes {
   int64_t hidden;
 };
 
-// Device-agnostic checks of _merge_kept: ranks, dtypes, sizes and devices, in argument order
-// (`backend` is the device type of the calling kernel). The values of the offsets, visual_idx and
-// kept_idx are left to the backend, which reads them where they live.
-inline MergeKeptSizes check_merge_kept_args(const at::Tensor& inputs_embeds,
-                                            const at::Tensor& position_ids,
-                                            const at::Tensor& cu_seqlens,
-                                            const at::Tensor& visual_embeds,
-                                            const at::Tensor& visual_idx,
-                                            const at::Tensor& cu_seqlens_v,
-                                            const at::Tensor& kept_idx, c10::DeviceType backend) {
+// Device-agnostic checks of the inputs of a merge, in argument order (`backend` is the device
+// type of the calling kernel): everything of _merge_kept but kept_idx. The values of the offsets
+// and visual_idx are left to the backend, which reads them where they live.
+inline MergeKeptSizes check_merge_inputs(const at::Tensor& inputs_embeds,
+                                         const at::Tensor& position_ids,
+                                         const at::Tensor& cu_seqlens,
+                                         const at::Tensor& visual_embeds,
+                                         const at::Tensor& visual_idx,
+                                         const at::Tensor& cu_seqlens_v, c10::DeviceType backend) {
   check_rows(inputs_embeds, "inputs_embeds", "[Tl, H]");
   const c10::Device device = check_backend(inputs_embeds, "inputs_embeds", backend);
   const int64_t tl = inputs_embeds.size(0);
@@ -151,8 +159,23 @@ inline MergeKeptSizes check_merge_kept_args(const at::Tensor& inputs_embeds,
   check_device(cu_seqlens_v, "cu_seqlens_v", device);
   TORCH_CHECK_VALUE(cu_seqlens_v.size(0) == cu_seqlens.size(0), "cu_seqlens_v must have the B+1 = ",
                     cu_seqlens.size(0), " entries of cu_seqlens, got ", cu_seqlens_v.size(0));
-  check_kept_idx_meta(kept_idx, device);
   return {device, tl, tv, hidden};
+}
+
+// Device-agnostic checks of _merge_kept: ranks, dtypes, sizes and devices, in argument order
+// (`backend` is the device type of the calling kernel). The values of the offsets, visual_idx and
+// kept_idx are left to the backend, which reads them where they live.
+inline MergeKeptSizes check_merge_kept_args(const at::Tensor& inputs_embeds,
+                                            const at::Tensor& position_ids,
+                                            const at::Tensor& cu_seqlens,
+                                            const at::Tensor& visual_embeds,
+                                            const at::Tensor& visual_idx,
+                                            const at::Tensor& cu_seqlens_v,
+                                            const at::Tensor& kept_idx, c10::DeviceType backend) {
+  const MergeKeptSizes sizes = check_merge_inputs(inputs_embeds, position_ids, cu_seqlens,
+                                                  visual_embeds, visual_idx, cu_seqlens_v, backend);
+  check_kept_idx_meta(kept_idx, sizes.device);
+  return sizes;
 }
 
 }  // namespace tokenprune

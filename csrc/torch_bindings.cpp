@@ -15,7 +15,9 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(tokenprune, m) {
-  m.def("_select_topk(Tensor scores, Tensor cu_seqlens_v, Tensor keep_counts) -> (Tensor, Tensor)");
+  m.def(
+      "_select_topk(Tensor scores, Tensor cu_seqlens_v, Tensor keep_counts, "
+      "int? total_kept=None) -> (Tensor, Tensor)");
   m.def(
       "_gather_kept(Tensor visual_embeds, Tensor position_ids, Tensor kept_idx) "
       "-> (Tensor, Tensor)");
@@ -31,6 +33,16 @@ TORCH_LIBRARY(tokenprune, m) {
   m.def(
       "_mapper_forward(Tensor attn, Tensor cu_seqlens_v, Tensor[] params, int kernel_size, "
       "float input_eps) -> Tensor");
+  // CUDA only (csrc/cuda/ops_cuda.cpp): the selection fused with the gather / the merge, sized
+  // by the host-known total_kept (no synchronisation). position_ids is [R, T].
+  m.def(
+      "_select_gather_kept(Tensor scores, Tensor cu_seqlens_v, Tensor keep_counts, "
+      "int total_kept, Tensor visual_embeds, Tensor position_ids) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "_select_merge_kept(Tensor scores, Tensor cu_seqlens_v, Tensor keep_counts, "
+      "int total_kept, Tensor inputs_embeds, Tensor position_ids, Tensor cu_seqlens, "
+      "Tensor visual_embeds, Tensor visual_idx) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -23,9 +23,11 @@ def pytest_collection_modifyitems(config, items):
     cuda = _has_cuda()
     triton = importlib.util.find_spec("triton") is not None
     for item in items:
-        if "cuda" in item.keywords and not cuda:
+        # Markers, not item.keywords: keywords also hold the names of the test's directories (a
+        # checkout in a folder named "cuda" would skip every test).
+        if item.get_closest_marker("cuda") is not None and not cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
-        if "interpret" in item.keywords and not triton:
+        if item.get_closest_marker("interpret") is not None and not triton:
             item.add_marker(pytest.mark.skip(reason="needs triton"))
 
 

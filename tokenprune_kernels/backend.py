@@ -20,9 +20,11 @@ every op it implements on that device; the other ops use ``ref``. ``auto`` (or u
 automatic choice. Forcing a compiled backend when the extension did not load is an error.
 
 Fusion (stated here only): when ``select_topk`` runs on a backend that :data:`FUSED` lists for
-(select, gather) or (select, merge) - Triton - the composites run the selection and the gather or
-merge as that one implementation (one compaction pass writes the kept rows straight into the
-output), whatever backend the stand-alone gather or merge would get.
+(select, gather) or (select, merge) - Triton or CUDA - the composites run the selection and the
+gather or merge as that one implementation (one compaction pass writes the kept rows straight
+into the output; in CUDA one compiled op, ``_select_gather_kept`` / ``_select_merge_kept``, sized
+by the host-known ``total_kept``: no synchronisation), whatever backend the stand-alone gather or
+merge would get.
 
 Calling convention: an implementation of a stage takes :data:`CONVENTIONS` positionally (the
 public op's own arguments, validated by :mod:`tokenprune_kernels.ops`; select takes the
@@ -124,22 +126,26 @@ _GATHER = Impl(
 _MERGE = Impl(
     f"{_OPS}.gather:_merge_kept_compiled", "_merge_kept", f"{_OPS}.gather:_merge_kept_fake"
 )
+_SELECT = Impl(kernel="_select_topk", fake=f"{_OPS}.select:_select_topk_fake", hints=_TOTAL)
 
 #: Stage op -> backend -> implementation (the conventions are in the module docstring).
 OPS: dict[str, dict[str, Impl]] = {
     "instruction_attention": {
         "ref": Impl(f"{_REF}:instruction_attention_ref"),
         "cpp": Impl(kernel="_instruction_attention", fake=f"{_OPS}.attention:_fake"),
+        "cuda": Impl(kernel="_instruction_attention", fake=f"{_OPS}.attention:_fake"),
         "triton": Impl(f"{_TRITON}.attention:instruction_attention_triton"),
     },
     "mapper_forward": {
         "ref": Impl(f"{_OPS}.mapper:_mapper_forward_ref"),
         "cpp": Impl(kernel="_mapper_forward", fake=f"{_OPS}.mapper:_fake"),
+        "cuda": Impl(kernel="_mapper_forward", fake=f"{_OPS}.mapper:_fake"),
         "triton": Impl(f"{_TRITON}.mapper:mapper_forward_triton"),
     },
     "select_topk": {
         "ref": Impl(f"{_REF}:select_topk_ref"),
-        "cpp": Impl(kernel="_select_topk", fake=f"{_OPS}.select:_select_topk_fake"),
+        "cpp": _SELECT,
+        "cuda": _SELECT,
         "triton": Impl(f"{_TRITON}.select:select_topk_triton", hints=_TOTAL),
     },
     "gather_kept": {
@@ -159,9 +165,21 @@ OPS: dict[str, dict[str, Impl]] = {
 #: (stage, next stage) -> backend -> one implementation of both (see "Fusion" above).
 FUSED: dict[tuple[str, str], dict[str, Impl]] = {
     ("select_topk", "gather_kept"): {
+        "cuda": Impl(
+            f"{_OPS}.gather:_select_gather_kept_compiled",
+            "_select_gather_kept",
+            f"{_OPS}.gather:_select_gather_kept_fake",
+            hints=_TOTAL,
+        ),
         "triton": Impl(f"{_TRITON}.gather:select_gather_triton", hints=_TOTAL),
     },
     ("select_topk", "merge_kept"): {
+        "cuda": Impl(
+            f"{_OPS}.gather:_select_merge_kept_compiled",
+            "_select_merge_kept",
+            f"{_OPS}.gather:_select_merge_kept_fake",
+            hints=_TOTAL,
+        ),
         "triton": Impl(f"{_TRITON}.gather:select_merge_triton", hints=_TOTAL),
     },
 }
@@ -277,12 +295,13 @@ def call(op: str, device_type: str, *args: Any, **hints: Any) -> Any:
     return run(OPS[op][choose(op, device_type)], *args, **hints)
 
 
-def kernels() -> dict[str, str]:
-    """Every private compiled op the table names -> its fake (``"module:function"``)."""
+def kernels(of: str | None = None) -> dict[str, str]:
+    """Every private compiled op the table names (fused ones too; only backend ``of``'s when
+    given) -> its fake (``"module:function"``)."""
     found: dict[str, str] = {}
-    for impls in OPS.values():
-        for impl in impls.values():
-            if impl.kernel and impl.fake:
+    for impls in (*OPS.values(), *FUSED.values()):
+        for name, impl in impls.items():
+            if impl.kernel and impl.fake and of in (None, name):
                 found[impl.kernel] = impl.fake
     return found
 

@@ -1,4 +1,5 @@
-"""Random packed inputs of realistic layout, for tests, benchmarks and examples.
+"""Random packed inputs of realistic layout, and trained-looking mapper parameters, for tests,
+benchmarks and examples.
 
 A sample is a list of segments in sequence order: ``("t", n)`` text, ``("v", n)`` visual tokens,
 ``("q", n)`` instruction tokens (text whose layer-0 queries score the visual tokens). The key
@@ -226,3 +227,27 @@ def planted_scores(
     for i, p in enumerate(pick.tolist()):
         s[p] = specials[i]
     return s
+
+
+def trained_like_mapper_params(
+    channels: Sequence[int],
+    kernel_size: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> list[torch.Tensor]:
+    """A mapper's op parameters (``TokenMapper.op_params()`` order, float32, detached) that look
+    trained: norm scales around 1, non-zero biases everywhere, weights spread around their
+    initialisation, so every term of the computation matters in a comparison."""
+    from tokenprune_kernels.mapper import MapperConfig, TokenMapper
+
+    model = TokenMapper(MapperConfig(channels=tuple(channels), kernel_size=kernel_size))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.3 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.2 * noise)
+            else:
+                p.mul_(1.0 + 0.5 * noise)
+    return [p.detach().to(device) for p in model.op_params()]

@@ -1,14 +1,16 @@
 // CPU kernel of tokenprune::_select_topk (contract.md, stage c).
 //
-// _select_topk(scores [Tv], cu_seqlens_v [B+1], keep_counts [B] int64)
+// _select_topk(scores [Tv], cu_seqlens_v [B+1], keep_counts [B] int64, total_kept = None)
 //     -> (kept_idx [sum(keep_counts)] int64, cu_seqlens_kept [B+1] dtype of cu_seqlens_v)
+// total_kept, when given, must be sum(keep_counts) (the CUDA kernel sizes its output by it).
 //
 // Per sample, keeps the keep_counts[b] best visual tokens by (score desc, index asc), NaN below
 // everything, -0.0 == +0.0; kept indices are global (into the packed Tv) and ascending.
 //
 // Algorithm, O(n) per sample:
-//   1. Map every score to an order-preserving uint32 key (NaN -> 0; -0 -> +0; negative floats
-//      -> ~bits; others -> bits | 0x80000000), so "higher score" == "higher key".
+//   1. Map every score to an order-preserving uint32 key (core::order_key, shared with the CUDA
+//      kernel: NaN -> 0; -0 -> +0; negative floats -> ~bits; others -> bits | 0x80000000), so
+//      "higher score" == "higher key".
 //   2. Radix select, 8 bits per pass from the top: histogram the candidate keys (those matching
 //      the digits chosen so far) by the next digit, walk the bins from the top to find the bin
 //      holding the k-th largest key, and count the keys in higher bins as "greater". Stop after
@@ -20,6 +22,7 @@
 // and its share of the tied keys, so the compaction is parallel too. Small samples run one per
 // task, in parallel over the batch.
 
+#include "../core/order_key.h"
 #include "cpu_common.h"
 
 #include <ATen/Dispatch.h>
@@ -29,9 +32,8 @@
 
 #include <algorithm>
 #include <array>
-#include <cmath>
-#include <cstring>
 #include <memory>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -42,13 +44,7 @@ constexpr int64_t kChunk = 4096;         // keys per task inside one large sampl
 constexpr int64_t kLargeSample = 8192;  // samples from this length on are split across threads
 constexpr int kBins = 256;               // 8-bit radix digits: four passes at most
 
-inline uint32_t order_key(float x) {
-  if (std::isnan(x)) return 0u;
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  if (bits == 0x80000000u) bits = 0u;  // -0.0 ranks as +0.0
-  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-}
+using core::order_key;  // shared with the CUDA kernel (csrc/core/order_key.h)
 
 // Per-call scratch of one sample's selection, reused across the samples of a task.
 struct Scratch {
@@ -162,7 +158,8 @@ void select_sample(const uint32_t* keys, int64_t n, int64_t k, int64_t base, int
 
 std::tuple<at::Tensor, at::Tensor> select_topk_cpu(const at::Tensor& scores,
                                                    const at::Tensor& cu_seqlens_v,
-                                                   const at::Tensor& keep_counts) {
+                                                   const at::Tensor& keep_counts,
+                                                   std::optional<int64_t> total_kept) {
   const c10::Device cpu(c10::kCPU);
   check_dim(scores, "scores", 1, "[Tv]");
   check_float(scores, "scores");
@@ -184,6 +181,9 @@ std::tuple<at::Tensor, at::Tensor> select_topk_cpu(const at::Tensor& scores,
                       "] (the sample's visual tokens), got ", counts[b]);
     cu_kept[b + 1] = cu_kept[b] + counts[b];
   }
+  TORCH_CHECK_VALUE(!total_kept.has_value() || *total_kept == cu_kept[batch],
+                    "total_kept must equal sum(keep_counts) = ", cu_kept[batch], ", got ",
+                    total_kept.value_or(0));
   at::Tensor kept_idx = at::empty({cu_kept[batch]}, scores.options().dtype(c10::kLong));
   at::Tensor cu_out = offsets_tensor(cu_kept, cu_seqlens_v.scalar_type());
   if (cu_kept[batch] == 0) return {kept_idx, cu_out};

@@ -1,8 +1,11 @@
 """Inputs and comparisons shared by the compiled-kernel tests (test_cpu_kernels.py and
-test_cuda_kernels.py): the dtypes, the bit-exact comparison, offsets, keep counts and the
-_merge_kept layouts and inputs. Imported by name (pytest puts this folder on sys.path)."""
+test_cuda_kernels.py): the dtypes, the bit-exact comparison, offsets, keep counts, the
+_select_topk scores and layouts, and the _merge_kept layouts and inputs. Imported by name
+(pytest puts this folder on sys.path)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -42,6 +45,56 @@ def make_counts(lengths: list[int], mode: str, g: torch.Generator) -> torch.Tens
             choice = [1, n, n - 1, n // 2][b % 4]
             counts.append(max(0, min(n, choice)))
     return torch.tensor(counts, dtype=torch.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# _select_topk
+
+
+def make_scores(n: int, dtype: torch.dtype, kind: str, g: torch.Generator) -> torch.Tensor:
+    if kind == "normal":
+        return torch.randn(n, generator=g).to(dtype)
+    if kind == "ties":  # five distinct values, many equal, -0.0 and +0.0 both present
+        x = torch.randint(-2, 3, (n,), generator=g).float() * 0.5
+        zeros = x == 0
+        sign = torch.randint(0, 2, (n,), generator=g).bool()
+        return torch.where(zeros & sign, torch.tensor(-0.0), x).to(dtype)
+    if kind == "special":  # NaN, +-inf, +-0.0 planted among normal values
+        x = torch.randn(n, generator=g)
+        pick = torch.randint(0, 10, (n,), generator=g)
+        for code, value in enumerate([math.nan, math.inf, -math.inf, -0.0, 0.0]):
+            x = torch.where(pick == code, torch.tensor(value), x)
+        return x.to(dtype)
+    if kind == "bits":  # uniformly random bit patterns: every exponent, subnormals, NaN payloads
+        if dtype == torch.float32:
+            raw = torch.randint(-(2**31), 2**31, (n,), generator=g, dtype=torch.int64)
+            return raw.to(torch.int32).view(torch.float32)
+        raw = torch.randint(-(2**15), 2**15, (n,), generator=g, dtype=torch.int64)
+        return raw.to(torch.int16).view(dtype)
+    if kind == "constant":  # all ties: the lowest indices win
+        sign = torch.randint(0, 2, (n,), generator=g).bool()
+        return torch.where(sign, torch.tensor(-0.0), torch.tensor(0.0)).to(dtype)
+    if kind == "nan":  # mostly NaN, a few numbers
+        x = torch.full((n,), math.nan)
+        few = torch.randint(0, 8, (n,), generator=g) == 0
+        return torch.where(few, torch.randn(n, generator=g), x).to(dtype)
+    raise ValueError(kind)
+
+
+SELECT_LAYOUTS = {
+    "n1": [1],
+    "n2": [2],
+    "n3": [3],
+    "n13": [13],
+    "n257": [257],
+    "n4099": [4099],
+    "ragged": [5, 0, 17, 1, 4099, 2, 31],
+    "zeros": [0, 7, 0],
+    "empty": [0],
+    "large": [20011],  # above the split threshold: histograms and compaction per chunk
+    "large_ragged": [16384, 3, 0, 17389],
+}
+SCORE_KINDS = ["normal", "ties", "special", "bits", "constant", "nan"]
 
 
 # --------------------------------------------------------------------------------------------

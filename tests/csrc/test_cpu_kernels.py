@@ -13,9 +13,12 @@ from kernel_cases import (
     INDEX_DTYPES,
     MERGE_LAYOUTS,
     MERGE_MODES,
+    SCORE_KINDS,
+    SELECT_LAYOUTS,
     kept_for,
     make_counts,
     make_merge_inputs,
+    make_scores,
     merge_case,
     offsets,
     ops,
@@ -60,56 +63,6 @@ def naive_merge(cu, visual_idx, cu_v, kept_idx) -> tuple[list[int], list[int], l
                 vsrc.append(-1 if v is None else v)
         cu_out.append(len(src))
     return src, vsrc, cu_out
-
-
-# --------------------------------------------------------------------------------------------
-# Inputs.
-
-
-def make_scores(n: int, dtype: torch.dtype, kind: str, g: torch.Generator) -> torch.Tensor:
-    if kind == "normal":
-        return torch.randn(n, generator=g).to(dtype)
-    if kind == "ties":  # five distinct values, many equal, -0.0 and +0.0 both present
-        x = torch.randint(-2, 3, (n,), generator=g).float() * 0.5
-        zeros = x == 0
-        sign = torch.randint(0, 2, (n,), generator=g).bool()
-        return torch.where(zeros & sign, torch.tensor(-0.0), x).to(dtype)
-    if kind == "special":  # NaN, +-inf, +-0.0 planted among normal values
-        x = torch.randn(n, generator=g)
-        pick = torch.randint(0, 10, (n,), generator=g)
-        for code, value in enumerate([math.nan, math.inf, -math.inf, -0.0, 0.0]):
-            x = torch.where(pick == code, torch.tensor(value), x)
-        return x.to(dtype)
-    if kind == "bits":  # uniformly random bit patterns: every exponent, subnormals, NaN payloads
-        if dtype == torch.float32:
-            raw = torch.randint(-(2**31), 2**31, (n,), generator=g, dtype=torch.int64)
-            return raw.to(torch.int32).view(torch.float32)
-        raw = torch.randint(-(2**15), 2**15, (n,), generator=g, dtype=torch.int64)
-        return raw.to(torch.int16).view(dtype)
-    if kind == "constant":  # all ties: the lowest indices win
-        sign = torch.randint(0, 2, (n,), generator=g).bool()
-        return torch.where(sign, torch.tensor(-0.0), torch.tensor(0.0)).to(dtype)
-    if kind == "nan":  # mostly NaN, a few numbers
-        x = torch.full((n,), math.nan)
-        few = torch.randint(0, 8, (n,), generator=g) == 0
-        return torch.where(few, torch.randn(n, generator=g), x).to(dtype)
-    raise ValueError(kind)
-
-
-SELECT_LAYOUTS = {
-    "n1": [1],
-    "n2": [2],
-    "n3": [3],
-    "n13": [13],
-    "n257": [257],
-    "n4099": [4099],
-    "ragged": [5, 0, 17, 1, 4099, 2, 31],
-    "zeros": [0, 7, 0],
-    "empty": [0],
-    "large": [20011],  # above the split threshold: histograms and compaction per chunk
-    "large_ragged": [16384, 3, 0, 17389],
-}
-SCORE_KINDS = ["normal", "ties", "special", "bits", "constant", "nan"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,6 +270,10 @@ def test_select_rejects_bad_arguments():
         select(s.reshape(2, 5), cu, k)
     with pytest.raises(TypeError, match="scores"):
         select(s.double(), cu, k)
+    with pytest.raises(ValueError, match="total_kept must equal sum"):
+        select(s, cu, k, 4)
+    kept, _ = select(s, cu, k, 5)  # the right total: accepted, same result
+    assert torch.equal(kept, select(s, cu, k)[0])
 
 
 def test_gather_rejects_bad_arguments():

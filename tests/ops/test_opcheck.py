@@ -128,12 +128,17 @@ def _compiled_cases(dtype=torch.float32):
     public = _cases(dtype)
     return {
         name: (getattr(torch.ops.tokenprune, name).default, own.get(name) or public[name[1:]][1])
-        for name in backend.kernels()
+        for name in backend.kernels("cpp")
+    } | {
+        "_select_topk[total]": (
+            torch.ops.tokenprune._select_topk.default,
+            (*own["_select_topk"], 7),
+        )
     }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", sorted(backend.kernels()))
+@pytest.mark.parametrize("name", [*sorted(backend.kernels("cpp")), "_select_topk[total]"])
 def test_compiled_ops_opcheck_and_compile(name, dtype):
     """The private compiled ops have fakes too: opcheck and fullgraph compile pass."""
     from tokenprune_kernels import _extension
@@ -147,5 +152,51 @@ def test_compiled_ops_opcheck_and_compile(name, dtype):
     compiled = torch.compile(lambda *a: op(*a), fullgraph=True, backend="aot_eager")(*args)
     if isinstance(eager, torch.Tensor):
         eager, compiled = (eager,), (compiled,)
+    for e, c in zip(eager, compiled, strict=True):
+        assert torch.equal(e, c)
+
+
+def _cuda_cases():
+    inp, params, attn, _ = _inputs()
+    inp, attn = inp.to("cuda"), attn.cuda()
+    params = [p.cuda() for p in params]
+    ops = torch.ops.tokenprune
+    counts = torch.tensor([3, 0, 4], device="cuda")
+    return {
+        "_instruction_attention": (
+            ops._instruction_attention.default,
+            (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v,
+             inp.q_pos, None),
+        ),
+        "_mapper_forward": (ops._mapper_forward.default, (attn, inp.cu_seqlens_v, params, 5, 1e-4)),
+        "_select_topk": (ops._select_topk.default, (attn, inp.cu_seqlens_v, counts, 7)),
+        "_select_gather_kept": (
+            ops._select_gather_kept.default,
+            (attn, inp.cu_seqlens_v, counts, 7, inp.visual_embeds, inp.visual_position_ids),
+        ),
+        "_select_merge_kept": (
+            ops._select_merge_kept.default,
+            (attn, inp.cu_seqlens_v, counts, 7, inp.inputs_embeds, inp.position_ids,
+             inp.cu_seqlens, inp.visual_embeds, inp.visual_idx),
+        ),
+    }  # fmt: skip
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["_instruction_attention", "_mapper_forward", "_select_topk",
+                                  "_select_gather_kept", "_select_merge_kept"])  # fmt: skip
+def test_cuda_compiled_ops_opcheck_and_compile(name):
+    """The CUDA kernels of the private ops against their fakes: opcheck, fullgraph compile."""
+    from tokenprune_kernels import _extension
+
+    if not _extension.has_kernel("_select_gather_kept", "CUDA"):
+        pytest.skip("the compiled extension has no CUDA kernels")
+    op, args = _cuda_cases()[name]
+    torch.library.opcheck(op, args)
+    torch._dynamo.reset()
+    eager = op(*args)
+    eager = eager if isinstance(eager, tuple) else (eager,)
+    compiled = torch.compile(lambda *a: op(*a), fullgraph=True, backend="aot_eager")(*args)
+    compiled = compiled if isinstance(compiled, tuple) else (compiled,)
     for e, c in zip(eager, compiled, strict=True):
         assert torch.equal(e, c)

@@ -5,9 +5,10 @@ until the GPU queue drains, so the count is pinned here: every such method of ``
 wrapped with a counter for the duration of one call. On the CPU the reads are cheap but the count
 is the same code path, so the CPU runs guard against a regression too. Where the plain-PyTorch
 reference runs stage a (backend ``ref``), ``instruction_attention_ref`` adds its own 3 reads of
-the offsets; the Triton and C++ backends add none. On a GPU the Triton cases also run under
-``torch.cuda.set_sync_debug_mode``, which sees every synchronising call, including blocking
-host->device copies the counter cannot see.
+the offsets; the Triton, C++ and CUDA backends add none. On a GPU the Triton and CUDA cases also
+run under ``torch.cuda.set_sync_debug_mode``, which sees every synchronising call, including
+blocking host->device copies and reads inside C++ that the counter cannot see; and the CUDA
+stages of ``prune_and_merge`` are captured in a CUDA graph (which fails on any synchronisation).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pytest
 import torch
 
 import tokenprune_kernels as tp
-from tokenprune_kernels import backend, reference
+from tokenprune_kernels import _extension, backend, reference
 from tokenprune_kernels.mapper import MapperConfig, TokenMapper
 from tokenprune_kernels.ops.select import keep_counts_from_bounds, keep_counts_host
 from tokenprune_kernels.testing import backend_params, make_inputs
@@ -35,7 +36,7 @@ REF_LIMITS = {"instruction_attention": 4, "prune_visual_tokens": 4, "prune_and_m
 LIMITS = {
     "ref": REF_LIMITS,
     "cpp": {},  # every op: 1
-    "cuda": REF_LIMITS,  # no CUDA kernel of stage a: the reference runs it
+    "cuda": {},  # every op: 1
     "triton": {},  # every op: 1
 }
 
@@ -142,11 +143,14 @@ def test_one_call_reads_the_device_at_most_once(monkeypatch, gen, backend_name, 
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend_name", ["triton", "cuda"])
 @pytest.mark.parametrize("case", CASES)
-def test_triton_call_synchronises_at_most_once_on_a_gpu(gen, case):
+def test_gpu_call_synchronises_at_most_once(gen, case, backend_name):
     """torch's own sync detector: the one read, and no blocking host->device copy either."""
+    if not backend.implemented("select_topk", backend_name, "cuda"):
+        pytest.skip(f"{backend_name} does not run select_topk on a GPU here")
     call = _call(case, gen, "cuda")
-    with backend.use_backend("triton"), torch.no_grad():
+    with backend.use_backend(backend_name), torch.no_grad():
         call()
         call()
         torch.cuda.synchronize()
@@ -314,3 +318,84 @@ def test_prune_and_merge_checks_visual_idx_against_the_sequence_too():
             inp.position_ids[:, :15], cu_seqlens, inp.visual_embeds, inp.visual_idx,
             inp.cu_seqlens_v, keep_ratio=0.5,
         )  # fmt: skip
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("use_mapper", [False, True], ids=["raw_attention", "mapper"])
+def test_cuda_prune_and_merge_captures_in_a_cuda_graph(gen, use_mapper):
+    """What prune_and_merge runs on the CUDA backend once its inputs are validated (stage a, b,
+    and the selection fused with the merge, sized by the host-known total), captured in one CUDA
+    graph and replayed on new inputs copied into the captured buffers: capture fails on any
+    synchronisation, and the replay equals the reference."""
+    if not _extension.has_kernel("_select_merge_kept", "CUDA"):
+        pytest.skip("the compiled extension has no CUDA kernels (a CPU-only build)")
+    ops = torch.ops.tokenprune
+    select_merge = backend.FUSED[("select_topk", "merge_kept")]["cuda"]
+    layout = [[("t", 5), ("v", 301), ("t", 2), ("v", 40), ("q", 9)], [("t", 3), ("q", 2)],
+              [("v", 77), ("q", 4), ("t", 1)]]  # fmt: skip
+    make = functools.partial(make_inputs, layout, heads_q=8, heads_k=2, head_dim=64,
+                             dtype=torch.bfloat16)  # fmt: skip
+    inp = make(generator=gen).to("cuda")
+    params = []
+    if use_mapper:
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+        params = [p.detach().cuda() for p in TokenMapper(MapperConfig(channels=(4, 8))).op_params()]
+    bounds = inp.cu_seqlens_v.tolist()
+    counts, total = keep_counts_from_bounds(bounds, inp.q.device, keep_ratio=0.5)
+
+    def stages():
+        scores = ops._instruction_attention(
+            inp.q,
+            inp.k,
+            inp.cu_seqlens_q,
+            inp.cu_seqlens_k,
+            inp.visual_idx,
+            inp.cu_seqlens_v,
+            inp.q_pos,
+            None,
+        )
+        if params:
+            scores = ops._mapper_forward(scores, inp.cu_seqlens_v, params, 5, 1e-4)
+        merged = backend.run(
+            select_merge,
+            scores,
+            inp.cu_seqlens_v,
+            counts,
+            inp.inputs_embeds,
+            inp.position_ids,
+            inp.cu_seqlens,
+            inp.visual_embeds,
+            inp.visual_idx,
+            total_kept=total,
+        )
+        return (*merged, scores)  # fmt: skip
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        stages()  # warm-up outside the capture (allocator pools, kernel attributes)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        out = stages()
+    fresh = make(generator=gen)  # same layout: same offsets, new values
+    for name in ("q", "k", "inputs_embeds", "visual_embeds", "position_ids"):
+        getattr(inp, name).copy_(getattr(fresh, name))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = reference.prune_and_merge_ref(
+        fresh.q, fresh.k, fresh.cu_seqlens_q, fresh.cu_seqlens_k, fresh.inputs_embeds,
+        fresh.position_ids, fresh.cu_seqlens, fresh.visual_embeds, fresh.visual_idx,
+        fresh.cu_seqlens_v, [p.cpu() for p in params], keep_ratio=0.5, q_pos=fresh.q_pos,
+    )  # fmt: skip
+    embeds, pos, cu_out, src, kept, scores = (t.cpu() for t in out)
+    torch.testing.assert_close(scores, want[5], rtol=1e-2, atol=1e-3)
+    # Selection from the scores the graph computed: exactly the reference's rule.
+    counts_ref = reference.keep_counts_ref(fresh.cu_seqlens_v, keep_ratio=0.5)
+    kept_want, _ = reference.select_topk_ref(scores, fresh.cu_seqlens_v, counts_ref)
+    assert torch.equal(kept, kept_want)
+    merged = reference.merge_kept_ref(fresh.inputs_embeds, fresh.position_ids, fresh.cu_seqlens,
+                                      fresh.visual_embeds, fresh.visual_idx, fresh.cu_seqlens_v,
+                                      kept_want)  # fmt: skip
+    for got, w in zip((embeds, pos, cu_out, src), merged, strict=True):
+        assert torch.equal(got, w)

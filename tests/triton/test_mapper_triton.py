@@ -11,8 +11,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from tokenprune_kernels.mapper import MapperConfig, TokenMapper
 from tokenprune_kernels.mapper.functional import mapper_forward_ref
+from tokenprune_kernels.testing import trained_like_mapper_params
 from tokenprune_kernels.triton import mapper as triton_mapper
 from tokenprune_kernels.triton import mapper_forward_triton
 
@@ -29,18 +29,7 @@ def _tol(device: str) -> dict[str, float]:
 
 
 def _mapper(channels, kernel_size: int, gen: torch.Generator, device: str) -> list[torch.Tensor]:
-    """A mapper whose parameters look trained: non-trivial norm scales and biases everywhere."""
-    model = TokenMapper(MapperConfig(channels=tuple(channels), kernel_size=kernel_size))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.3 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.2 * noise)
-            else:
-                p.mul_(1.0 + 0.5 * noise)
-    return [p.to(device) for p in model.op_params()]
+    return trained_like_mapper_params(channels, kernel_size, gen, device)
 
 
 def _inputs(lengths, gen, device, cu_dtype=torch.int64):

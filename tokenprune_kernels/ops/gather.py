@@ -2,7 +2,9 @@
 
 ``torch.ops.tokenprune.gather_kept`` and ``torch.ops.tokenprune.merge_kept``; also the Python
 side of their compiled kernels ``_gather_kept`` and ``_merge_kept``: fakes, and the adapters that
-give them the stage's calling convention (the kernels take ``[R, T]`` position ids only).
+give them the stage's calling convention (the kernels take ``[R, T]`` position ids only); and of
+the CUDA-only fused kernels ``_select_gather_kept`` / ``_select_merge_kept`` (selection fused with
+the gather / the merge, sized by the host-known ``total_kept``: no synchronisation).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from tokenprune_kernels import backend
 from tokenprune_kernels import validation as v
 from tokenprune_kernels.ops._library import define
+from tokenprune_kernels.ops.select import _select_topk_fake
 
 GATHER_SCHEMA = (
     "gather_kept(Tensor visual_embeds, Tensor position_ids, Tensor kept_idx) -> (Tensor, Tensor)"
@@ -104,6 +107,60 @@ def _merge_kept_compiled(*args):
         *a._replace(position_ids=_rows2d(a.position_ids))
     )
     return embeds, _like(pos, a.position_ids), cu_out, src
+
+
+def _select_gather_kept_fake(scores, cu_seqlens_v, keep_counts, total_kept, visual_embeds,
+                             position_ids):  # fmt: skip
+    """Fake of ``_select_gather_kept`` (its schema's order: ``total_kept`` after the counts)."""
+    kept, cu_kept = _select_topk_fake(scores, cu_seqlens_v, keep_counts, total_kept)
+    embeds, pos = _gather_kept_fake(visual_embeds, position_ids, kept)
+    return embeds, pos, kept, cu_kept
+
+
+def _select_merge_kept_fake(scores, cu_seqlens_v, keep_counts, total_kept, inputs_embeds,
+                            position_ids, cu_seqlens, visual_embeds, visual_idx):  # fmt: skip
+    """Fake of ``_select_merge_kept``: the merge keeps every text row and ``total_kept`` visual
+    rows, so its size is known without the data."""
+    kept, _ = _select_topk_fake(scores, cu_seqlens_v, keep_counts, total_kept)
+    v.check_rank("position_ids", position_ids, 2, "[rows, total_len]")
+    n = inputs_embeds.shape[0] - visual_embeds.shape[0] + total_kept
+    return (
+        inputs_embeds.new_empty((n, inputs_embeds.shape[1])),
+        position_ids.new_empty((position_ids.shape[0], n)),
+        torch.empty_like(cu_seqlens),
+        inputs_embeds.new_empty(n, dtype=torch.int64),
+        kept,
+    )
+
+
+def _total(keep_counts: torch.Tensor, total_kept: int | None) -> int:
+    # Only when the caller did not pass the total: one device read (a synchronisation).
+    return int(keep_counts.sum()) if total_kept is None else total_kept
+
+
+def _select_gather_kept_compiled(
+    scores, cu_seqlens_v, keep_counts, visual_embeds, position_ids, *, total_kept=None
+):
+    """``_select_gather_kept`` in the fused pair's convention (``total_kept`` a keyword, 1-D
+    position ids too): (embeds, position ids, kept_idx, cu_seqlens_kept)."""
+    embeds, pos, kept, cu_kept = torch.ops.tokenprune._select_gather_kept(
+        scores, cu_seqlens_v, keep_counts, _total(keep_counts, total_kept), visual_embeds,
+        _rows2d(position_ids),
+    )  # fmt: skip
+    return embeds, _like(pos, position_ids), kept, cu_kept
+
+
+def _select_merge_kept_compiled(
+    scores, cu_seqlens_v, keep_counts, inputs_embeds, position_ids, cu_seqlens, visual_embeds,
+    visual_idx, *, total_kept=None
+):  # fmt: skip
+    """``_select_merge_kept`` in the fused pair's convention (``total_kept`` a keyword, 1-D
+    position ids too): (embeds, position ids, cu_seqlens, src_idx, kept_idx)."""
+    embeds, pos, cu_out, src, kept = torch.ops.tokenprune._select_merge_kept(
+        scores, cu_seqlens_v, keep_counts, _total(keep_counts, total_kept), inputs_embeds,
+        _rows2d(position_ids), cu_seqlens, visual_embeds, visual_idx,
+    )  # fmt: skip
+    return embeds, _like(pos, position_ids), cu_out, src, kept
 
 
 def gather_kept(

@@ -80,13 +80,14 @@ def _impl(scores, cu_seqlens_v, keep_ratio=None, keep_count=None):
 define(SCHEMA, _impl, _fake)
 
 
-def _select_topk_fake(scores, cu_seqlens_v, keep_counts):
-    """Fake of the compiled kernel ``_select_topk`` (the stage's calling convention)."""
+def _select_topk_fake(scores, cu_seqlens_v, keep_counts, total_kept=None):
+    """Fake of the compiled kernel ``_select_topk`` (the stage's calling convention, plus
+    ``total_kept``: sum(keep_counts) when the caller knows it, which fixes the output size)."""
     v.check_rank("scores", scores, 1, "[total_v]")
     v.check_dtype("scores", scores, v.FLOAT_DTYPES)
     v.check_cu_seqlens("cu_seqlens_v", cu_seqlens_v)
     v.check_rank("keep_counts", keep_counts, 1, "[batch] int64")
-    kept = torch.library.get_ctx().new_dynamic_size()
+    kept = torch.library.get_ctx().new_dynamic_size() if total_kept is None else total_kept
     return scores.new_empty(kept, dtype=torch.int64), torch.empty_like(cu_seqlens_v)
 
 
