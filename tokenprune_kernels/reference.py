@@ -19,6 +19,7 @@ __all__ = [
     "MapperArgs",
     "ScoringArgs",
     "gather_kept_ref",
+    "instruction_attention_heads_ref",
     "instruction_attention_ref",
     "keep_counts_ref",
     "keep_total_host",
@@ -60,11 +61,37 @@ def instruction_attention_ref(
         [Tv] float32: mean over heads and queries of the causal softmax over all visible keys,
         read at the visual columns.
     """
+    return instruction_attention_heads_ref(
+        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale, 1
+    )[:, 0]
+
+
+def instruction_attention_heads_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    visual_idx: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    q_pos: torch.Tensor | None,
+    softmax_scale: float | None,
+    head_groups: int,
+) -> torch.Tensor:
+    """Layer-0 instruction-to-visual attention per group of query heads.
+
+    Arguments as :func:`instruction_attention_ref`; ``head_groups`` ``G`` divides ``Hq``.
+
+    Returns:
+        [Tv, G] float32: channel ``g`` is the mean over the query heads ``g * Hq / G .. (g + 1)
+        * Hq / G - 1`` (for ``G = Hk``: the heads sharing KV head ``g``) and the sample's
+        queries of the causal softmax over all visible keys, read at the visual columns. The
+        mean over the channels is :func:`instruction_attention_ref`.
+    """
     hq, d = q.shape[1], q.shape[2]
     group = hq // k.shape[1]
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
     bq, bk, bv = _bounds(cu_seqlens_q), _bounds(cu_seqlens_k), _bounds(cu_seqlens_v)
-    out = torch.zeros(visual_idx.shape[0], dtype=torch.float32, device=q.device)
+    out = torch.zeros(visual_idx.shape[0], head_groups, dtype=torch.float32, device=q.device)
     for b in range(len(bq) - 1):
         nq, nk, nv = bq[b + 1] - bq[b], bk[b + 1] - bk[b], bv[b + 1] - bv[b]
         if nv == 0:
@@ -81,7 +108,8 @@ def instruction_attention_ref(
         logits = logits.masked_fill(~visible[None], float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         cols = visual_idx[bv[b] : bv[b + 1]].to(torch.int64)
-        out[bv[b] : bv[b + 1]] = probs[:, :, cols].mean(dim=(0, 1))
+        per_group = probs[:, :, cols].reshape(head_groups, hq // head_groups, nq, nv)
+        out[bv[b] : bv[b + 1]] = per_group.mean(dim=(1, 2)).T
     return out
 
 
@@ -233,7 +261,13 @@ _NO_MAPPER = MapperArgs()
 
 
 def _scores_ref(s: ScoringArgs, m: MapperArgs) -> torch.Tensor:
-    attn = instruction_attention_ref(*s)
+    """Stage a (per head group when the mapper takes several attention channels), then the
+    mapper when there is one."""
+    groups = m.head_groups()
+    if groups == 1:
+        attn = instruction_attention_ref(*s)
+    else:
+        attn = instruction_attention_heads_ref(*s, groups)
     if len(m.params) == 0:
         return attn
     return mapper_forward_ref(attn, s.cu_seqlens_v, *m, validate=False)

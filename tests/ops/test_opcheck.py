@@ -30,8 +30,18 @@ def _inputs(dtype=torch.float32):
     return inp, params, attn, kept
 
 
+def _v2_inputs(inp):
+    """Mapper v2's inputs: a mapper on 2 attention channels and the grid, its grid positions."""
+    torch.manual_seed(1)
+    config = MapperConfig(channels=(4, 8), attention_channels=2, grid=True)
+    params = [p.detach() for p in TokenMapper(config).eval().op_params()]
+    grid = torch.rand(inp.visual_idx.shape[0], 2, generator=torch.Generator().manual_seed(2))
+    return params, grid
+
+
 def _cases(dtype=torch.float32):
     inp, params, attn, kept = _inputs(dtype)
+    v2_params, v2_grid = _v2_inputs(inp)
     ops = torch.ops.tokenprune
     return {
         "instruction_attention": (
@@ -39,7 +49,16 @@ def _cases(dtype=torch.float32):
             (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v,
              inp.q_pos, None),
         ),
+        "instruction_attention_heads": (
+            ops.instruction_attention_heads.default,
+            (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v,
+             inp.q_pos, None, 2),
+        ),
         "mapper_forward": (ops.mapper_forward.default, (attn, inp.cu_seqlens_v, params, 5, 1e-4)),
+        "mapper_forward[v2]": (
+            ops.mapper_forward.default,
+            (torch.stack([attn, attn * 0.5], 1), inp.cu_seqlens_v, v2_params, 5, 1e-4, v2_grid),
+        ),
         "select_topk": (ops.select_topk.default, (attn.to(dtype), inp.cu_seqlens_v, 0.5, None)),
         "gather_kept": (
             ops.gather_kept.default, (inp.visual_embeds, inp.visual_position_ids, kept)
@@ -59,6 +78,12 @@ def _cases(dtype=torch.float32):
             (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.inputs_embeds,
              inp.position_ids, inp.cu_seqlens, inp.visual_embeds, inp.visual_idx,
              inp.cu_seqlens_v, [], 5, 1e-4, None, 3, inp.q_pos, 0.2),
+        ),
+        "prune_and_merge[v2]": (
+            ops.prune_and_merge.default,
+            (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.inputs_embeds,
+             inp.position_ids, inp.cu_seqlens, inp.visual_embeds, inp.visual_idx,
+             inp.cu_seqlens_v, v2_params, 5, 1e-4, 0.5, None, inp.q_pos, None, v2_grid),
         ),
     }  # fmt: skip
 
@@ -81,7 +106,7 @@ def test_opcheck(name, dtype, backend_name):
 def test_every_public_op_is_checked():
     from tokenprune_kernels.ops.schemas import PUBLIC_SCHEMAS
 
-    assert set(OPS) == set(PUBLIC_SCHEMAS)
+    assert {name.split("[")[0] for name in OPS} == set(PUBLIC_SCHEMAS)
 
 
 @pytest.mark.parametrize("name", OPS)

@@ -31,15 +31,16 @@ PRUNE_SCHEMA = (
     "Tensor visual_idx, Tensor cu_seqlens_v, Tensor visual_embeds, Tensor visual_position_ids, "
     "Tensor[] mapper_params, int mapper_kernel_size=5, float mapper_input_eps=0.0001, "
     "float? keep_ratio=None, int? keep_count=None, Tensor? q_pos=None, "
-    "float? softmax_scale=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "float? softmax_scale=None, Tensor? mapper_grid=None) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 MERGE_SCHEMA = (
     "prune_and_merge(Tensor q, Tensor k, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
     "Tensor inputs_embeds, Tensor position_ids, Tensor cu_seqlens, Tensor visual_embeds, "
     "Tensor visual_idx, Tensor cu_seqlens_v, Tensor[] mapper_params, "
     "int mapper_kernel_size=5, float mapper_input_eps=0.0001, float? keep_ratio=None, "
-    "int? keep_count=None, Tensor? q_pos=None, float? softmax_scale=None) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "int? keep_count=None, Tensor? q_pos=None, float? softmax_scale=None, "
+    "Tensor? mapper_grid=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -115,7 +116,11 @@ def _run(a: v.PruneArgs | v.PruneMergeArgs, last_args: Callable[[v.ScoringArgs],
             return ref(*a)
         s = a.scoring.contiguous()
         device = s.q.device.type
-        scores = backend.call("instruction_attention", device, *s)
+        groups = a.mapper.head_groups()
+        if groups == 1:
+            scores = backend.call("instruction_attention", device, *s)
+        else:
+            scores = backend.call("instruction_attention_heads", device, *s, groups)
         if len(a.mapper.params) > 0:
             scores = backend.call("mapper_forward", device, scores, s.cu_seqlens_v, *a.mapper)
         counts, total = keep_counts_from_bounds(bounds_v, scores.device, a.keep_ratio, a.keep_count)
@@ -187,6 +192,7 @@ def prune_visual_tokens(
     keep_count: int | None = None,
     q_pos: torch.Tensor | None = None,
     softmax_scale: float | None = None,
+    mapper_grid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score, select and gather the visual tokens in one call.
 
@@ -196,8 +202,12 @@ def prune_visual_tokens(
         visual_embeds: [Tv, H] float32/float16/bfloat16 visual features.
         visual_position_ids: [Tv] or [R, Tv] int32/int64 their original position ids.
         mapper_params: ``TokenMapper.op_params()``; empty for the training-free mode, where the
-            score is the raw layer-0 attention.
+            score is the raw layer-0 attention. A mapper whose first block takes ``G > 1``
+            attention channels is fed :func:`instruction_attention_heads` with
+            ``head_groups=G`` (``G`` must divide ``Hq``).
         mapper_kernel_size, mapper_input_eps: the mapper's config.
+        mapper_grid: [Tv, 2] float32 the visual tokens' normalised grid row and column, for a
+            mapper with grid input (its first block then takes ``G + 2`` channels); else None.
         keep_ratio, keep_count: as in :func:`select_topk` (exactly one).
 
     Returns:
@@ -207,7 +217,7 @@ def prune_visual_tokens(
     return torch.ops.tokenprune.prune_visual_tokens(
         q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
         visual_position_ids, list(mapper_params), int(mapper_kernel_size),
-        float(mapper_input_eps), keep_ratio, keep_count, q_pos, softmax_scale,
+        float(mapper_input_eps), keep_ratio, keep_count, q_pos, softmax_scale, mapper_grid,
     )  # fmt: skip
 
 
@@ -229,6 +239,7 @@ def prune_and_merge(
     keep_count: int | None = None,
     q_pos: torch.Tensor | None = None,
     softmax_scale: float | None = None,
+    mapper_grid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score and select the visual tokens, then build the pruned input sequence directly.
 
@@ -243,5 +254,5 @@ def prune_and_merge(
     return torch.ops.tokenprune.prune_and_merge(
         q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, cu_seqlens, visual_embeds,
         visual_idx, cu_seqlens_v, list(mapper_params), int(mapper_kernel_size),
-        float(mapper_input_eps), keep_ratio, keep_count, q_pos, softmax_scale,
+        float(mapper_input_eps), keep_ratio, keep_count, q_pos, softmax_scale, mapper_grid,
     )  # fmt: skip
