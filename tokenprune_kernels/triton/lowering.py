@@ -197,7 +197,8 @@ def attention_cases() -> list[LoweringCase]:
 def _mapper_case(label: str, cu: torch.dtype, kernel_size: int, blocks: tuple[int, int, int]):
     from tokenprune_kernels.triton import mapper as mp
 
-    types = {"attn_ptr": "*fp32", "cu_ptr": ptr(cu), "params_ptr": "*fp32", "meta_ptr": "*i32"}
+    types = {"attn_ptr": "*fp32", "grid_ptr": "*fp32", "cu_ptr": ptr(cu), "params_ptr": "*fp32"}
+    types |= {"meta_ptr": "*i32"}
     types |= {"scratch_ptr": "*fp32", "out_ptr": "*fp32", "input_eps": "fp32"}
     options = {"num_warps": mp.NUM_WARPS, "num_stages": mp.NUM_STAGES}
     kernel = mp._mapper_forward_kernel
