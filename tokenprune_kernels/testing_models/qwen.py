@@ -24,7 +24,7 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
-from tokenprune_kernels.mapper import mapper_forward_ref
+from tokenprune_kernels.mapper import grid_positions, mapper_forward_ref
 from tokenprune_kernels.reference import keep_counts_ref, select_topk_ref
 
 QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -214,6 +214,7 @@ def oracle_kept(
     mask = inputs.get("attention_mask", torch.ones_like(ids)).bool()
     visual = (ids == IMAGE_ID) | (ids == VIDEO_ID)
     kept = []
+    grids = list(inputs.get("image_grid_thw", torch.zeros(0, 3)).tolist())
     for b in range(ids.shape[0]):
         vpos = visual[b].nonzero().flatten()
         last = int(vpos.max())
@@ -222,12 +223,24 @@ def oracle_kept(
             instr[: last + 1] = False
         else:
             instr = instruction[b] & mask[b]
-        a = att[b][:, instr][:, :, vpos].mean(dim=(0, 1)).float()
+        heads = att[b][:, instr][:, :, vpos].mean(dim=1).float().T  # [n_v, Hq]
+        a = heads.mean(dim=1)
         cu = torch.tensor([0, vpos.numel()])
         if mapper is not None:
+            c = mapper.config
+            g = c.attention_channels
+            x = a if g == 1 else heads.reshape(vpos.numel(), g, -1).mean(-1)
+            grid = None
+            if c.grid:  # images only: each run of visual tokens is the next image_grid_thw row
+                starts = (vpos[1:] != vpos[:-1] + 1).sum().item() + 1
+                parts = []
+                for _ in range(starts):
+                    t, h, w = grids.pop(0)
+                    parts.append(grid_positions(h // MERGE, w // MERGE, t))
+                grid = torch.cat(parts)
             with torch.no_grad():
-                c = mapper.config
-                a = mapper_forward_ref(a, cu, mapper.op_params(), c.kernel_size, c.input_eps)
+                params = mapper.op_params()
+                a = mapper_forward_ref(x, cu, params, c.kernel_size, c.input_eps, grid)
         k = keep_counts_ref(cu, keep_ratio=keep_ratio, keep_count=keep_count)
         idx, _ = select_topk_ref(a, cu, k)
         s = a.sort(descending=True).values
