@@ -143,6 +143,7 @@ OPS: dict[str, dict[str, Impl]] = {
     "instruction_attention_heads": {
         "ref": Impl(f"{_REF}:instruction_attention_heads_ref"),
         "cpp": Impl(kernel="_instruction_attention_heads", fake=f"{_OPS}.attention:_heads_fake"),
+        "triton": Impl(f"{_TRITON}.attention:instruction_attention_heads_triton"),
     },
     "mapper_forward": {
         "ref": Impl(f"{_OPS}.mapper:_mapper_forward_ref"),

@@ -291,6 +291,7 @@ def _visual_colsum_kernel(
     num_heads_k,
     num_splits,
     qk_scale,
+    num_channels,  # output channels C (1: the mean over every head); out is [Tv, C]
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -301,7 +302,9 @@ def _visual_colsum_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
-    """Pass 2: the mean attention of BLOCK_V visual tokens of one sample, over heads and rows."""
+    """Pass 2: the mean attention of BLOCK_V visual tokens of one sample, over rows and the heads
+    of each of the ``num_channels`` groups of ``Hq / num_channels`` consecutive query heads (a
+    channel visits only the KV heads its query heads read)."""
     tile = tl.program_id(0)
     b, local, total = _locate_tile(cu_v_ptr, cu_v_ptr, n_batch, tile, 1, BLOCK_V)
     if tile >= total:
@@ -320,41 +323,44 @@ def _visual_colsum_kernel(
     s_ok = offs_s < num_splits
     n_rows = n_q * GROUP
 
-    acc = tl.zeros([BLOCK_V], tl.float32)
-    for kv_head in range(0, num_heads_k):
-        k = tl.load(
-            k_ptr + k_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-            mask=col_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        if DOT_F32:
-            k = k.to(tl.float32)
-        kt = tl.trans(k)
-        for r0 in range(0, n_rows, BLOCK_M):
-            rows = r0 + tl.arange(0, BLOCK_M)
-            row_ok = rows < n_rows
-            q, qpos, token, head = _load_q_tile(
+    per_channel = num_heads_q // num_channels
+    for channel in range(0, num_channels):
+        h0 = channel * per_channel
+        acc = tl.zeros([BLOCK_V], tl.float32)
+        for kv_head in range(h0 // GROUP, (h0 + per_channel - 1) // GROUP + 1):
+            k = tl.load(
+                k_ptr + k_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                mask=col_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            if DOT_F32:
+                k = k.to(tl.float32)
+            kt = tl.trans(k)
+            for r0 in range(0, n_rows, BLOCK_M):
+                rows = r0 + tl.arange(0, BLOCK_M)
+                row_ok = rows < n_rows
+                q, qpos, token, head = _load_q_tile(
                 q_ptr, q_pos_ptr, rows, row_ok, kv_head, q_start, n_q, n_k, stride_qt,
                 stride_qh, offs_d, d_ok, GROUP, HAS_Q_POS, DOT_F32,
             )  # fmt: skip
-            # Merge the splits' statistics: m = max m_s, l = sum l_s 2^(m_s - m).
-            stat = (token * num_heads_q + head) * num_splits
-            stat_ok = row_ok[:, None] & s_ok[None, :]
-            m_s = tl.load(
-                m_ptr + stat[:, None] + offs_s[None, :], mask=stat_ok, other=float("-inf")
-            )
-            l_s = tl.load(l_ptr + stat[:, None] + offs_s[None, :], mask=stat_ok, other=0.0)
-            m = tl.where(row_ok, tl.max(m_s, 1), 0.0)
-            norm = tl.sum(l_s * tl.exp2(m_s - m[:, None]), 1)
-            inv_l = tl.where(row_ok, 1.0 / tl.where(row_ok, norm, 1.0), 0.0)
+                # Merge the splits' statistics: m = max m_s, l = sum l_s 2^(m_s - m).
+                stat = (token * num_heads_q + head) * num_splits
+                stat_ok = row_ok[:, None] & s_ok[None, :]
+                m_s = tl.load(
+                    m_ptr + stat[:, None] + offs_s[None, :], mask=stat_ok, other=float("-inf")
+                )
+                l_s = tl.load(l_ptr + stat[:, None] + offs_s[None, :], mask=stat_ok, other=0.0)
+                m = tl.where(row_ok, tl.max(m_s, 1), 0.0)
+                norm = tl.sum(l_s * tl.exp2(m_s - m[:, None]), 1)
+                inv_l = tl.where(row_ok, 1.0 / tl.where(row_ok, norm, 1.0), 0.0)
 
-            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-            p = tl.exp2(s - m[:, None]) * inv_l[:, None]
-            seen = row_ok[:, None] & (vpos[None, :] <= qpos[:, None])
-            acc += tl.sum(tl.where(seen, p, 0.0), 0)
-
-    out = acc / (n_q * num_heads_q).to(tl.float32)
-    tl.store(out_ptr + v_start + cols, out, mask=col_ok)
+                s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+                p = tl.exp2(s - m[:, None]) * inv_l[:, None]
+                mine = (head >= h0) & (head < h0 + per_channel)
+                seen = (row_ok & mine)[:, None] & (vpos[None, :] <= qpos[:, None])
+                acc += tl.sum(tl.where(seen, p, 0.0), 0)
+        out = acc / (n_q * per_channel).to(tl.float32)
+        tl.store(out_ptr + (v_start + cols) * num_channels + channel, out, mask=col_ok)
 
 
 def _block_d(head_dim: int) -> int:
@@ -434,6 +440,7 @@ def instruction_attention_triton(
     block_m: int | None = None,
     block_n: int | None = None,
     block_v: int | None = None,
+    _head_groups: int = 1,
 ) -> torch.Tensor:
     """Layer-0 instruction-to-visual attention, averaged over heads and instruction rows.
 
@@ -452,9 +459,10 @@ def instruction_attention_triton(
         num_splits: key splits of pass 1 (None: from the SM count; tests set it).
         block_m, block_n, block_v: override the packed-row, key and visual tile sizes (powers of
             two >= 16; for tests).
+        _head_groups: output channels (:func:`instruction_attention_heads_triton`).
 
     Returns:
-        [Tv] float32 on the device of ``q``.
+        [Tv] float32 on the device of ``q`` ([Tv, G] for ``_head_groups`` G > 1).
     """
     with stage_range("tokenprune.instruction_attention", q.device):
         assert q.dim() == 3 and k.dim() == 3 and q.shape[2] == k.shape[2], (q.shape, k.shape)
@@ -464,9 +472,10 @@ def instruction_attention_triton(
         total_k, heads_k = k.shape[0], k.shape[1]
         total_v = visual_idx.shape[0]
         n_batch = cu_seqlens_q.shape[0] - 1
-        out = torch.empty(total_v, dtype=torch.float32, device=q.device)
+        channels = int(_head_groups)
+        out = torch.empty(total_v, channels, dtype=torch.float32, device=q.device)
         if total_v == 0:
-            return out
+            return out if channels > 1 else out.view(-1)
         group = heads_q // heads_k
         if q.stride(2) != 1:
             q = q.contiguous()
@@ -517,8 +526,30 @@ def instruction_attention_triton(
                 q, k, q_pos_arg, visual_idx, cu_seqlens_q, cu_seqlens_k, cu_seqlens_v,
                 m_stat, l_stat, out,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                n_batch, heads_q, heads_k, splits, scale * _LOG2E,
+                n_batch, heads_q, heads_k, splits, scale * _LOG2E, channels,
                 BLOCK_V=bv, BLOCK_S=triton.next_power_of_2(splits),
                 num_stages=cfg["stages_cols"], **common,
             )  # fmt: skip
-        return out
+        return out if channels > 1 else out.view(-1)
+
+
+def instruction_attention_heads_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    visual_idx: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    q_pos: torch.Tensor | None,
+    softmax_scale: float | None,
+    head_groups: int,
+    **tuning: int | None,
+) -> torch.Tensor:
+    """:func:`instruction_attention_triton` per group of ``Hq / head_groups`` query heads: the
+    same two launches, pass 2 keeping the groups' column sums apart. Returns [Tv, G] float32
+    (G = ``head_groups``, validated by the op layer); ``tuning``: that function's keywords."""
+    out = instruction_attention_triton(
+        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale,
+        _head_groups=head_groups, **tuning,
+    )  # fmt: skip
+    return out.view(-1, head_groups)
