@@ -18,8 +18,11 @@ stream the model was not trained on):
 3. samples answered correctly only: the gradient-weighted relevance of the visual tokens with
    :func:`tokenprune_kernels.explain.explain_relevance` (eager attention, the model's own greedy
    answer token teacher-forced, ``target="logit"``);
-4. :class:`tokenprune_kernels.labels.ShardWriter` writes ``attn`` / ``label`` shards
-   (resumable) and ``summary.json`` (seen, correct, rate).
+4. :func:`layer0_head_attention`: the same attention per query head and the tokens' grid
+   positions (what a mapper with several attention channels and grid input trains on,
+   ``tokenprune train-mapper --attention-channels G --grid``);
+5. :class:`tokenprune_kernels.labels.ShardWriter` writes ``attn`` / ``label`` / ``heads`` /
+   ``grid`` shards (resumable) and ``summary.json`` (seen, correct, rate).
 
 Then :func:`tokenprune_kernels.training.train_mapper_from_labels` trains the mapper (Adam, KL to
 the top-50% target, validation split, best by validation KL) and writes ``mapper.safetensors``,
@@ -265,4 +268,11 @@ if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
 
 
-__all__ = ["LABEL_SEED", "label_grounded_sample", "main", "make_labels", "relevance_label"]
+__all__ = [
+    "LABEL_SEED",
+    "label_grounded_sample",
+    "layer0_head_attention",
+    "main",
+    "make_labels",
+    "relevance_label",
+]
