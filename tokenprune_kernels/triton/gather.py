@@ -51,6 +51,7 @@ import triton.language as tl
 
 from tokenprune_kernels._nvtx import stage_range
 from tokenprune_kernels.triton import select as sel
+from tokenprune_kernels.triton.launch import launch
 
 __all__ = ["gather_kept_triton", "merge_kept_triton", "select_gather_triton", "select_merge_triton"]
 
@@ -80,7 +81,7 @@ def _lower_bound(ptr, lo, hi, target, steps):
     return lo
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "n_kept", "steps_v", "steps_k"])
 def _merge_maps_kernel(
     cu_ptr,
     cu_v_ptr,
@@ -124,7 +125,7 @@ def _merge_maps_kernel(
     tl.store(cu_out_ptr + j, cu - cv + below, mask=first)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "stride_pos_out", "stride_pos_in_r"])
 def _copy_rows_kernel(
     out_ptr,
     text_ptr,
@@ -204,8 +205,8 @@ def _copy_rows(
     if n > 0:
         block_h = min(triton.next_power_of_2(max(hidden, 1)), COPY_MAX_H)
         grid = (triton.cdiv(n, COPY_ROWS), max(triton.cdiv(hidden, block_h), 1))
-        _copy_rows_kernel[grid](
-            out, text_t, vis, row_src, n, hidden,
+        launch(
+            _copy_rows_kernel, grid, out, text_t, vis, row_src, n, hidden,
             out.stride(0), text_t.stride(0), vis.stride(0),
             pos_out, pos2d, pos_idx, pos2d.shape[0],
             pos_out.stride(0), pos2d.stride(0), pos2d.stride(1),
@@ -230,7 +231,8 @@ def _merge_maps(
     row_src = sel._alloc((n_out,), torch.int64, device)
     cu_out = sel._alloc((batch + 1,), cu_seqlens.dtype, device)
     grid = (triton.cdiv(max(n_rows, batch + 1), MAPS_BLOCK),)
-    _merge_maps_kernel[grid](
+    launch(
+        _merge_maps_kernel, grid,
         cu_seqlens, cu_seqlens_v, visual_idx, kept_idx, src_idx, row_src, cu_out,
         batch, n_rows, kept_idx.shape[0],
         batch.bit_length(), visual_idx.shape[0].bit_length(), kept_idx.shape[0].bit_length(),

@@ -84,6 +84,7 @@ import triton.language as tl
 from torch import Tensor
 
 from tokenprune_kernels._nvtx import stage_range
+from tokenprune_kernels.triton.launch import launch, sm_count
 
 __all__ = [
     "BLOCK_K",
@@ -111,11 +112,10 @@ NUM_STAGES = 2
 PROGRAMS_PER_SM = 1
 
 _ALIGN = 32  # float offsets of packed tensors are multiples of this (128 B)
-_INTERPRET_PROGRAMS = 4  # persistent programs under the interpreter (CPU)
 _CACHE_SIZE = 8
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total", "num_windows"])
 def _mapper_forward_kernel(
     attn_ptr,  # *fp32 [total]
     cu_ptr,  # *i32|*i64 [num_samples + 1]
@@ -375,16 +375,9 @@ def _pack_params(params: Sequence[Tensor], kernel_size: int, block_k: int, block
     return packed
 
 
-_SM_COUNT: dict[int, int] = {}
-
-
 def _num_programs(device: torch.device, num_windows: int) -> int:
-    if device.type != "cuda":
-        return min(num_windows, _INTERPRET_PROGRAMS)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return min(num_windows, PROGRAMS_PER_SM * _SM_COUNT[index])
+    """``PROGRAMS_PER_SM`` per SM (4 SMs under the interpreter), at most one per window."""
+    return min(num_windows, PROGRAMS_PER_SM * sm_count(device))
 
 
 def _check_block(name: str, value: int, minimum: int) -> None:
@@ -471,7 +464,9 @@ def mapper_forward_triton(
         steps = num_samples.bit_length()
         attn_c = attn.contiguous()
         cu = cu_seqlens_v.contiguous()
-        _mapper_forward_kernel[(num_programs,)](
+        launch(
+            _mapper_forward_kernel,
+            (num_programs,),
             attn_c,
             cu,
             packed.params,

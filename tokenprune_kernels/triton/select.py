@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 
 from tokenprune_kernels._nvtx import stage_range
+from tokenprune_kernels.triton.launch import launch
 
 __all__ = ["select_topk_triton"]
 
@@ -62,6 +63,8 @@ SELECT_WARPS = 8
 #: Wide schedule: at most this many slices (programs) per sample; used when Tv >= this * B.
 WIDE_SLICES = 32
 WIDE_MIN_AVG = 16384
+#: Slices the wide kernels' per-slice tables hold (one compile whatever the slice count).
+S_MAX = triton.next_power_of_2(WIDE_SLICES)
 
 
 # ------------------------------------------------------------------------------------- kernels
@@ -217,7 +220,7 @@ def _replay(hist_ptr, b, n_batch, n_slices, n, k, slice_len, NPASS: tl.constexpr
     return prefix, kmask, remaining, todo, gt, eq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_slices"])
 def _radix_pass_kernel(
     scores_ptr,
     cu_v_ptr,
@@ -247,7 +250,7 @@ def _radix_pass_kernel(
             tl.store(out + tl.arange(0, 256), hist)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_slices"])
 def _wide_compact_kernel(
     scores_ptr,
     cu_v_ptr,
@@ -331,23 +334,24 @@ def _select(
     if wide is None:
         wide = tv >= WIDE_MIN_AVG * batch
     if not wide or slices <= 1:
-        _select_kernel[(batch,)](
-            scores, cu_seqlens_v, counts, kept_idx, cu_kept,
+        launch(
+            _select_kernel, (batch,), scores, cu_seqlens_v, counts, kept_idx, cu_kept,
             BLOCK=block_v, BLOCK_B=BLOCK_B, num_warps=SELECT_WARPS,
         )  # fmt: skip
         return kept_idx, cu_kept
     slice_len = triton.cdiv(triton.cdiv(tv, slices), block_v) * block_v
     slices = triton.cdiv(tv, slice_len)
-    s_max = triton.next_power_of_2(slices)
     hist = _alloc((4, batch, slices, 256), torch.int32, device)
+    common = {"BLOCK": block_v, "S_MAX": S_MAX, "num_warps": SELECT_WARPS}
     for p in range(4):
-        _radix_pass_kernel[(batch, slices)](
-            scores, cu_seqlens_v, counts, hist, batch, slices, slice_len,
-            PASS=p, BLOCK=block_v, S_MAX=s_max, num_warps=SELECT_WARPS,
+        launch(
+            _radix_pass_kernel, (batch, slices),
+            scores, cu_seqlens_v, counts, hist, batch, slices, slice_len, PASS=p, **common,
         )  # fmt: skip
-    _wide_compact_kernel[(batch, slices)](
+    launch(
+        _wide_compact_kernel, (batch, slices),
         scores, cu_seqlens_v, counts, hist, kept_idx, cu_kept, batch, slices, slice_len,
-        BLOCK=block_v, BLOCK_B=BLOCK_B, S_MAX=s_max, num_warps=SELECT_WARPS,
+        BLOCK_B=BLOCK_B, **common,
     )  # fmt: skip
     return kept_idx, cu_kept
 
