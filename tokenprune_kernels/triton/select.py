@@ -10,12 +10,12 @@ keep keys in uint32 (logical shifts, unsigned compares).
 
 Selection. The top k of a sample are the keys above its k-th largest key T, plus the first
 ``k - count(> T)`` keys equal to T by index (the contract's tie rule). T is found by a radix
-select on 8-bit digits from the top: a pass histograms (``tl.histogram``, 256 bins) the keys
-that match the digits chosen so far and picks the bin holding the k-th key. It stops after 4
-passes, or as soon as that bin is kept whole (T is then known to a prefix and every key with
-that prefix is kept); ``k == n`` and ``k == 0`` cost no pass. A last pass in index order keeps
-what the threshold says, and ``tl.cumsum`` plus a running offset gives each kept token its
-output slot, so ``kept_idx`` comes out ascending. Two schedules:
+select on 8-bit digits from the top: a pass histograms (``tl.histogram``, 256 bins, masked) the
+keys that match the digits chosen so far - only those are counted - and picks the bin holding the
+k-th key. It stops after 4 passes, or as soon as that bin is kept whole (T is then known to a
+prefix and every key with that prefix is kept); ``k == n`` and ``k == 0`` cost no pass. A last
+pass in index order keeps what the threshold says, and ``tl.cumsum`` plus a running offset gives
+each kept token its output slot, so ``kept_idx`` comes out ascending. Two schedules:
 
 - serial (``_select_kernel``): one program per sample loops over its keys in chunks of
   ``BLOCK_V``: all passes and the compaction in ONE launch. Good while samples are small or many.
@@ -84,18 +84,15 @@ def _score_keys(x):
 def _digit_hist(scores_ptr, lo, hi, prefix, kmask, shift: tl.constexpr, BLOCK: tl.constexpr):
     """[256] int32: keys of scores[lo:hi] with ``key & kmask == prefix``, by digit ``shift``."""
     offs = tl.arange(0, BLOCK)
-    bins = tl.arange(0, 256)
     hist = tl.zeros([256], tl.int32)
     for c in range(lo, hi, BLOCK):
         idx = c + offs
         valid = idx < hi
         key = _score_keys(tl.load(scores_ptr + idx, mask=valid, other=0.0))
         match = valid & ((key & kmask) == prefix)
-        digit = tl.where(match, (key >> shift) & 0xFF, 0).to(tl.int32)
-        h = tl.histogram(digit, 256)
-        # Lanes that do not match were counted in bin 0: take them out again.
-        miss = BLOCK - tl.sum(match.to(tl.int32), axis=0)
-        hist += tl.where(bins == 0, h - miss, h)
+        # Only the matching lanes are counted (the others, most of them after the first pass,
+        # add nothing: no update of bin 0 to take back).
+        hist += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=match)
     return hist
 
 
