@@ -150,8 +150,7 @@ def _load_q_tile(
     q_start,
     n_q,
     n_k,
-    stride_qt,
-    stride_qh,
+    strides,
     offs_d,
     d_ok,
     GROUP: tl.constexpr,
@@ -159,11 +158,13 @@ def _load_q_tile(
     DOT_F32: tl.constexpr,
 ):
     """The q tile of packed rows ``rows`` of KV head ``kv_head`` in a sample whose queries start
-    at ``q_start``: row ``r`` is query ``r // GROUP``, head ``kv_head * GROUP + r % GROUP``.
+    at ``q_start``: row ``r`` is query ``r // GROUP``, head ``kv_head * GROUP + r % GROUP``;
+    ``strides``: (q token, q head, k token, k head) element strides.
 
     Returns (q [BLOCK_M, BLOCK_D], zero outside ``row_ok`` and ``d_ok``; qpos, each row's last
     visible key; token, its packed query index; head, its query head), shared by both passes.
     """
+    stride_qt, stride_qh = strides[0], strides[1]
     qi = rows // GROUP
     head = kv_head * GROUP + rows % GROUP
     token = q_start + qi
@@ -194,10 +195,7 @@ def _row_stats_kernel(
     cu_v_ptr,
     m_ptr,
     l_ptr,
-    stride_qt,
-    stride_qh,
-    stride_kt,
-    stride_kh,
+    strides,
     n_batch,
     num_heads_q,
     num_splits,
@@ -228,9 +226,10 @@ def _row_stats_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q, qpos, token, head = _load_q_tile(
-        q_ptr, q_pos_ptr, rows, row_ok, kv_head, q_start, n_q, n_k, stride_qt, stride_qh,
-        offs_d, d_ok, GROUP, HAS_Q_POS, DOT_F32,
+        q_ptr, q_pos_ptr, rows, row_ok, kv_head, q_start, n_q, n_k, strides, offs_d, d_ok,
+        GROUP, HAS_Q_POS, DOT_F32,
     )  # fmt: skip
+    stride_kt, stride_kh = strides[2], strides[3]
 
     # Keys 0..kv_len-1 are seen by some row of the tile, 0..full_len-1 by all of them.
     kv_len = tl.max(tl.where(row_ok, qpos, -1), 0) + 1
@@ -314,10 +313,7 @@ def _visual_colsum_kernel(
     m_ptr,
     l_ptr,
     out_ptr,
-    stride_qt,
-    stride_qh,
-    stride_kt,
-    stride_kh,
+    strides,
     n_batch,
     num_heads_q,
     num_heads_k,
@@ -348,6 +344,7 @@ def _visual_colsum_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     n_rows = n_q * GROUP
+    stride_kt, stride_kh = strides[2], strides[3]
 
     acc = tl.zeros([BLOCK_V], tl.float32)
     for kv_head in range(0, num_heads_k):
@@ -363,8 +360,8 @@ def _visual_colsum_kernel(
             rows = r0 + tl.arange(0, BLOCK_M)
             row_ok = rows < n_rows
             q, qpos, token, head = _load_q_tile(
-                q_ptr, q_pos_ptr, rows, row_ok, kv_head, q_start, n_q, n_k, stride_qt,
-                stride_qh, offs_d, d_ok, GROUP, HAS_Q_POS, DOT_F32,
+                q_ptr, q_pos_ptr, rows, row_ok, kv_head, q_start, n_q, n_k, strides, offs_d,
+                d_ok, GROUP, HAS_Q_POS, DOT_F32,
             )  # fmt: skip
             stat = token * num_heads_q + head
             m = tl.load(m_ptr + stat, mask=row_ok, other=0.0)
@@ -525,7 +522,7 @@ def instruction_attention_triton(
             launch(
                 _row_stats_kernel, (row_tiles, heads_k, splits),
                 q, k, q_pos_arg, cu_seqlens_q, cu_seqlens_k, cu_seqlens_v, m_stat, l_stat,
-                *strides, n_batch, heads_q, splits, n_stats, scale * _LOG2E,
+                strides, n_batch, heads_q, splits, n_stats, scale * _LOG2E,
                 BLOCK_N=bn, num_stages=cfg["stages_rows"], **common,
             )  # fmt: skip
             if splits > 1:
@@ -536,7 +533,7 @@ def instruction_attention_triton(
             launch(
                 _visual_colsum_kernel, (_tiles_upper_bound(total_v, n_batch, bv),),
                 q, k, q_pos_arg, visual_idx, cu_seqlens_q, cu_seqlens_k, cu_seqlens_v,
-                m_stat, l_stat, out, *strides, n_batch, heads_q, heads_k, scale * _LOG2E,
+                m_stat, l_stat, out, strides, n_batch, heads_q, heads_k, scale * _LOG2E,
                 BLOCK_V=bv, num_stages=cfg["stages_cols"], **common,
             )  # fmt: skip
         return out

@@ -136,9 +136,14 @@ class Specialisation:
         return _jit(self.kernel).fn.__name__
 
     def hinted(self) -> list[str]:
-        """The arguments with a ``tt.divisibility`` attribute, in order."""
+        """The arguments with a ``tt.divisibility`` attribute, in order (``"strides[2]"`` for an
+        element of a tuple argument)."""
         names = list(self.signature)
-        return [names[path[0]] for path, a in sorted(self.attrs.items()) if a]
+        return [
+            names[path[0]] + "".join(f"[{i}]" for i in path[1:])
+            for path, a in sorted(self.attrs.items())
+            if a
+        ]
 
 
 _JIT_CACHE: dict[Any, Any] = {}  # interpreted kernel -> its JITFunction (kept alive here)

@@ -46,6 +46,8 @@ passes ``total_kept`` and ``keep_counts`` already lives on the device; otherwise
 
 from __future__ import annotations
 
+from typing import TypedDict, Unpack
+
 import torch
 import triton
 import triton.language as tl
@@ -53,7 +55,7 @@ import triton.language as tl
 from tokenprune_kernels._nvtx import stage_range
 from tokenprune_kernels.triton.launch import launch
 
-__all__ = ["select_topk_triton"]
+__all__ = ["SelectOptions", "select_topk_triton"]
 
 #: Keys per chunk: the select programs loop over their keys BLOCK_V at a time.
 BLOCK_V = 2048
@@ -188,6 +190,17 @@ def _select_kernel(
 
 
 @triton.jit
+def _wide_program(cu_v_ptr, counts_ptr, slice_len):
+    """Program (b, s) of a wide launch: (b, s, sample start int64, n, k, the slice's bounds
+    lo, hi within the sample; ``lo >= n``: an empty slice)."""
+    b = tl.program_id(0)
+    s = tl.program_id(1)
+    start, n, k = _sample(cu_v_ptr, counts_ptr, b)
+    lo = s * slice_len
+    return b, s, start, n, k, lo, tl.minimum(lo + slice_len, n)
+
+
+@triton.jit
 def _replay(hist_ptr, b, n_batch, n_slices, n, k, slice_len, NPASS: tl.constexpr,
             S_MAX: tl.constexpr):  # fmt: skip
     """Redo the first NPASS radix steps of sample b from the per-slice histograms.
@@ -231,16 +244,12 @@ def _radix_pass_kernel(
     S_MAX: tl.constexpr,
 ):
     """Program (b, s): histogram of slice s of sample b for radix pass PASS -> hist[PASS, b, s]."""
-    b = tl.program_id(0)
-    s = tl.program_id(1)
-    start, n, k = _sample(cu_v_ptr, counts_ptr, b)
-    lo = s * slice_len
+    b, s, start, n, k, lo, hi = _wide_program(cu_v_ptr, counts_ptr, slice_len)
     if lo < n:
         prefix, kmask, _, todo, _, _ = _replay(
             hist_ptr, b, n_batch, n_slices, n, k, slice_len, PASS, S_MAX
         )
         if todo != 0:
-            hi = tl.minimum(lo + slice_len, n)
             hist = _digit_hist(scores_ptr, start + lo, start + hi, prefix, kmask, 24 - 8 * PASS,
                                BLOCK)  # fmt: skip
             out = hist_ptr + (((PASS * n_batch + b) * n_slices + s).to(tl.int64) * 256)
@@ -263,15 +272,12 @@ def _wide_compact_kernel(
     S_MAX: tl.constexpr,
 ):
     """Program (b, s): the kept indices of slice s of sample b, at the slice's output offset."""
-    b = tl.program_id(0)
-    s = tl.program_id(1)
-    start, n, k = _sample(cu_v_ptr, counts_ptr, b)
+    b, s, start, n, k, lo, hi = _wide_program(cu_v_ptr, counts_ptr, slice_len)
     kept0 = _sum_before(counts_ptr, b, BLOCK_B)
     if s == 0:
         tl.store(cu_kept_ptr + b + 1, kept0 + k)
         if b == 0:
             tl.store(cu_kept_ptr, kept0 * 0)
-    lo = s * slice_len
     if lo < n:
         prefix, kmask, remaining, _, gt, eq = _replay(
             hist_ptr, b, n_batch, n_slices, n, k, slice_len, 4, S_MAX
@@ -284,7 +290,6 @@ def _wide_compact_kernel(
         sl = tl.arange(0, S_MAX)
         my_take = tl.sum(tl.where(sl == s, take, 0), axis=0)
         my_offset = tl.sum(tl.where(sl == s, offset, 0), axis=0)
-        hi = tl.minimum(lo + slice_len, n)
         _compact(scores_ptr, start + lo, start + hi, prefix, kmask, my_take,
                  kept_ptr + kept0 + my_offset, BLOCK)  # fmt: skip
 
@@ -353,14 +358,25 @@ def _select(
     return kept_idx, cu_kept
 
 
+class SelectOptions(TypedDict, total=False):
+    """The keywords of the select host functions (this module's and :mod:`.gather`'s fused ones).
+
+    Attributes:
+        total_kept: sum(keep_counts) when the caller knows it (saves the one host sync).
+        block_v: keys per chunk (a power of two; default :data:`BLOCK_V`, tests shrink it).
+        wide: force the wide (True) or serial (False) schedule; None (default) picks by size.
+    """
+
+    total_kept: int | None
+    block_v: int
+    wide: bool | None
+
+
 def select_topk_triton(
     scores: torch.Tensor,
     cu_seqlens_v: torch.Tensor,
     keep_counts: torch.Tensor,
-    *,
-    total_kept: int | None = None,
-    block_v: int = BLOCK_V,
-    wide: bool | None = None,
+    **options: Unpack[SelectOptions],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample top-k by (score desc, index asc), NaN lowest, -0.0 == +0.0.
 
@@ -368,9 +384,7 @@ def select_topk_triton(
         scores: [Tv] float32/float16/bfloat16.
         cu_seqlens_v: [B+1] int32/int64 offsets of the visual tokens.
         keep_counts: [B] int64, 0 <= k_b <= n_b (best on the device of ``scores``).
-        total_kept: sum(keep_counts) when the caller knows it (saves the one host sync).
-        block_v: keys per chunk (a power of two; tests shrink it).
-        wide: force the wide (True) or serial (False) schedule; None picks by size.
+        options: ``total_kept``, ``block_v``, ``wide`` (:class:`SelectOptions`).
 
     Returns:
         kept_idx: [sum k] int64 global indices, ascending; cu_seqlens_kept: [B+1], dtype of
@@ -378,16 +392,16 @@ def select_topk_triton(
         device ``keep_counts``, else one.
     """
     with stage_range("tokenprune.select_topk", scores.device):
-        return _select_flat(scores, cu_seqlens_v, keep_counts, total_kept, block_v, wide)[:2]
+        return _select_flat(scores, cu_seqlens_v, keep_counts, **options)[:2]
 
 
 def _select_flat(
     scores: torch.Tensor,
     cu_seqlens_v: torch.Tensor,
     keep_counts: torch.Tensor,
-    total_kept: int | None,
-    block_v: int,
-    wide: bool | None,
+    total_kept: int | None = None,
+    block_v: int = BLOCK_V,
+    wide: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_select` on the flat (contiguous) inputs: (kept_idx, cu_seqlens_kept, the flat
     ``cu_seqlens_v``, for the fused functions of :mod:`.gather` to reuse)."""
