@@ -86,6 +86,16 @@ def test_an_unaligned_view_loses_its_hint():
         assert ("scores_ptr" in spec.hinted()) is hinted
 
 
+def test_committed_table_lists_every_case(cases):
+    """benchmarks/results/kernel_resources.md has a row for every case lowered here."""
+    table = (ROOT / "benchmarks" / "results" / "kernel_resources.md").read_text()
+    missing = [c.name for c in cases if f"| `{c.name}` |" not in table]
+    assert not missing, (
+        f"kernel_resources.md lacks {missing}: regenerate it with "
+        "python3 benchmarks/kernel_resources.py --out benchmarks/results/kernel_resources.md"
+    )
+
+
 def _run_lowering() -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "tokenprune_kernels.triton.lowering", "--capability", "90"],

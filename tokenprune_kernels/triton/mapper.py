@@ -65,11 +65,11 @@ BLOCK_N=64``; per output token = per window / 108)
 * FLOPs per computed row: pointwise 2 * 174,112 + depthwise 2 * 2,405 + head 2 * 512 + norm and
   SiLU ~ 10 * 992 ~ 364 KFLOP; ~ 431 KFLOP per output token with the halo rows (tensor-core work
   x 3 under ``tf32x3``).
-* Resources (sm_90, Triton 3.9 + ptxas 13.4, pointer arguments 16-byte aligned as the JIT
-  specialises them at run time): 8 warps, 250 registers/thread, no spills, 40 KiB shared memory
-  (``BLOCK_N=128`` spills 192 B; one program per SM either way). The lowering harness
-  (``python -m tokenprune_kernels.triton.lowering``) does not know the pointer alignment and
-  reports the same 40 KiB shared memory.
+* Resources (sm_90, Triton 3.9 and its ptxas, the kernel as the launches specialise it: 16-byte
+  aligned pointers, the slab strides in 16s; ``python -m tokenprune_kernels.triton.lowering``):
+  8 warps, 250-254 registers/thread, no spills, 40 KiB shared memory, so one program per SM
+  (``benchmarks/results/kernel_resources.md``). ``total`` and ``num_windows`` are not
+  specialised (``do_not_specialize``): one compilation whatever the token count.
 
 Not done here (needs a GPU): timing, and tuning ``BLOCK_M/BLOCK_N/NUM_WARPS/NUM_STAGES/
 PROGRAMS_PER_SM`` and ``DOT_PRECISION``.
