@@ -33,7 +33,13 @@ from typing import Any
 import torch
 
 from tokenprune_kernels import backend
-from tokenprune_kernels.triton.launch import Launch, Specialisation, capture, specialisation
+from tokenprune_kernels.triton.launch import (
+    TARGET_SMS,
+    Launch,
+    Specialisation,
+    capture,
+    specialisation,
+)
 
 F32, F16, BF16, I32, I64 = torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64
 _SHORT = {F32: "fp32", F16: "fp16", BF16: "bf16", I32: "i32", I64: "i64"}
@@ -192,9 +198,9 @@ def modules() -> list[str]:
     return list(dict.fromkeys(backend.triton_functions().values()))
 
 
-def launches(thunk: Callable[[], object], sms: int | None = None) -> list[Launch]:
-    """The launches ``thunk`` makes, recorded (nothing runs)."""
-    with capture(*(() if sms is None else (sms,))) as recorded:
+def launches(thunk: Callable[[], object], sms: int = TARGET_SMS) -> list[Launch]:
+    """The launches ``thunk`` makes, recorded (nothing runs), planned for ``sms`` SMs."""
+    with capture(sms) as recorded:
         thunk()
     return recorded
 
