@@ -287,6 +287,8 @@ def select_merge_triton(
     cu_seqlens: torch.Tensor,
     visual_embeds: torch.Tensor,
     visual_idx: torch.Tensor,
+    *,
+    total_kept: int | None = None,
     **options: Unpack[sel.SelectOptions],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Select, then one order-preserving compaction straight into the pruned sequence.
@@ -300,7 +302,8 @@ def select_merge_triton(
         keep_counts: [B] int64, 0 <= k_b <= n_b.
         inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx: as
             :func:`merge_kept_triton`.
-        options: ``total_kept``, ``block_v``, ``wide``, as :func:`select_topk_triton`.
+        total_kept: sum(keep_counts) when the caller knows it (saves the one host sync).
+        options: ``block_v``, ``wide``, as :func:`select_topk_triton`.
 
     Returns:
         (embeds [To, H], position_ids [To] or [R, To], cu_seqlens_out [B+1], src_idx [To] int64,
@@ -308,7 +311,9 @@ def select_merge_triton(
         Syncs: none with ``total_kept`` and device ``keep_counts``, else one.
     """
     with stage_range("tokenprune.select_merge", scores.device):
-        kept_idx, _, cu_seqlens_v = sel._select_flat(scores, cu_seqlens_v, keep_counts, **options)
+        kept_idx, _, cu_seqlens_v = sel._select_flat(
+            scores, cu_seqlens_v, keep_counts, total_kept, **options
+        )
         merged = merge_kept_triton(
             inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v,
             kept_idx,
@@ -322,6 +327,8 @@ def select_gather_triton(
     keep_counts: torch.Tensor,
     visual_embeds: torch.Tensor,
     position_ids: torch.Tensor,
+    *,
+    total_kept: int | None = None,
     **options: Unpack[sel.SelectOptions],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Select then gather (what prune_visual_tokens runs); 2 launches (6 wide).
@@ -329,12 +336,15 @@ def select_gather_triton(
     Args:
         scores: [Tv] float32/float16/bfloat16; cu_seqlens_v: [B+1]; keep_counts: [B] int64.
         visual_embeds: [Tv, H] float32/float16/bfloat16; position_ids: [Tv] or [R, Tv] int.
-        options: ``total_kept``, ``block_v``, ``wide``, as :func:`select_topk_triton`.
+        total_kept: sum(keep_counts) when the caller knows it (saves the one host sync).
+        options: ``block_v``, ``wide``, as :func:`select_topk_triton`.
 
     Returns:
         (kept_embeds [Tk, H], kept_position_ids [Tk] or [R, Tk], kept_idx [Tk] int64,
         cu_seqlens_kept [B+1] dtype of ``cu_seqlens_v``).
     """
     with stage_range("tokenprune.select_gather", scores.device):
-        kept_idx, cu_kept, _ = sel._select_flat(scores, cu_seqlens_v, keep_counts, **options)
+        kept_idx, cu_kept, _ = sel._select_flat(
+            scores, cu_seqlens_v, keep_counts, total_kept, **options
+        )
         return (*gather_kept_triton(visual_embeds, position_ids, kept_idx), kept_idx, cu_kept)

@@ -359,15 +359,14 @@ def _select(
 
 
 class SelectOptions(TypedDict, total=False):
-    """The keywords of the select host functions (this module's and :mod:`.gather`'s fused ones).
+    """The tuning keywords of the select host functions (this module's and :mod:`.gather`'s
+    fused ones).
 
     Attributes:
-        total_kept: sum(keep_counts) when the caller knows it (saves the one host sync).
         block_v: keys per chunk (a power of two; default :data:`BLOCK_V`, tests shrink it).
         wide: force the wide (True) or serial (False) schedule; None (default) picks by size.
     """
 
-    total_kept: int | None
     block_v: int
     wide: bool | None
 
@@ -376,6 +375,8 @@ def select_topk_triton(
     scores: torch.Tensor,
     cu_seqlens_v: torch.Tensor,
     keep_counts: torch.Tensor,
+    *,
+    total_kept: int | None = None,
     **options: Unpack[SelectOptions],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample top-k by (score desc, index asc), NaN lowest, -0.0 == +0.0.
@@ -384,7 +385,8 @@ def select_topk_triton(
         scores: [Tv] float32/float16/bfloat16.
         cu_seqlens_v: [B+1] int32/int64 offsets of the visual tokens.
         keep_counts: [B] int64, 0 <= k_b <= n_b (best on the device of ``scores``).
-        options: ``total_kept``, ``block_v``, ``wide`` (:class:`SelectOptions`).
+        total_kept: sum(keep_counts) when the caller knows it (saves the one host sync).
+        options: ``block_v``, ``wide`` (:class:`SelectOptions`).
 
     Returns:
         kept_idx: [sum k] int64 global indices, ascending; cu_seqlens_kept: [B+1], dtype of
@@ -392,7 +394,7 @@ def select_topk_triton(
         device ``keep_counts``, else one.
     """
     with stage_range("tokenprune.select_topk", scores.device):
-        return _select_flat(scores, cu_seqlens_v, keep_counts, **options)[:2]
+        return _select_flat(scores, cu_seqlens_v, keep_counts, total_kept, **options)[:2]
 
 
 def _select_flat(
