@@ -63,16 +63,9 @@ def _text_kwargs() -> dict:
 def build_model(family: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
     """A tiny random ``*ForConditionalGeneration`` of ``family`` in fp32 eval mode (no hub)."""
     torch.manual_seed(seed)
+    tower = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2)
     if family == "llava":
-        vision = CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=LLAVA_IMAGE,
-            patch_size=4,
-            projection_dim=32,
-        )
+        vision = CLIPVisionConfig(**tower, image_size=LLAVA_IMAGE, patch_size=4, projection_dim=32)
         config = LlavaConfig(
             vision_config=vision,
             text_config=LlamaConfig(**_text_kwargs()),
@@ -81,14 +74,7 @@ def build_model(family: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Modu
         )
         model = LlavaForConditionalGeneration(config)
     elif family == "llava_onevision":
-        vision = SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=OV_TILE,
-            patch_size=4,
-        )
+        vision = SiglipVisionConfig(**tower, image_size=OV_TILE, patch_size=4)
         config = LlavaOnevisionConfig(
             vision_config=vision,
             text_config=Qwen2Config(**_text_kwargs()),
