@@ -623,9 +623,9 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m tokenprune_kernels.grounded.evaluate ...`` (same options as ``tokenprune
     eval``)."""
-    p = _configure(argparse.ArgumentParser(prog="tokenprune eval"))
-    args = p.parse_args(argv)
-    return cmd_eval(args, ["eval", *(sys.argv[1:] if argv is None else argv)])
+    from tokenprune_kernels.cli import run_subcommand
+
+    return run_subcommand("eval", argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
