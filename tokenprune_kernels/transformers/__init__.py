@@ -53,6 +53,7 @@ from torch import nn
 from tokenprune_kernels.mapper import TokenMapper, load_mapper
 from tokenprune_kernels.transformers.patch import (
     SUPPORTED_TRANSFORMERS,
+    Continuation,
     FamilySpec,
     GenerationState,
     TokenPrunePatch,
@@ -232,6 +233,7 @@ def last_pruned(model: nn.Module) -> PrunedInputs | None:
 __all__ = [
     "FAMILIES",
     "SUPPORTED_TRANSFORMERS",
+    "Continuation",
     "FamilySpec",
     "GenerationState",
     "InstructionMaskSpec",
