@@ -1,8 +1,9 @@
 """Device->host reads per op call: each public op validates with ONE batched read.
 
 A read (``.tolist()``, ``.item()``, ``bool(t)``, ``int(t)``...) of a CUDA tensor stalls the host
-until the GPU queue drains, so the count is pinned here: every such method of ``torch.Tensor`` is
-wrapped with a counter for the duration of one call. On the CPU the reads are cheap but the count
+until the GPU queue drains, and so does a blocking upload of host data (``torch.tensor(data,
+device=...)``), so the count is pinned here: every such method of ``torch.Tensor`` and both
+factories are wrapped with a counter for the duration of one call. On the CPU the reads are cheap but the count
 is the same code path, so the CPU runs guard against a regression too. Where the plain-PyTorch
 reference runs stage a (backend ``ref``), ``instruction_attention_ref`` adds its own 3 reads of
 the offsets; the Triton, C++ and CUDA backends add none. On a GPU the Triton and CUDA cases also
