@@ -64,6 +64,13 @@ def test_cases_carry_the_launch_specialisation(cases):
     mapper = by_kernel["_mapper_forward_kernel"][0]
     assert mapper.signature["total"] == "i32" and "total" not in mapper.hinted()
     assert {"act_stride16", "dw_stride16"} <= set(mapper.hinted())
+    from tokenprune_kernels.triton import mapper as mp
+
+    names = list(mapper.signature)
+    constexprs = {names[path[0]]: v for path, v in mapper.constexprs.items()}
+    assert constexprs["BLOCK_M"] == mp.BLOCK_M and constexprs["BLOCK_N"] == mp.BLOCK_N
+    assert constexprs["DOT_PRECISION"] == mp.DOT_PRECISION
+    assert mapper.options["num_warps"] == mp.NUM_WARPS
     assert "slice_len" in by_kernel["_radix_pass_kernel"][0].hinted()
     assert by_kernel["_row_stats_kernel"][0].options["num_stages"] == 3
 
