@@ -1,8 +1,9 @@
 """Device->host reads per op call: each public op validates with ONE batched read.
 
 A read (``.tolist()``, ``.item()``, ``bool(t)``, ``int(t)``...) of a CUDA tensor stalls the host
-until the GPU queue drains, so the count is pinned here: every such method of ``torch.Tensor`` is
-wrapped with a counter for the duration of one call. On the CPU the reads are cheap but the count
+until the GPU queue drains, and so does a blocking upload of host data (``torch.tensor(data,
+device=...)``), so the count is pinned here: every such method of ``torch.Tensor`` and both
+factories are wrapped with a counter for the duration of one call. On the CPU the reads are cheap but the count
 is the same code path, so the CPU runs guard against a regression too. Where the plain-PyTorch
 reference runs stage a (backend ``ref``), ``instruction_attention_ref`` adds its own 3 reads of
 the offsets; the Triton, C++ and CUDA backends add none. On a GPU the Triton and CUDA cases also
@@ -30,6 +31,7 @@ from tokenprune_kernels.ops.select import keep_counts_from_bounds, keep_counts_h
 from tokenprune_kernels.testing import backend_params, make_inputs
 
 READ_METHODS = ("item", "tolist", "__bool__", "__int__", "__index__", "__float__")
+UPLOAD_FACTORIES = ("tensor", "as_tensor")
 
 #: The validation's one read, plus instruction_attention_ref's 3 where the reference runs stage a.
 REF_LIMITS = {"instruction_attention": 4, "prune_visual_tokens": 4, "prune_and_merge": 4}
@@ -44,6 +46,7 @@ CASES = [
     "instruction_attention",
     "instruction_attention[q_pos]",
     "mapper_forward[mapper]",
+    "mapper_forward[mapper,inference]",
     "select_topk[ratio]",
     "select_topk[count]",
     "gather_kept",
@@ -52,13 +55,17 @@ CASES = [
     "prune_visual_tokens[q_pos,count]",
     "prune_and_merge",
     "prune_and_merge[q_pos,count,mapper]",
+    "prune_and_merge[mapper,inference]",
 ]
 
 
 @contextlib.contextmanager
 def count_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """Inside the block, every call of a ``torch.Tensor`` method that reads data to the host
-    appends its name to the yielded list."""
+    appends its name to the yielded list, and so does every blocking upload of host data: a
+    ``torch.tensor(data, device=...)`` / ``torch.as_tensor(data, device=...)`` (a pageable
+    host->device copy, which waits for the stream on CUDA; the sync-free way is a pinned host
+    tensor copied with ``non_blocking=True``)."""
     calls: list[str] = []
 
     def counted(name: str, method: Callable) -> Callable:
@@ -68,9 +75,19 @@ def count_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 
         return wrapper
 
+    def uploads(name: str, factory: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            if kwargs.get("device") is not None:
+                calls.append(f"torch.{name}(device=)")
+            return factory(*args, **kwargs)
+
+        return wrapper
+
     with monkeypatch.context() as patch:
         for name in READ_METHODS:
             patch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+        for name in UPLOAD_FACTORIES:
+            patch.setattr(torch, name, uploads(name, getattr(torch, name)))
         yield calls
 
 
@@ -98,6 +115,9 @@ def _call(case: str, gen: torch.Generator, device: str) -> Callable[[], object]:
         torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
         mapper = TokenMapper(MapperConfig(channels=(2, 4)))
         params = [p.detach().to(device) for p in mapper.op_params()]
+        if "inference" in case:  # parameters made under inference mode: no version counter
+            with torch.inference_mode():
+                params = [p.clone() for p in params]
     tv = inp.visual_idx.shape[0]
     scores = torch.rand(tv, generator=gen).to(device)
     kept = torch.sort(torch.randperm(tv, generator=gen)[: tv // 2]).values.to(device)

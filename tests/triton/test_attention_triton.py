@@ -17,6 +17,8 @@ from tokenprune_kernels.testing import ATTENTION_LAYOUTS, make_inputs
 
 pytest.importorskip("triton")
 
+import triton
+
 from tokenprune_kernels.triton import instruction_attention_triton
 
 pytestmark = pytest.mark.interpret
@@ -176,3 +178,50 @@ def test_non_contiguous_heads(device, gen):
     rest = (inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v)
     got = instruction_attention_triton(q, k, *rest, **SMALL)
     torch.testing.assert_close(got, instruction_attention_ref(inp.q, inp.k, *rest))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_statistics_are_merged_once(dtype, device, gen):
+    """With key splits the rows' statistics are merged by one launch between the passes, and the
+    column pass takes merged rows only (no split count); strided q/k over a ragged batch still
+    match the reference. One split: no merge launch."""
+    from tokenprune_kernels.triton import attention as att
+    from tokenprune_kernels.triton.launch import capture
+
+    inp = make_inputs(
+        LAYOUTS["long"], heads_q=6, heads_k=2, head_dim=24, dtype=dtype, generator=gen, qk_std=1.5
+    )
+    wide_k = torch.randn(inp.k.shape[0], 3, 24, generator=gen).to(dtype)
+    wide_k[:, 1:] = inp.k
+    inp, k = inp.to(device), wide_k.to(device)[:, 1:]
+    args = (inp.q, k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v)
+    for splits, kernels in ((5, 3), (1, 2)):
+        options = {**SMALL, "num_splits": splits}
+        with capture() as launches:
+            instruction_attention_triton(*args, **options)
+        names = [r.kernel.fn.__name__ for r in launches]
+        assert len(names) == kernels and names[-1] == "_visual_colsum_kernel", names
+        assert (names[1] == "_merge_stats_kernel") == (splits > 1), names
+        got = instruction_attention_triton(*args, **options)
+        want = instruction_attention_ref(inp.q, inp.k, *args[2:])
+        torch.testing.assert_close(got, want, **TOL[dtype])
+    assert "num_splits" not in att._visual_colsum_kernel.arg_names
+
+
+def test_merge_stats_kernel_matches_a_direct_merge(device, gen):
+    """The merge on its own: rows (a prime count) whose splits saw no key (-inf, 0) included."""
+    from tokenprune_kernels.triton import attention as att
+
+    splits, rows = 5, 37
+    m = torch.randn(splits, rows, generator=gen) * 4
+    l_ = torch.rand(splits, rows, generator=gen) * 9 + 0.5
+    empty = torch.rand(splits, rows, generator=gen) < 0.3
+    empty[0] = False  # every row sees key 0, in split 0
+    m[empty], l_[empty] = float("-inf"), 0.0
+    want_m = m.max(0).values
+    want_l = (l_ * torch.exp2(m - want_m)).sum(0)
+    m_dev, l_dev = m.flatten().to(device), l_.flatten().to(device)
+    att._merge_stats_kernel[(triton.cdiv(rows, 16),)](m_dev, l_dev, rows, splits, BLOCK=16)
+    assert torch.equal(m_dev[:rows].cpu(), want_m)
+    torch.testing.assert_close(l_dev[:rows].cpu(), want_l, atol=0, rtol=1e-6)
+    assert torch.equal(m_dev[rows:].cpu(), m[1:].flatten())  # the other splits untouched

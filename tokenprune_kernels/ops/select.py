@@ -39,10 +39,8 @@ def keep_counts_tensor(counts: Sequence[int], device: torch.device) -> torch.Ten
     ten small kernels. On CUDA it goes through pinned memory with ``non_blocking=True``: a
     blocking copy, or an asynchronous one from pageable memory, can wait for the stream to drain.
     """
-    if device.type == "cuda":
-        host = torch.tensor(counts, dtype=torch.int64, pin_memory=True)
-        return host.to(device, non_blocking=True)
-    return torch.tensor(counts, dtype=torch.int64, device=device)
+    host = torch.tensor(counts, dtype=torch.int64, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)  # on the CPU: ``host`` itself
 
 
 def keep_counts_from_bounds(
