@@ -1,6 +1,6 @@
 // CUDA glue of the private ops (compiled in CUDA builds only):
-//   _instruction_attention, _mapper_forward, _select_topk, _gather_kept, _merge_kept and the
-//   fused selections _select_gather_kept / _select_merge_kept (CUDA only).
+//   _instruction_attention, _mapper_forward, _select_topk, _mass_keep_counts, _gather_kept,
+//   _merge_kept and the fused selections _select_gather_kept / _select_merge_kept (CUDA only).
 //
 // Owns what needs torch: argument checks of metadata (ranks, dtypes, sizes, devices; the
 // device-agnostic ones shared with the CPU kernels are in ../checks.h), allocation (caching
@@ -283,6 +283,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_me
   return {embeds, pos, cu_out, src_idx, kept};
 }
 
+// The adaptive rule's per-sample counts. No synchronisation here either: the op layer reads
+// their total (the one sync of the keep_mass rule) to size the selection it then runs.
+at::Tensor mass_keep_counts_cuda(const at::Tensor& scores, const at::Tensor& cu_seqlens_v,
+                                 const at::Tensor& keep_bounds, double keep_mass,
+                                 c10::string_view relevance) {
+  const c10::Device device = check_backend(scores, "scores", c10::kCUDA);
+  const c10::cuda::CUDAGuard guard(device);
+  check_dim(scores, "scores", 1, "[Tv]");
+  check_float(scores, "scores");
+  const int64_t tv = scores.size(0);
+  TORCH_CHECK_VALUE(tv <= INT32_MAX, "scores must have fewer than 2^31 entries, got ", tv);
+  check_offsets_meta(cu_seqlens_v, "cu_seqlens_v");
+  check_device(cu_seqlens_v, "cu_seqlens_v", device);
+  const int64_t batch = cu_seqlens_v.size(0) - 1;
+  check_dim(keep_bounds, "keep_bounds", 2, "[2, B]");
+  check_int64(keep_bounds, "keep_bounds");
+  check_device(keep_bounds, "keep_bounds", device);
+  TORCH_CHECK_VALUE(keep_bounds.size(0) == 2 && keep_bounds.size(1) == batch,
+                    "keep_bounds must be [2, B = ", batch, "], got ", keep_bounds.sizes());
+  TORCH_CHECK_VALUE(keep_mass > 0.0 && keep_mass <= 1.0, "keep_mass must be in (0, 1], got ",
+                    keep_mass);
+  const bool softmax = relevance == "softmax";
+  TORCH_CHECK_VALUE(softmax || relevance == "normalize",
+                    "relevance must be 'softmax' or 'normalize', got '", relevance, "'");
+  const at::Tensor cu_v = as_int64(cu_seqlens_v);
+  const at::Tensor bounds = keep_bounds.contiguous();
+  at::Tensor counts = at::empty({batch}, cu_v.options());
+  size_t bytes = 0;
+  C10_CUDA_CHECK(mass_workspace_bytes(tv, batch, &bytes));
+  const at::Tensor ws = workspace(static_cast<int64_t>(bytes), device);
+  const FloatVector sv{scores.const_data_ptr(), scores.stride(0), float_type(scores)};
+  C10_CUDA_CHECK(mass_keep_counts(sv, tv, cu_v.const_data_ptr<int64_t>(), batch,
+                                  bounds.const_data_ptr<int64_t>(), keep_mass, softmax,
+                                  ws.mutable_data_ptr(), bytes, counts.mutable_data_ptr<int64_t>(),
+                                  stream_of(device)));
+  return counts;
+}
+
 // --------------------------------------------------------------------------------- attention
 
 // What a launch configuration depends on: the SM count and the opt-in shared memory per block.
@@ -479,6 +517,7 @@ TORCH_LIBRARY_IMPL(tokenprune, CUDA, m) {
   m.impl("_instruction_attention", &tokenprune::cuda::instruction_attention_cuda);
   m.impl("_mapper_forward", &tokenprune::cuda::mapper_forward_cuda);
   m.impl("_select_topk", &tokenprune::cuda::select_topk_cuda);
+  m.impl("_mass_keep_counts", &tokenprune::cuda::mass_keep_counts_cuda);
   m.impl("_gather_kept", &tokenprune::cuda::gather_kept_cuda);
   m.impl("_merge_kept", &tokenprune::cuda::merge_kept_cuda);
   m.impl("_select_gather_kept", &tokenprune::cuda::select_gather_kept_cuda);

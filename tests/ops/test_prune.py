@@ -10,6 +10,7 @@ import torch
 
 import tokenprune_kernels as tp
 from tokenprune_kernels import backend, reference
+from tokenprune_kernels import validation as v
 from tokenprune_kernels.mapper import MapperConfig, TokenMapper
 from tokenprune_kernels.testing import PruningInputs, backend_params, make_inputs, strided
 
@@ -184,10 +185,46 @@ def test_composites_strided_inputs(backend_name, device, use_mapper):
         torch.testing.assert_close(got[-1], want[-1], rtol=2e-4, atol=2e-5)
 
 
+MASS_KEEP = {"keep_mass": 0.6, "min_keep_ratio": 0.05, "max_keep_ratio": 0.8}
+
+
 @pytest.mark.parametrize(("backend_name", "device"), BACKENDS)
-def test_composite_under_torch_compile(backend_name, device):
+@pytest.mark.parametrize("use_mapper", [False, True], ids=["raw_attention", "mapper"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_composites_keep_mass(backend_name, device, use_mapper, dtype):
+    """The adaptive rule in both composites: per-sample counts and indices those of the
+    reference rule on the scores the backend ranked (the mapper's softmax, or the raw attention
+    normalised per sample), and those scores the reference's."""
+    gen = same_inputs("mass", use_mapper, dtype)
+    inp = make_inputs(LAYOUTS, dtype=dtype, generator=gen, qk_std=1.5)
+    params = [p.detach() for p in _small_mapper(gen).op_params()] if use_mapper else []
+    out = pruned(backend_name, device, inp, params, q_pos=inp.q_pos, **MASS_KEEP)
+    torch.testing.assert_close(out[4], reference_scores(inp, params, q_pos=True),
+                               **scores_tolerance(backend_name))  # fmt: skip
+    relevance = "softmax" if use_mapper else "normalize"
+    rule = v.KeepRule(**MASS_KEEP)
+    counts = reference.keep_rule_counts_ref(out[4], inp.cu_seqlens_v, rule, relevance)
+    kept, cu_kept = reference.select_topk_ref(out[4], inp.cu_seqlens_v, counts)
+    assert torch.equal(out[2], kept) and torch.equal(out[3], cu_kept)
+    assert torch.equal(out[0], inp.visual_embeds[kept])
+    n = (inp.cu_seqlens_v[1:] - inp.cu_seqlens_v[:-1]).tolist()
+    assert counts.tolist() != [max(1, round(0.8 * m)) if m else 0 for m in n]  # not all capped
+    got = merged(backend_name, device, inp, params, q_pos=inp.q_pos, **MASS_KEEP)
+    want = reference.merge_kept_ref(
+        inp.inputs_embeds, inp.position_ids, inp.cu_seqlens, inp.visual_embeds, inp.visual_idx,
+        inp.cu_seqlens_v, kept,
+    )  # fmt: skip
+    assert torch.equal(got[4], kept)
+    for g, w in zip(got[:4], want, strict=True):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize(("backend_name", "device"), BACKENDS)
+@pytest.mark.parametrize("keep", [{"keep_ratio": 0.5}, MASS_KEEP], ids=["ratio", "mass"])
+def test_composite_under_torch_compile(backend_name, device, keep):
     """``prune_and_merge`` inside a ``torch.compile(fullgraph=True)`` function gives what it gives
-    eagerly, on every backend (Triton: the fused select and merge)."""
+    eagerly, on every backend (Triton: the fused select and merge), for a fixed and for the
+    adaptive keep rule (a data-dependent count)."""
     gen = same_inputs("compile")
     inp = make_inputs(LAYOUTS, generator=gen, qk_std=1.5).to(device)
     params = [p.detach().to(device) for p in _small_mapper(gen).op_params()]
@@ -196,7 +233,7 @@ def test_composite_under_torch_compile(backend_name, device):
         out = tp.prune_and_merge(
             q, k, inp.cu_seqlens_q, inp.cu_seqlens_k, inputs_embeds, inp.position_ids,
             inp.cu_seqlens, visual_embeds * 1.0, inp.visual_idx, inp.cu_seqlens_v, params,
-            keep_ratio=0.5,
+            **keep,
         )  # fmt: skip
         return out[0].sum(-1), out[1], out[4]
 
