@@ -16,6 +16,7 @@ from tokenprune_kernels.mapper.functional import mapper_forward_ref
 from tokenprune_kernels.validation import KeepRule, MapperArgs, ScoringArgs, segment_ids
 
 __all__ = [
+    "KeepRule",
     "MapperArgs",
     "ScoringArgs",
     "gather_kept_ref",
@@ -352,6 +353,8 @@ def keep_rule_counts_ref(
 
 #: The default of the reference composites: no mapper, the raw attention is ranked.
 _NO_MAPPER = MapperArgs()
+#: No keep rule: the reference composites need one (``KeepRule(keep_ratio=...)``, ...).
+_NO_KEEP = KeepRule()
 
 
 def _scores_ref(s: ScoringArgs, m: MapperArgs) -> torch.Tensor:
@@ -375,17 +378,12 @@ def prune_visual_tokens_ref(
     visual_embeds: torch.Tensor,
     visual_position_ids: torch.Tensor,
     mapper: MapperArgs = _NO_MAPPER,
-    keep_ratio: float | None = None,
-    keep_count: int | None = None,
-    keep_mass: float | None = None,
-    min_keep_ratio: float = 0.0,
-    max_keep_ratio: float = 1.0,
+    keep: KeepRule = _NO_KEEP,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stages a-d chained: ``prune_visual_tokens`` with its arguments grouped (``scoring``: those
     of :func:`instruction_attention_ref`; ``mapper``: params, kernel size, input eps, no params
-    for the raw attention; the keep rule as :class:`KeepRule`'s fields). Returns (kept_embeds,
-    kept_position_ids, kept_idx, cu_seqlens_kept, scores [Tv] float32)."""
-    keep = KeepRule(keep_ratio, keep_count, keep_mass, min_keep_ratio, max_keep_ratio)
+    for the raw attention; ``keep``: the keep rule). Returns (kept_embeds, kept_position_ids,
+    kept_idx, cu_seqlens_kept, scores [Tv] float32)."""
     scores, kept_idx, cu_kept = _kept_ref(scoring, mapper, keep)
     kept_embeds, kept_pos = gather_kept_ref(visual_embeds, visual_position_ids, kept_idx)
     return kept_embeds, kept_pos, kept_idx, cu_kept, scores
@@ -398,16 +396,11 @@ def prune_and_merge_ref(
     cu_seqlens: torch.Tensor,
     visual_embeds: torch.Tensor,
     mapper: MapperArgs = _NO_MAPPER,
-    keep_ratio: float | None = None,
-    keep_count: int | None = None,
-    keep_mass: float | None = None,
-    min_keep_ratio: float = 0.0,
-    max_keep_ratio: float = 1.0,
+    keep: KeepRule = _NO_KEEP,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stages a-c then the merge: ``prune_and_merge`` with its arguments grouped as in
     :func:`prune_visual_tokens_ref`. Returns (embeds, position_ids_out, cu_seqlens_out, src_idx,
     kept_idx, scores)."""
-    keep = KeepRule(keep_ratio, keep_count, keep_mass, min_keep_ratio, max_keep_ratio)
     scores, kept_idx, _ = _kept_ref(scoring, mapper, keep)
     merged = merge_kept_ref(
         inputs_embeds, position_ids, cu_seqlens, visual_embeds, scoring.visual_idx,

@@ -79,6 +79,18 @@ class MergeArgs(NamedTuple):
     kept_idx: torch.Tensor
 
 
+class KeepRule(NamedTuple):
+    """How many visual tokens each sample keeps: exactly one of ``keep_ratio``, ``keep_count``
+    and ``keep_mass`` (the adaptive rule, bounded by ``min_keep_ratio`` / ``max_keep_ratio``).
+    The keep arguments of ``select_topk`` and of the composites, in their order."""
+
+    keep_ratio: float | None = None
+    keep_count: int | None = None
+    keep_mass: float | None = None
+    min_keep_ratio: float = 0.0
+    max_keep_ratio: float = 1.0
+
+
 class PruneArgs(NamedTuple):
     """``prune_visual_tokens``'s arguments grouped, in ``prune_visual_tokens_ref``'s order."""
 
@@ -86,15 +98,7 @@ class PruneArgs(NamedTuple):
     visual_embeds: torch.Tensor
     visual_position_ids: torch.Tensor
     mapper: MapperArgs
-    keep_ratio: float | None
-    keep_count: int | None
-    keep_mass: float | None = None
-    min_keep_ratio: float = 0.0
-    max_keep_ratio: float = 1.0
-
-    @property
-    def keep(self) -> KeepRule:
-        return KeepRule(*self[-5:])
+    keep: KeepRule
 
 
 class PruneMergeArgs(NamedTuple):
@@ -106,15 +110,7 @@ class PruneMergeArgs(NamedTuple):
     cu_seqlens: torch.Tensor
     visual_embeds: torch.Tensor
     mapper: MapperArgs
-    keep_ratio: float | None
-    keep_count: int | None
-    keep_mass: float | None = None
-    min_keep_ratio: float = 0.0
-    max_keep_ratio: float = 1.0
-
-    @property
-    def keep(self) -> KeepRule:
-        return KeepRule(*self[-5:])
+    keep: KeepRule
 
     def merge(self, kept_idx: torch.Tensor) -> MergeArgs:
         """The merge's arguments for ``kept_idx`` (the visual indices and offsets: stage a's)."""
@@ -201,18 +197,6 @@ def check_offsets(name: str, values: Sequence[int], total: int, total_name: str)
             )
     if values[-1] != total:
         _fail(f"{name} must end at {total_name} = {total}, got {name}[-1] = {values[-1]}")
-
-
-class KeepRule(NamedTuple):
-    """How many visual tokens each sample keeps: exactly one of ``keep_ratio``, ``keep_count``
-    and ``keep_mass`` (the adaptive rule, bounded by ``min_keep_ratio`` / ``max_keep_ratio``).
-    The keep arguments of ``select_topk`` and of the composites, in their order."""
-
-    keep_ratio: float | None = None
-    keep_count: int | None = None
-    keep_mass: float | None = None
-    min_keep_ratio: float = 0.0
-    max_keep_ratio: float = 1.0
 
 
 #: How ``select_topk``'s scores become the relevance whose mass ``keep_mass`` thresholds:
@@ -531,7 +515,7 @@ def check_prune_values(a: PruneArgs) -> list[int]:
     """The value checks of ``prune_visual_tokens`` (stage a's, then ``keep_count`` against every
     sample), in one device read. Returns the visual offsets [B+1] as Python ints."""
     bv = check_instruction_attention_values(a.scoring)
-    check_keep_count_values(a.keep_count, bv)
+    check_keep_count_values(a.keep.keep_count, bv)
     return bv
 
 
@@ -541,7 +525,7 @@ def check_prune_merge_values(a: PruneMergeArgs) -> list[int]:
     sequence; ``visual_idx``'s order and ``cu_seqlens_v`` are stage a's already). Returns the
     visual offsets."""
     bv, bl, bad = _check_scoring_values(a.scoring, a.cu_seqlens)
-    check_keep_count_values(a.keep_count, bv)
+    check_keep_count_values(a.keep.keep_count, bv)
     check_offsets("cu_seqlens", bl, a.inputs_embeds.shape[0], "inputs_embeds.shape[0]")
     if bad:
         _detailed_merge_positions(a.scoring.visual_idx, a.scoring.cu_seqlens_v, None, bl)

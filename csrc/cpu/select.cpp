@@ -36,7 +36,6 @@
 #include <functional>
 #include <memory>
 #include <optional>
-#include <string_view>
 #include <tuple>
 #include <vector>
 
@@ -164,10 +163,7 @@ std::tuple<at::Tensor, at::Tensor> select_topk_cpu(const at::Tensor& scores,
                                                    const at::Tensor& keep_counts,
                                                    std::optional<int64_t> total_kept) {
   const c10::Device cpu(c10::kCPU);
-  check_dim(scores, "scores", 1, "[Tv]");
-  check_float(scores, "scores");
-  check_device(scores, "scores", cpu);
-  const int64_t tv = scores.size(0);
+  const int64_t tv = check_scores(scores, cpu);
   const std::vector<int64_t> cu = read_offsets(cu_seqlens_v, "cu_seqlens_v", tv, "Tv");
   const int64_t batch = static_cast<int64_t>(cu.size()) - 1;
   check_dim(keep_counts, "keep_counts", 1, "[B]");
@@ -254,23 +250,10 @@ at::Tensor mass_keep_counts_cpu(const at::Tensor& scores, const at::Tensor& cu_s
                                 const at::Tensor& keep_bounds, double keep_mass,
                                 c10::string_view relevance) {
   const c10::Device cpu(c10::kCPU);
-  check_dim(scores, "scores", 1, "[Tv]");
-  check_float(scores, "scores");
-  check_device(scores, "scores", cpu);
-  const int64_t tv = scores.size(0);
+  const int64_t tv = check_scores(scores, cpu);
   const std::vector<int64_t> cu = read_offsets(cu_seqlens_v, "cu_seqlens_v", tv, "Tv");
   const int64_t batch = static_cast<int64_t>(cu.size()) - 1;
-  check_dim(keep_bounds, "keep_bounds", 2, "[2, B]");
-  check_int64(keep_bounds, "keep_bounds");
-  check_device(keep_bounds, "keep_bounds", cpu);
-  TORCH_CHECK_VALUE(keep_bounds.size(0) == 2 && keep_bounds.size(1) == batch,
-                    "keep_bounds must be [2, B = ", batch, "], got ", keep_bounds.sizes());
-  TORCH_CHECK_VALUE(keep_mass > 0.0 && keep_mass <= 1.0, "keep_mass must be in (0, 1], got ",
-                    keep_mass);
-  const std::string_view rel(relevance.data(), relevance.size());
-  TORCH_CHECK_VALUE(rel == "softmax" || rel == "normalize",
-                    "relevance must be 'softmax' or 'normalize', got '", rel, "'");
-  const bool softmax = rel == "softmax";
+  const bool softmax = check_mass_args(keep_bounds, batch, cpu, keep_mass, relevance);
   const std::vector<int64_t> lo = to_int64_vector(keep_bounds[0]);
   const std::vector<int64_t> hi = to_int64_vector(keep_bounds[1]);
   for (int64_t b = 0; b < batch; ++b) {

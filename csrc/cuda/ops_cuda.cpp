@@ -163,6 +163,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_kept_cuda(
 
 // ------------------------------------------------------------------------------------ select
 
+// Scores [Tv] (Tv < 2^31: the sort's indices are int32) and their offsets [B+1] on `device`:
+// (Tv, B).
+std::tuple<int64_t, int64_t> check_ranked(const at::Tensor& scores, const at::Tensor& cu_seqlens_v,
+                                          const c10::Device& device) {
+  const int64_t tv = check_scores(scores, device);
+  TORCH_CHECK_VALUE(tv <= INT32_MAX, "scores must have fewer than 2^31 entries, got ", tv);
+  check_offsets_meta(cu_seqlens_v, "cu_seqlens_v");
+  check_device(cu_seqlens_v, "cu_seqlens_v", device);
+  return {tv, cu_seqlens_v.size(0) - 1};
+}
+
 // The selection's arguments, checked: scores [Tv] float, offsets [B+1], keep_counts [B] int64,
 // all on `device`; total_kept in [0, Tv].
 struct Selection {
@@ -176,14 +187,7 @@ struct Selection {
 Selection check_selection(const at::Tensor& scores, const at::Tensor& cu_seqlens_v,
                           const at::Tensor& keep_counts, std::optional<int64_t> total_kept,
                           const c10::Device& device) {
-  check_dim(scores, "scores", 1, "[Tv]");
-  check_float(scores, "scores");
-  check_device(scores, "scores", device);
-  const int64_t tv = scores.size(0);
-  TORCH_CHECK_VALUE(tv <= INT32_MAX, "scores must have fewer than 2^31 entries, got ", tv);
-  check_offsets_meta(cu_seqlens_v, "cu_seqlens_v");
-  check_device(cu_seqlens_v, "cu_seqlens_v", device);
-  const int64_t batch = cu_seqlens_v.size(0) - 1;
+  const auto [tv, batch] = check_ranked(scores, cu_seqlens_v, device);
   check_dim(keep_counts, "keep_counts", 1, "[B]");
   check_int64(keep_counts, "keep_counts");
   check_device(keep_counts, "keep_counts", device);
@@ -290,23 +294,8 @@ at::Tensor mass_keep_counts_cuda(const at::Tensor& scores, const at::Tensor& cu_
                                  c10::string_view relevance) {
   const c10::Device device = check_backend(scores, "scores", c10::kCUDA);
   const c10::cuda::CUDAGuard guard(device);
-  check_dim(scores, "scores", 1, "[Tv]");
-  check_float(scores, "scores");
-  const int64_t tv = scores.size(0);
-  TORCH_CHECK_VALUE(tv <= INT32_MAX, "scores must have fewer than 2^31 entries, got ", tv);
-  check_offsets_meta(cu_seqlens_v, "cu_seqlens_v");
-  check_device(cu_seqlens_v, "cu_seqlens_v", device);
-  const int64_t batch = cu_seqlens_v.size(0) - 1;
-  check_dim(keep_bounds, "keep_bounds", 2, "[2, B]");
-  check_int64(keep_bounds, "keep_bounds");
-  check_device(keep_bounds, "keep_bounds", device);
-  TORCH_CHECK_VALUE(keep_bounds.size(0) == 2 && keep_bounds.size(1) == batch,
-                    "keep_bounds must be [2, B = ", batch, "], got ", keep_bounds.sizes());
-  TORCH_CHECK_VALUE(keep_mass > 0.0 && keep_mass <= 1.0, "keep_mass must be in (0, 1], got ",
-                    keep_mass);
-  const bool softmax = relevance == "softmax";
-  TORCH_CHECK_VALUE(softmax || relevance == "normalize",
-                    "relevance must be 'softmax' or 'normalize', got '", relevance, "'");
+  const auto [tv, batch] = check_ranked(scores, cu_seqlens_v, device);
+  const bool softmax = check_mass_args(keep_bounds, batch, device, keep_mass, relevance);
   const at::Tensor cu_v = as_int64(cu_seqlens_v);
   const at::Tensor bounds = keep_bounds.contiguous();
   at::Tensor counts = at::empty({batch}, cu_v.options());

@@ -82,6 +82,17 @@ def merged(backend_name: str, device: str, inp: PruningInputs, params, **kw) -> 
     return tuple(t.cpu() for t in out)
 
 
+def assert_merged(out: tuple, inp: PruningInputs, kept: torch.Tensor) -> None:
+    """``prune_and_merge``'s outputs ``out`` are the reference merge of ``kept``, and ``kept``."""
+    want = reference.merge_kept_ref(
+        inp.inputs_embeds, inp.position_ids, inp.cu_seqlens, inp.visual_embeds, inp.visual_idx,
+        inp.cu_seqlens_v, kept,
+    )  # fmt: skip
+    assert torch.equal(out[4], kept)
+    for g, w in zip(out[:4], want, strict=True):
+        assert torch.equal(g, w)
+
+
 @pytest.mark.parametrize(("backend_name", "device"), BACKENDS)
 @pytest.mark.parametrize("use_mapper", [False, True], ids=["raw_attention", "mapper"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -126,16 +137,10 @@ def test_prune_and_merge_equals_chain(backend_name, device, keep, dtype, use_map
         scores, inp.cu_seqlens_v, reference.keep_counts_ref(inp.cu_seqlens_v, **keep)
     )
     out = merged(backend_name, device, inp, params, q_pos=inp.q_pos, **keep)
-    want = reference.merge_kept_ref(
-        inp.inputs_embeds, inp.position_ids, inp.cu_seqlens, inp.visual_embeds, inp.visual_idx,
-        inp.cu_seqlens_v, kept,
-    )  # fmt: skip
-    assert torch.equal(out[4], kept)
+    assert_merged(out, inp, kept)
     assert torch.equal(
         out[4], pruned(backend_name, device, inp, params, q_pos=inp.q_pos, **keep)[2]
     )
-    for g, w in zip(out[:4], want, strict=True):
-        assert torch.equal(g, w)
     torch.testing.assert_close(out[5], scores, **scores_tolerance(backend_name))
     if keep.get("keep_ratio") == 1.0:
         assert out[0].shape[0] == inp.inputs_embeds.shape[0]
@@ -209,14 +214,9 @@ def test_composites_keep_mass(backend_name, device, use_mapper, dtype):
     assert torch.equal(out[0], inp.visual_embeds[kept])
     n = (inp.cu_seqlens_v[1:] - inp.cu_seqlens_v[:-1]).tolist()
     assert counts.tolist() != [max(1, round(0.8 * m)) if m else 0 for m in n]  # not all capped
-    got = merged(backend_name, device, inp, params, q_pos=inp.q_pos, **MASS_KEEP)
-    want = reference.merge_kept_ref(
-        inp.inputs_embeds, inp.position_ids, inp.cu_seqlens, inp.visual_embeds, inp.visual_idx,
-        inp.cu_seqlens_v, kept,
-    )  # fmt: skip
-    assert torch.equal(got[4], kept)
-    for g, w in zip(got[:4], want, strict=True):
-        assert torch.equal(g, w)
+    assert_merged(
+        merged(backend_name, device, inp, params, q_pos=inp.q_pos, **MASS_KEEP), inp, kept
+    )
 
 
 @pytest.mark.parametrize(("backend_name", "device"), BACKENDS)

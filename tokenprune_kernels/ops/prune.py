@@ -52,8 +52,9 @@ def _grouped(cls: type, public: Callable, args: tuple, kwargs: dict) -> Any:
     call = {**defaults, **dict(zip(names, args, strict=False)), **kwargs}
     scoring = v.ScoringArgs(**{f: call[f] for f in v.ScoringArgs._fields})
     mapper = v.MapperArgs(*(call[f"mapper_{f}"] for f in v.MapperArgs._fields))
-    rest = {f: call[f] for f in cls._fields if f not in ("scoring", "mapper")}
-    return cls(scoring=scoring, mapper=mapper, **rest)
+    keep = v.KeepRule(**{f: call[f] for f in v.KeepRule._fields})
+    rest = {f: call[f] for f in cls._fields if f not in ("scoring", "mapper", "keep")}
+    return cls(scoring=scoring, mapper=mapper, keep=keep, **rest)
 
 
 @functools.cache
