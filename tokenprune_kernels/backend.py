@@ -127,12 +127,16 @@ _REF = "tokenprune_kernels.reference"
 _TRITON = "tokenprune_kernels.triton"
 _TOTAL = ("total_kept",)
 
-_GATHER = Impl(
-    f"{_OPS}.gather:_gather_kept_compiled", "_gather_kept", f"{_OPS}.gather:_gather_kept_fake"
-)
-_MERGE = Impl(
-    f"{_OPS}.gather:_merge_kept_compiled", "_merge_kept", f"{_OPS}.gather:_merge_kept_fake"
-)
+
+def _adapted(kernel: str, hints: tuple[str, ...] = ()) -> Impl:
+    """A compiled op of stage d called through its adapter in ``ops/gather.py``,
+    ``<kernel>_compiled`` (the stage's convention: 1-D position ids too), its fake
+    ``<kernel>_fake`` beside it."""
+    return Impl(f"{_OPS}.gather:{kernel}_compiled", kernel, f"{_OPS}.gather:{kernel}_fake", hints)
+
+
+_GATHER = _adapted("_gather_kept")
+_MERGE = _adapted("_merge_kept")
 _MASS = Impl(kernel="_mass_keep_counts", fake=f"{_OPS}.select:_mass_keep_counts_fake")
 _SELECT = Impl(kernel="_select_topk", fake=f"{_OPS}.select:_select_topk_fake", hints=_TOTAL)
 
@@ -179,21 +183,11 @@ OPS: dict[str, dict[str, Impl]] = {
 #: (stage, next stage) -> backend -> one implementation of both (see "Fusion" above).
 FUSED: dict[tuple[str, str], dict[str, Impl]] = {
     ("select_topk", "gather_kept"): {
-        "cuda": Impl(
-            f"{_OPS}.gather:_select_gather_kept_compiled",
-            "_select_gather_kept",
-            f"{_OPS}.gather:_select_gather_kept_fake",
-            hints=_TOTAL,
-        ),
+        "cuda": _adapted("_select_gather_kept", _TOTAL),
         "triton": Impl(f"{_TRITON}.gather:select_gather_triton", hints=_TOTAL),
     },
     ("select_topk", "merge_kept"): {
-        "cuda": Impl(
-            f"{_OPS}.gather:_select_merge_kept_compiled",
-            "_select_merge_kept",
-            f"{_OPS}.gather:_select_merge_kept_fake",
-            hints=_TOTAL,
-        ),
+        "cuda": _adapted("_select_merge_kept", _TOTAL),
         "triton": Impl(f"{_TRITON}.gather:select_merge_triton", hints=_TOTAL),
     },
 }

@@ -139,5 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(args.func(args))
 
 
+def run_subcommand(name: str, argv: Sequence[str] | None = None) -> int:
+    """``tokenprune <name> ...``: what a subcommand's module runs as its own ``main``
+    (``python -m tokenprune_kernels.grounded.evaluate ...``). ``argv``: the words after the
+    subcommand's name (default ``sys.argv[1:]``)."""
+    return main([name, *(sys.argv[1:] if argv is None else argv)])
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

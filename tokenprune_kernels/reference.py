@@ -13,7 +13,14 @@ from collections.abc import Sequence
 import torch
 
 from tokenprune_kernels.mapper.functional import mapper_forward_ref
-from tokenprune_kernels.validation import KeepRule, MapperArgs, ScoringArgs, segment_ids
+from tokenprune_kernels.validation import (
+    KeepRule,
+    MapperArgs,
+    MergeArgs,
+    ScoringArgs,
+    flat_args,
+    segment_ids,
+)
 
 __all__ = [
     "KeepRule",
@@ -39,19 +46,11 @@ def _bounds(cu_seqlens: torch.Tensor) -> list[int]:
     return [int(x) for x in cu_seqlens.tolist()]
 
 
-def instruction_attention_ref(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    visual_idx: torch.Tensor,
-    cu_seqlens_v: torch.Tensor,
-    q_pos: torch.Tensor | None = None,
-    softmax_scale: float | None = None,
-) -> torch.Tensor:
+@flat_args(ScoringArgs)
+def instruction_attention_ref(s: ScoringArgs) -> torch.Tensor:
     """Layer-0 instruction-to-visual attention, averaged over heads and instruction rows.
 
-    Args:
+    Args (flat, bound as :class:`ScoringArgs`):
         q: [Tq, Hq, D] float32/float16/bfloat16, instruction queries after rotary embedding.
         k: [Tk, Hk, D] same dtype, keys of every token the queries see, after rotary embedding.
         cu_seqlens_q, cu_seqlens_k, cu_seqlens_v: [B+1] int32/int64 packed offsets.
@@ -64,6 +63,7 @@ def instruction_attention_ref(
         [Tv] float32: mean over heads and queries of the causal softmax over all visible keys,
         read at the visual columns.
     """
+    q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale = s
     hq, d = q.shape[1], q.shape[2]
     group = hq // k.shape[1]
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
@@ -291,18 +291,11 @@ def gather_kept_ref(
     return visual_embeds.index_select(0, kept_idx), position_ids.index_select(-1, kept_idx)
 
 
-def merge_kept_ref(
-    inputs_embeds: torch.Tensor,
-    position_ids: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    visual_embeds: torch.Tensor,
-    visual_idx: torch.Tensor,
-    cu_seqlens_v: torch.Tensor,
-    kept_idx: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@flat_args(MergeArgs)
+def merge_kept_ref(a: MergeArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The pruned input sequence: text rows and kept visual rows, in sequence order.
 
-    Args:
+    Args (flat, bound as :class:`MergeArgs`):
         inputs_embeds: [Tl, H] text embeddings of the full sequences (visual rows ignored).
         position_ids: [Tl] or [R, Tl] int32/int64 original ids.
         cu_seqlens: [B+1] offsets of the full sequences.
@@ -315,6 +308,7 @@ def merge_kept_ref(
         embeds [To, H], position_ids [To] or [R, To], cu_seqlens_out [B+1] (dtype of
         ``cu_seqlens``), src_idx [To] int64 (packed full-sequence row of each output row).
     """
+    inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx = a
     tl, tv = inputs_embeds.shape[0], visual_embeds.shape[0]
     device = inputs_embeds.device
     seg_v = segment_ids(cu_seqlens_v, tv)

@@ -88,6 +88,23 @@ def simple_layout(
     return layout
 
 
+#: Batches for stage a's parity tests (each backend's tests add their own long ones). ``ragged``:
+#: two images then 3 queries; a sample without visual tokens; 5 queries (key lengths 21, 4, 24,
+#: no multiple of a block). ``interleaved``: queries before and between the images (q_pos given),
+#: so some visual keys come after some queries; one query in the second sample.
+ATTENTION_LAYOUTS: dict[str, list[list[Segment]]] = {
+    "ragged": [
+        [("t", 3), ("v", 7), ("t", 2), ("v", 5), ("q", 3), ("t", 1)],
+        [("t", 2), ("q", 2)],
+        [("v", 19), ("q", 5)],
+    ],
+    "interleaved": [
+        [("t", 2), ("q", 2), ("v", 9), ("q", 1), ("v", 4), ("q", 4)],
+        [("t", 1), ("v", 3), ("q", 1)],
+    ],
+}
+
+
 def make_inputs(
     layouts: Sequence[Sequence[Segment]],
     heads_q: int = 4,

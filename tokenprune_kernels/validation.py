@@ -21,10 +21,12 @@ A leaf module (it imports torch only), so :mod:`tokenprune_kernels.mapper` and
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -119,6 +121,30 @@ class PruneMergeArgs(NamedTuple):
             self.inputs_embeds, self.position_ids, self.cu_seqlens, self.visual_embeds,
             s.visual_idx, s.cu_seqlens_v, kept_idx,
         )  # fmt: skip
+
+
+def flat_args(bundle: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: an implementation ``fn(b, *, options)`` taking a ``bundle`` (a NamedTuple above)
+    becomes callable with the bundle's fields flat, positionally or by name (as
+    ``bundle(*args, **kwargs)`` binds them), then ``fn``'s own keyword-only options. The wrapper's
+    signature says so (for ``inspect`` and the op table's convention test), so the flat argument
+    list of a stage is written once, in its bundle, however many implementations take it."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(fn)
+        own = [p for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY]
+        names = frozenset(p.name for p in own)
+
+        @functools.wraps(fn)
+        def flat(*args: Any, **kwargs: Any) -> Any:
+            options = {n: kwargs.pop(n) for n in names & kwargs.keys()}
+            return fn(bundle(*args, **kwargs), **options)
+
+        fields = list(inspect.signature(bundle).parameters.values())
+        flat.__signature__ = sig.replace(parameters=[*fields, *own])  # type: ignore[attr-defined]
+        return flat
+
+    return wrap
 
 
 def _fail(message: str) -> None:

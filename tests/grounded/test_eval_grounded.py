@@ -16,10 +16,8 @@ from tokenprune_kernels.grounded import labels_pipeline as LP
 from tokenprune_kernels.grounded import methods as M
 from tokenprune_kernels.grounded.model import (
     TOKEN_ID,
-    build_config,
     build_inputs,
     build_model,
-    build_processor,
     save_model_dir,
 )
 from tokenprune_kernels.grounded.scenes import make_sample
@@ -27,22 +25,8 @@ from tokenprune_kernels.labels import read_labels
 from tokenprune_kernels.mapper import MapperConfig, TokenMapper, save_mapper
 
 SIZES = [(64, 80), (96, 64)]
+MODEL_SEED = 1  # the ``model`` and ``eager`` fixtures (conftest.py)
 RATIOS = [1.0, 0.5, 0.25]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return build_model(seed=1)
-
-
-@pytest.fixture(scope="module")
-def eager():
-    return build_model(build_config(attn_implementation="eager"), seed=1)
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return build_processor()
 
 
 @pytest.fixture(scope="module")

@@ -12,31 +12,14 @@ import torch
 
 from tokenprune_kernels.grounded import methods as M
 from tokenprune_kernels.grounded.model import (
-    build_config,
     build_inputs,
-    build_model,
-    build_processor,
 )
 from tokenprune_kernels.grounded.scenes import make_sample
 from tokenprune_kernels.mapper import MapperConfig, TokenMapper
 from tokenprune_kernels.transformers import apply_tokenprune, last_pruned, revert_tokenprune
 
 SIZES = [(80, 112), (64, 144), (112, 80)]  # 35, 36, 35 visual tokens
-
-
-@pytest.fixture(scope="module")
-def model():
-    return build_model(seed=3)
-
-
-@pytest.fixture(scope="module")
-def eager():
-    return build_model(build_config(attn_implementation="eager"), seed=3)
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return build_processor()
+MODEL_SEED = 3  # the ``model`` and ``eager`` fixtures (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -34,11 +34,7 @@ def _cases(dtype=torch.float32):
     inp, params, attn, kept = _inputs(dtype)
     ops = torch.ops.tokenprune
     return {
-        "instruction_attention": (
-            ops.instruction_attention.default,
-            (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v,
-             inp.q_pos, None),
-        ),
+        "instruction_attention": (ops.instruction_attention.default, tuple(inp.scoring(q_pos=True))),
         "mapper_forward": (ops.mapper_forward.default, (attn, inp.cu_seqlens_v, params, 5, 1e-4)),
         "select_topk": (ops.select_topk.default, (attn.to(dtype), inp.cu_seqlens_v, 0.5, None)),
         "select_topk[mass]": (
@@ -185,11 +181,7 @@ def _cuda_cases():
     ops = torch.ops.tokenprune
     counts = torch.tensor([3, 0, 4], device="cuda")
     return {
-        "_instruction_attention": (
-            ops._instruction_attention.default,
-            (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v,
-             inp.q_pos, None),
-        ),
+        "_instruction_attention": (ops._instruction_attention.default, tuple(inp.scoring(q_pos=True))),
         "_mapper_forward": (ops._mapper_forward.default, (attn, inp.cu_seqlens_v, params, 5, 1e-4)),
         "_select_topk": (ops._select_topk.default, (attn, inp.cu_seqlens_v, counts, 7)),
         "_mass_keep_counts": (

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tokenprune_kernels.reference import instruction_attention_ref
-from tokenprune_kernels.testing import make_inputs
+from tokenprune_kernels.testing import ATTENTION_LAYOUTS, make_inputs
 
 pytest.importorskip("triton")
 
@@ -22,19 +22,7 @@ from tokenprune_kernels.triton import instruction_attention_triton
 pytestmark = pytest.mark.interpret
 
 LAYOUTS = {
-    # Ragged batch of 3: two images then 3 queries; no visual tokens (passes through); 5 queries.
-    # Key lengths 21, 4, 24: not a multiple of any block.
-    "ragged": [
-        [("t", 3), ("v", 7), ("t", 2), ("v", 5), ("q", 3), ("t", 1)],
-        [("t", 2), ("q", 2)],
-        [("v", 19), ("q", 5)],
-    ],
-    # Queries before and between the images: some visual keys come after some queries (q_pos
-    # given). One query in the second sample.
-    "interleaved": [
-        [("t", 2), ("q", 2), ("v", 9), ("q", 1), ("v", 4), ("q", 4)],
-        [("t", 1), ("v", 3), ("q", 1)],
-    ],
+    **ATTENTION_LAYOUTS,  # ragged (a sample without visual tokens passes through), interleaved
     # Longer keys (70 = 4.4 blocks of 16), so the online softmax rescales across blocks and splits.
     "long": [[("t", 5), ("v", 37), ("t", 3), ("v", 21), ("q", 4)], [("v", 2), ("q", 1)]],
 }

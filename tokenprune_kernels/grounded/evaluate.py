@@ -418,23 +418,23 @@ def format_report(results: dict[str, Any], header: dict[str, str], command: str)
         "",
         "## Accuracy (%): mean over seeds (min-max)",
         "",
-        "| method | " + " | ".join(f"keep {float(r):.1%}" for r in ratios) + " |",
-        "|---|" + "---|" * len(ratios),
     ]
-    for m in methods:
-        cells = [_cell(list(results["accuracy"][m][r].values())) for r in ratios]
-        lines.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+
+    def table(cell: Callable[[str, str], str]) -> list[str]:
+        """A method x keep-ratio table, ``cell(method, ratio)`` in each cell."""
+        rows = [
+            f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(cell(m, r) for r in ratios) + " |"
+            for m in methods
+        ]
+        head = "| method | " + " | ".join(f"keep {float(r):.1%}" for r in ratios) + " |"
+        return [head, "|---|" + "---|" * len(ratios), *rows]
+
+    lines += table(lambda m, r: _cell(list(results["accuracy"][m][r].values())))
     lines += [
         "",
         "## Accuracy relative to no pruning (%): mean over seeds of the per-seed ratio (min-max)",
         "",
-        "| method | " + " | ".join(f"keep {float(r):.1%}" for r in ratios) + " |",
-        "|---|" + "---|" * len(ratios),
-    ]
-    for m in methods:
-        cells = [_cell(list(results["relative"][m][r].values())) for r in ratios]
-        lines.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
-    lines += [
+        *table(lambda m, r: _cell(list(results["relative"][m][r].values()))),
         "",
         "## Prefill time (ms, median over the first seed's samples, one prompt)",
         "",
@@ -442,12 +442,8 @@ def format_report(results: dict[str, Any], header: dict[str, str], command: str)
         "tokens (oracle: label computation not counted). Real path: `model(**inputs)` unpatched, "
         "or patched with `apply_tokenprune(model, keep_ratio, mapper=...)`.",
         "",
-        "| method | " + " | ".join(f"keep {float(r):.1%}" for r in ratios) + " |",
-        "|---|" + "---|" * len(ratios),
+        *table(lambda m, r: _ms(results["prefill_ms"][m][r])),
     ]
-    for m in methods:
-        cells = [_ms(results["prefill_ms"][m][r]) for r in ratios]
-        lines.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
     for m, d in results["real_prefill_ms"].items():
         cells = [_ms(d[r]) for r in ratios]
         lines.append(f"| real path: {METHOD_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
@@ -456,12 +452,8 @@ def format_report(results: dict[str, Any], header: dict[str, str], command: str)
         "Selection + language model only (the shared vision tower + merge + M-RoPE ids take "
         f"{_ms(results['vision_merge_ms'])} ms, median):",
         "",
-        "| method | " + " | ".join(f"keep {float(r):.1%}" for r in ratios) + " |",
-        "|---|" + "---|" * len(ratios),
+        *table(lambda m, r: _ms(results["select_llm_ms"][m][r])),
     ]
-    for m in methods:
-        cells = [_ms(results["select_llm_ms"][m][r]) for r in ratios]
-        lines.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
     mm = results["real_path_mismatches"]
     if mm:
         lines += [
@@ -631,9 +623,9 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m tokenprune_kernels.grounded.evaluate ...`` (same options as ``tokenprune
     eval``)."""
-    p = _configure(argparse.ArgumentParser(prog="tokenprune eval"))
-    args = p.parse_args(argv)
-    return cmd_eval(args, ["eval", *(sys.argv[1:] if argv is None else argv)])
+    from tokenprune_kernels.cli import run_subcommand
+
+    return run_subcommand("eval", argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

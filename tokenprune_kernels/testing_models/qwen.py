@@ -24,6 +24,7 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
+from tokenprune_kernels.grounded.model import qwen_vl_config
 from tokenprune_kernels.mapper import mapper_forward_ref
 from tokenprune_kernels.reference import select_topk_ref
 from tokenprune_kernels.testing import oracle_keep_counts
@@ -83,14 +84,7 @@ def make_config(model_type: str):
         in_channels=CHANNELS, patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TPATCH
     )
     cfg_cls, _ = _CLASSES[model_type]
-    return cfg_cls(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=IMAGE_ID,
-        video_token_id=VIDEO_ID,
-        vision_start_token_id=VSTART_ID,
-        vision_end_token_id=VEND_ID,
-    )
+    return qwen_vl_config(cfg_cls, text, vision, (IMAGE_ID, VIDEO_ID, VSTART_ID, VEND_ID))
 
 
 def make_model(model_type: str, attn: str = "sdpa", seed: int = 0):

@@ -54,6 +54,7 @@ from torch import nn
 from tokenprune_kernels.mapper import TokenMapper, load_mapper
 from tokenprune_kernels.transformers.patch import (
     SUPPORTED_TRANSFORMERS,
+    Continuation,
     FamilySpec,
     GenerationState,
     TokenPrunePatch,
@@ -243,6 +244,7 @@ def last_pruned(model: nn.Module) -> PrunedInputs | None:
 __all__ = [
     "FAMILIES",
     "SUPPORTED_TRANSFORMERS",
+    "Continuation",
     "FamilySpec",
     "GenerationState",
     "InstructionMaskSpec",

@@ -88,6 +88,7 @@ import triton
 import triton.language as tl
 
 from tokenprune_kernels._nvtx import stage_range
+from tokenprune_kernels.validation import ScoringArgs, flat_args
 
 __all__ = ["instruction_attention_triton"]
 
@@ -420,15 +421,9 @@ def _block_v(largest: int, smallest: int, sms: int, total_v: int, n_batch: int) 
     return block
 
 
+@flat_args(ScoringArgs)
 def instruction_attention_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    visual_idx: torch.Tensor,
-    cu_seqlens_v: torch.Tensor,
-    q_pos: torch.Tensor | None = None,
-    softmax_scale: float | None = None,
+    s: ScoringArgs,
     *,
     num_splits: int | None = None,
     block_m: int | None = None,
@@ -441,7 +436,7 @@ def instruction_attention_triton(
     the values are already validated by the op layer (only shapes are asserted here). Two kernel
     launches, no host-device synchronisation (see the module docstring).
 
-    Args:
+    Args (flat, bound as :class:`~tokenprune_kernels.validation.ScoringArgs`, then the options):
         q: [Tq, Hq, D] float32/float16/bfloat16, instruction queries after rotary embedding.
         k: [Tk, Hk, D] same dtype, keys of every token the queries see; ``Hq % Hk == 0``.
         cu_seqlens_q, cu_seqlens_k, cu_seqlens_v: [B+1] int32/int64 packed offsets.
@@ -456,7 +451,11 @@ def instruction_attention_triton(
     Returns:
         [Tv] float32 on the device of ``q``.
     """
-    with stage_range("tokenprune.instruction_attention", q.device):
+    with stage_range("tokenprune.instruction_attention", s.q.device):
+        # The kernels index the offsets and indices as flat arrays (no-ops when contiguous).
+        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale = (
+            s.contiguous()
+        )
         assert q.dim() == 3 and k.dim() == 3 and q.shape[2] == k.shape[2], (q.shape, k.shape)
         assert q.shape[1] % k.shape[1] == 0, (q.shape, k.shape)
         assert visual_idx.dim() == 1 and cu_seqlens_v.dim() == 1, visual_idx.shape
@@ -472,12 +471,6 @@ def instruction_attention_triton(
             q = q.contiguous()
         if k.stride(2) != 1:
             k = k.contiguous()
-        # The kernels index these as flat arrays (no-ops for the usual contiguous tensors).
-        cu_seqlens_q, cu_seqlens_k, cu_seqlens_v, visual_idx = (
-            t.contiguous() for t in (cu_seqlens_q, cu_seqlens_k, cu_seqlens_v, visual_idx)
-        )
-        if q_pos is not None:
-            q_pos = q_pos.contiguous()
         scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
         cfg = _launch_config(q.dtype, head_dim)
         bm = block_m or int(cfg["BLOCK_M"])

@@ -51,6 +51,7 @@ import triton.language as tl
 
 from tokenprune_kernels._nvtx import stage_range
 from tokenprune_kernels.triton import select as sel
+from tokenprune_kernels.validation import MergeArgs, flat_args
 
 __all__ = ["gather_kept_triton", "merge_kept_triton", "select_gather_triton", "select_merge_triton"]
 
@@ -250,19 +251,15 @@ def gather_kept_triton(
         return _copy_rows(None, visual_embeds, kept_idx, position_ids, kept_idx)
 
 
+@flat_args(MergeArgs)
 def merge_kept_triton(
-    inputs_embeds: torch.Tensor,
-    position_ids: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    visual_embeds: torch.Tensor,
-    visual_idx: torch.Tensor,
-    cu_seqlens_v: torch.Tensor,
-    kept_idx: torch.Tensor,
+    a: MergeArgs,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The pruned sequence for a given selection: arguments (shapes, dtypes, any strides) and
     results exactly as :func:`tokenprune_kernels.reference.merge_kept_ref`, for validated
     arguments (``kept_idx`` strictly increasing). To = Tl - Tv + Tk rows. Two launches, no sync.
     """
+    inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx = a
     with stage_range("tokenprune.merge_kept", inputs_embeds.device):
         cu_seqlens, cu_seqlens_v, visual_idx, kept_idx = sel._flat(
             cu_seqlens, cu_seqlens_v, visual_idx, kept_idx
