@@ -155,12 +155,15 @@ def test_empty_batch(backend_name, device):
     with backend.use_backend(backend_name):
         attn = tp.instruction_attention(q, k, cu, cu, idx, cu)
         kept, cu_kept = tp.select_topk(attn, cu, keep_ratio=0.5)
+        adaptive = tp.select_topk(attn, cu, keep_mass=0.5)
+        counts = tp.mass_keep_counts(attn, cu, 0.5)
         out = tp.prune_and_merge(
             q, k, cu, cu, torch.zeros(0, 8, device=device),
             torch.zeros(3, 0, dtype=torch.int64, device=device), cu,
             torch.zeros(0, 8, device=device), idx, cu, keep_ratio=0.5,
         )  # fmt: skip
     assert attn.shape == (0,) and kept.shape == (0,) and cu_kept.tolist() == [0]
+    assert adaptive[0].shape == (0,) and adaptive[1].tolist() == [0] and counts.shape == (0,)
     assert out[0].shape == (0, 8) and out[1].shape == (3, 0) and out[2].tolist() == [0]
 
 
