@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from tokenprune_kernels import _extension, backend
-from tokenprune_kernels.validation import ScoringArgs, segment_ids
+from tokenprune_kernels.validation import KeepRule, ScoringArgs, segment_ids
 
 Segment = tuple[str, int]
 
@@ -268,3 +268,39 @@ def trained_like_mapper_params(
             else:
                 p.mul_(1.0 + 0.5 * noise)
     return [p.detach().to(device) for p in model.op_params()]
+
+
+def oracle_keep_counts(
+    scores: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    keep: KeepRule,
+    softmax: bool,
+    gap: float = 1e-6,
+) -> torch.Tensor:
+    """[B] int64 keep counts of any keep rule for the model oracles, the adaptive rule computed
+    independently of the ops' fixed-point weights: the relevance in float64 (``softmax`` of the
+    scores, else the scores over their sum), summed in descending order until it reaches
+    ``keep.keep_mass``, then bounded by the ratio rule's counts for ``keep.min_keep_ratio`` /
+    ``keep.max_keep_ratio``. ``scores``: [Tv] finite floats; ``cu_seqlens_v``: [B+1] on the CPU.
+    Asserts that no cumulative mass lies within ``gap`` of the threshold (the count would then
+    depend on rounding: pick another seed)."""
+    from tokenprune_kernels.reference import keep_counts_ref
+
+    keep_mass = keep.keep_mass
+    if keep_mass is None:
+        return keep_counts_ref(cu_seqlens_v, keep_ratio=keep.keep_ratio, keep_count=keep.keep_count)
+    lo = keep_counts_ref(cu_seqlens_v, keep_ratio=keep.min_keep_ratio).tolist()
+    hi = keep_counts_ref(cu_seqlens_v, keep_ratio=keep.max_keep_ratio).tolist()
+    bounds = cu_seqlens_v.tolist()
+    counts = []
+    for b in range(len(bounds) - 1):
+        s = scores[bounds[b] : bounds[b + 1]].double()
+        if s.numel() == 0:
+            counts.append(0)
+            continue
+        p = torch.softmax(s, 0) if softmax else s / s.sum()
+        cum = torch.cumsum(torch.sort(p, descending=True, stable=True).values, 0)
+        assert bool(((cum - keep_mass).abs() > gap).all()), "mass near the threshold: reseed"
+        m = min(int((cum < keep_mass).sum()) + 1, s.numel())
+        counts.append(min(max(m, lo[b]), hi[b]))
+    return torch.tensor(counts, dtype=torch.int64)

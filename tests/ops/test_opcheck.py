@@ -37,6 +37,13 @@ def _cases(dtype=torch.float32):
         "instruction_attention": (ops.instruction_attention.default, tuple(inp.scoring(q_pos=True))),
         "mapper_forward": (ops.mapper_forward.default, (attn, inp.cu_seqlens_v, params, 5, 1e-4)),
         "select_topk": (ops.select_topk.default, (attn.to(dtype), inp.cu_seqlens_v, 0.5, None)),
+        "select_topk[mass]": (
+            ops.select_topk.default,
+            (attn.to(dtype), inp.cu_seqlens_v, None, None, 0.5, 0.1, 0.9, "normalize"),
+        ),
+        "mass_keep_counts": (
+            ops.mass_keep_counts.default, (attn.to(dtype) * 50, inp.cu_seqlens_v, 0.8, 0.0, 0.5)
+        ),
         "gather_kept": (
             ops.gather_kept.default, (inp.visual_embeds, inp.visual_position_ids, kept)
         ),
@@ -55,6 +62,12 @@ def _cases(dtype=torch.float32):
             (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.inputs_embeds,
              inp.position_ids, inp.cu_seqlens, inp.visual_embeds, inp.visual_idx,
              inp.cu_seqlens_v, [], 5, 1e-4, None, 3, inp.q_pos, 0.2),
+        ),
+        "prune_and_merge[mass]": (
+            ops.prune_and_merge.default,
+            (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.inputs_embeds,
+             inp.position_ids, inp.cu_seqlens, inp.visual_embeds, inp.visual_idx,
+             inp.cu_seqlens_v, params, 5, 1e-4, None, None, inp.q_pos, None, 0.7, 0.1, 0.6),
         ),
     }  # fmt: skip
 
@@ -77,7 +90,7 @@ def test_opcheck(name, dtype, backend_name):
 def test_every_public_op_is_checked():
     from tokenprune_kernels.ops.schemas import PUBLIC_SCHEMAS
 
-    assert set(OPS) == set(PUBLIC_SCHEMAS)
+    assert {name.split("[")[0] for name in OPS} == set(PUBLIC_SCHEMAS)
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -120,7 +133,16 @@ def _compiled_cases(dtype=torch.float32):
     """Each private op the table names, on its public op's case (gather and merge: the same
     arguments) or, for select, per-sample keep counts instead of the keep rule."""
     inp, _, attn, _ = _inputs(dtype)
-    own = {"_select_topk": (attn, inp.cu_seqlens_v, torch.tensor([3, 0, 4]))}
+    own = {
+        "_select_topk": (attn, inp.cu_seqlens_v, torch.tensor([3, 0, 4])),
+        "_mass_keep_counts": (
+            attn.to(dtype),
+            inp.cu_seqlens_v,
+            torch.tensor([[1, 0, 1], [9, 0, 3]]),
+            0.6,
+            "normalize",
+        ),
+    }
     public = _cases(dtype)
     return {
         name: (getattr(torch.ops.tokenprune, name).default, own.get(name) or public[name[1:]][1])
@@ -162,6 +184,11 @@ def _cuda_cases():
         "_instruction_attention": (ops._instruction_attention.default, tuple(inp.scoring(q_pos=True))),
         "_mapper_forward": (ops._mapper_forward.default, (attn, inp.cu_seqlens_v, params, 5, 1e-4)),
         "_select_topk": (ops._select_topk.default, (attn, inp.cu_seqlens_v, counts, 7)),
+        "_mass_keep_counts": (
+            ops._mass_keep_counts.default,
+            (attn, inp.cu_seqlens_v, torch.tensor([[1, 0, 1], [9, 0, 3]], device="cuda"), 0.6,
+             "normalize"),
+        ),
         "_select_gather_kept": (
             ops._select_gather_kept.default,
             (attn, inp.cu_seqlens_v, counts, 7, inp.visual_embeds, inp.visual_position_ids),
@@ -176,7 +203,8 @@ def _cuda_cases():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ["_instruction_attention", "_mapper_forward", "_select_topk",
-                                  "_select_gather_kept", "_select_merge_kept"])  # fmt: skip
+                                  "_mass_keep_counts", "_select_gather_kept",
+                                  "_select_merge_kept"])  # fmt: skip
 def test_cuda_compiled_ops_opcheck_and_compile(name):
     """The CUDA kernels of the private ops against their fakes: opcheck, fullgraph compile."""
     from tokenprune_kernels import _extension

@@ -183,6 +183,32 @@ def test_mapper_scores_match_independent_computation(family, gen, tmp_path):
         _assert_oracle(got, pruned, expected)
 
 
+MASS = {"keep_mass": 0.6, "min_keep_ratio": 0.05, "max_keep_ratio": 0.8}
+
+
+@pytest.mark.parametrize("use_mapper", [False, True], ids=["raw_attention", "mapper"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_mass_matches_independent_computation(family, use_mapper, gen):
+    """The adaptive budget: per-sample kept sets, logits and greedy tokens those of the rule
+    computed independently in float64 (raw attention normalised per sample, or the mapper's
+    softmax) on the unpatched model."""
+    model = build_model(family)
+    inputs = build_inputs(model, _two_samples(family), gen, "left")
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    mapper = TokenMapper(MapperConfig(channels=(8, 16, 8), kernel_size=3)).eval()
+    mapper = mapper if use_mapper else None
+    n_new = 6
+    expected = oracle(model, inputs, mapper=mapper, new_tokens=n_new, **MASS,
+                      position_ids=generate_position_ids(inputs["attention_mask"]))  # fmt: skip
+    apply_tokenprune(model, mapper=mapper, **MASS)
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=n_new)
+    _assert_kept(last_pruned(model), expected)
+    assert torch.equal(out[:, inputs["input_ids"].shape[1] :], expected.tokens)
+    n_vis = [(row == IMAGE_ID).sum() for row in inputs["input_ids"]]
+    assert all(0.05 <= k.numel() / int(n) <= 0.8 for k, n in zip(expected.kept, n_vis, strict=True))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_labels_are_pruned_like_the_sequence(family, gen):
     model = build_model(family)

@@ -166,6 +166,14 @@ def test_settings(tmp_path):
         ({"keep_ratio": 0.5, "mapper": str(tmp_path / "m.safetensors")}, "mapper file not found"),
         ({"keep_ratio": 0.5, "mapper": "m.pt"}, "must be a path to a .safetensors"),
         ({"keep_ratio": 0.5, "ratio": 1}, r"unknown settings \['ratio'\]"),
+        (
+            {"keep_mass": 0.9},
+            r"keep_mass \(the adaptive keep budget\) is not supported by the vLLM",
+        ),
+        (
+            {"keep_ratio": 0.5, "max_keep_ratio": 0.5, "min_keep_ratio": 0.1},
+            r"max_keep_ratio, min_keep_ratio \(the adaptive keep budget\) is not supported",
+        ),
     ]:
         cfg.tokenprune = bad
         with pytest.raises(ValueError, match=msg):

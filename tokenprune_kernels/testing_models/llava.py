@@ -29,7 +29,9 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 )
 
 from tokenprune_kernels.mapper import mapper_forward_ref
-from tokenprune_kernels.reference import keep_counts_ref, select_topk_ref
+from tokenprune_kernels.reference import select_topk_ref
+from tokenprune_kernels.testing import oracle_keep_counts
+from tokenprune_kernels.validation import KeepRule
 
 IMAGE_ID = 100
 VIDEO_ID = 101
@@ -193,8 +195,12 @@ def oracle(
     position_ids: torch.Tensor | None = None,
     new_tokens: int = 0,
     labels: torch.Tensor | None = None,
+    keep_mass: float | None = None,
+    min_keep_ratio: float = 0.0,
+    max_keep_ratio: float = 1.0,
 ) -> OracleResult:
-    """The pruned model's outputs, computed independently from an UNPATCHED ``model``."""
+    """The pruned model's outputs, computed independently from an UNPATCHED ``model`` (the
+    adaptive rule's counts by :func:`~tokenprune_kernels.testing.oracle_keep_counts`)."""
     ref = copy.deepcopy(model)
     ref.set_attn_implementation("eager")
     lm = ref.model.language_model
@@ -232,7 +238,8 @@ def oracle(
         packed = mapper_forward_ref(
             packed, cu_v, mapper.op_params(), mapper.config.kernel_size, mapper.config.input_eps
         )
-    counts = keep_counts_ref(cu_v, keep_ratio=keep_ratio, keep_count=keep_count)
+    rule = KeepRule(keep_ratio, keep_count, keep_mass, min_keep_ratio, max_keep_ratio)
+    counts = oracle_keep_counts(packed, cu_v, rule, softmax=mapper is not None)
     kept_idx, _ = select_topk_ref(packed, cu_v, counts)
     keep = real & ~visual
     kept_pos = []

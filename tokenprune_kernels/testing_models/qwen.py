@@ -26,7 +26,9 @@ from transformers import (
 
 from tokenprune_kernels.grounded.model import qwen_vl_config
 from tokenprune_kernels.mapper import mapper_forward_ref
-from tokenprune_kernels.reference import keep_counts_ref, select_topk_ref
+from tokenprune_kernels.reference import select_topk_ref
+from tokenprune_kernels.testing import oracle_keep_counts
+from tokenprune_kernels.validation import KeepRule
 
 QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 VOCAB = 128
@@ -198,15 +200,20 @@ def oracle_kept(
     mapper=None,
     instruction: torch.Tensor | None = None,
     gap: float = 1e-5,
+    keep_mass: float | None = None,
+    min_keep_ratio: float = 0.0,
+    max_keep_ratio: float = 1.0,
 ) -> list[torch.Tensor]:
     """Per sample, the original positions of the visual tokens to keep, from the unpatched eager
     model's layer-0 attention (instruction rows: ``instruction`` [B, L] or, by default, the real
-    tokens after the last visual token except ``<|vision_start|>`` / ``<|vision_end|>``)."""
+    tokens after the last visual token except ``<|vision_start|>`` / ``<|vision_end|>``; the
+    adaptive rule's counts by :func:`~tokenprune_kernels.testing.oracle_keep_counts`)."""
     with torch.no_grad():
         att = eager_model(**inputs, output_attentions=True).attentions[0]  # [B, Hq, L, L]
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask", torch.ones_like(ids)).bool()
     visual = (ids == IMAGE_ID) | (ids == VIDEO_ID)
+    rule = KeepRule(keep_ratio, keep_count, keep_mass, min_keep_ratio, max_keep_ratio)
     kept = []
     for b in range(ids.shape[0]):
         vpos = visual[b].nonzero().flatten()
@@ -222,7 +229,7 @@ def oracle_kept(
             with torch.no_grad():
                 c = mapper.config
                 a = mapper_forward_ref(a, cu, mapper.op_params(), c.kernel_size, c.input_eps)
-        k = keep_counts_ref(cu, keep_ratio=keep_ratio, keep_count=keep_count)
+        k = oracle_keep_counts(a, cu, rule, softmax=mapper is not None)
         idx, _ = select_topk_ref(a, cu, k)
         s = a.sort(descending=True).values
         if int(k) < vpos.numel():
