@@ -1146,6 +1146,7 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int
     samples = samples[shard[0] :: shard[1]]
     if shard[0] > 0:
         time_samples = 0  # timings come from shard 0 only
+    header = _header(args, Path(model_dir), mfile)  # before the run: the commit it started at
     model, processor = load_model_dir(model_dir)
     label_model = None
     if "oracle" in methods:
@@ -1164,7 +1165,7 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int
         "split": "test", "seed": args.seed, "n_per_size": n_per_size,
         "sizes": [list(s) for s in SIZE_SETS[args.sizes]],
     }  # fmt: skip
-    raw["header"] = _header(args, Path(model_dir), mfile)
+    raw["header"] = header
     raw["command"] = command
     if args.shard:
         raw["shard"] = list(shard)
