@@ -1120,7 +1120,10 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int
             raw = merge_shards([json.loads(Path(f).read_text()) for f in args.merge])
         except (OSError, ValueError, KeyError) as err:
             return cli_error(f"--merge: {err}")
+        from tokenprune_kernels.bench import environment
+
         raw["command"] = command
+        raw["header"] = {**raw["header"], "report commit": environment("cpu")["commit"]}
         print(write_outputs(raw, out, n_boot, title))
         return 0
     if args.threads < 1:
