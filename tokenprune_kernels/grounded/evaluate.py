@@ -945,19 +945,24 @@ def plot(summary: dict[str, Any], raw: dict[str, Any], path: str | Path, title: 
             [100 * (e["acc"] - e["ci"][0]) for e in es],
             [100 * (e["ci"][1] - e["acc"]) for e in es],
         ]
-        ax.errorbar(xs, mean, yerr=err, label=_label(key), marker="o", capsize=3, **kw)
+        kw = {"marker": "o", **kw}
+        ax.errorbar(xs, mean, yerr=err, label=_label(key), capsize=3, **kw)
 
+    cmap = plt.get_cmap("tab10" if len(raw["methods"]) <= 10 else "tab20")
+    colour = {m: cmap(i) for i, m in enumerate(raw["methods"])}
     for k in [*raw["methods"], *raw["eq_keys"]]:
         style = "-" if k in OURS else ("--" if k in ("none", "oracle") else ":")
-        width = 2 if k in OURS else 1.2
+        extra = {"color": colour.get(k, colour.get(k[: -len(EQ_SUFFIX)])),
+                 "linewidth": 2 if k in OURS else 1.2}  # fmt: skip
+        if k in raw["eq_keys"]:  # the base method's colour, square markers
+            style, extra["marker"] = "-.", "s"
         ok = [r for r in rk if summary["accuracy"][k][r] is not None]
         es = [summary["accuracy"][k][r] for r in ok]
         if not es:
             continue
         if k not in raw["eq_keys"]:
-            series(ax_k, k, [100 * float(r) for r in ok], es, linestyle=style, linewidth=width)
-        series(ax_f, k, [100 * summary["flops"][k][r] for r in ok], es, linestyle=style,
-               linewidth=width)  # fmt: skip
+            series(ax_k, k, [100 * float(r) for r in ok], es, linestyle=style, **extra)
+        series(ax_f, k, [100 * summary["flops"][k][r] for r in ok], es, linestyle=style, **extra)
     if summary["adaptive"]:
         ad = list(summary["adaptive"].values())
         kw = {"linestyle": "-.", "linewidth": 2, "color": "black"}
@@ -1114,7 +1119,7 @@ def cmd_eval(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int
     n_boot = 200 if args.quick else args.bootstrap
     if n_boot < 1:
         return cli_error(f"--bootstrap must be >= 1, got {n_boot}")
-    title = f"grounded VQA, {args.sizes} sizes"
+    title = f"grounded VQA, {args.sizes} sizes, fixed test set (bars: Wilson 95%)"
     if args.merge:
         try:
             raw = merge_shards([json.loads(Path(f).read_text()) for f in args.merge])
