@@ -712,7 +712,7 @@ def targets(summary: dict[str, Any]) -> list[str]:
                 continue
             if other == "oracle":
                 lines.append(
-                    f"- mapper vs oracle labels at {float(r):.3%}: {100 * e['diff']:+.1f} points "
+                    f"- mapper vs oracle labels at {float(r):.3%}: {100 * e['diff']:+.1f} points"
                     f"{_ci(e['ci'])} (McNemar p = {_p(e['p'])}); mapper v2's target is half of "
                     "this gap"
                 )
