@@ -4,7 +4,7 @@ tokenprune env             versions, the extension's state, the backend of every
 tokenprune bench           time every op on every backend available here
 tokenprune explain         relevance labels for a local model and a JSONL data file
 tokenprune train-mapper    train a mapper on those labels
-tokenprune eval            accuracy vs keep ratio of every pruning method (grounded VQA)
+tokenprune eval            accuracy, FLOPs and paired tests of every pruning method (grounded VQA)
 tokenprune demo            one grounded-VQA scene with and without pruning, and a PNG
 """
 
