@@ -60,40 +60,42 @@ FAMILY_MODULE = {"qwen2_vl": "qwen", "llava_onevision": "llava", "llava": "llava
 # ---------------------------------------------------------------------------------------------
 
 
+#: Language-model sizes: (hidden, intermediate, layers, heads, kv heads, vocab, max positions).
+_TEXT_FIELDS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "vocab_size", "max_position_embeddings",
+)  # fmt: skip
+_TEXT_SIZES = {
+    "llama2-7b": (4096, 11008, 32, 32, 32, 32064, 4096),  # LLaVA-1.5-7B's language model
+    "qwen2-7b": (3584, 18944, 28, 28, 4, 152064, 32768),  # Qwen2-VL-7B's, LLaVA-OneVision-7B's
+    "tiny": (256, 704, 4, 8, 2, 1024, 32768),
+}
+#: Vision towers (SigLIP, CLIP): (hidden, intermediate, layers, heads, patch, image size). The
+#: tiny ones: 224-pixel tiles of 16 x 16 tokens (the 7B SigLIP: 384 pixels, 27 x 27); 64 tokens
+#: per image (the 7B CLIP: 576).
+_TOWER_FIELDS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size",
+    "image_size",
+)  # fmt: skip
+_TOWER_SIZES = {
+    ("llava_onevision", "7b"): (1152, 4304, 26, 16, 14, 384),
+    ("llava_onevision", "tiny"): (64, 128, 2, 2, 14, 224),
+    ("llava", "7b"): (1024, 4096, 24, 16, 14, 336),
+    ("llava", "tiny"): (64, 128, 2, 2, 14, 112),
+}
+
+
 def _text_kwargs(family: str, size: str) -> dict:
-    if size == "7b" and family == "llava":  # LLaVA-1.5-7B: Llama-2-7B
-        return dict(
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            vocab_size=32064,
-            max_position_embeddings=4096,
-            rms_norm_eps=1e-5,
-        )
-    if size == "7b":  # Qwen2-7B: the language model of Qwen2-VL-7B and LLaVA-OneVision-7B
-        return dict(
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            vocab_size=152064,
-            max_position_embeddings=32768,
-            rms_norm_eps=1e-6,
-        )
-    return dict(
-        hidden_size=256,
-        intermediate_size=704,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=1024,
-        max_position_embeddings=32768,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
+    if size == "7b":
+        name = "llama2-7b" if family == "llava" else "qwen2-7b"
+        eps = 1e-5 if family == "llava" else 1e-6
+        return dict(zip(_TEXT_FIELDS, _TEXT_SIZES[name], strict=True), rms_norm_eps=eps)
+    tiny = dict(zip(_TEXT_FIELDS, _TEXT_SIZES["tiny"], strict=True))
+    return dict(tiny, bos_token_id=None, eos_token_id=None)
+
+
+def _tower_kwargs(family: str, size: str) -> dict:
+    return dict(zip(_TOWER_FIELDS, _TOWER_SIZES[family, size], strict=True))
 
 
 def build_config(family: str, size: str, attn: str):
@@ -133,25 +135,7 @@ def build_config(family: str, size: str, attn: str):
             **special,
         )
     elif family == "llava_onevision":
-        vision = (
-            dict(
-                hidden_size=1152,
-                intermediate_size=4304,
-                num_hidden_layers=26,
-                num_attention_heads=16,
-                patch_size=14,
-                image_size=384,
-            )
-            if size == "7b"
-            else dict(  # 224-pixel tiles of 16 x 16 tokens (the 7B model: 384 pixels, 27 x 27)
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                patch_size=14,
-                image_size=224,
-            )
-        )
+        vision = _tower_kwargs(family, size)
         tile = vision["image_size"]
         pinpoints = [[tile * i, tile * j] for i in range(1, 7) for j in range(1, 7)]
         config = tf.LlavaOnevisionConfig(
@@ -162,25 +146,7 @@ def build_config(family: str, size: str, attn: str):
             image_grid_pinpoints=pinpoints,  # the 7B model's grid (for 384-pixel tiles)
         )
     elif family == "llava":
-        vision = (
-            dict(
-                hidden_size=1024,
-                intermediate_size=4096,
-                num_hidden_layers=24,
-                num_attention_heads=16,
-                patch_size=14,
-                image_size=336,
-            )
-            if size == "7b"
-            else dict(  # 64 tokens per image (the 7B model: 576)
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                patch_size=14,
-                image_size=112,
-            )
-        )
+        vision = _tower_kwargs(family, size)
         config = tf.LlavaConfig(
             vision_config=tf.CLIPVisionConfig(**vision),
             text_config=tf.LlamaConfig(**text),

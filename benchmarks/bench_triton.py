@@ -125,7 +125,10 @@ def stage_fns(
             p = params if stage == "composite" else []
             fns.append(
                 lambda s=s, p=p, f=ref.prune_and_merge_ref: f(
-                    s.scoring(), *_args_merge(s)[:4], reference.MapperArgs(p, 5, 1e-4), keep
+                    s.scoring(),
+                    *_args_merge(s)[:4],
+                    reference.MapperArgs(p, 5, 1e-4),
+                    reference.KeepRule(keep_ratio=keep),
                 )
             )
         else:

@@ -9,6 +9,7 @@
 #include <c10/core/Device.h>
 #include <c10/core/DeviceType.h>
 #include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
 
 #include <cstdint>
 
@@ -50,6 +51,33 @@ inline void check_offsets_meta(const at::Tensor& t, const char* name) {
   check_dim(t, name, 1, "[B+1]");
   check_index(t, name);
   TORCH_CHECK_VALUE(t.size(0) >= 1, name, " must have B+1 >= 1 entries, got 0");
+}
+
+// Scores [Tv]: 1-D float32/float16/bfloat16 on `device`. Returns Tv.
+inline int64_t check_scores(const at::Tensor& scores, const c10::Device& device) {
+  check_dim(scores, "scores", 1, "[Tv]");
+  check_float(scores, "scores");
+  check_device(scores, "scores", device);
+  return scores.size(0);
+}
+
+// The adaptive rule's own arguments of _mass_keep_counts: keep_bounds [2, batch] int64 on
+// `device`, keep_mass in (0, 1], relevance 'softmax' or 'normalize'. Returns whether the
+// relevance is the softmax.
+inline bool check_mass_args(const at::Tensor& keep_bounds, int64_t batch,
+                            const c10::Device& device, double keep_mass,
+                            c10::string_view relevance) {
+  check_dim(keep_bounds, "keep_bounds", 2, "[2, B]");
+  check_int64(keep_bounds, "keep_bounds");
+  check_device(keep_bounds, "keep_bounds", device);
+  TORCH_CHECK_VALUE(keep_bounds.size(0) == 2 && keep_bounds.size(1) == batch,
+                    "keep_bounds must be [2, B = ", batch, "], got ", keep_bounds.sizes());
+  TORCH_CHECK_VALUE(keep_mass > 0.0 && keep_mass <= 1.0, "keep_mass must be in (0, 1], got ",
+                    keep_mass);
+  const bool softmax = relevance == "softmax";
+  TORCH_CHECK_VALUE(softmax || relevance == "normalize",
+                    "relevance must be 'softmax' or 'normalize', got '", relevance, "'");
+  return softmax;
 }
 
 // Embedding-like 2-D float tensor [T, H].

@@ -19,6 +19,9 @@ TORCH_LIBRARY(tokenprune, m) {
       "_select_topk(Tensor scores, Tensor cu_seqlens_v, Tensor keep_counts, "
       "int? total_kept=None) -> (Tensor, Tensor)");
   m.def(
+      "_mass_keep_counts(Tensor scores, Tensor cu_seqlens_v, Tensor keep_bounds, "
+      "float keep_mass, str relevance) -> Tensor");
+  m.def(
       "_gather_kept(Tensor visual_embeds, Tensor position_ids, Tensor kept_idx) "
       "-> (Tensor, Tensor)");
   m.def(

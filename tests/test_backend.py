@@ -111,7 +111,7 @@ def test_auto_on_cuda_takes_triton_where_no_compiled_kernel(monkeypatch):
     table = backend.describe("cuda")
     for op in STAGE_OPS:
         compiled = backend.implemented(op, "cuda", "cuda")
-        fallback = "triton" if "triton" in backend.OPS[op] else "ref"
+        fallback = "triton" if "triton" in backend.OPS[op] else "ref"  # mass_keep_counts: ref
         assert table[op] == ("cuda" if compiled else fallback), op
     for op, stages in backend.COMPOSITES.items():  # cuda and triton both fuse select + last
         assert f"select_topk+{stages[-1]}={table['select_topk']}(fused)" in table[op], op

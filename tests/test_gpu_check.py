@@ -3,9 +3,8 @@ runs (benchmarks/parity.py) on the CPU, so that neither rots before a GPU machin
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +16,8 @@ STEPS = ("env", "build", "tests_cuda", "tests_triton", "parity", "bench", "e2e",
 
 
 def _parity():
-    spec = importlib.util.spec_from_file_location("parity", ROOT / "benchmarks" / "parity.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    # benchmarks/ is importable from the repository root (pytest's pythonpath)
+    return importlib.import_module("benchmarks.parity")
 
 
 def test_usage_error():

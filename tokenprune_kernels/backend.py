@@ -19,6 +19,11 @@ Automatic choice, per op: on CPU ``cpp`` then ``ref``; on CUDA ``cuda``, ``trito
 every op it implements on that device; the other ops use ``ref``. ``auto`` (or unset) is the
 automatic choice. Forcing a compiled backend when the extension did not load is an error.
 
+Adaptive keep rule (``keep_mass``): the selection and the composites first run stage
+``mass_keep_counts`` (per-sample counts from the scores, on the device) on its own backend, read
+the counts' total to the host once (it sizes the outputs: the only synchronisation this rule
+adds; the fixed rules compute counts on the host and add none), then select as for any counts.
+
 Fusion (stated here only): when ``select_topk`` runs on a backend that :data:`FUSED` lists for
 (select, gather) or (select, merge) - Triton or CUDA - the composites run the selection and the
 gather or merge as that one implementation (one compaction pass writes the kept rows straight
@@ -28,7 +33,8 @@ merge would get.
 
 Calling convention: an implementation of a stage takes :data:`CONVENTIONS` positionally (the
 public op's own arguments, validated by :mod:`tokenprune_kernels.ops`; select takes the
-per-sample keep counts instead of the keep rule) plus the keywords its entry lists in ``hints``
+per-sample keep counts instead of the keep rule, mass_keep_counts the per-sample bounds
+``keep_bounds`` [2, B] instead of the min/max ratios) plus the keywords its entry lists in ``hints``
 (``total_kept``: the sum of the keep counts, known on the host), and returns what the public op
 returns. ``tests/ops/test_schemas.py`` checks every entry against it.
 
@@ -103,6 +109,7 @@ CONVENTIONS: dict[str, tuple[str, ...]] = {
         "softmax_scale", "head_groups",
     ),
     "mapper_forward": ("attn", "cu_seqlens_v", "params", "kernel_size", "input_eps", "grid"),
+    "mass_keep_counts": ("scores", "cu_seqlens_v", "keep_bounds", "keep_mass", "relevance"),
     "select_topk": ("scores", "cu_seqlens_v", "keep_counts"),
     "gather_kept": ("visual_embeds", "position_ids", "kept_idx"),
     "merge_kept": (
@@ -124,12 +131,17 @@ _REF = "tokenprune_kernels.reference"
 _TRITON = "tokenprune_kernels.triton"
 _TOTAL = ("total_kept",)
 
-_GATHER = Impl(
-    f"{_OPS}.gather:_gather_kept_compiled", "_gather_kept", f"{_OPS}.gather:_gather_kept_fake"
-)
-_MERGE = Impl(
-    f"{_OPS}.gather:_merge_kept_compiled", "_merge_kept", f"{_OPS}.gather:_merge_kept_fake"
-)
+
+def _adapted(kernel: str, hints: tuple[str, ...] = ()) -> Impl:
+    """A compiled op of stage d called through its adapter in ``ops/gather.py``,
+    ``<kernel>_compiled`` (the stage's convention: 1-D position ids too), its fake
+    ``<kernel>_fake`` beside it."""
+    return Impl(f"{_OPS}.gather:{kernel}_compiled", kernel, f"{_OPS}.gather:{kernel}_fake", hints)
+
+
+_GATHER = _adapted("_gather_kept")
+_MERGE = _adapted("_merge_kept")
+_MASS = Impl(kernel="_mass_keep_counts", fake=f"{_OPS}.select:_mass_keep_counts_fake")
 _SELECT = Impl(kernel="_select_topk", fake=f"{_OPS}.select:_select_topk_fake", hints=_TOTAL)
 
 #: Stage op -> backend -> implementation (the conventions are in the module docstring).
@@ -150,6 +162,12 @@ OPS: dict[str, dict[str, Impl]] = {
         "cpp": Impl(kernel="_mapper_forward", fake=f"{_OPS}.mapper:_fake"),
         "cuda": Impl(kernel="_mapper_forward", fake=f"{_OPS}.mapper:_fake"),
         "triton": Impl(f"{_TRITON}.mapper:mapper_forward_triton"),
+    },
+    # No Triton entry: with selection on Triton the counts run as torch ops on the device (ref).
+    "mass_keep_counts": {
+        "ref": Impl(f"{_REF}:mass_keep_counts_ref"),
+        "cpp": _MASS,
+        "cuda": _MASS,
     },
     "select_topk": {
         "ref": Impl(f"{_REF}:select_topk_ref"),
@@ -174,21 +192,11 @@ OPS: dict[str, dict[str, Impl]] = {
 #: (stage, next stage) -> backend -> one implementation of both (see "Fusion" above).
 FUSED: dict[tuple[str, str], dict[str, Impl]] = {
     ("select_topk", "gather_kept"): {
-        "cuda": Impl(
-            f"{_OPS}.gather:_select_gather_kept_compiled",
-            "_select_gather_kept",
-            f"{_OPS}.gather:_select_gather_kept_fake",
-            hints=_TOTAL,
-        ),
+        "cuda": _adapted("_select_gather_kept", _TOTAL),
         "triton": Impl(f"{_TRITON}.gather:select_gather_triton", hints=_TOTAL),
     },
     ("select_topk", "merge_kept"): {
-        "cuda": Impl(
-            f"{_OPS}.gather:_select_merge_kept_compiled",
-            "_select_merge_kept",
-            f"{_OPS}.gather:_select_merge_kept_fake",
-            hints=_TOTAL,
-        ),
+        "cuda": _adapted("_select_merge_kept", _TOTAL),
         "triton": Impl(f"{_TRITON}.gather:select_merge_triton", hints=_TOTAL),
     },
 }

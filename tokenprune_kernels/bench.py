@@ -28,6 +28,7 @@ from tokenprune_kernels.ops import (
     gather_kept,
     instruction_attention,
     mapper_forward,
+    mass_keep_counts,
     merge_kept,
     prune_and_merge,
     select_topk,
@@ -41,7 +42,9 @@ N_SYSTEM = 14  # "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|
 N_AFTER = 5  # "<|im_end|>\n<|im_start|>assistant\n"
 N_VISUAL = (1024, 4096, 16384)
 KEEP_RATIOS = (0.5, 0.25)
-STAGE_KEEP_INDEPENDENT = ("instruction_attention", "mapper_forward")
+STAGE_KEEP_INDEPENDENT = ("instruction_attention", "mapper_forward", "mass_keep_counts")
+#: The adaptive rule's threshold in the mass_keep_counts case (raw attention, normalised).
+BENCH_KEEP_MASS = 0.9
 BENCH_OPS = (*backend.STAGE_OPS, "prune_and_merge")
 
 
@@ -81,6 +84,7 @@ class Result:
 OP_STAGE = {
     "instruction_attention": "attention",
     "mapper_forward": "mapper",
+    "mass_keep_counts": "mass",
     "select_topk": "select",
     "gather_kept": "gather",
     "merge_kept": "merge",
@@ -105,7 +109,8 @@ def stage_traffic(
     with the mapper ``params``) and composite_free (without a mapper).
 
     The bytes count every input read once and every output written once; they ignore the
-    intermediates a fused design avoids (the [N_v, 512] activations, the [Hq, Tq, Tk] logits).
+    intermediates a fused design avoids (the [N_v, 512] activations, the [Hq, Tq, Tk] logits; the
+    mass stage's sort).
     The FLOPs count one q.k per (query, head, key) and the mapper's pointwise and depthwise
     layers per token; work a design adds (the Triton attention's second pass recomputes the
     visual columns: 2 * Hq * D * Tq * Tv more) is not counted.
@@ -131,6 +136,8 @@ def stage_traffic(
         return att_bytes, att_flops
     if stage == "mapper":
         return map_bytes, map_flops
+    if stage == "mass":
+        return tv * 4, 0
     if stage == "select":
         return sel_bytes, 0
     if stage == "gather":
@@ -251,6 +258,10 @@ def _make_fn(op, sets_, attn, kept, params, ratio) -> Callable[[int], object]:
             )
         if op == "mapper_forward":
             return mapper_forward(attn[i % len(sets_)], s.cu_seqlens_v, params)
+        if op == "mass_keep_counts":
+            return mass_keep_counts(
+                attn[i % len(sets_)], s.cu_seqlens_v, BENCH_KEEP_MASS, relevance="normalize"
+            )
         if op == "select_topk":
             return select_topk(attn[i % len(sets_)].to(s.q.dtype), s.cu_seqlens_v, keep_ratio=ratio)
         if op == "gather_kept":

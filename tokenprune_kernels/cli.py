@@ -4,7 +4,7 @@ tokenprune env             versions, the extension's state, the backend of every
 tokenprune bench           time every op on every backend available here
 tokenprune explain         relevance labels for a local model and a JSONL data file
 tokenprune train-mapper    train a mapper on those labels
-tokenprune eval            accuracy vs keep ratio of every pruning method (grounded VQA)
+tokenprune eval            accuracy, FLOPs and paired tests of every pruning method (grounded VQA)
 tokenprune demo            one grounded-VQA scene with and without pruning, and a PNG
 """
 
@@ -137,6 +137,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     return int(args.func(args))
+
+
+def run_subcommand(name: str, argv: Sequence[str] | None = None) -> int:
+    """``tokenprune <name> ...``: what a subcommand's module runs as its own ``main``
+    (``python -m tokenprune_kernels.grounded.evaluate ...``). ``argv``: the words after the
+    subcommand's name (default ``sys.argv[1:]``)."""
+    return main([name, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

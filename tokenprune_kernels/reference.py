@@ -13,17 +13,28 @@ from collections.abc import Sequence
 import torch
 
 from tokenprune_kernels.mapper.functional import mapper_forward_ref
-from tokenprune_kernels.validation import MapperArgs, ScoringArgs, segment_ids
+from tokenprune_kernels.validation import (
+    KeepRule,
+    MapperArgs,
+    MergeArgs,
+    ScoringArgs,
+    flat_args,
+    segment_ids,
+)
 
 __all__ = [
+    "KeepRule",
     "MapperArgs",
     "ScoringArgs",
     "gather_kept_ref",
     "instruction_attention_heads_ref",
     "instruction_attention_ref",
     "keep_counts_ref",
+    "keep_rule_counts_ref",
     "keep_total_host",
     "mapper_forward_ref",
+    "mass_keep_counts_ref",
+    "mass_weights_ref",
     "merge_kept_ref",
     "prune_and_merge_ref",
     "prune_visual_tokens_ref",
@@ -36,19 +47,11 @@ def _bounds(cu_seqlens: torch.Tensor) -> list[int]:
     return [int(x) for x in cu_seqlens.tolist()]
 
 
-def instruction_attention_ref(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    visual_idx: torch.Tensor,
-    cu_seqlens_v: torch.Tensor,
-    q_pos: torch.Tensor | None = None,
-    softmax_scale: float | None = None,
-) -> torch.Tensor:
+@flat_args(ScoringArgs)
+def instruction_attention_ref(s: ScoringArgs) -> torch.Tensor:
     """Layer-0 instruction-to-visual attention, averaged over heads and instruction rows.
 
-    Args:
+    Args (flat, bound as :class:`ScoringArgs`):
         q: [Tq, Hq, D] float32/float16/bfloat16, instruction queries after rotary embedding.
         k: [Tk, Hk, D] same dtype, keys of every token the queries see, after rotary embedding.
         cu_seqlens_q, cu_seqlens_k, cu_seqlens_v: [B+1] int32/int64 packed offsets.
@@ -61,25 +64,15 @@ def instruction_attention_ref(
         [Tv] float32: mean over heads and queries of the causal softmax over all visible keys,
         read at the visual columns.
     """
-    return instruction_attention_heads_ref(
-        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale, 1
-    )[:, 0]
+    return instruction_attention_heads_ref(*s, 1)[:, 0]
 
 
-def instruction_attention_heads_ref(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    visual_idx: torch.Tensor,
-    cu_seqlens_v: torch.Tensor,
-    q_pos: torch.Tensor | None,
-    softmax_scale: float | None,
-    head_groups: int,
-) -> torch.Tensor:
+@flat_args(ScoringArgs)
+def instruction_attention_heads_ref(s: ScoringArgs, head_groups: int | None = None) -> torch.Tensor:
     """Layer-0 instruction-to-visual attention per group of query heads.
 
-    Arguments as :func:`instruction_attention_ref`; ``head_groups`` ``G`` divides ``Hq``.
+    Arguments as :func:`instruction_attention_ref`, then ``head_groups`` ``G`` dividing ``Hq``
+    (None: ``Hk``).
 
     Returns:
         [Tv, G] float32: channel ``g`` is the mean over the query heads ``g * Hq / G .. (g + 1)
@@ -87,6 +80,9 @@ def instruction_attention_heads_ref(
         queries of the causal softmax over all visible keys, read at the visual columns. The
         mean over the channels is :func:`instruction_attention_ref`.
     """
+    q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale = s
+    if head_groups is None:
+        head_groups = k.shape[1]
     hq, d = q.shape[1], q.shape[2]
     group = hq // k.shape[1]
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
@@ -152,6 +148,111 @@ def keep_total_host(
     return total
 
 
+#: Fixed-point bits of the relevance weights of the adaptive rule (a sample's top weight is
+#: ``2**K`` with ``K = min(MASS_BITS, 53 - bit_length(n))``, so a sample's sum stays below 2**53).
+MASS_BITS = 30
+#: ``round(2**30 * ln(2)**k / k!)``, k = 0..10: ``2**u`` for ``u`` in [0, 1) in Q30 fixed point
+#: (Horner in int64; the same constants are in ``csrc/core/mass.h``).
+EXP2_Q30 = (1073741824, 744261118, 257941248, 59597083, 10327387, 1431680, 165394, 16377, 1419,
+            109, 8)  # fmt: skip
+#: ``log2(e) * 2**30``: a float64 difference of scores times this is log2 of the softmax weight
+#: in Q30 fixed point.
+LOG2E_Q30 = math.log2(math.e) * 2.0**30
+
+
+def _exact_pow2(e: torch.Tensor) -> torch.Tensor:
+    """2.0**e as float64 for int64 ``e`` in [-1022, 1023], built from its bits (exact)."""
+    return ((e + 1023) << 52).view(torch.float64)
+
+
+def mass_weights_ref(
+    scores: torch.Tensor, cu_seqlens_v: torch.Tensor, relevance: str
+) -> torch.Tensor:
+    """The int64 relevance weights the adaptive keep rule sums (``docs/contract.md``, stage c).
+
+    Args:
+        scores: [Tv] float32/float16/bfloat16 (``relevance="normalize"``: finite and >= 0, or NaN).
+        cu_seqlens_v: [B+1] int32/int64.
+        relevance: ``"softmax"`` (scores are logits: weight ~ ``exp(s - max)``) or
+            ``"normalize"`` (scores are non-negative masses: weight ~ ``s / max``).
+
+    Returns:
+        [Tv] int64 in ``[0, 2**K]``, ``K = min(30, 53 - n.bit_length())`` of the token's sample
+        (n its tokens): ``floor(2**K * w)`` up to the fixed-point exp below, where ``w`` is
+        ``exp(s - max)`` or ``s / 2**e`` (``2**(e-1) <= max < 2**e``). NaN and ``-inf`` weigh 0;
+        when the sample's max is ``+inf``, its ``+inf`` tokens weigh ``2**K`` and the rest 0.
+        Every step is exact or one correctly rounded float64 operation, and the exp is integer
+        arithmetic, so every backend computes the same integers.
+    """
+    tv = scores.shape[0]
+    seg = segment_ids(cu_seqlens_v, tv)
+    n = (cu_seqlens_v[1:] - cu_seqlens_v[:-1]).to(torch.int64)
+    bits = torch.frexp(n.to(torch.float64))[1].to(torch.int64)  # n.bit_length(), 0 for n == 0
+    k = torch.clamp(53 - bits, max=MASS_BITS)[seg]
+    x = scores.float().to(torch.float64)
+    nan = torch.isnan(x)
+    mx = torch.full((n.shape[0],), -math.inf, dtype=torch.float64, device=scores.device)
+    mx = mx.scatter_reduce(0, seg, x.masked_fill(nan, -math.inf), "amax")[seg]
+    zero = torch.zeros_like(k)
+    if relevance == "normalize":
+        e = torch.frexp(mx)[1].to(torch.int64)
+        scaled = torch.floor(x * _exact_pow2(k - e))
+        return torch.where(nan | (mx <= 0), 0.0, scaled).to(torch.int64)
+    # softmax: log2 of the weight in Q30, clamped to [-64, 0], then 2**frac by an int64 Horner.
+    u = torch.clamp((x - mx) * LOG2E_Q30, min=-64.0 * 2**30)
+    y = torch.floor(torch.nan_to_num(u, nan=-64.0 * 2**30)).to(torch.int64)
+    whole, frac = y >> 30, y & ((1 << 30) - 1)
+    p = torch.full_like(y, EXP2_Q30[-1])
+    for c in reversed(EXP2_Q30[:-1]):
+        p = c + ((p * frac) >> 30)
+    shift = MASS_BITS - k - whole
+    w = torch.where(shift >= 31, zero, p >> torch.clamp(shift, max=31))
+    w = torch.where(nan | (x == -math.inf), zero, w)
+    top = torch.where(x == math.inf, torch.ones_like(k) << k, zero)
+    return torch.where(mx == math.inf, top, w)
+
+
+def mass_keep_counts_ref(
+    scores: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    keep_bounds: torch.Tensor,
+    keep_mass: float,
+    relevance: str = "softmax",
+) -> torch.Tensor:
+    """Per-sample keep counts of the adaptive rule: the fewest top tokens whose relevance mass
+    reaches ``keep_mass``, clamped to the sample's bounds.
+
+    Args:
+        scores: [Tv] float32/float16/bfloat16; cu_seqlens_v: [B+1] int32/int64.
+        keep_bounds: [2, B] int64, the least and most tokens each sample keeps
+            (``1 <= lo <= hi <= n``; 0 and 0 for an empty sample).
+        keep_mass: threshold in (0, 1].
+        relevance: as in :func:`mass_weights_ref`.
+
+    Returns:
+        [B] int64: ``clamp(m, lo, hi)`` (0 for an empty sample), ``m`` the smallest count whose
+        weights (:func:`mass_weights_ref`), summed in the selection order (score desc, index
+        asc, NaN last), reach ``keep_mass * total`` (a float64 product; sums are exact int64).
+    """
+    tv = scores.shape[0]
+    device = scores.device
+    b = cu_seqlens_v.shape[0] - 1
+    seg = segment_ids(cu_seqlens_v, tv)
+    w = mass_weights_ref(scores, cu_seqlens_v, relevance)
+    order = torch.sort(seg * (1 << 32) + (0xFFFFFFFF - score_keys_ref(scores)), stable=True).indices
+    ws = w[order]
+    before = torch.cumsum(ws, 0) - ws  # exclusive, over the whole batch
+    starts = cu_seqlens_v[:-1].to(torch.int64)
+    total = torch.zeros(b, dtype=torch.int64, device=device).index_add_(0, seg, ws)
+    first = torch.cat([before, before.new_zeros(1)])[starts]  # an empty sample reads the pad
+    local = before - first[seg]  # mass of the tokens ranked above each token, in its sample
+    need = local.to(torch.float64) < float(keep_mass) * total.to(torch.float64)[seg]
+    m = torch.zeros(b, dtype=torch.int64, device=device).index_add_(0, seg, need.to(torch.int64))
+    lo, hi = keep_bounds.to(device=device, dtype=torch.int64)
+    n = (cu_seqlens_v[1:] - cu_seqlens_v[:-1]).to(torch.int64)
+    return torch.where(n == 0, torch.zeros_like(m), torch.minimum(torch.maximum(m, lo), hi))
+
+
 def score_keys_ref(scores: torch.Tensor) -> torch.Tensor:
     """Order-preserving uint32 keys of the scores, as int64 in [0, 2**32).
 
@@ -210,18 +311,11 @@ def gather_kept_ref(
     return visual_embeds.index_select(0, kept_idx), position_ids.index_select(-1, kept_idx)
 
 
-def merge_kept_ref(
-    inputs_embeds: torch.Tensor,
-    position_ids: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    visual_embeds: torch.Tensor,
-    visual_idx: torch.Tensor,
-    cu_seqlens_v: torch.Tensor,
-    kept_idx: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@flat_args(MergeArgs)
+def merge_kept_ref(a: MergeArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The pruned input sequence: text rows and kept visual rows, in sequence order.
 
-    Args:
+    Args (flat, bound as :class:`MergeArgs`):
         inputs_embeds: [Tl, H] text embeddings of the full sequences (visual rows ignored).
         position_ids: [Tl] or [R, Tl] int32/int64 original ids.
         cu_seqlens: [B+1] offsets of the full sequences.
@@ -234,6 +328,7 @@ def merge_kept_ref(
         embeds [To, H], position_ids [To] or [R, To], cu_seqlens_out [B+1] (dtype of
         ``cu_seqlens``), src_idx [To] int64 (packed full-sequence row of each output row).
     """
+    inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx = a
     tl, tv = inputs_embeds.shape[0], visual_embeds.shape[0]
     device = inputs_embeds.device
     seg_v = segment_ids(cu_seqlens_v, tv)
@@ -256,8 +351,24 @@ def merge_kept_ref(
     )
 
 
+def keep_rule_counts_ref(
+    scores: torch.Tensor, cu_seqlens_v: torch.Tensor, keep: KeepRule, relevance: str = "softmax"
+) -> torch.Tensor:
+    """[B] int64 keep counts of any keep rule: :func:`keep_counts_ref` for ``keep_ratio`` /
+    ``keep_count``; for ``keep_mass`` :func:`mass_keep_counts_ref`, bounded per sample by the
+    counts :func:`keep_counts_ref` gives ``min_keep_ratio`` and ``max_keep_ratio``."""
+    if keep.keep_mass is None:
+        return keep_counts_ref(cu_seqlens_v, keep.keep_ratio, keep.keep_count)
+    lo = keep_counts_ref(cu_seqlens_v, keep_ratio=keep.min_keep_ratio)
+    hi = keep_counts_ref(cu_seqlens_v, keep_ratio=keep.max_keep_ratio)
+    bounds = torch.stack([lo, hi])
+    return mass_keep_counts_ref(scores, cu_seqlens_v, bounds, keep.keep_mass, relevance)
+
+
 #: The default of the reference composites: no mapper, the raw attention is ranked.
 _NO_MAPPER = MapperArgs()
+#: No keep rule: the reference composites need one (``KeepRule(keep_ratio=...)``, ...).
+_NO_KEEP = KeepRule()
 
 
 def _scores_ref(s: ScoringArgs, m: MapperArgs) -> torch.Tensor:
@@ -273,21 +384,27 @@ def _scores_ref(s: ScoringArgs, m: MapperArgs) -> torch.Tensor:
     return mapper_forward_ref(attn, s.cu_seqlens_v, *m, validate=False)
 
 
+def _kept_ref(s: ScoringArgs, m: MapperArgs, keep: KeepRule) -> tuple[torch.Tensor, ...]:
+    """Stages a-c: (scores, kept_idx, cu_seqlens_kept). The adaptive rule's relevance is the
+    mapper's softmax, or the raw attention normalised per sample (no mapper)."""
+    scores = _scores_ref(s, m)
+    relevance = "softmax" if len(m.params) > 0 else "normalize"
+    counts = keep_rule_counts_ref(scores, s.cu_seqlens_v, keep, relevance)
+    return (scores, *select_topk_ref(scores, s.cu_seqlens_v, counts))
+
+
 def prune_visual_tokens_ref(
     scoring: ScoringArgs,
     visual_embeds: torch.Tensor,
     visual_position_ids: torch.Tensor,
     mapper: MapperArgs = _NO_MAPPER,
-    keep_ratio: float | None = None,
-    keep_count: int | None = None,
+    keep: KeepRule = _NO_KEEP,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stages a-d chained: ``prune_visual_tokens`` with its arguments grouped (``scoring``: those
     of :func:`instruction_attention_ref`; ``mapper``: params, kernel size, input eps, no params
-    for the raw attention). Returns (kept_embeds, kept_position_ids, kept_idx, cu_seqlens_kept,
-    scores [Tv] float32)."""
-    scores = _scores_ref(scoring, mapper)
-    counts = keep_counts_ref(scoring.cu_seqlens_v, keep_ratio, keep_count)
-    kept_idx, cu_kept = select_topk_ref(scores, scoring.cu_seqlens_v, counts)
+    for the raw attention; ``keep``: the keep rule). Returns (kept_embeds, kept_position_ids,
+    kept_idx, cu_seqlens_kept, scores [Tv] float32)."""
+    scores, kept_idx, cu_kept = _kept_ref(scoring, mapper, keep)
     kept_embeds, kept_pos = gather_kept_ref(visual_embeds, visual_position_ids, kept_idx)
     return kept_embeds, kept_pos, kept_idx, cu_kept, scores
 
@@ -299,15 +416,12 @@ def prune_and_merge_ref(
     cu_seqlens: torch.Tensor,
     visual_embeds: torch.Tensor,
     mapper: MapperArgs = _NO_MAPPER,
-    keep_ratio: float | None = None,
-    keep_count: int | None = None,
+    keep: KeepRule = _NO_KEEP,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stages a-c then the merge: ``prune_and_merge`` with its arguments grouped as in
     :func:`prune_visual_tokens_ref`. Returns (embeds, position_ids_out, cu_seqlens_out, src_idx,
     kept_idx, scores)."""
-    scores = _scores_ref(scoring, mapper)
-    counts = keep_counts_ref(scoring.cu_seqlens_v, keep_ratio, keep_count)
-    kept_idx, _ = select_topk_ref(scores, scoring.cu_seqlens_v, counts)
+    scores, kept_idx, _ = _kept_ref(scoring, mapper, keep)
     merged = merge_kept_ref(
         inputs_embeds, position_ids, cu_seqlens, visual_embeds, scoring.visual_idx,
         scoring.cu_seqlens_v, kept_idx,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from tokenprune_kernels import _extension, backend
-from tokenprune_kernels.validation import ScoringArgs, segment_ids
+from tokenprune_kernels.validation import KeepRule, ScoringArgs, segment_ids
 
 Segment = tuple[str, int]
 
@@ -86,6 +86,23 @@ def simple_layout(
     if n_after:
         layout.append(("t", n_after))
     return layout
+
+
+#: Batches for stage a's parity tests (each backend's tests add their own long ones). ``ragged``:
+#: two images then 3 queries; a sample without visual tokens; 5 queries (key lengths 21, 4, 24,
+#: no multiple of a block). ``interleaved``: queries before and between the images (q_pos given),
+#: so some visual keys come after some queries; one query in the second sample.
+ATTENTION_LAYOUTS: dict[str, list[list[Segment]]] = {
+    "ragged": [
+        [("t", 3), ("v", 7), ("t", 2), ("v", 5), ("q", 3), ("t", 1)],
+        [("t", 2), ("q", 2)],
+        [("v", 19), ("q", 5)],
+    ],
+    "interleaved": [
+        [("t", 2), ("q", 2), ("v", 9), ("q", 1), ("v", 4), ("q", 4)],
+        [("t", 1), ("v", 3), ("q", 1)],
+    ],
+}
 
 
 def make_inputs(
@@ -251,3 +268,39 @@ def trained_like_mapper_params(
             else:
                 p.mul_(1.0 + 0.5 * noise)
     return [p.detach().to(device) for p in model.op_params()]
+
+
+def oracle_keep_counts(
+    scores: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    keep: KeepRule,
+    softmax: bool,
+    gap: float = 1e-6,
+) -> torch.Tensor:
+    """[B] int64 keep counts of any keep rule for the model oracles, the adaptive rule computed
+    independently of the ops' fixed-point weights: the relevance in float64 (``softmax`` of the
+    scores, else the scores over their sum), summed in descending order until it reaches
+    ``keep.keep_mass``, then bounded by the ratio rule's counts for ``keep.min_keep_ratio`` /
+    ``keep.max_keep_ratio``. ``scores``: [Tv] finite floats; ``cu_seqlens_v``: [B+1] on the CPU.
+    Asserts that no cumulative mass lies within ``gap`` of the threshold (the count would then
+    depend on rounding: pick another seed)."""
+    from tokenprune_kernels.reference import keep_counts_ref
+
+    keep_mass = keep.keep_mass
+    if keep_mass is None:
+        return keep_counts_ref(cu_seqlens_v, keep_ratio=keep.keep_ratio, keep_count=keep.keep_count)
+    lo = keep_counts_ref(cu_seqlens_v, keep_ratio=keep.min_keep_ratio).tolist()
+    hi = keep_counts_ref(cu_seqlens_v, keep_ratio=keep.max_keep_ratio).tolist()
+    bounds = cu_seqlens_v.tolist()
+    counts = []
+    for b in range(len(bounds) - 1):
+        s = scores[bounds[b] : bounds[b + 1]].double()
+        if s.numel() == 0:
+            counts.append(0)
+            continue
+        p = torch.softmax(s, 0) if softmax else s / s.sum()
+        cum = torch.cumsum(torch.sort(p, descending=True, stable=True).values, 0)
+        assert bool(((cum - keep_mass).abs() > gap).all()), "mass near the threshold: reseed"
+        m = min(int((cum < keep_mass).sum()) + 1, s.numel())
+        counts.append(min(max(m, lo[b]), hi[b]))
+    return torch.tensor(counts, dtype=torch.int64)

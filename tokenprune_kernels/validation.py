@@ -21,10 +21,12 @@ A leaf module (it imports torch only), so :mod:`tokenprune_kernels.mapper` and
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -88,6 +90,18 @@ class MergeArgs(NamedTuple):
     kept_idx: torch.Tensor
 
 
+class KeepRule(NamedTuple):
+    """How many visual tokens each sample keeps: exactly one of ``keep_ratio``, ``keep_count``
+    and ``keep_mass`` (the adaptive rule, bounded by ``min_keep_ratio`` / ``max_keep_ratio``).
+    The keep arguments of ``select_topk`` and of the composites, in their order."""
+
+    keep_ratio: float | None = None
+    keep_count: int | None = None
+    keep_mass: float | None = None
+    min_keep_ratio: float = 0.0
+    max_keep_ratio: float = 1.0
+
+
 class PruneArgs(NamedTuple):
     """``prune_visual_tokens``'s arguments grouped, in ``prune_visual_tokens_ref``'s order."""
 
@@ -95,8 +109,7 @@ class PruneArgs(NamedTuple):
     visual_embeds: torch.Tensor
     visual_position_ids: torch.Tensor
     mapper: MapperArgs
-    keep_ratio: float | None
-    keep_count: int | None
+    keep: KeepRule
 
 
 class PruneMergeArgs(NamedTuple):
@@ -108,8 +121,7 @@ class PruneMergeArgs(NamedTuple):
     cu_seqlens: torch.Tensor
     visual_embeds: torch.Tensor
     mapper: MapperArgs
-    keep_ratio: float | None
-    keep_count: int | None
+    keep: KeepRule
 
     def merge(self, kept_idx: torch.Tensor) -> MergeArgs:
         """The merge's arguments for ``kept_idx`` (the visual indices and offsets: stage a's)."""
@@ -118,6 +130,39 @@ class PruneMergeArgs(NamedTuple):
             self.inputs_embeds, self.position_ids, self.cu_seqlens, self.visual_embeds,
             s.visual_idx, s.cu_seqlens_v, kept_idx,
         )  # fmt: skip
+
+
+def flat_args(bundle: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: an implementation ``fn(b, extra=..., *, options)`` taking a ``bundle`` (a
+    NamedTuple above) becomes callable with the bundle's fields flat, positionally or by name (as
+    ``bundle(*args, **kwargs)`` binds them), then ``fn``'s own positional parameters after the
+    bundle (``extra``: a stage that takes the bundle and more, such as
+    ``instruction_attention_heads``'s ``head_groups``; they need defaults, as the bundle's last
+    fields have them), then its keyword-only options (all other keywords when ``fn`` takes
+    ``**options``). The wrapper's signature says so (for ``inspect`` and the op table's
+    convention test), so the flat argument list of a stage is written once, in its bundle,
+    however many implementations take it."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(fn)
+        params = list(sig.parameters.values())[1:]
+        extra = [p for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+        own = [p for p in params if p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD)]
+        n, fields = len(bundle._fields), frozenset(bundle._fields)
+        names = frozenset(p.name for p in (*extra, *own))
+        any_keyword = any(p.kind is p.VAR_KEYWORD for p in own)
+
+        @functools.wraps(fn)
+        def flat(*args: Any, **kwargs: Any) -> Any:
+            mine = [k for k in kwargs if k in names or (any_keyword and k not in fields)]
+            options = {k: kwargs.pop(k) for k in mine}
+            return fn(bundle(*args[:n], **kwargs), *args[n:], **options)
+
+        flat_fields = list(inspect.signature(bundle).parameters.values())
+        flat.__signature__ = sig.replace(parameters=[*flat_fields, *extra, *own])  # type: ignore[attr-defined]
+        return flat
+
+    return wrap
 
 
 def _fail(message: str) -> None:
@@ -198,16 +243,53 @@ def check_offsets(name: str, values: Sequence[int], total: int, total_name: str)
         _fail(f"{name} must end at {total_name} = {total}, got {name}[-1] = {values[-1]}")
 
 
-def check_keep(keep_ratio: float | None, keep_count: int | None) -> None:
-    if (keep_ratio is None) == (keep_count is None):
+#: How ``select_topk``'s scores become the relevance whose mass ``keep_mass`` thresholds:
+#: ``softmax`` of logits (the mapper's), or ``normalize`` non-negative masses (raw attention).
+RELEVANCE = ("softmax", "normalize")
+
+
+def check_keep(
+    keep_ratio: float | None,
+    keep_count: int | None,
+    keep_mass: float | None = None,
+    min_keep_ratio: float = 0.0,
+    max_keep_ratio: float = 1.0,
+) -> None:
+    given = [n for n, x in (("keep_ratio", keep_ratio), ("keep_count", keep_count),
+                            ("keep_mass", keep_mass)) if x is not None]  # fmt: skip
+    if len(given) != 1:
         _fail(
-            "give exactly one of keep_ratio and keep_count, got "
-            f"keep_ratio={keep_ratio!r}, keep_count={keep_count!r}"
+            "give exactly one of keep_ratio, keep_count and keep_mass, got "
+            f"keep_ratio={keep_ratio!r}, keep_count={keep_count!r}, keep_mass={keep_mass!r}"
         )
     if keep_ratio is not None and not (0.0 < keep_ratio <= 1.0):  # NaN fails too
         _fail(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
     if keep_count is not None and keep_count < 1:
         _fail(f"keep_count must be >= 1, got {keep_count}")
+    if keep_mass is None:
+        if (min_keep_ratio, max_keep_ratio) != (0.0, 1.0):
+            _fail(
+                "min_keep_ratio and max_keep_ratio bound keep_mass only; got "
+                f"min_keep_ratio={min_keep_ratio!r}, max_keep_ratio={max_keep_ratio!r} with "
+                f"{given[0]}"
+            )
+        return
+    if not (0.0 < keep_mass <= 1.0):
+        _fail(f"keep_mass must be in (0, 1], got {keep_mass!r}")
+    if not (0.0 <= min_keep_ratio <= 1.0):
+        _fail(f"min_keep_ratio must be in [0, 1], got {min_keep_ratio!r}")
+    if not (0.0 < max_keep_ratio <= 1.0):
+        _fail(f"max_keep_ratio must be in (0, 1], got {max_keep_ratio!r}")
+    if min_keep_ratio > max_keep_ratio:
+        _fail(
+            f"min_keep_ratio must be <= max_keep_ratio, got min_keep_ratio={min_keep_ratio!r} > "
+            f"max_keep_ratio={max_keep_ratio!r}"
+        )
+
+
+def check_relevance(relevance: str) -> None:
+    if relevance not in RELEVANCE:
+        _fail(f"relevance must be one of {', '.join(map(repr, RELEVANCE))}, got {relevance!r}")
 
 
 def check_keep_count_values(keep_count: int | None, bounds_v: list[int]) -> None:
@@ -495,7 +577,7 @@ def _check_composite(a: PruneArgs | PruneMergeArgs) -> None:
     """Static checks of stages a-c shared by both composites (fake and real)."""
     s = a.scoring
     check_instruction_attention(s)
-    check_keep(a.keep_ratio, a.keep_count)
+    check_keep(*a.keep)
     _check_composite_mapper(a.mapper, s)
     check_rank("visual_embeds", a.visual_embeds, 2, "[total_v, hidden]")
     require(
@@ -522,7 +604,7 @@ def check_prune_values(a: PruneArgs) -> list[int]:
     """The value checks of ``prune_visual_tokens`` (stage a's, then ``keep_count`` against every
     sample), in one device read. Returns the visual offsets [B+1] as Python ints."""
     bv = check_instruction_attention_values(a.scoring)
-    check_keep_count_values(a.keep_count, bv)
+    check_keep_count_values(a.keep.keep_count, bv)
     return bv
 
 
@@ -532,7 +614,7 @@ def check_prune_merge_values(a: PruneMergeArgs) -> list[int]:
     sequence; ``visual_idx``'s order and ``cu_seqlens_v`` are stage a's already). Returns the
     visual offsets."""
     bv, bl, bad = _check_scoring_values(a.scoring, a.cu_seqlens)
-    check_keep_count_values(a.keep_count, bv)
+    check_keep_count_values(a.keep.keep_count, bv)
     check_offsets("cu_seqlens", bl, a.inputs_embeds.shape[0], "inputs_embeds.shape[0]")
     if bad:
         _detailed_merge_positions(a.scoring.visual_idx, a.scoring.cu_seqlens_v, None, bl)
@@ -709,26 +791,33 @@ def check_mapper_values(
 
 
 def check_select(
-    scores: torch.Tensor,
-    cu_seqlens_v: torch.Tensor,
-    keep_ratio: float | None,
-    keep_count: int | None,
+    scores: torch.Tensor, cu_seqlens_v: torch.Tensor, keep: KeepRule, relevance: str = "softmax"
 ) -> None:
     check_rank("scores", scores, 1, "[total_v]")
     check_dtype("scores", scores, FLOAT_DTYPES)
     check_cu_seqlens("cu_seqlens_v", cu_seqlens_v)
-    check_keep(keep_ratio, keep_count)
+    check_keep(*keep)
+    check_relevance(relevance)
     check_same_device(scores=scores, cu_seqlens_v=cu_seqlens_v)
 
 
 def check_select_values(
-    scores: torch.Tensor, cu_seqlens_v: torch.Tensor, keep_count: int | None
+    scores: torch.Tensor, cu_seqlens_v: torch.Tensor, keep: KeepRule, relevance: str = "softmax"
 ) -> list[int]:
-    """Offsets cover ``scores`` [Tv]; ``keep_count`` fits every non-empty sample. One device
-    read; returns the offsets [B+1] as Python ints."""
-    (bv,), _ = read_values([cu_seqlens_v])
+    """Offsets cover ``scores`` [Tv]; ``keep_count`` fits every non-empty sample; with
+    ``keep_mass`` and ``relevance="normalize"``, every score is finite and >= 0 (or NaN). One
+    device read; returns the offsets [B+1] as Python ints."""
+    masses = keep.keep_mass is not None and relevance == "normalize" and scores.numel() > 0
+    masks = [(scores < 0) | torch.isinf(scores)] if masses else []
+    (bv,), bad = read_values([cu_seqlens_v], masks)
     check_offsets("cu_seqlens_v", bv, scores.shape[0], "scores.shape[0]")
-    check_keep_count_values(keep_count, bv)
+    check_keep_count_values(keep.keep_count, bv)
+    if bad:  # name the first offending entry (more reads, on the failure path only)
+        i = int(torch.nonzero(masks[0])[0])
+        _fail(
+            "scores must be finite and >= 0 (or NaN) with keep_mass and relevance='normalize' "
+            f"(they are masses, normalised per sample), got scores[{i}] = {float(scores[i])}"
+        )
     return bv
 
 

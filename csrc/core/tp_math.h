@@ -35,25 +35,22 @@
 
 namespace tokenprune::core {
 
-TP_INLINE uint32_t float_bits(float x) {
+// The bits of a float and back: CUDA's intrinsics on the device, a copy of the bytes (what
+// std::bit_cast does) on the host.
 #if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
+TP_INLINE uint32_t float_bits(float x) { return __float_as_uint(x); }
+TP_INLINE float bits_float(uint32_t u) { return __uint_as_float(u); }
 #else
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
-  return u;
-#endif
+template <class To, class From>
+TP_INLINE To bit_copy(From from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_copy copies between types of one size");
+  To to;
+  std::memcpy(&to, &from, sizeof(to));
+  return to;
 }
-
-TP_INLINE float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float x;
-  std::memcpy(&x, &u, sizeof(x));
-  return x;
+TP_INLINE uint32_t float_bits(float x) { return bit_copy<uint32_t>(x); }
+TP_INLINE float bits_float(uint32_t u) { return bit_copy<float>(u); }
 #endif
-}
 
 // 2^x in float32: at most 2 ulp from the exact value for x in [-126, 127] (measured 1.6 ulp),
 // 0 below (where the exact value is a denormal, < 1.2e-38), +inf above, NaN for NaN. x = n + f

@@ -22,6 +22,7 @@
 // and its share of the tied keys, so the compaction is parallel too. Small samples run one per
 // task, in parallel over the batch.
 
+#include "../core/mass.h"
 #include "../core/order_key.h"
 #include "cpu_common.h"
 
@@ -32,6 +33,7 @@
 
 #include <algorithm>
 #include <array>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <tuple>
@@ -161,10 +163,7 @@ std::tuple<at::Tensor, at::Tensor> select_topk_cpu(const at::Tensor& scores,
                                                    const at::Tensor& keep_counts,
                                                    std::optional<int64_t> total_kept) {
   const c10::Device cpu(c10::kCPU);
-  check_dim(scores, "scores", 1, "[Tv]");
-  check_float(scores, "scores");
-  check_device(scores, "scores", cpu);
-  const int64_t tv = scores.size(0);
+  const int64_t tv = check_scores(scores, cpu);
   const std::vector<int64_t> cu = read_offsets(cu_seqlens_v, "cu_seqlens_v", tv, "Tv");
   const int64_t batch = static_cast<int64_t>(cu.size()) - 1;
   check_dim(keep_counts, "keep_counts", 1, "[B]");
@@ -238,9 +237,79 @@ std::tuple<at::Tensor, at::Tensor> select_topk_cpu(const at::Tensor& scores,
   return {kept_idx, cu_out};
 }
 
+// _mass_keep_counts(scores [Tv], cu_seqlens_v [B+1], keep_bounds [2, B] int64, keep_mass,
+//                   relevance) -> counts [B] int64
+// Per sample of n >= 1 tokens: the fewest top tokens (by the selection's order) whose weights
+// (core/mass.h) sum to at least keep_mass * total (float64 product), clamped to
+// [keep_bounds[0][b], keep_bounds[1][b]]; 0 for an empty sample. The order's prefix sums only
+// need the weights sorted by key: tied keys have equal weights, so which of them comes first
+// does not change a sum. Each sample packs (order_key << 32 | weight) per token (weights fit 31
+// bits), sorts descending and accumulates until the threshold: O(n log n), parallel over the
+// batch.
+at::Tensor mass_keep_counts_cpu(const at::Tensor& scores, const at::Tensor& cu_seqlens_v,
+                                const at::Tensor& keep_bounds, double keep_mass,
+                                c10::string_view relevance) {
+  const c10::Device cpu(c10::kCPU);
+  const int64_t tv = check_scores(scores, cpu);
+  const std::vector<int64_t> cu = read_offsets(cu_seqlens_v, "cu_seqlens_v", tv, "Tv");
+  const int64_t batch = static_cast<int64_t>(cu.size()) - 1;
+  const bool softmax = check_mass_args(keep_bounds, batch, cpu, keep_mass, relevance);
+  const std::vector<int64_t> lo = to_int64_vector(keep_bounds[0]);
+  const std::vector<int64_t> hi = to_int64_vector(keep_bounds[1]);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t n = cu[b + 1] - cu[b];
+    TORCH_CHECK_VALUE(n == 0 || (1 <= lo[b] && lo[b] <= hi[b] && hi[b] <= n), "keep_bounds[:, ", b,
+                      "] must satisfy 1 <= lo <= hi <= n = ", n, ", got lo = ", lo[b], ", hi = ",
+                      hi[b]);
+  }
+  at::Tensor counts = at::empty({batch}, scores.options().dtype(c10::kLong));
+  int64_t* out = counts.mutable_data_ptr<int64_t>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      c10::kHalf, c10::kBFloat16, scores.scalar_type(), "_mass_keep_counts_cpu", [&] {
+        const scalar_t* src = scores.const_data_ptr<scalar_t>();
+        const int64_t stride = scores.stride(0);
+        at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+          std::vector<uint64_t> packed;
+          for (int64_t b = begin; b < end; ++b) {
+            const int64_t n = cu[b + 1] - cu[b];
+            if (n == 0) {
+              out[b] = 0;
+              continue;
+            }
+            float mx = -INFINITY;
+            for (int64_t i = cu[b]; i < cu[b + 1]; ++i) {
+              const float x = static_cast<float>(src[i * stride]);
+              if (!core::is_nan(x) && x > mx) mx = x;
+            }
+            const int k = core::mass_bits(n);
+            packed.resize(static_cast<size_t>(n));
+            int64_t total = 0;
+            for (int64_t i = 0; i < n; ++i) {
+              const float x = static_cast<float>(src[(cu[b] + i) * stride]);
+              const int64_t w = core::mass_weight(x, mx, k, softmax);
+              total += w;
+              packed[i] = (static_cast<uint64_t>(order_key(x)) << 32) | static_cast<uint64_t>(w);
+            }
+            std::sort(packed.begin(), packed.end(), std::greater<uint64_t>());
+            const double threshold = keep_mass * static_cast<double>(total);
+            int64_t m = 0;
+            int64_t before = 0;  // weight of the tokens ranked above token m
+            while (m < n && static_cast<double>(before) < threshold) {
+              before += static_cast<int64_t>(packed[m] & 0xFFFFFFFFu);
+              ++m;
+            }
+            out[b] = std::min(std::max(m, lo[b]), hi[b]);
+          }
+        });
+      });
+  return counts;
+}
+
 }  // namespace
 }  // namespace tokenprune::cpu
 
 TORCH_LIBRARY_IMPL(tokenprune, CPU, m) {
   m.impl("_select_topk", &tokenprune::cpu::select_topk_cpu);
+  m.impl("_mass_keep_counts", &tokenprune::cpu::mass_keep_counts_cpu);
 }

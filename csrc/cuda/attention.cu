@@ -87,15 +87,20 @@ __host__ __device__ constexpr size_t tile_smem_bytes(int dp) {
   return 2 * operand_bytes<T>(dp) + kLogitBytes + kExtraBytes;
 }
 
-// The regions of a tile kernel's dynamic shared memory (tile_smem_bytes<T>(dp) bytes).
+// A tile kernel's layout: the padded head dim, the operand tiles' row stride and the regions of
+// its dynamic shared memory (tile_smem_bytes<T>(dp) bytes). The kernels unpack it in one line.
 template <typename T>
 struct TileSmem {
-  T* q;                  // [kRows, dp + pad] query rows
-  T* k;                  // [kKeys, dp + pad] key rows
+  int dp;                // head_dim padded to a multiple of 16
+  int ld;                // row stride of the operand tiles, dp + pad
+  T* q;                  // [kRows, ld] query rows
+  T* k;                  // [kKeys, ld] key rows
   float* logit;          // [kRows, kLogitLd]
   unsigned char* extra;  // kExtraBytes for per-row / per-column arrays
-  __device__ TileSmem(unsigned char* smem, int dp)
-      : q(reinterpret_cast<T*>(smem)),
+  __device__ TileSmem(unsigned char* smem, int64_t head_dim)
+      : dp(padded_dim(head_dim)),
+        ld(dp + Elem<T>::kPad),
+        q(reinterpret_cast<T*>(smem)),
         k(reinterpret_cast<T*>(smem + operand_bytes<T>(dp))),
         logit(reinterpret_cast<float*>(smem + 2 * operand_bytes<T>(dp))),
         extra(smem + 2 * operand_bytes<T>(dp) + kLogitBytes) {}
@@ -272,13 +277,8 @@ __global__ void __launch_bounds__(kBlock, 1) row_stats_kernel(AttentionArgs a, i
                                                            float* __restrict__ stat_max,
                                                            float* __restrict__ stat_sum) {
   extern __shared__ __align__(128) unsigned char smem[];
-  const int dp = padded_dim(a.head_dim);
-  const int ld = dp + Elem<T>::kPad;
-  const TileSmem<T> tiles(smem, dp);
-  T* s_q = tiles.q;
-  T* s_k = tiles.k;
-  float* s_logit = tiles.logit;
-  int64_t* s_pos = reinterpret_cast<int64_t*>(tiles.extra);  // [kRows] query positions
+  const auto [dp, ld, s_q, s_k, s_logit, extra] = TileSmem<T>(smem, a.head_dim);
+  int64_t* s_pos = reinterpret_cast<int64_t*>(extra);  // [kRows] query positions
   __shared__ int64_t s_most[2];
 
   const int group = static_cast<int>(a.hq / a.hk);
@@ -388,13 +388,7 @@ __global__ void __launch_bounds__(kBlock, 1) visual_colsum_kernel(AttentionArgs 
                                                                const float* __restrict__ row_max,
                                                                const float* __restrict__ row_sum) {
   extern __shared__ __align__(128) unsigned char smem[];
-  const int dp = padded_dim(a.head_dim);
-  const int ld = dp + Elem<T>::kPad;
-  const TileSmem<T> tiles(smem, dp);
-  T* s_q = tiles.q;
-  T* s_k = tiles.k;
-  float* s_logit = tiles.logit;
-  unsigned char* extra = tiles.extra;
+  const auto [dp, ld, s_q, s_k, s_logit, extra] = TileSmem<T>(smem, a.head_dim);
   int64_t* s_key = reinterpret_cast<int64_t*>(extra);            // [kCols] local key, -1: none
   int64_t* s_pos = reinterpret_cast<int64_t*>(extra + 512);      // [kRows] query positions
   float* s_max = reinterpret_cast<float*>(extra + 1024);         // [kRows]

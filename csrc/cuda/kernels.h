@@ -98,6 +98,20 @@ cudaError_t select_kept(FloatVector scores, int64_t tv, const int64_t* cu_v, int
                         size_t workspace_bytes, int32_t* flags, int64_t* kept_idx,
                         int64_t* cu_kept, cudaStream_t stream);
 
+// Bytes of device scratch mass_keep_counts needs (host-only arithmetic, as above).
+cudaError_t mass_workspace_bytes(int64_t tv, int64_t batch, size_t* bytes);
+
+// Per-sample keep counts of the adaptive rule (docs/contract.md, stage c, keep_mass): the same
+// sort as select_kept, then the mass weights (core/mass.h, relative to each sample's first
+// sorted score), an inclusive scan of them in sorted order, and per sample the fewest leading
+// tokens whose weights reach keep_mass * the sample's total, clamped to keep_bounds [2, batch]
+// (row 0 the least, row 1 the most tokens); 0 for an empty sample. Writes counts [batch]. No
+// host synchronisation (the caller reads the total it needs to size a selection).
+cudaError_t mass_keep_counts(FloatVector scores, int64_t tv, const int64_t* cu_v, int64_t batch,
+                             const int64_t* keep_bounds, double keep_mass, bool softmax,
+                             void* workspace, size_t workspace_bytes, int64_t* counts,
+                             cudaStream_t stream);
+
 // ---- instruction attention (attention.cu) ---------------------------------------------------
 
 // Arguments of tokenprune::_instruction_attention. q [tq, hq, head_dim] and k [tk, hk, head_dim]

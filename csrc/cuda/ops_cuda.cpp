@@ -1,6 +1,6 @@
 // CUDA glue of the private ops (compiled in CUDA builds only):
-//   _instruction_attention, _mapper_forward, _select_topk, _gather_kept, _merge_kept and the
-//   fused selections _select_gather_kept / _select_merge_kept (CUDA only).
+//   _instruction_attention, _mapper_forward, _select_topk, _mass_keep_counts, _gather_kept,
+//   _merge_kept and the fused selections _select_gather_kept / _select_merge_kept (CUDA only).
 //
 // Owns what needs torch: argument checks of metadata (ranks, dtypes, sizes, devices; the
 // device-agnostic ones shared with the CPU kernels are in ../checks.h), allocation (caching
@@ -163,6 +163,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_kept_cuda(
 
 // ------------------------------------------------------------------------------------ select
 
+// Scores [Tv] (Tv < 2^31: the sort's indices are int32) and their offsets [B+1] on `device`:
+// (Tv, B).
+std::tuple<int64_t, int64_t> check_ranked(const at::Tensor& scores, const at::Tensor& cu_seqlens_v,
+                                          const c10::Device& device) {
+  const int64_t tv = check_scores(scores, device);
+  TORCH_CHECK_VALUE(tv <= INT32_MAX, "scores must have fewer than 2^31 entries, got ", tv);
+  check_offsets_meta(cu_seqlens_v, "cu_seqlens_v");
+  check_device(cu_seqlens_v, "cu_seqlens_v", device);
+  return {tv, cu_seqlens_v.size(0) - 1};
+}
+
 // The selection's arguments, checked: scores [Tv] float, offsets [B+1], keep_counts [B] int64,
 // all on `device`; total_kept in [0, Tv].
 struct Selection {
@@ -176,14 +187,7 @@ struct Selection {
 Selection check_selection(const at::Tensor& scores, const at::Tensor& cu_seqlens_v,
                           const at::Tensor& keep_counts, std::optional<int64_t> total_kept,
                           const c10::Device& device) {
-  check_dim(scores, "scores", 1, "[Tv]");
-  check_float(scores, "scores");
-  check_device(scores, "scores", device);
-  const int64_t tv = scores.size(0);
-  TORCH_CHECK_VALUE(tv <= INT32_MAX, "scores must have fewer than 2^31 entries, got ", tv);
-  check_offsets_meta(cu_seqlens_v, "cu_seqlens_v");
-  check_device(cu_seqlens_v, "cu_seqlens_v", device);
-  const int64_t batch = cu_seqlens_v.size(0) - 1;
+  const auto [tv, batch] = check_ranked(scores, cu_seqlens_v, device);
   check_dim(keep_counts, "keep_counts", 1, "[B]");
   check_int64(keep_counts, "keep_counts");
   check_device(keep_counts, "keep_counts", device);
@@ -281,6 +285,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_me
   auto [embeds, pos, cu_out, src_idx] = merge_rows(sizes, inputs_embeds, position_ids, cu_seqlens,
                                                    cu, visual_embeds, vmap, keep, t_out);
   return {embeds, pos, cu_out, src_idx, kept};
+}
+
+// The adaptive rule's per-sample counts. No synchronisation here either: the op layer reads
+// their total (the one sync of the keep_mass rule) to size the selection it then runs.
+at::Tensor mass_keep_counts_cuda(const at::Tensor& scores, const at::Tensor& cu_seqlens_v,
+                                 const at::Tensor& keep_bounds, double keep_mass,
+                                 c10::string_view relevance) {
+  const c10::Device device = check_backend(scores, "scores", c10::kCUDA);
+  const c10::cuda::CUDAGuard guard(device);
+  const auto [tv, batch] = check_ranked(scores, cu_seqlens_v, device);
+  const bool softmax = check_mass_args(keep_bounds, batch, device, keep_mass, relevance);
+  const at::Tensor cu_v = as_int64(cu_seqlens_v);
+  const at::Tensor bounds = keep_bounds.contiguous();
+  at::Tensor counts = at::empty({batch}, cu_v.options());
+  size_t bytes = 0;
+  C10_CUDA_CHECK(mass_workspace_bytes(tv, batch, &bytes));
+  const at::Tensor ws = workspace(static_cast<int64_t>(bytes), device);
+  const FloatVector sv{scores.const_data_ptr(), scores.stride(0), float_type(scores)};
+  C10_CUDA_CHECK(mass_keep_counts(sv, tv, cu_v.const_data_ptr<int64_t>(), batch,
+                                  bounds.const_data_ptr<int64_t>(), keep_mass, softmax,
+                                  ws.mutable_data_ptr(), bytes, counts.mutable_data_ptr<int64_t>(),
+                                  stream_of(device)));
+  return counts;
 }
 
 // --------------------------------------------------------------------------------- attention
@@ -494,6 +521,7 @@ TORCH_LIBRARY_IMPL(tokenprune, CUDA, m) {
   m.impl("_instruction_attention", &tokenprune::cuda::instruction_attention_cuda);
   m.impl("_mapper_forward", &tokenprune::cuda::mapper_forward_cuda);
   m.impl("_select_topk", &tokenprune::cuda::select_topk_cuda);
+  m.impl("_mass_keep_counts", &tokenprune::cuda::mass_keep_counts_cuda);
   m.impl("_gather_kept", &tokenprune::cuda::gather_kept_cuda);
   m.impl("_merge_kept", &tokenprune::cuda::merge_kept_cuda);
   m.impl("_select_gather_kept", &tokenprune::cuda::select_gather_kept_cuda);

@@ -4,7 +4,7 @@ headers, and (slow) the CMake build."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import re
 import shutil
@@ -19,7 +19,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SOURCES_TXT = ROOT / "csrc" / "sources.txt"
 TORCH_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"](torch|ATen|c10|caffe2|pybind11)/', re.M)
 LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.M)
-RESOURCES_SCRIPT = ROOT / "benchmarks" / "kernel_resources.py"
 RESOURCES_TABLE = ROOT / "benchmarks" / "results" / "kernel_resources.md"
 
 
@@ -88,12 +87,9 @@ def test_cuda_kernels_are_torch_free(path):
 
 
 def _resources():
-    """benchmarks/kernel_resources.py, loaded as a module (its compile and ptxas parser)."""
-    spec = importlib.util.spec_from_file_location("kernel_resources", RESOURCES_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    """benchmarks/kernel_resources.py as a module (its compile and ptxas parser); benchmarks/ is
+    importable from the repository root (pytest's pythonpath)."""
+    return importlib.import_module("benchmarks.kernel_resources")
 
 
 @pytest.mark.parametrize("arch", [80, 90], ids=["sm80", "sm90"])

@@ -6,23 +6,9 @@ from __future__ import annotations
 
 import math
 
+import kernel_cases as cases
 import pytest
 import torch
-from kernel_cases import (
-    DTYPES,
-    INDEX_DTYPES,
-    MERGE_LAYOUTS,
-    MERGE_MODES,
-    SCORE_KINDS,
-    SELECT_LAYOUTS,
-    kept_for,
-    make_counts,
-    make_merge_inputs,
-    make_scores,
-    merge_case,
-    offsets,
-    ops,
-)
 from kernel_cases import assert_same_bits as assert_same
 
 from tokenprune_kernels.reference import gather_kept_ref, merge_kept_ref, select_topk_ref
@@ -69,17 +55,17 @@ def naive_merge(cu, visual_idx, cu_v, kept_idx) -> tuple[list[int], list[int], l
 # _select_topk
 
 
-@pytest.mark.parametrize("kind", SCORE_KINDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", list(SELECT_LAYOUTS))
+@pytest.mark.parametrize("kind", cases.SCORE_KINDS)
+@pytest.mark.parametrize("dtype", cases.DTYPES, ids=str)
+@pytest.mark.parametrize("layout", list(cases.SELECT_LAYOUTS))
 def test_select_matches_reference(layout, dtype, kind, gen):
-    lengths = SELECT_LAYOUTS[layout]
-    cu_dtype = INDEX_DTYPES[len(layout) % 2]
-    cu = offsets(lengths, cu_dtype)
-    scores = make_scores(sum(lengths), dtype, kind, gen)
+    lengths = cases.SELECT_LAYOUTS[layout]
+    cu_dtype = cases.INDEX_DTYPES[len(layout) % 2]
+    cu = cases.offsets(lengths, cu_dtype)
+    scores = cases.make_scores(sum(lengths), dtype, kind, gen)
     for mode in ("random", "edges"):
-        counts = make_counts(lengths, mode, gen)
-        kept, cu_kept = ops()._select_topk(scores, cu, counts)
+        counts = cases.make_counts(lengths, mode, gen)
+        kept, cu_kept = cases.ops()._select_topk(scores, cu, counts)
         want, want_cu = select_topk_ref(scores, cu, counts)
         assert kept.dtype == torch.int64
         assert torch.equal(kept, want), (mode, counts)
@@ -91,15 +77,15 @@ def test_select_matches_reference(layout, dtype, kind, gen):
 @pytest.mark.parametrize("kind", ["normal", "ties", "bits"])
 def test_select_same_result_for_any_thread_count(kind, gen):
     lengths = [40009, 17, 16384]
-    cu = offsets(lengths)
-    scores = make_scores(sum(lengths), torch.float32, kind, gen)
-    counts = make_counts(lengths, "random", gen)
+    cu = cases.offsets(lengths)
+    scores = cases.make_scores(sum(lengths), torch.float32, kind, gen)
+    counts = cases.make_counts(lengths, "random", gen)
     before = torch.get_num_threads()
     try:
         results = []
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            results.append(ops()._select_topk(scores, cu, counts))
+            results.append(cases.ops()._select_topk(scores, cu, counts))
     finally:
         torch.set_num_threads(before)
     want, _ = select_topk_ref(scores, cu, counts)
@@ -110,10 +96,10 @@ def test_select_same_result_for_any_thread_count(kind, gen):
 def test_select_many_small_samples(gen):
     """A batch big enough to run in parallel over samples."""
     lengths = torch.randint(0, 50, (997,), generator=gen).tolist()
-    cu = offsets(lengths, torch.int32)
-    scores = make_scores(sum(lengths), torch.bfloat16, "ties", gen)
-    counts = make_counts(lengths, "random", gen)
-    kept, cu_kept = ops()._select_topk(scores, cu, counts)
+    cu = cases.offsets(lengths, torch.int32)
+    scores = cases.make_scores(sum(lengths), torch.bfloat16, "ties", gen)
+    counts = cases.make_counts(lengths, "random", gen)
+    kept, cu_kept = cases.ops()._select_topk(scores, cu, counts)
     want, want_cu = select_topk_ref(scores, cu, counts)
     assert torch.equal(kept, want)
     assert torch.equal(cu_kept, want_cu)
@@ -121,9 +107,9 @@ def test_select_many_small_samples(gen):
 
 def test_select_strided_scores(gen):
     scores = torch.randn(2 * 301, generator=gen)[::2]
-    cu = offsets([100, 201])
+    cu = cases.offsets([100, 201])
     counts = torch.tensor([7, 200])
-    kept, _ = ops()._select_topk(scores, cu, counts)
+    kept, _ = cases.ops()._select_topk(scores, cu, counts)
     assert torch.equal(kept, select_topk_ref(scores.contiguous(), cu, counts)[0])
 
 
@@ -134,7 +120,7 @@ def test_select_order_keys():
     cu = torch.tensor([0, len(x)])
     expected_rank = [5, 4, 9, 0, 2, 7, 6, 3, 1, 8]  # best first
     for k in range(len(x) + 1):
-        kept, _ = ops()._select_topk(scores, cu, torch.tensor([k]))
+        kept, _ = cases.ops()._select_topk(scores, cu, torch.tensor([k]))
         assert kept.tolist() == sorted(expected_rank[:k]), k
 
 
@@ -149,14 +135,14 @@ def random_kept(tv: int, g: torch.Generator) -> torch.Tensor:
     return torch.nonzero(keep).flatten()
 
 
-@pytest.mark.parametrize("pos_dtype", INDEX_DTYPES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("pos_dtype", cases.INDEX_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", cases.DTYPES, ids=str)
 @pytest.mark.parametrize(("tv", "hidden", "rows"), GATHER_SHAPES)
 def test_gather_matches_reference(tv, hidden, rows, dtype, pos_dtype, gen):
     embeds = torch.randn(tv, hidden, generator=gen).to(dtype)
     pos = torch.randint(-1000, 10**6, (rows, tv), generator=gen).to(pos_dtype)
     for kept in (random_kept(tv, gen), torch.arange(tv), torch.empty(0, dtype=torch.int64)):
-        got_e, got_p = ops()._gather_kept(embeds, pos, kept)
+        got_e, got_p = cases.ops()._gather_kept(embeds, pos, kept)
         want_e, want_p = gather_kept_ref(embeds, pos, kept)
         assert_same(got_e, want_e)
         assert_same(got_p, want_p)
@@ -168,7 +154,7 @@ def test_gather_any_order_and_repeats(gen):
     embeds = torch.randn(50, 8, generator=gen)
     pos = torch.arange(150).reshape(3, 50)
     kept = torch.tensor([49, 0, 0, 7, 49, 3])
-    got_e, got_p = ops()._gather_kept(embeds, pos, kept)
+    got_e, got_p = cases.ops()._gather_kept(embeds, pos, kept)
     assert_same(got_e, embeds[kept])
     assert_same(got_p, pos[:, kept])
 
@@ -182,7 +168,7 @@ def test_gather_non_contiguous(layout, gen):
         embeds = torch.randn(hidden, tv, generator=gen).to(torch.bfloat16).t()
     pos = torch.randint(0, 999, (tv, 3), generator=gen).t()  # strides (1, 3)
     kept = torch.arange(0, tv, 2)[::2]  # non-contiguous index tensor
-    got_e, got_p = ops()._gather_kept(embeds, pos, kept)
+    got_e, got_p = cases.ops()._gather_kept(embeds, pos, kept)
     assert_same(got_e, embeds[kept])
     assert_same(got_p, pos[:, kept])
 
@@ -192,7 +178,7 @@ def test_gather_non_contiguous(layout, gen):
 
 
 def check_merge(args: dict, kept: torch.Tensor) -> None:
-    got = ops()._merge_kept(**args, kept_idx=kept)
+    got = cases.ops()._merge_kept(**args, kept_idx=kept)
     want = merge_kept_ref(**args, kept_idx=kept)
     for g_t, w_t in zip(got, want, strict=True):
         assert_same(g_t, w_t)
@@ -213,30 +199,32 @@ def check_merge(args: dict, kept: torch.Tensor) -> None:
     assert_same(pos, args["position_ids"][:, torch.tensor(src, dtype=torch.int64)])
 
 
-@pytest.mark.parametrize("mode", MERGE_MODES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", list(MERGE_LAYOUTS))
+@pytest.mark.parametrize("mode", cases.MERGE_MODES)
+@pytest.mark.parametrize("dtype", cases.DTYPES, ids=str)
+@pytest.mark.parametrize("layout", list(cases.MERGE_LAYOUTS))
 def test_merge_matches_reference(layout, dtype, mode, gen):
-    check_merge(*merge_case(layout, dtype, mode, gen))
+    check_merge(*cases.merge_case(layout, dtype, mode, gen))
 
 
 @pytest.mark.parametrize(("hidden", "rows"), [(0, 1), (1, 1), (7, 3), (256, 2)])
 def test_merge_hidden_sizes(hidden, rows, gen):
-    layout = MERGE_LAYOUTS["ragged"]
-    args = make_merge_inputs(layout, torch.float16, hidden, rows, torch.int64, torch.int32, gen)
-    check_merge(args, kept_for(args, "random", gen))
+    layout = cases.MERGE_LAYOUTS["ragged"]
+    args = cases.make_merge_inputs(
+        layout, torch.float16, hidden, rows, torch.int64, torch.int32, gen
+    )
+    check_merge(args, cases.kept_for(args, "random", gen))
 
 
 def test_merge_non_contiguous(gen):
-    args = make_merge_inputs(
-        MERGE_LAYOUTS["ragged"], torch.float32, 16, 3, torch.int32, torch.int64, gen
+    args = cases.make_merge_inputs(
+        cases.MERGE_LAYOUTS["ragged"], torch.float32, 16, 3, torch.int32, torch.int64, gen
     )
     args["inputs_embeds"] = torch.cat([args["inputs_embeds"], args["inputs_embeds"]], dim=1)[
         :, 8:24
     ]
     args["visual_embeds"] = args["visual_embeds"].t().contiguous().t()
     args["position_ids"] = args["position_ids"].t().contiguous().t()
-    check_merge(args, kept_for(args, "random", gen))
+    check_merge(args, cases.kept_for(args, "random", gen))
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,7 +235,7 @@ def test_select_rejects_bad_arguments():
     s = torch.randn(10)
     cu = torch.tensor([0, 4, 10])
     k = torch.tensor([2, 3])
-    select = ops()._select_topk
+    select = cases.ops()._select_topk
     with pytest.raises(ValueError, match="keep_counts"):
         select(s, cu, torch.tensor([5, 3]))  # k > n
     with pytest.raises(ValueError, match="keep_counts"):
@@ -279,7 +267,7 @@ def test_select_rejects_bad_arguments():
 def test_gather_rejects_bad_arguments():
     e = torch.randn(6, 4)
     p = torch.arange(12).reshape(2, 6)
-    gather = ops()._gather_kept
+    gather = cases.ops()._gather_kept
     for bad in ([6], [-1], [0, 2, 100]):
         with pytest.raises(ValueError, match="kept_idx"):
             gather(e, p, torch.tensor(bad))
@@ -298,10 +286,12 @@ def test_gather_rejects_bad_arguments():
 
 
 def test_merge_rejects_bad_arguments(gen):
-    args = make_merge_inputs([(10, 4), (6, 2)], torch.float32, 8, 1, torch.int64, torch.int64, gen)
+    args = cases.make_merge_inputs(
+        [(10, 4), (6, 2)], torch.float32, 8, 1, torch.int64, torch.int64, gen
+    )
     args["visual_idx"] = torch.tensor([1, 2, 5, 9, 0, 3])
     kept = torch.tensor([0, 2, 5])
-    merge = ops()._merge_kept
+    merge = cases.ops()._merge_kept
     merge(**args, kept_idx=kept)  # valid
 
     def bad(match, error=ValueError, kept_idx=kept, **changes):

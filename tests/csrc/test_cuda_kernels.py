@@ -37,7 +37,11 @@ from tokenprune_kernels.reference import (
     merge_kept_ref,
     select_topk_ref,
 )
-from tokenprune_kernels.testing import make_inputs, trained_like_mapper_params
+from tokenprune_kernels.testing import (
+    ATTENTION_LAYOUTS,
+    make_inputs,
+    trained_like_mapper_params,
+)
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("compiled_ext")]
 
@@ -354,18 +358,9 @@ def test_public_ops_reject_bad_values_on_cuda(gen):
 # _instruction_attention
 
 ATTN_LAYOUTS = {
-    # two images then 3 queries; a sample without visual tokens; 5 queries; 1 visual token.
-    "ragged": [
-        [("t", 3), ("v", 7), ("t", 2), ("v", 5), ("q", 3), ("t", 1)],
-        [("t", 2), ("q", 2)],
-        [("v", 19), ("q", 5)],
-        [("v", 1), ("q", 1)],
-    ],
-    # queries before and between the images (q_pos given): visual keys after a query.
-    "interleaved": [
-        [("t", 2), ("q", 2), ("v", 9), ("q", 1), ("v", 4), ("q", 4)],
-        [("t", 1), ("v", 3), ("q", 1)],
-    ],
+    # the shared ragged batch and a sample of 1 visual token; the shared interleaved one.
+    "ragged": [*ATTENTION_LAYOUTS["ragged"], [("v", 1), ("q", 1)]],
+    "interleaved": ATTENTION_LAYOUTS["interleaved"],
     # many keys: several key tiles of 64 and several splits, 67 visual tokens (2 column tiles),
     # 11 queries x G rows over several row tiles.
     "long": [[("t", 5), ("v", 331), ("t", 3), ("v", 67), ("q", 11)], [("v", 2), ("q", 1)]],

@@ -293,16 +293,7 @@ def test_errors(gen):
         explain_relevance(sdpa, inputs2, answer2)
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    text = Qwen2ForCausalLM(
-        Qwen2Config(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            vocab_size=32,
-        )
-    )
+    text = Qwen2ForCausalLM(Qwen2Config(**LC._text_kwargs()))  # a text-only model
     with pytest.raises(ValueError, match="supported: qwen2_vl, qwen2_5_vl, qwen3_vl, llava"):
         explain_relevance(text, inputs, answer)
 

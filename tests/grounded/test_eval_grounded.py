@@ -1,6 +1,6 @@
 """The grounded eval harness and the labels pipeline on a handful of tiny samples (a randomly
-initialised model: no accuracy values are asserted, only structure, agreement between paths and
-determinism)."""
+initialised model: no accuracy values are asserted, only structure, agreement between paths,
+the FLOPs bookkeeping, the paired statistics and determinism)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,15 @@ from tokenprune_kernels.explain import explain_relevance
 from tokenprune_kernels.grounded import evaluate as E
 from tokenprune_kernels.grounded import labels_pipeline as LP
 from tokenprune_kernels.grounded import methods as M
+from tokenprune_kernels.grounded.flops import (
+    LMShape,
+    fastv_keep_for_budget,
+    prefill_flops,
+)
 from tokenprune_kernels.grounded.model import (
     TOKEN_ID,
-    build_config,
     build_inputs,
     build_model,
-    build_processor,
     save_model_dir,
 )
 from tokenprune_kernels.grounded.scenes import make_sample
@@ -27,22 +30,10 @@ from tokenprune_kernels.labels import read_labels
 from tokenprune_kernels.mapper import MapperConfig, TokenMapper, save_mapper
 
 SIZES = [(64, 80), (96, 64)]
+MODEL_SEED = 1  # the ``model`` and ``eager`` fixtures (conftest.py)
 RATIOS = [1.0, 0.5, 0.25]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return build_model(seed=1)
-
-
-@pytest.fixture(scope="module")
-def eager():
-    return build_model(build_config(attn_implementation="eager"), seed=1)
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return build_processor()
+THRESHOLDS = [0.3, 0.9]
+N_PER_SIZE = 3
 
 
 @pytest.fixture(scope="module")
@@ -55,62 +46,146 @@ def mapper():
     return m
 
 
-def _run(model, processor, mapper, eager, seeds):
+def _run(model, processor, mapper, eager, samples, **kw):
     return E.run_eval(
-        model, processor, ratios=RATIOS, seeds=seeds, n_per_size=2, sizes=SIZES,
-        mapper=mapper, label_model=eager,
+        model, processor, samples, ratios=RATIOS, mapper=mapper, label_model=eager,
+        thresholds=THRESHOLDS, adaptive_bounds=(0.1, 0.8), time_samples=4, **kw,
     )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def results(model, processor, mapper, eager):
-    return _run(model, processor, mapper, eager, [0, 3])
+def samples():
+    return E.eval_samples(0, N_PER_SIZE, SIZES)
 
 
-def test_structure_and_path_agreement(results):
-    assert results["n"] == {"0": 4, "3": 4}
-    assert results["visual_tokens"] == [20, 24]
-    assert results["real_path_mismatches"] == {"mapper": 0, "attention": 0}
-    assert results["generate_agreement"] == [4, 4]
+@pytest.fixture(scope="module")
+def raw(model, processor, mapper, eager, samples):
+    return _run(model, processor, mapper, eager, samples)
+
+
+@pytest.fixture(scope="module")
+def summary(raw):
+    return E.summarize(raw, n_boot=300)
+
+
+def test_structure_and_path_agreement(raw, summary):
+    n = 2 * N_PER_SIZE
+    assert len(raw["target"]) == summary["n"] == n
+    assert summary["visual_tokens"] == [20, 24]
+    assert raw["real_path_mismatches"] == {"mapper": 0, "attention": 0}
+    assert raw["generate_agreement"] == [4, 4]
+    assert raw["eq_keys"] == ["fastv_eq", "fastv1_eq"]
+    for k in [*E.DEFAULT_METHODS, *raw["eq_keys"]]:
+        for r in map(str, RATIOS):
+            assert len(raw["pred"][k][r]) == len(raw["flops"][k][r]) == n
+        # keep ratio 1: every run is the unpruned prompt
+        assert raw["pred"][k]["1.0"] == raw["pred"]["none"]["1.0"]
     for m in E.DEFAULT_METHODS:
         for r in map(str, RATIOS):
-            for s in ("0", "3"):
-                assert 0.0 <= results["accuracy"][m][r][s] <= 1.0
-                assert len(results["predictions"][m][r][s]) == 4
-            assert results["prefill_ms"][m][r] > results["select_llm_ms"][m][r] > 0
-        # keep ratio 1: every method runs the unpruned prompt
-        assert results["predictions"][m]["1.0"] == results["predictions"]["none"]["1.0"]
+            e = summary["accuracy"][m][r]
+            assert 0.0 <= e["ci"][0] <= e["acc"] <= e["ci"][1] <= 1.0
+            assert summary["prefill_ms"][m][r] > summary["select_llm_ms"][m][r] > 0
     for m in ("none", "mapper", "attention"):
-        assert results["real_prefill_ms"][m]["0.5"] > 0
+        assert summary["real_prefill_ms"][m]["0.5"] > 0
 
 
-def test_accuracy_counts_the_answer_token(model, processor, results):
-    """The unpruned accuracy and predictions equal an independent count from the model's own
-    forward on each prompt."""
-    for seed in (0, 3):
-        preds, hits = [], 0
-        for s in E.eval_samples(seed, 2, SIZES):
-            inputs = build_inputs(processor, [s.image], [s.question.text])
-            with torch.no_grad():
-                tok = int(model(**inputs).logits[0, -1].argmax())
-            preds.append(tok)
-            hits += tok == TOKEN_ID[s.question.answer]
-        assert results["predictions"]["none"]["1.0"][str(seed)] == preds
-        assert results["accuracy"]["none"]["1.0"][str(seed)] == hits / 4
+def test_accuracy_counts_the_answer_token(model, processor, samples, raw, summary):
+    """The unpruned predictions and accuracy equal an independent count from the model's own
+    forward on each prompt, and the stored outcome string is that count per question."""
+    preds, hits = [], []
+    for s in samples:
+        inputs = build_inputs(processor, [s.image], [s.question.text])
+        with torch.no_grad():
+            tok = int(model(**inputs).logits[0, -1].argmax())
+        preds.append(tok)
+        hits.append(tok == TOKEN_ID[s.question.answer])
+    assert raw["pred"]["none"]["1.0"] == preds
+    assert summary["accuracy"]["none"]["1.0"]["acc"] == sum(hits) / len(hits)
+    assert summary["correct"]["none"]["0.5"] == "".join("01"[h] for h in hits)
 
 
-def test_deterministic_for_a_seed(model, processor, mapper, eager, results):
-    again = _run(model, processor, mapper, eager, [3])
-    for m in E.DEFAULT_METHODS:
-        for r in map(str, RATIOS):
-            assert again["predictions"][m][r]["3"] == results["predictions"][m][r]["3"]
-            assert again["accuracy"][m][r]["3"] == results["accuracy"][m][r]["3"]
+def test_flops_columns(model, raw, summary):
+    """Unpruned = 1.0; an input method at keep k = its pruned prefill + overhead, relative to the
+    sample's unpruned prefill; FastV never below its K / L share; equal-compute runs within the
+    mapper's budget (or unreachable, with the minimum above the budget)."""
+    shape = LMShape.from_config(model.config)
+    assert all(v == 1.0 for r in map(str, RATIOS) for v in raw["flops"]["none"][r])
+    assert summary["flops"]["none"]["0.25"] == 1.0 and summary["overhead"]["random"]["0.25"] == 0
+    for i, (n, nv) in enumerate(zip(raw["seq_len"], raw["n_visual"], strict=True)):
+        full = prefill_flops(shape, n)
+        k = M.keep_count(nv, 0.25)
+        assert raw["keep"]["random"]["0.25"][i] == k
+        assert raw["flops"]["random"]["0.25"][i] == pytest.approx(
+            prefill_flops(shape, n, nv, k) / full
+        )
+        mapper = raw["flops"]["mapper"]["0.25"][i]
+        assert mapper > raw["flops"]["attention"]["0.25"][i] > raw["flops"]["random"]["0.25"][i]
+        for m, layer in M.FASTV_LAYERS.items():
+            for r in ("0.5", "0.25"):
+                assert raw["flops"][m][r][i] >= layer / shape.layers
+            k_eq = raw["keep"][m + "_eq"]["0.25"][i]
+            if k_eq is None:
+                assert raw["fastv_min_flops"][m][i] > mapper
+            else:
+                assert raw["flops"][m + "_eq"]["0.25"][i] <= mapper + 1e-12
+                assert k_eq == fastv_keep_for_budget(shape, n, nv, mapper * full, layer)
 
 
-def test_pruned_predictions_differ_between_methods(results):
+def test_adaptive_runs(raw, summary):
+    lo = [M.keep_count(nv, 0.1) for nv in raw["n_visual"]]
+    hi = [M.keep_count(nv, 0.8) for nv in raw["n_visual"]]
+    ks = {t: raw["adaptive"][str(t)]["keep"] for t in THRESHOLDS}
+    for t in THRESHOLDS:
+        assert all(a <= k <= b for a, k, b in zip(lo, ks[t], hi, strict=True))
+    # a larger mass never keeps fewer tokens
+    assert all(a <= b for a, b in zip(ks[0.3], ks[0.9], strict=True))
+    e = summary["adaptive"]["0.9"]
+    assert e["tokens"] == sum(ks[0.9]) / len(ks[0.9]) and 0 < e["flops"] < 1.5
+
+
+def test_paired_statistics_follow_the_outcomes(summary):
+    for pair, d in summary["paired"].items():
+        a, b = pair.split("|")
+        for r, e in d.items():
+            if e is None:
+                assert summary["accuracy"][b][r] is None
+                continue
+            ca, cb = summary["correct"][a][r], summary["correct"][b][r]
+            assert e["b"] == sum(x == "1" and y == "0" for x, y in zip(ca, cb, strict=True))
+            assert e["c"] == sum(x == "0" and y == "1" for x, y in zip(ca, cb, strict=True))
+            assert e["p"] == E.S.mcnemar_exact(e["b"], e["c"])
+            n = len(ca)
+            assert e["diff"] == pytest.approx((e["b"] - e["c"]) / n)
+            assert e["ci"][0] <= e["diff"] + 1e-12 and e["diff"] - 1e-12 <= e["ci"][1]
+
+
+def test_deterministic(model, processor, mapper, eager, samples, raw):
+    again = _run(model, processor, mapper, eager, samples[:2], real_path=False)
+    for f in ("pred", "keep", "flops"):
+        for k, d in again[f].items():
+            for r, v in d.items():
+                assert v == raw[f][k][r][:2]
+
+
+def test_shards_merge_into_the_unsharded_run(model, processor, mapper, eager, samples, raw):
+    parts = []
+    for i in range(2):
+        part = _run(model, processor, mapper, eager, samples[i::2], real_path=False)
+        part["shard"] = [i, 2]
+        parts.append(part)
+    merged = E.merge_shards(parts[::-1])
+    for f in ("target", "n_visual", "seq_len", "pred", "keep", "flops", "adaptive"):
+        assert merged[f] == raw[f], f
+    with pytest.raises(ValueError, match=r"shards 0\.\.1"):
+        E.merge_shards(parts[:1])
+    parts[1]["ratios"] = [1.0]
+    with pytest.raises(ValueError, match="differ in 'ratios'"):
+        E.merge_shards(parts)
+
+
+def test_pruned_predictions_differ_between_methods(raw):
     """At 25% the methods do not all see the same tokens (so they are not all the same run)."""
-    p = results["predictions"]
-    runs = {m: tuple(p[m]["0.25"]["0"] + p[m]["0.25"]["3"]) for m in E.DEFAULT_METHODS}
+    runs = {m: tuple(raw["pred"][m]["0.25"]) for m in E.DEFAULT_METHODS}
     assert len(set(runs.values())) > 1
 
 
@@ -120,82 +195,130 @@ def test_eval_samples():
     assert [s.scene.size for s in a] == [(224, 224)] * 2 + [(64, 80)] * 2
     b = E.eval_samples(5, 2, [(224, 224)])
     assert a[0].question.text != b[0].question.text or a[0].scene != b[0].scene
+    assert [s.question.text for s in E.eval_samples(4, 2, [(224, 224)])] == [
+        s.question.text for s in a[:2]
+    ]
     with pytest.raises(ValueError, match="n_per_size"):
         E.eval_samples(0, 0, SIZES)
     with pytest.raises(ValueError, match="size must be"):
         E.eval_samples(0, 1, [(65, 80)])
 
 
-def test_run_eval_errors(model, processor):
+def test_run_eval_errors(model, processor, samples):
+    s = samples[:1]
     with pytest.raises(ValueError, match="must include 'none'"):
-        E.run_eval(model, processor, methods=["random"], sizes=SIZES)
+        E.run_eval(model, processor, s, methods=["random"], thresholds=[])
     with pytest.raises(ValueError, match="methods must be"):
-        E.run_eval(model, processor, methods=["none", "bogus"], sizes=SIZES)
+        E.run_eval(model, processor, s, methods=["none", "bogus"], thresholds=[])
     with pytest.raises(ValueError, match="ratios must be"):
-        E.run_eval(model, processor, methods=["none"], ratios=[0.0], sizes=SIZES)
+        E.run_eval(model, processor, s, methods=["none"], ratios=[0.0], thresholds=[])
+    with pytest.raises(ValueError, match="need 'mapper'"):
+        E.run_eval(model, processor, s, methods=["none"], thresholds=[0.5])
+    with pytest.raises(ValueError, match="thresholds must be"):
+        E.run_eval(model, processor, s, methods=["none", "mapper"], thresholds=[1.5])
     with pytest.raises(ValueError, match="needs mapper"):
-        E.run_eval(model, processor, methods=["none", "mapper"], sizes=SIZES)
+        E.run_eval(model, processor, s, methods=["none", "mapper"])
     with pytest.raises(ValueError, match="needs label_model"):
-        E.run_eval(model, processor, methods=["none", "oracle"], sizes=SIZES)
+        E.run_eval(model, processor, s, methods=["none", "oracle"], thresholds=[])
+    with pytest.raises(ValueError, match="samples must"):
+        E.run_eval(model, processor, [], methods=["none"], thresholds=[])
 
 
-def _fake(acc_ours, acc_other, none=(0.8, 0.8, 0.8)):
-    seeds = ["0", "1", "2"]
-    acc = {
-        "none": {r: dict(zip(seeds, none, strict=True)) for r in ("0.5", "0.25")},
-        "mapper": {r: dict(zip(seeds, acc_ours, strict=True)) for r in ("0.5", "0.25")},
-        "random": {r: dict(zip(seeds, acc_other, strict=True)) for r in ("0.5", "0.25")},
+def test_adaptive_counts():
+    # softmax probabilities 1/2, 1/4, 1/8, 1/8 (exact in binary)
+    logits = torch.log(torch.tensor([0.125, 0.5, 0.125, 0.25]))
+    assert E.adaptive_counts(logits, 0.5, 0.25, 1.0).tolist() == [1]
+    assert E.adaptive_counts(logits, 0.75, 0.25, 1.0).tolist() == [2]
+    assert E.adaptive_counts(logits, 0.76, 0.25, 1.0).tolist() == [3]
+    assert E.adaptive_counts(logits, 1.0, 0.25, 1.0).tolist() == [4]
+    assert E.adaptive_counts(logits, 0.5, 0.5, 1.0).tolist() == [2]  # min ratio: 2 of 4
+    assert E.adaptive_counts(logits, 1.0, 0.25, 0.5).tolist() == [2]  # max ratio: 2 of 4
+    batch = torch.stack([logits, torch.zeros(4)])  # the second one uniform: 1/4 each
+    assert E.adaptive_counts(batch, 0.75, 0.25, 1.0).tolist() == [2, 3]
+    for bad, match in (((logits, 0.0, 0.25, 1.0), "threshold"), ((logits, 0.5, 0.6, 0.5), "min_ratio"),
+                       ((logits[None, None], 0.5, 0.25, 1.0), "logits")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            E.adaptive_counts(*bad)
+
+
+def _summary_for_targets(diff_att, p_att):
+    pair = {
+        "diff": diff_att,
+        "ci": [diff_att - 0.02, diff_att + 0.02],
+        "b": 30,
+        "c": 10,
+        "p": p_att,
     }
-    rel = {
-        m: {r: {s: v / acc["none"][r][s] for s, v in d.items()} for r, d in c.items()}
-        for m, c in acc.items()
+    acc = {"acc": 0.9, "ci": [0.88, 0.92], "rel": 0.985, "rel_ci": [0.97, 1.0]}
+    return {
+        "paired": {
+            "mapper|attention": {"0.0625": pair, "0.03125": pair},
+            "mapper|fastv_eq": {"0.0625": None, "0.03125": None},
+            "mapper|oracle": {"0.0625": {**pair, "diff": -0.05}},
+        },
+        "min_flops": {"fastv": 0.52},
+        "flops": {"mapper": {"0.0625": 0.2, "0.03125": 0.17}},
+        "accuracy": {"mapper": {"0.125": acc}},
     }
-    return {"accuracy": acc, "relative": rel}
 
 
 def test_targets():
-    met = E.targets(_fake((0.79, 0.80, 0.78), (0.5, 0.55, 0.52)))
-    assert any("mapper at 50%" in line and line.endswith(": MET") for line in met)
-    assert any("mapper vs random" in line and line.endswith(": MET") for line in met)
-    # ours better on average but within the seed spread: not met
-    close = E.targets(_fake((0.60, 0.75, 0.70), (0.58, 0.62, 0.66)))
-    assert any("mapper vs random" in line and "NOT MET" in line for line in close)
-    assert any("mapper at 25%" in line and "NOT MET" in line for line in close)
-    # ours worse: the mean difference carries its own sign
-    worse = E.targets(_fake((0.50, 0.52, 0.51), (0.60, 0.61, 0.62)))
-    line = next(x for x in worse if "mapper vs random" in x)
-    assert ": -10.0 points (mean)" in line and line.endswith("NOT MET"), line
+    met = E.targets(_summary_for_targets(0.04, 0.001))
+    line = next(x for x in met if "mapper vs attention at 6.250%" in x)
+    assert "+4.0 points [2.0, 6.0]" in line and line.endswith(": MET"), line
+    assert any("fastv_eq at 3.125%" in x and "unreachable" in x and "52.0%" in x for x in met)
+    assert any("oracle labels at 6.250%: -5.0 points" in x for x in met)
+    assert any("mapper at 12.5% keeps 98.5%" in x and x.endswith(": MET") for x in met)
+    # ahead but not significant, or behind: not met
+    for diff, p in ((0.04, 0.2), (-0.04, 0.001)):
+        line = next(x for x in E.targets(_summary_for_targets(diff, p)) if "attention at 6.25" in x)
+        assert line.endswith("NOT MET"), line
 
 
-def test_report_and_plot(results, tmp_path):
-    text = E.format_report(results, {"title": "t", "commit": "abc"}, "tokenprune eval x")
+def test_report_and_plot(raw, summary, tmp_path):
+    raw = {**raw, "test_set": {"seed": 0, "n_per_size": N_PER_SIZE, "sizes": SIZES}}
+    text = E.format_report(summary, raw, {"title": "t", "commit": "abc"}, "tokenprune eval x")
     assert "| mapper (ours) |" in text and "- commit: abc" in text
-    assert "`tokenprune eval x`" in text and "## Targets" in text and "chance level" in text
+    assert "`tokenprune eval x`" in text and "chance level" in text
+    assert "## LLM prefill FLOPs" in text and "## Paired comparisons" in text
+    assert "## Equal LLM compute" in text and "## Adaptive mapper" in text
     assert abs(E.chance_accuracy() - (1 / 6 + 1 / 4 + 1 / 4 + 1 / 2 + 1 / 6) / 5) < 1e-12
-    for m in E.DEFAULT_METHODS:
+    for m in [*E.DEFAULT_METHODS, *raw["eq_keys"]]:
         assert f"| {E.METHOD_LABELS[m]} |" in text
     pytest.importorskip("matplotlib")
-    assert E.plot(results, tmp_path / "p.png")
+    assert E.plot(summary, raw, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_cli_writes_outputs(tmp_path, model, processor, mapper, capsys):
+def test_cli_writes_outputs_and_merges_shards(tmp_path, model, processor, mapper, capsys):
     mdir = save_model_dir(model, processor, tmp_path / "m")
     save_mapper(mapper, tmp_path / "mapper.safetensors")
     out = tmp_path / "res" / "g"
     argv = [
         "--model-dir", str(mdir), "--mapper", str(tmp_path / "mapper.safetensors"),
-        "--methods", "none", "mapper", "uniform", "--ratios", "1", "0.25", "--seeds", "1",
-        "--n-per-size", "1", "--sizes", "train", "--out", str(out),
+        "--methods", "none", "mapper", "uniform", "fastv", "--ratios", "1", "0.25",
+        "--n-per-size", "1", "--sizes", "train", "--thresholds", "0.5", "--bootstrap", "50",
+        "--time-samples", "1",
     ]  # fmt: skip
-    assert E.main(argv) == 0
+    assert E.main([*argv, "--out", str(out)]) == 0
     saved = json.loads(out.with_suffix(".json").read_text())
-    assert saved["n"] == {"1": 9} and saved["real_path_mismatches"] == {"mapper": 0}
-    assert "predictions" not in saved and len(saved["predictions_sha256"]) == 64
+    assert saved["summary"]["n"] == 9 and saved["real_path_mismatches"] == {"mapper": 0}
+    assert "pred" not in saved and len(saved["predictions_sha256"]) == 64
     assert saved["command"].startswith("tokenprune eval --model-dir")
     assert "commit" in saved["header"] and "transformers" in saved["header"]
+    assert saved["test_set"]["n_per_size"] == 1
     assert out.with_suffix(".md").read_text().startswith("# Grounded-VQA")
+    shards = [tmp_path / f"s{i}" for i in range(2)]
+    for i, s in enumerate(shards):
+        assert E.main([*argv, "--shard", f"{i}/2", "--out", str(s)]) == 0
+    merged = tmp_path / "merged"
+    files = [str(s.with_suffix(".json")) for s in shards]
+    assert E.main(["--merge", *files, "--bootstrap", "50", "--out", str(merged)]) == 0
+    again = json.loads(merged.with_suffix(".json").read_text())
+    assert again["predictions_sha256"] == saved["predictions_sha256"]
+    assert again["summary"]["accuracy"] == saved["summary"]["accuracy"]
     assert E.main([*argv[:2], "--methods", "none", "--out", str(out), "--threads", "0"]) == 2
+    assert E.main(["--merge", files[0], "--out", str(out)]) == 2
     assert E.main(["--model-dir", str(tmp_path), "--out", str(out)]) == 2
     assert "holds no model" in capsys.readouterr().err
 
@@ -206,8 +329,14 @@ def test_eval_parser_registers():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
     E.add_eval_parser(sub)
-    args = parser.parse_args(["eval", "--out", "x", "--sizes", "large", "--seeds", "4"])
-    assert args.func is E.cmd_eval and args.sizes == "large" and args.seeds == [4]
+    args = parser.parse_args(
+        ["eval", "--out", "x", "--sizes", "large", "--seed", "4", "--shard", "1/2"]
+    )
+    assert args.func is E.cmd_eval and args.sizes == "large" and args.seed == 4
+    assert args.shard == (1, 2) and args.n_per_size == E.DEFAULT_N_PER_SIZE
+    assert args.ratios == [1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "--out", "x", "--shard", "2/2"])
 
 
 # --------------------------------------------------------------------------------------------

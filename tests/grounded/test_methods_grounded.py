@@ -12,31 +12,14 @@ import torch
 
 from tokenprune_kernels.grounded import methods as M
 from tokenprune_kernels.grounded.model import (
-    build_config,
     build_inputs,
-    build_model,
-    build_processor,
 )
 from tokenprune_kernels.grounded.scenes import make_sample
 from tokenprune_kernels.mapper import MapperConfig, TokenMapper
 from tokenprune_kernels.transformers import apply_tokenprune, last_pruned, revert_tokenprune
 
 SIZES = [(80, 112), (64, 144), (112, 80)]  # 35, 36, 35 visual tokens
-
-
-@pytest.fixture(scope="module")
-def model():
-    return build_model(seed=3)
-
-
-@pytest.fixture(scope="module")
-def eager():
-    return build_model(build_config(attn_implementation="eager"), seed=3)
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return build_processor()
+MODEL_SEED = 3  # the ``model`` and ``eager`` fixtures (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -99,19 +82,22 @@ def test_ours_equals_the_real_apply_tokenprune_path(model, batch, preps, ratio, 
         torch.testing.assert_close(M.pruned_logits(model, prep, kept), out, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", M.LLM_METHODS)
 @pytest.mark.parametrize("keep_ratio", [0.5, 0.2])
-def test_fastv_scores_are_layer_k_last_token_attention(model, eager, batch, keep_ratio):
-    """FastV's choice == top-k of the eager model's own layer-2 attention probabilities (last
-    row, head mean), and its logits differ from the unpruned ones only by the pruning."""
+def test_fastv_scores_are_layer_k_last_token_attention(model, eager, batch, keep_ratio, method):
+    """FastV's choice (K = 2 and K = 1) == top-k of the eager model's own layer-K attention
+    probabilities (last row, head mean); select() takes the same tokens."""
+    layer = M.FASTV_LAYERS[method]
     for one in M.split_batch(batch):
         prep = M.prepare(model, one)
         keep = M.keep_count(prep.n_visual, keep_ratio)
-        _, kept = M.fastv_logits(model, prep, keep)
+        _, kept = M.fastv_logits(model, prep, keep, layer)
         with torch.no_grad():
             out = eager(**one, output_attentions=True)
-        attn = out.attentions[M.FASTV_LAYER][0, :, -1, :].mean(0)[prep.visual_positions]
+        attn = out.attentions[layer][0, :, -1, :].mean(0)[prep.visual_positions]
         ref = prep.visual_positions[torch.sort(torch.topk(attn, keep).indices).values]
         assert torch.equal(kept, ref)
+        assert torch.equal(M.select(method, model, prep, keep_ratio), kept)
 
 
 def test_fastv_logits_equal_a_hooked_model_run(model, preps):

@@ -15,11 +15,6 @@ TINY = dict(vision_dim=16, vision_heads=2, hidden_size=32, intermediate_size=48,
 
 
 @pytest.fixture(scope="module")
-def processor():
-    return M.build_processor()
-
-
-@pytest.fixture(scope="module")
 def tiny():
     return M.build_model(M.build_config(**TINY), seed=1)
 

@@ -25,7 +25,15 @@ def test_wheel_contents_hold_eval_and_demo_not_the_recipe(tmp_path):
     files = {p.relative_to(lib).as_posix() for p in lib.rglob("*") if p.is_file()}
     assert {f.split("/")[0] for f in files} == {"tokenprune_kernels"}
     grounded = {f.removeprefix("tokenprune_kernels/grounded/") for f in files if "/grounded/" in f}
-    for name in ("scenes.py", "model.py", "methods.py", "evaluate.py", "demo.py"):
+    for name in (
+        "scenes.py",
+        "model.py",
+        "methods.py",
+        "evaluate.py",
+        "flops.py",
+        "stats.py",
+        "demo.py",
+    ):
         assert name in grounded, name
     for name in ("model/model.safetensors", "model/config.json", "mapper.safetensors"):
         assert f"assets/{name}" in grounded, name

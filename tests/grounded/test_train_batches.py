@@ -15,11 +15,6 @@ from tokenprune_kernels.grounded import model as M
 from tokenprune_kernels.grounded import scenes as S
 
 
-@pytest.fixture(scope="module")
-def processor():
-    return M.build_processor()
-
-
 def test_training_batch_matches_processor(processor):
     kw = dict(scale=1.5, aug_prob=0.5, aug_max=2.0)
     batch, size, qtypes = B.training_batch(processor, 3, 0, 2, 3, **kw)

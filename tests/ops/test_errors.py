@@ -103,14 +103,42 @@ def test_sample_without_visual_tokens_passes_through():
         ({"keep_ratio": float("nan")}, r"keep_ratio must be in \(0, 1\], got nan"),
         ({"keep_count": 0}, r"keep_count must be >= 1, got 0"),
         ({"keep_count": 5}, r"keep_count must be <= the visual tokens of every sample, got keep_count=5 but sample 1 has 4"),
-        ({}, r"give exactly one of keep_ratio and keep_count"),
-        ({"keep_ratio": 0.5, "keep_count": 2}, r"give exactly one of keep_ratio and keep_count"),
+        ({}, r"give exactly one of keep_ratio, keep_count and keep_mass"),
+        ({"keep_ratio": 0.5, "keep_count": 2}, r"give exactly one of keep_ratio, keep_count and keep_mass"),
+        ({"keep_ratio": 0.5, "keep_mass": 0.9}, r"give exactly one of keep_ratio, keep_count and keep_mass"),
+        ({"keep_mass": 0.0}, r"keep_mass must be in \(0, 1\], got 0.0"),
+        ({"keep_mass": 1.5}, r"keep_mass must be in \(0, 1\], got 1.5"),
+        ({"keep_mass": float("nan")}, r"keep_mass must be in \(0, 1\], got nan"),
+        ({"keep_mass": 0.5, "min_keep_ratio": -0.1}, r"min_keep_ratio must be in \[0, 1\], got -0.1"),
+        ({"keep_mass": 0.5, "max_keep_ratio": 0.0}, r"max_keep_ratio must be in \(0, 1\], got 0.0"),
+        ({"keep_mass": 0.5, "max_keep_ratio": 1.2}, r"max_keep_ratio must be in \(0, 1\], got 1.2"),
+        ({"keep_mass": 0.5, "min_keep_ratio": 0.6, "max_keep_ratio": 0.5},
+         r"min_keep_ratio must be <= max_keep_ratio, got min_keep_ratio=0.6 > max_keep_ratio=0.5"),
+        ({"keep_ratio": 0.5, "max_keep_ratio": 0.5}, r"min_keep_ratio and max_keep_ratio bound keep_mass only"),
+        ({"keep_mass": 0.5, "relevance": "sum"}, r"relevance must be one of 'softmax', 'normalize', got 'sum'"),
     ],
 )  # fmt: skip
 def test_select_errors(inp, kw, match):
     scores = torch.randn(inp.visual_idx.shape[0])
     with pytest.raises(ValueError, match=match):
         tp.select_topk(scores, inp.cu_seqlens_v, **kw)
+
+
+def test_mass_normalize_needs_masses(inp):
+    """relevance='normalize' reads the scores as masses: a negative or infinite one is an error
+    (naming the first), NaN is not (it ranks last and weighs nothing)."""
+    scores = torch.rand(inp.visual_idx.shape[0])
+    scores[3] = float("nan")
+    assert tp.mass_keep_counts(scores, inp.cu_seqlens_v, 0.5, relevance="normalize").shape == (2,)
+    for bad in (-0.5, float("inf")):
+        scores[5] = bad
+        match = rf"scores must be finite and >= 0 \(or NaN\) .*got scores\[5\] = {bad}"
+        with pytest.raises(ValueError, match=match):
+            tp.select_topk(scores, inp.cu_seqlens_v, keep_mass=0.5, relevance="normalize")
+        with pytest.raises(ValueError, match=match):
+            tp.mass_keep_counts(scores, inp.cu_seqlens_v, 0.5, relevance="normalize")
+    # softmax reads logits: any value
+    assert tp.select_topk(scores, inp.cu_seqlens_v, keep_mass=0.5)[1].shape == (3,)
 
 
 def test_select_dtype_and_rank_errors(inp):

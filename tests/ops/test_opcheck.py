@@ -44,15 +44,9 @@ def _cases(dtype=torch.float32):
     v2_params, v2_grid = _v2_inputs(inp)
     ops = torch.ops.tokenprune
     return {
-        "instruction_attention": (
-            ops.instruction_attention.default,
-            (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v,
-             inp.q_pos, None),
-        ),
+        "instruction_attention": (ops.instruction_attention.default, tuple(inp.scoring(q_pos=True))),
         "instruction_attention_heads": (
-            ops.instruction_attention_heads.default,
-            (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v,
-             inp.q_pos, None, 2),
+            ops.instruction_attention_heads.default, (*inp.scoring(q_pos=True), 2)
         ),
         "mapper_forward": (ops.mapper_forward.default, (attn, inp.cu_seqlens_v, params, 5, 1e-4)),
         "mapper_forward[v2]": (
@@ -60,6 +54,13 @@ def _cases(dtype=torch.float32):
             (torch.stack([attn, attn * 0.5], 1), inp.cu_seqlens_v, v2_params, 5, 1e-4, v2_grid),
         ),
         "select_topk": (ops.select_topk.default, (attn.to(dtype), inp.cu_seqlens_v, 0.5, None)),
+        "select_topk[mass]": (
+            ops.select_topk.default,
+            (attn.to(dtype), inp.cu_seqlens_v, None, None, 0.5, 0.1, 0.9, "normalize"),
+        ),
+        "mass_keep_counts": (
+            ops.mass_keep_counts.default, (attn.to(dtype) * 50, inp.cu_seqlens_v, 0.8, 0.0, 0.5)
+        ),
         "gather_kept": (
             ops.gather_kept.default, (inp.visual_embeds, inp.visual_position_ids, kept)
         ),
@@ -83,7 +84,14 @@ def _cases(dtype=torch.float32):
             ops.prune_and_merge.default,
             (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.inputs_embeds,
              inp.position_ids, inp.cu_seqlens, inp.visual_embeds, inp.visual_idx,
-             inp.cu_seqlens_v, v2_params, 5, 1e-4, 0.5, None, inp.q_pos, None, v2_grid),
+             inp.cu_seqlens_v, v2_params, 5, 1e-4, 0.5, None, inp.q_pos, None, None, 0.0, 1.0,
+             v2_grid),
+        ),
+        "prune_and_merge[mass]": (
+            ops.prune_and_merge.default,
+            (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.inputs_embeds,
+             inp.position_ids, inp.cu_seqlens, inp.visual_embeds, inp.visual_idx,
+             inp.cu_seqlens_v, params, 5, 1e-4, None, None, inp.q_pos, None, 0.7, 0.1, 0.6),
         ),
     }  # fmt: skip
 
@@ -149,7 +157,16 @@ def _compiled_cases(dtype=torch.float32):
     """Each private op the table names, on its public op's case (gather and merge: the same
     arguments) or, for select, per-sample keep counts instead of the keep rule."""
     inp, _, attn, _ = _inputs(dtype)
-    own = {"_select_topk": (attn, inp.cu_seqlens_v, torch.tensor([3, 0, 4]))}
+    own = {
+        "_select_topk": (attn, inp.cu_seqlens_v, torch.tensor([3, 0, 4])),
+        "_mass_keep_counts": (
+            attn.to(dtype),
+            inp.cu_seqlens_v,
+            torch.tensor([[1, 0, 1], [9, 0, 3]]),
+            0.6,
+            "normalize",
+        ),
+    }
     public = _cases(dtype)
     return {
         name: (getattr(torch.ops.tokenprune, name).default, own.get(name) or public[name[1:]][1])
@@ -188,13 +205,14 @@ def _cuda_cases():
     ops = torch.ops.tokenprune
     counts = torch.tensor([3, 0, 4], device="cuda")
     return {
-        "_instruction_attention": (
-            ops._instruction_attention.default,
-            (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v,
-             inp.q_pos, None),
-        ),
+        "_instruction_attention": (ops._instruction_attention.default, tuple(inp.scoring(q_pos=True))),
         "_mapper_forward": (ops._mapper_forward.default, (attn, inp.cu_seqlens_v, params, 5, 1e-4)),
         "_select_topk": (ops._select_topk.default, (attn, inp.cu_seqlens_v, counts, 7)),
+        "_mass_keep_counts": (
+            ops._mass_keep_counts.default,
+            (attn, inp.cu_seqlens_v, torch.tensor([[1, 0, 1], [9, 0, 3]], device="cuda"), 0.6,
+             "normalize"),
+        ),
         "_select_gather_kept": (
             ops._select_gather_kept.default,
             (attn, inp.cu_seqlens_v, counts, 7, inp.visual_embeds, inp.visual_position_ids),
@@ -209,7 +227,8 @@ def _cuda_cases():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ["_instruction_attention", "_mapper_forward", "_select_topk",
-                                  "_select_gather_kept", "_select_merge_kept"])  # fmt: skip
+                                  "_mass_keep_counts", "_select_gather_kept",
+                                  "_select_merge_kept"])  # fmt: skip
 def test_cuda_compiled_ops_opcheck_and_compile(name):
     """The CUDA kernels of the private ops against their fakes: opcheck, fullgraph compile."""
     from tokenprune_kernels import _extension

@@ -10,6 +10,7 @@ import torch
 
 import tokenprune_kernels as tp
 from tokenprune_kernels import backend, reference
+from tokenprune_kernels import validation as v
 from tokenprune_kernels.mapper import MapperConfig, TokenMapper
 from tokenprune_kernels.testing import PruningInputs, backend_params, make_inputs, strided
 
@@ -81,6 +82,17 @@ def merged(backend_name: str, device: str, inp: PruningInputs, params, **kw) -> 
     return tuple(t.cpu() for t in out)
 
 
+def assert_merged(out: tuple, inp: PruningInputs, kept: torch.Tensor) -> None:
+    """``prune_and_merge``'s outputs ``out`` are the reference merge of ``kept``, and ``kept``."""
+    want = reference.merge_kept_ref(
+        inp.inputs_embeds, inp.position_ids, inp.cu_seqlens, inp.visual_embeds, inp.visual_idx,
+        inp.cu_seqlens_v, kept,
+    )  # fmt: skip
+    assert torch.equal(out[4], kept)
+    for g, w in zip(out[:4], want, strict=True):
+        assert torch.equal(g, w)
+
+
 @pytest.mark.parametrize(("backend_name", "device"), BACKENDS)
 @pytest.mark.parametrize("use_mapper", [False, True], ids=["raw_attention", "mapper"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -125,16 +137,10 @@ def test_prune_and_merge_equals_chain(backend_name, device, keep, dtype, use_map
         scores, inp.cu_seqlens_v, reference.keep_counts_ref(inp.cu_seqlens_v, **keep)
     )
     out = merged(backend_name, device, inp, params, q_pos=inp.q_pos, **keep)
-    want = reference.merge_kept_ref(
-        inp.inputs_embeds, inp.position_ids, inp.cu_seqlens, inp.visual_embeds, inp.visual_idx,
-        inp.cu_seqlens_v, kept,
-    )  # fmt: skip
-    assert torch.equal(out[4], kept)
+    assert_merged(out, inp, kept)
     assert torch.equal(
         out[4], pruned(backend_name, device, inp, params, q_pos=inp.q_pos, **keep)[2]
     )
-    for g, w in zip(out[:4], want, strict=True):
-        assert torch.equal(g, w)
     torch.testing.assert_close(out[5], scores, **scores_tolerance(backend_name))
     if keep.get("keep_ratio") == 1.0:
         assert out[0].shape[0] == inp.inputs_embeds.shape[0]
@@ -149,12 +155,15 @@ def test_empty_batch(backend_name, device):
     with backend.use_backend(backend_name):
         attn = tp.instruction_attention(q, k, cu, cu, idx, cu)
         kept, cu_kept = tp.select_topk(attn, cu, keep_ratio=0.5)
+        adaptive = tp.select_topk(attn, cu, keep_mass=0.5)
+        counts = tp.mass_keep_counts(attn, cu, 0.5)
         out = tp.prune_and_merge(
             q, k, cu, cu, torch.zeros(0, 8, device=device),
             torch.zeros(3, 0, dtype=torch.int64, device=device), cu,
             torch.zeros(0, 8, device=device), idx, cu, keep_ratio=0.5,
         )  # fmt: skip
     assert attn.shape == (0,) and kept.shape == (0,) and cu_kept.tolist() == [0]
+    assert adaptive[0].shape == (0,) and adaptive[1].tolist() == [0] and counts.shape == (0,)
     assert out[0].shape == (0, 8) and out[1].shape == (3, 0) and out[2].tolist() == [0]
 
 
@@ -184,10 +193,41 @@ def test_composites_strided_inputs(backend_name, device, use_mapper):
         torch.testing.assert_close(got[-1], want[-1], rtol=2e-4, atol=2e-5)
 
 
+MASS_KEEP = {"keep_mass": 0.6, "min_keep_ratio": 0.05, "max_keep_ratio": 0.8}
+
+
 @pytest.mark.parametrize(("backend_name", "device"), BACKENDS)
-def test_composite_under_torch_compile(backend_name, device):
+@pytest.mark.parametrize("use_mapper", [False, True], ids=["raw_attention", "mapper"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_composites_keep_mass(backend_name, device, use_mapper, dtype):
+    """The adaptive rule in both composites: per-sample counts and indices those of the
+    reference rule on the scores the backend ranked (the mapper's softmax, or the raw attention
+    normalised per sample), and those scores the reference's."""
+    gen = same_inputs("mass", use_mapper, dtype)
+    inp = make_inputs(LAYOUTS, dtype=dtype, generator=gen, qk_std=1.5)
+    params = [p.detach() for p in _small_mapper(gen).op_params()] if use_mapper else []
+    out = pruned(backend_name, device, inp, params, q_pos=inp.q_pos, **MASS_KEEP)
+    torch.testing.assert_close(out[4], reference_scores(inp, params, q_pos=True),
+                               **scores_tolerance(backend_name))  # fmt: skip
+    relevance = "softmax" if use_mapper else "normalize"
+    rule = v.KeepRule(**MASS_KEEP)
+    counts = reference.keep_rule_counts_ref(out[4], inp.cu_seqlens_v, rule, relevance)
+    kept, cu_kept = reference.select_topk_ref(out[4], inp.cu_seqlens_v, counts)
+    assert torch.equal(out[2], kept) and torch.equal(out[3], cu_kept)
+    assert torch.equal(out[0], inp.visual_embeds[kept])
+    n = (inp.cu_seqlens_v[1:] - inp.cu_seqlens_v[:-1]).tolist()
+    assert counts.tolist() != [max(1, round(0.8 * m)) if m else 0 for m in n]  # not all capped
+    assert_merged(
+        merged(backend_name, device, inp, params, q_pos=inp.q_pos, **MASS_KEEP), inp, kept
+    )
+
+
+@pytest.mark.parametrize(("backend_name", "device"), BACKENDS)
+@pytest.mark.parametrize("keep", [{"keep_ratio": 0.5}, MASS_KEEP], ids=["ratio", "mass"])
+def test_composite_under_torch_compile(backend_name, device, keep):
     """``prune_and_merge`` inside a ``torch.compile(fullgraph=True)`` function gives what it gives
-    eagerly, on every backend (Triton: the fused select and merge)."""
+    eagerly, on every backend (Triton: the fused select and merge), for a fixed and for the
+    adaptive keep rule (a data-dependent count)."""
     gen = same_inputs("compile")
     inp = make_inputs(LAYOUTS, generator=gen, qk_std=1.5).to(device)
     params = [p.detach().to(device) for p in _small_mapper(gen).op_params()]
@@ -196,7 +236,7 @@ def test_composite_under_torch_compile(backend_name, device):
         out = tp.prune_and_merge(
             q, k, inp.cu_seqlens_q, inp.cu_seqlens_k, inputs_embeds, inp.position_ids,
             inp.cu_seqlens, visual_embeds * 1.0, inp.visual_idx, inp.cu_seqlens_v, params,
-            keep_ratio=0.5,
+            **keep,
         )  # fmt: skip
         return out[0].sum(-1), out[1], out[4]
 

@@ -10,6 +10,7 @@ import torch
 
 import tokenprune_kernels as tp
 from tokenprune_kernels import backend, reference
+from tokenprune_kernels import validation as v
 from tokenprune_kernels.reference import keep_counts_ref, score_keys_ref, select_topk_ref
 from tokenprune_kernels.testing import backend_params, strided
 
@@ -183,3 +184,151 @@ def test_strided_inputs(backend_name, device, gen):
             want = select_topk_ref(scores, cu_i, keep_counts_ref(cu_i, keep_ratio=0.3))
             got = select(strided(scores), strided(cu_i), keep_ratio=0.3)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# ------------------------------------------------------------- the adaptive rule (keep_mass)
+
+MASS_BACKENDS = backend_params("mass_keep_counts")
+RELEVANCES = ["softmax", "normalize"]
+
+
+def naive_mass_counts(scores, cu, keep_mass, lo_ratio, hi_ratio, relevance):
+    """The rule in float64 with Python's sort, written independently of the fixed-point weights:
+    relevance = softmax(scores) or scores / sum, summed in the contract's order."""
+    values = scores.float().tolist()
+    counts = []
+    for b in range(len(cu) - 1):
+        xs = values[cu[b] : cu[b + 1]]
+        n = len(xs)
+        if n == 0:
+            counts.append(0)
+            continue
+        finite = [x for x in xs if not math.isnan(x)]
+        mx = max(finite) if finite else -math.inf
+        if relevance == "softmax":
+            w = [0.0 if math.isnan(x) or x == -math.inf else math.exp(x - mx) for x in xs]
+        else:
+            w = [0.0 if math.isnan(x) else x for x in xs]
+        order = sorted(
+            range(n), key=lambda i: (math.isnan(xs[i]), 0.0 if math.isnan(xs[i]) else -xs[i], i)
+        )
+        total, acc, m = sum(w), 0.0, 0
+        while m < n and acc < keep_mass * total:
+            acc += w[order[m]]
+            m += 1
+        lo = min(max(math.floor(lo_ratio * n + 0.5), 1), n)
+        hi = min(max(math.floor(hi_ratio * n + 0.5), 1), n)
+        counts.append(min(max(m, lo), hi))
+    return counts
+
+
+def masses(x: torch.Tensor) -> torch.Tensor:
+    """Scores usable with relevance='normalize': finite, >= 0 (NaN kept)."""
+    return torch.where(torch.isinf(x), torch.zeros_like(x), x).abs()
+
+
+def mass_counts_ref(scores, cu, keep_mass, lo=0.0, hi=1.0, relevance="softmax"):
+    rule = v.KeepRule(keep_mass=keep_mass, min_keep_ratio=lo, max_keep_ratio=hi)
+    return reference.keep_rule_counts_ref(scores, cu, rule, relevance)
+
+
+@pytest.mark.parametrize("relevance", RELEVANCES)
+@pytest.mark.parametrize("n", SIZES)
+def test_mass_reference_matches_float64(relevance, n, gen):
+    """On random scores the fixed-point weights give the counts a float64 softmax gives."""
+    scores = torch.randn(n, generator=gen) * 3
+    if relevance == "normalize":
+        scores = scores.exp()
+    cu = torch.tensor([0, n])
+    for keep_mass in (0.05, 0.3, 0.5, 0.9, 0.99):
+        for lo, hi in ((0.0, 1.0), (0.1, 0.5)):
+            got = mass_counts_ref(scores, cu, keep_mass, lo, hi, relevance).tolist()
+            assert got == naive_mass_counts(scores, [0, n], keep_mass, lo, hi, relevance)
+
+
+def test_mass_rule_exact_cases():
+    """Ties and exact thresholds: integer weights make 'reaches' exact (>=, not >)."""
+    cu = torch.tensor([0, 4])
+    four = torch.full((4,), 2.5)
+    for t, m in ((0.25, 1), (0.5, 2), (0.5000001, 3), (0.75, 3), (1.0, 4)):
+        assert mass_counts_ref(four, cu, t).tolist() == [m]
+        assert mass_counts_ref(four, cu, t, relevance="normalize").tolist() == [m]
+    two = torch.tensor([1.0, 3.0])  # masses 1/4 and 3/4
+    assert mass_counts_ref(two, torch.tensor([0, 2]), 0.75, relevance="normalize").tolist() == [1]
+    assert mass_counts_ref(two, torch.tensor([0, 2]), 0.76, relevance="normalize").tolist() == [2]
+    # bounds: at least max(1, rhu(lo * n)), at most max(1, rhu(hi * n)); empty samples keep 0
+    cu = torch.tensor([0, 10, 10, 13])
+    scores = torch.tensor([9.0] + [0.0] * 9 + [5.0, 0.0, 0.0])
+    assert mass_counts_ref(scores, cu, 0.5).tolist() == [1, 0, 1]
+    assert mass_counts_ref(scores, cu, 0.5, lo=0.25).tolist() == [3, 0, 1]  # rhu(2.5) = 3
+    assert mass_counts_ref(scores, cu, 1.0, hi=0.04).tolist() == [1, 0, 1]  # at least one
+    assert mass_counts_ref(scores, cu, 1.0, hi=0.5).tolist() == [5, 0, 2]
+    # NaN weighs nothing and ranks last; an all-NaN or all-zero sample keeps its minimum
+    nan = float("nan")
+    s = torch.tensor([nan, 1.0, 1.0, nan, nan, 0.0, 0.0])
+    cu = torch.tensor([0, 3, 5, 7])
+    assert mass_counts_ref(s, cu, 1.0).tolist() == [2, 1, 2]
+    assert mass_counts_ref(s, cu, 1.0, relevance="normalize").tolist() == [2, 1, 1]
+    # +inf logits take all the mass; -inf none
+    inf = float("inf")
+    s = torch.tensor([inf, 1.0, inf, -inf, 2.0])
+    assert mass_counts_ref(s, torch.tensor([0, 5]), 1.0).tolist() == [2]
+    assert mass_counts_ref(s[3:], torch.tensor([0, 2]), 1.0).tolist() == [1]
+
+
+@pytest.mark.parametrize(("backend_name", "device"), MASS_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("relevance", RELEVANCES)
+@pytest.mark.parametrize("planted", [False, True], ids=["random", "ties_nan_inf"])
+def test_mass_counts_backends_match_reference(backend_name, device, dtype, relevance, planted,
+                                              gen):  # fmt: skip
+    """The stage's parity test: identical counts on every backend (ragged, empty samples)."""
+    sizes = [1, 0, 2, 37, 4099, 3, 257, 0]
+    scores, cu = ragged(sizes, dtype, gen, planted)
+    scores = scores * 4 if relevance == "softmax" else masses(scores)
+    for index_dtype in (torch.int64, torch.int32):
+        cu_i = cu.to(index_dtype)
+        for keep_mass, lo, hi in ((0.5, 0.0, 1.0), (0.9, 0.1, 0.6), (1.0, 0.0, 1.0),
+                                  (0.01, 0.3, 0.3)):  # fmt: skip
+            want = mass_counts_ref(scores, cu_i, keep_mass, lo, hi, relevance)
+            with backend.use_backend(backend_name):
+                got = tp.mass_keep_counts(scores.to(device), cu_i.to(device), keep_mass, lo, hi,
+                                          relevance)  # fmt: skip
+            assert got.dtype == torch.int64 and got.device.type == device
+            assert torch.equal(got.cpu(), want), (backend_name, keep_mass, lo, hi)
+
+
+@pytest.mark.parametrize(("backend_name", "device"), MASS_BACKENDS)
+def test_mass_counts_strided(backend_name, device, gen):
+    for relevance in RELEVANCES:
+        for dtype in DTYPES:
+            scores, cu = ragged([1, 0, 37, 3, 131], dtype, gen, planted=True)
+            scores = scores if relevance == "softmax" else masses(scores)
+            for index_dtype in (torch.int64, torch.int32):
+                cu_i = cu.to(index_dtype)
+                want = mass_counts_ref(scores, cu_i, 0.7, 0.05, 0.9, relevance)
+                with backend.use_backend(backend_name):
+                    got = tp.mass_keep_counts(strided(scores.to(device)),
+                                              strided(cu_i.to(device)), 0.7, 0.05, 0.9,
+                                              relevance)  # fmt: skip
+                assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize(("backend_name", "device"), BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("planted", [False, True], ids=["random", "ties_nan_inf"])
+def test_select_keep_mass_matches_reference(backend_name, device, dtype, planted, gen):
+    """select_topk(keep_mass=...): the reference's counts, then its indices, on every backend
+    (Triton: the counts as torch ops on the device, then its own selection)."""
+    sizes = [1, 0, 2, 37, 1031, 3, 257]
+    scores, cu = ragged(sizes, dtype, gen, planted)
+    for relevance in RELEVANCES:
+        s = scores * 3 if relevance == "softmax" else masses(scores)
+        for keep_mass, lo, hi in ((0.5, 0.0, 1.0), (0.95, 0.05, 0.5)):
+            counts = mass_counts_ref(s, cu, keep_mass, lo, hi, relevance)
+            want = select_topk_ref(s, cu, counts)
+            with backend.use_backend(backend_name):
+                got = tp.select_topk(s.to(device), strided(cu.to(device)), keep_mass=keep_mass,
+                                     min_keep_ratio=lo, max_keep_ratio=hi, relevance=relevance)  # fmt: skip
+            assert torch.equal(got[0].cpu(), want[0]), (backend_name, relevance, keep_mass)
+            assert torch.equal(got[1].cpu(), want[1])

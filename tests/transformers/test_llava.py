@@ -76,6 +76,12 @@ def _assert_kept(pruned, expected) -> None:
         assert torch.equal(k.cpu(), e), f"sample {b}: kept {k.tolist()} vs {e.tolist()}"
 
 
+def _assert_oracle(got: list[torch.Tensor], pruned, expected) -> None:
+    """The patched run kept the oracle's visual tokens and gave its logits."""
+    _assert_kept(pruned, expected)
+    _assert_logits(got, expected.logits)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keep_all_gives_unpatched_logits_and_revert_is_exact(family, attn, gen):
@@ -108,8 +114,7 @@ def test_pruned_logits_match_independent_computation(family, keep, side, gen):
     got, pruned = _patched(model, inputs)
     assert pruned.padding_side == side
     assert int(pruned.removed.min()) > 0
-    _assert_kept(pruned, expected)
-    _assert_logits(got, expected.logits)
+    _assert_oracle(got, pruned, expected)
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.25])
@@ -153,8 +158,7 @@ def test_video_and_image_onevision(gen):
     got, pruned = _patched(
         model, inputs, position_ids=generate_position_ids(inputs["attention_mask"])
     )
-    _assert_kept(pruned, expected)
-    _assert_logits(got, expected.logits)
+    _assert_oracle(got, pruned, expected)
     with torch.no_grad():
         out = model.generate(**inputs, do_sample=False, max_new_tokens=8)
     assert torch.equal(out[:, inputs["input_ids"].shape[1] :], expected.tokens)
@@ -176,8 +180,33 @@ def test_mapper_scores_match_independent_computation(family, gen, tmp_path):
     for spec in (mapper, str(path)):
         apply_tokenprune(model, keep_ratio=0.5, mapper=spec)
         got, pruned = _patched(model, inputs)
-        _assert_kept(pruned, expected)
-        _assert_logits(got, expected.logits)
+        _assert_oracle(got, pruned, expected)
+
+
+MASS = {"keep_mass": 0.6, "min_keep_ratio": 0.05, "max_keep_ratio": 0.8}
+
+
+@pytest.mark.parametrize("use_mapper", [False, True], ids=["raw_attention", "mapper"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_mass_matches_independent_computation(family, use_mapper, gen):
+    """The adaptive budget: per-sample kept sets, logits and greedy tokens those of the rule
+    computed independently in float64 (raw attention normalised per sample, or the mapper's
+    softmax) on the unpatched model."""
+    model = build_model(family)
+    inputs = build_inputs(model, _two_samples(family), gen, "left")
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    mapper = TokenMapper(MapperConfig(channels=(8, 16, 8), kernel_size=3)).eval()
+    mapper = mapper if use_mapper else None
+    n_new = 6
+    expected = oracle(model, inputs, mapper=mapper, new_tokens=n_new, **MASS,
+                      position_ids=generate_position_ids(inputs["attention_mask"]))  # fmt: skip
+    apply_tokenprune(model, mapper=mapper, **MASS)
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=n_new)
+    _assert_kept(last_pruned(model), expected)
+    assert torch.equal(out[:, inputs["input_ids"].shape[1] :], expected.tokens)
+    n_vis = [(row == IMAGE_ID).sum() for row in inputs["input_ids"]]
+    assert all(0.05 <= k.numel() / int(n) <= 0.8 for k, n in zip(expected.kept, n_vis, strict=True))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -349,8 +378,7 @@ def test_custom_instruction_mask(gen):
     for spec in (instr, lambda ids, visual, mask: ids.new_zeros(ids.shape).bool() | instr):
         apply_tokenprune(model, keep_ratio=0.5, instruction_mask=spec)
         got, pruned = _patched(model, inputs)
-        _assert_kept(pruned, expected)
-        _assert_logits(got, expected.logits)
+        _assert_oracle(got, pruned, expected)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -423,8 +451,7 @@ def test_keep_ratio_of_any_real_type(keep, gen):
     expected = oracle(model, inputs, keep_ratio=0.5)
     apply_tokenprune(model, keep_ratio=keep)
     got, pruned = _patched(model, inputs)
-    _assert_kept(pruned, expected)
-    _assert_logits(got, expected.logits)
+    _assert_oracle(got, pruned, expected)
 
 
 @pytest.mark.parametrize(

@@ -390,8 +390,31 @@ def test_prune_inputs_errors(gen):
     [
         ({"keep_ratio": 0.0}, r"keep_ratio must be in \(0, 1\], got 0.0"),
         ({"keep_ratio": 1.5}, r"keep_ratio must be in \(0, 1\]"),
-        ({}, "exactly one of keep_ratio and keep_count"),
-        ({"keep_ratio": 0.5, "keep_count": 2}, "exactly one of keep_ratio and keep_count"),
+        ({}, "exactly one of keep_ratio, keep_count and keep_mass"),
+        (
+            {"keep_ratio": 0.5, "keep_count": 2},
+            "exactly one of keep_ratio, keep_count and keep_mass",
+        ),
+        (
+            {"keep_mass": 0.5, "keep_count": 2},
+            "exactly one of keep_ratio, keep_count and keep_mass",
+        ),
+        ({"keep_mass": 0.0}, r"keep_mass must be in \(0, 1\], got 0.0"),
+        ({"keep_mass": np.float64(1.5)}, r"keep_mass must be in \(0, 1\], got np.float64\(1.5\)"),
+        ({"keep_mass": True}, r"keep_mass must be a real number in \(0, 1\]"),
+        (
+            {"keep_mass": 0.9, "min_keep_ratio": -0.5},
+            r"min_keep_ratio must be in \[0, 1\], got -0.5",
+        ),
+        ({"keep_mass": 0.9, "max_keep_ratio": 0}, r"max_keep_ratio must be in \(0, 1\], got 0"),
+        (
+            {"keep_mass": 0.9, "min_keep_ratio": 0.5, "max_keep_ratio": 0.25},
+            "min_keep_ratio must be <= max_keep_ratio",
+        ),
+        (
+            {"keep_ratio": 0.5, "min_keep_ratio": 0.1},
+            "min_keep_ratio and max_keep_ratio bound keep_mass only",
+        ),
         ({"keep_count": 0}, "keep_count must be an int >= 1"),
         ({"keep_count": True}, "keep_count must be an int >= 1"),
         ({"keep_ratio": np.float32(1.5)}, r"keep_ratio must be in \(0, 1\], got np.float32\(1.5\)"),

@@ -47,12 +47,14 @@ MIXED = [
 ]
 
 
-def _expected(model, inputs, side, keep_ratio=None, keep_count=None, mapper=None, instr=None):
-    """Oracle kept sets, the hand-pruned batch and its logits (unpatched model, eager scores)."""
+def _expected(model, inputs, side, keep_ratio=None, keep_count=None, mapper=None, instr=None,
+              **mass):  # fmt: skip
+    """Oracle kept sets, the hand-pruned batch and its logits (unpatched model, eager scores;
+    ``mass``: the adaptive rule's keep_mass, min_keep_ratio, max_keep_ratio)."""
     assert not is_tokenprune_applied(model)
     kept = oracle_kept(
         eager_copy(model), inputs, keep_ratio=keep_ratio, keep_count=keep_count, mapper=mapper,
-        instruction=instr,
+        instruction=instr, **mass,
     )  # fmt: skip
     hp = hand_prune(capture_lm_inputs(model, inputs), inputs, kept, side)
     return kept, hp, oracle_logits(model, hp)
@@ -176,6 +178,34 @@ def test_mapper_from_safetensors(make_qwen, gen, model_type, tmp_path):
         apply_tokenprune(model, keep_ratio=0.5, mapper=str(tmp_path / "mapper.pt"))
 
 
+MASS = {"keep_mass": 0.5, "min_keep_ratio": 0.1, "max_keep_ratio": 0.9}
+
+
+@pytest.mark.parametrize("use_mapper", [False, True], ids=["raw_attention", "mapper"])
+@pytest.mark.parametrize("model_type", QWEN_TYPES)
+def test_keep_mass_matches_oracle(make_qwen, gen, model_type, use_mapper):
+    """The adaptive budget: per-sample kept counts (and sets, logits, greedy tokens) those of the
+    rule computed independently in float64 on the unpatched model's layer-0 attention (raw,
+    normalised per sample) or the mapper's softmax."""
+    model = make_qwen(model_type)
+    torch.manual_seed(5)
+    mapper = TokenMapper().eval() if use_mapper else None
+    inputs = build_inputs(model_type, MIXED, gen, "left")
+    kept, hp, want = _expected(model, inputs, "left", mapper=mapper, **MASS)
+    greedy = oracle_greedy(model, hp, 6)
+    apply_tokenprune(model, mapper=mapper, **MASS)
+    with torch.no_grad():
+        got = model(**inputs).logits
+    pruned = last_pruned(model)
+    assert [k.tolist() for k in pruned.kept_visual] == [k.tolist() for k in kept]
+    n_vis = ((inputs["input_ids"] == IMAGE_ID) | (inputs["input_ids"] == VIDEO_ID)).sum(1)
+    fractions = [k.numel() / int(n) for k, n in zip(kept, n_vis, strict=True)]
+    assert all(0.1 <= f <= 0.9 for f in fractions)
+    _assert_rows(got, pruned.attention_mask, want, hp.attention_mask)
+    out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out[:, inputs["input_ids"].shape[1] :], greedy)
+
+
 def test_instruction_mask_callable(make_qwen, gen):
     """Callers choose the query tokens: here only the 3 tokens right after the image."""
     model = make_qwen("qwen2_vl")
@@ -260,7 +290,7 @@ def test_bad_input(make_qwen, gen, monkeypatch):
     model = make_qwen("qwen2_vl")
     with pytest.raises(ValueError, match=r"keep_ratio must be in \(0, 1\], got 0"):
         apply_tokenprune(model, keep_ratio=0)
-    with pytest.raises(ValueError, match="exactly one of keep_ratio and keep_count"):
+    with pytest.raises(ValueError, match="exactly one of keep_ratio, keep_count and keep_mass"):
         apply_tokenprune(model, keep_ratio=0.5, keep_count=3)
     assert not is_tokenprune_applied(model)
     # A prompt that ends with its image has no instruction tokens under the default rule.

@@ -13,28 +13,18 @@ import pytest
 import torch
 
 from tokenprune_kernels.reference import instruction_attention_ref
-from tokenprune_kernels.testing import make_inputs
+from tokenprune_kernels.testing import ATTENTION_LAYOUTS, make_inputs
 
 pytest.importorskip("triton")
+
+import triton
 
 from tokenprune_kernels.triton import instruction_attention_triton
 
 pytestmark = pytest.mark.interpret
 
 LAYOUTS = {
-    # Ragged batch of 3: two images then 3 queries; no visual tokens (passes through); 5 queries.
-    # Key lengths 21, 4, 24: not a multiple of any block.
-    "ragged": [
-        [("t", 3), ("v", 7), ("t", 2), ("v", 5), ("q", 3), ("t", 1)],
-        [("t", 2), ("q", 2)],
-        [("v", 19), ("q", 5)],
-    ],
-    # Queries before and between the images: some visual keys come after some queries (q_pos
-    # given). One query in the second sample.
-    "interleaved": [
-        [("t", 2), ("q", 2), ("v", 9), ("q", 1), ("v", 4), ("q", 4)],
-        [("t", 1), ("v", 3), ("q", 1)],
-    ],
+    **ATTENTION_LAYOUTS,  # ragged (a sample without visual tokens passes through), interleaved
     # Longer keys (70 = 4.4 blocks of 16), so the online softmax rescales across blocks and splits.
     "long": [[("t", 5), ("v", 37), ("t", 3), ("v", 21), ("q", 4)], [("v", 2), ("q", 1)]],
 }
@@ -188,3 +178,80 @@ def test_non_contiguous_heads(device, gen):
     rest = (inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v)
     got = instruction_attention_triton(q, k, *rest, **SMALL)
     torch.testing.assert_close(got, instruction_attention_ref(inp.q, inp.k, *rest))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_statistics_are_merged_once(dtype, device, gen):
+    """With key splits the rows' statistics are merged by one launch between the passes, and the
+    column pass takes merged rows only (no split count); strided q/k over a ragged batch still
+    match the reference. One split: no merge launch."""
+    from tokenprune_kernels.triton import attention as att
+    from tokenprune_kernels.triton.launch import capture
+
+    inp = make_inputs(
+        LAYOUTS["long"], heads_q=6, heads_k=2, head_dim=24, dtype=dtype, generator=gen, qk_std=1.5
+    )
+    wide_k = torch.randn(inp.k.shape[0], 3, 24, generator=gen).to(dtype)
+    wide_k[:, 1:] = inp.k
+    inp, k = inp.to(device), wide_k.to(device)[:, 1:]
+    args = (inp.q, k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v)
+    for splits, kernels in ((5, 3), (1, 2)):
+        options = {**SMALL, "num_splits": splits}
+        with capture() as launches:
+            instruction_attention_triton(*args, **options)
+        names = [r.kernel.fn.__name__ for r in launches]
+        assert len(names) == kernels and names[-1] == "_visual_colsum_kernel", names
+        assert (names[1] == "_merge_stats_kernel") == (splits > 1), names
+        got = instruction_attention_triton(*args, **options)
+        want = instruction_attention_ref(inp.q, inp.k, *args[2:])
+        torch.testing.assert_close(got, want, **TOL[dtype])
+    assert "num_splits" not in att._visual_colsum_kernel.arg_names
+
+
+def test_merge_stats_kernel_matches_a_direct_merge(device, gen):
+    """The merge on its own: rows (a prime count) whose splits saw no key (-inf, 0) included."""
+    from tokenprune_kernels.triton import attention as att
+
+    splits, rows = 5, 37
+    m = torch.randn(splits, rows, generator=gen) * 4
+    l_ = torch.rand(splits, rows, generator=gen) * 9 + 0.5
+    empty = torch.rand(splits, rows, generator=gen) < 0.3
+    empty[0] = False  # every row sees key 0, in split 0
+    m[empty], l_[empty] = float("-inf"), 0.0
+    want_m = m.max(0).values
+    want_l = (l_ * torch.exp2(m - want_m)).sum(0)
+    m_dev, l_dev = m.flatten().to(device), l_.flatten().to(device)
+    att._merge_stats_kernel[(triton.cdiv(rows, 16),)](m_dev, l_dev, rows, splits, BLOCK=16)
+    assert torch.equal(m_dev[:rows].cpu(), want_m)
+    torch.testing.assert_close(l_dev[:rows].cpu(), want_l, atol=0, rtol=1e-6)
+    assert torch.equal(m_dev[rows:].cpu(), m[1:].flatten())  # the other splits untouched
+
+
+@pytest.mark.parametrize("groups", [2, 3, 6])
+def test_head_group_colsums_read_the_merged_statistics(groups, device, gen):
+    """``instruction_attention_heads_triton`` on main's launch structure: with key splits the
+    per-group column pass reads the once-merged row statistics (same three launches as the mean,
+    the column pass with ``num_channels = G``); groups that straddle two KV heads (G = 3 of
+    Hq = 6, Hk = 2) and one per query head (G = 6) match the reference on strided, ragged
+    inputs, one split or five."""
+    from tokenprune_kernels.reference import instruction_attention_heads_ref
+    from tokenprune_kernels.triton import instruction_attention_heads_triton
+    from tokenprune_kernels.triton.launch import capture
+
+    inp = make_inputs(LAYOUTS["long"], heads_q=6, heads_k=2, head_dim=24, generator=gen, qk_std=1.5)
+    wide_k = torch.randn(inp.k.shape[0], 3, 24, generator=gen)
+    wide_k[:, 1:] = inp.k
+    inp, k = inp.to(device), wide_k.to(device)[:, 1:]
+    args = (inp.q, k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v)
+    want = instruction_attention_heads_ref(inp.q, inp.k, *args[2:], None, None, groups)
+    for splits in (5, 1):
+        options = {**SMALL, "num_splits": splits}
+        with capture() as launches:
+            instruction_attention_heads_triton(*args, None, None, groups, **options)
+        names = [r.kernel.fn.__name__ for r in launches]
+        assert names[-1] == "_visual_colsum_kernel" and len(names) == (3 if splits > 1 else 2)
+        got = instruction_attention_heads_triton(*args, None, None, groups, **options)
+        assert got.shape == (inp.visual_idx.shape[0], groups)
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+    mean = instruction_attention_triton(*args, **SMALL)
+    torch.testing.assert_close(got.mean(1), mean, **TOL[torch.float32])

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+import importlib
 
 import pytest
 
 pytestmark = pytest.mark.interpret
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_triton.py"
-
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_triton", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    # benchmarks/ is importable from the repository root (pytest's pythonpath)
+    return importlib.import_module("benchmarks.bench_triton")
 
 
 def test_smoke_run_writes_a_table(tmp_path):

@@ -154,9 +154,13 @@ def test_packing_is_cached_but_not_for_inference_tensors(gen, device):
     assert triton_mapper._pack_params([p.detach() for p in params], 3, 16, 16) is first
     with torch.inference_mode():
         frozen = [p.clone() for p in params]  # no version counter: never cached
-    assert triton_mapper._pack_params(frozen, 3, 16, 16) is not triton_mapper._pack_params(
-        frozen, 3, 16, 16
-    )
+    a, b = (triton_mapper._pack_params(frozen, 3, 16, 16) for _ in range(2))
+    assert a is not b and torch.equal(a.params, b.params)
+    assert a.meta is b.meta  # the shape-only table is uploaded once, whatever the tensors
     attn, cu = _inputs([6, 3], gen, device)
     got = mapper_forward_triton(attn, cu, frozen, 3, EPS, **SMALL)
     torch.testing.assert_close(got, mapper_forward_ref(attn, cu, params, 3, EPS), **_tol(device))
+    with torch.inference_mode():
+        frozen[-1].add_(1.5)  # the head bias, in place: no version counter records it
+    again = mapper_forward_triton(attn, cu, frozen, 3, EPS, **SMALL)
+    torch.testing.assert_close(again, got + 1.5, **_tol(device))

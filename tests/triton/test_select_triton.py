@@ -182,3 +182,50 @@ def test_select_empty_batch_and_no_tokens(device):
         check_select(torch.empty(0), torch.tensor([0]), none, device, wide)
         check_select(torch.empty(0), torch.tensor([0, 0, 0]), torch.zeros(2, dtype=torch.int64),
                      device, wide)  # fmt: skip
+
+
+@pytest.mark.parametrize("wide", SCHEDULES)
+def test_radix_histograms_count_only_matching_keys(wide, device, gen, monkeypatch):
+    """Every histogram a radix pass builds counts exactly the keys that match the digits chosen
+    so far (lanes past the sample's end and keys of other prefixes add nothing, not even to bin
+    0), and the selection equals the reference's. Scores: three value groups with different top
+    bytes, k inside the middle one, so passes 1.. see many non-matching lanes."""
+    if device != "cpu":
+        pytest.skip("records the interpreter's histograms")
+    from triton.runtime import interpreter
+
+    calls: list[int] = []
+    real = interpreter.InterpreterBuilder.create_histogram
+
+    def record(self, data, bins, mask):
+        hist = real(self, data, bins, mask)
+        calls.append(int(hist.data.sum()))
+        return hist
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_histogram", record)
+    n, k = 101, 40
+    group = torch.randint(0, 3, (n,), generator=gen)
+    frac = torch.rand(n, generator=gen)
+    scores = torch.where(group == 0, 0.25 + frac / 8, torch.where(group == 1, 1 + frac, 6 + frac))
+    counts = torch.tensor([k])
+    cu = torch.tensor([0, n])
+    check_select(scores, cu, counts, device, wide)
+
+    keys = score_keys_ref(scores).to(torch.int64)
+    threshold = int(keys.sort(descending=True).values[k - 1])
+    want = []
+    for p in range(4):
+        top = 32 - 8 * p  # bits of the prefix the pass matches against
+        prefix = threshold >> top if p else 0
+        match = (keys >> top) == prefix if p else torch.ones(n, dtype=torch.bool)
+        per_chunk = [int(part.sum()) for part in match.split(SMALL_BLOCK)]
+        want.append(per_chunk if not wide else [sum(per_chunk)])
+        shift = 24 - 8 * p  # the pass's digit
+        in_bin = int(((keys >> shift) == (threshold >> shift)).sum())
+        above = int(((keys >> shift) > (threshold >> shift)).sum())
+        if in_bin == k - above:  # the bin is kept whole: no further pass
+            break
+    assert sum(calls) == sum(map(sum, want)), (calls, want)
+    if not wide:
+        assert calls == [c for per_pass in want for c in per_pass], (calls, want)
+    assert len(want) >= 2, want  # the case does exercise passes after the first

@@ -7,17 +7,8 @@ import pytest
 import torch
 
 from tokenprune_kernels.mapper import MapperConfig, TokenMapper, mapper_forward_ref
-from tokenprune_kernels.vllm import VllmPruneSettings, hf_overrides, settings_from_config
-from tokenprune_kernels.vllm.scoring import (
-    FLAG_SET,
-    POSITION_LIMIT,
-    Layer0Fns,
-    PackedPrompts,
-    decode_positions,
-    encode_positions,
-    position_channels,
-    score_and_select,
-)
+from tokenprune_kernels.vllm import VllmPruneSettings, hf_overrides, scoring, settings_from_config
+from tokenprune_kernels.vllm.scoring import FLAG_SET, POSITION_LIMIT, Layer0Fns, PackedPrompts
 
 HQ, HK, D, H = 4, 2, 8, 24
 
@@ -121,7 +112,7 @@ def test_score_and_select_matches_independent(gen, keep_ratio, with_mapper):
         with torch.no_grad():
             for p in mapper.parameters():
                 p.normal_(0.0, 0.5)
-    scores, kept_idx, cu_kept = score_and_select(
+    scores, kept_idx, cu_kept = scoring.score_and_select(
         layer0, packed, keep_ratio=keep_ratio, mapper=mapper
     )
     want_scores, want_kept = _independent(layer0, packed, keep_ratio, mapper)
@@ -138,23 +129,24 @@ def test_positions_round_trip_exactly(gen, dtype):
     pos = torch.randint(0, POSITION_LIMIT, (3, n), generator=gen)
     pos[:, 0] = POSITION_LIMIT - 1
     pos[:, 1] = 0
-    carried = encode_positions(emb, pos, FLAG_SET)
-    assert carried.shape == (n, H + position_channels(3)) and carried.dtype == dtype
-    back, flags, got = decode_positions(carried[3:7], H, 3)  # a slice, as a prefill chunk takes
+    carried = scoring.encode_positions(emb, pos, FLAG_SET)
+    assert carried.shape == (n, H + scoring.position_channels(3)) and carried.dtype == dtype
+    # a slice, as a prefill chunk takes
+    back, flags, got = scoring.decode_positions(carried[3:7], H, 3)
     assert torch.equal(back, emb[3:7])
     assert torch.equal(got, pos[:, 3:7])
     assert torch.equal(flags, torch.full((4,), FLAG_SET))
-    assert torch.equal(decode_positions(carried, H, 3)[2], pos)
+    assert torch.equal(scoring.decode_positions(carried, H, 3)[2], pos)
 
 
 def test_position_codec_errors():
     emb = torch.zeros(2, H)
     with pytest.raises(ValueError, match="position ids must be in"):
-        encode_positions(emb, torch.full((3, 2), POSITION_LIMIT), FLAG_SET)
+        scoring.encode_positions(emb, torch.full((3, 2), POSITION_LIMIT), FLAG_SET)
     with pytest.raises(ValueError, match=r"positions must be \[R, 2\]"):
-        encode_positions(emb, torch.zeros(3, 5, dtype=torch.int64), FLAG_SET)
+        scoring.encode_positions(emb, torch.zeros(3, 5, dtype=torch.int64), FLAG_SET)
     with pytest.raises(ValueError, match="hidden 24"):
-        decode_positions(emb, H, 3)
+        scoring.decode_positions(emb, H, 3)
 
 
 class _Config:
@@ -174,6 +166,14 @@ def test_settings(tmp_path):
         ({"keep_ratio": 0.5, "mapper": str(tmp_path / "m.safetensors")}, "mapper file not found"),
         ({"keep_ratio": 0.5, "mapper": "m.pt"}, "must be a path to a .safetensors"),
         ({"keep_ratio": 0.5, "ratio": 1}, r"unknown settings \['ratio'\]"),
+        (
+            {"keep_mass": 0.9},
+            r"keep_mass \(the adaptive keep budget\) is not supported by the vLLM",
+        ),
+        (
+            {"keep_ratio": 0.5, "max_keep_ratio": 0.5, "min_keep_ratio": 0.1},
+            r"max_keep_ratio, min_keep_ratio \(the adaptive keep budget\) is not supported",
+        ),
     ]:
         cfg.tokenprune = bad
         with pytest.raises(ValueError, match=msg):

@@ -481,13 +481,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``tokenprune explain`` on its own: ``main(["--model", DIR, "--data", F, "--out", D])``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="tokenprune")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_explain_parser(sub)
-    args = parser.parse_args(["explain", *argv])
-    args.argv = ["explain", *argv]
-    return int(args.func(args))
+    from tokenprune_kernels.cli import run_subcommand
+
+    return run_subcommand("explain", argv)
 
 
 if __name__ == "__main__":

@@ -480,9 +480,9 @@ def cmd_demo(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m tokenprune_kernels.grounded.demo ...`` (same options as ``tokenprune
     demo``)."""
-    p = _configure(argparse.ArgumentParser(prog="tokenprune demo"))
-    args = p.parse_args(argv)
-    return cmd_demo(args, ["demo", *(sys.argv[1:] if argv is None else argv)])
+    from tokenprune_kernels.cli import run_subcommand
+
+    return run_subcommand("demo", argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

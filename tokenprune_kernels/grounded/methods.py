@@ -22,9 +22,10 @@ position ids (:func:`pruned_logits`):
 - ``random``: a uniformly random subset (``torch.Generator`` seeded per sample).
 - ``uniform``: a regular 2-D subsampling of the merged token grid (``image_grid_thw`` / merge).
 
-In-LLM method:
+In-LLM methods:
 
-- ``fastv``: FastV-like: layers ``0 .. K-1`` (``K`` = 2) run on the full sequence; the visual
+- ``fastv`` (``K`` = 2) and ``fastv1`` (``K`` = 1), :data:`FASTV_LAYERS`: FastV-like: layers
+  ``0 .. K-1`` run on the full sequence; the visual
   tokens are ranked by the LAST token's attention at layer ``K`` (head mean, softmax over the
   whole prefix, computed from that layer's own input norm, q/k projections and M-RoPE, never
   ``output_attentions``), the rest are dropped, and layers ``K ..`` run on the shorter sequence
@@ -66,13 +67,15 @@ INPUT_METHODS: tuple[str, ...] = (
     "uniform",
 )
 """Methods that choose visual tokens at the LLM input."""
-LLM_METHODS: tuple[str, ...] = ("fastv",)
+LLM_METHODS: tuple[str, ...] = ("fastv", "fastv1")
 """Methods that prune inside the LLM."""
 METHODS: tuple[str, ...] = ("none", *INPUT_METHODS, *LLM_METHODS)
 """Every method name (``none``: no pruning)."""
 
 FASTV_LAYER = 2
 """FastV's ``K``: the visual tokens are scored by the last token's attention at layer ``K``."""
+FASTV_LAYERS: dict[str, int] = {"fastv": FASTV_LAYER, "fastv1": 1}
+"""The pruning layer ``K`` of each in-LLM method."""
 DART_PIVOTS = 8
 """Pivot tokens of the DART-like method."""
 
@@ -492,8 +495,8 @@ def select(
     label: torch.Tensor | None = None,
     seed: int = 0,
 ) -> torch.Tensor:
-    """Kept visual positions of one prompt for an input-level ``method`` (or ``fastv``: the
-    full prefill's choice; ``none``: every visual token).
+    """Kept visual positions of one prompt for an input-level ``method`` (or an in-LLM method
+    of :data:`LLM_METHODS`: the full prefill's choice; ``none``: every visual token).
 
     Args:
         method: one of :data:`METHODS`.
@@ -530,7 +533,7 @@ def select(
         return select_random(prep, keep, seed)
     if method == "uniform":
         return select_uniform(prep, keep)
-    return fastv_logits(model, prep, keep)[1]
+    return fastv_logits(model, prep, keep, FASTV_LAYERS[method])[1]
 
 
 def select_batch(
@@ -562,6 +565,7 @@ def select_batch(
 __all__ = [
     "DART_PIVOTS",
     "FASTV_LAYER",
+    "FASTV_LAYERS",
     "INPUT_METHODS",
     "LLM_METHODS",
     "METHODS",

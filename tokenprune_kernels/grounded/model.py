@@ -106,6 +106,28 @@ def check_mrope_section(section: Sequence[int], half: int) -> str | None:
     return None
 
 
+#: The special token ids of a Qwen-VL config: image, video, vision start, vision end.
+QWEN_TOKEN_FIELDS = (
+    "image_token_id",
+    "video_token_id",
+    "vision_start_token_id",
+    "vision_end_token_id",
+)
+#: Their values in :data:`VOCAB`.
+QWEN_TOKEN_IDS = tuple(TOKEN_ID[t] for t in (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END))
+
+
+def qwen_vl_config(
+    config_class: type, text: dict, vision: dict, token_ids: Sequence[int], **extra: Any
+) -> Any:
+    """A Qwen-VL config: ``config_class`` (``Qwen2VLConfig``, ``Qwen2_5_VLConfig`` or
+    ``Qwen3VLConfig``) of the ``text`` and ``vision`` sub-config dicts, the special ``token_ids``
+    in :data:`QWEN_TOKEN_FIELDS`'s order and ``extra`` top-level options. The one builder of the
+    tiny Qwen configs (here, :mod:`tokenprune_kernels.testing_models`)."""
+    ids = dict(zip(QWEN_TOKEN_FIELDS, token_ids, strict=True))
+    return config_class(text_config=text, vision_config=vision, **ids, **extra)
+
+
 def build_config(
     *,
     vision_depth: int = 2,
@@ -208,13 +230,11 @@ def build_config(
         temporal_patch_size=TEMPORAL_PATCH_SIZE,
         initializer_range=initializer_range,
     )
-    config = Qwen2VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=TOKEN_ID[IMAGE_PAD],
-        video_token_id=TOKEN_ID[VIDEO_PAD],
-        vision_start_token_id=TOKEN_ID[VISION_START],
-        vision_end_token_id=TOKEN_ID[VISION_END],
+    config = qwen_vl_config(
+        Qwen2VLConfig,
+        text,
+        vision,
+        QWEN_TOKEN_IDS,
         tie_word_embeddings=True,
         initializer_range=initializer_range,
     )
@@ -447,6 +467,8 @@ __all__ = [
     "ASSETS_DIR",
     "CHAT_TEMPLATE",
     "MODEL_DIR",
+    "QWEN_TOKEN_FIELDS",
+    "QWEN_TOKEN_IDS",
     "SPECIAL_TOKENS",
     "TOKEN_ID",
     "VOCAB",
@@ -462,6 +484,7 @@ __all__ = [
     "load_model_dir",
     "load_processor",
     "prompt_text",
+    "qwen_vl_config",
     "save_model_dir",
     "set_generation_defaults",
 ]

@@ -15,6 +15,7 @@ from tokenprune_kernels.ops.gather import merge_kept as merge_kept
 from tokenprune_kernels.ops.mapper import mapper_forward as mapper_forward
 from tokenprune_kernels.ops.prune import prune_and_merge as prune_and_merge
 from tokenprune_kernels.ops.prune import prune_visual_tokens as prune_visual_tokens
+from tokenprune_kernels.ops.select import mass_keep_counts as mass_keep_counts
 from tokenprune_kernels.ops.select import select_topk as select_topk
 
 _library.register_kernel_fakes()

@@ -97,20 +97,12 @@ def instruction_attention(
     )
 
 
-def instruction_attention_heads(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    visual_idx: torch.Tensor,
-    cu_seqlens_v: torch.Tensor,
-    q_pos: torch.Tensor | None = None,
-    softmax_scale: float | None = None,
-    head_groups: int | None = None,
-) -> torch.Tensor:
+@v.flat_args(v.ScoringArgs)
+def instruction_attention_heads(s: v.ScoringArgs, head_groups: int | None = None) -> torch.Tensor:
     """Layer-0 attention of the instruction queries on each visual token, per group of heads.
 
-    Args:
+    Args (flat, bound as :class:`~tokenprune_kernels.validation.ScoringArgs`, then
+    ``head_groups``):
         q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale: as in
             :func:`instruction_attention`.
         head_groups: ``G``, the output channels: an int >= 1 dividing ``Hq``; None means ``Hk``
@@ -121,7 +113,4 @@ def instruction_attention_heads(
         the query heads ``g * Hq / G .. (g + 1) * Hq / G - 1`` only (the heads of KV head ``g``
         when ``G = Hk``); the mean over the channels is :func:`instruction_attention`.
     """
-    return torch.ops.tokenprune.instruction_attention_heads(
-        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale,
-        head_groups,
-    )  # fmt: skip
+    return torch.ops.tokenprune.instruction_attention_heads(*s, head_groups)

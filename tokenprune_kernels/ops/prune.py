@@ -24,14 +24,15 @@ from tokenprune_kernels import validation as v
 from tokenprune_kernels._nvtx import stage_range
 from tokenprune_kernels.ops._library import define
 from tokenprune_kernels.ops.gather import fake_gathered, fake_merged
-from tokenprune_kernels.ops.select import keep_counts_from_bounds
+from tokenprune_kernels.ops.select import keep_counts_for
 
 PRUNE_SCHEMA = (
     "prune_visual_tokens(Tensor q, Tensor k, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
     "Tensor visual_idx, Tensor cu_seqlens_v, Tensor visual_embeds, Tensor visual_position_ids, "
     "Tensor[] mapper_params, int mapper_kernel_size=5, float mapper_input_eps=0.0001, "
     "float? keep_ratio=None, int? keep_count=None, Tensor? q_pos=None, "
-    "float? softmax_scale=None, Tensor? mapper_grid=None) "
+    "float? softmax_scale=None, float? keep_mass=None, float min_keep_ratio=0., "
+    "float max_keep_ratio=1., Tensor? mapper_grid=None) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 MERGE_SCHEMA = (
@@ -40,6 +41,7 @@ MERGE_SCHEMA = (
     "Tensor visual_idx, Tensor cu_seqlens_v, Tensor[] mapper_params, "
     "int mapper_kernel_size=5, float mapper_input_eps=0.0001, float? keep_ratio=None, "
     "int? keep_count=None, Tensor? q_pos=None, float? softmax_scale=None, "
+    "float? keep_mass=None, float min_keep_ratio=0., float max_keep_ratio=1., "
     "Tensor? mapper_grid=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
@@ -51,8 +53,9 @@ def _grouped(cls: type, public: Callable, args: tuple, kwargs: dict) -> Any:
     call = {**defaults, **dict(zip(names, args, strict=False)), **kwargs}
     scoring = v.ScoringArgs(**{f: call[f] for f in v.ScoringArgs._fields})
     mapper = v.MapperArgs(*(call[f"mapper_{f}"] for f in v.MapperArgs._fields))
-    rest = {f: call[f] for f in cls._fields if f not in ("scoring", "mapper")}
-    return cls(scoring=scoring, mapper=mapper, **rest)
+    keep = v.KeepRule(**{f: call[f] for f in v.KeepRule._fields})
+    rest = {f: call[f] for f in cls._fields if f not in ("scoring", "mapper", "keep")}
+    return cls(scoring=scoring, mapper=mapper, keep=keep, **rest)
 
 
 @functools.cache
@@ -123,7 +126,8 @@ def _run(a: v.PruneArgs | v.PruneMergeArgs, last_args: Callable[[v.ScoringArgs],
             scores = backend.call("instruction_attention_heads", device, *s, groups)
         if len(a.mapper.params) > 0:
             scores = backend.call("mapper_forward", device, scores, s.cu_seqlens_v, *a.mapper)
-        counts, total = keep_counts_from_bounds(bounds_v, scores.device, a.keep_ratio, a.keep_count)
+        relevance = "softmax" if len(a.mapper.params) > 0 else "normalize"
+        counts, total = keep_counts_for(a.keep, bounds_v, scores, s.cu_seqlens_v, relevance)
         last = backend.COMPOSITES[name][-1]
         out = _select_then(last, scores, s.cu_seqlens_v, counts, total, *last_args(s))
         return (*out, scores)
@@ -192,6 +196,9 @@ def prune_visual_tokens(
     keep_count: int | None = None,
     q_pos: torch.Tensor | None = None,
     softmax_scale: float | None = None,
+    keep_mass: float | None = None,
+    min_keep_ratio: float = 0.0,
+    max_keep_ratio: float = 1.0,
     mapper_grid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score, select and gather the visual tokens in one call.
@@ -206,9 +213,12 @@ def prune_visual_tokens(
             attention channels is fed :func:`instruction_attention_heads` with
             ``head_groups=G`` (``G`` must divide ``Hq``).
         mapper_kernel_size, mapper_input_eps: the mapper's config.
+        keep_ratio, keep_count, keep_mass, min_keep_ratio, max_keep_ratio: the keep rule, as in
+            :func:`select_topk` (exactly one of the first three). With ``keep_mass`` the
+            relevance is the softmax of the mapper's logits, or, without a mapper, the raw
+            attention normalised per sample (``relevance="normalize"``).
         mapper_grid: [Tv, 2] float32 the visual tokens' normalised grid row and column, for a
             mapper with grid input (its first block then takes ``G + 2`` channels); else None.
-        keep_ratio, keep_count: as in :func:`select_topk` (exactly one).
 
     Returns:
         kept_embeds [Tkept, H], kept_position_ids [Tkept] or [R, Tkept], kept_idx [Tkept] int64
@@ -217,7 +227,8 @@ def prune_visual_tokens(
     return torch.ops.tokenprune.prune_visual_tokens(
         q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
         visual_position_ids, list(mapper_params), int(mapper_kernel_size),
-        float(mapper_input_eps), keep_ratio, keep_count, q_pos, softmax_scale, mapper_grid,
+        float(mapper_input_eps), keep_ratio, keep_count, q_pos, softmax_scale, keep_mass,
+        float(min_keep_ratio), float(max_keep_ratio), mapper_grid,
     )  # fmt: skip
 
 
@@ -239,6 +250,9 @@ def prune_and_merge(
     keep_count: int | None = None,
     q_pos: torch.Tensor | None = None,
     softmax_scale: float | None = None,
+    keep_mass: float | None = None,
+    min_keep_ratio: float = 0.0,
+    max_keep_ratio: float = 1.0,
     mapper_grid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score and select the visual tokens, then build the pruned input sequence directly.
@@ -254,5 +268,6 @@ def prune_and_merge(
     return torch.ops.tokenprune.prune_and_merge(
         q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, cu_seqlens, visual_embeds,
         visual_idx, cu_seqlens_v, list(mapper_params), int(mapper_kernel_size),
-        float(mapper_input_eps), keep_ratio, keep_count, q_pos, softmax_scale, mapper_grid,
+        float(mapper_input_eps), keep_ratio, keep_count, q_pos, softmax_scale, keep_mass,
+        float(min_keep_ratio), float(max_keep_ratio), mapper_grid,
     )  # fmt: skip

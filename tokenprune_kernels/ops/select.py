@@ -1,4 +1,5 @@
-"""Stage c: deterministic per-sample top-k (``torch.ops.tokenprune.select_topk``)."""
+"""Stage c: deterministic per-sample top-k (``torch.ops.tokenprune.select_topk``) and the
+adaptive rule's per-sample keep counts (``torch.ops.tokenprune.mass_keep_counts``)."""
 
 from __future__ import annotations
 
@@ -39,10 +40,8 @@ def keep_counts_tensor(counts: Sequence[int], device: torch.device) -> torch.Ten
     ten small kernels. On CUDA it goes through pinned memory with ``non_blocking=True``: a
     blocking copy, or an asynchronous one from pageable memory, can wait for the stream to drain.
     """
-    if device.type == "cuda":
-        host = torch.tensor(counts, dtype=torch.int64, pin_memory=True)
-        return host.to(device, non_blocking=True)
-    return torch.tensor(counts, dtype=torch.int64, device=device)
+    host = torch.tensor(counts, dtype=torch.int64, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)  # on the CPU: ``host`` itself
 
 
 def keep_counts_from_bounds(
@@ -56,22 +55,96 @@ def keep_counts_from_bounds(
     return keep_counts_tensor(counts, device), sum(counts)
 
 
-SCHEMA = (
-    "select_topk(Tensor scores, Tensor cu_seqlens_v, float? keep_ratio=None, "
-    "int? keep_count=None) -> (Tensor, Tensor)"
+def mass_bounds_tensor(
+    bounds_v: Sequence[int], device: torch.device, min_keep_ratio: float, max_keep_ratio: float
+) -> torch.Tensor:
+    """[2, B] int64 on ``device``: the least and most tokens each sample keeps under
+    ``keep_mass`` (``min_keep_ratio`` / ``max_keep_ratio`` by the ratio rule of
+    :func:`keep_counts_host`), from host offsets, uploaded in one copy without a sync."""
+    lo = keep_counts_host(bounds_v, keep_ratio=min_keep_ratio)
+    hi = keep_counts_host(bounds_v, keep_ratio=max_keep_ratio)
+    return keep_counts_tensor([*lo, *hi], device).view(2, len(lo))
+
+
+def keep_counts_for(
+    keep: v.KeepRule,
+    bounds_v: Sequence[int],
+    scores: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    relevance: str,
+) -> tuple[torch.Tensor, int]:
+    """Per-sample keep counts ([B] int64 on the device of ``scores``) and their total, for any
+    keep rule (validated; ``bounds_v``: the visual offsets on the host).
+
+    ``keep_ratio`` / ``keep_count``: computed on the host, no sync. ``keep_mass``: stage
+    ``mass_keep_counts`` on the backend the op table picks (it needs the scores), then ONE device
+    read of the total, which sizes the outputs: the adaptive rule's only synchronisation.
+    """
+    if keep.keep_mass is None:
+        return keep_counts_from_bounds(bounds_v, scores.device, keep.keep_ratio, keep.keep_count)
+    kb = mass_bounds_tensor(bounds_v, scores.device, keep.min_keep_ratio, keep.max_keep_ratio)
+    counts = backend.call(
+        "mass_keep_counts", scores.device.type, scores, cu_seqlens_v, kb, keep.keep_mass, relevance
+    )
+    return counts, int(counts.sum())
+
+
+MASS_SCHEMA = (
+    "mass_keep_counts(Tensor scores, Tensor cu_seqlens_v, float keep_mass, "
+    'float min_keep_ratio=0., float max_keep_ratio=1., str relevance="softmax") -> Tensor'
 )
 
 
-def _fake(scores, cu_seqlens_v, keep_ratio=None, keep_count=None):
-    v.check_select(scores, cu_seqlens_v, keep_ratio, keep_count)
+def _mass_fake(scores, cu_seqlens_v, keep_mass, min_keep_ratio=0.0, max_keep_ratio=1.0,
+               relevance="softmax"):  # fmt: skip
+    keep = v.KeepRule(None, None, keep_mass, min_keep_ratio, max_keep_ratio)
+    v.check_select(scores, cu_seqlens_v, keep, relevance)
+    return scores.new_empty(cu_seqlens_v.shape[0] - 1, dtype=torch.int64)
+
+
+def _mass_impl(scores, cu_seqlens_v, keep_mass, min_keep_ratio=0.0, max_keep_ratio=1.0,
+               relevance="softmax"):  # fmt: skip
+    keep = v.KeepRule(None, None, keep_mass, min_keep_ratio, max_keep_ratio)
+    v.check_select(scores, cu_seqlens_v, keep, relevance)
+    bounds = v.check_select_values(scores, cu_seqlens_v, keep, relevance)
+    kb = mass_bounds_tensor(bounds, scores.device, min_keep_ratio, max_keep_ratio)
+    device = scores.device.type
+    return backend.call("mass_keep_counts", device, scores, cu_seqlens_v, kb, keep_mass, relevance)
+
+
+define(MASS_SCHEMA, _mass_impl, _mass_fake)
+
+
+def _mass_keep_counts_fake(scores, cu_seqlens_v, keep_bounds, keep_mass, relevance):
+    """Fake of the compiled kernel ``_mass_keep_counts`` (the stage's calling convention)."""
+    v.check_rank("scores", scores, 1, "[total_v]")
+    v.check_dtype("scores", scores, v.FLOAT_DTYPES)
+    v.check_cu_seqlens("cu_seqlens_v", cu_seqlens_v)
+    v.check_rank("keep_bounds", keep_bounds, 2, "[2, batch] int64")
+    return scores.new_empty(cu_seqlens_v.shape[0] - 1, dtype=torch.int64)
+
+
+SCHEMA = (
+    "select_topk(Tensor scores, Tensor cu_seqlens_v, float? keep_ratio=None, "
+    "int? keep_count=None, float? keep_mass=None, float min_keep_ratio=0., "
+    'float max_keep_ratio=1., str relevance="softmax") -> (Tensor, Tensor)'
+)
+
+
+def _fake(scores, cu_seqlens_v, keep_ratio=None, keep_count=None, keep_mass=None,
+          min_keep_ratio=0.0, max_keep_ratio=1.0, relevance="softmax"):  # fmt: skip
+    keep = v.KeepRule(keep_ratio, keep_count, keep_mass, min_keep_ratio, max_keep_ratio)
+    v.check_select(scores, cu_seqlens_v, keep, relevance)
     kept = torch.library.get_ctx().new_dynamic_size()
     return scores.new_empty(kept, dtype=torch.int64), torch.empty_like(cu_seqlens_v)
 
 
-def _impl(scores, cu_seqlens_v, keep_ratio=None, keep_count=None):
-    v.check_select(scores, cu_seqlens_v, keep_ratio, keep_count)
-    bounds = v.check_select_values(scores, cu_seqlens_v, keep_count)
-    counts, total = keep_counts_from_bounds(bounds, scores.device, keep_ratio, keep_count)
+def _impl(scores, cu_seqlens_v, keep_ratio=None, keep_count=None, keep_mass=None,
+          min_keep_ratio=0.0, max_keep_ratio=1.0, relevance="softmax"):  # fmt: skip
+    keep = v.KeepRule(keep_ratio, keep_count, keep_mass, min_keep_ratio, max_keep_ratio)
+    v.check_select(scores, cu_seqlens_v, keep, relevance)
+    bounds = v.check_select_values(scores, cu_seqlens_v, keep, relevance)
+    counts, total = keep_counts_for(keep, bounds, scores, cu_seqlens_v, relevance)
     return backend.call(
         "select_topk", scores.device.type, scores, cu_seqlens_v, counts, total_kept=total
     )
@@ -96,6 +169,10 @@ def select_topk(
     cu_seqlens_v: torch.Tensor,
     keep_ratio: float | None = None,
     keep_count: int | None = None,
+    keep_mass: float | None = None,
+    min_keep_ratio: float = 0.0,
+    max_keep_ratio: float = 1.0,
+    relevance: str = "softmax",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the top-scored visual tokens of every sample, in their original order.
 
@@ -105,7 +182,16 @@ def select_topk(
         keep_ratio: fraction in (0, 1]; a sample of n >= 1 tokens keeps
             ``clamp(floor(keep_ratio * n + 0.5), 1, n)`` (round half up, at least one).
         keep_count: tokens to keep per sample (>= 1 and <= every non-empty sample's n).
-            Exactly one of ``keep_ratio`` and ``keep_count``. Empty samples keep nothing.
+        keep_mass: the adaptive rule, in (0, 1]: each sample keeps its fewest top tokens whose
+            predicted relevance mass reaches ``keep_mass`` (:func:`mass_keep_counts`), at least
+            ``max(1, round_half_up(min_keep_ratio * n))`` and at most
+            ``max(1, round_half_up(max_keep_ratio * n))`` (0 <= min <= max <= 1, max > 0; the
+            ratios only go with ``keep_mass``). Costs one extra host sync (the output size).
+            Exactly one of ``keep_ratio``, ``keep_count`` and ``keep_mass``. Empty samples keep
+            nothing.
+        relevance: what ``keep_mass`` measures: ``"softmax"`` (scores are logits, e.g. the
+            mapper's: relevance = per-sample softmax) or ``"normalize"`` (scores are
+            non-negative masses, e.g. raw attention: relevance = score / sample sum).
 
     Returns:
         kept_idx: [Tkept] int64 global indices into the packed visual tokens, ascending.
@@ -113,4 +199,37 @@ def select_topk(
 
     Order: higher score first; equal scores by lower index; NaN below everything.
     """
-    return torch.ops.tokenprune.select_topk(scores, cu_seqlens_v, keep_ratio, keep_count)
+    return torch.ops.tokenprune.select_topk(
+        scores, cu_seqlens_v, keep_ratio, keep_count, keep_mass, float(min_keep_ratio),
+        float(max_keep_ratio), relevance,
+    )  # fmt: skip
+
+
+def mass_keep_counts(
+    scores: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    keep_mass: float,
+    min_keep_ratio: float = 0.0,
+    max_keep_ratio: float = 1.0,
+    relevance: str = "softmax",
+) -> torch.Tensor:
+    """Tokens each sample keeps under the adaptive rule (what ``select_topk(keep_mass=...)``
+    keeps, without selecting them).
+
+    Args:
+        scores: [Tv] float32/float16/bfloat16 (``"normalize"``: finite and >= 0, or NaN).
+        cu_seqlens_v: [B+1] int32/int64 offsets of the visual tokens.
+        keep_mass, min_keep_ratio, max_keep_ratio, relevance: as in :func:`select_topk`.
+
+    Returns:
+        [B] int64 on the device of ``scores``: per sample of n >= 1 tokens, the smallest m whose
+        top-m relevance (in the selection order: score desc, index asc, NaN last) sums to at
+        least ``keep_mass``, clamped to ``[max(1, rhu(min_keep_ratio * n)),
+        max(1, rhu(max_keep_ratio * n))]`` (rhu: round half up); 0 for an empty sample. The
+        relevance is computed in fixed point (``docs/contract.md``): every backend returns the
+        same counts. No host sync beyond the one validation read.
+    """
+    return torch.ops.tokenprune.mass_keep_counts(
+        scores, cu_seqlens_v, float(keep_mass), float(min_keep_ratio), float(max_keep_ratio),
+        relevance,
+    )  # fmt: skip

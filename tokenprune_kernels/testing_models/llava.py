@@ -9,6 +9,7 @@ by hand and runs the unpatched language model + lm_head on it.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +29,9 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 )
 
 from tokenprune_kernels.mapper import mapper_forward_ref
-from tokenprune_kernels.reference import keep_counts_ref, select_topk_ref
+from tokenprune_kernels.reference import select_topk_ref
+from tokenprune_kernels.testing import oracle_keep_counts
+from tokenprune_kernels.validation import KeepRule
 
 IMAGE_ID = 100
 VIDEO_ID = 101
@@ -63,16 +66,9 @@ def _text_kwargs() -> dict:
 def build_model(family: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
     """A tiny random ``*ForConditionalGeneration`` of ``family`` in fp32 eval mode (no hub)."""
     torch.manual_seed(seed)
+    tower = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2)
     if family == "llava":
-        vision = CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=LLAVA_IMAGE,
-            patch_size=4,
-            projection_dim=32,
-        )
+        vision = CLIPVisionConfig(**tower, image_size=LLAVA_IMAGE, patch_size=4, projection_dim=32)
         config = LlavaConfig(
             vision_config=vision,
             text_config=LlamaConfig(**_text_kwargs()),
@@ -81,14 +77,7 @@ def build_model(family: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Modu
         )
         model = LlavaForConditionalGeneration(config)
     elif family == "llava_onevision":
-        vision = SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=OV_TILE,
-            patch_size=4,
-        )
+        vision = SiglipVisionConfig(**tower, image_size=OV_TILE, patch_size=4)
         config = LlavaOnevisionConfig(
             vision_config=vision,
             text_config=Qwen2Config(**_text_kwargs()),
@@ -206,8 +195,12 @@ def oracle(
     position_ids: torch.Tensor | None = None,
     new_tokens: int = 0,
     labels: torch.Tensor | None = None,
+    keep_mass: float | None = None,
+    min_keep_ratio: float = 0.0,
+    max_keep_ratio: float = 1.0,
 ) -> OracleResult:
-    """The pruned model's outputs, computed independently from an UNPATCHED ``model``."""
+    """The pruned model's outputs, computed independently from an UNPATCHED ``model`` (the
+    adaptive rule's counts by :func:`~tokenprune_kernels.testing.oracle_keep_counts`)."""
     ref = copy.deepcopy(model)
     ref.set_attn_implementation("eager")
     lm = ref.model.language_model
@@ -245,7 +238,8 @@ def oracle(
         packed = mapper_forward_ref(
             packed, cu_v, mapper.op_params(), mapper.config.kernel_size, mapper.config.input_eps
         )
-    counts = keep_counts_ref(cu_v, keep_ratio=keep_ratio, keep_count=keep_count)
+    rule = KeepRule(keep_ratio, keep_count, keep_mass, min_keep_ratio, max_keep_ratio)
+    counts = oracle_keep_counts(packed, cu_v, rule, softmax=mapper is not None)
     kept_idx, _ = select_topk_ref(packed, cu_v, counts)
     keep = real & ~visual
     kept_pos = []
@@ -274,13 +268,8 @@ def oracle(
             new_l[b, sl] = labels[b, src]
     with torch.no_grad():
         cache = DynamicCache(config=ref.config.text_config)
-        h = lm(
-            inputs_embeds=new_e,
-            attention_mask=new_m,
-            position_ids=new_p,
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state
+        step = functools.partial(lm, past_key_values=cache, use_cache=True)  # fills the cache
+        h = step(inputs_embeds=new_e, attention_mask=new_m, position_ids=new_p).last_hidden_state
         logits = ref.lm_head(h)
         per_sample = [logits[b][new_m[b].bool()] for b in range(batch)]
         loss = None
@@ -303,13 +292,9 @@ def oracle(
                 if t + 1 == new_tokens:
                     break
                 mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-                h = lm(
-                    inputs_embeds=lm.embed_tokens(tok[:, None]),
-                    attention_mask=mask,
-                    position_ids=next_pos,
-                    past_key_values=cache,
-                    use_cache=True,
-                ).last_hidden_state
+                tok_e = lm.embed_tokens(tok[:, None])
+                h = step(inputs_embeds=tok_e, attention_mask=mask, position_ids=next_pos)
+                h = h.last_hidden_state
                 next_pos = next_pos + 1
                 step_logits = ref.lm_head(h[:, -1])
             tokens = torch.stack(got, dim=1)

@@ -24,8 +24,11 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
+from tokenprune_kernels.grounded.model import qwen_vl_config
 from tokenprune_kernels.mapper import grid_positions, mapper_forward_ref
-from tokenprune_kernels.reference import keep_counts_ref, select_topk_ref
+from tokenprune_kernels.reference import select_topk_ref
+from tokenprune_kernels.testing import oracle_keep_counts
+from tokenprune_kernels.validation import KeepRule
 
 QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 VOCAB = 128
@@ -81,14 +84,7 @@ def make_config(model_type: str):
         in_channels=CHANNELS, patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TPATCH
     )
     cfg_cls, _ = _CLASSES[model_type]
-    return cfg_cls(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=IMAGE_ID,
-        video_token_id=VIDEO_ID,
-        vision_start_token_id=VSTART_ID,
-        vision_end_token_id=VEND_ID,
-    )
+    return qwen_vl_config(cfg_cls, text, vision, (IMAGE_ID, VIDEO_ID, VSTART_ID, VEND_ID))
 
 
 def make_model(model_type: str, attn: str = "sdpa", seed: int = 0):
@@ -204,15 +200,20 @@ def oracle_kept(
     mapper=None,
     instruction: torch.Tensor | None = None,
     gap: float = 1e-5,
+    keep_mass: float | None = None,
+    min_keep_ratio: float = 0.0,
+    max_keep_ratio: float = 1.0,
 ) -> list[torch.Tensor]:
     """Per sample, the original positions of the visual tokens to keep, from the unpatched eager
     model's layer-0 attention (instruction rows: ``instruction`` [B, L] or, by default, the real
-    tokens after the last visual token except ``<|vision_start|>`` / ``<|vision_end|>``)."""
+    tokens after the last visual token except ``<|vision_start|>`` / ``<|vision_end|>``; the
+    adaptive rule's counts by :func:`~tokenprune_kernels.testing.oracle_keep_counts`)."""
     with torch.no_grad():
         att = eager_model(**inputs, output_attentions=True).attentions[0]  # [B, Hq, L, L]
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask", torch.ones_like(ids)).bool()
     visual = (ids == IMAGE_ID) | (ids == VIDEO_ID)
+    rule = KeepRule(keep_ratio, keep_count, keep_mass, min_keep_ratio, max_keep_ratio)
     kept = []
     grids = list(inputs.get("image_grid_thw", torch.zeros(0, 3)).tolist())
     for b in range(ids.shape[0]):
@@ -241,7 +242,7 @@ def oracle_kept(
             with torch.no_grad():
                 params = mapper.op_params()
                 a = mapper_forward_ref(x, cu, params, c.kernel_size, c.input_eps, grid)
-        k = keep_counts_ref(cu, keep_ratio=keep_ratio, keep_count=keep_count)
+        k = oracle_keep_counts(a, cu, rule, softmax=mapper is not None)
         idx, _ = select_topk_ref(a, cu, k)
         s = a.sort(descending=True).values
         if int(k) < vpos.numel():

@@ -17,10 +17,12 @@ from PIL import Image
 from tokenprune_kernels.grounded.model import (
     IM_END,
     IMAGE_PAD,
+    QWEN_TOKEN_IDS,
     TOKEN_ID,
     build_config,
     build_model,
     build_processor,
+    qwen_vl_config,
     save_model_dir,
 )
 
@@ -71,54 +73,33 @@ def save_qwen_dir(
     if sizes and model_type != "qwen2_vl":
         raise ValueError(f"sizes are for qwen2_vl only, got {sorted(sizes)} for {model_type!r}")
     config = build_config(num_layers=layers, **sizes)
-    if model_type == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    if model_type in ("qwen2_5_vl", "qwen3_vl"):
+        import transformers
 
-        v = config.vision_config
-        config = Qwen2_5_VLConfig(
-            text_config=config.text_config.to_dict(),
-            vision_config=dict(
-                depth=2, hidden_size=64, intermediate_size=128, num_heads=4,
-                out_hidden_size=config.text_config.hidden_size, window_size=32,
-                fullatt_block_indexes=[1], in_channels=3, patch_size=v.patch_size,
-                spatial_merge_size=v.spatial_merge_size,
-                temporal_patch_size=v.temporal_patch_size, initializer_range=0.08,
-            ),
-            image_token_id=config.image_token_id,
-            video_token_id=config.video_token_id,
-            vision_start_token_id=config.vision_start_token_id,
-            vision_end_token_id=config.vision_end_token_id,
-            tie_word_embeddings=True,
-        )  # fmt: skip
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    elif model_type == "qwen3_vl":
-        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
+        name = {"qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL"}[model_type]
         v = config.vision_config
         text = config.text_config.to_dict()
-        text["head_dim"] = 32
-        text["rope_parameters"] = {
-            "rope_type": "default", "rope_theta": 100.0, "mrope_section": [4, 6, 6],
-            "mrope_interleaved": True,
-        }  # fmt: skip
-        config = Qwen3VLConfig(
-            text_config=text,
-            vision_config=dict(
-                depth=2, hidden_size=64, intermediate_size=128, num_heads=4,
-                out_hidden_size=config.text_config.hidden_size, num_position_embeddings=64,
-                deepstack_visual_indexes=[0, 1], in_channels=3, patch_size=v.patch_size,
-                spatial_merge_size=v.spatial_merge_size,
-                temporal_patch_size=v.temporal_patch_size, initializer_range=0.08,
-            ),
-            image_token_id=config.image_token_id,
-            video_token_id=config.video_token_id,
-            vision_start_token_id=config.vision_start_token_id,
-            vision_end_token_id=config.vision_end_token_id,
-            tie_word_embeddings=True,
+        vision = dict(
+            depth=2, hidden_size=64, intermediate_size=128, num_heads=4,
+            out_hidden_size=config.text_config.hidden_size, in_channels=3,
+            patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size,
+            temporal_patch_size=v.temporal_patch_size, initializer_range=0.08,
         )  # fmt: skip
+        if model_type == "qwen2_5_vl":
+            vision.update(window_size=32, fullatt_block_indexes=[1])
+        else:
+            text["head_dim"] = 32
+            text["rope_parameters"] = {
+                "rope_type": "default", "rope_theta": 100.0, "mrope_section": [4, 6, 6],
+                "mrope_interleaved": True,
+            }  # fmt: skip
+            vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+        config_class = getattr(transformers, f"{name}Config")
+        config = qwen_vl_config(
+            config_class, text, vision, QWEN_TOKEN_IDS, tie_word_embeddings=True
+        )
         torch.manual_seed(seed)
-        model = Qwen3VLForConditionalGeneration(config).eval()
+        model = getattr(transformers, f"{name}ForConditionalGeneration")(config).eval()
     elif model_type == "qwen2_vl":
         model = build_model(config, seed=seed)
     else:

@@ -191,13 +191,9 @@ def cmd_train_mapper(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``train-mapper`` on ``argv`` (the arguments after the subcommand name)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _configure(
-        argparse.ArgumentParser(prog="tokenprune train-mapper", description=_DESCRIPTION)
-    )
-    args = parser.parse_args(argv)
-    args.argv = argv
-    return int(args.func(args))
+    from tokenprune_kernels.cli import run_subcommand
+
+    return run_subcommand("train-mapper", argv)
 
 
 if __name__ == "__main__":

@@ -583,14 +583,7 @@ def train_mapper(
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    return TrainResult(
-        model=model,
-        history=history,
-        best_epoch=best_epoch,
-        initial=initial,
-        baseline=baseline,
-        log=log,
-    )
+    return TrainResult(model, history, best_epoch, initial, baseline, log)
 
 
 def train_mapper_from_labels(

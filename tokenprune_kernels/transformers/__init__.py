@@ -4,6 +4,7 @@
 
     apply_tokenprune(model, keep_ratio=0.5)                       # training-free (raw attention)
     apply_tokenprune(model, keep_ratio=0.25, mapper="qwen2vl.safetensors")   # the paper's method
+    apply_tokenprune(model, keep_mass=0.9, max_keep_ratio=0.5, mapper=...)   # adaptive budget
     out = model.generate(**inputs, max_new_tokens=64)
     revert_tokenprune(model)
 
@@ -53,6 +54,7 @@ from torch import nn
 from tokenprune_kernels.mapper import TokenMapper, load_mapper
 from tokenprune_kernels.transformers.patch import (
     SUPPORTED_TRANSFORMERS,
+    Continuation,
     FamilySpec,
     GenerationState,
     TokenPrunePatch,
@@ -167,6 +169,9 @@ def apply_tokenprune(
     keep_count: int | None = None,
     mapper: TokenMapper | str | os.PathLike[str] | None = None,
     instruction_mask: InstructionMaskSpec = None,
+    keep_mass: float | None = None,
+    min_keep_ratio: float = 0.0,
+    max_keep_ratio: float = 1.0,
 ) -> nn.Module:
     """Patch ``model`` (in place) so that its visual tokens are pruned at the LLM input.
 
@@ -176,7 +181,7 @@ def apply_tokenprune(
         keep_ratio: fraction of each sample's visual tokens to keep, in ``(0, 1]``: any real
             number (``numbers.Real`` such as float or a numpy scalar, or a 0-d tensor; not bool).
         keep_count: or a fixed count per sample, an integer ``>= 1`` (int, numpy integer or 0-d
-            integer tensor; not bool). Exactly one of the two (see :class:`TokenPruneConfig`).
+            integer tensor; not bool).
         mapper: None (training-free: raw layer-0 instruction attention is the score), a
             :class:`~tokenprune_kernels.mapper.TokenMapper`, or a path to a ``.safetensors``
             mapper (loaded with safetensors only, onto the model's device).
@@ -185,13 +190,19 @@ def apply_tokenprune(
             module docstring), a ``[B, L]`` bool or integer tensor, or a callable
             ``(input_ids | None, visual_mask [B, L], attention_mask | None) -> [B, L] bool``;
             checked here (a tensor's ``[B, L]`` is checked against each prompt).
+        keep_mass: or the adaptive budget, in ``(0, 1]``: per sample the fewest top tokens whose
+            predicted relevance (the mapper's softmax; without a mapper the layer-0 attention
+            normalised per sample) sums to ``keep_mass``, bounded by ``min_keep_ratio`` and
+            ``max_keep_ratio`` (fractions of the sample's visual tokens, ``0 <= min <= max <= 1``;
+            at least one token). Exactly one of ``keep_ratio``, ``keep_count`` and ``keep_mass``
+            (see :class:`TokenPruneConfig`). Costs one more host sync per pruned prefill.
 
     Returns:
         ``model`` (patched). Applying again replaces the config; it never patches twice.
 
     Raises:
         RuntimeError: transformers outside :data:`SUPPORTED_TRANSFORMERS`.
-        ValueError: unsupported ``model_type``, bad keep ratio/count.
+        ValueError: unsupported ``model_type``, bad keep ratio/count/mass.
         TypeError: an ``instruction_mask`` that is not None, a bool/integer tensor or a callable
             (ValueError for a tensor that is not ``[B, L]``).
     """
@@ -199,8 +210,9 @@ def apply_tokenprune(
     check_instruction_mask(instruction_mask)
     family = _family_of(model, "apply_tokenprune")
     config = TokenPruneConfig(
-        keep_ratio=keep_ratio, keep_count=keep_count, mapper=_resolve_mapper(mapper, model)
-    )
+        keep_ratio=keep_ratio, keep_count=keep_count, mapper=_resolve_mapper(mapper, model),
+        keep_mass=keep_mass, min_keep_ratio=min_keep_ratio, max_keep_ratio=max_keep_ratio,
+    )  # fmt: skip
     patch = get_patch(model)
     if patch is not None and patch.family != family:
         revert_tokenprune(model)
@@ -232,6 +244,7 @@ def last_pruned(model: nn.Module) -> PrunedInputs | None:
 __all__ = [
     "FAMILIES",
     "SUPPORTED_TRANSFORMERS",
+    "Continuation",
     "FamilySpec",
     "GenerationState",
     "InstructionMaskSpec",

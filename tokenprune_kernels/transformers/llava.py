@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from tokenprune_kernels.transformers import patch as _patch
-from tokenprune_kernels.transformers.patch import FamilySpec, GenerationState
+from tokenprune_kernels.transformers.patch import Continuation, FamilySpec, GenerationState
 from tokenprune_kernels.transformers.prune import (
     InstructionMaskSpec,
     Layer0,
@@ -75,16 +75,11 @@ def _prefill_positions(
 
 
 def _continuation_positions(
-    inner: nn.Module,
-    st: GenerationState,
-    attention_mask: torch.Tensor | None,
-    past_length: int,
-    query_length: int,
-    device: torch.device,
+    inner: nn.Module, st: GenerationState, call: Continuation
 ) -> torch.Tensor:
     """``[1, q]``: the unpruned model continues at ``arange(q)`` + its (unpruned) cache length."""
-    start = past_length - st.pruned_length + st.full_length
-    return torch.arange(start, start + query_length, device=device)[None]
+    start = call.past_length - st.pruned_length + st.full_length
+    return torch.arange(start, start + call.query_length, device=call.device)[None]
 
 
 SPEC = FamilySpec(

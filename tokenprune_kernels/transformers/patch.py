@@ -68,7 +68,7 @@ import inspect
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -288,6 +288,16 @@ def _no_structural_tokens(config: Any) -> tuple[int, ...]:
     return ()
 
 
+class Continuation(NamedTuple):
+    """A call that continues a pruned cache and brings no position ids: what
+    :attr:`FamilySpec.continuation_positions` gets besides the inner model and the state."""
+
+    attention_mask: torch.Tensor | None  # the call's mask, if any (pruned or unpruned frame)
+    past_length: int  # the cache length before the call
+    query_length: int  # the tokens the call brings
+    device: torch.device
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     """What the seam needs to know about one model family.
@@ -304,9 +314,8 @@ class FamilySpec:
             position ids the language model received at prefill, in the layout
             :func:`~tokenprune_kernels.transformers.prune.prune_inputs` takes (``[B, L]`` or
             ``[R, B, L]``), the model's own default when it received none.
-        continuation_positions: ``(inner, state, attention_mask | None, past_length,
-            query_length, device) -> ids``: the unpruned-frame position ids of a call that
-            continues a pruned cache and brings none.
+        continuation_positions: ``(inner, state, Continuation) -> ids``: the unpruned-frame
+            position ids of a call that continues a pruned cache and brings none.
         lm_position_ids: ``PrunedInputs -> ids`` passed to the language model after pruning
             (default: ``pruned.position_ids``).
         prune_lm_kwargs: ``(language-model kwargs, PrunedInputs) -> None``, prunes any other
@@ -323,9 +332,7 @@ class FamilySpec:
     inner_attrs: tuple[str, ...]
     layer0: Callable[[nn.Module], Layer0]
     prefill_positions: Callable[[torch.Tensor | None, int, int, torch.device], torch.Tensor]
-    continuation_positions: Callable[
-        [nn.Module, GenerationState, torch.Tensor | None, int, int, torch.device], torch.Tensor
-    ]
+    continuation_positions: Callable[[nn.Module, GenerationState, Continuation], torch.Tensor]
     lm_position_ids: Callable[[PrunedInputs], torch.Tensor] = _same_positions
     prune_lm_kwargs: Callable[[dict[str, Any], PrunedInputs], None] = _nothing_else
     structural_token_ids: Callable[[Any], tuple[int, ...]] = _no_structural_tokens
@@ -498,9 +505,8 @@ def _wrap(patch: TokenPrunePatch, spec: FamilySpec, top: nn.Module | None, inner
             if a.get("position_ids") is None and q_len > 0:
                 # Before the model derives them from the pruned cache length.
                 device = next(inner.parameters()).device
-                a["position_ids"] = spec.continuation_positions(
-                    inner, state, a.get("attention_mask"), cache_length(past), q_len, device
-                )
+                call = Continuation(a.get("attention_mask"), cache_length(past), q_len, device)
+                a["position_ids"] = spec.continuation_positions(inner, state, call)
         elif cache_length(past) == 0:
             patch.generation = None  # a new prompt: nothing to translate
         clear_record()

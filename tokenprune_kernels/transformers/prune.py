@@ -1,7 +1,8 @@
 """Computing the pruned LLM input: "layer-0 modules -> instruction queries and prefix keys ->
 ``torch.ops.tokenprune.prune_and_merge``", with no model forward involved.
 
-- :class:`TokenPruneConfig`: keep ratio or keep count, and the mapper (``None``: training-free
+- :class:`TokenPruneConfig`: keep ratio, keep count or keep mass (the adaptive budget), and the
+  mapper (``None``: training-free
   mode, the score is the raw layer-0 instruction-to-visual attention).
 - :class:`Layer0`: what is needed to compute the FIRST decoder layer's queries and keys from the
   LLM input embeddings (the model's own input norm, q/k projections, optional q/k norms and
@@ -37,6 +38,7 @@ from torch import nn
 
 import tokenprune_kernels as tp
 from tokenprune_kernels.mapper import TokenMapper
+from tokenprune_kernels.validation import check_keep
 
 InstructionMaskSpec = (
     torch.Tensor
@@ -70,6 +72,15 @@ def _scalar(value: Any, integral: bool) -> int | float | None:
     return float(value) if isinstance(value, numbers.Real) else None
 
 
+#: The real-valued settings of :class:`TokenPruneConfig`: the interval each must lie in.
+_RATIOS: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "keep_ratio": ("(0, 1]", lambda r: 0.0 < r <= 1.0),
+    "keep_mass": ("(0, 1]", lambda r: 0.0 < r <= 1.0),
+    "min_keep_ratio": ("[0, 1]", lambda r: 0.0 <= r <= 1.0),
+    "max_keep_ratio": ("(0, 1]", lambda r: 0.0 < r <= 1.0),
+}
+
+
 @dataclass(frozen=True)
 class TokenPruneConfig:
     """How many visual tokens to keep and how to score them.
@@ -84,34 +95,50 @@ class TokenPruneConfig:
             as a Python int; bools and floats (``3.0``) are rejected.
         mapper: ``None`` for the training-free mode (raw layer-0 attention is the score), or a
             :class:`~tokenprune_kernels.mapper.TokenMapper` (the paper's method).
+        keep_mass: the adaptive budget, in ``(0, 1]``: each sample keeps its fewest top tokens
+            whose predicted relevance sums to ``keep_mass`` (the mapper's softmax; without a
+            mapper the layer-0 attention normalised per sample), see
+            :func:`tokenprune_kernels.select_topk`. A real number, like ``keep_ratio``.
+        min_keep_ratio, max_keep_ratio: with ``keep_mass``, each sample keeps at least
+            ``max(1, round_half_up(min_keep_ratio * n))`` and at most
+            ``max(1, round_half_up(max_keep_ratio * n))`` tokens (``0 <= min <= max <= 1``,
+            ``max > 0``); real numbers, stored as floats.
 
-    Exactly one of ``keep_ratio`` / ``keep_count`` is set.
+    Exactly one of ``keep_ratio`` / ``keep_count`` / ``keep_mass`` is set.
 
     Raises:
-        ValueError: neither or both set, a value of another type or out of range.
+        ValueError: none or several set, a value of another type or out of range.
         TypeError: ``mapper`` of another type.
     """
 
     keep_ratio: float | None = None
     keep_count: int | None = None
     mapper: TokenMapper | None = None
+    keep_mass: float | None = None
+    min_keep_ratio: float = 0.0
+    max_keep_ratio: float = 1.0
 
     def __post_init__(self) -> None:
-        if (self.keep_ratio is None) == (self.keep_count is None):
+        given = [self.keep_ratio, self.keep_count, self.keep_mass]
+        if sum(x is not None for x in given) != 1:
             raise ValueError(
-                "exactly one of keep_ratio and keep_count must be given, got "
-                f"keep_ratio={self.keep_ratio!r}, keep_count={self.keep_count!r}"
+                "exactly one of keep_ratio, keep_count and keep_mass must be given, got "
+                f"keep_ratio={self.keep_ratio!r}, keep_count={self.keep_count!r}, "
+                f"keep_mass={self.keep_mass!r}"
             )
-        if self.keep_ratio is not None:
-            r = _scalar(self.keep_ratio, integral=False)
+        for name, (interval, inside) in _RATIOS.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            r = _scalar(value, integral=False)
             if r is None:
                 raise ValueError(
-                    "keep_ratio must be a real number in (0, 1] (int, float, numpy scalar or 0-d "
-                    f"tensor; not bool), got {self.keep_ratio!r}"
+                    f"{name} must be a real number in {interval} (int, float, numpy scalar or 0-d "
+                    f"tensor; not bool), got {value!r}"
                 )
-            if not (0.0 < r <= 1.0):
-                raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
-            object.__setattr__(self, "keep_ratio", r)
+            if not inside(r):  # NaN fails too
+                raise ValueError(f"{name} must be in {interval}, got {value!r}")
+            object.__setattr__(self, name, r)
         if self.keep_count is not None:
             c = _scalar(self.keep_count, integral=True)
             if c is None or c < 1:
@@ -120,6 +147,9 @@ class TokenPruneConfig:
                     f"not bool), got {self.keep_count!r}"
                 )
             object.__setattr__(self, "keep_count", c)
+        # The rules between the values: the ops' own check (and message).
+        check_keep(self.keep_ratio, self.keep_count, self.keep_mass, self.min_keep_ratio,
+                   self.max_keep_ratio)  # fmt: skip
         if self.mapper is not None and not isinstance(self.mapper, TokenMapper):
             raise TypeError(
                 "mapper must be None, a TokenMapper or a path to a .safetensors mapper, got "
@@ -141,6 +171,9 @@ class TokenPruneConfig:
             "mapper_input_eps": eps,
             "keep_ratio": None if self.keep_ratio is None else float(self.keep_ratio),
             "keep_count": self.keep_count,
+            "keep_mass": None if self.keep_mass is None else float(self.keep_mass),
+            "min_keep_ratio": float(self.min_keep_ratio),
+            "max_keep_ratio": float(self.max_keep_ratio),
         }
 
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from tokenprune_kernels.transformers import patch as _patch
-from tokenprune_kernels.transformers.patch import FamilySpec, GenerationState
+from tokenprune_kernels.transformers.patch import Continuation, FamilySpec, GenerationState
 from tokenprune_kernels.transformers.prune import (
     InstructionMaskSpec,
     Layer0,
@@ -82,15 +82,11 @@ def _lm_position_ids(pruned: PrunedInputs) -> torch.Tensor:
 
 
 def _continuation_positions(
-    base: nn.Module,
-    st: GenerationState,
-    attention_mask: torch.Tensor | None,
-    past_length: int,
-    query_length: int,
-    device: torch.device,
+    base: nn.Module, st: GenerationState, call: Continuation
 ) -> torch.Tensor:
     """``[3, B, q]`` M-RoPE ids of the tokens of a call that continues a pruned cache, in the
     unpruned frame (what the unpruned model gives them)."""
+    attention_mask, past_length, query_length, device = call
     removed = st.removed.to(device)
     b = removed.shape[0]
     if attention_mask is not None:

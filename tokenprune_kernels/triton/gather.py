@@ -45,12 +45,16 @@ fused functions, as ``select_topk_triton``: none given ``total_kept`` and device
 
 from __future__ import annotations
 
+from typing import Unpack
+
 import torch
 import triton
 import triton.language as tl
 
 from tokenprune_kernels._nvtx import stage_range
 from tokenprune_kernels.triton import select as sel
+from tokenprune_kernels.triton.launch import launch
+from tokenprune_kernels.validation import MergeArgs, flat_args
 
 __all__ = ["gather_kept_triton", "merge_kept_triton", "select_gather_triton", "select_merge_triton"]
 
@@ -80,7 +84,7 @@ def _lower_bound(ptr, lo, hi, target, steps):
     return lo
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "n_kept", "steps_v", "steps_k"])
 def _merge_maps_kernel(
     cu_ptr,
     cu_v_ptr,
@@ -124,7 +128,7 @@ def _merge_maps_kernel(
     tl.store(cu_out_ptr + j, cu - cv + below, mask=first)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "stride_pos_out", "stride_pos_in_r"])
 def _copy_rows_kernel(
     out_ptr,
     text_ptr,
@@ -204,8 +208,8 @@ def _copy_rows(
     if n > 0:
         block_h = min(triton.next_power_of_2(max(hidden, 1)), COPY_MAX_H)
         grid = (triton.cdiv(n, COPY_ROWS), max(triton.cdiv(hidden, block_h), 1))
-        _copy_rows_kernel[grid](
-            out, text_t, vis, row_src, n, hidden,
+        launch(
+            _copy_rows_kernel, grid, out, text_t, vis, row_src, n, hidden,
             out.stride(0), text_t.stride(0), vis.stride(0),
             pos_out, pos2d, pos_idx, pos2d.shape[0],
             pos_out.stride(0), pos2d.stride(0), pos2d.stride(1),
@@ -230,7 +234,8 @@ def _merge_maps(
     row_src = sel._alloc((n_out,), torch.int64, device)
     cu_out = sel._alloc((batch + 1,), cu_seqlens.dtype, device)
     grid = (triton.cdiv(max(n_rows, batch + 1), MAPS_BLOCK),)
-    _merge_maps_kernel[grid](
+    launch(
+        _merge_maps_kernel, grid,
         cu_seqlens, cu_seqlens_v, visual_idx, kept_idx, src_idx, row_src, cu_out,
         batch, n_rows, kept_idx.shape[0],
         batch.bit_length(), visual_idx.shape[0].bit_length(), kept_idx.shape[0].bit_length(),
@@ -250,19 +255,15 @@ def gather_kept_triton(
         return _copy_rows(None, visual_embeds, kept_idx, position_ids, kept_idx)
 
 
+@flat_args(MergeArgs)
 def merge_kept_triton(
-    inputs_embeds: torch.Tensor,
-    position_ids: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    visual_embeds: torch.Tensor,
-    visual_idx: torch.Tensor,
-    cu_seqlens_v: torch.Tensor,
-    kept_idx: torch.Tensor,
+    a: MergeArgs,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The pruned sequence for a given selection: arguments (shapes, dtypes, any strides) and
     results exactly as :func:`tokenprune_kernels.reference.merge_kept_ref`, for validated
     arguments (``kept_idx`` strictly increasing). To = Tl - Tv + Tk rows. Two launches, no sync.
     """
+    inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v, kept_idx = a
     with stage_range("tokenprune.merge_kept", inputs_embeds.device):
         cu_seqlens, cu_seqlens_v, visual_idx, kept_idx = sel._flat(
             cu_seqlens, cu_seqlens_v, visual_idx, kept_idx
@@ -285,8 +286,7 @@ def select_merge_triton(
     visual_idx: torch.Tensor,
     *,
     total_kept: int | None = None,
-    block_v: int = sel.BLOCK_V,
-    wide: bool | None = None,
+    **options: Unpack[sel.SelectOptions],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Select, then one order-preserving compaction straight into the pruned sequence.
 
@@ -300,7 +300,7 @@ def select_merge_triton(
         inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx: as
             :func:`merge_kept_triton`.
         total_kept: sum(keep_counts) when the caller knows it (saves the one host sync).
-        block_v, wide: as :func:`select_topk_triton`.
+        options: ``block_v``, ``wide``, as :func:`select_topk_triton`.
 
     Returns:
         (embeds [To, H], position_ids [To] or [R, To], cu_seqlens_out [B+1], src_idx [To] int64,
@@ -309,7 +309,7 @@ def select_merge_triton(
     """
     with stage_range("tokenprune.select_merge", scores.device):
         kept_idx, _, cu_seqlens_v = sel._select_flat(
-            scores, cu_seqlens_v, keep_counts, total_kept, block_v, wide
+            scores, cu_seqlens_v, keep_counts, total_kept, **options
         )
         merged = merge_kept_triton(
             inputs_embeds, position_ids, cu_seqlens, visual_embeds, visual_idx, cu_seqlens_v,
@@ -326,8 +326,7 @@ def select_gather_triton(
     position_ids: torch.Tensor,
     *,
     total_kept: int | None = None,
-    block_v: int = sel.BLOCK_V,
-    wide: bool | None = None,
+    **options: Unpack[sel.SelectOptions],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Select then gather (what prune_visual_tokens runs); 2 launches (6 wide).
 
@@ -335,7 +334,7 @@ def select_gather_triton(
         scores: [Tv] float32/float16/bfloat16; cu_seqlens_v: [B+1]; keep_counts: [B] int64.
         visual_embeds: [Tv, H] float32/float16/bfloat16; position_ids: [Tv] or [R, Tv] int.
         total_kept: sum(keep_counts) when the caller knows it (saves the one host sync).
-        block_v, wide: as :func:`select_topk_triton`.
+        options: ``block_v``, ``wide``, as :func:`select_topk_triton`.
 
     Returns:
         (kept_embeds [Tk, H], kept_position_ids [Tk] or [R, Tk], kept_idx [Tk] int64,
@@ -343,6 +342,6 @@ def select_gather_triton(
     """
     with stage_range("tokenprune.select_gather", scores.device):
         kept_idx, cu_kept, _ = sel._select_flat(
-            scores, cu_seqlens_v, keep_counts, total_kept, block_v, wide
+            scores, cu_seqlens_v, keep_counts, total_kept, **options
         )
         return (*gather_kept_triton(visual_embeds, position_ids, kept_idx), kept_idx, cu_kept)

@@ -1,35 +1,48 @@
-"""Lower every Triton kernel for a GPU target without a GPU (a compile check, nothing runs).
+"""Lower every Triton kernel for a GPU target without a GPU, and report its resources.
 
-All the cases are here: for each kernel module the op table names (the modules of its Triton
-entries, :func:`tokenprune_kernels.backend.triton_functions`), the kernel specialisations its host
-code launches, with the constexpr values it uses. A case's signature comes from the kernel's own
-argument names (:func:`case`): the constexprs by value, the pointers and float scalars by the type
-the case gives them, every other argument ``i32``. ``python -m tokenprune_kernels.triton.lowering``
-lowers all of them for Hopper (sm_90) and prints one line per case. It must run WITHOUT
-``TRITON_INTERPRET=1`` (the interpreter replaces ``triton.jit`` functions with Python ones).
+The cases are not written by hand: each kernel module the op table names (the modules of its
+Triton entries, :func:`tokenprune_kernels.backend.triton_functions`) has SCENARIOS here - calls of
+its host functions on representative inputs (the shipped model's shapes, every score / embedding
+/ q-k dtype, int32 and int64 offsets, short and long visual sequences). The host functions run
+under :func:`tokenprune_kernels.triton.launch.capture`, which records each launch instead of
+running it, and :func:`tokenprune_kernels.triton.launch.specialisation` turns a launch into what
+the JIT would compile: argument types, constexprs (declared, and integers equal to 1), the
+``tt.divisibility`` hints of 16-byte-aligned pointers and of integers divisible by 16, and the
+compile options. So a case is exactly a specialisation a real launch gets.
+
+``python -m tokenprune_kernels.triton.lowering`` compiles every distinct specialisation for
+Hopper (sm_90), runs ``ptxas -v`` on the PTX with the flags Triton's own compile uses, and prints
+one line per case: registers per thread, spill bytes, shared memory, warps. It exits non-zero
+when a case fails to compile or spills. It must run WITHOUT ``TRITON_INTERPRET=1`` (the
+interpreter replaces ``triton.jit`` functions with Python ones).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from tokenprune_kernels import backend
+from tokenprune_kernels.triton.launch import (
+    TARGET_SMS,
+    Launch,
+    Specialisation,
+    capture,
+    specialisation,
+)
 
-_PTR = {
-    torch.float32: "*fp32",
-    torch.float16: "*fp16",
-    torch.bfloat16: "*bf16",
-    torch.int32: "*i32",
-    torch.int64: "*i64",
-}
+F32, F16, BF16, I32, I64 = torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64
+_SHORT = {F32: "fp32", F16: "fp16", BF16: "bf16", I32: "i32", I64: "i64"}
 
 
 @dataclass(frozen=True)
@@ -37,322 +50,165 @@ class LoweringCase:
     """One kernel specialisation to lower.
 
     Attributes:
-        name: label for reports, e.g. ``"attention.row_stats[fp16,D=128]"``.
-        kernel: the ``@triton.jit`` function.
-        signature: argument name -> Triton type (``"*fp16"``, ``"i32"``, ``"fp32"``,
-            ``"constexpr"``), for every argument in order.
-        constexprs: values of the ``constexpr`` arguments.
-        options: compile options (``num_warps``, ``num_stages``).
-        attrs: specialisation hints as ``ASTSource`` takes them, e.g.
-            ``{(0,): [["tt.divisibility", 16]]}`` for a 16-byte aligned first pointer (what a real
-            launch infers from aligned tensors; it enables async copies and wider loads).
+        name: ``"<module>.<kernel>[<scenario>]"``, the first scenario that launched it.
+        spec: what the launch compiles (:class:`~tokenprune_kernels.triton.launch.Specialisation`).
     """
 
     name: str
-    kernel: Any
-    signature: dict[str, str]
-    constexprs: dict[str, Any] = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)
-    attrs: dict[Any, Any] | None = None
+    spec: Specialisation
+
+    @property
+    def kernel(self) -> Any:
+        return self.spec.kernel
 
 
-F32, F16, BF16, I32, I64 = torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64
+def _cu(counts: list[int], dtype: torch.dtype) -> torch.Tensor:
+    out = torch.zeros(len(counts) + 1, dtype=dtype)
+    out[1:] = torch.tensor(counts).cumsum(0)
+    return out
 
 
-def ptr(dtype: torch.dtype) -> str:
-    """The Triton pointer type of a tensor of ``dtype`` (``"*fp16"``, ``"*i64"``, ...)."""
-    return _PTR[dtype]
+# ------------------------------------------------------------------------------- scenarios
+# Each returns (label, thunk): the thunk calls host functions; inputs hold no meaningful values
+# (nothing runs), only the dtypes, shapes, strides and alignment a launch sees.
 
 
-def case(
-    name: str,
-    kernel: Any,
-    types: Mapping[str, str],
-    constexprs: Mapping[str, Any],
-    options: Mapping[str, Any],
-    aligned: Iterable[str] | None = (),
-) -> LoweringCase:
-    """A case whose signature follows ``kernel``'s own arguments, in order.
+def attention_scenarios() -> list[tuple[str, Callable[[], object]]]:
+    """Qwen2-VL-7B heads (28 query, 4 KV, D=128) for each dtype: one long prompt (N_v 4096, the
+    widest visual tile, 16 key splits), a batch of three short ones (narrowed tiles), q_pos
+    given and not, int64 and int32 offsets; and an odd head dim (D=80, GQA group 4). Then the
+    per-head-group column sums (``instruction_attention_heads``): one channel per KV head (G=4)
+    at the widest tile for each dtype, one per query head (G=28)."""
+    from tokenprune_kernels.triton.attention import (
+        instruction_attention_heads_triton,
+        instruction_attention_triton,
+    )
 
-    Args:
-        types: the type of every pointer (``*_ptr``) argument and of each non-``i32`` scalar.
-        constexprs: the value of every ``tl.constexpr`` argument.
-        aligned: ``None`` for no hints; else, besides every pointer (16-byte aligned, as torch
-            allocates), the integer arguments a launch sees divisible by 16.
+    def call(dtype, n_v: list[int], idx, q_pos: bool, hq=28, hk=4, d=128, n_q=32, groups=None):
+        def run():
+            n_k = [v + n_q + 19 for v in n_v]
+            q = torch.empty(n_q * len(n_v), hq, d, dtype=dtype)
+            k = torch.empty(sum(n_k), hk, d, dtype=dtype)
+            cu_q, cu_k, cu_v = _cu([n_q] * len(n_v), idx), _cu(n_k, idx), _cu(n_v, idx)
+            vidx = torch.zeros(sum(n_v), dtype=idx)
+            pos = torch.zeros(q.shape[0], dtype=idx) if q_pos else None
+            if groups is not None:
+                return instruction_attention_heads_triton(
+                    q, k, cu_q, cu_k, vidx, cu_v, pos, None, groups
+                )
+            return instruction_attention_triton(q, k, cu_q, cu_k, vidx, cu_v, pos)
 
-    Raises:
-        ValueError: a pointer without a type, a constexpr without a value, or a name that is not
-            an argument of ``kernel``.
-    """
-    label = f"{name} ({getattr(kernel, '__name__', kernel)})"
-    args = list(kernel.arg_names)
-    unknown = (set(types) | set(constexprs)) - set(args)
-    if unknown:
-        raise ValueError(f"{label}: {sorted(unknown)} are not arguments of the kernel")
-    params = getattr(kernel, "params", None)  # a JITFunction's (the interpreter's has none)
-    untyped = [p.name for p in params or () if p.is_constexpr and p.name not in constexprs]
-    if untyped:
-        raise ValueError(f"{label}: give the value of constexpr argument(s) {untyped}")
-    signature = {}
-    for arg in args:
-        if arg in constexprs:
-            signature[arg] = "constexpr"
-        elif arg in types:
-            signature[arg] = types[arg]
-        elif arg.endswith("_ptr"):
-            raise ValueError(f"{label}: give the type of pointer argument {arg!r}")
-        else:
-            signature[arg] = "i32"
-    attrs = None
-    if aligned is not None:
-        ints = set(aligned)
-        attrs = {
-            (i,): [["tt.divisibility", 16]]
-            for i, arg in enumerate(args)
-            if signature[arg].startswith("*") or arg in ints
-        }
-    return LoweringCase(name, kernel, signature, dict(constexprs), dict(options), attrs)
+        label = f"{_SHORT[dtype]},D={d},B={len(n_v)},N_v={max(n_v)},q_pos={q_pos},{_SHORT[idx]}"
+        return label + ("" if groups is None else f",G={groups}"), run
+
+    out = []
+    for dtype in (F16, BF16, F32):
+        out += [
+            call(dtype, [4096], I64, True),
+            call(dtype, [200, 37, 311], I32, False),
+            call(dtype, [50], I64, False),
+        ]
+    out.append(call(F16, [1000, 3], I64, False, hq=16, hk=4, d=80))
+    out += [call(dtype, [4096], I64, True, groups=4) for dtype in (F16, BF16, F32)]
+    out.append(call(BF16, [200, 37, 311], I32, False, groups=28))
+    return out
 
 
-def for_kernel(types: Mapping[str, str], kernel: Any) -> dict[str, str]:
-    """The entries of ``types`` that name arguments of ``kernel`` (types shared by a module's
-    kernels, handed to :func:`case` per kernel)."""
-    return {n: t for n, t in types.items() if n in kernel.arg_names}
+def mapper_scenarios() -> list[tuple[str, Callable[[], object]]]:
+    """The default mapper (5 blocks 32..512, K = 5) over int64 and int32 offsets, one and
+    several samples; a small mapper (2 blocks, K = 3); mapper v2's input (the default widths on
+    4 attention channels plus the grid)."""
+    from tokenprune_kernels.mapper import MapperConfig, TokenMapper
+    from tokenprune_kernels.triton.mapper import mapper_forward_triton
 
+    def call(config: MapperConfig, counts: list[int], idx: torch.dtype):
+        groups = config.attention_channels
 
-# ------------------------------------------------------------------------------- attention
+        def run():
+            params = TokenMapper(config).op_params()
+            shape = (sum(counts),) if groups == 1 else (sum(counts), groups)
+            attn = torch.empty(shape, dtype=torch.float32)
+            grid = torch.empty(sum(counts), 2) if config.grid else None
+            return mapper_forward_triton(
+                attn, _cu(counts, idx), params, config.kernel_size, config.input_eps, grid
+            )
 
+        label = f"C={config.channels[-1]},K={config.kernel_size},B={len(counts)},{_SHORT[idx]}"
+        v2 = groups > 1 or config.grid
+        return label + (f",G={groups},grid={config.grid}" if v2 else ""), run
 
-def _attention_cases(
-    dtype: torch.dtype,
-    head_dim: int,
-    group: int,
-    has_q_pos: bool,
-    index: torch.dtype,
-    splits: int,
-    block_v: int | None = None,
-) -> list[LoweringCase]:
-    import triton
-
-    from tokenprune_kernels.triton import attention as att
-
-    cfg = att._launch_config(dtype, head_dim)
-    block_v = block_v or int(cfg["BLOCK_V"])
-    label = f"{ptr(dtype)[1:]},D={head_dim},G={group},q_pos={has_q_pos},{ptr(index)[1:]}"
-    common = {
-        "GROUP": group,
-        "HEAD_DIM": head_dim,
-        "BLOCK_D": cfg["BLOCK_D"],
-        "BLOCK_M": cfg["BLOCK_M"],
-        "HAS_Q_POS": has_q_pos,
-        "DOT_PRECISION": cfg["DOT_PRECISION"],
-        "DOT_F32": False,  # the GPU path
-    }
-    types = {"q_ptr": ptr(dtype), "k_ptr": ptr(dtype), "qk_scale": "fp32"}
-    types |= {n: ptr(index) for n in ("q_pos_ptr", "visual_idx_ptr", "cu_q_ptr", "cu_k_ptr")}
-    types |= {"cu_v_ptr": ptr(index), "m_ptr": "*fp32", "l_ptr": "*fp32", "out_ptr": "*fp32"}
-
-    rows_options = {"num_warps": cfg["num_warps"], "num_stages": cfg["stages_rows"]}
-    cols_options = {"num_warps": cfg["num_warps"], "num_stages": cfg["stages_cols"]}
-    cols_const = {**common, "BLOCK_V": block_v, "BLOCK_S": triton.next_power_of_2(splits)}
+    default, small = MapperConfig(), MapperConfig(channels=(16, 24), kernel_size=3)
+    v2 = MapperConfig(attention_channels=4, grid=True)
     return [
-        case(
-            f"attention.row_stats[{label}]",
-            att._row_stats_kernel,
-            for_kernel(types, att._row_stats_kernel),
-            {**common, "BLOCK_N": cfg["BLOCK_N"]},
-            rows_options,
-            aligned=None,
-        ),
-        case(
-            f"attention.visual_colsum[{label},S<={splits},BLOCK_V={block_v}]",
-            att._visual_colsum_kernel,
-            for_kernel(types, att._visual_colsum_kernel),
-            cols_const,
-            cols_options,
-            aligned=None,
-        ),
+        call(default, [4096], I64),
+        call(default, [300, 1000, 7], I32),
+        call(small, [100, 5], I32),
+        call(v2, [300, 1000, 7], I64),
     ]
 
 
-def attention_cases() -> list[LoweringCase]:
-    """Every kernel at D=128 for each dtype (GQA group 7 as in Qwen2-VL-7B, q_pos given and not,
-    int64 and int32 offsets, 16/5/1 key splits, the narrowed visual tiles of short sequences) and
-    at an odd head dim (D=80, padded to 128)."""
-    from tokenprune_kernels.triton.attention import MAX_SPLITS
+def select_scenarios() -> list[tuple[str, Callable[[], object]]]:
+    """The serial schedule (a batch) and the wide one (one 20k-token sample), for each score
+    dtype and both offset dtypes."""
+    from tokenprune_kernels.triton.select import select_topk_triton
 
-    return [
-        *_attention_cases(F16, 128, 7, True, I64, MAX_SPLITS),
-        *_attention_cases(BF16, 128, 7, False, I32, 1),
-        *_attention_cases(BF16, 128, 7, True, I64, 4, block_v=16),
-        *_attention_cases(F32, 128, 7, True, I64, 5),
-        *_attention_cases(F32, 128, 7, False, I32, 4),
-        *_attention_cases(F16, 80, 4, False, I64, 3, block_v=32),
-    ]
+    def call(dtype, counts: list[int], idx):
+        def run():
+            scores = torch.empty(sum(counts), dtype=dtype)
+            keep = torch.tensor([max(1, n // 2) for n in counts])
+            cu = _cu(counts, idx)
+            return select_topk_triton(scores, cu, keep, total_kept=int(keep.sum()))
 
+        return f"{_SHORT[dtype]},B={len(counts)},N_v={max(counts)},{_SHORT[idx]}", run
 
-# ---------------------------------------------------------------------------------- mapper
-
-
-def _mapper_case(label: str, cu: torch.dtype, kernel_size: int, blocks: tuple[int, int, int]):
-    from tokenprune_kernels.triton import mapper as mp
-
-    types = {"attn_ptr": "*fp32", "grid_ptr": "*fp32", "cu_ptr": ptr(cu), "params_ptr": "*fp32"}
-    types |= {"meta_ptr": "*i32"}
-    types |= {"scratch_ptr": "*fp32", "out_ptr": "*fp32", "input_eps": "fp32"}
-    options = {"num_warps": mp.NUM_WARPS, "num_stages": mp.NUM_STAGES}
-    kernel = mp._mapper_forward_kernel
-    constexprs = mp._constexprs(kernel_size, *blocks)
-    return case(f"mapper.forward[{label}]", kernel, types, constexprs, options, aligned=None)
+    out = []
+    for dtype in (F32, F16, BF16):
+        out += [call(dtype, [1000, 3000, 2], I32), call(dtype, [20000], I64)]
+    return out
 
 
-def mapper_cases() -> list[LoweringCase]:
-    """The specialisations the host launches: the default mapper (any widths share one compile
-    per K and cu dtype) and a small-tile one."""
-    from tokenprune_kernels.triton import mapper as mp
+def gather_scenarios() -> list[tuple[str, Callable[[], object]]]:
+    """The fused select + merge (M-RoPE position ids [3, T] int64) and select + gather ([T]
+    int32) for each embedding dtype at hidden 3584, and the merge at an unaligned hidden size."""
+    from tokenprune_kernels.triton.gather import select_gather_triton, select_merge_triton
 
-    default = (mp.BLOCK_M, mp.BLOCK_K, mp.BLOCK_N)
-    return [
-        _mapper_case("K=5,i64,default", torch.int64, 5, default),
-        _mapper_case("K=5,i32,default", torch.int32, 5, default),
-        _mapper_case("K=3,i32,small", torch.int32, 3, (32, 16, 16)),
-    ]
+    def call(dtype, hidden: int, merge: bool, pos_dtype, n_v=(1000, 577), extra=51):
+        def run():
+            counts = list(n_v)
+            scores = torch.empty(sum(counts))
+            keep = torch.tensor([max(1, n // 2) for n in counts])
+            cu_v = _cu(counts, I64)
+            vis = torch.empty(sum(counts), hidden, dtype=dtype)
+            if not merge:
+                pos = torch.empty(sum(counts), dtype=pos_dtype)
+                return select_gather_triton(
+                    scores, cu_v, keep, vis, pos, total_kept=int(keep.sum())
+                )
+            lengths = [n + extra for n in counts]
+            text = torch.empty(sum(lengths), hidden, dtype=dtype)
+            pos = torch.empty(3, sum(lengths), dtype=pos_dtype)
+            vidx = torch.cat([torch.arange(n) + 14 for n in counts])
+            return select_merge_triton(
+                scores, cu_v, keep, text, pos, _cu(lengths, I64), vis, vidx,
+                total_kept=int(keep.sum()),
+            )  # fmt: skip
 
+        kind = "merge" if merge else "gather"
+        return f"{kind},{_SHORT[dtype]},H={hidden},pos={_SHORT[pos_dtype]}", run
 
-# ---------------------------------------------------------------------------------- select
-
-
-def select_cases() -> list[LoweringCase]:
-    """The serial select, every radix pass and the wide compaction, over score and offset
-    dtypes."""
-    from tokenprune_kernels.triton import select as sel
-
-    def types(score: torch.dtype, cu: torch.dtype) -> dict[str, str]:
-        return {
-            "scores_ptr": ptr(score),
-            "cu_v_ptr": ptr(cu),
-            "counts_ptr": "*i64",
-            "hist_ptr": "*i32",
-            "kept_ptr": "*i64",
-            "cu_kept_ptr": ptr(cu),
-        }
-
-    def kernel_case(kernel: Any, label: str, score, cu, constexprs, aligned=()) -> LoweringCase:
-        wanted = for_kernel(types(score, cu), kernel)
-        name = (
-            f"select.{label}[{ptr(score)[1:]},cu={ptr(cu)[1:]}"
-            + "".join(f",{k}={v}" for k, v in constexprs.items() if k == "PASS")
-            + "]"
-        )
-        return case(name, kernel, wanted, constexprs, {"num_warps": sel.SELECT_WARPS}, aligned)
-
-    def serial(score, cu):
-        return kernel_case(
-            sel._select_kernel, "select", score, cu, {"BLOCK": sel.BLOCK_V, "BLOCK_B": sel.BLOCK_B}
-        )
-
-    def radix(score, cu, p):
-        return kernel_case(
-            sel._radix_pass_kernel,
-            "radix_pass",
-            score,
-            cu,
-            {"PASS": p, "BLOCK": sel.BLOCK_V, "S_MAX": sel.WIDE_SLICES},
-            ("slice_len",),
-        )
-
-    def compact(score, cu):
-        return kernel_case(
-            sel._wide_compact_kernel,
-            "wide_compact",
-            score,
-            cu,
-            {"BLOCK": sel.BLOCK_V, "BLOCK_B": sel.BLOCK_B, "S_MAX": sel.WIDE_SLICES},
-            ("slice_len",),
-        )
-
-    return [
-        serial(F32, I32),
-        serial(F16, I64),
-        serial(BF16, I32),
-        *(radix(F32, I64, p) for p in range(4)),
-        radix(BF16, I32, 0),
-        radix(F16, I32, 3),
-        compact(F32, I32),
-        compact(BF16, I64),
-    ]
+    out = []
+    for dtype in (BF16, F16, F32):
+        out += [call(dtype, 3584, True, I64), call(dtype, 3584, False, I32)]
+    out.append(call(BF16, 1000 + 3, True, I64))
+    return out
 
 
-# ---------------------------------------------------------------------------------- gather
-
-
-def gather_cases() -> list[LoweringCase]:
-    """The merge maps over offset and index dtypes; the row copy for merge and gather, over
-    embedding and position dtypes, at the widest hidden block and at an unaligned H."""
-    from tokenprune_kernels.triton import gather as g
-
-    def maps(cu: torch.dtype, vidx: torch.dtype) -> LoweringCase:
-        types = {
-            "cu_ptr": ptr(cu),
-            "cu_v_ptr": ptr(cu),
-            "vidx_ptr": ptr(vidx),
-            "kept_ptr": "*i64",
-            "src_ptr": "*i64",
-            "row_src_ptr": "*i64",
-            "cu_out_ptr": ptr(cu),
-        }
-        return case(
-            f"gather.merge_maps[cu={ptr(cu)[1:]},visual_idx={ptr(vidx)[1:]}]",
-            g._merge_maps_kernel,
-            types,
-            {"BLOCK": g.MAPS_BLOCK},
-            {"num_warps": g.MAPS_WARPS},
-        )
-
-    def copy(emb, pos, has_text: bool, block_h: int, aligned_h: bool = True) -> LoweringCase:
-        """``aligned_h``: H and the row strides divisible by 16 (H = 3584, say), as a launch
-        sees them."""
-        types = {
-            "out_ptr": ptr(emb),
-            "text_ptr": ptr(emb),
-            "vis_ptr": ptr(emb),
-            "row_src_ptr": "*i64",
-            "pos_out_ptr": ptr(pos),
-            "pos_in_ptr": ptr(pos),
-            "pos_idx_ptr": "*i64",
-        }
-        kind = "merge" if has_text else "gather"
-        name = (
-            f"gather.copy_rows[{ptr(emb)[1:]},pos={ptr(pos)[1:]},{kind},BLOCK_H={block_h},"
-            f"H%16={'0' if aligned_h else '?'}]"
-        )
-        ints = ("hidden", "stride_out", "stride_text", "stride_vis") if aligned_h else ()
-        return case(
-            name,
-            g._copy_rows_kernel,
-            types,
-            {"BLOCK_R": g.COPY_ROWS, "BLOCK_H": block_h, "HAS_TEXT": has_text},
-            {"num_warps": g.COPY_WARPS},
-            ints,
-        )
-
-    return [
-        maps(I32, I64),
-        maps(I64, I32),
-        copy(F16, I64, True, g.COPY_MAX_H),
-        copy(BF16, I32, True, g.COPY_MAX_H),
-        copy(F32, I64, True, g.COPY_MAX_H),
-        copy(F32, I32, False, g.COPY_MAX_H),
-        copy(BF16, I64, False, 128, aligned_h=False),
-    ]
-
-
-#: Kernel module -> its cases.
-CASES: dict[str, Callable[[], list[LoweringCase]]] = {
-    "attention": attention_cases,
-    "mapper": mapper_cases,
-    "select": select_cases,
-    "gather": gather_cases,
+#: Kernel module -> its scenarios.
+SCENARIOS: dict[str, Callable[[], list[tuple[str, Callable[[], object]]]]] = {
+    "attention": attention_scenarios,
+    "mapper": mapper_scenarios,
+    "select": select_scenarios,
+    "gather": gather_scenarios,
 }
 
 
@@ -361,23 +217,101 @@ def modules() -> list[str]:
     return list(dict.fromkeys(backend.triton_functions().values()))
 
 
-def all_cases() -> list[LoweringCase]:
+def launches(thunk: Callable[[], object], sms: int = TARGET_SMS) -> list[Launch]:
+    """The launches ``thunk`` makes, recorded (nothing runs), planned for ``sms`` SMs."""
+    with capture(sms) as recorded:
+        thunk()
+    return recorded
+
+
+def module_cases(module: str, capability: int = 90) -> list[LoweringCase]:
+    """The distinct specialisations of ``module``'s kernels that its scenarios launch, in launch
+    order. A kernel launched several times in one scenario has the constexprs in which those
+    launches differ in its name (``PASS=2``)."""
+    cases: dict[str, LoweringCase] = {}
+    for label, thunk in SCENARIOS[module]():
+        records = [r for r in launches(thunk) if _module_of(r.kernel) == module]
+        for record in records:
+            spec = specialisation(record, capability)
+            key = f"{spec.name}:{spec.key}"
+            if key in cases:
+                continue
+            same = [r.kwargs for r in records if r.kernel is record.kernel]
+            varying = [k for k, v in record.kwargs.items() if any(o.get(k) != v for o in same)]
+            extra = "".join(f",{k}={record.kwargs[k]}" for k in varying)
+            short = spec.name.removeprefix("_").removesuffix("_kernel")
+            cases[key] = LoweringCase(f"{module}.{short}[{label}{extra}]", spec)
+    return list(cases.values())
+
+
+def _module_of(kernel: Any) -> str:
+    fn = getattr(kernel, "fn", kernel)
+    return fn.__module__.rsplit(".", 1)[-1]
+
+
+def all_cases(capability: int = 90) -> list[LoweringCase]:
     """Every case of every kernel module the op table names.
 
     Raises:
-        KeyError: a module the table names has no cases here.
+        KeyError: a module the table names has no scenarios here.
     """
-    missing = [m for m in modules() if m not in CASES]
+    missing = [m for m in modules() if m not in SCENARIOS]
     if missing:
-        raise KeyError(f"no lowering cases for the Triton module(s) {missing}: add them to CASES")
-    return [c for m in modules() for c in CASES[m]()]
+        raise KeyError(f"no lowering scenarios for the Triton module(s) {missing}: add them")
+    return [c for m in modules() for c in module_cases(m, capability)]
 
 
-def lower(case: LoweringCase, capability: int = 90, warp_size: int = 32) -> dict[str, Any]:
-    """Compile ``case`` to PTX and cubin for ``sm_<capability>``; returns sizes and resources.
+# ---------------------------------------------------------------------------------- ptxas
+
+_USED = re.compile(r"Used (\d+) registers")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def ptxas_path(capability: int = 90) -> str:
+    """The ptxas Triton itself runs for ``sm_<capability>`` (its bundled one unless
+    ``TRITON_PTXAS_PATH`` says otherwise)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(capability).path
+
+
+def ptxas_report(ptx: str, capability: int = 90, ptxas: str | None = None) -> dict[str, int]:
+    """Registers per thread, stack frame and spill bytes of the one kernel in ``ptx``, from
+    ``ptxas -v`` with the flags of Triton's own PTX -> cubin step.
 
     Raises:
-        RuntimeError: when run under ``TRITON_INTERPRET=1``.
+        RuntimeError: ptxas fails, or its report has no register line.
+    """
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+
+    ptxas = ptxas or ptxas_path(capability)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2"]
+        cmd += [f"--gpu-name={sm_arch_from_capability(capability)}", src, "-o", src + ".o"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    text = proc.stdout + proc.stderr
+    used, frame = _USED.search(text), _FRAME.search(text)
+    if proc.returncode != 0 or used is None or frame is None:
+        raise RuntimeError(f"ptxas failed ({proc.returncode}): {text[-2000:]}")
+    stack, stores, loads = (int(x) for x in frame.groups())
+    return {"registers": int(used.group(1)), "stack": stack, "spill_stores": stores,
+            "spill_loads": loads}  # fmt: skip
+
+
+def lower(
+    case: LoweringCase, capability: int = 90, warp_size: int = 32, ptxas: str | None = None
+) -> dict[str, Any]:
+    """Compile ``case`` to PTX for ``sm_<capability>`` and run ``ptxas -v`` on it.
+
+    Returns:
+        name, kernel, ptx_bytes, shared_bytes (Triton's shared memory per program), num_warps,
+        registers, stack, spill_stores, spill_loads, seconds.
+
+    Raises:
+        RuntimeError: when run under ``TRITON_INTERPRET=1``, or ptxas fails.
     """
     if os.environ.get("TRITON_INTERPRET", "") == "1":
         raise RuntimeError("lowering needs TRITON_INTERPRET unset (the interpreter cannot compile)")
@@ -385,19 +319,23 @@ def lower(case: LoweringCase, capability: int = 90, warp_size: int = 32) -> dict
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    spec = case.spec
     src = ASTSource(
-        fn=case.kernel, signature=case.signature, constexprs=case.constexprs, attrs=case.attrs
+        fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs
     )
     start = time.perf_counter()
     compiled = triton.compile(
-        src, target=GPUTarget("cuda", capability, warp_size), options=dict(case.options)
+        src, target=GPUTarget("cuda", capability, warp_size), options=dict(spec.options)
     )
+    ptx = compiled.asm["ptx"]
     meta = compiled.metadata
     return {
         "name": case.name,
-        "ptx_bytes": len(compiled.asm["ptx"]),
+        "kernel": spec.name,
+        "ptx_bytes": len(ptx),
         "shared_bytes": int(getattr(meta, "shared", 0)),
         "num_warps": int(getattr(meta, "num_warps", 0)),
+        **ptxas_report(ptx, capability, ptxas),
         "seconds": time.perf_counter() - start,
     }
 
@@ -405,18 +343,23 @@ def lower(case: LoweringCase, capability: int = 90, warp_size: int = 32) -> dict
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--capability", type=int, default=90, help="compute capability x10")
+    parser.add_argument("--ptxas", help="ptxas to report with (default: Triton's own)")
     args = parser.parse_args(argv)
     failures = 0
-    for c in all_cases():
+    for c in all_cases(args.capability):
         try:
-            info = lower(c, args.capability)
+            info = lower(c, args.capability, ptxas=args.ptxas)
         except Exception as exc:  # report every failing kernel, not only the first
             failures += 1
             print(f"FAIL {c.name}: {type(exc).__name__}: {exc}", file=sys.stderr)
             continue
+        spills = info["spill_stores"] + info["spill_loads"]
+        failures += spills > 0
         print(
-            f"ok   {info['name']}: ptx {info['ptx_bytes']} B, shared {info['shared_bytes']} B, "
-            f"{info['num_warps']} warps, {info['seconds']:.1f} s"
+            f"{'ok  ' if spills == 0 else 'SPILL'} {info['name']}: {info['registers']} registers, "
+            f"spill {info['spill_stores']}/{info['spill_loads']} B, stack {info['stack']} B, "
+            f"shared {info['shared_bytes']} B, {info['num_warps']} warps, "
+            f"hints {','.join(c.spec.hinted()) or '-'}, {info['seconds']:.1f} s"
         )
     return 1 if failures else 0
 

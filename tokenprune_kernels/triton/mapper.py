@@ -44,14 +44,18 @@ Design: (b) of the brief, a persistent grid with a small per-program scratch
   widths and offsets. The packing is cached, keyed on each tensor's ``data_ptr``, ``_version``
   (shared by ``.detach()`` views, bumped by in-place optimizer steps), shape and the chunk sizes;
   the cache (8 entries, LRU) holds the tensors, so a key's storage cannot be freed and reused
-  while cached. A miss costs a few small copies; a hit costs nothing on the device. Inference-mode
-  tensors have no version counter, so such params are packed on every call. Scratch comes from
-  the caching allocator on every call.
+  while cached. A miss costs a few small device-to-device copies; a hit costs nothing on the
+  device. The ``meta`` table depends on the shapes only: it is cached by shapes and uploaded once
+  from pinned memory, asynchronously. Inference-mode tensors have no version counter (an in-place
+  update under ``inference_mode`` would go unseen), so for them the buffer is refilled on every
+  call - device copies only, no host sync. Scratch comes from the caching allocator on every
+  call.
 
 Launches, bytes and FLOPs (default mapper 32..512, K = 5, ``BLOCK_M=128, BLOCK_K=32,
 BLOCK_N=64``; per output token = per window / 108)
 ------------------------------------------------------------------------------------------
-* Launches: 1 (plus, on a packing-cache miss only, the packing copies).
+* Launches: 1 (plus, on a packing-cache miss or with inference-mode params, the packing
+  copies).
 * Compulsory HBM traffic: attn read ``4 * Tv`` B, logits write ``4 * Tv`` B, ``cu_seqlens``
   ``(B + 1) * 4|8`` B, packed parameters 0.73 MB (182,785 floats, padded) once.
 * L2 traffic: every window re-reads the packed parameters (0.73 MB, ~6.8 KB per token) and moves
@@ -62,11 +66,11 @@ BLOCK_N=64``; per output token = per window / 108)
 * FLOPs per computed row: pointwise 2 * 174,112 + depthwise 2 * 2,405 + head 2 * 512 + norm and
   SiLU ~ 10 * 992 ~ 364 KFLOP; ~ 431 KFLOP per output token with the halo rows (tensor-core work
   x 3 under ``tf32x3``).
-* Resources (sm_90, Triton 3.9 + ptxas 13.4, pointer arguments 16-byte aligned as the JIT
-  specialises them at run time): 8 warps, 250 registers/thread, no spills, 40 KiB shared memory
-  (``BLOCK_N=128`` spills 192 B; one program per SM either way). The lowering harness
-  (``python -m tokenprune_kernels.triton.lowering``) does not know the pointer alignment and
-  reports the same 40 KiB shared memory.
+* Resources (sm_90, Triton 3.9 and its ptxas, the kernel as the launches specialise it: 16-byte
+  aligned pointers, the slab strides in 16s; ``python -m tokenprune_kernels.triton.lowering``):
+  8 warps, 250-254 registers/thread, no spills, 40 KiB shared memory, so one program per SM
+  (``benchmarks/results/kernel_resources.md``). ``total`` and ``num_windows`` are not
+  specialised (``do_not_specialize``): one compilation whatever the token count.
 
 Not done here (needs a GPU): timing, and tuning ``BLOCK_M/BLOCK_N/NUM_WARPS/NUM_STAGES/
 PROGRAMS_PER_SM`` and ``DOT_PRECISION``.
@@ -76,8 +80,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -85,6 +89,7 @@ import triton.language as tl
 from torch import Tensor
 
 from tokenprune_kernels._nvtx import stage_range
+from tokenprune_kernels.triton.launch import launch, sm_count
 
 __all__ = [
     "BLOCK_K",
@@ -112,11 +117,10 @@ NUM_STAGES = 2
 PROGRAMS_PER_SM = 1
 
 _ALIGN = 32  # float offsets of packed tensors are multiples of this (128 B)
-_INTERPRET_PROGRAMS = 4  # persistent programs under the interpreter (CPU)
 _CACHE_SIZE = 8
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total", "num_windows"])
 def _mapper_forward_kernel(
     attn_ptr,  # *fp32 [total, groups] contiguous ([total] for one group)
     grid_ptr,  # *fp32 [total, 2] contiguous (any pointer when grid_cols is 0)
@@ -287,41 +291,41 @@ class _Packed:
         self.dw_stride = dw_stride
 
 
+class _Layout(NamedTuple):
+    """Where each parameter goes in the packed buffer: a function of the shapes only."""
+
+    #: per block: c_in, c_out, k_pad, n_pad and the offsets of its six parameters
+    blocks: tuple[tuple[int, int, int, int, tuple[int, ...]], ...]
+    head: tuple[int, int]  # offsets of head_w, head_b
+    size: int  # floats in the buffer
+    meta: tuple[int, ...]  # the kernel's int32 table
+    act_stride: int
+    dw_stride: int
+
+
 _PACK_CACHE: OrderedDict[tuple, tuple[tuple[Tensor, ...], _Packed]] = OrderedDict()
+_LAYOUT_CACHE: OrderedDict[tuple, tuple[_Layout, Tensor]] = OrderedDict()
 _PACK_LOCK = threading.Lock()
 
 
-def _cache_key(
-    params: Sequence[Tensor], kernel_size: int, block_k: int, block_n: int
-) -> tuple | None:
-    """Identity + version of every tensor, or None when one has no version counter (an
-    inference-mode tensor can change in place unseen: such params are packed on every call)."""
-    if any(p.is_inference() for p in params):
-        return None
-    tensors = tuple((p.data_ptr(), p._version, tuple(p.shape), str(p.device)) for p in params)
-    return (kernel_size, block_k, block_n, tensors)
+def _cached(cache: OrderedDict, key: tuple, make: Callable[[], Any]) -> Any:
+    """``cache[key]``, made on a miss; least recently used entries beyond ``_CACHE_SIZE`` go."""
+    with _PACK_LOCK:
+        hit = cache.get(key)
+        if hit is not None:
+            cache.move_to_end(key)
+            return hit
+    value = make()
+    with _PACK_LOCK:
+        cache[key] = value
+        while len(cache) > _CACHE_SIZE:
+            cache.popitem(last=False)
+    return value
 
 
-def _pack_params(params: Sequence[Tensor], kernel_size: int, block_k: int, block_n: int) -> _Packed:
-    """Pack the flat parameter list for the kernel (cached; see the module docstring).
-
-    Layout (float offsets multiples of 32), per block: ``dw_w [K, K_pad]`` (tap-major),
-    ``dw_b [K_pad]``, ``pw_w^T [K_pad, N_pad]``, ``pw_b``, ``ln_w``, ``ln_b [N_pad]``; then
-    ``head_w [N_pad_last]``, ``head_b [1]``. ``K_pad = round_up(C_in, block_k)``,
-    ``N_pad = round_up(C_out, block_n)``; padding is zero. ``meta`` holds per block
-    ``[C_in, C_out, K_pad, N_pad, off_dw_w, off_dw_b, off_pw, off_pb, off_lnw, off_lnb]`` then
-    ``[off_head_w, off_head_b]``, int32.
-    """
-    key = _cache_key(params, kernel_size, block_k, block_n)
-    if key is not None:
-        with _PACK_LOCK:
-            hit = _PACK_CACHE.get(key)
-            if hit is not None:
-                _PACK_CACHE.move_to_end(key)
-                return hit[1]
-
-    num_blocks = (len(params) - 2) // 6
-    device = params[0].device
+def _layout(shapes: tuple[tuple[int, ...], ...], kernel_size: int, block_k: int, block_n: int):
+    """The packing layout for parameters of ``shapes`` (see :func:`_pack_params`)."""
+    num_blocks = (len(shapes) - 2) // 6
     meta: list[int] = []
     offset = 0
 
@@ -331,68 +335,110 @@ def _pack_params(params: Sequence[Tensor], kernel_size: int, block_k: int, block
         offset = _round_up(offset + numel, _ALIGN)
         return start
 
-    act_stride = block_n
-    dw_stride = block_k
-    layout = []
+    act_stride, dw_stride = block_n, block_k
+    blocks = []
     for b in range(num_blocks):
-        dw_w, dw_b, pw_w, pw_b, ln_w, ln_b = params[6 * b : 6 * b + 6]
-        c_out, c_in = int(pw_w.shape[0]), int(pw_w.shape[1])
+        c_out, c_in = shapes[6 * b + 2][0], shapes[6 * b + 2][1]  # pointwise weight [C_out, C_in]
         k_pad, n_pad = _round_up(c_in, block_k), _round_up(c_out, block_n)
-        offs = [
+        offs = (
             place(kernel_size * k_pad),
             place(k_pad),
             place(k_pad * n_pad),
             place(n_pad),
             place(n_pad),
             place(n_pad),
-        ]
+        )
         meta += [c_in, c_out, k_pad, n_pad, *offs]
-        layout.append((c_in, c_out, k_pad, n_pad, offs))
+        blocks.append((c_in, c_out, k_pad, n_pad, offs))
         act_stride = max(act_stride, k_pad, n_pad)
         dw_stride = max(dw_stride, k_pad)
-    n_pad_last = layout[-1][3]
-    off_hw, off_hb = place(n_pad_last), place(1)
-    meta += [off_hw, off_hb]
+    head = (place(blocks[-1][3]), place(1))
+    meta += list(head)
     if offset >= 2**31:
         raise ValueError(f"params are too large for the Triton mapper ({offset} packed floats)")
+    return _Layout(tuple(blocks), head, offset, tuple(meta), act_stride, dw_stride)
 
-    buf = torch.zeros(offset, dtype=torch.float32, device=device)
+
+def _upload(values: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A host list on ``device`` without a host sync (pinned memory, ``non_blocking``)."""
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
+def _fill(params: Sequence[Tensor], layout: _Layout, kernel_size: int) -> Tensor:
+    """The packed fp32 buffer: device-to-device copies only (no host sync)."""
+    buf = torch.zeros(layout.size, dtype=torch.float32, device=params[0].device)
     with torch.no_grad():
-        for b, (c_in, c_out, k_pad, n_pad, offs) in enumerate(layout):
+        for b, (c_in, c_out, k_pad, n_pad, offs) in enumerate(layout.blocks):
             dw_w, dw_b, pw_w, pw_b, ln_w, ln_b = params[6 * b : 6 * b + 6]
             o_dw, o_db, o_pw, o_pb, o_lw, o_lb = offs
-            buf[o_dw : o_dw + kernel_size * k_pad].view(kernel_size, k_pad)[:, :c_in] = dw_w[
-                :, 0, :
-            ].t()
+            taps = buf[o_dw : o_dw + kernel_size * k_pad].view(kernel_size, k_pad)
+            taps[:, :c_in] = dw_w[:, 0, :].t()
             buf[o_db : o_db + c_in] = dw_b
             buf[o_pw : o_pw + k_pad * n_pad].view(k_pad, n_pad)[:c_in, :c_out] = pw_w.t()
             buf[o_pb : o_pb + c_out] = pw_b
             buf[o_lw : o_lw + c_out] = ln_w
             buf[o_lb : o_lb + c_out] = ln_b
-        c_last = layout[-1][1]
+        (off_hw, off_hb), c_last = layout.head, layout.blocks[-1][1]
         buf[off_hw : off_hw + c_last] = params[-2].reshape(-1)
         buf[off_hb : off_hb + 1] = params[-1].reshape(-1)
-    packed = _Packed(
-        buf, torch.tensor(meta, dtype=torch.int32, device=device), act_stride, dw_stride
-    )
-    if key is not None:
-        with _PACK_LOCK:
-            _PACK_CACHE[key] = (tuple(params), packed)
-            while len(_PACK_CACHE) > _CACHE_SIZE:
-                _PACK_CACHE.popitem(last=False)
-    return packed
+    return buf
 
 
-_SM_COUNT: dict[int, int] = {}
+def _pack_params(params: Sequence[Tensor], kernel_size: int, block_k: int, block_n: int) -> _Packed:
+    """Pack the flat parameter list for the kernel (see the module docstring), with no host sync.
+
+    Layout (float offsets multiples of 32), per block: ``dw_w [K, K_pad]`` (tap-major),
+    ``dw_b [K_pad]``, ``pw_w^T [K_pad, N_pad]``, ``pw_b``, ``ln_w``, ``ln_b [N_pad]``; then
+    ``head_w [N_pad_last]``, ``head_b [1]``. ``K_pad = round_up(C_in, block_k)``,
+    ``N_pad = round_up(C_out, block_n)``; padding is zero. ``meta`` holds per block
+    ``[C_in, C_out, K_pad, N_pad, off_dw_w, off_dw_b, off_pw, off_pb, off_lnw, off_lnb]`` then
+    ``[off_head_w, off_head_b]``, int32.
+
+    Caches: the layout and the device ``meta`` table depend on the shapes only and are cached by
+    shapes and device (uploaded once, from pinned memory, asynchronously). The packed buffer is
+    cached by each tensor's identity and version (so an in-place update repacks); inference-mode
+    tensors have no version counter, so for them the buffer is refilled on every call
+    (device-to-device copies, asynchronous).
+    """
+    device = params[0].device
+
+    def pack() -> _Packed:
+        shapes = tuple(tuple(p.shape) for p in params)
+        layout, meta = _cached(
+            _LAYOUT_CACHE,
+            (shapes, kernel_size, block_k, block_n, str(device)),
+            lambda: _placed(_layout(shapes, kernel_size, block_k, block_n), device),
+        )
+        return _Packed(
+            _fill(params, layout, kernel_size), meta, layout.act_stride, layout.dw_stride
+        )
+
+    key = _cache_key(params, kernel_size, block_k, block_n)
+    if key is None:
+        return pack()
+    return _cached(_PACK_CACHE, key, lambda: (tuple(params), pack()))[1]
+
+
+def _placed(layout: _Layout, device: torch.device) -> tuple[_Layout, Tensor]:
+    """``layout`` and its ``meta`` table on ``device``."""
+    return layout, _upload(layout.meta, torch.int32, device)
+
+
+def _cache_key(
+    params: Sequence[Tensor], kernel_size: int, block_k: int, block_n: int
+) -> tuple | None:
+    """Identity + version of every tensor, or None when one has no version counter (an
+    inference-mode tensor can change in place unseen: its buffer is refilled on every call)."""
+    if any(p.is_inference() for p in params):
+        return None
+    tensors = tuple((p.data_ptr(), p._version, tuple(p.shape), str(p.device)) for p in params)
+    return (kernel_size, block_k, block_n, tensors)
 
 
 def _num_programs(device: torch.device, num_windows: int) -> int:
-    if device.type != "cuda":
-        return min(num_windows, _INTERPRET_PROGRAMS)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return min(num_windows, PROGRAMS_PER_SM * _SM_COUNT[index])
+    """``PROGRAMS_PER_SM`` per SM (4 SMs under the interpreter), at most one per window."""
+    return min(num_windows, PROGRAMS_PER_SM * sm_count(device))
 
 
 def _check_block(name: str, value: int, minimum: int) -> None:
@@ -483,7 +529,9 @@ def mapper_forward_triton(
         attn_c = attn.contiguous()
         grid_c = attn_c if grid is None else grid.contiguous()
         cu = cu_seqlens_v.contiguous()
-        _mapper_forward_kernel[(num_programs,)](
+        launch(
+            _mapper_forward_kernel,
+            (num_programs,),
             attn_c,
             grid_c,
             cu,

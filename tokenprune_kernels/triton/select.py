@@ -10,12 +10,12 @@ keep keys in uint32 (logical shifts, unsigned compares).
 
 Selection. The top k of a sample are the keys above its k-th largest key T, plus the first
 ``k - count(> T)`` keys equal to T by index (the contract's tie rule). T is found by a radix
-select on 8-bit digits from the top: a pass histograms (``tl.histogram``, 256 bins) the keys
-that match the digits chosen so far and picks the bin holding the k-th key. It stops after 4
-passes, or as soon as that bin is kept whole (T is then known to a prefix and every key with
-that prefix is kept); ``k == n`` and ``k == 0`` cost no pass. A last pass in index order keeps
-what the threshold says, and ``tl.cumsum`` plus a running offset gives each kept token its
-output slot, so ``kept_idx`` comes out ascending. Two schedules:
+select on 8-bit digits from the top: a pass histograms (``tl.histogram``, 256 bins, masked) the
+keys that match the digits chosen so far - only those are counted - and picks the bin holding the
+k-th key. It stops after 4 passes, or as soon as that bin is kept whole (T is then known to a
+prefix and every key with that prefix is kept); ``k == n`` and ``k == 0`` cost no pass. A last
+pass in index order keeps what the threshold says, and ``tl.cumsum`` plus a running offset gives
+each kept token its output slot, so ``kept_idx`` comes out ascending. Two schedules:
 
 - serial (``_select_kernel``): one program per sample loops over its keys in chunks of
   ``BLOCK_V``: all passes and the compaction in ONE launch. Good while samples are small or many.
@@ -46,13 +46,16 @@ passes ``total_kept`` and ``keep_counts`` already lives on the device; otherwise
 
 from __future__ import annotations
 
+from typing import TypedDict, Unpack
+
 import torch
 import triton
 import triton.language as tl
 
 from tokenprune_kernels._nvtx import stage_range
+from tokenprune_kernels.triton.launch import launch
 
-__all__ = ["select_topk_triton"]
+__all__ = ["SelectOptions", "select_topk_triton"]
 
 #: Keys per chunk: the select programs loop over their keys BLOCK_V at a time.
 BLOCK_V = 2048
@@ -62,6 +65,8 @@ SELECT_WARPS = 8
 #: Wide schedule: at most this many slices (programs) per sample; used when Tv >= this * B.
 WIDE_SLICES = 32
 WIDE_MIN_AVG = 16384
+#: Slices the wide kernels' per-slice tables hold (one compile whatever the slice count).
+S_MAX = triton.next_power_of_2(WIDE_SLICES)
 
 
 # ------------------------------------------------------------------------------------- kernels
@@ -81,18 +86,15 @@ def _score_keys(x):
 def _digit_hist(scores_ptr, lo, hi, prefix, kmask, shift: tl.constexpr, BLOCK: tl.constexpr):
     """[256] int32: keys of scores[lo:hi] with ``key & kmask == prefix``, by digit ``shift``."""
     offs = tl.arange(0, BLOCK)
-    bins = tl.arange(0, 256)
     hist = tl.zeros([256], tl.int32)
     for c in range(lo, hi, BLOCK):
         idx = c + offs
         valid = idx < hi
         key = _score_keys(tl.load(scores_ptr + idx, mask=valid, other=0.0))
         match = valid & ((key & kmask) == prefix)
-        digit = tl.where(match, (key >> shift) & 0xFF, 0).to(tl.int32)
-        h = tl.histogram(digit, 256)
-        # Lanes that do not match were counted in bin 0: take them out again.
-        miss = BLOCK - tl.sum(match.to(tl.int32), axis=0)
-        hist += tl.where(bins == 0, h - miss, h)
+        # Only the matching lanes are counted (the others, most of them after the first pass,
+        # add nothing: no update of bin 0 to take back).
+        hist += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=match)
     return hist
 
 
@@ -188,6 +190,17 @@ def _select_kernel(
 
 
 @triton.jit
+def _wide_program(cu_v_ptr, counts_ptr, slice_len):
+    """Program (b, s) of a wide launch: (b, s, sample start int64, n, k, the slice's bounds
+    lo, hi within the sample; ``lo >= n``: an empty slice)."""
+    b = tl.program_id(0)
+    s = tl.program_id(1)
+    start, n, k = _sample(cu_v_ptr, counts_ptr, b)
+    lo = s * slice_len
+    return b, s, start, n, k, lo, tl.minimum(lo + slice_len, n)
+
+
+@triton.jit
 def _replay(hist_ptr, b, n_batch, n_slices, n, k, slice_len, NPASS: tl.constexpr,
             S_MAX: tl.constexpr):  # fmt: skip
     """Redo the first NPASS radix steps of sample b from the per-slice histograms.
@@ -217,7 +230,7 @@ def _replay(hist_ptr, b, n_batch, n_slices, n, k, slice_len, NPASS: tl.constexpr
     return prefix, kmask, remaining, todo, gt, eq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_slices"])
 def _radix_pass_kernel(
     scores_ptr,
     cu_v_ptr,
@@ -231,23 +244,19 @@ def _radix_pass_kernel(
     S_MAX: tl.constexpr,
 ):
     """Program (b, s): histogram of slice s of sample b for radix pass PASS -> hist[PASS, b, s]."""
-    b = tl.program_id(0)
-    s = tl.program_id(1)
-    start, n, k = _sample(cu_v_ptr, counts_ptr, b)
-    lo = s * slice_len
+    b, s, start, n, k, lo, hi = _wide_program(cu_v_ptr, counts_ptr, slice_len)
     if lo < n:
         prefix, kmask, _, todo, _, _ = _replay(
             hist_ptr, b, n_batch, n_slices, n, k, slice_len, PASS, S_MAX
         )
         if todo != 0:
-            hi = tl.minimum(lo + slice_len, n)
             hist = _digit_hist(scores_ptr, start + lo, start + hi, prefix, kmask, 24 - 8 * PASS,
                                BLOCK)  # fmt: skip
             out = hist_ptr + (((PASS * n_batch + b) * n_slices + s).to(tl.int64) * 256)
             tl.store(out + tl.arange(0, 256), hist)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_slices"])
 def _wide_compact_kernel(
     scores_ptr,
     cu_v_ptr,
@@ -263,15 +272,12 @@ def _wide_compact_kernel(
     S_MAX: tl.constexpr,
 ):
     """Program (b, s): the kept indices of slice s of sample b, at the slice's output offset."""
-    b = tl.program_id(0)
-    s = tl.program_id(1)
-    start, n, k = _sample(cu_v_ptr, counts_ptr, b)
+    b, s, start, n, k, lo, hi = _wide_program(cu_v_ptr, counts_ptr, slice_len)
     kept0 = _sum_before(counts_ptr, b, BLOCK_B)
     if s == 0:
         tl.store(cu_kept_ptr + b + 1, kept0 + k)
         if b == 0:
             tl.store(cu_kept_ptr, kept0 * 0)
-    lo = s * slice_len
     if lo < n:
         prefix, kmask, remaining, _, gt, eq = _replay(
             hist_ptr, b, n_batch, n_slices, n, k, slice_len, 4, S_MAX
@@ -284,7 +290,6 @@ def _wide_compact_kernel(
         sl = tl.arange(0, S_MAX)
         my_take = tl.sum(tl.where(sl == s, take, 0), axis=0)
         my_offset = tl.sum(tl.where(sl == s, offset, 0), axis=0)
-        hi = tl.minimum(lo + slice_len, n)
         _compact(scores_ptr, start + lo, start + hi, prefix, kmask, my_take,
                  kept_ptr + kept0 + my_offset, BLOCK)  # fmt: skip
 
@@ -331,25 +336,39 @@ def _select(
     if wide is None:
         wide = tv >= WIDE_MIN_AVG * batch
     if not wide or slices <= 1:
-        _select_kernel[(batch,)](
-            scores, cu_seqlens_v, counts, kept_idx, cu_kept,
+        launch(
+            _select_kernel, (batch,), scores, cu_seqlens_v, counts, kept_idx, cu_kept,
             BLOCK=block_v, BLOCK_B=BLOCK_B, num_warps=SELECT_WARPS,
         )  # fmt: skip
         return kept_idx, cu_kept
     slice_len = triton.cdiv(triton.cdiv(tv, slices), block_v) * block_v
     slices = triton.cdiv(tv, slice_len)
-    s_max = triton.next_power_of_2(slices)
     hist = _alloc((4, batch, slices, 256), torch.int32, device)
+    common = {"BLOCK": block_v, "S_MAX": S_MAX, "num_warps": SELECT_WARPS}
     for p in range(4):
-        _radix_pass_kernel[(batch, slices)](
-            scores, cu_seqlens_v, counts, hist, batch, slices, slice_len,
-            PASS=p, BLOCK=block_v, S_MAX=s_max, num_warps=SELECT_WARPS,
+        launch(
+            _radix_pass_kernel, (batch, slices),
+            scores, cu_seqlens_v, counts, hist, batch, slices, slice_len, PASS=p, **common,
         )  # fmt: skip
-    _wide_compact_kernel[(batch, slices)](
+    launch(
+        _wide_compact_kernel, (batch, slices),
         scores, cu_seqlens_v, counts, hist, kept_idx, cu_kept, batch, slices, slice_len,
-        BLOCK=block_v, BLOCK_B=BLOCK_B, S_MAX=s_max, num_warps=SELECT_WARPS,
+        BLOCK_B=BLOCK_B, **common,
     )  # fmt: skip
     return kept_idx, cu_kept
+
+
+class SelectOptions(TypedDict, total=False):
+    """The tuning keywords of the select host functions (this module's and :mod:`.gather`'s
+    fused ones).
+
+    Attributes:
+        block_v: keys per chunk (a power of two; default :data:`BLOCK_V`, tests shrink it).
+        wide: force the wide (True) or serial (False) schedule; None (default) picks by size.
+    """
+
+    block_v: int
+    wide: bool | None
 
 
 def select_topk_triton(
@@ -358,8 +377,7 @@ def select_topk_triton(
     keep_counts: torch.Tensor,
     *,
     total_kept: int | None = None,
-    block_v: int = BLOCK_V,
-    wide: bool | None = None,
+    **options: Unpack[SelectOptions],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample top-k by (score desc, index asc), NaN lowest, -0.0 == +0.0.
 
@@ -368,8 +386,7 @@ def select_topk_triton(
         cu_seqlens_v: [B+1] int32/int64 offsets of the visual tokens.
         keep_counts: [B] int64, 0 <= k_b <= n_b (best on the device of ``scores``).
         total_kept: sum(keep_counts) when the caller knows it (saves the one host sync).
-        block_v: keys per chunk (a power of two; tests shrink it).
-        wide: force the wide (True) or serial (False) schedule; None picks by size.
+        options: ``block_v``, ``wide`` (:class:`SelectOptions`).
 
     Returns:
         kept_idx: [sum k] int64 global indices, ascending; cu_seqlens_kept: [B+1], dtype of
@@ -377,16 +394,16 @@ def select_topk_triton(
         device ``keep_counts``, else one.
     """
     with stage_range("tokenprune.select_topk", scores.device):
-        return _select_flat(scores, cu_seqlens_v, keep_counts, total_kept, block_v, wide)[:2]
+        return _select_flat(scores, cu_seqlens_v, keep_counts, total_kept, **options)[:2]
 
 
 def _select_flat(
     scores: torch.Tensor,
     cu_seqlens_v: torch.Tensor,
     keep_counts: torch.Tensor,
-    total_kept: int | None,
-    block_v: int,
-    wide: bool | None,
+    total_kept: int | None = None,
+    block_v: int = BLOCK_V,
+    wide: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_select` on the flat (contiguous) inputs: (kept_idx, cu_seqlens_kept, the flat
     ``cu_seqlens_v``, for the fused functions of :mod:`.gather` to reuse)."""

@@ -68,12 +68,18 @@ class VllmPruneSettings:
         return min(max(math.floor(self.keep_ratio * n + 0.5), 1), n)
 
 
+#: The settings of the adaptive budget (``apply_tokenprune(keep_mass=...)``), refused here.
+ADAPTIVE_SETTINGS = ("keep_mass", "min_keep_ratio", "max_keep_ratio")
+
+
 def settings_from_config(hf_config: Any) -> VllmPruneSettings:
     """Read and check the settings stored on a model's HF config under :data:`CONFIG_KEY`.
 
     Raises:
-        ValueError: the key is missing or not a dict, an unknown key, ``keep_ratio`` missing or
-            outside ``(0, 1]``, or ``mapper`` not a path to an existing ``.safetensors`` file.
+        ValueError: the key is missing or not a dict, an adaptive-budget key (``keep_mass``, its
+            ratios: the placeholder counts are fixed before scoring), an unknown key,
+            ``keep_ratio`` missing or outside ``(0, 1]``, or ``mapper`` not a path to an existing
+            ``.safetensors`` file.
     """
     raw = getattr(hf_config, CONFIG_KEY, None)
     if not isinstance(raw, dict):
@@ -81,6 +87,14 @@ def settings_from_config(hf_config: Any) -> VllmPruneSettings:
             f"tokenprune: the model config has no '{CONFIG_KEY}' settings; pass "
             f'--hf-overrides \'{{"{CONFIG_KEY}": {{"keep_ratio": 0.5}}, ...}}\' '
             f"(got {raw!r})"
+        )
+    adaptive = sorted(set(raw) & set(ADAPTIVE_SETTINGS))
+    if adaptive:
+        raise ValueError(
+            f"tokenprune: {', '.join(adaptive)} (the adaptive keep budget) is not supported by the "
+            "vLLM plugin: vLLM fixes each image's number of placeholder tokens before the prompt "
+            "is scored, so the kept count cannot depend on the scores; use keep_ratio here "
+            "(keep_mass works with transformers: apply_tokenprune(model, keep_mass=...))"
         )
     unknown = sorted(set(raw) - {"keep_ratio", "mapper"})
     if unknown:
