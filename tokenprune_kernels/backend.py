@@ -55,8 +55,9 @@ the schema line if the private op is new, and ``"cuda": Impl(kernel=..., fake=..
 fake as a ``cpp`` entry of that op). A Triton kernel: ``tokenprune_kernels/triton/<stage>.py``
 (kernels, launched through ``triton.launch.launch``, and a host function taking the
 convention), its SCENARIOS in ``triton/lowering.py`` (host calls; the lowered cases are the
-launches they make), and ``"triton": Impl(f"{_TRITON}.<stage>:<function>")``. Dispatch, fake registration, ``tokenprune
-env``, the Triton exports, the lowering check and the tests' backend lists follow from the entry.
+launches they make), and ``"triton": Impl(f"{_TRITON}.<stage>:<function>")``. Dispatch, fake
+registration, ``tokenprune env``, the Triton exports, the lowering check and the tests' backend
+lists follow from the entry.
 Nothing here touches a device or imports an implementation before its first call.
 """
 
