@@ -53,9 +53,11 @@ A CUDA kernel: ``csrc/cuda/<stage>.cu`` (torch-free, launcher in ``kernels.h``),
 ``csrc/cuda/ops_cuda.cpp`` (``TORCH_LIBRARY_IMPL(tokenprune, CUDA, m)``), ``csrc/sources.txt``,
 the schema line if the private op is new, and ``"cuda": Impl(kernel=..., fake=...)`` (the same
 fake as a ``cpp`` entry of that op). A Triton kernel: ``tokenprune_kernels/triton/<stage>.py``
-(kernels and a host function taking the convention), its cases in ``triton/lowering.py``, and
-``"triton": Impl(f"{_TRITON}.<stage>:<function>")``. Dispatch, fake registration, ``tokenprune
-env``, the Triton exports, the lowering check and the tests' backend lists follow from the entry.
+(kernels, launched through ``triton.launch.launch``, and a host function taking the
+convention), its SCENARIOS in ``triton/lowering.py`` (host calls; the lowered cases are the
+launches they make), and ``"triton": Impl(f"{_TRITON}.<stage>:<function>")``. Dispatch, fake
+registration, ``tokenprune env``, the Triton exports, the lowering check and the tests' backend
+lists follow from the entry.
 Nothing here touches a device or imports an implementation before its first call.
 """
 

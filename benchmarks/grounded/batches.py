@@ -17,16 +17,21 @@ import torch
 
 from tokenprune_kernels.grounded.model import CHAT_TEMPLATE, IM_END, IMAGE_PAD, TOKEN_ID
 from tokenprune_kernels.grounded.scenes import (
+    EXTRA_QUESTION_TYPES,
     MAX_OBJECTS,
     MIN_OBJECTS,
+    QUESTION_TYPES,
     SHAPES,
     TOKEN_PX,
     TRAIN_SIZES,
     Question,
     Scene,
+    involved_tokens,
     make_training_scene,
+    object_id_map,
     render_scene,
     sample_rng,
+    token_cells,
     visual_tokens,
 )
 
@@ -126,6 +131,7 @@ def training_scenes(
     object_range: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS),
     warm_sizes: Sequence[tuple[int, int]] = (),
     warm_prob: float = 0.0,
+    qtypes: Sequence[str] = QUESTION_TYPES,
 ) -> tuple[tuple[int, int], list[tuple[Scene, list[Question]]]]:
     """The scenes of training step ``step``, drawn from ``sample_rng("train", step, seed)``: one
     size of ``sizes`` and ``n_images`` scenes with up to ``n_questions`` questions each (every
@@ -140,7 +146,8 @@ def training_scenes(
     Object sizes are multiplied by ``scale`` (the curriculum) and, for a share ``aug_prob`` of
     the scenes, by a further factor drawn from ``U(1, aug_max)`` (scale augmentation, so the
     tower also sees objects as many pixels wide as the large test sizes show them). Object
-    counts are drawn from ``object_range``.
+    counts are drawn from ``object_range``; question types from ``qtypes`` (default: the five
+    default types; the opt-in ones too when named).
     """
     rng = sample_rng("train", step, seed)
     size = tuple(sizes[int(rng.integers(len(sizes)))])
@@ -154,7 +161,7 @@ def training_scenes(
         if rng.random() < aug_prob:
             s *= float(rng.uniform(1.0, aug_max))
         scene = make_training_scene(
-            rng, size, n_questions, scale=min(s, 4.0), object_range=object_range
+            rng, size, n_questions, qtypes, scale=min(s, 4.0), object_range=object_range
         )
         out.append(scene)
     return size, out
@@ -172,7 +179,9 @@ def training_batch(
     - ``attn_target``: per question (in order), a ``[visual tokens of its scene]`` bool mask of
       the tokens its answer attention is supervised onto: the objects the question involves,
       for ``left_of`` the LEFT object of its pair only (the pair's leftmost, found as
-      ``extreme`` finds the scene's);
+      ``extreme`` finds the scene's); for the opt-in types (small objects, glyphs: often under
+      a quarter of a token) every token they overlap by a pixel
+      (:func:`~tokenprune_kernels.grounded.scenes.involved_tokens`);
     - ``qtypes``: the question types, in order.
     """
     size, scenes = training_scenes(step, seed, n_images, n_questions, **kwargs)
@@ -192,7 +201,9 @@ def training_batch(
     for (scene, qs), objs in zip(scenes, objects, strict=True):
         flat = objs.flatten()
         for q in qs:
-            if q.qtype == "left_of" and len(q.involved) == 2:
+            if q.qtype in EXTRA_QUESTION_TYPES:
+                targets.append(torch.from_numpy(involved_tokens(scene, q).flatten()))
+            elif q.qtype == "left_of" and len(q.involved) == 2:
                 left = min(q.involved, key=lambda i: scene.objects[i].cx)
                 targets.append(torch.from_numpy(flat - 1 == left))
             else:
@@ -206,22 +217,7 @@ def token_objects(scene: Scene) -> np.ndarray:
     """Per visual token (16 x 16 px cell, row-major ``[H/16, W/16]`` int64): ``0`` where no
     object covers a quarter of the cell, else ``1 +`` the index of the object covering most of
     it (drawn with the scene's own polygons)."""
-    from PIL import Image, ImageDraw
-
-    from tokenprune_kernels.grounded.scenes import _shape_points
-
-    height, width = scene.size
-    ids = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(ids)
-    for k, o in enumerate(scene.objects, start=1):
-        pts = _shape_points(o, 1.0)
-        if pts is None:
-            r = o.size / 2
-            draw.ellipse([o.cx - r, o.cy - r, o.cx + r, o.cy + r], fill=k)
-        else:
-            draw.polygon(pts, fill=k)
-    cells = np.asarray(ids).reshape(height // TOKEN_PX, TOKEN_PX, width // TOKEN_PX, TOKEN_PX)
-    cells = cells.transpose(0, 2, 1, 3).reshape(height // TOKEN_PX, width // TOKEN_PX, -1)
+    cells = token_cells(object_id_map(scene))
     cover = np.stack([(cells == k).sum(-1) for k in range(len(scene.objects) + 1)])
     cover[0] = TOKEN_PX * TOKEN_PX // 4  # an object needs a quarter of the cell
     return cover.argmax(0).astype(np.int64)
@@ -232,5 +228,8 @@ def token_shape_labels(scene: Scene, objects: np.ndarray | None = None) -> np.nd
     quarter of the cell, else ``1 + SHAPES.index(shape)`` of the object covering most of it
     (the shape probe's target). ``objects``: :func:`token_objects` of ``scene`` if already
     computed."""
-    shape_of = np.array([0] + [1 + SHAPES.index(o.shape) for o in scene.objects], np.int64)
+    shape_of = np.array(
+        [0] + [1 + SHAPES.index(o.shape) if o.shape in SHAPES else 0 for o in scene.objects],
+        np.int64,
+    )
     return shape_of[token_objects(scene) if objects is None else objects]

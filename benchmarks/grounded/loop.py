@@ -49,6 +49,7 @@ from tokenprune_kernels.grounded.model import (
 from tokenprune_kernels.grounded.scenes import (
     MAX_OBJECTS,
     MIN_OBJECTS,
+    QUESTION_TYPES,
     SPLIT_SIZES,
     make_sample,
     visual_tokens,
@@ -126,6 +127,7 @@ def evaluate(
     seed: int = 0,
     sizes: Sequence[tuple[int, int]] | None = None,
     batch_size: int = 8,
+    qtypes: Sequence[str] = QUESTION_TYPES,
 ) -> dict[str, Any]:
     """Exact-match accuracy of greedy ``model.generate`` on a fixed set of ``split``.
 
@@ -138,7 +140,10 @@ def evaluate(
     sizes = list(SPLIT_SIZES[split] if sizes is None else sizes)
     preds: list[dict[str, Any]] = []
     for k, size in enumerate(sizes):
-        samples = [make_sample(split, k * n_per_size + j, seed, size) for j in range(n_per_size)]
+        samples = [
+            make_sample(split, k * n_per_size + j, seed, size, qtypes=qtypes)
+            for j in range(n_per_size)
+        ]
         for b in range(0, len(samples), batch_size):
             chunk = samples[b : b + batch_size]
             out = generate_answers(
@@ -343,6 +348,7 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
             object_range=curriculum_objects(step, args.steps, args.curriculum),
             warm_sizes=[tuple(w) for w in args.warm_sizes],
             warm_prob=warm_probability(step, args.steps, args.warm),
+            qtypes=args.types,
         )
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
@@ -394,7 +400,8 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
         if args.val_per_size and ((step + 1) % args.eval_every == 0 or last or over):
             model.eval()
             t0 = time.perf_counter()
-            ev = evaluate(model, processor, "val", args.val_per_size, seed=args.seed)
+            qt = args.types
+            ev = evaluate(model, processor, "val", args.val_per_size, seed=args.seed, qtypes=qt)
             val_s += time.perf_counter() - t0
             rec = {"step": step + 1, "wall_s": round(time.perf_counter() - start, 1)}
             rec.update(_summary(ev))
@@ -425,7 +432,7 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
         return log
     model, processor = load_model_dir(out / "model")
     t0 = time.perf_counter()
-    ev = evaluate(model, processor, "test", args.test_per_size, seed=args.seed)
+    ev = evaluate(model, processor, "test", args.test_per_size, seed=args.seed, qtypes=args.types)
     log["test"] = _summary(ev)
     log["test"]["wall_s"] = round(time.perf_counter() - t0, 1)
     (out / "test_predictions.json").write_text(json.dumps(ev["predictions"], indent=0) + "\n")

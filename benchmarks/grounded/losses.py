@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from tokenprune_kernels.grounded.model import IM_END, IMAGE_PAD, TOKEN_ID
-from tokenprune_kernels.grounded.scenes import QUESTION_TYPES, SHAPES
+from tokenprune_kernels.grounded.scenes import ALL_QUESTION_TYPES, SHAPES
 
 SPATIAL_TYPES = ("left_of", "extreme")
 """Question types that compare positions: :class:`LLMAux`'s default ``early_types``."""
@@ -116,9 +116,9 @@ class LLMAux(torch.nn.Module):
         self.attn_weight, self.attn_layer = float(attn_weight), int(attn_layer)
         self.attn_head = int(attn_head)
         self.early_layer = None if early_layer is None else int(early_layer)
-        unknown = sorted(set(early_types) - set(QUESTION_TYPES))
+        unknown = sorted(set(early_types) - set(ALL_QUESTION_TYPES))
         if unknown:
-            raise ValueError(f"early_types must be of {QUESTION_TYPES}, got {unknown}")
+            raise ValueError(f"early_types must be of {ALL_QUESTION_TYPES}, got {unknown}")
         self.early_types = tuple(early_types)
         self.pos = torch.nn.Linear(hidden, 2)
         # layer index (from 0) -> (attention module, hook handle): not submodules

@@ -23,7 +23,13 @@ from collections.abc import Sequence
 
 from benchmarks.grounded.batches import WARM_SIZES
 from benchmarks.grounded.loop import train
-from tokenprune_kernels.grounded.scenes import QUESTION_TYPES, TRAIN_SIZES, parse_size
+from tokenprune_kernels.grounded.scenes import (
+    ALL_QUESTION_TYPES,
+    EXTRA_QUESTION_TYPES,
+    QUESTION_TYPES,
+    TRAIN_SIZES,
+    parse_size,
+)
 
 PROG = "python3 -m benchmarks.grounded.train"
 SHIPPED_EARLY_TYPES = ("colour_of_shape", "left_of", "extreme")
@@ -35,6 +41,14 @@ SHIPPED_MROPE: tuple[int, ...] = (1, 1, 1, 0, 1, 1, 0, 1, 1, 0, 1, 1, 7, 0, 0)
 (t, h, w, t, h, w, ... of the 16 rotary frequencies, fastest first): rows and columns each get 4
 of the 9 fastest, ``t`` the 7 slowest. Other head dims (tests' tiny models) get
 :func:`~tokenprune_kernels.grounded.model.build_config`'s ``[t, h, w]`` split."""
+
+
+def quarter_depth(layers: int) -> int:
+    """The default layer of the early auxiliary losses for a language model of ``layers``
+    decoder layers: a quarter of the depth, rounded half up, at least 1 (1 at the shipped 4
+    layers, 3 at 12, 4 at 14). ``--aux-pos-layer`` takes it as is, ``--aux-attn-early-layer``
+    at most ``layers - 1`` (a decoder layer index)."""
+    return max(1, (layers + 2) // 4)
 
 
 def _parse_sizes(p: argparse.ArgumentParser, flag: str, text: str) -> list[list[int]]:
@@ -114,8 +128,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--aux-pos-layer",
         type=int,
-        default=1,
-        help="the position probe reads hidden_states[N] (after decoder layer N-1)",
+        default=None,
+        help="the position probe reads hidden_states[N] (after decoder layer N-1; default: a "
+        "quarter of --layers, 1 at 4 layers)",
     )
     p.add_argument(
         "--aux-attn",
@@ -128,8 +143,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--aux-attn-early-layer",
         type=int,
-        default=1,
-        help="--aux-attn: decoder layer of the --aux-attn-early-types questions' attention",
+        default=None,
+        help="--aux-attn: decoder layer of the --aux-attn-early-types questions' attention "
+        "(default: a quarter of --layers, 1 at 4 layers)",
     )
     p.add_argument(
         "--aux-attn-early-types",
@@ -137,12 +153,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="comma-separated question types of --aux-attn-early-layer ('': none, all at "
         "--aux-attn-layer)",
     )
+    p.add_argument(
+        "--question-types",
+        "--types",
+        dest="types",
+        default=",".join(QUESTION_TYPES),
+        help="comma-separated question types to train and evaluate on (default: the five "
+        f"default types; opt-in: {','.join(EXTRA_QUESTION_TYPES)})",
+    )
     p.add_argument("--vision-depth", type=int, default=2)
     p.add_argument("--vision-dim", type=int, default=64)
     p.add_argument("--vision-heads", type=int, default=4)
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--intermediate-size", type=int, default=384)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=4,
+        help="language-model decoder layers (the early auxiliary layers follow it)",
+    )
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--rope-theta", type=float, default=10000.0, help="language-model M-RoPE base")
@@ -167,6 +196,19 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--aug-prob must be in [0, 1] and --aug-max in [1, 2.5]")
     head_dim = args.hidden_size // args.heads
     args.mrope = list(SHIPPED_MROPE) if head_dim == 2 * sum(SHIPPED_MROPE) else None
+    if args.layers < 1:
+        p.error("--layers must be >= 1")
+    if args.aux_pos_layer is None:
+        args.aux_pos_layer = quarter_depth(args.layers)
+    if args.aux_attn_early_layer is None:
+        args.aux_attn_early_layer = min(quarter_depth(args.layers), args.layers - 1)
+    args.types = [t for t in args.types.split(",") if t]
+    bad = [t for t in args.types if t not in ALL_QUESTION_TYPES]
+    if bad or not args.types or len(set(args.types)) != len(args.types):
+        p.error(
+            f"--question-types must be distinct types of {','.join(ALL_QUESTION_TYPES)}, "
+            f"got {','.join(args.types)}"
+        )
     if args.aux_pos < 0 or args.aux_attn < 0:
         p.error("--aux-pos and --aux-attn must be >= 0 (0: off)")
     if not 1 <= args.aux_pos_layer <= args.layers:
@@ -177,10 +219,10 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not -n <= args.aux_attn_early_layer < n:
         p.error(f"--aux-attn-early-layer must be a decoder layer index ({-n} .. {n - 1})")
     args.aux_attn_early_types = [t for t in args.aux_attn_early_types.split(",") if t]
-    unknown = [t for t in args.aux_attn_early_types if t not in QUESTION_TYPES]
+    unknown = [t for t in args.aux_attn_early_types if t not in ALL_QUESTION_TYPES]
     if unknown:
         p.error(
-            f"--aux-attn-early-types must be of {','.join(QUESTION_TYPES)} "
+            f"--aux-attn-early-types must be of {','.join(ALL_QUESTION_TYPES)} "
             f"(or ''), got {','.join(unknown)}"
         )
     if not 0 <= args.aux_attn_head < args.heads:

@@ -88,13 +88,13 @@ def test_retraining_reproduces_the_shipped_log(tmp_path):
     for key, value in vars(args).items():
         if key not in run_only:
             assert value == logged[key], key  # defaults = the shipped recipe
+    assert args.types == list(QUESTION_TYPES)  # --question-types (logged as types)
     removed = {
         "single_turn": False,  # one multi-turn sequence per scene
         "aux_words": False,  # the shape probe is linear
         "aux_centre": False,
         "aux_attn_split": False,
         "aux_attn_left": True,  # left_of supervises its pair's left object
-        "types": list(QUESTION_TYPES),
         "max_minutes": None,
     }
     assert set(logged) == set(vars(args)) | run_only | set(removed)

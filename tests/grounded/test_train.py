@@ -173,6 +173,10 @@ def test_probe_loss_reaches_the_vision_tower():
         (["--aux-weight", "-1"], "--aux-weight must be >= 0"),
         (["--warm-sizes", "64x64,abc"], "--warm-sizes must be HEIGHTxWIDTH"),
         (["--warm-sizes", "64x70"], "--warm-sizes must be"),
+        (["--question-types", "count_small,x"], "--question-types must be distinct types of"),
+        (["--question-types", "extreme,extreme"], "--question-types must be distinct types of"),
+        (["--question-types", ""], "--question-types must be distinct types of"),
+        (["--layers", "0"], "--layers must be >= 1"),
     ],
 )
 def test_bad_options(extra, match, capsys):
@@ -194,3 +198,42 @@ def test_early_attention_options():
     assert args.aux_attn_early_layer == 1
     assert args.aux_attn_early_types == list(T.SHIPPED_EARLY_TYPES)
     assert T.parse_args(["--out", "x", "--aux-attn-early-types", ""]).aux_attn_early_types == []
+
+
+def test_deeper_model_with_opt_in_types(tmp_path):
+    """--layers sets the depth and the early auxiliary layers follow it; --question-types
+    trains and evaluates on the named types (opt-in ones included)."""
+    types = "count_small,read_glyph,extreme"
+    log, out = _run(
+        tmp_path, "d", "--steps", "2", "--layers", "6", "--question-types", types,
+        "--aux-attn-early-types", "extreme,read_glyph", "--eval-every", "1",
+        "--val-per-size", "1", "--test-per-size", "1",
+    )  # fmt: skip
+    assert log["args"]["aux_pos_layer"] == log["args"]["aux_attn_early_layer"] == 2
+    assert log["args"]["types"] == types.split(",")
+    assert {"aux_pos", "aux_attn"} <= set(log["steps"][0])
+    assert set(log["steps"][-1]["answer_ce"]) <= set(types.split(","))
+    assert set(log["test"]["by_type"]) == set(types.split(",")) and log["test"]["n"] == 13
+    model, _ = M.load_model_dir(out / "model")
+    assert model.config.text_config.num_hidden_layers == 6
+
+
+def test_depth_relative_defaults():
+    assert [T.quarter_depth(n) for n in (1, 2, 4, 6, 12, 14, 28)] == [1, 1, 1, 2, 3, 4, 7]
+    args = T.parse_args(["--out", "x", "--layers", "14"])
+    assert args.aux_pos_layer == args.aux_attn_early_layer == 4 and args.aux_attn_layer == -1
+    assert T.parse_args(["--out", "x"]).types == list(T.QUESTION_TYPES)
+    one = T.parse_args(["--out", "x", "--layers", "1"])
+    assert (one.aux_pos_layer, one.aux_attn_early_layer) == (1, 0)
+    assert T.parse_args(["--out", "x", "--layers", "14", "--aux-pos-layer", "1"]).aux_pos_layer == 1
+
+
+def test_depth_pilot_step_seconds():
+    from benchmarks.grounded.depth_pilot import step_seconds
+
+    log = {"steps": [{"step": i + 1, "wall_s": w} for i, w in enumerate([5.0, 6.0, 8.0, 9.0])]}
+    assert step_seconds(log) == pytest.approx(4.0 / 3)
+    with pytest.raises(ValueError, match="every step"):
+        step_seconds({"steps": [{"step": 2, "wall_s": 1.0}, {"step": 4, "wall_s": 2.0}]})
+    with pytest.raises(ValueError, match="at least two"):
+        step_seconds({"steps": [{"step": 1, "wall_s": 1.0}]})

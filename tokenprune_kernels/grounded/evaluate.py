@@ -60,6 +60,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import tokenprune_kernels as tp
 from tokenprune_kernels.grounded import stats as S
 from tokenprune_kernels.grounded.flops import (
     LMShape,
@@ -156,7 +157,8 @@ def adaptive_counts(
 ) -> torch.Tensor:
     """Per-sample keep counts of the adaptive budget: the smallest ``k`` whose ``k`` largest
     softmax probabilities of the mapper ``logits`` sum to at least ``threshold``, clamped to
-    ``[keep_count(n, min_ratio), keep_count(n, max_ratio)]``.
+    ``[keep_count(n, min_ratio), keep_count(n, max_ratio)]`` - the op
+    :func:`tokenprune_kernels.mass_keep_counts` (what ``select_topk(keep_mass=...)`` keeps).
 
     Args:
         logits: ``[N]`` or ``[B, N]`` float mapper logits of one sample / equal-length samples.
@@ -176,11 +178,9 @@ def adaptive_counts(
             f"max_ratio={max_ratio!r}"
         )
     x = logits.reshape(-1, logits.shape[-1]).float()
-    n = x.shape[-1]
-    mass = torch.softmax(x, dim=-1).sort(dim=-1, descending=True).values.cumsum(-1)
-    counts = (mass < threshold).sum(-1) + 1
-    lo, hi = keep_count(n, min_ratio), keep_count(n, max_ratio)
-    return counts.clamp(lo, hi).to(torch.int64)
+    b, n = x.shape
+    cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int64, device=x.device)
+    return tp.mass_keep_counts(x.reshape(-1), cu, threshold, min_ratio, max_ratio, "softmax")
 
 
 def eval_samples(seed: int, n_per_size: int, sizes: Sequence[tuple[int, int]]) -> list[Sample]:

@@ -36,6 +36,8 @@ from tokenprune_kernels.explain.processor import processor_without_video
 from tokenprune_kernels.grounded.scenes import (
     ANSWERS,
     COLOURS,
+    EXTRA_ANSWERS,
+    EXTRA_QUESTION_WORDS,
     QUESTION_WORDS,
     SHAPES,
     TOKEN_PX,
@@ -62,11 +64,16 @@ def _vocab_words() -> tuple[str, ...]:
     for w in (*QUESTION_WORDS, *COLOURS, *SHAPES, *ANSWERS):
         if w not in words:
             words.append(w)
-    return tuple(words)
+    shipped = len(words)
+    words += [w for w in (*EXTRA_QUESTION_WORDS, *EXTRA_ANSWERS) if w not in words]
+    return tuple(words), shipped
 
 
-VOCAB: tuple[str, ...] = _vocab_words()
-"""Every token, in id order (id = position)."""
+VOCAB, SHIPPED_VOCAB_LEN = _vocab_words()
+"""Every token, in id order (id = position). The first ``SHIPPED_VOCAB_LEN`` (45) are the
+shipped model's; the words of the opt-in question types follow in rows the shipped model
+left spare (it never saw them: its tokenizer files map them to ``<unk>``, its outputs are
+unchanged)."""
 VOCAB_SIZE = 64
 """Embedding rows (>= len(VOCAB); the spare rows are never produced by the tokenizer)."""
 TOKEN_ID: dict[str, int] = {w: i for i, w in enumerate(VOCAB)}

@@ -16,6 +16,14 @@ question type           example                                          answer
 ``extreme``             ``what colour is the leftmost object ?``         a colour
 ======================  ===============================================  ==================
 
+Opt-in types (:data:`EXTRA_QUESTION_TYPES`, drawn only when named; answers in very few visual
+tokens: about 1% of an image's tokens against 2.7 - 5.4% for the types above):
+
+======================  ===============================================  ==================
+``count_small``         ``how many small red square objects are there ?`` ``0`` - ``3``
+``read_glyph``          ``what digit is drawn ?``                        ``0`` - ``9``
+======================  ===============================================  ==================
+
 The object a question names is unique in its scene (one triangle, one blue object); ``left_of``
 pairs are apart horizontally by at least half an object size, and the ``extreme`` object leads the
 runner-up in that direction by at least half an object size. :attr:`Question.involved` lists the
@@ -82,13 +90,26 @@ ANSWERS_BY_TYPE: dict[str, tuple[str, ...]] = {
     "extreme": tuple(COLOURS),
 }
 ANSWERS: tuple[str, ...] = (*COLOURS, *SHAPES, *COUNTS, *YES_NO)
-"""Every possible answer (one word each)."""
+"""Every possible answer of the default question types (one word each)."""
+
+EXTRA_QUESTION_TYPES: tuple[str, ...] = ("count_small", "read_glyph")
+"""Opt-in question types whose answer sits in very few visual tokens (see
+:func:`make_extra_scene_question`). They are never drawn unless named: the defaults
+(:data:`QUESTION_TYPES`) and every sample of the default streams are unchanged by them."""
+ALL_QUESTION_TYPES: tuple[str, ...] = QUESTION_TYPES + EXTRA_QUESTION_TYPES
+DIGITS: tuple[str, ...] = tuple(str(d) for d in range(10))
+ANSWERS_BY_TYPE["count_small"] = COUNTS
+ANSWERS_BY_TYPE["read_glyph"] = DIGITS
+EXTRA_ANSWERS: tuple[str, ...] = tuple(d for d in DIGITS if d not in ANSWERS)
+"""Answers only the opt-in types give (the digits ``4`` - ``9``)."""
 
 QUESTION_WORDS: tuple[str, ...] = (
     "what", "colour", "shape", "is", "the", "object", "objects", "how", "many", "are", "there",
     "left", "of", "?", *DIRECTIONS,
 )  # fmt: skip
 """Every word a question uses besides colours and shapes."""
+EXTRA_QUESTION_WORDS: tuple[str, ...] = ("small", "digit", "drawn")
+"""Words only the opt-in question types use."""
 
 TOKEN_PX = 16
 """Pixels per visual-token side: patch 8 px, 2x2 patches merged into one token."""
@@ -127,6 +148,32 @@ MAX_FRACTION = 0.3
 """Cap of a scaled object's size (training curriculum), as a fraction of the shorter side."""
 MARGIN_FRACTION = 0.5
 """``left_of`` / ``extreme`` margins, in object sizes (mean size of the objects compared)."""
+SMALL_FRACTION = (0.035, 0.05)
+"""``count_small``: size of a small object, as a fraction of the shorter side (a regular object
+is 0.12 - 0.18, so "small" is unambiguous)."""
+SMALL_DISTRACTORS = (2, 4)
+"""``count_small``: small objects of another colour or shape besides the counted ones (inclusive
+range)."""
+GLYPH_CELL_FRACTION = 0.008
+"""``read_glyph``: a glyph is a 3 x 5 grid of cells of ``max(1, round(0.008 * short))`` px
+(2 px at 224 px: the digit is 6 x 10 px, less than one 16 px token), drawn in an object colour
+on a light plate one cell wider on every side."""
+GLYPH_PLATE = (240, 240, 240)
+GLYPH_SHAPE = "glyph"
+"""The ``shape`` of a :class:`SceneObject` that is a glyph (its digit is ``symbol``)."""
+GLYPHS: dict[str, tuple[str, ...]] = {
+    "0": ("###", "#.#", "#.#", "#.#", "###"),
+    "1": (".#.", "##.", ".#.", ".#.", "###"),
+    "2": ("###", "..#", "###", "#..", "###"),
+    "3": ("###", "..#", ".##", "..#", "###"),
+    "4": ("#.#", "#.#", "###", "..#", "..#"),
+    "5": ("###", "#..", "###", "..#", "###"),
+    "6": ("###", "#..", "###", "#.#", "###"),
+    "7": ("###", "..#", ".#.", ".#.", ".#."),
+    "8": ("###", "#.#", "###", "#.#", "###"),
+    "9": ("###", "#.#", "###", "..#", "###"),
+}
+"""3 x 5 bitmaps of the digits (``#`` ink), rows top to bottom; every pair differs in >= 1 cell."""
 
 
 def visual_tokens(size: tuple[int, int]) -> int:
@@ -153,13 +200,16 @@ def _check_size(size: Any) -> tuple[int, int]:
 class SceneObject:
     """One object: ``shape`` (:data:`SHAPES`), ``colour`` (:data:`COLOURS`), centre ``(cx, cy)``
     and ``size`` in pixels (circle diameter, square side / 0.85, triangle side, diamond
-    diagonal)."""
+    diagonal). Opt-in scenes (:func:`make_extra_scene_question`) add glyphs: ``shape``
+    :data:`GLYPH_SHAPE`, ``symbol`` a digit, ``size`` the plate's height (the plate is
+    ``5 / 7`` as wide); ``symbol`` is None for every other object."""
 
     shape: str
     colour: str
     cx: float
     cy: float
     size: float
+    symbol: str | None = None
 
     def bbox(self) -> tuple[float, float, float, float]:
         """``(x0, y0, x1, y1)`` in pixels: the square of side ``size`` around the centre."""
@@ -242,6 +292,29 @@ def random_background(rng: np.random.Generator) -> dict[str, Any]:
     return bg
 
 
+def _free_spot(
+    rng: np.random.Generator,
+    objects: Sequence[SceneObject],
+    size: tuple[int, int],
+    draw_size: Any,
+    tries: int = 200,
+) -> tuple[float, float, float] | None:
+    """``(cx, cy, s)`` of a new object of size ``s = draw_size()`` (drawn anew each try) that
+    keeps clear of ``objects``, or None after ``tries`` draws."""
+    height, width = size
+    short = min(height, width)
+    for _ in range(tries):
+        s = draw_size()
+        pad = s / 2 + 0.02 * short
+        cx = float(rng.uniform(pad, width - pad))
+        cy = float(rng.uniform(pad, height - pad))
+        if all(
+            math.hypot(cx - o.cx, cy - o.cy) >= 0.6 * (s + o.size) + 0.02 * short for o in objects
+        ):
+            return cx, cy, s
+    return None
+
+
 def random_scene(
     rng: np.random.Generator,
     size: tuple[int, int],
@@ -281,17 +354,14 @@ def random_scene(
             colours.append(c)
     objects: list[SceneObject] = []
     for colour in colours:
-        for _ in range(200):
-            s = min(float(rng.uniform(*SIZE_FRACTION)) * scale, MAX_FRACTION) * short
-            pad = s / 2 + 0.02 * short
-            cx = float(rng.uniform(pad, width - pad))
-            cy = float(rng.uniform(pad, height - pad))
-            if all(
-                math.hypot(cx - o.cx, cy - o.cy) >= 0.6 * (s + o.size) + 0.02 * short
-                for o in objects
-            ):
-                objects.append(SceneObject(str(rng.choice(SHAPES)), colour, cx, cy, s))
-                break
+        spot = _free_spot(
+            rng,
+            objects,
+            (height, width),
+            lambda: min(float(rng.uniform(*SIZE_FRACTION)) * scale, MAX_FRACTION) * short,
+        )
+        if spot is not None:
+            objects.append(SceneObject(str(rng.choice(SHAPES)), colour, *spot))
     clutter = []
     for _ in range(int(rng.integers(0, 11))):
         kind = str(rng.choice(["line", "dot"]))
@@ -307,6 +377,100 @@ def random_scene(
             mark["xy"] = [x - r, y - r, x + r, y + r]
         clutter.append(mark)
     return Scene((height, width), tuple(objects), random_background(rng), tuple(clutter))
+
+
+GLYPH_INKS: tuple[str, ...] = ("red", "green", "blue", "purple")
+"""Glyph ink colours: the object colours that stand out on the light plate."""
+
+
+def random_extra_scene(
+    rng: np.random.Generator,
+    size: tuple[int, int],
+    target: tuple[str, str] | None = None,
+    n_target: int | None = None,
+    symbol: str | None = None,
+    scale: float = 1.0,
+    object_range: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS),
+) -> Scene:
+    """A scene of the opt-in question types: a :func:`random_scene` (its regular objects come
+    first in ``objects``), then ``n_target`` (default 0 - 3) small objects of ``target``
+    ``(colour, shape)`` and 2 - 4 small distractors (the target's shape in another colour or
+    its colour in another shape), then one glyph of digit ``symbol`` (default random).
+
+    With ``target`` None it is, half the time, the colour and shape of a regular object (a large
+    look-alike among the distractors), else drawn at random. Small objects are
+    :data:`SMALL_FRACTION` of the shorter side times ``scale`` (at most 0.12): always under half
+    the smallest regular object, which is how :func:`small_indices` tells them apart. Objects
+    that find no free place are left out, so the scene may hold fewer targets than asked
+    (:func:`make_scene_question` checks the answer).
+    """
+    base = random_scene(rng, size, scale=scale, object_range=object_range)
+    height, width = base.size
+    short = min(height, width)
+    objects = list(base.objects)
+    if target is None:
+        if rng.random() < 0.5:
+            o = objects[int(rng.integers(len(objects)))]
+            target = (o.colour, o.shape)
+        else:
+            target = (str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)))
+    colour, shape = target
+    if colour not in COLOURS or shape not in SHAPES:
+        raise ValueError(f"target must be a (colour, shape) pair, got {target!r}")
+    if n_target is None:
+        n_target = int(rng.integers(len(COUNTS)))
+    specs = [target] * int(n_target)
+    for _ in range(int(rng.integers(SMALL_DISTRACTORS[0], SMALL_DISTRACTORS[1] + 1))):
+        if rng.random() < 0.5:
+            specs.append((str(rng.choice([c for c in COLOURS if c != colour])), shape))
+        else:
+            specs.append((colour, str(rng.choice([h for h in SHAPES if h != shape]))))
+    for c, h in specs:
+        spot = _free_spot(
+            rng,
+            objects,
+            (height, width),
+            lambda: min(float(rng.uniform(*SMALL_FRACTION)) * scale, 0.12) * short,
+        )
+        if spot is not None:
+            objects.append(SceneObject(h, c, *spot))
+    if symbol is None:
+        symbol = str(rng.choice(DIGITS))
+    if symbol not in GLYPHS:
+        raise ValueError(f"symbol must be one of {DIGITS}, got {symbol!r}")
+    cell = max(1, round(GLYPH_CELL_FRACTION * scale * short))
+    spot = _free_spot(rng, objects, (height, width), lambda: 7.0 * cell)
+    if spot is not None:
+        x0, y0 = round(spot[0] - 2.5 * cell), round(spot[1] - 3.5 * cell)
+        ink = str(rng.choice(GLYPH_INKS))
+        glyph = SceneObject(GLYPH_SHAPE, ink, x0 + 2.5 * cell, y0 + 3.5 * cell, 7.0 * cell, symbol)
+        objects.append(glyph)
+    return Scene(base.size, tuple(objects), base.background, base.clutter)
+
+
+def small_indices(scene: Scene) -> list[int]:
+    """Indices of the small objects of ``scene``: objects (glyphs aside) under half the size of
+    its largest object (none in a scene of the default question types)."""
+    sizes = [o.size for o in scene.objects if o.shape != GLYPH_SHAPE]
+    if not sizes:
+        return []
+    top = max(sizes)
+    return [i for i, o in enumerate(scene.objects) if o.shape != GLYPH_SHAPE and o.size < 0.5 * top]
+
+
+def glyph_cells(o: SceneObject) -> list[tuple[int, int, int, int]]:
+    """The ink cells of glyph ``o`` as integer pixel boxes ``(x0, y0, x1, y1)`` (end
+    exclusive), rows top to bottom."""
+    if o.shape != GLYPH_SHAPE or o.symbol not in GLYPHS:
+        raise ValueError(f"o must be a glyph object with a digit symbol, got {o!r}")
+    cell = round(o.size / 7)
+    x0, y0 = round(o.cx - 2.5 * cell) + cell, round(o.cy - 3.5 * cell) + cell
+    return [
+        (x0 + c * cell, y0 + r * cell, x0 + (c + 1) * cell, y0 + (r + 1) * cell)
+        for r, row in enumerate(GLYPHS[o.symbol])
+        for c, ch in enumerate(row)
+        if ch == "#"
+    ]
 
 
 def _background_array(bg: dict[str, Any], height: int, width: int) -> np.ndarray:
@@ -338,6 +502,9 @@ def _background_array(bg: dict[str, Any], height: int, width: int) -> np.ndarray
 
 def _shape_points(o: SceneObject, scale: float) -> list[tuple[float, float]] | None:
     cx, cy, s = o.cx * scale, o.cy * scale, o.size * scale
+    if o.shape == GLYPH_SHAPE:  # the plate: 5 x 7 cells
+        hw, hh = 5 * s / 14, s / 2
+        return [(cx - hw, cy - hh), (cx + hw, cy - hh), (cx + hw, cy + hh), (cx - hw, cy + hh)]
     if o.shape == "square":
         h = 0.85 * s / 2
         return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
@@ -373,6 +540,14 @@ def render_scene(scene: Scene, supersample: int = 2) -> Any:
             draw.ellipse(xy, fill=tuple(mark["colour"]))
     for o in scene.objects:
         fill = COLOURS[o.colour]
+        if o.shape == GLYPH_SHAPE:  # pixel-exact boxes: plate, then ink cells
+            cell = round(o.size / 7)
+            px, py = round(o.cx - 2.5 * cell), round(o.cy - 3.5 * cell)
+            plate = [px * ss, py * ss, (px + 5 * cell) * ss - 1, (py + 7 * cell) * ss - 1]
+            draw.rectangle(plate, fill=GLYPH_PLATE)
+            for x0, y0, x1, y1 in glyph_cells(o):
+                draw.rectangle([x0 * ss, y0 * ss, x1 * ss - 1, y1 * ss - 1], fill=fill)
+            continue
         pts = _shape_points(o, ss)
         if pts is None:
             r = o.size * ss / 2
@@ -415,14 +590,30 @@ def _extreme_index(scene: Scene, direction: str) -> int | None:
 def candidate_questions(scene: Scene, qtype: str) -> list[Question]:
     """Every well-posed question of type ``qtype`` about ``scene`` (may be empty).
 
+    ``count_small`` asks for every (colour, shape) of the scene's objects how many small ones
+    there are (:func:`small_indices`); ``read_glyph`` asks for the digit of the scene's glyph
+    when it has exactly one.
+
     Raises:
         ValueError: unknown ``qtype``.
     """
-    if qtype not in QUESTION_TYPES:
-        raise ValueError(f"qtype must be one of {QUESTION_TYPES}, got {qtype!r}")
+    if qtype not in ALL_QUESTION_TYPES:
+        raise ValueError(f"qtype must be one of {ALL_QUESTION_TYPES}, got {qtype!r}")
     objs = scene.objects
     out: list[Question] = []
-    if qtype == "colour_of_shape":
+    if qtype == "count_small":
+        small = small_indices(scene)
+        kinds = sorted({(o.colour, o.shape) for o in objs if o.shape != GLYPH_SHAPE})
+        for colour, shape in kinds:
+            idx = tuple(i for i in small if (objs[i].colour, objs[i].shape) == (colour, shape))
+            text = f"how many small {colour} {shape} objects are there ?"
+            out.append(Question(qtype, text, str(len(idx)), idx))
+    elif qtype == "read_glyph":
+        glyphs = [i for i, o in enumerate(objs) if o.shape == GLYPH_SHAPE]
+        if len(glyphs) == 1:
+            symbol = str(objs[glyphs[0]].symbol)
+            out.append(Question(qtype, "what digit is drawn ?", symbol, (glyphs[0],)))
+    elif qtype == "colour_of_shape":
         for i in _unique(scene, "shape"):
             text = f"what colour is the {objs[i].shape} ?"
             out.append(Question(qtype, text, objs[i].colour, (i,)))
@@ -480,6 +671,13 @@ def answer_question(scene: Scene, question: Question) -> str:
         i = _extreme_index(scene, words[4])
         if i is not None:
             return objs[i].colour
+    elif question.qtype == "count_small":
+        kind = (words[3], words[4])
+        return str(sum((objs[i].colour, objs[i].shape) == kind for i in small_indices(scene)))
+    elif question.qtype == "read_glyph":
+        glyphs = [o for o in objs if o.shape == GLYPH_SHAPE]
+        if len(glyphs) == 1:
+            return str(glyphs[0].symbol)
     raise ValueError(f"question {question.text!r} is not well posed for this scene")
 
 
@@ -525,23 +723,45 @@ def make_scene_question(
     object_range: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS),
 ) -> tuple[Scene, Question]:
     """Draw scenes (objects scaled by ``scale``, see :func:`random_scene`) until one has a
-    question of ``qtype`` (with ``answer`` if given).
+    question of ``qtype`` (with ``answer`` if given). The opt-in types
+    (:data:`EXTRA_QUESTION_TYPES`) draw :func:`random_extra_scene` scenes built for the answer:
+    ``count_small`` asks about the scene's target kind, ``read_glyph`` about its glyph.
 
     Raises:
         ValueError: bad ``qtype`` / ``answer``; RuntimeError: no scene after ``max_tries``.
     """
-    if qtype not in QUESTION_TYPES:
-        raise ValueError(f"qtype must be one of {QUESTION_TYPES}, got {qtype!r}")
+    if qtype not in ALL_QUESTION_TYPES:
+        raise ValueError(f"qtype must be one of {ALL_QUESTION_TYPES}, got {qtype!r}")
     if answer is not None and answer not in ANSWERS_BY_TYPE[qtype]:
         raise ValueError(
             f"answer must be one of {ANSWERS_BY_TYPE[qtype]} for {qtype}, got {answer!r}"
         )
     for _ in range(max_tries):
-        scene = random_scene(rng, size, scale=scale, object_range=object_range)
-        q = pick_question(scene, qtype, rng, answer)
+        if qtype in EXTRA_QUESTION_TYPES:
+            scene, q = _extra_question(rng, size, qtype, answer, scale, object_range)
+        else:
+            scene = random_scene(rng, size, scale=scale, object_range=object_range)
+            q = pick_question(scene, qtype, rng, answer)
         if q is not None:
             return scene, q
     raise RuntimeError(f"no scene with a {qtype} question answered {answer!r} in {max_tries}")
+
+
+def _extra_question(
+    rng: np.random.Generator,
+    size: tuple[int, int],
+    qtype: str,
+    answer: str | None,
+    scale: float,
+    object_range: tuple[int, int],
+) -> tuple[Scene, Question | None]:
+    """One try of :func:`make_scene_question` for an opt-in type: a scene built for
+    ``answer`` and its question, or None where placement left the answer out."""
+    count = int(answer) if answer is not None and qtype == "count_small" else None
+    symbol = answer if qtype == "read_glyph" else None
+    kw = {"scale": scale, "object_range": object_range}
+    scene = random_extra_scene(rng, size, None, count, symbol, **kw)
+    return scene, pick_question(scene, qtype, rng, answer)
 
 
 def make_sample(
@@ -550,13 +770,15 @@ def make_sample(
     seed: int = 0,
     size: tuple[int, int] | None = None,
     qtype: str | None = None,
+    qtypes: Sequence[str] = QUESTION_TYPES,
 ) -> Sample:
     """Sample ``index`` of ``split``: a rendered scene and one question, balanced by design.
 
-    The question type is ``QUESTION_TYPES[index % 5]`` unless ``qtype`` is given; the answer is
-    drawn uniformly from that type's answers first, then scenes are drawn until one has such a
-    question. ``size`` defaults to one of ``SPLIT_SIZES[split]`` drawn by the sample's generator.
-    The same arguments always give the same image bytes and question.
+    The question type is ``qtypes[index % len(qtypes)]`` (default :data:`QUESTION_TYPES`)
+    unless ``qtype`` is given (any of :data:`ALL_QUESTION_TYPES`); the answer is drawn uniformly
+    from that type's answers first, then scenes are drawn until one has such a question.
+    ``size`` defaults to one of ``SPLIT_SIZES[split]`` drawn by the sample's generator. The same
+    arguments always give the same image bytes and question.
     """
     rng = sample_rng(split, index, seed)
     if size is None:
@@ -564,13 +786,33 @@ def make_sample(
         size = sizes[int(rng.integers(len(sizes)))]
     size = _check_size(size)
     if qtype is None:
-        qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]
-    elif qtype not in QUESTION_TYPES:
-        raise ValueError(f"qtype must be one of {QUESTION_TYPES}, got {qtype!r}")
+        qtypes = check_question_types(qtypes)
+        qtype = qtypes[index % len(qtypes)]
+    elif qtype not in ALL_QUESTION_TYPES:
+        raise ValueError(f"qtype must be one of {ALL_QUESTION_TYPES}, got {qtype!r}")
     choices = ANSWERS_BY_TYPE[qtype]
     answer = choices[int(rng.integers(len(choices)))]
     scene, question = make_scene_question(rng, size, qtype, answer)
     return Sample(split, int(index), scene, question, render_scene(scene))
+
+
+COUNT_TYPES = ("count_colour", "count_small")
+"""Question types that count: their involved objects may be asked about again."""
+
+
+def check_question_types(qtypes: Sequence[str]) -> list[str]:
+    """``qtypes`` as a list, checked: a non-empty list of :data:`ALL_QUESTION_TYPES`.
+
+    Raises:
+        ValueError: empty, or unknown types.
+    """
+    qtypes = list(qtypes)
+    if not qtypes or any(t not in ALL_QUESTION_TYPES for t in qtypes):
+        raise ValueError(
+            f"qtypes must be a non-empty list of question types of {ALL_QUESTION_TYPES}, "
+            f"got {qtypes!r}"
+        )
+    return qtypes
 
 
 def make_training_scene(
@@ -591,12 +833,15 @@ def make_training_scene(
     involves no object an earlier non-count question involved (so one answer does not give
     another away when the questions share a sequence). ``left_of`` is skipped when scenes have
     one object.
+
+    The opt-in types (:data:`EXTRA_QUESTION_TYPES`) are asked only about their own scenes
+    (:func:`random_extra_scene`, drawn when the first type is one of them) and those scenes only
+    get opt-in questions: their small objects would make the default types' questions
+    ambiguous. With the default ``qtypes`` nothing changes.
     """
     if isinstance(n_questions, bool) or not isinstance(n_questions, int) or n_questions < 1:
         raise ValueError(f"n_questions must be an int >= 1, got {n_questions!r}")
-    qtypes = list(qtypes)
-    if not qtypes or any(t not in QUESTION_TYPES for t in qtypes):
-        raise ValueError(f"qtypes must be a non-empty subset of {QUESTION_TYPES}, got {qtypes!r}")
+    qtypes = check_question_types(qtypes)
     if object_range[1] < 2:
         qtypes = [t for t in qtypes if t != "left_of"] or list(qtypes)
     first = qtypes[int(rng.integers(len(qtypes)))]
@@ -608,7 +853,9 @@ def make_training_scene(
     except RuntimeError:
         scene, q = make_scene_question(rng, size, first, None, **kw)
     questions = [q]
-    used = set() if q.qtype == "count_colour" else set(q.involved)
+    is_extra = first in EXTRA_QUESTION_TYPES
+    qtypes = [t for t in qtypes if (t in EXTRA_QUESTION_TYPES) == is_extra]
+    used = set() if q.qtype in COUNT_TYPES else set(q.involved)
     texts = {q.text}
     added = True
     while added and len(questions) < n_questions:
@@ -622,7 +869,7 @@ def make_training_scene(
                 c
                 for c in candidate_questions(scene, qtype)
                 if c.text not in texts
-                and (qtype == "count_colour" or not used.intersection(c.involved))
+                and (qtype in COUNT_TYPES or not used.intersection(c.involved))
             ]
             if not cands:
                 continue
@@ -631,7 +878,7 @@ def make_training_scene(
             pool = [c for c in cands if c.answer == target] or cands
             extra = pool[int(rng.integers(len(pool)))]
             questions.append(extra)
-            if qtype != "count_colour":  # a count names no particular object
+            if qtype not in COUNT_TYPES:  # a count names no particular object
                 used.update(extra.involved)
             texts.add(extra.text)
             added = True
@@ -648,6 +895,40 @@ def eval_indices(split: str, n_per_size: int) -> list[tuple[int, tuple[int, int]
         raise ValueError(f"n_per_size must be an int >= 1, got {n_per_size!r}")
     sizes = SPLIT_SIZES[split]
     return [(k * n_per_size + j, s) for k, s in enumerate(sizes) for j in range(n_per_size)]
+
+
+def object_id_map(scene: Scene) -> np.ndarray:
+    """Per pixel (``[H, W]`` uint8): ``0`` where no object is drawn, else ``1 +`` the index of
+    the object there (drawn with the scene's own shapes, without anti-aliasing; glyphs as
+    their plate)."""
+    from PIL import Image, ImageDraw
+
+    height, width = scene.size
+    ids = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(ids)
+    for k, o in enumerate(scene.objects, start=1):
+        pts = _shape_points(o, 1.0)
+        if pts is None:
+            r = o.size / 2
+            draw.ellipse([o.cx - r, o.cy - r, o.cx + r, o.cy + r], fill=k)
+        else:
+            draw.polygon(pts, fill=k)
+    return np.asarray(ids)
+
+
+def token_cells(pixels: np.ndarray) -> np.ndarray:
+    """``[H, W]`` per-pixel values as ``[H/16, W/16, 256]``: the pixels of each visual token
+    (16 x 16 px cell, row-major)."""
+    height, width = pixels.shape
+    cells = pixels.reshape(height // TOKEN_PX, TOKEN_PX, width // TOKEN_PX, TOKEN_PX)
+    return cells.transpose(0, 2, 1, 3).reshape(height // TOKEN_PX, width // TOKEN_PX, -1)
+
+
+def involved_tokens(scene: Scene, question: Question) -> np.ndarray:
+    """``[H/16, W/16]`` bool: the visual tokens that overlap (by at least one pixel of
+    :func:`object_id_map`) an object ``question`` involves."""
+    ids = object_id_map(scene).astype(np.int64) - 1
+    return token_cells(np.isin(ids, question.involved) & (ids >= 0)).any(-1)
 
 
 def image_digest(image: Any) -> str:
@@ -682,10 +963,18 @@ def check_sizes(sizes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 __all__ = [
+    "ALL_QUESTION_TYPES",
     "ANSWERS",
     "ANSWERS_BY_TYPE",
     "COLOURS",
+    "COUNT_TYPES",
+    "DIGITS",
     "DIRECTIONS",
+    "EXTRA_ANSWERS",
+    "EXTRA_QUESTION_TYPES",
+    "EXTRA_QUESTION_WORDS",
+    "GLYPHS",
+    "GLYPH_SHAPE",
     "LARGE_SIZES",
     "QUESTION_TYPES",
     "QUESTION_WORDS",
@@ -700,17 +989,24 @@ __all__ = [
     "SceneObject",
     "answer_question",
     "candidate_questions",
+    "check_question_types",
     "check_sizes",
     "eval_indices",
+    "glyph_cells",
     "image_digest",
+    "involved_tokens",
     "make_sample",
     "make_scene_question",
     "make_training_scene",
+    "object_id_map",
     "parse_size",
     "pick_question",
     "random_background",
+    "random_extra_scene",
     "random_scene",
     "render_scene",
     "sample_rng",
+    "small_indices",
+    "token_cells",
     "visual_tokens",
 ]
