@@ -163,6 +163,7 @@ int main(int argc, char** argv) {
   MapperArgs m{};
   const int widths[6] = {1, 32, 64, 128, 256, 512};
   for (int l = 0; l < 6; ++l) m.widths[l] = widths[l];
+  m.attn_groups = 1;  // the paper's [total] attention input
   m.num_blocks = 5; m.kernel_size = 5; m.total = 65536; m.batch = 1;
   MapperPlan mp;
   mapper_plan(m, sms, smem, &mp);

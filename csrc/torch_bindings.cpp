@@ -34,8 +34,12 @@ TORCH_LIBRARY(tokenprune, m) {
       "Tensor visual_idx, Tensor cu_seqlens_v, Tensor? q_pos=None, float? softmax_scale=None) "
       "-> Tensor");
   m.def(
+      "_instruction_attention_heads(Tensor q, Tensor k, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, Tensor visual_idx, Tensor cu_seqlens_v, Tensor? q_pos=None, "
+      "float? softmax_scale=None, int head_groups=1) -> Tensor");
+  m.def(
       "_mapper_forward(Tensor attn, Tensor cu_seqlens_v, Tensor[] params, int kernel_size, "
-      "float input_eps) -> Tensor");
+      "float input_eps, Tensor? grid=None) -> Tensor");
   // CUDA only (csrc/cuda/ops_cuda.cpp): the selection fused with the gather / the merge, sized
   // by the host-known total_kept (no synchronisation). position_ids is [R, T].
   m.def(

@@ -8,6 +8,7 @@ from tokenprune_kernels import backend, reference
 from tokenprune_kernels.ops import (
     gather_kept,
     instruction_attention,
+    instruction_attention_heads,
     mapper_forward,
     mass_keep_counts,
     merge_kept,
@@ -23,6 +24,7 @@ __all__ = [
     "backend",
     "gather_kept",
     "instruction_attention",
+    "instruction_attention_heads",
     "mapper_forward",
     "mass_keep_counts",
     "merge_kept",

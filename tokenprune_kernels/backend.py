@@ -106,7 +106,11 @@ CONVENTIONS: dict[str, tuple[str, ...]] = {
         "q", "k", "cu_seqlens_q", "cu_seqlens_k", "visual_idx", "cu_seqlens_v", "q_pos",
         "softmax_scale",
     ),
-    "mapper_forward": ("attn", "cu_seqlens_v", "params", "kernel_size", "input_eps"),
+    "instruction_attention_heads": (
+        "q", "k", "cu_seqlens_q", "cu_seqlens_k", "visual_idx", "cu_seqlens_v", "q_pos",
+        "softmax_scale", "head_groups",
+    ),
+    "mapper_forward": ("attn", "cu_seqlens_v", "params", "kernel_size", "input_eps", "grid"),
     "mass_keep_counts": ("scores", "cu_seqlens_v", "keep_bounds", "keep_mass", "relevance"),
     "select_topk": ("scores", "cu_seqlens_v", "keep_counts"),
     "gather_kept": ("visual_embeds", "position_ids", "kept_idx"),
@@ -149,6 +153,11 @@ OPS: dict[str, dict[str, Impl]] = {
         "cpp": Impl(kernel="_instruction_attention", fake=f"{_OPS}.attention:_fake"),
         "cuda": Impl(kernel="_instruction_attention", fake=f"{_OPS}.attention:_fake"),
         "triton": Impl(f"{_TRITON}.attention:instruction_attention_triton"),
+    },
+    "instruction_attention_heads": {
+        "ref": Impl(f"{_REF}:instruction_attention_heads_ref"),
+        "cpp": Impl(kernel="_instruction_attention_heads", fake=f"{_OPS}.attention:_heads_fake"),
+        "triton": Impl(f"{_TRITON}.attention:instruction_attention_heads_triton"),
     },
     "mapper_forward": {
         "ref": Impl(f"{_OPS}.mapper:_mapper_forward_ref"),

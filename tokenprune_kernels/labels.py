@@ -9,6 +9,10 @@ Each shard is a safetensors file with the tensors
 - ``attn``: ``[sum n_v]`` float32 >= 0, the mapper input of every sample, concatenated;
 - ``label``: ``[sum n_v]`` float32 >= 0, the relevance label of every sample, concatenated;
 - ``cu_seqlens``: ``[N + 1]`` int64, sample ``i`` owns ``[cu_seqlens[i], cu_seqlens[i + 1])``;
+- optionally ``heads``: ``[sum n_v, Hq]`` float32 >= 0, the same attention per query head (the
+  input of a mapper with several attention channels), and ``grid``: ``[sum n_v, 2]`` float32, each
+  visual token's normalised row and column in its image grid (every record of a shard has them,
+  or none);
 
 and the string metadata
 
@@ -69,12 +73,44 @@ class LabelRecord:
             answer tokens.
         meta: JSON-serialisable dict (``model_type``, ``modality``, ``n_visual``, ``question``,
             ``answer``, ...).
+        heads: ``[n_v, Hq]`` float32 >= 0, ``attn`` per query head (its mean over the heads is
+            ``attn``), or None.
+        grid: ``[n_v, 2]`` float32, each visual token's normalised grid row and column
+            (``tokenprune_kernels.mapper.grid_positions``), or None.
     """
 
     sample_id: str
     attn: torch.Tensor
     label: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)
+    heads: torch.Tensor | None = None
+    grid: torch.Tensor | None = None
+
+
+_EXTRA = ("heads", "grid")  # optional per-token tensors of a record: [n_v, C]
+
+
+def _checked_extra(record: LabelRecord, n: int) -> dict[str, torch.Tensor]:
+    """The record's optional ``heads`` / ``grid`` as contiguous CPU float32 (only those set)."""
+    out = {}
+    for name in _EXTRA:
+        t = getattr(record, name)
+        if t is None:
+            continue
+        sid = record.sample_id
+        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+            raise TypeError(f"record.{name} of sample {sid!r} must be a float tensor or None")
+        width = 2 if name == "grid" else None
+        if t.dim() != 2 or t.shape[0] != n or t.shape[1] < 1 or width not in (None, t.shape[1]):
+            raise ValueError(
+                f"record.{name} of sample {sid!r} must be [n_v = {n}, {width or 'Hq'}], got "
+                f"shape {list(t.shape)}"
+            )
+        t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        if not bool(torch.isfinite(t).all()) or (name == "heads" and bool((t < 0).any())):
+            raise ValueError(f"record.{name} of sample {sid!r} must be finite (and heads >= 0)")
+        out[name] = t
+    return out
 
 
 def _checked_record(record: LabelRecord) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -170,6 +206,7 @@ def _read_shard(path: Path) -> list[LabelRecord]:
             attn = f.get_tensor("attn")
             label = f.get_tensor("label")
             cu = f.get_tensor("cu_seqlens")
+            extra = {name: f.get_tensor(name) for name in _EXTRA if name in keys}
     except SafetensorError as err:
         raise ValueError(f"'{path}' is not a valid safetensors file: {err}") from err
     n = len(sample_ids)
@@ -189,6 +226,12 @@ def _read_shard(path: Path) -> list[LabelRecord]:
             f"int64 from 0 to T, non-decreasing; got attn {list(attn.shape)} {attn.dtype}, "
             f"label {list(label.shape)} {label.dtype}, cu_seqlens {list(cu.shape)} {cu.dtype}"
         )
+    for name, t in extra.items():
+        if t.dtype != torch.float32 or t.dim() != 2 or t.shape[0] != attn.shape[0]:
+            raise ValueError(
+                f"'{path}' is malformed: expected {name} [{attn.shape[0]}, C] float32, got "
+                f"{list(t.shape)} {t.dtype}"
+            )
     bounds = cu.tolist()
     return [
         LabelRecord(
@@ -196,6 +239,7 @@ def _read_shard(path: Path) -> list[LabelRecord]:
             attn=attn[bounds[i] : bounds[i + 1]].clone(),
             label=label[bounds[i] : bounds[i + 1]].clone(),
             meta=metas[i],
+            **{name: t[bounds[i] : bounds[i + 1]].clone() for name, t in extra.items()},
         )
         for i in range(n)
     ]
@@ -284,6 +328,7 @@ class ShardWriter:
         self._done: set[str] = set()
         self._next_index = 0
         self._buffer: list[tuple[str, torch.Tensor, torch.Tensor, str]] = []
+        self._extras: list[dict[str, torch.Tensor]] = []  # each buffered record's heads / grid
         self._closed = False
         self._scan()
 
@@ -333,11 +378,18 @@ class ShardWriter:
         if self._closed:
             raise ValueError("this ShardWriter is closed")
         attn, label, meta_json = _checked_record(record)
+        extra = _checked_extra(record, attn.shape[0])
         if record.sample_id in self._done:
             raise ValueError(
                 f"sample_id {record.sample_id!r} is already stored in '{self.out_dir}'"
             )
+        if self._buffer and set(extra) != set(self._extras[0]):
+            raise ValueError(
+                f"sample {record.sample_id!r} has the optional tensors {sorted(extra)}, the "
+                f"shard's earlier records {sorted(self._extras[0])}: a shard has them all or none"
+            )
         self._buffer.append((record.sample_id, attn, label, meta_json))
+        self._extras.append(extra)
         self._done.add(record.sample_id)
         if len(self._buffer) >= self.shard_size:
             self.flush()
@@ -355,6 +407,11 @@ class ShardWriter:
             "label": torch.cat([lb for _, _, lb, _ in self._buffer]),
             "cu_seqlens": cu,
         }
+        for name in self._extras[0]:
+            parts = [extra[name] for extra in self._extras]
+            if len({p.shape[1] for p in parts}) != 1:
+                raise ValueError(f"the records' {name} differ in width: {parts[0].shape[1]}, ...")
+            tensors[name] = torch.cat(parts)
         metadata = {
             key: value if isinstance(value, str) else json.dumps(value, sort_keys=True)
             for key, value in self._metadata.items()
@@ -381,6 +438,7 @@ class ShardWriter:
                 tmp.unlink()
         self._next_index += 1
         self._buffer.clear()
+        self._extras.clear()
 
     def close(self) -> None:
         """Flush the buffered records; further :meth:`add` calls raise. Idempotent."""

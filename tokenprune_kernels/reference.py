@@ -27,6 +27,7 @@ __all__ = [
     "MapperArgs",
     "ScoringArgs",
     "gather_kept_ref",
+    "instruction_attention_heads_ref",
     "instruction_attention_ref",
     "keep_counts_ref",
     "keep_rule_counts_ref",
@@ -63,12 +64,30 @@ def instruction_attention_ref(s: ScoringArgs) -> torch.Tensor:
         [Tv] float32: mean over heads and queries of the causal softmax over all visible keys,
         read at the visual columns.
     """
+    return instruction_attention_heads_ref(*s, 1)[:, 0]
+
+
+@flat_args(ScoringArgs)
+def instruction_attention_heads_ref(s: ScoringArgs, head_groups: int | None = None) -> torch.Tensor:
+    """Layer-0 instruction-to-visual attention per group of query heads.
+
+    Arguments as :func:`instruction_attention_ref`, then ``head_groups`` ``G`` dividing ``Hq``
+    (None: ``Hk``).
+
+    Returns:
+        [Tv, G] float32: channel ``g`` is the mean over the query heads ``g * Hq / G .. (g + 1)
+        * Hq / G - 1`` (for ``G = Hk``: the heads sharing KV head ``g``) and the sample's
+        queries of the causal softmax over all visible keys, read at the visual columns. The
+        mean over the channels is :func:`instruction_attention_ref`.
+    """
     q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale = s
+    if head_groups is None:
+        head_groups = k.shape[1]
     hq, d = q.shape[1], q.shape[2]
     group = hq // k.shape[1]
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
     bq, bk, bv = _bounds(cu_seqlens_q), _bounds(cu_seqlens_k), _bounds(cu_seqlens_v)
-    out = torch.zeros(visual_idx.shape[0], dtype=torch.float32, device=q.device)
+    out = torch.zeros(visual_idx.shape[0], head_groups, dtype=torch.float32, device=q.device)
     for b in range(len(bq) - 1):
         nq, nk, nv = bq[b + 1] - bq[b], bk[b + 1] - bk[b], bv[b + 1] - bv[b]
         if nv == 0:
@@ -85,7 +104,8 @@ def instruction_attention_ref(s: ScoringArgs) -> torch.Tensor:
         logits = logits.masked_fill(~visible[None], float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         cols = visual_idx[bv[b] : bv[b + 1]].to(torch.int64)
-        out[bv[b] : bv[b + 1]] = probs[:, :, cols].mean(dim=(0, 1))
+        per_group = probs[:, :, cols].reshape(head_groups, hq // head_groups, nq, nv)
+        out[bv[b] : bv[b + 1]] = per_group.mean(dim=(1, 2)).T
     return out
 
 
@@ -352,7 +372,13 @@ _NO_KEEP = KeepRule()
 
 
 def _scores_ref(s: ScoringArgs, m: MapperArgs) -> torch.Tensor:
-    attn = instruction_attention_ref(*s)
+    """Stage a (per head group when the mapper takes several attention channels), then the
+    mapper when there is one."""
+    groups = m.head_groups()
+    if groups == 1:
+        attn = instruction_attention_ref(*s)
+    else:
+        attn = instruction_attention_heads_ref(*s, groups)
     if len(m.params) == 0:
         return attn
     return mapper_forward_ref(attn, s.cu_seqlens_v, *m, validate=False)

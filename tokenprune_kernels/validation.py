@@ -62,11 +62,20 @@ _SCORING_1D = ("cu_seqlens_q", "cu_seqlens_k", "visual_idx", "cu_seqlens_v", "q_
 
 class MapperArgs(NamedTuple):
     """The mapper's configuration as ``mapper_forward`` takes it: ``params`` (empty: no mapper,
-    the composites then rank the raw attention), ``kernel_size``, ``input_eps``."""
+    the composites then rank the raw attention), ``kernel_size``, ``input_eps``, ``grid`` (the
+    visual tokens' grid positions [Tv, 2] for a mapper with grid input, else None)."""
 
     params: Sequence[torch.Tensor] = ()
     kernel_size: int = 5
     input_eps: float = 1e-4
+    grid: torch.Tensor | None = None
+
+    def head_groups(self) -> int:
+        """The attention channels ``G`` the mapper's first block takes (its input channels, less
+        the grid's two); 1 without a mapper. ``params`` must have been checked."""
+        if len(self.params) == 0:
+            return 1
+        return int(self.params[0].shape[0]) - (0 if self.grid is None else 2)
 
 
 class MergeArgs(NamedTuple):
@@ -124,24 +133,33 @@ class PruneMergeArgs(NamedTuple):
 
 
 def flat_args(bundle: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: an implementation ``fn(b, *, options)`` taking a ``bundle`` (a NamedTuple above)
-    becomes callable with the bundle's fields flat, positionally or by name (as
-    ``bundle(*args, **kwargs)`` binds them), then ``fn``'s own keyword-only options. The wrapper's
-    signature says so (for ``inspect`` and the op table's convention test), so the flat argument
-    list of a stage is written once, in its bundle, however many implementations take it."""
+    """Decorator: an implementation ``fn(b, extra=..., *, options)`` taking a ``bundle`` (a
+    NamedTuple above) becomes callable with the bundle's fields flat, positionally or by name (as
+    ``bundle(*args, **kwargs)`` binds them), then ``fn``'s own positional parameters after the
+    bundle (``extra``: a stage that takes the bundle and more, such as
+    ``instruction_attention_heads``'s ``head_groups``; they need defaults, as the bundle's last
+    fields have them), then its keyword-only options (all other keywords when ``fn`` takes
+    ``**options``). The wrapper's signature says so (for ``inspect`` and the op table's
+    convention test), so the flat argument list of a stage is written once, in its bundle,
+    however many implementations take it."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         sig = inspect.signature(fn)
-        own = [p for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY]
-        names = frozenset(p.name for p in own)
+        params = list(sig.parameters.values())[1:]
+        extra = [p for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+        own = [p for p in params if p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD)]
+        n, fields = len(bundle._fields), frozenset(bundle._fields)
+        names = frozenset(p.name for p in (*extra, *own))
+        any_keyword = any(p.kind is p.VAR_KEYWORD for p in own)
 
         @functools.wraps(fn)
         def flat(*args: Any, **kwargs: Any) -> Any:
-            options = {n: kwargs.pop(n) for n in names & kwargs.keys()}
-            return fn(bundle(*args, **kwargs), **options)
+            mine = [k for k in kwargs if k in names or (any_keyword and k not in fields)]
+            options = {k: kwargs.pop(k) for k in mine}
+            return fn(bundle(*args[:n], **kwargs), *args[n:], **options)
 
-        fields = list(inspect.signature(bundle).parameters.values())
-        flat.__signature__ = sig.replace(parameters=[*fields, *own])  # type: ignore[attr-defined]
+        flat_fields = list(inspect.signature(bundle).parameters.values())
+        flat.__signature__ = sig.replace(parameters=[*flat_fields, *extra, *own])  # type: ignore[attr-defined]
         return flat
 
     return wrap
@@ -453,6 +471,21 @@ def check_instruction_attention(s: ScoringArgs) -> None:
     check_same_device(**tensors)
 
 
+def check_head_groups(head_groups: int | None, q: torch.Tensor, k: torch.Tensor) -> int:
+    """``instruction_attention_heads``'s ``head_groups``: None (``Hk``) or an int >= 1 dividing
+    ``Hq``; returns the resolved ``G``."""
+    if head_groups is None:
+        return int(k.shape[1])
+    if isinstance(head_groups, bool) or not isinstance(head_groups, int):
+        raise TypeError(f"head_groups must be an int or None, got {type(head_groups).__name__}")
+    require(
+        head_groups >= 1 and q.shape[1] % head_groups == 0,
+        f"head_groups must be an int >= 1 dividing the query heads (q.shape[1] = {q.shape[1]}), "
+        f"got {head_groups}",
+    )
+    return head_groups
+
+
 def check_instruction_attention_values(s: ScoringArgs) -> list[int]:
     """Offsets, positions and the instruction/visual rule of stage a, in one device read.
 
@@ -509,13 +542,43 @@ def _detailed_scoring_positions(s: ScoringArgs, bk: list[int]) -> None:
 # -------------------------------------------------------------------------------- composites
 
 
+def _check_composite_mapper(m: MapperArgs, s: ScoringArgs) -> None:
+    """The composites' mapper: its parameters, the grid it may take, and its attention channels
+    ``G`` (``instruction_attention_heads``'s ``head_groups`` when > 1), which must divide the
+    query heads. Grid values are used as given (no device read)."""
+    if m.grid is not None:
+        if len(m.params) == 0:
+            _fail("mapper_grid needs mapper_params: without a mapper nothing reads the grid")
+        if not isinstance(m.grid, torch.Tensor):
+            raise TypeError(f"mapper_grid must be a Tensor or None, got {type(m.grid).__name__}")
+        if m.grid.dtype != torch.float32:
+            raise TypeError(f"mapper_grid must be float32, got {m.grid.dtype}")
+        tv = s.visual_idx.shape[0]
+        require(
+            tuple(m.grid.shape) == (tv, 2),
+            f"mapper_grid must be [total_v, 2] = [{tv}, 2], got shape {tuple(m.grid.shape)}",
+        )
+        check_same_device(q=s.q, mapper_grid=m.grid)
+    if len(m.params) == 0:
+        return
+    first = m.params[0]
+    c0 = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() == 3 else 1
+    check_mapper_config(m.params, m.kernel_size, m.input_eps, s.q.device, c0)
+    groups = m.head_groups()
+    grid_note = " less the 2 grid channels" if m.grid is not None else ""
+    require(
+        groups >= 1 and s.q.shape[1] % groups == 0,
+        f"mapper_params take {c0} input channels: their attention channels ({groups}, the input "
+        f"channels{grid_note}) must divide the query heads (q.shape[1] = {s.q.shape[1]})",
+    )
+
+
 def _check_composite(a: PruneArgs | PruneMergeArgs) -> None:
     """Static checks of stages a-c shared by both composites (fake and real)."""
     s = a.scoring
     check_instruction_attention(s)
     check_keep(*a.keep)
-    if len(a.mapper.params) > 0:
-        check_mapper_config(*a.mapper, s.q.device)
+    _check_composite_mapper(a.mapper, s)
     check_rank("visual_embeds", a.visual_embeds, 2, "[total_v, hidden]")
     require(
         a.visual_embeds.shape[0] == s.visual_idx.shape[0],
@@ -582,13 +645,15 @@ def check_kernel_size(kernel_size: int) -> None:
         raise ValueError(f"kernel_size must be an odd int >= 1, got {kernel_size}")
 
 
-def validate_mapper_params(params: Sequence[torch.Tensor], kernel_size: int) -> tuple[int, ...]:
+def validate_mapper_params(
+    params: Sequence[torch.Tensor], kernel_size: int, in_channels: int = 1
+) -> tuple[int, ...]:
     """Check a flat mapper parameter list and return its block widths ``(C_1, ..., C_last)``.
 
     Raises ``ValueError`` naming the parameter (index and name) and the expected shape when the
-    list has the wrong length, a tensor has the wrong shape (channels must chain from 1 input
-    channel; the depthwise kernel width must equal ``kernel_size``) or the tensors are not all on
-    one device, and ``TypeError`` when an entry is not a float32 tensor.
+    list has the wrong length, a tensor has the wrong shape (channels must chain from
+    ``in_channels`` input channels; the depthwise kernel width must equal ``kernel_size``) or the
+    tensors are not all on one device, and ``TypeError`` when an entry is not a float32 tensor.
     """
     check_kernel_size(kernel_size)
     if isinstance(params, torch.Tensor) or not isinstance(params, Sequence):
@@ -623,7 +688,7 @@ def validate_mapper_params(params: Sequence[torch.Tensor], kernel_size: int) -> 
             )
 
     widths: list[int] = []
-    c_in = 1
+    c_in = in_channels
     for block in range(num_blocks):
         base = block * per_block
         dw_shape = tuple(params[base].shape)
@@ -652,14 +717,18 @@ def validate_mapper_params(params: Sequence[torch.Tensor], kernel_size: int) -> 
 
 
 def check_mapper_config(
-    params: Sequence[torch.Tensor], kernel_size: int, input_eps: float, device: torch.device
+    params: Sequence[torch.Tensor],
+    kernel_size: int,
+    input_eps: float,
+    device: torch.device,
+    in_channels: int = 1,
 ) -> None:
     """The mapper's parameters (see :func:`validate_mapper_params`), kernel size and epsilon."""
     if isinstance(input_eps, bool) or not isinstance(input_eps, numbers.Real):
         raise TypeError(f"input_eps must be a float, got {type(input_eps).__name__}")
     if not (math.isfinite(input_eps) and input_eps > 0):
         _fail(f"input_eps must be a finite float > 0, got {input_eps!r}")
-    validate_mapper_params(params, kernel_size)
+    validate_mapper_params(params, kernel_size, in_channels)
     if params[0].device != device:
         _fail(f"params must be on the device of attn ({device}), got {params[0].device}")
 
@@ -670,29 +739,55 @@ def check_mapper(
     params: Sequence[torch.Tensor],
     kernel_size: int,
     input_eps: float,
+    grid: torch.Tensor | None = None,
 ) -> None:
+    """Ranks, dtypes and devices of ``mapper_forward``'s arguments; the first block of ``params``
+    takes ``attn``'s channels (1 for ``[Tv]``, ``C`` for ``[Tv, C]``) plus 2 with ``grid``."""
     if not isinstance(attn, torch.Tensor):
         raise TypeError(f"attn must be a Tensor, got {type(attn).__name__}")
     if attn.dtype != torch.float32:
         raise TypeError(f"attn must be float32, got {attn.dtype}")
-    check_rank("attn", attn, 1, "[total_v]")
+    check_rank("attn", attn, (1, 2), "[total_v] or [total_v, channels]")
+    if attn.dim() == 2 and attn.shape[1] < 1:
+        _fail(f"attn [total_v, channels] must have channels >= 1, got shape {tuple(attn.shape)}")
     if not isinstance(cu_seqlens_v, torch.Tensor):
         raise TypeError(f"cu_seqlens_v must be a Tensor, got {type(cu_seqlens_v).__name__}")
     check_cu_seqlens("cu_seqlens_v", cu_seqlens_v)
-    check_mapper_config(params, kernel_size, input_eps, attn.device)
+    in_channels = 1 if attn.dim() == 1 else attn.shape[1]
+    if grid is not None:
+        if not isinstance(grid, torch.Tensor):
+            raise TypeError(f"grid must be a Tensor or None, got {type(grid).__name__}")
+        if grid.dtype != torch.float32:
+            raise TypeError(f"grid must be float32, got {grid.dtype}")
+        require(
+            tuple(grid.shape) == (attn.shape[0], 2),
+            f"grid must be [total_v, 2] = [{attn.shape[0]}, 2] (normalised row, column), got "
+            f"shape {tuple(grid.shape)}",
+        )
+        check_same_device(attn=attn, grid=grid)
+        in_channels += 2
+    check_mapper_config(params, kernel_size, input_eps, attn.device, in_channels)
     check_same_device(attn=attn, cu_seqlens_v=cu_seqlens_v)
 
 
-def check_mapper_values(attn: torch.Tensor, cu_seqlens_v: torch.Tensor) -> None:
-    """Offsets cover ``attn`` [Tv] float32; attention values are >= 0 (the log input would turn
-    a negative one into NaN). NaN itself passes: it ranks lowest, as the contract says. One
-    device read."""
+def check_mapper_values(
+    attn: torch.Tensor, cu_seqlens_v: torch.Tensor, grid: torch.Tensor | None = None
+) -> None:
+    """Offsets cover ``attn`` [Tv] or [Tv, C] float32; attention values are >= 0 (the log input
+    would turn a negative one into NaN); ``grid`` [Tv, 2], when given, is finite. NaN attention
+    itself passes: it ranks lowest, as the contract says. One device read."""
     masks = [attn < 0] if attn.numel() > 0 else []
+    if grid is not None and grid.numel() > 0:
+        masks.append(~torch.isfinite(grid))
     (bv,), bad = read_values([cu_seqlens_v], masks)
     check_offsets("cu_seqlens_v", bv, attn.shape[0], "attn.shape[0]")
-    if bad:  # name the first negative entry (more reads, on the failure path only)
-        i = int(torch.nonzero(attn < 0)[0])
-        _fail(f"attn must be >= 0 (attention probabilities), got attn[{i}] = {float(attn[i])}")
+    if bad:  # name the first bad entry (more reads, on the failure path only)
+        if bool((attn < 0).any()):
+            i = tuple(int(x) for x in torch.nonzero(attn < 0)[0])
+            at = ", ".join(map(str, i))
+            _fail(f"attn must be >= 0 (attention probabilities), got attn[{at}] = {float(attn[i])}")
+        i = tuple(int(x) for x in torch.nonzero(~torch.isfinite(grid))[0])
+        _fail(f"grid must be finite, got grid[{i[0]}, {i[1]}] = {float(grid[i])}")
 
 
 def check_select(

@@ -1,9 +1,14 @@
-// CPU kernel of tokenprune::_instruction_attention (contract.md, stage a).
+// CPU kernels of tokenprune::_instruction_attention and _instruction_attention_heads
+// (contract.md, stage a).
 //
 // _instruction_attention(q [Tq, Hq, D], k [Tk, Hk, D], cu_seqlens_q, cu_seqlens_k,
 //                        visual_idx [Tv], cu_seqlens_v, q_pos [Tq]?, softmax_scale?)
 //     -> [Tv] float32: per visual token, the causal softmax over all keys a query sees, read at
 //        the token's key and averaged over the Hq heads and the sample's n_q queries.
+// _instruction_attention_heads(..., head_groups G) -> [Tv, G] float32: the same averaged over
+//        each group of Hq / G consecutive query heads instead (G = Hk: one per key head). The
+//        same pass: only the column sums keep the head groups apart (an item's rows belong to
+//        one key head; for G > Hk its rows are split by head within the key head's group).
 //
 // Rows. The rows of sample b and key head g are its n_q * G (query, head of the group) pairs,
 // G = Hq / Hk, query-major: all heads that read one key head share every key load. An "item" is
@@ -180,6 +185,15 @@ TP_CPU_CLONES float row_dot(const float* a, const float* b, int64_t n) {
   return core::dot_fixed(a, b, n);
 }
 
+// The column sum split by head: out[j] = sum of a[r] * b[r] over the n rows r whose head within
+// the key head's group, (r0 + r) % group, lies in sub-group j (group / sub heads each), j < sub.
+TP_CPU_CLONES void row_dot_split(const float* a, const float* b, int64_t n, int64_t r0,
+                                 int64_t group, int64_t sub, float* out) {
+  const int64_t per = group / sub;
+  for (int64_t j = 0; j < sub; ++j) out[j] = 0.0f;
+  for (int64_t r = 0; r < n; ++r) out[((r0 + r) % group) / per] += a[r] * b[r];
+}
+
 // ---- the kernel ----
 
 template <typename T>
@@ -207,6 +221,8 @@ void pack_queries(const T* q, int64_t sq0, int64_t sq1, int64_t sq2, int64_t d, 
 struct Problem {
   at::Tensor q, k;  // k has a dense last dimension
   int64_t hq, hk, group, d;
+  int64_t channels = 1;  // output channels G (1: the mean over every head)
+  int64_t sub = 1;       // column sums per (item, visual token): head sub-groups of a key head
   float scale_log2;  // softmax scale * log2(e): the logits in base 2
   bool vnni;  // bf16 GEMM operands (else fp32)
   std::vector<Sample> samples;
@@ -312,7 +328,7 @@ void run_items(const Problem& p, std::vector<Item>& items,
     stats_size += it.ntiles * it.rows;
     qpack_size += dp * it.rows;
     pos_size += it.rows;
-    partial_size += p.samples[it.b].nv;
+    partial_size += p.samples[it.b].nv * p.sub;
     max_rows = std::max(max_rows, it.rows);
     tasks.push_back({Kind::kPack, static_cast<int32_t>(i), 0});
   }
@@ -409,11 +425,16 @@ void run_items(const Problem& p, std::vector<Item>& items,
         const int64_t v1 = std::min(s.nv, v0 + kVisualChunk);
         for (int64_t v = v0; v < v1; ++v) {
           const int64_t key = p.visual_idx[s.v0 + v];
+          const float* w = tmax.data() + it.stats + (key / kKeyTile) * rows;
+          float* dst_v = partial.data() + it.partial + v * p.sub;
           // A key past every row's position: no row of the item sees it.
-          partial[it.partial + v] =
-              key < it.kv_len
-                  ? row_dot(e + v * rows, tmax.data() + it.stats + (key / kKeyTile) * rows, rows)
-                  : 0.0f;
+          if (key >= it.kv_len) {
+            for (int64_t j = 0; j < p.sub; ++j) dst_v[j] = 0.0f;
+          } else if (p.sub == 1) {
+            dst_v[0] = row_dot(e + v * rows, w, rows);
+          } else {
+            row_dot_split(e + v * rows, w, it.r1 - it.r0, it.r0, p.group, p.sub, dst_v);
+          }
         }
         sums_done[wave_of[task.item]].fetch_add(1, std::memory_order_acq_rel);
       }
@@ -421,28 +442,37 @@ void run_items(const Problem& p, std::vector<Item>& items,
     if (used_vnni) at::native::cpublas::brgemm_release(true);
   });
 
-  // Each visual token: the sum over its sample's items, in item order, over the row count.
+  // Each visual token and channel: the sum over its sample's items (those of the channel's key
+  // heads), in item order, over the channel's row count. out is [Tv, G].
+  const int64_t nc = p.channels;
+  const int64_t heads_per_channel = p.hq / nc;  // query heads of a channel
+  const int64_t heads_per_sub = p.group / p.sub;
+  std::vector<float> acc(static_cast<size_t>(nc));
   for (int64_t i = 0; i < nitems;) {
     const Sample& s = p.samples[items[i].b];
     int64_t j = i;
     while (j < nitems && items[j].b == items[i].b) ++j;
-    const float count = static_cast<float>(s.nq * p.hq);
+    const float count = static_cast<float>(s.nq * (p.hq / nc));
     for (int64_t v = 0; v < s.nv; ++v) {
-      float acc = 0.0f;
-      for (int64_t k = i; k < j; ++k) acc += partial[items[k].partial + v];
-      out[s.v0 + v] = acc / count;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t k = i; k < j; ++k) {
+        const float* part = partial.data() + items[k].partial + v * p.sub;
+        for (int64_t h = 0; h < p.sub; ++h) {  // sub-group h: first query head g*group + h*per
+          acc[(items[k].g * p.group + h * heads_per_sub) / heads_per_channel] += part[h];
+        }
+      }
+      for (int64_t c = 0; c < nc; ++c) out[(s.v0 + v) * nc + c] = acc[c] / count;
     }
     i = j;
   }
 }
 
-at::Tensor instruction_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                     const at::Tensor& cu_seqlens_q,
-                                     const at::Tensor& cu_seqlens_k,
-                                     const at::Tensor& visual_idx_in,
-                                     const at::Tensor& cu_seqlens_v,
-                                     const std::optional<at::Tensor>& q_pos_in,
-                                     std::optional<double> softmax_scale) {
+// Both ops: `groups` output channels (1: the mean over every head); the result is [Tv, groups].
+at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                         const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                         const at::Tensor& visual_idx_in, const at::Tensor& cu_seqlens_v,
+                         const std::optional<at::Tensor>& q_pos_in,
+                         std::optional<double> softmax_scale, int64_t groups) {
   const c10::Device cpu(c10::kCPU);
   check_dim(q_in, "q", 3, "[Tq, Hq, D]");
   check_float(q_in, "q");
@@ -479,6 +509,13 @@ at::Tensor instruction_attention_cpu(const at::Tensor& q_in, const at::Tensor& k
   p.hq = hq;
   p.hk = hk;
   p.group = hq / hk;
+  TORCH_CHECK_VALUE(groups >= 1 && hq % groups == 0,
+                    "head_groups must be an int >= 1 dividing the query heads (", hq, "), got ",
+                    groups);
+  p.channels = groups;
+  // A channel holds whole key heads (1 sum per item), whole sub-groups of one key head's group
+  // (G / Hk sums), or else the sums are kept per query head (G heads straddle key heads).
+  p.sub = hk % groups == 0 ? 1 : (groups % hk == 0 ? groups / hk : hq / hk);
   p.d = d;
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   p.q = q_in;
@@ -526,7 +563,8 @@ at::Tensor instruction_attention_cpu(const at::Tensor& q_in, const at::Tensor& k
     p.samples.push_back(s);
   }
 
-  at::Tensor out = at::empty({tv}, q_in.options().dtype(c10::kFloat));  // every entry written
+  // every entry written
+  at::Tensor out = at::empty({tv, groups}, q_in.options().dtype(c10::kFloat));
   if (tv == 0) return out;
   const c10::ScalarType dtype = q_in.scalar_type();
   p.vnni = dtype == c10::kBFloat16 && d % 2 == 0 && bf16_brgemm_available();
@@ -592,9 +630,30 @@ at::Tensor instruction_attention_cpu(const at::Tensor& q_in, const at::Tensor& k
   return out;
 }
 
+at::Tensor instruction_attention_cpu(const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& cu_seqlens_q,
+                                     const at::Tensor& cu_seqlens_k, const at::Tensor& visual_idx,
+                                     const at::Tensor& cu_seqlens_v,
+                                     const std::optional<at::Tensor>& q_pos,
+                                     std::optional<double> softmax_scale) {
+  return attention_cpu(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos,
+                       softmax_scale, 1)
+      .view({-1});
+}
+
+at::Tensor instruction_attention_heads_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, const at::Tensor& visual_idx, const at::Tensor& cu_seqlens_v,
+    const std::optional<at::Tensor>& q_pos, std::optional<double> softmax_scale,
+    int64_t head_groups) {
+  return attention_cpu(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos,
+                       softmax_scale, head_groups);
+}
+
 }  // namespace
 }  // namespace tokenprune::cpu
 
 TORCH_LIBRARY_IMPL(tokenprune, CPU, m) {
   m.impl("_instruction_attention", &tokenprune::cpu::instruction_attention_cpu);
+  m.impl("_instruction_attention_heads", &tokenprune::cpu::instruction_attention_heads_cpu);
 }

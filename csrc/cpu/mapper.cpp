@@ -1,9 +1,10 @@
 // CPU kernel of tokenprune::_mapper_forward (contract.md, stage b).
 //
-// _mapper_forward(attn [Tv] float32, cu_seqlens_v [B+1], params (6 per block + 2), kernel_size,
-//                 input_eps) -> [Tv] float32 logits
+// _mapper_forward(attn [Tv] or [Tv, G] float32, cu_seqlens_v [B+1], params (6 per block + 2),
+//                 kernel_size, input_eps, grid [Tv, 2] float32 or None) -> [Tv] float32 logits
 //
-// Per sample of n tokens: x = log(n * attn + eps); per block a depthwise conv (K taps, zero
+// Per sample of n tokens: x = log(n * attn + eps) per attention channel, then the grid's two
+// channels when given (the first block's C_0 = G (+ 2) inputs); per block a depthwise conv (K taps, zero
 // padding per sample, bias), a pointwise C_in -> C_out (bias), LayerNorm over channels and SiLU;
 // then a pointwise head C_last -> 1 (core/mapper_block.h holds the per-token arithmetic).
 //
@@ -113,7 +114,7 @@ TP_CPU_CLONES void norm_rows(float* y, int64_t rows, int64_t c, const float* bia
 
 // ---- the kernel ----
 
-std::vector<int64_t> check_params(at::TensorList params, int64_t kernel_size) {
+std::vector<int64_t> check_params(at::TensorList params, int64_t kernel_size, int64_t c0) {
   const int64_t count = static_cast<int64_t>(params.size());
   TORCH_CHECK_VALUE(count >= kParamsPerBlock + 2 && (count - 2) % kParamsPerBlock == 0,
                     "params must hold 6 tensors per block plus 2 for the head (6 * num_blocks + "
@@ -129,7 +130,7 @@ std::vector<int64_t> check_params(at::TensorList params, int64_t kernel_size) {
                       "] must have shape ", c10::IntArrayRef(shape), ", got ", params[i].sizes());
   };
   std::vector<int64_t> widths;
-  int64_t c_in = 1;
+  int64_t c_in = c0;
   for (int64_t b = 0; b < (count - 2) / kParamsPerBlock; ++b) {
     const int64_t base = b * kParamsPerBlock;
     expect(base, {c_in, 1, kernel_size});
@@ -148,19 +149,31 @@ std::vector<int64_t> check_params(at::TensorList params, int64_t kernel_size) {
 }
 
 at::Tensor mapper_forward_cpu(const at::Tensor& attn, const at::Tensor& cu_seqlens_v,
-                              at::TensorList params, int64_t kernel_size, double input_eps) {
+                              at::TensorList params, int64_t kernel_size, double input_eps,
+                              const std::optional<at::Tensor>& grid) {
   const c10::Device cpu(c10::kCPU);
-  check_dim(attn, "attn", 1, "[Tv]");
+  TORCH_CHECK_VALUE(attn.dim() == 1 || (attn.dim() == 2 && attn.size(1) >= 1),
+                    "attn must be [Tv] or [Tv, G] with G >= 1, got ", attn.sizes());
   TORCH_CHECK_TYPE(attn.scalar_type() == c10::kFloat, "attn must be float32, got ",
                    attn.scalar_type());
   check_device(attn, "attn", cpu);
   const int64_t tv = attn.size(0);
+  const int64_t groups = attn.dim() == 1 ? 1 : attn.size(1);
+  const bool has_grid = grid.has_value();
+  if (has_grid) {
+    TORCH_CHECK_VALUE(grid->dim() == 2 && grid->size(0) == tv && grid->size(1) == 2,
+                      "grid must be [Tv, 2], got ", grid->sizes());
+    TORCH_CHECK_TYPE(grid->scalar_type() == c10::kFloat, "grid must be float32, got ",
+                     grid->scalar_type());
+    check_device(*grid, "grid", cpu);
+  }
+  const int64_t c0 = groups + (has_grid ? 2 : 0);
   const std::vector<int64_t> cu = read_offsets(cu_seqlens_v, "cu_seqlens_v", tv, "Tv");
   TORCH_CHECK_VALUE(kernel_size >= 1 && kernel_size % 2 == 1,
                     "kernel_size must be an odd int >= 1, got ", kernel_size);
   TORCH_CHECK_VALUE(std::isfinite(input_eps) && input_eps > 0,
                     "input_eps must be a finite float > 0, got ", input_eps);
-  const std::vector<int64_t> widths = check_params(params, kernel_size);
+  const std::vector<int64_t> widths = check_params(params, kernel_size, c0);
   at::Tensor out = at::empty({tv}, attn.options());
   if (tv == 0) return out;
 
@@ -168,7 +181,7 @@ at::Tensor mapper_forward_cpu(const at::Tensor& attn, const at::Tensor& cu_seqle
   const int64_t nblocks = static_cast<int64_t>(widths.size());
   const int64_t k = kernel_size;
   std::vector<int64_t> offsets;
-  int64_t total = 0, c_in = 1, max_c = 1;
+  int64_t total = 0, c_in = c0, max_c = c0;
   for (int64_t b = 0; b < nblocks; ++b) {
     const int64_t c_out = widths[b];
     offsets.push_back(total);
@@ -180,7 +193,7 @@ at::Tensor mapper_forward_cpu(const at::Tensor& attn, const at::Tensor& cu_seqle
   total += c_in;
   std::vector<float> packed(static_cast<size_t>(total));
   std::vector<Block> blocks;
-  c_in = 1;
+  c_in = c0;
   for (int64_t b = 0; b < nblocks; ++b) {
     const int64_t c_out = widths[b];
     float* base = packed.data() + offsets[b];
@@ -229,6 +242,10 @@ at::Tensor mapper_forward_cpu(const at::Tensor& attn, const at::Tensor& cu_seqle
 
   const float* a = attn.const_data_ptr<float>();
   const int64_t sa = attn.stride(0);
+  const int64_t sa_g = attn.dim() == 2 ? attn.stride(1) : 0;
+  const float* g = has_grid ? grid->const_data_ptr<float>() : nullptr;
+  const int64_t sg = has_grid ? grid->stride(0) : 0;
+  const int64_t sg_c = has_grid ? grid->stride(1) : 0;
   float* o = out.mutable_data_ptr<float>();
   const float eps = static_cast<float>(input_eps);
   const int64_t half = k / 2;
@@ -249,7 +266,14 @@ at::Tensor mapper_forward_cpu(const at::Tensor& attn, const at::Tensor& cu_seqle
         lo[q - base] = sample_lo[q] - base;
         hi[q - base] = sample_hi[q] - base;
         const float n = static_cast<float>(sample_hi[q] - sample_lo[q]);
-        act[q - base] = core::mapper_input(a[q * sa], n, eps);
+        float* row = act.data() + (q - base) * c0;
+        for (int64_t ch = 0; ch < groups; ++ch) {
+          row[ch] = core::mapper_input(a[q * sa + ch * sa_g], n, eps);
+        }
+        if (has_grid) {
+          row[groups] = g[q * sg];
+          row[groups + 1] = g[q * sg + sg_c];
+        }
       }
       for (int64_t b = 0; b < nblocks; ++b) {
         const Block& blk = blocks[b];

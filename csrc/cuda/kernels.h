@@ -166,13 +166,20 @@ cudaError_t instruction_attention(const AttentionArgs& args, const AttentionPlan
 
 constexpr int kMapperMaxBlocks = 16;  // mapper blocks the CUDA kernel takes
 
-// Arguments of tokenprune::_mapper_forward: attn [total] float32 (stride attn_stride), the
-// offsets cu_v [batch + 1] int64, the flat float32 parameter list (contiguous tensors, op order:
-// per block dw_weight, dw_bias, pw_weight, pw_bias, ln_weight, ln_bias, then head_weight,
-// head_bias) with widths[0] = 1 and widths[l] = C_l, and out [total] float32.
+// Arguments of tokenprune::_mapper_forward: attn [total, groups] float32 (strides attn_stride,
+// attn_group_stride; groups = 1 for the paper's [total] input), grid [total, 2] float32 or null
+// (strides grid_stride, grid_col_stride), the offsets cu_v [batch + 1] int64, the flat float32
+// parameter list (contiguous tensors, op order: per block dw_weight, dw_bias, pw_weight,
+// pw_bias, ln_weight, ln_bias, then head_weight, head_bias) with widths[0] = groups (+ 2 with a
+// grid) and widths[l] = C_l, and out [total] float32.
 struct MapperArgs {
   const float* attn;
   int64_t attn_stride;
+  int64_t attn_groups;
+  int64_t attn_group_stride;
+  const float* grid;
+  int64_t grid_stride;
+  int64_t grid_col_stride;
   int64_t total;
   const int64_t* cu_v;
   int64_t batch;
@@ -211,7 +218,7 @@ struct MapperPlan {
 };
 
 // Fails with cudaErrorInvalidValue for an unsupported config (more than kMapperMaxBlocks blocks,
-// even kernel_size, widths[0] != 1).
+// even kernel_size, widths[0] other than attn_groups (+ 2 with a grid)).
 cudaError_t mapper_plan(const MapperArgs& args, int num_sms, int max_smem_per_block,
                         MapperPlan* plan);
 

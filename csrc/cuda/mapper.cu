@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(kMapperThreads)
   for (int64_t win = blockIdx.x; win < windows; win += gridDim.x) {
     const int64_t t0 = win * p.tile - static_cast<int64_t>(halo) * depth;  // token of row 0
     __syncthreads();  // the previous window is done with every buffer
-    // Rows' samples and the input feature (block 0 output: 1 channel, padded to 16).
+    // Rows' samples and the input features (block 0 output: widths[0] channels, padded to 16).
     for (int64_t r = threadIdx.x; r < m; r += blockDim.x) {
       const int64_t t = t0 + r;
       int64_t lo = -1;
@@ -203,10 +203,13 @@ __global__ void __launch_bounds__(kMapperThreads)
       const int64_t c = e % in_pad;
       const int64_t t = t0 + r;
       float v = 0.0f;
-      if (c == 0 && t >= 0 && t < a.total) {
+      if (c < a.attn_groups && t >= 0 && t < a.total) {
         const int64_t b = sample_of(a.cu_v, a.batch, t);
         const float n = static_cast<float>(a.cu_v[b + 1] - a.cu_v[b]);
-        v = core::mapper_input(a.attn[t * a.attn_stride], n, a.input_eps);
+        v = core::mapper_input(a.attn[t * a.attn_stride + c * a.attn_group_stride], n,
+                               a.input_eps);
+      } else if (a.grid != nullptr && c < a.widths[0] && t >= 0 && t < a.total) {
+        v = a.grid[t * a.grid_stride + (c - a.attn_groups) * a.grid_col_stride];
       }
       x[r * in_pad + c] = v;
     }
@@ -284,7 +287,8 @@ __global__ void __launch_bounds__(kMapperThreads)
 cudaError_t mapper_plan(const MapperArgs& a, int num_sms, int max_smem_per_block,
                         MapperPlan* p) {
   if (a.num_blocks < 1 || a.num_blocks > kMapperMaxBlocks || a.kernel_size < 1 ||
-      a.kernel_size % 2 == 0 || a.widths[0] != 1) {
+      a.kernel_size % 2 == 0 || a.attn_groups < 1 ||
+      a.widths[0] != a.attn_groups + (a.grid != nullptr ? 2 : 0)) {
     return cudaErrorInvalidValue;
   }
   const int halo = a.kernel_size / 2;

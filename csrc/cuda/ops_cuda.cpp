@@ -430,11 +430,21 @@ at::Tensor instruction_attention_cuda(const at::Tensor& q, const at::Tensor& k,
 // ------------------------------------------------------------------------------------ mapper
 
 at::Tensor mapper_forward_cuda(const at::Tensor& attn, const at::Tensor& cu_seqlens_v,
-                               at::TensorList params, int64_t kernel_size, double input_eps) {
-  check_dim(attn, "attn", 1, "[Tv]");
+                               at::TensorList params, int64_t kernel_size, double input_eps,
+                               const std::optional<at::Tensor>& grid) {
+  TORCH_CHECK_VALUE(attn.dim() == 1 || (attn.dim() == 2 && attn.size(1) >= 1),
+                    "attn must be [Tv] or [Tv, G] with G >= 1, got ", attn.sizes());
   TORCH_CHECK_TYPE(attn.scalar_type() == c10::kFloat, "attn must be float32, got ",
                    attn.scalar_type());
   const c10::Device device = check_backend(attn, "attn", c10::kCUDA);
+  if (grid.has_value()) {
+    TORCH_CHECK_VALUE(grid->dim() == 2 && grid->size(0) == attn.size(0) && grid->size(1) == 2,
+                      "grid must be [Tv, 2], got ", grid->sizes());
+    TORCH_CHECK_TYPE(grid->scalar_type() == c10::kFloat, "grid must be float32, got ",
+                     grid->scalar_type());
+    check_device(*grid, "grid", device);
+  }
+  const int64_t groups = attn.dim() == 1 ? 1 : attn.size(1);
   check_offsets_meta(cu_seqlens_v, "cu_seqlens_v");
   check_device(cu_seqlens_v, "cu_seqlens_v", device);
   const int64_t count = static_cast<int64_t>(params.size());
@@ -459,7 +469,7 @@ at::Tensor mapper_forward_cuda(const at::Tensor& attn, const at::Tensor& cu_seql
     a.params[i] = dense.back().const_data_ptr<float>();
   }
   // Widths and the element counts every kernel relies on.
-  a.widths[0] = 1;
+  a.widths[0] = groups + (grid.has_value() ? 2 : 0);
   for (int64_t l = 0; l < depth; ++l) {
     const at::Tensor& pw = dense[6 * l + 2];
     TORCH_CHECK_VALUE(pw.dim() == 2 && pw.size(1) == a.widths[l],
@@ -481,6 +491,11 @@ at::Tensor mapper_forward_cuda(const at::Tensor& attn, const at::Tensor& cu_seql
   at::Tensor out = at::empty({attn.size(0)}, attn.options());
   a.attn = attn.const_data_ptr<float>();
   a.attn_stride = attn.stride(0);
+  a.attn_groups = groups;
+  a.attn_group_stride = attn.dim() == 2 ? attn.stride(1) : 0;
+  a.grid = grid.has_value() ? grid->const_data_ptr<float>() : nullptr;
+  a.grid_stride = grid.has_value() ? grid->stride(0) : 0;
+  a.grid_col_stride = grid.has_value() ? grid->stride(1) : 0;
   a.total = attn.size(0);
   a.cu_v = cu_v.const_data_ptr<int64_t>();
   a.batch = cu_v.size(0) - 1;

@@ -251,7 +251,10 @@ def test_argument_errors(make_mapper):
             _call(params, input_eps=eps)
     with pytest.raises(TypeError, match="attn must be float32"):
         _call(params, attn=torch.full((4,), 0.25, dtype=torch.float16))
-    with pytest.raises(ValueError, match=r"attn must be 1-D"):
+    with pytest.raises(ValueError, match=r"attn must be 1-D or 2-D"):
+        _call(params, attn=torch.full((1, 4, 1), 0.25))
+    # [Tv, G] is a multi-channel input: this 1-channel mapper's first block does not take it
+    with pytest.raises(ValueError, match=r"params\[0\] .* must have shape \[4, 1, 5\]"):
         _call(params, attn=torch.full((1, 4), 0.25))
     with pytest.raises(TypeError, match="cu_seqlens_v must be int32 or int64"):
         _call(params, cu=torch.tensor([0.0, 4.0]))

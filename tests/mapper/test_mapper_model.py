@@ -28,8 +28,8 @@ def test_config_defaults_and_round_trip():
     assert config.channels == DEFAULT_CHANNELS
     assert config.kernel_size == 5 and config.input_eps == 1e-4 and config.num_blocks == 5
     data = config.to_dict()
-    assert data == {
-        "format_version": CONFIG_FORMAT_VERSION,
+    assert data == {  # the paper's input: still format version 1, readable by older versions
+        "format_version": 1,
         "channels": list(DEFAULT_CHANNELS),
         "kernel_size": 5,
         "input_eps": 1e-4,
@@ -72,8 +72,10 @@ def test_config_from_dict_errors():
     good = MapperConfig().to_dict()
     with pytest.raises(ValueError, match=r"unknown mapper config keys \['dropout'\]"):
         MapperConfig.from_dict({**good, "dropout": 0.1})
-    with pytest.raises(ValueError, match=r"unsupported mapper config format_version 2"):
-        MapperConfig.from_dict({**good, "format_version": 2})
+    with pytest.raises(ValueError, match=r"unsupported mapper config format_version 3"):
+        MapperConfig.from_dict({**good, "format_version": CONFIG_FORMAT_VERSION + 1})
+    with pytest.raises(ValueError, match=r"missing keys \['attention_channels', 'grid'\]"):
+        MapperConfig.from_dict({**good, "format_version": CONFIG_FORMAT_VERSION})
     with pytest.raises(ValueError, match=r"unsupported mapper config format_version '1'"):
         MapperConfig.from_dict({**good, "format_version": "1"})
     with pytest.raises(ValueError, match="no 'format_version'"):

@@ -30,12 +30,29 @@ def _inputs(dtype=torch.float32):
     return inp, params, attn, kept
 
 
+def _v2_inputs(inp):
+    """Mapper v2's inputs: a mapper on 2 attention channels and the grid, its grid positions."""
+    torch.manual_seed(1)
+    config = MapperConfig(channels=(4, 8), attention_channels=2, grid=True)
+    params = [p.detach() for p in TokenMapper(config).eval().op_params()]
+    grid = torch.rand(inp.visual_idx.shape[0], 2, generator=torch.Generator().manual_seed(2))
+    return params, grid
+
+
 def _cases(dtype=torch.float32):
     inp, params, attn, kept = _inputs(dtype)
+    v2_params, v2_grid = _v2_inputs(inp)
     ops = torch.ops.tokenprune
     return {
         "instruction_attention": (ops.instruction_attention.default, tuple(inp.scoring(q_pos=True))),
+        "instruction_attention_heads": (
+            ops.instruction_attention_heads.default, (*inp.scoring(q_pos=True), 2)
+        ),
         "mapper_forward": (ops.mapper_forward.default, (attn, inp.cu_seqlens_v, params, 5, 1e-4)),
+        "mapper_forward[v2]": (
+            ops.mapper_forward.default,
+            (torch.stack([attn, attn * 0.5], 1), inp.cu_seqlens_v, v2_params, 5, 1e-4, v2_grid),
+        ),
         "select_topk": (ops.select_topk.default, (attn.to(dtype), inp.cu_seqlens_v, 0.5, None)),
         "select_topk[mass]": (
             ops.select_topk.default,
@@ -62,6 +79,13 @@ def _cases(dtype=torch.float32):
             (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.inputs_embeds,
              inp.position_ids, inp.cu_seqlens, inp.visual_embeds, inp.visual_idx,
              inp.cu_seqlens_v, [], 5, 1e-4, None, 3, inp.q_pos, 0.2),
+        ),
+        "prune_and_merge[v2]": (
+            ops.prune_and_merge.default,
+            (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.inputs_embeds,
+             inp.position_ids, inp.cu_seqlens, inp.visual_embeds, inp.visual_idx,
+             inp.cu_seqlens_v, v2_params, 5, 1e-4, 0.5, None, inp.q_pos, None, None, 0.0, 1.0,
+             v2_grid),
         ),
         "prune_and_merge[mass]": (
             ops.prune_and_merge.default,

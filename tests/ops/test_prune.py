@@ -247,3 +247,53 @@ def test_composite_under_torch_compile(backend_name, device, keep):
         got = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
     for w, g in zip(want, got, strict=True):
         assert torch.equal(w, g)
+
+
+V2_CASES = [(2, False), (4, True), (1, True)]  # mapper v2 inputs: (attention channels, grid)
+
+
+@pytest.mark.parametrize(("backend_name", "device"), BACKENDS)
+@pytest.mark.parametrize(("groups", "grid"), V2_CASES, ids=["kv", "heads+grid", "mean+grid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_composites_with_v2_mapper_equal_chain(backend_name, device, groups, grid, dtype):
+    """A mapper on G attention channels (the first block's input channels, less the grid's):
+    the composites feed it instruction_attention_heads(head_groups=G) and the grid, and keep the
+    reference chain's tokens exactly; inputs strided for the second call."""
+    gen = same_inputs("v2", groups, grid, dtype)
+    inp = make_inputs(LAYOUTS, dtype=dtype, heads_q=4, heads_k=2, generator=gen, qk_std=1.5)
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    config = MapperConfig(channels=(4, 8, 16), attention_channels=groups, grid=grid)
+    params = [p.detach() for p in TokenMapper(config).eval().op_params()]
+    pos = torch.rand(inp.visual_idx.shape[0], 2, generator=gen) if grid else None
+    s = inp.scoring(q_pos=True)
+    if groups == 1:
+        attn = reference.instruction_attention_ref(*s)
+    else:
+        attn = reference.instruction_attention_heads_ref(*s, groups)
+    scores = reference.mapper_forward_ref(attn, inp.cu_seqlens_v, params, 5, 1e-4, pos)
+    assert_separated(scores, inp.cu_seqlens_v, keep_ratio=0.25)
+    counts = reference.keep_counts_ref(inp.cu_seqlens_v, keep_ratio=0.25)
+    kept, cu_kept = reference.select_topk_ref(scores, inp.cu_seqlens_v, counts)
+    grid_arg = None if pos is None else pos.to(device)
+    for x, g in ((inp, grid_arg), (inp.strided(), None if pos is None else strided(grid_arg))):
+        kw = {"keep_ratio": 0.25, "q_pos": x.q_pos, "mapper_grid": g}
+        out = pruned(backend_name, device, x, params, **kw)
+        assert torch.equal(out[2], kept) and torch.equal(out[3], cu_kept)
+        torch.testing.assert_close(out[4], scores, **scores_tolerance(backend_name))
+        out = merged(backend_name, device, x, params, **kw)
+        assert torch.equal(out[4], kept)
+        torch.testing.assert_close(out[5], scores, **scores_tolerance(backend_name))
+
+
+def test_v2_mapper_errors(gen):
+    inp = make_inputs(LAYOUTS, heads_q=4, heads_k=2, generator=gen)
+    v2 = MapperConfig(channels=(4,), attention_channels=3)
+    params = [p.detach() for p in TokenMapper(v2).op_params()]
+    with pytest.raises(ValueError, match=r"attention channels \(3.*must divide the query heads"):
+        pruned("ref", "cpu", inp, params, keep_ratio=0.5)
+    with pytest.raises(ValueError, match="mapper_grid needs mapper_params"):
+        pruned("ref", "cpu", inp, [], keep_ratio=0.5, mapper_grid=torch.zeros(1, 2))
+    params = [p.detach() for p in TokenMapper(MapperConfig(channels=(4,))).op_params()]
+    bad = torch.zeros(inp.visual_idx.shape[0], 3)
+    with pytest.raises(ValueError, match=r"mapper_grid must be \[total_v, 2\]"):
+        pruned("ref", "cpu", inp, params, keep_ratio=0.5, mapper_grid=bad)

@@ -154,11 +154,9 @@ def test_manual_decode_without_masks_or_positions(make_qwen, gen, model_type):
     assert torch.equal(torch.stack(toks, 1), want)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_5_vl"])
-def test_mapper_from_safetensors(make_qwen, gen, model_type, tmp_path):
-    model = make_qwen(model_type)
-    torch.manual_seed(3)
-    mapper = TokenMapper().eval()
+def _check_mapper_file(model, model_type, gen, mapper, tmp_path) -> None:
+    """``mapper`` saved to a file and applied by path at keep 0.5: kept tokens and logits equal
+    the oracle's."""
     path = tmp_path / "mapper.safetensors"
     save_mapper(mapper, path)
     inputs = build_inputs(model_type, TWO_SIZES, gen, "left")
@@ -169,6 +167,13 @@ def test_mapper_from_safetensors(make_qwen, gen, model_type, tmp_path):
     pruned = last_pruned(model)
     assert [k.tolist() for k in pruned.kept_visual] == [k.tolist() for k in kept]
     _assert_rows(got, pruned.attention_mask, want, hp.attention_mask)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl"])
+def test_mapper_from_safetensors(make_qwen, gen, model_type, tmp_path):
+    model = make_qwen(model_type)
+    torch.manual_seed(3)
+    _check_mapper_file(model, model_type, gen, TokenMapper().eval(), tmp_path)
     with pytest.raises(ValueError, match=r"\.safetensors"):
         apply_tokenprune(model, keep_ratio=0.5, mapper=str(tmp_path / "mapper.pt"))
 
@@ -407,3 +412,19 @@ def test_half_precision_keep_all_equals_unpatched(make_qwen, gen, dtype):
         got = model(**inputs).logits
     assert got.dtype == dtype
     _assert_rows(got, last_pruned(model).attention_mask, want, inputs["attention_mask"])
+
+
+@pytest.mark.parametrize(
+    ("model_type", "groups", "grid"),
+    [("qwen2_vl", 2, False), ("qwen2_5_vl", 4, True), ("qwen3_vl", 2, True)],
+)
+def test_mapper_v2_inputs(make_qwen, gen, model_type, groups, grid, tmp_path):
+    """A mapper on per-head-group attention (and grid positions): apply_tokenprune picks its input
+    from the file's config; kept tokens and logits equal the oracle's (eager attention per head,
+    grid from image_grid_thw)."""
+    from tokenprune_kernels.mapper import MapperConfig
+
+    model = make_qwen(model_type)
+    torch.manual_seed(4)
+    mapper = TokenMapper(MapperConfig(channels=(8, 16), attention_channels=groups, grid=grid))
+    _check_mapper_file(model, model_type, gen, mapper.eval(), tmp_path)

@@ -225,3 +225,33 @@ def test_merge_stats_kernel_matches_a_direct_merge(device, gen):
     assert torch.equal(m_dev[:rows].cpu(), want_m)
     torch.testing.assert_close(l_dev[:rows].cpu(), want_l, atol=0, rtol=1e-6)
     assert torch.equal(m_dev[rows:].cpu(), m[1:].flatten())  # the other splits untouched
+
+
+@pytest.mark.parametrize("groups", [2, 3, 6])
+def test_head_group_colsums_read_the_merged_statistics(groups, device, gen):
+    """``instruction_attention_heads_triton`` on main's launch structure: with key splits the
+    per-group column pass reads the once-merged row statistics (same three launches as the mean,
+    the column pass with ``num_channels = G``); groups that straddle two KV heads (G = 3 of
+    Hq = 6, Hk = 2) and one per query head (G = 6) match the reference on strided, ragged
+    inputs, one split or five."""
+    from tokenprune_kernels.reference import instruction_attention_heads_ref
+    from tokenprune_kernels.triton import instruction_attention_heads_triton
+    from tokenprune_kernels.triton.launch import capture
+
+    inp = make_inputs(LAYOUTS["long"], heads_q=6, heads_k=2, head_dim=24, generator=gen, qk_std=1.5)
+    wide_k = torch.randn(inp.k.shape[0], 3, 24, generator=gen)
+    wide_k[:, 1:] = inp.k
+    inp, k = inp.to(device), wide_k.to(device)[:, 1:]
+    args = (inp.q, k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v)
+    want = instruction_attention_heads_ref(inp.q, inp.k, *args[2:], None, None, groups)
+    for splits in (5, 1):
+        options = {**SMALL, "num_splits": splits}
+        with capture() as launches:
+            instruction_attention_heads_triton(*args, None, None, groups, **options)
+        names = [r.kernel.fn.__name__ for r in launches]
+        assert names[-1] == "_visual_colsum_kernel" and len(names) == (3 if splits > 1 else 2)
+        got = instruction_attention_heads_triton(*args, None, None, groups, **options)
+        assert got.shape == (inp.visual_idx.shape[0], groups)
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+    mean = instruction_attention_triton(*args, **SMALL)
+    torch.testing.assert_close(got.mean(1), mean, **TOL[torch.float32])

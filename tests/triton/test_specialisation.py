@@ -20,7 +20,10 @@ import torch
 pytest.importorskip("triton")
 
 from tokenprune_kernels.mapper import MapperConfig, TokenMapper
-from tokenprune_kernels.triton.attention import instruction_attention_triton
+from tokenprune_kernels.triton.attention import (
+    instruction_attention_heads_triton,
+    instruction_attention_triton,
+)
 from tokenprune_kernels.triton.gather import select_gather_triton, select_merge_triton
 from tokenprune_kernels.triton.launch import capture, specialisation
 from tokenprune_kernels.triton.mapper import mapper_forward_triton
@@ -40,21 +43,29 @@ def _cu(counts: list[int]) -> torch.Tensor:
     return torch.tensor([0, *counts]).cumsum(0)
 
 
-def _attention(dtype: torch.dtype) -> Callable[[list[int]], object]:
+def _attention(dtype: torch.dtype, groups: int | None = None) -> Callable[[list[int]], object]:
+    """Stage a; with ``groups``, its per-head-group form (``instruction_attention_heads``)."""
+
     def call(n_v: list[int]):
         n_q = 7
         n_k = [v + n_q + 9 for v in n_v]
         q = torch.empty(n_q * len(n_v), 4, 32, dtype=dtype)
         k = torch.empty(sum(n_k), 2, 32, dtype=dtype)
         vidx = torch.zeros(sum(n_v), dtype=torch.int64)
-        return instruction_attention_triton(q, k, _cu([n_q] * len(n_v)), _cu(n_k), vidx, _cu(n_v))
+        args = (q, k, _cu([n_q] * len(n_v)), _cu(n_k), vidx, _cu(n_v))
+        if groups is None:
+            return instruction_attention_triton(*args)
+        return instruction_attention_heads_triton(*args, None, None, groups)
 
     return call
 
 
-def _mapper(n_v: list[int]):
-    params = TokenMapper(MapperConfig(channels=(8, 16), kernel_size=3)).op_params()
-    return mapper_forward_triton(torch.empty(sum(n_v)), _cu(n_v), params, 3, 1e-4)
+def _mapper(n_v: list[int], groups: int = 1, grid: bool = False):
+    config = MapperConfig(channels=(8, 16), kernel_size=3, attention_channels=groups, grid=grid)
+    params = TokenMapper(config).op_params()
+    attn = torch.empty(sum(n_v)) if groups == 1 else torch.empty(sum(n_v), groups)
+    xy = torch.empty(sum(n_v), 2) if grid else None
+    return mapper_forward_triton(attn, _cu(n_v), params, 3, 1e-4, xy)
 
 
 def _select(dtype: torch.dtype, merge: bool) -> Callable[[list[int]], object]:
@@ -80,7 +91,9 @@ def _select(dtype: torch.dtype, merge: bool) -> Callable[[list[int]], object]:
 OPS = {
     "attention[fp32]": _attention(torch.float32),
     "attention[bf16]": _attention(torch.bfloat16),
+    "attention_heads[fp16,G=2]": _attention(torch.float16, groups=2),
     "mapper": _mapper,
+    "mapper[G=2,grid]": lambda n_v: _mapper(n_v, groups=2, grid=True),
     "select_gather[fp16]": _select(torch.float16, merge=False),
     "select_merge[bf16]": _select(torch.bfloat16, merge=True),
 }

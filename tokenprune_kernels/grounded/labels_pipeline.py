@@ -18,8 +18,11 @@ stream the model was not trained on):
 3. samples answered correctly only: the gradient-weighted relevance of the visual tokens with
    :func:`tokenprune_kernels.explain.explain_relevance` (eager attention, the model's own greedy
    answer token teacher-forced, ``target="logit"``);
-4. :class:`tokenprune_kernels.labels.ShardWriter` writes ``attn`` / ``label`` shards
-   (resumable) and ``summary.json`` (seen, correct, rate).
+4. :func:`layer0_head_attention`: the same attention per query head and the tokens' grid
+   positions (what a mapper with several attention channels and grid input trains on,
+   ``tokenprune train-mapper --attention-channels G --grid``);
+5. :class:`tokenprune_kernels.labels.ShardWriter` writes ``attn`` / ``label`` / ``heads`` /
+   ``grid`` shards (resumable) and ``summary.json`` (seen, correct, rate).
 
 Then :func:`tokenprune_kernels.training.train_mapper_from_labels` trains the mapper (Adam, KL to
 the top-50% target, validation split, best by validation KL) and writes ``mapper.safetensors``,
@@ -69,6 +72,49 @@ def relevance_label(
     return rel.relevance.detach().float().cpu()
 
 
+@torch.no_grad()
+def layer0_head_attention(
+    model: nn.Module, inputs: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query-head layer-0 instruction attention and grid positions of one prompt's visual
+    tokens: what a mapper with several attention channels (and grid input) trains on.
+
+    Args:
+        model: the grounded Qwen2-VL (not patched).
+        inputs: processor inputs of one prompt (batch of one, no pads), on the model's device.
+
+    Returns:
+        ``(heads [n_v, Hq] float32, grid [n_v, 2] float32)`` on the CPU: the op
+        ``instruction_attention_heads(..., head_groups=Hq)`` on the model's own layer-0 queries
+        and keys (the inference path's queries: the default instruction tokens), and
+        :func:`~tokenprune_kernels.mapper.grid_positions` of the merged image grid.
+    """
+    from tokenprune_kernels.grounded.methods import _base, prepare
+    from tokenprune_kernels.mapper import grid_positions
+    from tokenprune_kernels.ops import instruction_attention_heads
+    from tokenprune_kernels.transformers import default_instruction_mask_for
+    from tokenprune_kernels.transformers.qwen import layer0_of
+
+    base = _base(model)
+    prep = prepare(model, inputs)
+    ids = inputs["input_ids"].to(prep.embeds.device)
+    instr = default_instruction_mask_for(base, ids, prep.visual_mask)[0]
+    q_pos = instr.nonzero().flatten()
+    vis = prep.visual_positions
+    n_keys = int(torch.maximum(q_pos.max(), vis.max())) + 1
+    layer0 = layer0_of(base)
+    pos = prep.position_ids[:, 0]  # [3, L]
+    q = layer0.queries(prep.embeds[0, q_pos], pos[:, None, q_pos])
+    k = layer0.keys(prep.embeds[0, :n_keys], pos[:, None, :n_keys])
+    cu = torch.tensor([0, 1], device=q.device)
+    heads = instruction_attention_heads(
+        q, k, cu * q_pos.numel(), cu * n_keys, vis, cu * vis.numel(), q_pos,
+        layer0.scaling, layer0.num_heads,
+    )  # fmt: skip
+    t, h, w = prep.grid
+    return heads.float().cpu(), grid_positions(h, w, t)
+
+
 def label_grounded_sample(
     model: nn.Module, processor: Any, sample: Sample
 ) -> tuple[bool, str, LabelRecord | None]:
@@ -101,11 +147,14 @@ def label_grounded_sample(
         "index": sample.index,
         "target": "logit",
     }
+    heads, grid = layer0_head_attention(model, inputs)
     record = LabelRecord(
         sample_id=f"{sample.split}-{sample.index}",
         attn=attn.detach().cpu().float(),
         label=rel.relevance.detach().cpu().float(),
         meta=meta,
+        heads=heads,
+        grid=grid,
     )
     return True, greedy, record
 
@@ -219,4 +268,11 @@ if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
 
 
-__all__ = ["LABEL_SEED", "label_grounded_sample", "main", "make_labels", "relevance_label"]
+__all__ = [
+    "LABEL_SEED",
+    "label_grounded_sample",
+    "layer0_head_attention",
+    "main",
+    "make_labels",
+    "relevance_label",
+]

@@ -19,14 +19,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .functional import LAYER_NORM_EPS, _mapper_trunk, mapper_forward_ref, mapper_param_names
+from .functional import (
+    LAYER_NORM_EPS,
+    _mapper_trunk,
+    mapper_features,
+    mapper_forward_ref,
+    mapper_param_names,
+)
 
 __all__ = ["CONFIG_FORMAT_VERSION", "MapperConfig", "TokenMapper"]
 
-#: Version of the dict written by :meth:`MapperConfig.to_dict`; bump on incompatible changes.
-CONFIG_FORMAT_VERSION = 1
+#: Version of the dict written by :meth:`MapperConfig.to_dict` for a mapper with more input than
+#: the head-mean attention (version 1, the paper's input, is still written for those); bump on
+#: incompatible changes.
+CONFIG_FORMAT_VERSION = 2
 
 _CONFIG_FIELDS = ("channels", "kernel_size", "input_eps")
+_INPUT_FIELDS = ("attention_channels", "grid")
 
 
 def _is_int(value: Any) -> bool:
@@ -44,11 +53,18 @@ class MapperConfig:
         kernel_size: odd depthwise kernel width ``K >= 1`` ('same' zero padding ``K // 2``).
         input_eps: ``> 0``; the input feature of a sample of ``n`` tokens is
             ``log(n * attn + input_eps)``.
+        attention_channels: ``G``, the attention input's channels: 1 (the paper's input, the
+            mean over every query head) or the per-head-group means
+            ``instruction_attention(..., head_groups=G)`` (``G`` = the model's KV heads: one
+            channel per GQA group); ``G`` must divide the model's query heads.
+        grid: whether each token's normalised grid row and column are 2 more input channels.
     """
 
     channels: tuple[int, ...] = (32, 64, 128, 256, 512)
     kernel_size: int = 5
     input_eps: float = 1e-4
+    attention_channels: int = 1
+    grid: bool = False
 
     def __post_init__(self) -> None:
         channels = self.channels
@@ -77,19 +93,43 @@ class MapperConfig:
             raise ValueError(f"input_eps must be a finite float > 0, got {eps!r}")
         object.__setattr__(self, "input_eps", float(eps))
 
+        g = self.attention_channels
+        if not _is_int(g) or g < 1:
+            raise ValueError(f"attention_channels must be an int >= 1, got {g!r}")
+        object.__setattr__(self, "attention_channels", int(g))
+        if not isinstance(self.grid, bool):
+            raise ValueError(f"grid must be a bool, got {self.grid!r}")
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels of the first block: ``attention_channels`` (+ 2 with ``grid``)."""
+        return self.attention_channels + (2 if self.grid else 0)
+
+    @property
+    def paper_input(self) -> bool:
+        """True for the paper's input: the head-mean attention alone (``attn [Tv]``)."""
+        return self.attention_channels == 1 and not self.grid
+
     @property
     def num_blocks(self) -> int:
         """Number of conv blocks (``len(channels)``)."""
         return len(self.channels)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict: ``{"format_version", "channels", "kernel_size", "input_eps"}``."""
-        return {
-            "format_version": CONFIG_FORMAT_VERSION,
+        """JSON-ready dict: ``{"format_version": 1, "channels", "kernel_size", "input_eps"}``
+        for the paper's input (what every version reads), else ``format_version``
+        :data:`CONFIG_FORMAT_VERSION` with ``attention_channels`` and ``grid`` too."""
+        out: dict[str, Any] = {
+            "format_version": 1,
             "channels": list(self.channels),
             "kernel_size": self.kernel_size,
             "input_eps": self.input_eps,
         }
+        if not self.paper_input:
+            out["format_version"] = CONFIG_FORMAT_VERSION
+            out["attention_channels"] = self.attention_channels
+            out["grid"] = self.grid
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MapperConfig:
@@ -106,25 +146,28 @@ class MapperConfig:
                 f"(expected {CONFIG_FORMAT_VERSION}); keys: {sorted(data)}"
             )
         version = data["format_version"]
-        if not _is_int(version) or version != CONFIG_FORMAT_VERSION:
+        if not _is_int(version) or version not in (1, CONFIG_FORMAT_VERSION):
             raise ValueError(
                 f"unsupported mapper config format_version {version!r}; this version of "
-                f"tokenprune_kernels reads format_version {CONFIG_FORMAT_VERSION}"
+                f"tokenprune_kernels reads format_version 1 and {CONFIG_FORMAT_VERSION}"
             )
-        known = {"format_version", *_CONFIG_FIELDS}
+        fields = _CONFIG_FIELDS if version == 1 else (*_CONFIG_FIELDS, *_INPUT_FIELDS)
+        known = {"format_version", *fields}
         unknown = sorted(str(key) for key in data if key not in known)
         if unknown:
             raise ValueError(f"unknown mapper config keys {unknown}; expected only {sorted(known)}")
-        missing = [key for key in _CONFIG_FIELDS if key not in data]
+        missing = [key for key in fields if key not in data]
         if missing:
             raise ValueError(f"mapper config is missing keys {missing}")
         channels = data["channels"]
         if not isinstance(channels, (list, tuple)):
             raise ValueError(f"mapper config 'channels' must be a list of ints, got {channels!r}")
+        extra = {key: data[key] for key in _INPUT_FIELDS if key in data}
         return cls(
             channels=tuple(channels),
             kernel_size=data["kernel_size"],
             input_eps=data["input_eps"],
+            **extra,
         )
 
 
@@ -159,7 +202,7 @@ class TokenMapper(nn.Module):
         self.config = MapperConfig() if config is None else config
         if not isinstance(self.config, MapperConfig):
             raise TypeError(f"config must be a MapperConfig, got {type(self.config).__name__}")
-        widths = (1, *self.config.channels)
+        widths = (self.config.in_channels, *self.config.channels)
         self.blocks = nn.ModuleList(
             _MapperBlock(c_in, c_out, self.config.kernel_size)
             for c_in, c_out in itertools.pairwise(widths)
@@ -168,7 +211,10 @@ class TokenMapper(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"channels={c.channels}, kernel_size={c.kernel_size}, input_eps={c.input_eps}"
+        text = f"channels={c.channels}, kernel_size={c.kernel_size}, input_eps={c.input_eps}"
+        if not c.paper_input:
+            text += f", attention_channels={c.attention_channels}, grid={c.grid}"
+        return text
 
     def op_params(self, detach: bool = True) -> list[Tensor]:
         """The parameters as the op's flat list (order of :func:`mapper_param_names`).
@@ -186,14 +232,19 @@ class TokenMapper(nn.Module):
         named = dict(self.named_parameters())
         return [(name, named[name]) for name in mapper_param_names(self.config.num_blocks)]
 
-    def forward(self, attn: Tensor, lengths: Tensor | None = None) -> Tensor:
+    def forward(
+        self, attn: Tensor, lengths: Tensor | None = None, grid: Tensor | None = None
+    ) -> Tensor:
         """Logits of a padded batch.
 
         Args:
-            attn: ``[B, N]`` float32 attention signal; row ``b`` holds ``lengths[b]`` valid tokens
-                followed by padding (any values, NaN included: padding never reaches valid
-                positions or gradients of the parameters).
+            attn: ``[B, N]`` float32 attention signal (``attention_channels == 1``) or
+                ``[B, N, G]`` (``G = attention_channels``); row ``b`` holds ``lengths[b]`` valid
+                tokens followed by padding (any values, NaN included: padding never reaches
+                valid positions or gradients of the parameters).
             lengths: ``[B]`` integer tensor with ``0 <= lengths[b] <= N``, or None (all ``N``).
+            grid: ``[B, N, 2]`` float32 normalised grid row and column of each token, when the
+                config's ``grid`` is set (required then, refused otherwise).
 
         Returns:
             ``[B, N]`` float32 logits; positions ``>= lengths[b]`` are 0. Row ``b`` equals
@@ -206,9 +257,24 @@ class TokenMapper(nn.Module):
             raise TypeError(f"attn must be a Tensor, got {type(attn).__name__}")
         if attn.dtype != torch.float32:
             raise TypeError(f"attn must be float32, got {attn.dtype}")
-        if attn.dim() != 2:
-            raise ValueError(f"attn must be 2-D [B, N], got shape {list(attn.shape)}")
-        batch, width = attn.shape
+        c = self.config
+        if c.attention_channels == 1:
+            if attn.dim() != 2:
+                raise ValueError(f"attn must be 2-D [B, N], got shape {list(attn.shape)}")
+        elif attn.dim() != 3 or attn.shape[2] != c.attention_channels:
+            raise ValueError(
+                f"attn must be 3-D [B, N, {c.attention_channels}] (attention_channels), got "
+                f"shape {list(attn.shape)}"
+            )
+        batch, width = attn.shape[:2]
+        if c.grid:
+            if not isinstance(grid, Tensor) or tuple(grid.shape) != (batch, width, 2):
+                raise ValueError(
+                    f"grid must be a [B, N, 2] = [{batch}, {width}, 2] tensor for a mapper with "
+                    f"grid input, got {getattr(grid, 'shape', grid)!r}"
+                )
+        elif grid is not None:
+            raise ValueError("grid must be None: this mapper takes no grid input")
         positions = torch.arange(width, device=attn.device)
         if lengths is None:
             n = torch.full((batch,), width, dtype=torch.float32, device=attn.device)
@@ -236,18 +302,25 @@ class TokenMapper(nn.Module):
         if batch == 0 or width == 0:
             return attn.new_zeros(batch, width)
 
-        c = self.config
-        signal = torch.where(valid, attn, 0.0)  # padding may hold NaN/negatives: drop it first
-        x = torch.where(valid, torch.log(n.unsqueeze(1) * signal + c.input_eps), 0.0)
+        # padding may hold NaN/negatives: drop it first
+        mask = valid if attn.dim() == 2 else valid.unsqueeze(-1)
+        signal = torch.where(mask, attn, 0.0)
+        if grid is not None:
+            grid = torch.where(valid.unsqueeze(-1), grid, 0.0)
+        x = mapper_features(signal, n.unsqueeze(1).expand(batch, width), c.input_eps, grid)
+        x = torch.where(valid.unsqueeze(-1), x, 0.0)
         logits = _mapper_trunk(x, valid, self.op_params(detach=False), c.kernel_size)
         return torch.where(valid, logits, 0.0)
 
-    def forward_packed(self, attn: Tensor, cu_seqlens_v: Tensor) -> Tensor:
-        """Logits of a packed batch: ``attn [Tv]`` float32, ``cu_seqlens_v [B + 1]`` -> ``[Tv]``.
+    def forward_packed(
+        self, attn: Tensor, cu_seqlens_v: Tensor, grid: Tensor | None = None
+    ) -> Tensor:
+        """Logits of a packed batch: ``attn [Tv]`` (or ``[Tv, G]``) float32, ``cu_seqlens_v
+        [B + 1]``, ``grid [Tv, 2]`` when the config's ``grid`` is set -> ``[Tv]``.
 
         Calls :func:`mapper_forward_ref` with the live parameters (gradients flow).
         """
         c = self.config
         return mapper_forward_ref(
-            attn, cu_seqlens_v, self.op_params(detach=False), c.kernel_size, c.input_eps
+            attn, cu_seqlens_v, self.op_params(detach=False), c.kernel_size, c.input_eps, grid
         )

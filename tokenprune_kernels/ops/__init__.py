@@ -7,6 +7,9 @@ functions are re-exported here by name (``import x as x``), with no second list 
 
 from tokenprune_kernels.ops import _library
 from tokenprune_kernels.ops.attention import instruction_attention as instruction_attention
+from tokenprune_kernels.ops.attention import (
+    instruction_attention_heads as instruction_attention_heads,
+)
 from tokenprune_kernels.ops.gather import gather_kept as gather_kept
 from tokenprune_kernels.ops.gather import merge_kept as merge_kept
 from tokenprune_kernels.ops.mapper import mapper_forward as mapper_forward

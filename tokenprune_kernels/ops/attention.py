@@ -1,4 +1,7 @@
-"""Stage a: layer-0 instruction-to-visual attention (``tokenprune::instruction_attention``)."""
+"""Stage a: layer-0 instruction-to-visual attention, averaged over every head
+(``tokenprune::instruction_attention``, the paper's mapper input) or per group of query heads
+(``tokenprune::instruction_attention_heads``, the input of a mapper with several attention
+channels)."""
 
 from __future__ import annotations
 
@@ -29,6 +32,35 @@ def _impl(*args, **kwargs) -> torch.Tensor:
 
 
 define(SCHEMA, _impl, _fake)
+
+HEADS_SCHEMA = (
+    "instruction_attention_heads(Tensor q, Tensor k, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+    "Tensor visual_idx, Tensor cu_seqlens_v, Tensor? q_pos=None, float? softmax_scale=None, "
+    "int? head_groups=None) -> Tensor"
+)
+
+
+def _heads_args(*args, **kwargs) -> tuple[v.ScoringArgs, int]:
+    """A call of ``instruction_attention_heads`` as (the scoring arguments, checked ``G``)."""
+    n = len(v.ScoringArgs._fields)
+    head_groups = kwargs.pop("head_groups", args[n] if len(args) > n else None)
+    s = v.ScoringArgs(*args[:n], **kwargs)
+    v.check_instruction_attention(s)
+    return s, v.check_head_groups(head_groups, s.q, s.k)
+
+
+def _heads_fake(*args, **kwargs) -> torch.Tensor:
+    s, groups = _heads_args(*args, **kwargs)
+    return s.q.new_empty(s.visual_idx.shape[0], groups, dtype=torch.float32)
+
+
+def _heads_impl(*args, **kwargs) -> torch.Tensor:
+    s, groups = _heads_args(*args, **kwargs)
+    v.check_instruction_attention_values(s)
+    return backend.call("instruction_attention_heads", s.q.device.type, *s, groups)
+
+
+define(HEADS_SCHEMA, _heads_impl, _heads_fake)
 
 
 def instruction_attention(
@@ -63,3 +95,22 @@ def instruction_attention(
     return torch.ops.tokenprune.instruction_attention(
         q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale
     )
+
+
+@v.flat_args(v.ScoringArgs)
+def instruction_attention_heads(s: v.ScoringArgs, head_groups: int | None = None) -> torch.Tensor:
+    """Layer-0 attention of the instruction queries on each visual token, per group of heads.
+
+    Args (flat, bound as :class:`~tokenprune_kernels.validation.ScoringArgs`, then
+    ``head_groups``):
+        q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos, softmax_scale: as in
+            :func:`instruction_attention`.
+        head_groups: ``G``, the output channels: an int >= 1 dividing ``Hq``; None means ``Hk``
+            (one channel per KV head, i.e. per GQA group).
+
+    Returns:
+        [Tv, G] float32: channel ``g`` is :func:`instruction_attention`'s quantity averaged over
+        the query heads ``g * Hq / G .. (g + 1) * Hq / G - 1`` only (the heads of KV head ``g``
+        when ``G = Hk``); the mean over the channels is :func:`instruction_attention`.
+    """
+    return torch.ops.tokenprune.instruction_attention_heads(*s, head_groups)

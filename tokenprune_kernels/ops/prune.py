@@ -32,7 +32,8 @@ PRUNE_SCHEMA = (
     "Tensor[] mapper_params, int mapper_kernel_size=5, float mapper_input_eps=0.0001, "
     "float? keep_ratio=None, int? keep_count=None, Tensor? q_pos=None, "
     "float? softmax_scale=None, float? keep_mass=None, float min_keep_ratio=0., "
-    "float max_keep_ratio=1.) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "float max_keep_ratio=1., Tensor? mapper_grid=None) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 MERGE_SCHEMA = (
     "prune_and_merge(Tensor q, Tensor k, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
@@ -40,8 +41,8 @@ MERGE_SCHEMA = (
     "Tensor visual_idx, Tensor cu_seqlens_v, Tensor[] mapper_params, "
     "int mapper_kernel_size=5, float mapper_input_eps=0.0001, float? keep_ratio=None, "
     "int? keep_count=None, Tensor? q_pos=None, float? softmax_scale=None, "
-    "float? keep_mass=None, float min_keep_ratio=0., float max_keep_ratio=1.) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "float? keep_mass=None, float min_keep_ratio=0., float max_keep_ratio=1., "
+    "Tensor? mapper_grid=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -118,7 +119,11 @@ def _run(a: v.PruneArgs | v.PruneMergeArgs, last_args: Callable[[v.ScoringArgs],
             return ref(*a)
         s = a.scoring.contiguous()
         device = s.q.device.type
-        scores = backend.call("instruction_attention", device, *s)
+        groups = a.mapper.head_groups()
+        if groups == 1:
+            scores = backend.call("instruction_attention", device, *s)
+        else:
+            scores = backend.call("instruction_attention_heads", device, *s, groups)
         if len(a.mapper.params) > 0:
             scores = backend.call("mapper_forward", device, scores, s.cu_seqlens_v, *a.mapper)
         relevance = "softmax" if len(a.mapper.params) > 0 else "normalize"
@@ -194,6 +199,7 @@ def prune_visual_tokens(
     keep_mass: float | None = None,
     min_keep_ratio: float = 0.0,
     max_keep_ratio: float = 1.0,
+    mapper_grid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score, select and gather the visual tokens in one call.
 
@@ -203,12 +209,16 @@ def prune_visual_tokens(
         visual_embeds: [Tv, H] float32/float16/bfloat16 visual features.
         visual_position_ids: [Tv] or [R, Tv] int32/int64 their original position ids.
         mapper_params: ``TokenMapper.op_params()``; empty for the training-free mode, where the
-            score is the raw layer-0 attention.
+            score is the raw layer-0 attention. A mapper whose first block takes ``G > 1``
+            attention channels is fed :func:`instruction_attention_heads` with
+            ``head_groups=G`` (``G`` must divide ``Hq``).
         mapper_kernel_size, mapper_input_eps: the mapper's config.
         keep_ratio, keep_count, keep_mass, min_keep_ratio, max_keep_ratio: the keep rule, as in
             :func:`select_topk` (exactly one of the first three). With ``keep_mass`` the
             relevance is the softmax of the mapper's logits, or, without a mapper, the raw
             attention normalised per sample (``relevance="normalize"``).
+        mapper_grid: [Tv, 2] float32 the visual tokens' normalised grid row and column, for a
+            mapper with grid input (its first block then takes ``G + 2`` channels); else None.
 
     Returns:
         kept_embeds [Tkept, H], kept_position_ids [Tkept] or [R, Tkept], kept_idx [Tkept] int64
@@ -218,7 +228,7 @@ def prune_visual_tokens(
         q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, visual_embeds,
         visual_position_ids, list(mapper_params), int(mapper_kernel_size),
         float(mapper_input_eps), keep_ratio, keep_count, q_pos, softmax_scale, keep_mass,
-        float(min_keep_ratio), float(max_keep_ratio),
+        float(min_keep_ratio), float(max_keep_ratio), mapper_grid,
     )  # fmt: skip
 
 
@@ -243,6 +253,7 @@ def prune_and_merge(
     keep_mass: float | None = None,
     min_keep_ratio: float = 0.0,
     max_keep_ratio: float = 1.0,
+    mapper_grid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score and select the visual tokens, then build the pruned input sequence directly.
 
@@ -258,5 +269,5 @@ def prune_and_merge(
         q, k, cu_seqlens_q, cu_seqlens_k, inputs_embeds, position_ids, cu_seqlens, visual_embeds,
         visual_idx, cu_seqlens_v, list(mapper_params), int(mapper_kernel_size),
         float(mapper_input_eps), keep_ratio, keep_count, q_pos, softmax_scale, keep_mass,
-        float(min_keep_ratio), float(max_keep_ratio),
+        float(min_keep_ratio), float(max_keep_ratio), mapper_grid,
     )  # fmt: skip

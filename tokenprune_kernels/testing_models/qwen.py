@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from tokenprune_kernels.grounded.model import qwen_vl_config
-from tokenprune_kernels.mapper import mapper_forward_ref
+from tokenprune_kernels.mapper import grid_positions, mapper_forward_ref
 from tokenprune_kernels.reference import select_topk_ref
 from tokenprune_kernels.testing import oracle_keep_counts
 from tokenprune_kernels.validation import KeepRule
@@ -215,6 +215,7 @@ def oracle_kept(
     visual = (ids == IMAGE_ID) | (ids == VIDEO_ID)
     rule = KeepRule(keep_ratio, keep_count, keep_mass, min_keep_ratio, max_keep_ratio)
     kept = []
+    grids = list(inputs.get("image_grid_thw", torch.zeros(0, 3)).tolist())
     for b in range(ids.shape[0]):
         vpos = visual[b].nonzero().flatten()
         last = int(vpos.max())
@@ -223,12 +224,24 @@ def oracle_kept(
             instr[: last + 1] = False
         else:
             instr = instruction[b] & mask[b]
-        a = att[b][:, instr][:, :, vpos].mean(dim=(0, 1)).float()
+        heads = att[b][:, instr][:, :, vpos].mean(dim=1).float().T  # [n_v, Hq]
+        a = heads.mean(dim=1)
         cu = torch.tensor([0, vpos.numel()])
         if mapper is not None:
+            c = mapper.config
+            g = c.attention_channels
+            x = a if g == 1 else heads.reshape(vpos.numel(), g, -1).mean(-1)
+            grid = None
+            if c.grid:  # images only: each run of visual tokens is the next image_grid_thw row
+                starts = (vpos[1:] != vpos[:-1] + 1).sum().item() + 1
+                parts = []
+                for _ in range(starts):
+                    t, h, w = grids.pop(0)
+                    parts.append(grid_positions(h // MERGE, w // MERGE, t))
+                grid = torch.cat(parts)
             with torch.no_grad():
-                c = mapper.config
-                a = mapper_forward_ref(a, cu, mapper.op_params(), c.kernel_size, c.input_eps)
+                params = mapper.op_params()
+                a = mapper_forward_ref(x, cu, params, c.kernel_size, c.input_eps, grid)
         k = oracle_keep_counts(a, cu, rule, softmax=mapper is not None)
         idx, _ = select_topk_ref(a, cu, k)
         s = a.sort(descending=True).values

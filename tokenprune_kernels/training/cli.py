@@ -58,6 +58,20 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--kernel-size", type=int, default=None, help="odd conv width (5)")
     parser.add_argument("--input-eps", type=float, default=None, help="input log eps (1e-4)")
     parser.add_argument(
+        "--attention-channels",
+        type=int,
+        default=1,
+        help="mapper input: 1 (default) the head-mean layer-0 attention (the paper's input); G > "
+        "1 the attention per group of query heads (G = the model's KV heads: one channel per "
+        "GQA group; needs labels with per-head attention)",
+    )
+    parser.add_argument(
+        "--grid",
+        action="store_true",
+        help="mapper input: also each visual token's normalised grid row and column (needs "
+        "labels with grid positions)",
+    )
+    parser.add_argument(
         "--bucket",
         action="store_true",
         help="batch samples of similar length together (less padding, faster)",
@@ -125,6 +139,8 @@ def cmd_train_mapper(args: argparse.Namespace) -> int:
             channels=defaults.channels if args.channels is None else args.channels,
             kernel_size=defaults.kernel_size if args.kernel_size is None else args.kernel_size,
             input_eps=defaults.input_eps if args.input_eps is None else args.input_eps,
+            attention_channels=args.attention_channels,
+            grid=args.grid,
         )
         config = TrainConfig(
             epochs=args.epochs,

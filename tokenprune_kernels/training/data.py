@@ -25,6 +25,7 @@ __all__ = [
     "PackedSamples",
     "SkipCounts",
     "batch_indices",
+    "group_heads",
     "keep_count",
     "make_target",
     "prepare_samples",
@@ -99,11 +100,13 @@ class PackedSamples:
     """Samples packed flat: sample ``i`` owns ``[offsets[i], offsets[i + 1])``.
 
     Attributes:
-        attn: ``[T]`` float32 mapper input (the stored layer-0 attention signal).
+        attn: ``[T]`` float32 mapper input (the stored layer-0 attention signal), or ``[T, G]``
+            (per-head-group means).
         target: ``[T]`` float32 target (:func:`make_target`), each sample sums to 1.
         label: ``[T]`` float32 raw label (for the top-k recall metrics).
         offsets: ``[N + 1]`` int64.
         ids: the ``N`` sample ids.
+        grid: ``[T, 2]`` float32 normalised grid row and column of each token, or None.
     """
 
     attn: Tensor
@@ -111,6 +114,7 @@ class PackedSamples:
     label: Tensor
     offsets: Tensor
     ids: list[str] = field(default_factory=list)
+    grid: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -123,9 +127,23 @@ class PackedSamples:
     def collate(self, indices: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Pad the samples ``indices`` (``[B]`` int64) to the longest of them.
 
-        Returns ``(attn [B, N], target [B, N], label [B, N], lengths [B])``: float32 rows
-        zero-padded after each sample's ``lengths[b]`` tokens, ``lengths`` int64; all on the CPU.
+        Returns ``(attn [B, N] (or [B, N, G]), target [B, N], label [B, N], lengths [B])``:
+        float32 rows zero-padded after each sample's ``lengths[b]`` tokens, ``lengths`` int64;
+        all on the CPU. :meth:`collate_grid` pads the grid the same way.
         """
+        flat, valid, lengths = self._layout(indices)
+        padded = [_pad(t, flat, valid) for t in (self.attn, self.target, self.label)]
+        return padded[0], padded[1], padded[2], lengths
+
+    def collate_grid(self, indices: Tensor) -> Tensor | None:
+        """``grid [B, N, 2]`` of the samples ``indices`` padded as :meth:`collate` pads them, or
+        None without a grid."""
+        if self.grid is None:
+            return None
+        flat, valid, _ = self._layout(indices)
+        return _pad(self.grid, flat, valid)
+
+    def _layout(self, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         indices = indices.to(torch.int64)
         starts = self.offsets[indices]
         lengths = self.offsets[indices + 1] - starts
@@ -133,8 +151,13 @@ class PackedSamples:
         positions = torch.arange(width)
         valid = positions.unsqueeze(0) < lengths.unsqueeze(1)
         flat = torch.where(valid, starts.unsqueeze(1) + positions.unsqueeze(0), 0)
-        padded = [torch.where(valid, t[flat], 0.0) for t in (self.attn, self.target, self.label)]
-        return padded[0], padded[1], padded[2], lengths
+        return flat, valid, lengths
+
+
+def _pad(values: Tensor, flat: Tensor, valid: Tensor) -> Tensor:
+    """``values [T, ...]`` gathered at ``flat [B, N]``, zero where ``valid`` is False."""
+    mask = valid.reshape(*valid.shape, *([1] * (values.dim() - 1)))
+    return torch.where(mask, values[flat], 0.0)
 
 
 @dataclass
@@ -150,20 +173,37 @@ class SkipCounts:
         return self.empty + self.all_zero_label
 
 
-def prepare_samples(records: Iterable[LabelRecord]) -> tuple[PackedSamples, SkipCounts]:
+def group_heads(heads: Tensor, groups: int) -> Tensor:
+    """``heads [n, Hq]`` per-query-head attention -> ``[n, groups]``: channel ``g`` the mean over
+    the query heads ``g * Hq / groups .. (g + 1) * Hq / groups - 1`` (what
+    ``instruction_attention_heads(..., head_groups=groups)`` computes)."""
+    n, hq = heads.shape
+    if groups < 1 or hq % groups:
+        raise ValueError(f"attention_channels ({groups}) must divide the label's {hq} heads")
+    return heads.reshape(n, groups, hq // groups).mean(-1)
+
+
+def prepare_samples(
+    records: Iterable[LabelRecord], attention_channels: int = 1, grid: bool = False
+) -> tuple[PackedSamples, SkipCounts]:
     """Targets of every record, packed; samples without a usable target are skipped and counted.
 
     Args:
         records: label records (``attn``/``label``: ``[n_v]`` float32 >= 0).
+        attention_channels: ``G``, the mapper's attention channels: 1 packs ``attn`` (the
+            paper's input); ``G > 1`` packs each record's ``heads`` grouped by
+            :func:`group_heads` (records need ``heads``).
+        grid: pack each record's ``grid`` too (records need it).
 
     Returns:
         The packed samples (in record order) and the skip counts: ``empty`` (``n_v == 0``) and
         ``all_zero_label`` (no positive label: nothing to learn).
 
     Raises:
-        ValueError: two records with the same ``sample_id``, or mismatched attn/label shapes.
+        ValueError: two records with the same ``sample_id``, mismatched attn/label shapes, or
+            a record without the ``heads`` / ``grid`` asked for.
     """
-    attn, target, label, lengths, ids = [], [], [], [], []
+    attn, target, label, lengths, ids, grids = [], [], [], [], [], []
     seen: set[str] = set()
     skipped = SkipCounts()
     for record in records:
@@ -182,7 +222,18 @@ def prepare_samples(records: Iterable[LabelRecord]) -> tuple[PackedSamples, Skip
         if t is None:
             skipped.all_zero_label += 1
             continue
-        attn.append(record.attn.to(torch.float32))
+        for name, wanted in (("heads", attention_channels > 1), ("grid", grid)):
+            if wanted and getattr(record, name) is None:
+                raise ValueError(
+                    f"sample {record.sample_id!r} has no {name}: labels made without "
+                    f"per-head attention / grid positions cannot train this mapper input"
+                )
+        if attention_channels > 1:
+            attn.append(group_heads(record.heads.to(torch.float32), attention_channels))
+        else:
+            attn.append(record.attn.to(torch.float32))
+        if grid:
+            grids.append(record.grid.to(torch.float32))
         target.append(t)
         label.append(record.label.to(torch.float32))
         lengths.append(t.shape[0])
@@ -192,11 +243,12 @@ def prepare_samples(records: Iterable[LabelRecord]) -> tuple[PackedSamples, Skip
         offsets[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
     empty = torch.zeros(0, dtype=torch.float32)
     packed = PackedSamples(
-        attn=torch.cat(attn) if attn else empty,
+        attn=torch.cat(attn) if attn else torch.zeros(0, attention_channels).squeeze(1),
         target=torch.cat(target) if target else empty,
         label=torch.cat(label) if label else empty,
         offsets=offsets,
         ids=ids,
+        grid=(torch.cat(grids) if grids else torch.zeros(0, 2)) if grid else None,
     )
     return packed, skipped
 

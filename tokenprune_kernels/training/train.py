@@ -170,6 +170,12 @@ def recall_at(scores: Tensor, label: Tensor, lengths: Tensor, ratio: float) -> T
     return hit.sum(dim=1).float() / k.float()
 
 
+def _grid(samples: PackedSamples, indices: Tensor, device: torch.device) -> Tensor | None:
+    """The padded grid input of ``samples[indices]`` on ``device`` (None without a grid)."""
+    grid = samples.collate_grid(indices)
+    return None if grid is None else grid.to(device)
+
+
 def _micro_batches(batch: Tensor, lengths: Tensor, max_tokens: int | None) -> list[Tensor]:
     """Split one batch (``[B]`` sample indices) so that each part's padded size is bounded."""
     if max_tokens is None or batch.numel() * int(lengths[batch].max()) <= max_tokens:
@@ -232,7 +238,7 @@ def evaluate(
     for batch in batch_indices(share, batch_size) if share.numel() else []:
         for part in _micro_batches(batch, lengths_all, max_batch_tokens):
             attn, target, label, lengths = (t.to(device) for t in samples.collate(part))
-            logits = model(attn, lengths)
+            logits = model(attn, lengths, _grid(samples, part, device))
             sums["kl"] += float(kl_per_sample(logits, target, lengths).double().sum())
             for ratio in RECALL_RATIOS:
                 recall = recall_at(logits, label, lengths, ratio)
@@ -250,6 +256,8 @@ def attention_baseline(samples: PackedSamples, indices: Tensor) -> dict[str, flo
     sums = {_metric_name(r): 0.0 for r in RECALL_RATIOS}
     for batch in batch_indices(indices, 256):
         attn, _, label, lengths = samples.collate(batch)
+        if attn.dim() == 3:  # per-head-group means: the training-free score is their mean
+            attn = attn.mean(-1)
         for ratio in RECALL_RATIOS:
             sums[_metric_name(ratio)] += float(recall_at(attn, label, lengths, ratio).sum())
     return {key: value / indices.numel() for key, value in sums.items()}
@@ -321,15 +329,15 @@ def _train_step(
     lengths_all = samples.lengths
     parts = _micro_batches(share, lengths_all, max_batch_tokens) if share.numel() else []
     batch_loss = 0.0
-    if not parts:
-        attn = torch.zeros(1, 1, device=device)
-        net(attn, torch.ones(1, dtype=torch.int64, device=device)).sum().mul(0.0).backward()
+    if not parts:  # a real sample of the batch, weighted 0: inputs of the mapper's shape
+        attn, _, _, lengths = (t.to(device) for t in samples.collate(batch[:1]))
+        net(attn, lengths, _grid(samples, batch[:1], device)).sum().mul(0.0).backward()
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         sync = contextlib.nullcontext() if world == 1 or last else net.no_sync()
         with sync:
             attn, target, _, lengths = (t.to(device) for t in samples.collate(part))
-            kl = kl_per_sample(net(attn, lengths), target, lengths)
+            kl = kl_per_sample(net(attn, lengths, _grid(samples, part, device)), target, lengths)
             loss = kl.sum() / batch.numel()
             if world > 1:
                 loss = loss * world
@@ -396,6 +404,16 @@ def train_mapper(
     checkpoint = None if checkpoint is None else Path(checkpoint)
     if resume and checkpoint is None:
         raise ValueError("resume needs a checkpoint path")
+    groups = 1 if samples.attn.dim() == 1 else samples.attn.shape[1]
+    if (
+        groups != config.mapper.attention_channels
+        or (samples.grid is not None) != config.mapper.grid
+    ):
+        raise ValueError(
+            f"the samples hold {groups} attention channel(s) "
+            f"{'with' if samples.grid is not None else 'without'} a grid, the mapper config asks "
+            f"for attention_channels={config.mapper.attention_channels}, grid={config.mapper.grid}"
+        )
     rank, world = _rank_world()
     main = rank == 0
     say = (printer if main else None) or (lambda line: None)
@@ -603,7 +621,9 @@ def train_mapper_from_labels(
     say = (printer if _rank_world()[0] == 0 else None) or (lambda line: None)
     label_meta = read_label_metadata(labels)
     records = read_labels(labels)
-    samples, skipped = prepare_samples(records)
+    samples, skipped = prepare_samples(
+        records, config.mapper.attention_channels, config.mapper.grid
+    )
     say(
         f"read {len(records)} samples from '{labels}': {len(samples)} usable, skipped "
         f"{skipped.empty} empty and {skipped.all_zero_label} with an all-zero label"

@@ -577,6 +577,42 @@ def _cu(counts: torch.Tensor) -> torch.Tensor:
     return cu
 
 
+def visual_grid(
+    position_ids: torch.Tensor, visual_mask: torch.Tensor, seg: torch.Tensor
+) -> torch.Tensor:
+    """The grid input of a mapper with grid positions: ``[Tv]`` visual tokens -> ``[Tv, 2]``
+    float32, each token's normalised row ``(r + 0.5) / H`` and column ``(c + 0.5) / W`` in its
+    image (``tokenprune_kernels.mapper.grid_positions``).
+
+    Read from multi-axis rotary position ids ``[R, T]`` whose last two rows are the height and
+    width positions (Qwen VL M-RoPE): an image is a run of consecutive visual tokens of one
+    sample (``seg [T]``: the sample of each row); its ``r`` / ``c`` are the row / column ids less
+    the run's smallest, ``H`` / ``W`` their ranges.
+
+    Raises:
+        ValueError: 1-D position ids (1-D RoPE carries no grid).
+    """
+    if position_ids.dim() != 2 or position_ids.shape[0] < 2:
+        raise ValueError(
+            "a mapper with grid input needs multi-axis rotary position ids [R, T] whose last two "
+            "rows are the visual tokens' row and column (Qwen VL M-RoPE); this model's are "
+            f"{list(position_ids.shape)}"
+        )
+    idx = visual_mask.nonzero().flatten()
+    hw = position_ids[-2:, idx].to(torch.int64)  # [2, Tv]
+    new_run = torch.ones_like(idx, dtype=torch.bool)
+    new_run[1:] = (idx[1:] != idx[:-1] + 1) | (seg[idx[1:]] != seg[idx[:-1]])
+    run = torch.cumsum(new_run.to(torch.int64), 0) - 1
+    n_runs = int(run[-1]) + 1 if run.numel() else 0
+    index = run.unsqueeze(0).expand(2, -1)
+    lo = hw.new_full((2, n_runs), torch.iinfo(torch.int64).max)
+    hi = hw.new_full((2, n_runs), torch.iinfo(torch.int64).min)
+    lo = lo.scatter_reduce(1, index, hw, reduce="amin")
+    hi = hi.scatter_reduce(1, index, hw, reduce="amax")
+    size = (hi - lo + 1).gather(1, index).to(torch.float32)
+    return ((hw - lo.gather(1, index)).to(torch.float32) + 0.5).div(size).T.contiguous()
+
+
 def _rows_of(position_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Position ids of the packed rows selected by a ``[T]`` bool mask, in the layout
     Layer0.rotary takes: ``[1, n]`` for ``[T]`` ids, ``[R, 1, n]`` for ``[R, T]`` ids."""
@@ -663,6 +699,8 @@ def prune_packed(
     last_vis = _segment_last(visual, seg, local, b)
     n_keys = torch.maximum(last_instr, last_vis) + 1  # keys: the prefix up to both
     key_rows = local < n_keys[seg]
+    mapper = config.mapper
+    grid = visual_grid(position_ids, visual, seg) if mapper and mapper.config.grid else None
 
     with torch.no_grad():
         q = layer0.queries(inputs_embeds[instr], _rows_of(position_ids, instr))
@@ -680,6 +718,7 @@ def prune_packed(
             _cu(n_vis),
             q_pos=local[instr],
             softmax_scale=layer0.scaling,
+            mapper_grid=grid,
             **config.op_kwargs(device),
         )
     if torch.is_grad_enabled() and inputs_embeds.requires_grad:

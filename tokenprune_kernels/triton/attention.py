@@ -26,6 +26,10 @@ through ``visual_idx``), then loops over the sample's row tiles: loads each row'
 key (``visual_idx <= q_pos``) and are real rows. After the last head it divides by ``n_q * Hq``
 and writes its ``[BLOCK_V]`` slice of the output: every output element is written by one program
 in a fixed order, no atomics, so the result is deterministic (bitwise the same run to run).
+With ``num_channels = C > 1`` (:func:`instruction_attention_heads_triton`, the same launches) it
+keeps ``C`` sums apart, one per group of ``Hq / C`` consecutive query heads, reading the same
+merged statistics; a group visits only the KV heads its query heads read, divides by
+``n_q * Hq / C`` and writes its column of the ``[Tv, C]`` output.
 
 **Varlen without a block table.** Sample ``b`` owns ``cdiv(n_q[b] * G, BLOCK_M)`` row tiles (0 when
 it has no visual tokens) and ``cdiv(n_v[b], BLOCK_V)`` visual tiles. The grids are flat over tiles
@@ -319,6 +323,7 @@ def _visual_colsum_kernel(
     num_heads_q,
     num_heads_k,
     qk_scale,
+    num_channels,  # output channels C (1: the mean over every head); out is [Tv, C]
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -328,8 +333,10 @@ def _visual_colsum_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
-    """Pass 2: the mean attention of BLOCK_V visual tokens of one sample, over heads and rows;
-    ``m``, ``l``: each row's merged statistics (``[Tq * Hq]``, row ``token * Hq + head``)."""
+    """Pass 2: the mean attention of BLOCK_V visual tokens of one sample, over rows and the heads
+    of each of the ``num_channels`` groups of ``Hq / num_channels`` consecutive query heads (a
+    channel visits only the KV heads its query heads read); ``m``, ``l``: each row's merged
+    statistics (``[Tq * Hq]``, row ``token * Hq + head``)."""
     tile = tl.program_id(0)
     b, local, total = _locate_tile(cu_v_ptr, cu_v_ptr, n_batch, tile, 1, BLOCK_V)
     if tile >= total:
@@ -347,33 +354,36 @@ def _visual_colsum_kernel(
     n_rows = n_q * GROUP
     stride_kt, stride_kh = strides[2], strides[3]
 
-    acc = tl.zeros([BLOCK_V], tl.float32)
-    for kv_head in range(0, num_heads_k):
-        k = tl.load(
-            k_ptr + k_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-            mask=col_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        if DOT_F32:
-            k = k.to(tl.float32)
-        kt = tl.trans(k)
-        for r0 in range(0, n_rows, BLOCK_M):
-            rows = r0 + tl.arange(0, BLOCK_M)
-            row_ok = rows < n_rows
-            q, qpos, token, head = _load_q_tile(
-                q_ptr, q_pos_ptr, rows, row_ok, kv_head, q_start, n_q, n_k, strides, offs_d,
-                d_ok, GROUP, HAS_Q_POS, DOT_F32,
-            )  # fmt: skip
-            stat = token * num_heads_q + head
-            m = tl.load(m_ptr + stat, mask=row_ok, other=0.0)
-            inv_l = 1.0 / tl.load(l_ptr + stat, mask=row_ok, other=1.0)
-            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-            p = tl.exp2(s - m[:, None]) * inv_l[:, None]
-            seen = row_ok[:, None] & (vpos[None, :] <= qpos[:, None])
-            acc += tl.sum(tl.where(seen, p, 0.0), 0)
-
-    out = acc / (n_q * num_heads_q).to(tl.float32)
-    tl.store(out_ptr + v_start + cols, out, mask=col_ok)
+    per_channel = num_heads_q // num_channels
+    for channel in range(0, num_channels):
+        h0 = channel * per_channel
+        acc = tl.zeros([BLOCK_V], tl.float32)
+        for kv_head in range(h0 // GROUP, (h0 + per_channel - 1) // GROUP + 1):
+            k = tl.load(
+                k_ptr + k_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                mask=col_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            if DOT_F32:
+                k = k.to(tl.float32)
+            kt = tl.trans(k)
+            for r0 in range(0, n_rows, BLOCK_M):
+                rows = r0 + tl.arange(0, BLOCK_M)
+                row_ok = rows < n_rows
+                q, qpos, token, head = _load_q_tile(
+                    q_ptr, q_pos_ptr, rows, row_ok, kv_head, q_start, n_q, n_k, strides, offs_d,
+                    d_ok, GROUP, HAS_Q_POS, DOT_F32,
+                )  # fmt: skip
+                stat = token * num_heads_q + head
+                m = tl.load(m_ptr + stat, mask=row_ok, other=0.0)
+                inv_l = 1.0 / tl.load(l_ptr + stat, mask=row_ok, other=1.0)
+                s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+                p = tl.exp2(s - m[:, None]) * inv_l[:, None]
+                mine = (head >= h0) & (head < h0 + per_channel)
+                seen = (row_ok & mine)[:, None] & (vpos[None, :] <= qpos[:, None])
+                acc += tl.sum(tl.where(seen, p, 0.0), 0)
+        out = acc / (n_q * per_channel).to(tl.float32)
+        tl.store(out_ptr + (v_start + cols) * num_channels + channel, out, mask=col_ok)
 
 
 def _block_d(head_dim: int) -> int:
@@ -439,6 +449,7 @@ def instruction_attention_triton(
     block_m: int | None = None,
     block_n: int | None = None,
     block_v: int | None = None,
+    _head_groups: int = 1,
 ) -> torch.Tensor:
     """Layer-0 instruction-to-visual attention, averaged over heads and instruction rows.
 
@@ -458,9 +469,10 @@ def instruction_attention_triton(
         num_splits: key splits of pass 1 (None: from the SM count; tests set it).
         block_m, block_n, block_v: override the packed-row, key and visual tile sizes (powers of
             two >= 16; for tests).
+        _head_groups: output channels (:func:`instruction_attention_heads_triton`).
 
     Returns:
-        [Tv] float32 on the device of ``q``.
+        [Tv] float32 on the device of ``q`` ([Tv, G] for ``_head_groups`` G > 1).
     """
     with stage_range("tokenprune.instruction_attention", s.q.device):
         # The kernels index the offsets and indices as flat arrays (no-ops when contiguous).
@@ -474,9 +486,10 @@ def instruction_attention_triton(
         total_k, heads_k = k.shape[0], k.shape[1]
         total_v = visual_idx.shape[0]
         n_batch = cu_seqlens_q.shape[0] - 1
-        out = torch.empty(total_v, dtype=torch.float32, device=q.device)
+        channels = int(_head_groups)
+        out = torch.empty(total_v, channels, dtype=torch.float32, device=q.device)
         if total_v == 0:
-            return out
+            return out if channels > 1 else out.view(-1)
         group = heads_q // heads_k
         if q.stride(2) != 1:
             q = q.contiguous()
@@ -527,7 +540,18 @@ def instruction_attention_triton(
             launch(
                 _visual_colsum_kernel, (_tiles_upper_bound(total_v, n_batch, bv),),
                 q, k, q_pos_arg, visual_idx, cu_seqlens_q, cu_seqlens_k, cu_seqlens_v,
-                m_stat, l_stat, out, strides, n_batch, heads_q, heads_k, scale * _LOG2E,
+                m_stat, l_stat, out, strides, n_batch, heads_q, heads_k, scale * _LOG2E, channels,
                 BLOCK_V=bv, num_stages=cfg["stages_cols"], **common,
             )  # fmt: skip
-        return out
+        return out if channels > 1 else out.view(-1)
+
+
+@flat_args(ScoringArgs)
+def instruction_attention_heads_triton(
+    s: ScoringArgs, head_groups: int | None = None, **options: int | None
+) -> torch.Tensor:
+    """:func:`instruction_attention_triton` per group of ``Hq / head_groups`` query heads (None:
+    ``Hk``): the same launches, pass 2 keeping the groups' column sums apart. Returns [Tv, G]
+    float32 (G validated by the op layer); ``options``: that function's keywords."""
+    groups = s.k.shape[1] if head_groups is None else int(head_groups)
+    return instruction_attention_triton(*s, _head_groups=groups, **options).view(-1, groups)

@@ -76,10 +76,15 @@ def _cu(counts: list[int], dtype: torch.dtype) -> torch.Tensor:
 def attention_scenarios() -> list[tuple[str, Callable[[], object]]]:
     """Qwen2-VL-7B heads (28 query, 4 KV, D=128) for each dtype: one long prompt (N_v 4096, the
     widest visual tile, 16 key splits), a batch of three short ones (narrowed tiles), q_pos
-    given and not, int64 and int32 offsets; and an odd head dim (D=80, GQA group 4)."""
-    from tokenprune_kernels.triton.attention import instruction_attention_triton
+    given and not, int64 and int32 offsets; and an odd head dim (D=80, GQA group 4). Then the
+    per-head-group column sums (``instruction_attention_heads``): one channel per KV head (G=4)
+    at the widest tile for each dtype, one per query head (G=28)."""
+    from tokenprune_kernels.triton.attention import (
+        instruction_attention_heads_triton,
+        instruction_attention_triton,
+    )
 
-    def call(dtype, n_v: list[int], idx, q_pos: bool, hq=28, hk=4, d=128, n_q=32):
+    def call(dtype, n_v: list[int], idx, q_pos: bool, hq=28, hk=4, d=128, n_q=32, groups=None):
         def run():
             n_k = [v + n_q + 19 for v in n_v]
             q = torch.empty(n_q * len(n_v), hq, d, dtype=dtype)
@@ -87,10 +92,14 @@ def attention_scenarios() -> list[tuple[str, Callable[[], object]]]:
             cu_q, cu_k, cu_v = _cu([n_q] * len(n_v), idx), _cu(n_k, idx), _cu(n_v, idx)
             vidx = torch.zeros(sum(n_v), dtype=idx)
             pos = torch.zeros(q.shape[0], dtype=idx) if q_pos else None
+            if groups is not None:
+                return instruction_attention_heads_triton(
+                    q, k, cu_q, cu_k, vidx, cu_v, pos, None, groups
+                )
             return instruction_attention_triton(q, k, cu_q, cu_k, vidx, cu_v, pos)
 
         label = f"{_SHORT[dtype]},D={d},B={len(n_v)},N_v={max(n_v)},q_pos={q_pos},{_SHORT[idx]}"
-        return label, run
+        return label + ("" if groups is None else f",G={groups}"), run
 
     out = []
     for dtype in (F16, BF16, F32):
@@ -100,31 +109,41 @@ def attention_scenarios() -> list[tuple[str, Callable[[], object]]]:
             call(dtype, [50], I64, False),
         ]
     out.append(call(F16, [1000, 3], I64, False, hq=16, hk=4, d=80))
+    out += [call(dtype, [4096], I64, True, groups=4) for dtype in (F16, BF16, F32)]
+    out.append(call(BF16, [200, 37, 311], I32, False, groups=28))
     return out
 
 
 def mapper_scenarios() -> list[tuple[str, Callable[[], object]]]:
     """The default mapper (5 blocks 32..512, K = 5) over int64 and int32 offsets, one and
-    several samples; a small mapper (2 blocks, K = 3)."""
+    several samples; a small mapper (2 blocks, K = 3); mapper v2's input (the default widths on
+    4 attention channels plus the grid)."""
     from tokenprune_kernels.mapper import MapperConfig, TokenMapper
     from tokenprune_kernels.triton.mapper import mapper_forward_triton
 
     def call(config: MapperConfig, counts: list[int], idx: torch.dtype):
+        groups = config.attention_channels
+
         def run():
             params = TokenMapper(config).op_params()
-            attn = torch.empty(sum(counts), dtype=torch.float32)
+            shape = (sum(counts),) if groups == 1 else (sum(counts), groups)
+            attn = torch.empty(shape, dtype=torch.float32)
+            grid = torch.empty(sum(counts), 2) if config.grid else None
             return mapper_forward_triton(
-                attn, _cu(counts, idx), params, config.kernel_size, config.input_eps
+                attn, _cu(counts, idx), params, config.kernel_size, config.input_eps, grid
             )
 
         label = f"C={config.channels[-1]},K={config.kernel_size},B={len(counts)},{_SHORT[idx]}"
-        return label, run
+        v2 = groups > 1 or config.grid
+        return label + (f",G={groups},grid={config.grid}" if v2 else ""), run
 
     default, small = MapperConfig(), MapperConfig(channels=(16, 24), kernel_size=3)
+    v2 = MapperConfig(attention_channels=4, grid=True)
     return [
         call(default, [4096], I64),
         call(default, [300, 1000, 7], I32),
         call(small, [100, 5], I32),
+        call(v2, [300, 1000, 7], I64),
     ]
 
 

@@ -1,7 +1,8 @@
 """Stage b in Triton: the whole mapper in ONE fused kernel launch (``mapper_forward_triton``).
 
 What it computes is :func:`tokenprune_kernels.mapper.functional.mapper_forward_ref`: per sample of
-``n`` tokens ``x = log(n * attn + eps)``, then blocks of [depthwise conv1d (K, 'same' zero padding
+``n`` tokens ``x = log(n * attn + eps)`` (one channel per attention channel, then the optional
+grid's two), then blocks of [depthwise conv1d (K, 'same' zero padding
 per sample, bias) -> pointwise C_in -> C_out (bias) -> LayerNorm over channels (eps 1e-5, affine)
 -> SiLU], then a head C_last -> 1 (bias). Depth and widths come from ``params`` (any widths, not
 only powers of two; any depth), ``K`` from ``kernel_size``.
@@ -121,13 +122,16 @@ _CACHE_SIZE = 8
 
 @triton.jit(do_not_specialize=["total", "num_windows"])
 def _mapper_forward_kernel(
-    attn_ptr,  # *fp32 [total]
+    attn_ptr,  # *fp32 [total, groups] contiguous ([total] for one group)
+    grid_ptr,  # *fp32 [total, 2] contiguous (any pointer when grid_cols is 0)
     cu_ptr,  # *i32|*i64 [num_samples + 1]
     params_ptr,  # *fp32 packed parameters (see _pack_params)
     meta_ptr,  # *i32 [num_blocks * 10 + 2] widths and offsets
     scratch_ptr,  # *fp32 [programs, BLOCK_M * (act_stride + dw_stride)]
     out_ptr,  # *fp32 [total]
     total,  # packed visual tokens
+    groups,  # attention channels G
+    grid_cols,  # 2 with a grid input, else 0 (block 0 takes groups + grid_cols channels)
     num_samples,
     search_top,  # largest power of two <= num_samples
     search_steps,  # bit length of num_samples
@@ -182,11 +186,15 @@ def _mapper_forward_kernel(
         hi = tl.where(in_range, hi, 0)
 
         n = (hi - lo).to(tl.float32)
-        a = tl.load(attn_ptr + qc, mask=in_range, other=1.0)
-        x = tl.log(n * a + input_eps)
+        qg = qc.to(tl.int64)
 
         tl.debug_barrier()  # the previous window is done with the slab
-        tl.store(act + rows * act_stride, x)  # channel 0 of block 0's input
+        for g in range(groups):  # block 0's input: log(n * attn + eps) per channel, the grid
+            a = tl.load(attn_ptr + qg * groups + g, mask=in_range, other=1.0)
+            tl.store(act + rows * act_stride + g, tl.log(n * a + input_eps))
+        for j in range(grid_cols):
+            gv = tl.load(grid_ptr + qg * 2 + j, mask=in_range, other=0.0)
+            tl.store(act + rows * act_stride + groups + j, gv)
         tl.debug_barrier()
 
         logit = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -446,6 +454,7 @@ def mapper_forward_triton(
     params: Sequence[Tensor],
     kernel_size: int,
     input_eps: float,
+    grid: Tensor | None = None,
     *,
     block_m: int | None = None,
     block_k: int | None = None,
@@ -455,13 +464,15 @@ def mapper_forward_triton(
     """Mapper logits of a packed batch in one fused Triton launch (stage b, ``triton`` backend).
 
     Args:
-        attn: ``[Tv]`` float32 attention signal (stage a), on CUDA (or CPU under
-            ``TRITON_INTERPRET=1``).
+        attn: ``[Tv]`` float32 attention signal (stage a), or ``[Tv, G]`` per-head-group means,
+            on CUDA (or CPU under ``TRITON_INTERPRET=1``).
         cu_seqlens_v: ``[B + 1]`` int32/int64 offsets on ``attn``'s device; empty samples allowed.
         params: the flat float32 mapper parameter list (``TokenMapper.op_params()``), on
             ``attn``'s device; depth and widths are read from it.
         kernel_size: odd depthwise kernel width ``K`` (``params[0].shape[-1]``).
         input_eps: ``> 0``; input feature ``log(n * attn + input_eps)``.
+        grid: ``[Tv, 2]`` float32 normalised grid row and column (2 more input channels), or
+            None.
         block_m: rows per window (power of two >= 16, > ``2 * HALO``); default
             ``max(BLOCK_M, next_pow2(4 * HALO))``, ``HALO = num_blocks * (K // 2)``.
         block_k: input-channel chunk (power of two >= 16); default :data:`BLOCK_K`.
@@ -492,7 +503,7 @@ def mapper_forward_triton(
                 f"{kernel_size}), got {block_m}"
             )
         total = attn.shape[0]
-        out = torch.empty_like(attn)
+        out = attn.new_empty(total)
         if total == 0:
             return out
         if total >= 2**31 - block_m:
@@ -516,17 +527,21 @@ def mapper_forward_triton(
         num_samples = cu_seqlens_v.shape[0] - 1
         steps = num_samples.bit_length()
         attn_c = attn.contiguous()
+        grid_c = attn_c if grid is None else grid.contiguous()
         cu = cu_seqlens_v.contiguous()
         launch(
             _mapper_forward_kernel,
             (num_programs,),
             attn_c,
+            grid_c,
             cu,
             packed.params,
             packed.meta,
             scratch,
             out,
             total,
+            1 if attn.dim() == 1 else attn.shape[1],
+            0 if grid is None else 2,
             num_samples,
             1 << (steps - 1),
             steps,
