@@ -37,7 +37,9 @@ def test_bench_quick_writes_table(tmp_path, capsys):
         assert needle in text
     for op in (
         "instruction_attention",
+        "instruction_attention_heads",
         "mapper_forward",
+        "mass_keep_counts",
         "select_topk",
         "gather_kept",
         "merge_kept",
@@ -51,7 +53,12 @@ def test_bench_quick_writes_table(tmp_path, capsys):
     for line in text.splitlines():
         if line.startswith("| ") and "| 1024 |" in line:
             op, *_, gemm, copy, roof = (c.strip() for c in line.strip("| ").split("|"))
-            has_flops = op in ("instruction_attention", "mapper_forward", "prune_and_merge")
+            has_flops = op in (
+                "instruction_attention",
+                "instruction_attention_heads",
+                "mapper_forward",
+                "prune_and_merge",
+            )
             assert (gemm != "-") == has_flops and float(copy) > 0 and float(roof) > 0, line
 
 

@@ -27,6 +27,7 @@ from tokenprune_kernels.mapper import MapperConfig, TokenMapper
 from tokenprune_kernels.ops import (
     gather_kept,
     instruction_attention,
+    instruction_attention_heads,
     mapper_forward,
     mass_keep_counts,
     merge_kept,
@@ -42,7 +43,12 @@ N_SYSTEM = 14  # "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|
 N_AFTER = 5  # "<|im_end|>\n<|im_start|>assistant\n"
 N_VISUAL = (1024, 4096, 16384)
 KEEP_RATIOS = (0.5, 0.25)
-STAGE_KEEP_INDEPENDENT = ("instruction_attention", "mapper_forward", "mass_keep_counts")
+STAGE_KEEP_INDEPENDENT = (
+    "instruction_attention",
+    "instruction_attention_heads",
+    "mapper_forward",
+    "mass_keep_counts",
+)
 #: The adaptive rule's threshold in the mass_keep_counts case (raw attention, normalised).
 BENCH_KEEP_MASS = 0.9
 BENCH_OPS = (*backend.STAGE_OPS, "prune_and_merge")
@@ -83,6 +89,7 @@ class Result:
 #: The traffic-model stage of each op (:func:`stage_traffic`).
 OP_STAGE = {
     "instruction_attention": "attention",
+    "instruction_attention_heads": "attention_heads",
     "mapper_forward": "mapper",
     "mass_keep_counts": "mass",
     "select_topk": "select",
@@ -105,8 +112,9 @@ def stage_traffic(
     stage: str, s: PruningInputs, params: Sequence[torch.Tensor], kernel_size: int, kept: int
 ) -> tuple[int, int]:
     """(bytes that must move, FLOPs the math needs) of one call of ``stage`` on ``s`` keeping
-    ``kept`` tokens. Stages: attention, mapper, select, gather, merge, composite (prune_and_merge
-    with the mapper ``params``) and composite_free (without a mapper).
+    ``kept`` tokens. Stages: attention, attention_heads (one output column per KV head), mapper,
+    mass, select, gather, merge, composite (prune_and_merge with the mapper ``params``) and
+    composite_free (without a mapper).
 
     The bytes count every input read once and every output written once; they ignore the
     intermediates a fused design avoids (the [N_v, 512] activations, the [Hq, Tq, Tk] logits; the
@@ -134,6 +142,8 @@ def stage_traffic(
     merge_bytes = 2 * n_out * hidden * es + 2 * n_out * rows * 8 + n_out * 8 + tv * 8
     if stage == "attention":
         return att_bytes, att_flops
+    if stage == "attention_heads":
+        return att_bytes + tv * 4 * (hk - 1), att_flops
     if stage == "mapper":
         return map_bytes, map_flops
     if stage == "mass":
@@ -254,6 +264,10 @@ def _make_fn(op, sets_, attn, kept, params, ratio) -> Callable[[int], object]:
         s = sets_[i % len(sets_)]
         if op == "instruction_attention":
             return instruction_attention(
+                s.q, s.k, s.cu_seqlens_q, s.cu_seqlens_k, s.visual_idx, s.cu_seqlens_v
+            )
+        if op == "instruction_attention_heads":
+            return instruction_attention_heads(
                 s.q, s.k, s.cu_seqlens_q, s.cu_seqlens_k, s.visual_idx, s.cu_seqlens_v
             )
         if op == "mapper_forward":
