@@ -23,17 +23,8 @@ from pathlib import Path
 import torch
 
 from tokenprune_kernels import backend
+from tokenprune_kernels import ops as tp_ops
 from tokenprune_kernels.mapper import MapperConfig, TokenMapper
-from tokenprune_kernels.ops import (
-    gather_kept,
-    instruction_attention,
-    instruction_attention_heads,
-    mapper_forward,
-    mass_keep_counts,
-    merge_kept,
-    prune_and_merge,
-    select_topk,
-)
 from tokenprune_kernels.testing import PruningInputs, make_inputs, simple_layout
 
 #: Qwen2-VL-7B's language model: 28 query heads, 4 key heads, head dim 128, hidden 3584.
@@ -234,7 +225,7 @@ def iter_cases(
         sets_ = bench_inputs(n, sets, device, dtype)
         with torch.no_grad():
             attn = [
-                instruction_attention(
+                tp_ops.instruction_attention(
                     s.q, s.k, s.cu_seqlens_q, s.cu_seqlens_k, s.visual_idx, s.cu_seqlens_v
                 )
                 for s in sets_
@@ -246,7 +237,7 @@ def iter_cases(
             for ratio in ratios:
                 kept = (
                     [
-                        select_topk(a, s.cu_seqlens_v, keep_ratio=ratio)[0]
+                        tp_ops.select_topk(a, s.cu_seqlens_v, keep_ratio=ratio)[0]
                         for a, s in zip(attn, sets_, strict=True)
                     ]
                     if ratio is not None
@@ -263,30 +254,32 @@ def _make_fn(op, sets_, attn, kept, params, ratio) -> Callable[[int], object]:
     def run(i: int) -> object:
         s = sets_[i % len(sets_)]
         if op == "instruction_attention":
-            return instruction_attention(
+            return tp_ops.instruction_attention(
                 s.q, s.k, s.cu_seqlens_q, s.cu_seqlens_k, s.visual_idx, s.cu_seqlens_v
             )
         if op == "instruction_attention_heads":
-            return instruction_attention_heads(
+            return tp_ops.instruction_attention_heads(
                 s.q, s.k, s.cu_seqlens_q, s.cu_seqlens_k, s.visual_idx, s.cu_seqlens_v
             )
         if op == "mapper_forward":
-            return mapper_forward(attn[i % len(sets_)], s.cu_seqlens_v, params)
+            return tp_ops.mapper_forward(attn[i % len(sets_)], s.cu_seqlens_v, params)
         if op == "mass_keep_counts":
-            return mass_keep_counts(
+            return tp_ops.mass_keep_counts(
                 attn[i % len(sets_)], s.cu_seqlens_v, BENCH_KEEP_MASS, relevance="normalize"
             )
         if op == "select_topk":
-            return select_topk(attn[i % len(sets_)].to(s.q.dtype), s.cu_seqlens_v, keep_ratio=ratio)
+            return tp_ops.select_topk(
+                attn[i % len(sets_)].to(s.q.dtype), s.cu_seqlens_v, keep_ratio=ratio
+            )
         if op == "gather_kept":
-            return gather_kept(s.visual_embeds, s.visual_position_ids, kept[i % len(sets_)])
+            return tp_ops.gather_kept(s.visual_embeds, s.visual_position_ids, kept[i % len(sets_)])
         if op == "merge_kept":
-            return merge_kept(
+            return tp_ops.merge_kept(
                 s.inputs_embeds, s.position_ids, s.cu_seqlens, s.visual_embeds, s.visual_idx,
                 s.cu_seqlens_v, kept[i % len(sets_)],
             )  # fmt: skip
         if op == "prune_and_merge":
-            return prune_and_merge(
+            return tp_ops.prune_and_merge(
                 s.q, s.k, s.cu_seqlens_q, s.cu_seqlens_k, s.inputs_embeds, s.position_ids,
                 s.cu_seqlens, s.visual_embeds, s.visual_idx, s.cu_seqlens_v, params,
                 keep_ratio=ratio,
