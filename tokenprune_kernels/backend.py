@@ -145,13 +145,16 @@ _GATHER = _adapted("_gather_kept")
 _MERGE = _adapted("_merge_kept")
 _MASS = Impl(kernel="_mass_keep_counts", fake=f"{_OPS}.select:_mass_keep_counts_fake")
 _SELECT = Impl(kernel="_select_topk", fake=f"{_OPS}.select:_select_topk_fake", hints=_TOTAL)
+#: The CPU and CUDA kernels of a stage share the private op and its fake.
+_ATTENTION = Impl(kernel="_instruction_attention", fake=f"{_OPS}.attention:_fake")
+_MAPPER = Impl(kernel="_mapper_forward", fake=f"{_OPS}.mapper:_fake")
 
 #: Stage op -> backend -> implementation (the conventions are in the module docstring).
 OPS: dict[str, dict[str, Impl]] = {
     "instruction_attention": {
         "ref": Impl(f"{_REF}:instruction_attention_ref"),
-        "cpp": Impl(kernel="_instruction_attention", fake=f"{_OPS}.attention:_fake"),
-        "cuda": Impl(kernel="_instruction_attention", fake=f"{_OPS}.attention:_fake"),
+        "cpp": _ATTENTION,
+        "cuda": _ATTENTION,
         "triton": Impl(f"{_TRITON}.attention:instruction_attention_triton"),
     },
     "instruction_attention_heads": {
@@ -161,8 +164,8 @@ OPS: dict[str, dict[str, Impl]] = {
     },
     "mapper_forward": {
         "ref": Impl(f"{_OPS}.mapper:_mapper_forward_ref"),
-        "cpp": Impl(kernel="_mapper_forward", fake=f"{_OPS}.mapper:_fake"),
-        "cuda": Impl(kernel="_mapper_forward", fake=f"{_OPS}.mapper:_fake"),
+        "cpp": _MAPPER,
+        "cuda": _MAPPER,
         "triton": Impl(f"{_TRITON}.mapper:mapper_forward_triton"),
     },
     # No Triton entry: with selection on Triton the counts run as torch ops on the device (ref).
