@@ -7,6 +7,7 @@ validate); the layout and rules are those of ``docs/contract.md``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -40,6 +41,8 @@ __all__ = [
     "prune_visual_tokens_ref",
     "score_keys_ref",
     "select_topk_ref",
+    "spread_select_ref",
+    "spread_suppressed_ref",
 ]
 
 
@@ -285,6 +288,82 @@ def select_topk_ref(
     # One stable ascending sort of (sample, inverted key): within a sample, higher key first and
     # equal keys keep index order.
     combined = seg * (1 << 32) + (0xFFFFFFFF - score_keys_ref(scores))
+    order = torch.sort(combined, stable=True).indices
+    starts = cu_seqlens_v[:-1].to(torch.int64)
+    rank = torch.arange(tv, device=device) - starts[seg[order]]
+    chosen = order[rank < keep_counts.to(device)[seg[order]]]
+    kept_idx = torch.sort(chosen).values
+    cu_kept = torch.zeros(keep_counts.numel() + 1, dtype=torch.int64, device=device)
+    cu_kept[1:] = torch.cumsum(keep_counts.to(device), 0)
+    return kept_idx, cu_kept.to(cu_seqlens_v.dtype)
+
+
+def spread_suppressed_ref(
+    scores: torch.Tensor, cu_seqlens_v: torch.Tensor, coords: torch.Tensor, radius: int
+) -> torch.Tensor:
+    """The spread rule's greedy suppression (``docs/contract.md``, stage c, ``spread``).
+
+    Within each sample, tokens are visited in the selection order (score desc, ties by lower
+    index, NaN lowest); a token is *accepted* when no token accepted before it is its neighbour,
+    else *suppressed*. Neighbours: the same ``coords[:, 0]`` (segment: image or frame) and
+    ``max(|row - row'|, |col - col'|) <= radius`` on ``coords[:, 1:]``.
+
+    Args:
+        scores: [Tv] float32/float16/bfloat16.
+        cu_seqlens_v: [B+1] int32/int64.
+        coords: [Tv, 3] int32/int64 (segment, row, col), distinct within a sample.
+        radius: >= 0 (0 suppresses nothing: coordinates are distinct).
+
+    Returns:
+        [Tv] bool, True where suppressed.
+    """
+    tv = scores.shape[0]
+    keys = score_keys_ref(scores).tolist()
+    cs = [tuple(c) for c in coords.to(torch.int64).tolist()]
+    out = [False] * tv
+    offsets = _bounds(cu_seqlens_v)
+    steps = [(dr, dc) for dr in range(-radius, radius + 1) for dc in range(-radius, radius + 1)]
+    steps.remove((0, 0))
+    for start, end in itertools.pairwise(offsets):
+        where = {cs[i]: i for i in range(start, end)}
+        accepted: set[int] = set()
+        for i in sorted(range(start, end), key=lambda j: (-keys[j], j)):
+            g, r, c = cs[i]
+            hit = (where.get((g, r + dr, c + dc)) for dr, dc in steps)
+            if any(j in accepted for j in hit if j is not None):
+                out[i] = True
+            else:
+                accepted.add(i)
+    return torch.tensor(out, dtype=torch.bool, device=scores.device)
+
+
+def spread_select_ref(
+    scores: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    keep_counts: torch.Tensor,
+    coords: torch.Tensor,
+    radius: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample top-k under the spread rule: the accepted tokens of
+    :func:`spread_suppressed_ref` in the selection order, then the suppressed ones in that order;
+    the first ``k_b`` are kept.
+
+    Args:
+        scores: [Tv] float32/float16/bfloat16.
+        cu_seqlens_v: [B+1] int32/int64.
+        keep_counts: [B] int64, 0 <= k_b <= n_b.
+        coords: [Tv, 3] int32/int64 (segment, row, col).
+        radius: >= 0.
+
+    Returns:
+        kept_idx: [sum k] int64 global indices, ascending; cu_seqlens_kept: [B+1] in the dtype of
+        ``cu_seqlens_v`` (as :func:`select_topk_ref`).
+    """
+    tv = scores.shape[0]
+    device = scores.device
+    seg = segment_ids(cu_seqlens_v, tv)
+    tier = spread_suppressed_ref(scores, cu_seqlens_v, coords, radius).to(torch.int64)
+    combined = (seg * 2 + tier) * (1 << 32) + (0xFFFFFFFF - score_keys_ref(scores))
     order = torch.sort(combined, stable=True).indices
     starts = cu_seqlens_v[:-1].to(torch.int64)
     rank = torch.arange(tv, device=device) - starts[seg[order]]
