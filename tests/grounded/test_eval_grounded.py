@@ -25,7 +25,7 @@ from tokenprune_kernels.grounded.model import (
     build_model,
     save_model_dir,
 )
-from tokenprune_kernels.grounded.scenes import make_sample
+from tokenprune_kernels.grounded.scenes import QUESTION_TYPES, make_sample
 from tokenprune_kernels.labels import read_labels
 from tokenprune_kernels.mapper import MapperConfig, TokenMapper, save_mapper
 
@@ -369,9 +369,11 @@ def test_make_labels_writes_shards_and_summary(eager, processor, tmp_path, monke
     """Every sample 'correct' (reference = the greedy text, even when it decodes to ''): the
     shards hold all three, each once; a rerun skips them all."""
     real = LP.make_sample
+    asked = []
 
-    def fake(split, i, seed):
-        s = real(split, i, seed, (64, 64))
+    def fake(split, i, seed, qtypes):
+        asked.append(tuple(qtypes))
+        s = real(split, i, seed, (64, 64), qtypes=qtypes)
         _, greedy, _ = LP.label_grounded_sample(eager, processor, s)
         return dataclasses.replace(s, question=dataclasses.replace(s.question, answer=greedy))
 
@@ -384,8 +386,18 @@ def test_make_labels_writes_shards_and_summary(eager, processor, tmp_path, monke
     again = LP.make_labels(eager, processor, tmp_path / "labels", 3, metadata={"m": 1})
     assert again["skipped"] == 3 and again["seen"] == 0
     assert len(read_labels(tmp_path / "labels")) == 3
+    assert set(asked) == {tuple(QUESTION_TYPES)}
     with pytest.raises(ValueError, match="n must be"):
         LP.make_labels(eager, processor, tmp_path / "labels", 0)
+    # Another range and the opt-in types: its own summary file, the types reach make_sample.
+    more = LP.make_labels(
+        eager, processor, tmp_path / "labels", 2, start=3, qtypes=["read_glyph"], metadata={"m": 1}
+    )
+    assert more["seen"] == 2 and asked[-2:] == [("read_glyph",)] * 2
+    assert (tmp_path / "labels" / "summary-3.json").exists()
+    assert len(read_labels(tmp_path / "labels")) == 5
+    with pytest.raises(ValueError, match="qtypes must be"):
+        LP.make_labels(eager, processor, tmp_path / "labels", 1, qtypes=["nope"])
 
 
 def test_relevance_label(eager, processor):

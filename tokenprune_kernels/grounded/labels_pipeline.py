@@ -47,7 +47,12 @@ from torch import nn
 from tokenprune_kernels.explain import explain_relevance
 from tokenprune_kernels.explain.pipeline import answers_match, greedy_with_attention, to_model
 from tokenprune_kernels.grounded.model import TOKEN_ID, build_inputs
-from tokenprune_kernels.grounded.scenes import Sample, make_sample
+from tokenprune_kernels.grounded.scenes import (
+    QUESTION_TYPES,
+    Sample,
+    check_question_types,
+    make_sample,
+)
 from tokenprune_kernels.labels import LabelRecord, ShardWriter
 
 LABEL_SEED = 7
@@ -170,11 +175,15 @@ def make_labels(
     shard_size: int = 256,
     metadata: dict[str, Any] | None = None,
     printer: Callable[[str], None] | None = None,
+    qtypes: Sequence[str] = QUESTION_TYPES,
 ) -> dict[str, Any]:
-    """Label train-split samples ``start .. start + n - 1`` (scene seed ``seed``) into
-    ``out_dir`` (resumable: finished ids are skipped). Writes ``summary.json``; returns it."""
+    """Label train-split samples ``start .. start + n - 1`` (scene seed ``seed``, question types
+    cycling through ``qtypes``) into ``out_dir`` (resumable: finished ids are skipped). Writes
+    ``summary.json`` (``summary-<start>.json`` when ``start > 0``, so that processes labelling
+    disjoint ranges into one directory keep their own); returns it."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
+    qtypes = check_question_types(qtypes)
     say = printer or (lambda line: None)
     out_dir = Path(out_dir)
     seen = correct = skipped = 0
@@ -185,7 +194,9 @@ def make_labels(
             if f"train-{i}" in done:
                 skipped += 1
                 continue
-            ok, _, record = label_grounded_sample(model, processor, make_sample("train", i, seed))
+            ok, _, record = label_grounded_sample(
+                model, processor, make_sample("train", i, seed, qtypes=qtypes)
+            )
             seen += 1
             if ok and record is not None:
                 correct += 1
@@ -200,7 +211,8 @@ def make_labels(
         "skipped": skipped,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    name = "summary.json" if start == 0 else f"summary-{start}.json"
+    (out_dir / name).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -221,6 +233,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Labels for ``--n`` train samples, then the mapper (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=400, help="train samples to label")
+    p.add_argument("--start", type=int, default=0, help="first train sample index")
+    p.add_argument(
+        "--question-types",
+        default=",".join(QUESTION_TYPES),
+        help="comma-separated question types the samples cycle through (default: the five "
+        "default types; opt-in: count_small,read_glyph)",
+    )
     p.add_argument("--seed", type=int, default=LABEL_SEED, help="scene seed of the samples")
     p.add_argument("--labels", type=Path, required=True, help="label directory")
     p.add_argument("--mapper", type=Path, help=".safetensors output (skip training if absent)")
@@ -230,6 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    if args.start < 0:
+        p.error(f"--start must be >= 0, got {args.start}")
+    qtypes = check_question_types(t for t in args.question_types.split(",") if t)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from tokenprune_kernels.grounded.model import MODEL_DIR, load_model_dir
@@ -244,12 +266,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model_type": model.config.model_type,
         "split": "train",
         "scene_seed": args.seed,
+        "question_types": qtypes,
         "versions": _versions(),
         "command": command,
         "threads": args.threads,
     }
     summary = make_labels(
-        model, processor, args.labels, args.n, seed=args.seed, metadata=meta, printer=print
+        model,
+        processor,
+        args.labels,
+        args.n,
+        seed=args.seed,
+        start=args.start,
+        metadata=meta,
+        printer=print,
+        qtypes=qtypes,
     )
     print(json.dumps(summary), flush=True)
     if args.mapper is None:
