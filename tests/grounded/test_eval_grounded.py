@@ -20,7 +20,9 @@ from tokenprune_kernels.grounded.flops import (
     prefill_flops,
 )
 from tokenprune_kernels.grounded.model import (
+    MODEL_DIR,
     TOKEN_ID,
+    build_config,
     build_inputs,
     build_model,
     save_model_dir,
@@ -183,6 +185,94 @@ def test_shards_merge_into_the_unsharded_run(model, processor, mapper, eager, sa
         E.merge_shards(parts)
 
 
+def test_spread_methods(raw, summary):
+    """mapper v2 / attention + spread: the plain method's keep counts and FLOPs to the last bit,
+    valid accuracies, the paired comparisons issue 21's targets need, no real-path run."""
+    assert raw["lm_layers"] == 4 and summary["lm_layers"] == 4
+    for spread, plain in (("mapper_spread", "mapper"), ("attention_spread", "attention")):
+        for r in map(str, RATIOS):
+            for f in ("keep", "flops", "overhead"):
+                assert raw[f][spread][r] == raw[f][plain][r], (spread, f, r)
+            e = summary["accuracy"][spread][r]
+            assert 0.0 <= e["ci"][0] <= e["acc"] <= e["ci"][1] <= 1.0
+            assert summary["correct"][spread][r] is not None
+    for other in ("attention", "divprune", "mapper", "oracle", "fastv_eq", "fastv1_eq"):
+        assert set(summary["paired"][f"mapper_spread|{other}"]) == set(map(str, RATIOS))
+    assert "attention_spread|attention" in summary["paired"]
+    assert set(raw["real_path_mismatches"]) == {"mapper", "attention"}
+    assert set(raw["times_s"]["real_prefill"]) == {"none", "mapper", "attention"}
+
+
+def test_equal_compute_follows_mapper_v2_alone(model, processor, mapper, samples):
+    """Without the plain mapper, the equal-compute budget is mapper v2's (the same FLOPs)."""
+    methods = ["none", "mapper_spread", "fastv1"]
+    assert E.eq_base(methods) == "mapper_spread" and E.eq_keys(methods) == ["fastv1_eq"]
+    assert E.eq_base(["none", "mapper", "mapper_spread"]) == "mapper"
+    assert E.eq_keys(["none", "attention_spread", "fastv"]) == []
+    got = E.run_eval(model, processor, samples[:2], methods=methods, ratios=[0.25],
+                     mapper=mapper, thresholds=[], time_samples=0)  # fmt: skip
+    for i, k in enumerate(got["keep"]["fastv1_eq"]["0.25"]):
+        if k is not None:
+            assert got["flops"]["fastv1_eq"]["0.25"][i] <= got["flops"]["mapper_spread"]["0.25"][i]
+    with pytest.raises(ValueError, match="'mapper_spread' needs mapper"):
+        E.run_eval(model, processor, samples[:1], methods=methods, thresholds=[])
+
+
+def test_question_types_change_the_test_set():
+    """Default: the five default types, the same samples as make_sample without qtypes (the
+    test set of earlier reports); named opt-in types change it."""
+    default = E.eval_samples(0, 2, [(224, 224), (64, 80)])
+    for s in default:
+        old = make_sample("test", s.index, 0, s.scene.size)
+        assert s.question == old.question and s.image.tobytes() == old.image.tobytes()
+    named = E.eval_samples(0, 2, [(224, 224), (64, 80)], QUESTION_TYPES)
+    assert [s.question for s in named] == [s.question for s in default]
+    extra = E.eval_samples(0, 2, [(224, 224), (64, 80)], ["count_small", "read_glyph"])
+    assert [s.question.qtype for s in extra] == ["count_small", "read_glyph"] * 2
+    assert [s.index for s in extra] == [s.index for s in default]
+    with pytest.raises(ValueError, match="qtypes must be"):
+        E.eval_samples(0, 1, [(64, 80)], ["bogus"])
+
+
+def test_cli_opt_in_question_types_and_depth(tmp_path, mapper, capsys):
+    """--question-types with a model directory whose vocabulary has the opt-in words, a 3-layer
+    model: the test set, its record, the depth-aware labels and the targets paragraph; a
+    tokenizer without those words is refused."""
+    from tokenprune_kernels.grounded.model import build_processor
+
+    mdir = save_model_dir(build_model(build_config(num_layers=3), seed=5), build_processor(),
+                          tmp_path / "m")  # fmt: skip
+    save_mapper(mapper, tmp_path / "mapper.safetensors")
+    out = tmp_path / "q"
+    types = "count_small,read_glyph"
+    argv = [
+        "--model-dir", str(mdir), "--mapper", str(tmp_path / "mapper.safetensors"),
+        "--methods", "mapper", "attention", "mapper_spread", "divprune", "fastv",
+        "--ratios", "1", "0.125", "0.0625", "0.03125", "--n-per-size", "1", "--thresholds",
+        "--bootstrap", "20", "--time-samples", "0", "--no-real-path", "--question-types", types,
+    ]  # fmt: skip
+    assert E.main([*argv, "--out", str(out)]) == 0
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["test_set"]["question_types"] == ["count_small", "read_glyph"]
+    samples = E.eval_samples(0, 1, E.SIZE_SETS["train"], ["count_small", "read_glyph"])
+    assert saved["target"] == [TOKEN_ID[s.question.answer] for s in samples]
+    assert saved["lm_layers"] == 3
+    text = out.with_suffix(".md").read_text()
+    assert "question types count_small, read_glyph" in text
+    assert "| FastV-like (K=2 of 3 layers, in-LLM) |" in text
+    assert "FastV K=2 prunes after 2 of 3 layers (67% of depth)" in text
+    assert "## Targets (issue 21)" in text and "- mapper_spread at 12.5%" in text
+    assert "- mapper_spread vs divprune at 3.125%" in text
+    if (MODEL_DIR / "tokenizer.json").is_file():  # the shipped tokenizer predates these words
+        assert E.main([*argv[2:], "--out", str(out)]) == 2
+        assert "does not know the words" in capsys.readouterr().err
+    parser = __import__("argparse").ArgumentParser()
+    E.add_eval_parser(parser.add_subparsers())
+    assert parser.parse_args(["eval", "--out", "x"]).question_types == list(QUESTION_TYPES)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "--out", "x", "--question-types", "left_of,bogus"])
+
+
 def test_pruned_predictions_differ_between_methods(raw):
     """At 25% the methods do not all see the same tokens (so they are not all the same run)."""
     runs = {m: tuple(raw["pred"][m]["0.25"]) for m in E.DEFAULT_METHODS}
@@ -262,6 +352,53 @@ def _summary_for_targets(diff_att, p_att):
     }
 
 
+def _summary_for_v2(closed):
+    """mapper v2 at 3.125%: plain mapper 80%, oracle 90%, v2 at 80% + ``closed`` points."""
+    pair = {"diff": 0.04, "ci": [0.02, 0.06], "b": 30, "c": 10, "p": 0.001}
+    r = "0.03125"
+
+    def acc(a):
+        return {"acc": a, "ci": [a - 0.02, a + 0.02], "rel": a / 0.92, "rel_ci": [0.9, 1.0]}
+
+    return {
+        "n": 1503,
+        "lm_layers": 14,
+        "paired": {
+            "mapper_spread|attention": {"0.0625": pair, r: pair},
+            "mapper_spread|divprune": {"0.0625": {**pair, "p": 0.3}, r: pair},
+            "mapper_spread|fastv1_eq": {"0.0625": pair, r: None},
+            "mapper_spread|mapper": {r: {**pair, "diff": closed}},
+        },
+        "reachable": {"fastv1_eq": {r: 1400}},
+        "min_flops": {"fastv1": 0.3},
+        "flops": {"mapper_spread": {"0.0625": 0.2, r: 0.17}},
+        "accuracy": {
+            "mapper": {r: acc(0.8)},
+            "oracle": {r: acc(0.9)},
+            "mapper_spread": {r: acc(0.8 + closed), "0.125": acc(0.91)},
+        },
+    }
+
+
+def test_targets_of_mapper_v2():
+    met = E.targets(_summary_for_v2(0.06))
+    assert E.targets(_summary_for_v2(0.06), "mapper_spread") == met
+    line = next(x for x in met if x.startswith("- mapper_spread vs attention at 3.125%"))
+    assert "+4.0 points [2.0, 6.0], McNemar p = 0.001" in line and line.endswith(": MET")
+    line = next(x for x in met if x.startswith("- mapper_spread vs divprune at 6.250%"))
+    assert line.endswith("NOT MET")  # p = 0.3
+    line = next(x for x in met if "fastv1_eq at 3.125%" in x)
+    assert "K=1 of 14 layers" in line and "on 103/1503 samples" in line and "30.0%" in line
+    assert "unreachable" in line
+    gap = next(x for x in met if "oracle labels 90.0%" in x)
+    assert "plain mapper 80.0%" in gap and "86.0%" in gap and "60% of the gap closed" in gap
+    assert gap.endswith("at least half: MET")
+    gap = next(x for x in E.targets(_summary_for_v2(0.04)) if "of the gap closed" in x)
+    assert "40% of the gap closed" in gap and gap.endswith("NOT MET")
+    line = next(x for x in met if "at 12.5% keeps" in x)
+    assert line.startswith("- mapper_spread at 12.5% keeps 98.9%") and line.endswith(": MET")
+
+
 def test_targets():
     met = E.targets(_summary_for_targets(0.04, 0.001))
     line = next(x for x in met if "mapper vs attention at 6.250%" in x)
@@ -284,7 +421,9 @@ def test_report_and_plot(raw, summary, tmp_path):
     assert "## Equal LLM compute" in text and "## Adaptive mapper" in text
     assert abs(E.chance_accuracy() - (1 / 6 + 1 / 4 + 1 / 4 + 1 / 2 + 1 / 6) / 5) < 1e-12
     for m in [*E.DEFAULT_METHODS, *raw["eq_keys"]]:
-        assert f"| {E.METHOD_LABELS[m]} |" in text
+        assert f"| {E.method_label(m, 4)} |" in text
+    assert "| FastV-like (K=2 of 4 layers, in-LLM) |" in text
+    assert "FastV K=1 prunes after 1 of 4 layers (25% of depth)" in text
     pytest.importorskip("matplotlib")
     assert E.plot(summary, raw, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

@@ -16,6 +16,7 @@ from tokenprune_kernels.grounded.model import (
 )
 from tokenprune_kernels.grounded.scenes import make_sample
 from tokenprune_kernels.mapper import MapperConfig, TokenMapper
+from tokenprune_kernels.reference import spread_select_ref
 from tokenprune_kernels.transformers import apply_tokenprune, last_pruned, revert_tokenprune
 
 SIZES = [(80, 112), (64, 144), (112, 80)]  # 35, 36, 35 visual tokens
@@ -233,3 +234,82 @@ def test_keep_count_and_errors(model, preps):
         M.fastv_logits(model, prep, 3, layer=9)
     with pytest.raises(ValueError, match="Qwen2-VL"):
         M.prepare(torch.nn.Linear(2, 2), {})
+
+
+# --------------------------------------------------------------------------------------------
+# Spread rule (mapper v2)
+# --------------------------------------------------------------------------------------------
+
+
+def _greedy_spread(scores: list[float], grid, keep: int, radius: int) -> list[int]:
+    """The spread rule restated on a grid: take tokens by score (ties: lower index), passing
+    over a token next to one already taken; the passed-over ones follow in the same order."""
+    t, h, w = grid
+    where = [(i // (h * w), i // w % h, i % w) for i in range(t * h * w)]
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    taken: list[int] = []
+    for i in order:
+        f, r, c = where[i]
+        near = any(
+            where[j][0] == f and max(abs(where[j][1] - r), abs(where[j][2] - c)) <= radius
+            for j in taken
+        )
+        if not near:
+            taken.append(i)
+    rest = [i for i in order if i not in taken]
+    return sorted((taken + rest)[:keep])
+
+
+@pytest.mark.parametrize("grid", [(1, 5, 7), (2, 3, 4), (1, 1, 9), (3, 2, 1)])
+@pytest.mark.parametrize("radius", [0, 1, 2])
+def test_spread_keep_equals_the_reference(grid, radius):
+    t, h, w = grid
+    n = t * h * w
+    coords = torch.tensor([[f, r, c] for f in range(t) for r in range(h) for c in range(w)])
+    assert torch.equal(M.grid_coords(grid), coords)
+    g = torch.Generator().manual_seed(100 * n + radius)
+    scores = torch.randint(0, 5, (n,), generator=g).float()  # many ties
+    scores[int(torch.randint(0, n, (1,), generator=g))] = float("nan")
+    cu = torch.tensor([0, n])
+    for keep in sorted({1, max(1, n // 5), max(1, n // 2), n - 1 or 1, n}):
+        kept = M.spread_keep(scores, grid, keep, radius)
+        ref, cu_kept = spread_select_ref(scores, cu, torch.tensor([keep]), coords, radius)
+        assert kept.dtype == torch.int64 and torch.equal(kept, ref) and int(cu_kept[1]) == keep
+        clean = torch.nan_to_num(scores, nan=-1.0).tolist()  # NaN ranks below every score
+        assert kept.tolist() == _greedy_spread(clean, grid, keep, radius)
+    # radius 0 suppresses nothing: the plain top-k
+    plain = torch.topk(torch.nan_to_num(scores, nan=-1.0) - 1e-3 * torch.arange(n), 3).indices
+    assert M.spread_keep(scores, grid, 3, 0).tolist() == sorted(plain.tolist())
+
+
+def test_spread_keep_errors():
+    with pytest.raises(ValueError, match="scores must be"):
+        M.spread_keep(torch.ones(5), (1, 2, 3), 2)
+    with pytest.raises(ValueError, match="keep must be"):
+        M.spread_keep(torch.ones(6), (1, 2, 3), 0)
+    with pytest.raises(ValueError, match="radius must be"):
+        M.spread_keep(torch.ones(6), (1, 2, 3), 2, -1)
+    with pytest.raises(ValueError, match="grid must be"):
+        M.grid_coords((1, 0, 3))
+
+
+def test_spread_methods_select_from_the_plain_scores(model, preps):
+    """mapper_spread / attention_spread: the scores of mapper / attention (select_layer0),
+    kept by spread_keep on the prompt's merged grid at SPREAD_RADIUS."""
+    mapper = _mapper(11)
+    assert M.SPREAD_RADIUS == 1 and M.SPREAD_METHODS == {
+        "mapper_spread": "mapper",
+        "attention_spread": "attention",
+    }
+    for prep in preps:
+        keep = M.keep_count(prep.n_visual, 0.25)
+        for method, use in (("mapper_spread", mapper), ("attention_spread", None)):
+            _, scores = M.select_layer0(model, prep, keep, use)
+            kept = M.select(method, model, prep, 0.25, mapper=mapper)
+            idx = _greedy_spread(scores.tolist(), prep.grid, keep, M.SPREAD_RADIUS)
+            assert torch.equal(kept, prep.visual_positions[idx])
+            assert torch.equal(kept, M.select_spread(prep, scores, keep))
+    with pytest.raises(ValueError, match="needs mapper"):
+        M.select("mapper_spread", model, preps[0], 0.5)
+    with pytest.raises(ValueError, match="scores must be"):
+        M.select_spread(preps[0], torch.ones(3), 2)

@@ -20,6 +20,9 @@ Selection overhead (counted separately; the evaluation adds it per method):
   block, ``2 C_last`` for the head);
 - FastV-like: layer ``K``'s K projection of all ``n`` tokens (the layer itself then runs on the
   kept ones), the last token's Q projection and its ``QK^T`` over ``n`` keys;
+- spread methods (``mapper_spread``, ``attention_spread``): their score source's overhead; the
+  spread rule adds at most ``(2r + 1)^2 - 1`` integer neighbour checks per visual token and no
+  floating-point work (0);
 - DivPrune-like: the ``n_v x n_v`` cosine Gram matrix ``2 n_v^2 H``; DART-like: ``2 n_v p H``
   against ``p`` pivots; random, uniform: 0; oracle: its labels are not counted (an upper bound).
 """

@@ -13,6 +13,10 @@ position ids (:func:`pruned_logits`):
 - ``mapper`` (ours): the trained 1-D conv mapper on the layer-0 instruction attention, through
   :func:`tokenprune_kernels.transformers.core.prune_inputs` (the inference path's code).
 - ``attention`` (ours, training-free): raw layer-0 instruction attention, same path, no mapper.
+- ``mapper_spread`` (ours, mapper v2) and ``attention_spread`` (ours, training-free): the same
+  scores as ``mapper`` / ``attention``, selected under the spread rule (``docs/contract.md``,
+  stage c: a token is passed over while a higher-ranked token within Chebyshev distance
+  :data:`SPREAD_RADIUS` on the merged grid was taken) by :func:`spread_keep`.
 - ``dart``: DART-like duplication removal (our implementation of the idea): pivots = the
   ``n_pivots`` visual tokens of largest LLM-input embedding L2 norm; the rest ranked by their
   highest cosine similarity to any pivot, least similar kept first.
@@ -52,6 +56,7 @@ import torch
 from torch import nn
 
 from tokenprune_kernels.mapper import TokenMapper
+from tokenprune_kernels.reference import spread_select_ref
 from tokenprune_kernels.training.data import topk_mask
 from tokenprune_kernels.transformers import default_instruction_mask_for
 from tokenprune_kernels.transformers.core import Layer0, TokenPruneConfig, prune_inputs
@@ -61,12 +66,18 @@ INPUT_METHODS: tuple[str, ...] = (
     "oracle",
     "mapper",
     "attention",
+    "mapper_spread",
+    "attention_spread",
     "dart",
     "divprune",
     "random",
     "uniform",
 )
 """Methods that choose visual tokens at the LLM input."""
+SPREAD_METHODS: dict[str, str] = {"mapper_spread": "mapper", "attention_spread": "attention"}
+"""The spread-rule methods and the method whose scores they select from."""
+SPREAD_RADIUS = 1
+"""Radius of the spread rule (Chebyshev distance on the merged token grid) of the spread methods."""
 LLM_METHODS: tuple[str, ...] = ("fastv", "fastv1")
 """Methods that prune inside the LLM."""
 METHODS: tuple[str, ...] = ("none", *INPUT_METHODS, *LLM_METHODS)
@@ -396,6 +407,58 @@ def select_layer0(
     return torch.sort(pruned.kept_visual[0]).values, pruned.scores[0]
 
 
+def grid_coords(grid: tuple[int, int, int]) -> torch.Tensor:
+    """``[t * h * w, 3]`` int64 ``(frame, row, col)`` of a ``t x h x w`` merged token grid in
+    raster order (the visual tokens' order): the spread rule's coordinates."""
+    t, h, w = (int(v) for v in grid)
+    if min(t, h, w) < 1:
+        raise ValueError(f"grid must be (t, h, w) with every entry >= 1, got {grid!r}")
+    f, r, c = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack([f.flatten(), r.flatten(), c.flatten()], dim=1)
+
+
+def spread_keep(
+    scores: torch.Tensor, grid: tuple[int, int, int], keep: int, radius: int = SPREAD_RADIUS
+) -> torch.Tensor:
+    """The spread rule on one prompt: the ``keep`` tokens kept of ``scores [n_v]`` (raster
+    order of the merged ``grid (t, h, w)``, ``n_v = t * h * w``) when the tokens are taken in
+    score order (ties: lower index) and a token within Chebyshev distance ``radius`` of one
+    already taken (same frame) waits until every other token is taken (``docs/contract.md``,
+    stage c, "Spread rule").
+
+    The ONE place the eval calls the rule: for now the plain-PyTorch reference
+    :func:`tokenprune_kernels.reference.spread_select_ref`; switch to
+    ``tp.select_topk(scores, cu, keep_count=keep, spread_coords=coords,
+    spread_radius=radius)[0]`` once the public op lands (same arguments, same output).
+
+    Returns:
+        ``[keep]`` int64 indices into the visual tokens, ascending.
+    """
+    n = scores.numel()
+    if scores.dim() != 1 or n != math.prod(grid):
+        raise ValueError(f"scores must be [t * h * w] for grid {grid}, got {list(scores.shape)}")
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= n:
+        raise ValueError(f"keep must be an int in [1, {n}], got {keep!r}")
+    if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
+        raise ValueError(f"radius must be an int >= 0, got {radius!r}")
+    cu = torch.tensor([0, n], dtype=torch.int64)
+    coords = grid_coords(grid)
+    kept, _ = spread_select_ref(
+        scores.detach().float().cpu(), cu, torch.tensor([keep], dtype=torch.int64), coords, radius
+    )
+    return kept
+
+
+def select_spread(
+    prep: Prepared, scores: torch.Tensor, keep: int, radius: int = SPREAD_RADIUS
+) -> torch.Tensor:
+    """Sequence positions (ascending) of the ``keep`` visual tokens :func:`spread_keep` keeps of
+    ``scores [n_v]`` on the prompt's merged grid."""
+    if scores.dim() != 1 or scores.numel() != prep.n_visual:
+        raise ValueError(f"scores must be [n_v] = [{prep.n_visual}], got {list(scores.shape)}")
+    return _from_visual_index(prep, spread_keep(scores, prep.grid, keep, radius))
+
+
 def select_random(prep: Prepared, keep: int, seed: int) -> torch.Tensor:
     """A uniformly random subset of ``keep`` visual tokens (``torch.Generator`` seeded with
     ``seed``)."""
@@ -503,7 +566,7 @@ def select(
         model: the Qwen2-VL model.
         prep: from :func:`prepare`.
         keep_ratio: in ``(0, 1]``.
-        mapper: needed by ``mapper``.
+        mapper: needed by ``mapper`` and ``mapper_spread``.
         label: ``[n_v]`` relevance, needed by ``oracle``.
         seed: ``random``'s seed.
 
@@ -525,6 +588,11 @@ def select(
         return select_layer0(model, prep, keep, mapper)[0]
     if method == "attention":
         return select_layer0(model, prep, keep, None)[0]
+    if method in SPREAD_METHODS:
+        if method == "mapper_spread" and mapper is None:
+            raise ValueError("method 'mapper_spread' needs mapper (a TokenMapper)")
+        use = mapper if method == "mapper_spread" else None
+        return select_spread(prep, select_layer0(model, prep, keep, use)[1], keep)
     if method == "dart":
         return select_dart(prep, keep)
     if method == "divprune":
@@ -569,10 +637,13 @@ __all__ = [
     "INPUT_METHODS",
     "LLM_METHODS",
     "METHODS",
+    "SPREAD_METHODS",
+    "SPREAD_RADIUS",
     "Prepared",
     "answer_token",
     "fastv_logits",
     "fastv_select",
+    "grid_coords",
     "keep_count",
     "prepare",
     "pruned_logits",
@@ -583,7 +654,9 @@ __all__ = [
     "select_layer0",
     "select_random",
     "select_scores",
+    "select_spread",
     "select_uniform",
     "split_batch",
+    "spread_keep",
     "uniform_grid_indices",
 ]
