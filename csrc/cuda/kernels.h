@@ -141,7 +141,7 @@ struct AttentionArgs {
   const int64_t* visual_idx;
   const int64_t* q_pos;
   float scale;
-  int64_t groups;  // output channels C >= 1 dividing hq (1: the mean over every head)
+  int64_t groups = 1;  // output channels C >= 1 dividing hq (1: the mean over every head)
   float* out;
 };
 
