@@ -1,6 +1,7 @@
 // CUDA glue of the private ops (compiled in CUDA builds only):
 //   _instruction_attention, _instruction_attention_heads, _mapper_forward, _select_topk,
-//   _mass_keep_counts, _gather_kept, _merge_kept and the fused selections _select_gather_kept / _select_merge_kept (CUDA only).
+//   _mass_keep_counts, _gather_kept, _merge_kept and the fused selections _select_gather_kept /
+//   _select_merge_kept (CUDA only).
 //
 // Owns what needs torch: argument checks of metadata (ranks, dtypes, sizes, devices; the
 // device-agnostic ones shared with the CPU kernels are in ../checks.h), allocation (caching
@@ -339,11 +340,12 @@ bool aligned16(const at::Tensor& t) {
          (t.size(2) * es) % 16 == 0;
 }
 
-// Both attention ops: `groups` output channels (1: the mean over every head), out [Tv, groups].
+// Both attention ops: `groups` output channels (1: the mean over every head), out [Tv, groups],
+// or [Tv] when `flat` (the mean op, groups = 1).
 at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_seqlens_q,
                           const at::Tensor& cu_seqlens_k, const at::Tensor& visual_idx,
                           const at::Tensor& cu_seqlens_v, const std::optional<at::Tensor>& q_pos,
-                          std::optional<double> softmax_scale, int64_t groups) {
+                          std::optional<double> softmax_scale, int64_t groups, bool flat) {
   check_dim(q, "q", 3, "[Tq, Hq, D]");
   check_float(q, "q");
   const c10::Device device = check_backend(q, "q", c10::kCUDA);
@@ -384,7 +386,9 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Te
                     scale);
 
   const c10::cuda::CUDAGuard guard(device);
-  at::Tensor out = at::empty({visual_idx.size(0), groups}, q.options().dtype(c10::kFloat));
+  const at::TensorOptions float32 = q.options().dtype(c10::kFloat);
+  at::Tensor out = flat ? at::empty({visual_idx.size(0)}, float32)
+                        : at::empty({visual_idx.size(0), groups}, float32);
   const at::Tensor qd = dense_last(q);
   const at::Tensor kd = dense_last(k);
   const at::Tensor cu_q = as_int64(cu_seqlens_q);
@@ -437,8 +441,7 @@ at::Tensor instruction_attention_cuda(const at::Tensor& q, const at::Tensor& k,
                                       const std::optional<at::Tensor>& q_pos,
                                       std::optional<double> softmax_scale) {
   return attention_cuda(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos,
-                        softmax_scale, 1)
-      .view({-1});
+                        softmax_scale, 1, true);
 }
 
 at::Tensor instruction_attention_heads_cuda(
@@ -447,7 +450,7 @@ at::Tensor instruction_attention_heads_cuda(
     const std::optional<at::Tensor>& q_pos, std::optional<double> softmax_scale,
     int64_t head_groups) {
   return attention_cuda(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos,
-                        softmax_scale, head_groups);
+                        softmax_scale, head_groups, false);
 }
 
 // ------------------------------------------------------------------------------------ mapper
