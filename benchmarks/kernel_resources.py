@@ -157,7 +157,7 @@ int main(int argc, char** argv) {
     a.type = types[i];
     a.tq = 32; a.tk = 65536 + 51; a.tv = 65536; a.hq = 28; a.hk = 4; a.head_dim = 128; a.batch = 1;
     AttentionPlan p;
-    instruction_attention_plan(a, sms, smem, &p);
+    if (instruction_attention_plan(a, sms, smem, &p) != cudaSuccess) return 1;
     std::printf("attention %s %zu %d\n", names[i], p.smem_bytes, p.fits ? 1 : 0);
   }
   MapperArgs m{};
@@ -166,7 +166,7 @@ int main(int argc, char** argv) {
   m.attn_groups = 1;  // the paper's [total] attention input
   m.num_blocks = 5; m.kernel_size = 5; m.total = 65536; m.batch = 1;
   MapperPlan mp;
-  mapper_plan(m, sms, smem, &mp);
+  if (mapper_plan(m, sms, smem, &mp) != cudaSuccess) return 1;
   std::printf("mapper %zu %d %lld\n", mp.smem_bytes, mp.fits ? 1 : 0, (long long)mp.tile);
   return 0;
 }

@@ -3,10 +3,11 @@
     python3 benchmarks/parity.py --out results/parity.md            # GPU: ref, cuda, triton
     python3 benchmarks/parity.py --device cpu --smoke --out p.md    # CPU: ref, cpp, (triton)
 
-For each stage (instruction attention, mapper, select, merge, and the whole ``prune_and_merge``)
-and each case (awkward sizes: 1, primes, ragged batches, non-contiguous q / k, Qwen2-VL-7B heads;
-every dtype), the public op runs on each backend that implements it here (forced with
-:func:`tokenprune_kernels.backend.use_backend`) and is compared with the plain-PyTorch reference:
+For each stage (instruction attention, alone and per group of heads, mapper, select, merge, and
+the whole ``prune_and_merge``) and each case (awkward sizes: 1, primes, ragged batches,
+non-contiguous q / k, Qwen2-VL-7B heads; every dtype), the public op runs on each backend that
+implements it here (forced with :func:`tokenprune_kernels.backend.use_backend`) and is compared
+with the plain-PyTorch reference:
 
 - float outputs (attention, mapper logits, the composite's scores): the largest absolute and
   relative error against the reference, within a per-dtype tolerance;
@@ -200,6 +201,19 @@ def run(args: argparse.Namespace) -> list[Row]:
                         inp.cu_seqlens_v, inp.q_pos)  # fmt: skip
             stage(stage="attention", fn=functools.partial(tp.instruction_attention, *att_args),
                   check=functools.partial(_close, want=want_attn, tol=ATTN_TOL[dtype]),
+                  pick=lambda o: o)  # fmt: skip
+
+            # Per group of Hq / 2 query heads: one channel per KV head or a part of one, or (qwen7b:
+            # 14 channels of 2 heads, groups of 7) channels straddling two KV heads.
+            groups = hq // 2
+            want_heads = reference.instruction_attention_heads_ref(
+                cpu.q.double(), cpu.k.double(), cpu.cu_seqlens_q, cpu.cu_seqlens_k,
+                cpu.visual_idx, cpu.cu_seqlens_v, cpu.q_pos, None, groups,
+            )  # fmt: skip
+            stage(stage="attention_heads",
+                  fn=functools.partial(tp.instruction_attention_heads, *att_args,
+                                       head_groups=groups),
+                  check=functools.partial(_close, want=want_heads, tol=ATTN_TOL[dtype]),
                   pick=lambda o: o)  # fmt: skip
 
             attn = want_attn.float()

@@ -9,8 +9,10 @@
 # all), each writing its log and results into OUT_DIR:
 #   1. env      [15]  GPU, driver, versions, the backend table              env.log
 #   2. build    [120] the extension in place, for this GPU's arch only      build.log
-#   3. tests    [150] CUDA tests (tests/csrc, tests/ops: every dtype, bf16 included) [90] and
-#                     the Triton tests on the GPU [60]                      tests_cuda.log, tests_triton.log
+#   3. tests    [150] CUDA tests (tests/csrc, tests/ops: every dtype, bf16 included; the
+#                     backend parity tests of tests/ops/test_attention.py on the cuda backend,
+#                     marked cuda by backend_params) [90] and the Triton tests on the GPU [60]
+#                                                                           tests_cuda.log, tests_triton.log
 #   4. parity   [35]  CUDA vs Triton vs reference, every stage and dtype    parity.md/.json
 #   5. bench    [45]  per-kernel times against their floors                 bench_kernels.md
 #   6. e2e      [45]  Qwen2-VL-7B-shaped prefill, unpruned vs 50% vs 25%    e2e.md
@@ -69,7 +71,8 @@ step() {
 }
 
 # The GPU commands (printed in the dry run, which runs their CPU forms instead).
-cuda_tests=(-m pytest -q -rs tests/csrc tests/ops/test_syncs.py tests/ops/test_opcheck.py -m cuda)
+cuda_tests=(-m pytest -q -rs tests/csrc tests/ops/test_attention.py tests/ops/test_syncs.py
+            tests/ops/test_opcheck.py -m cuda)
 triton_tests=(-m pytest -q -rs tests/triton)
 parity=(benchmarks/parity.py --out "$out/parity.md")
 bench=(benchmarks/bench_triton.py --impls cuda triton eager --n-visual 4096 65536 --sets 2

@@ -54,7 +54,7 @@ def test_parity_harness_on_cpu(tmp_path):
         parity.main(["--device", "cpu", "--smoke", "--dtypes", "float32", "--out", str(out)]) == 0
     )
     text = out.read_text()
-    for stage in ("attention", "mapper", "select", "merge", "prune_and_merge"):
+    for stage in ("attention", "attention_heads", "mapper", "select", "merge", "prune_and_merge"):
         assert f"| {stage} | ragged | float32 | ref |" in text
     assert "FAIL" not in text
 

@@ -147,6 +147,7 @@ _MASS = Impl(kernel="_mass_keep_counts", fake=f"{_OPS}.select:_mass_keep_counts_
 _SELECT = Impl(kernel="_select_topk", fake=f"{_OPS}.select:_select_topk_fake", hints=_TOTAL)
 #: The CPU and CUDA kernels of a stage share the private op and its fake.
 _ATTENTION = Impl(kernel="_instruction_attention", fake=f"{_OPS}.attention:_fake")
+_ATTENTION_HEADS = Impl(kernel="_instruction_attention_heads", fake=f"{_OPS}.attention:_heads_fake")
 _MAPPER = Impl(kernel="_mapper_forward", fake=f"{_OPS}.mapper:_fake")
 
 #: Stage op -> backend -> implementation (the conventions are in the module docstring).
@@ -159,7 +160,8 @@ OPS: dict[str, dict[str, Impl]] = {
     },
     "instruction_attention_heads": {
         "ref": Impl(f"{_REF}:instruction_attention_heads_ref"),
-        "cpp": Impl(kernel="_instruction_attention_heads", fake=f"{_OPS}.attention:_heads_fake"),
+        "cpp": _ATTENTION_HEADS,
+        "cuda": _ATTENTION_HEADS,
         "triton": Impl(f"{_TRITON}.attention:instruction_attention_heads_triton"),
     },
     "mapper_forward": {

@@ -223,13 +223,17 @@ def _why_not(name: str, device: str, op: str) -> str:
 
 def backend_params(op: str) -> list:
     """:func:`backend_cases` as pytest parameters ``(backend_name, device)``, id'd by the backend's
-    name, those that cannot run here skipped with the reason (imports pytest: for tests only)."""
+    name, those that cannot run here skipped with the reason, the ``cuda`` backend's marked
+    ``cuda`` (``pytest -m cuda`` selects it; imports pytest: for tests only)."""
     import pytest
 
-    return [
-        pytest.param(name, device, id=name, marks=[pytest.mark.skip(reason=why)] if why else [])
-        for name, device, why in backend_cases(op)
-    ]
+    params = []
+    for name, device, why in backend_cases(op):
+        marks = [pytest.mark.skip(reason=why)] if why else []
+        if name == "cuda":
+            marks.append(pytest.mark.cuda)
+        params.append(pytest.param(name, device, id=name, marks=marks))
+    return params
 
 
 def planted_scores(

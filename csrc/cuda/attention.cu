@@ -1,6 +1,8 @@
-// Torch-free CUDA kernels of tokenprune::_instruction_attention (docs/contract.md, stage a): the
-// layer-0 attention of the instruction queries on each visual token, without the [Hq, Tq, Tk]
-// matrix. Three launches, no atomics, no host synchronisation:
+// Torch-free CUDA kernels of tokenprune::_instruction_attention and _instruction_attention_heads
+// (docs/contract.md, stages a and a'): the layer-0 attention of the instruction queries on each
+// visual token, averaged over every query head or per group of Hq / C consecutive query heads
+// (C output channels; the mean over every head is C = 1), without the [Hq, Tq, Tk] matrix. Three
+// launches, no atomics, no host synchronisation:
 //
 // 1. row_stats_kernel, grid (row tiles, Hk, S). The rows of one sample and one KV head are its
 //    n_q * G (query, head of the group) pairs, G = Hq / Hk, packed query-major (row r is query
@@ -11,12 +13,18 @@
 //    exact). Each row folds the keys it sees (key <= q_pos) into its running raw max and sum
 //    (core::softmax_fold, csrc/core/online_softmax.h) and writes them to scratch [Tq, Hq, S].
 // 2. merge_stats_kernel: folds the S partial statistics of every row, in split order.
-// 3. visual_colsum_kernel, grid (visual tiles). A block owns kCols visual tokens of one sample;
-//    for each KV head it loads their keys once (gathered through visual_idx), then for each row
-//    tile of the sample recomputes the logits [kRows, kCols] and adds core::softmax_prob over the
-//    rows that see the key (visual_idx <= q_pos). The per-column sums run in a fixed order (two
-//    threads per column, each over a fixed half of the rows, combined at the end), and every
-//    output element is written by one block: bitwise deterministic.
+// 3. visual_colsum_kernel, grid (visual tiles). A block owns kCols visual tokens of one sample
+//    and writes their C channels. Channel c's query heads [c Hq / C, (c + 1) Hq / C) are cut at
+//    the KV-head boundaries into segments (KV head, run of its query heads); the rows of a
+//    segment are its n_q * (heads of the run) (query, head) pairs, query-major as in pass 1. For
+//    each segment the block loads the visual tokens' keys of its KV head (gathered through
+//    visual_idx; once per KV head, the segments of one KV head being consecutive), then for each
+//    row tile recomputes the logits [kRows, kCols] and adds core::softmax_prob over the rows that
+//    see the key (visual_idx <= q_pos). The per-column sums run in a fixed order (two threads per
+//    column, each over a fixed half of every row tile, combined at the end of the channel), and
+//    every output element is written by one block: bitwise deterministic. For C = 1 the segments
+//    are the KV heads with all their rows: the same tiles and the same order of every sum as a
+//    per-KV-head loop, so _instruction_attention is the C = 1 case of one body.
 //
 // Varlen without a block table: grids are sized from shapes only (an upper bound of the tiles
 // over any split of the packed axis into B samples); each block finds its sample by a loop over
@@ -241,31 +249,32 @@ __device__ __forceinline__ bool locate(int64_t tile, int64_t batch, int64_t per_
   return false;
 }
 
-// Row r of a sample's (query, head) rows: the query index and the query head.
+// The rows of one sample and one run of query heads [head0, head0 + heads) that read one KV
+// head: its n_q * heads (query, head) pairs, query-major (row r: query r / heads, head
+// head0 + r % heads). Pass 1 takes all G heads of a KV head; pass 3 the part of it in a channel.
 struct RowMap {
   int64_t q_start;  // first packed query of the sample
   int64_t n_q;
   int64_t n_k;
-  int group;        // G
-  int kv_head;
+  int64_t heads;    // query heads of the run
+  int64_t head0;    // its first query head
   const int64_t* q_pos;  // null: the queries are the last n_q keys
+  __device__ __forceinline__ int64_t rows() const { return n_q * heads; }
   // Query position of packed row `row` (local to the sample's rows), clamped into [-1, n_k - 1];
   // -1 for a row past the sample's rows (it sees nothing).
   __device__ __forceinline__ int64_t pos(int64_t row) const {
-    if (row >= n_q * group) return -1;
-    const int64_t qi = row / group;
+    if (row >= rows()) return -1;
+    const int64_t qi = row / heads;
     const int64_t p = q_pos != nullptr ? q_pos[q_start + qi] : n_k - n_q + qi;
     return clamp64(p, -1, n_k - 1);
   }
-  __device__ __forceinline__ int64_t token(int64_t row) const { return q_start + row / group; }
-  __device__ __forceinline__ int64_t head(int64_t row) const {
-    return static_cast<int64_t>(kv_head) * group + row % group;
-  }
+  __device__ __forceinline__ int64_t token(int64_t row) const { return q_start + row / heads; }
+  __device__ __forceinline__ int64_t head(int64_t row) const { return head0 + row % heads; }
 };
 
 template <typename T>
 __device__ __forceinline__ const T* q_row(const AttentionArgs& a, const RowMap& m, int64_t row) {
-  if (row >= m.n_q * m.group) return nullptr;
+  if (row >= m.rows()) return nullptr;
   return static_cast<const T*>(a.q) + m.token(row) * a.q_stride_t + m.head(row) * a.q_stride_h;
 }
 
@@ -292,7 +301,8 @@ __global__ void __launch_bounds__(kBlock, 1) row_stats_kernel(AttentionArgs a, i
   if (!locate(blockIdx.x, a.batch, kRows, a.cu_v, a.tv, rows_of, &b, &local)) return;
   const Range rq = range_of(a.cu_q, b, a.tq);
   const Range rk = range_of(a.cu_k, b, a.tk);
-  const RowMap map{rq.start, rq.len, rk.len, group, kv_head, a.q_pos};
+  const RowMap map{rq.start, rq.len, rk.len, group, static_cast<int64_t>(kv_head) * group,
+                   a.q_pos};
   const int64_t row0 = local * kRows;
 
   // Keys 0..kv_len-1 are seen by some row of the tile: the largest position of its rows, + 1
@@ -356,7 +366,7 @@ __global__ void __launch_bounds__(kBlock, 1) row_stats_kernel(AttentionArgs a, i
     core::softmax_fold(run_max, run_sum, tile_max, tile_sum, scale_log2);
     __syncthreads();  // s_k and s_logit are rewritten by the next tile
   }
-  if (half == 0 && row0 + row < map.n_q * group) {
+  if (half == 0 && row0 + row < map.rows()) {
     const int64_t at = (map.token(row0 + row) * a.hq + map.head(row0 + row)) * num_splits + split;
     stat_max[at] = run_max;
     stat_sum[at] = run_sum;
@@ -415,53 +425,68 @@ __global__ void __launch_bounds__(kBlock, 1) visual_colsum_kernel(AttentionArgs 
   const int col = threadIdx.x / 2;
   const int half = threadIdx.x % 2;
   const float scale_log2 = a.scale * core::kLog2e;  // softmax.h works in base 2
-  float acc = 0.0f;
-  const int64_t n_rows = rq.len * group;  // rows per KV head
-  for (int kv_head = 0; kv_head < a.hk; ++kv_head) {
-    const RowMap map{rq.start, rq.len, rk.len, group, kv_head, a.q_pos};
-    __syncthreads();  // s_key written / s_k of the previous head consumed
-    const T* k_base = static_cast<const T*>(a.k) + kv_head * a.k_stride_h;
-    const int64_t k_stride = a.k_stride_t;
-    const T* k_first = k_base + rk.start * k_stride;
-    load_tile<T>(s_k, ld, dp, static_cast<int>(a.head_dim), a.vec,
-                 [k_first, k_stride, s_key](int c) -> const T* {
-                   const int64_t key = s_key[c];
-                   return key >= 0 ? k_first + key * k_stride : nullptr;
-                 });
-    for (int64_t row0 = 0; row0 < n_rows; row0 += kRows) {
-      if (threadIdx.x < kRows) {
-        const int64_t r = row0 + threadIdx.x;
-        s_pos[threadIdx.x] = map.pos(r);
-        const int64_t at = r < n_rows ? map.token(r) * a.hq + map.head(r) : -1;
-        s_max[threadIdx.x] = at >= 0 ? row_max[at] : kNegInf;
-        s_sum[threadIdx.x] = at >= 0 ? row_sum[at] : 0.0f;
+  const int64_t channels = a.groups;
+  const int64_t per_channel = a.hq / channels;  // query heads of a channel
+  // The mean of a channel divides by all its n_q * Hq / C (query, head) rows.
+  const float count = static_cast<float>(rq.len * per_channel);
+  int64_t loaded = -1;  // the KV head whose keys s_k holds
+  for (int64_t c = 0; c < channels; ++c) {
+    float acc = 0.0f;
+    const int64_t h_end = (c + 1) * per_channel;
+    for (int64_t h = c * per_channel; h < h_end;) {
+      // The segment: query heads [h, h + n) of the channel, all of KV head h / group.
+      const int64_t kv_head = h / group;
+      const int64_t kv_end = (kv_head + 1) * group;
+      const int64_t n = (kv_end < h_end ? kv_end : h_end) - h;
+      const RowMap map{rq.start, rq.len, rk.len, n, h, a.q_pos};
+      h += n;
+      if (kv_head != loaded) {
+        loaded = kv_head;
+        __syncthreads();  // s_key written / s_k of the previous KV head consumed
+        const int64_t k_stride = a.k_stride_t;
+        const T* k_first =
+            static_cast<const T*>(a.k) + kv_head * a.k_stride_h + rk.start * k_stride;
+        load_tile<T>(s_k, ld, dp, static_cast<int>(a.head_dim), a.vec,
+                     [k_first, k_stride, s_key](int slot) -> const T* {
+                       const int64_t key = s_key[slot];
+                       return key >= 0 ? k_first + key * k_stride : nullptr;
+                     });
       }
-      load_tile<T>(s_q, ld, dp, static_cast<int>(a.head_dim), a.vec,
-                   [&a, &map, row0](int r) { return q_row<T>(a, map, row0 + r); });
-      __syncthreads();
-      logit_tile<T>(s_q, s_k, ld, dp, s_logit);
-      __syncthreads();
-      const int64_t key = s_key[col];
-      if (key >= 0) {
-        // Rows [32 * half, 32 * half + 32) of the tile, in order.
-        for (int i = 0; i < kRows / 2; ++i) {
-          const int r = half * (kRows / 2) + i;
-          if (key <= s_pos[r]) {
-            acc += core::softmax_prob(s_logit[r * kLogitLd + col], s_max[r], s_sum[r],
-                                      scale_log2);
+      const int64_t n_rows = map.rows();
+      for (int64_t row0 = 0; row0 < n_rows; row0 += kRows) {
+        if (threadIdx.x < kRows) {
+          const int64_t r = row0 + threadIdx.x;
+          s_pos[threadIdx.x] = map.pos(r);
+          const int64_t at = r < n_rows ? map.token(r) * a.hq + map.head(r) : -1;
+          s_max[threadIdx.x] = at >= 0 ? row_max[at] : kNegInf;
+          s_sum[threadIdx.x] = at >= 0 ? row_sum[at] : 0.0f;
+        }
+        load_tile<T>(s_q, ld, dp, static_cast<int>(a.head_dim), a.vec,
+                     [&a, &map, row0](int r) { return q_row<T>(a, map, row0 + r); });
+        __syncthreads();
+        logit_tile<T>(s_q, s_k, ld, dp, s_logit);
+        __syncthreads();
+        const int64_t key = s_key[col];
+        if (key >= 0) {
+          // Rows [32 * half, 32 * half + 32) of the tile, in order.
+          for (int i = 0; i < kRows / 2; ++i) {
+            const int r = half * (kRows / 2) + i;
+            if (key <= s_pos[r]) {
+              acc += core::softmax_prob(s_logit[r * kLogitLd + col], s_max[r], s_sum[r],
+                                        scale_log2);
+            }
           }
         }
+        __syncthreads();  // s_q, s_logit and the row arrays are rewritten by the next row tile
       }
-      __syncthreads();  // s_q, s_logit and the row arrays are rewritten by the next row tile
     }
-  }
-  if (half == 1) s_part[col] = acc;
-  __syncthreads();
-  if (half == 0 && col < n_cols) {
-    const float total = acc + s_part[col];
-    // The mean over every (query, head) row of the sample: n_q * Hq of them (all KV heads).
-    const int64_t all_rows = rq.len * a.hq;
-    a.out[v0 + col] = all_rows > 0 ? total / static_cast<float>(all_rows) : 0.0f;
+    if (half == 1) s_part[col] = acc;
+    __syncthreads();
+    if (half == 0 && col < n_cols) {
+      const float total = acc + s_part[col];
+      a.out[(v0 + col) * channels + c] = rq.len > 0 ? total / count : 0.0f;
+    }
+    __syncthreads();  // s_part is rewritten for the next channel
   }
 }
 
@@ -506,7 +531,10 @@ int64_t tiles_upper(int64_t total, int64_t batch, int64_t per_tile) {
 
 cudaError_t instruction_attention_plan(const AttentionArgs& a, int num_sms,
                                        int max_smem_per_block, AttentionPlan* plan) {
-  if (a.hk <= 0 || a.hq % a.hk != 0 || a.head_dim <= 0) return cudaErrorInvalidValue;
+  if (a.hk <= 0 || a.hq % a.hk != 0 || a.head_dim <= 0 || a.groups <= 0 ||
+      a.hq % a.groups != 0) {
+    return cudaErrorInvalidValue;
+  }
   const int dp = padded_dim(a.head_dim);
   switch (a.type) {
     case FloatType::kFloat32:

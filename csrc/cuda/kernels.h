@@ -114,10 +114,11 @@ cudaError_t mass_keep_counts(FloatVector scores, int64_t tv, const int64_t* cu_v
 
 // ---- instruction attention (attention.cu) ---------------------------------------------------
 
-// Arguments of tokenprune::_instruction_attention. q [tq, hq, head_dim] and k [tk, hk, head_dim]
-// of one float type, last dimension contiguous, other strides in elements; `vec` when both base
-// pointers, every stride and head_dim allow 16-byte loads. Offsets and indices int64 contiguous;
-// q_pos null when the queries are the last n_q keys of their sample. out [tv] float32.
+// Arguments of tokenprune::_instruction_attention (groups = 1) and _instruction_attention_heads
+// (groups = head_groups). q [tq, hq, head_dim] and k [tk, hk, head_dim] of one float type, last
+// dimension contiguous, other strides in elements; `vec` when both base pointers, every stride
+// and head_dim allow 16-byte loads. Offsets and indices int64 contiguous; q_pos null when the
+// queries are the last n_q keys of their sample. out [tv, groups] float32, contiguous.
 struct AttentionArgs {
   const void* q;
   int64_t q_stride_t;
@@ -140,6 +141,7 @@ struct AttentionArgs {
   const int64_t* visual_idx;
   const int64_t* q_pos;
   float scale;
+  int64_t groups = 1;  // output channels C >= 1 dividing hq (1: the mean over every head)
   float* out;
 };
 
@@ -153,12 +155,16 @@ struct AttentionPlan {
   size_t workspace_bytes = 0;  // float scratch: partial and final row statistics
 };
 
+// Fails with cudaErrorInvalidValue for hq not a multiple of hk >= 1, head_dim < 1, or groups not
+// a divisor >= 1 of hq.
 cudaError_t instruction_attention_plan(const AttentionArgs& args, int num_sms,
                                        int max_smem_per_block, AttentionPlan* plan);
 
-// Writes args.out [tv]: per visual token, the mean over the Hq heads and the sample's queries of
-// the causal softmax over all keys a query sees, at the token's key (docs/contract.md, stage a).
-// `workspace`: plan.workspace_bytes of device memory.
+// Writes args.out [tv, groups]: per visual token and channel c, the mean over the query heads
+// [c hq / groups, (c + 1) hq / groups) and the sample's queries of the causal softmax over all
+// keys a query sees, at the token's key (docs/contract.md, stages a and a'; groups = 1 is stage
+// a's mean over every head, bit for bit the same kernel). Fails with cudaErrorInvalidValue (from
+// the plan) unless groups >= 1 divides hq. `workspace`: plan.workspace_bytes of device memory.
 cudaError_t instruction_attention(const AttentionArgs& args, const AttentionPlan& plan,
                                   void* workspace, cudaStream_t stream);
 

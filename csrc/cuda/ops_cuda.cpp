@@ -1,6 +1,7 @@
 // CUDA glue of the private ops (compiled in CUDA builds only):
-//   _instruction_attention, _mapper_forward, _select_topk, _mass_keep_counts, _gather_kept,
-//   _merge_kept and the fused selections _select_gather_kept / _select_merge_kept (CUDA only).
+//   _instruction_attention, _instruction_attention_heads, _mapper_forward, _select_topk,
+//   _mass_keep_counts, _gather_kept, _merge_kept and the fused selections _select_gather_kept /
+//   _select_merge_kept (CUDA only).
 //
 // Owns what needs torch: argument checks of metadata (ranks, dtypes, sizes, devices; the
 // device-agnostic ones shared with the CPU kernels are in ../checks.h), allocation (caching
@@ -339,13 +340,12 @@ bool aligned16(const at::Tensor& t) {
          (t.size(2) * es) % 16 == 0;
 }
 
-at::Tensor instruction_attention_cuda(const at::Tensor& q, const at::Tensor& k,
-                                      const at::Tensor& cu_seqlens_q,
-                                      const at::Tensor& cu_seqlens_k,
-                                      const at::Tensor& visual_idx,
-                                      const at::Tensor& cu_seqlens_v,
-                                      const std::optional<at::Tensor>& q_pos,
-                                      std::optional<double> softmax_scale) {
+// Both attention ops: `groups` output channels (1: the mean over every head), out [Tv, groups],
+// or [Tv] when `flat` (the mean op, groups = 1).
+at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_seqlens_q,
+                          const at::Tensor& cu_seqlens_k, const at::Tensor& visual_idx,
+                          const at::Tensor& cu_seqlens_v, const std::optional<at::Tensor>& q_pos,
+                          std::optional<double> softmax_scale, int64_t groups, bool flat) {
   check_dim(q, "q", 3, "[Tq, Hq, D]");
   check_float(q, "q");
   const c10::Device device = check_backend(q, "q", c10::kCUDA);
@@ -359,6 +359,9 @@ at::Tensor instruction_attention_cuda(const at::Tensor& q, const at::Tensor& k,
                     "the query heads Hq = ", q.size(1),
                     " must be a positive multiple of the key heads Hk = ", k.size(1));
   TORCH_CHECK_VALUE(q.size(2) >= 1, "head dim D must be >= 1, got ", q.size(2));
+  TORCH_CHECK_VALUE(groups >= 1 && q.size(1) % groups == 0,
+                    "head_groups must be an int >= 1 dividing the query heads (", q.size(1),
+                    "), got ", groups);
   for (const auto& [t, name] : {std::pair{&cu_seqlens_q, "cu_seqlens_q"},
                                 std::pair{&cu_seqlens_k, "cu_seqlens_k"},
                                 std::pair{&cu_seqlens_v, "cu_seqlens_v"}}) {
@@ -383,7 +386,9 @@ at::Tensor instruction_attention_cuda(const at::Tensor& q, const at::Tensor& k,
                     scale);
 
   const c10::cuda::CUDAGuard guard(device);
-  at::Tensor out = at::empty({visual_idx.size(0)}, q.options().dtype(c10::kFloat));
+  const at::TensorOptions float32 = q.options().dtype(c10::kFloat);
+  at::Tensor out = flat ? at::empty({visual_idx.size(0)}, float32)
+                        : at::empty({visual_idx.size(0), groups}, float32);
   const at::Tensor qd = dense_last(q);
   const at::Tensor kd = dense_last(k);
   const at::Tensor cu_q = as_int64(cu_seqlens_q);
@@ -414,6 +419,7 @@ at::Tensor instruction_attention_cuda(const at::Tensor& q, const at::Tensor& k,
   a.visual_idx = vidx.const_data_ptr<int64_t>();
   a.q_pos = q_pos.has_value() ? pos.const_data_ptr<int64_t>() : nullptr;
   a.scale = static_cast<float>(scale);
+  a.groups = groups;
   a.out = out.mutable_data_ptr<float>();
 
   const DeviceLimits dev = limits(device);
@@ -425,6 +431,26 @@ at::Tensor instruction_attention_cuda(const at::Tensor& q, const at::Tensor& k,
   const at::Tensor ws = workspace(static_cast<int64_t>(plan.workspace_bytes), device);
   C10_CUDA_CHECK(instruction_attention(a, plan, ws.mutable_data_ptr(), stream_of(device)));
   return out;
+}
+
+at::Tensor instruction_attention_cuda(const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& cu_seqlens_q,
+                                      const at::Tensor& cu_seqlens_k,
+                                      const at::Tensor& visual_idx,
+                                      const at::Tensor& cu_seqlens_v,
+                                      const std::optional<at::Tensor>& q_pos,
+                                      std::optional<double> softmax_scale) {
+  return attention_cuda(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos,
+                        softmax_scale, 1, true);
+}
+
+at::Tensor instruction_attention_heads_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, const at::Tensor& visual_idx, const at::Tensor& cu_seqlens_v,
+    const std::optional<at::Tensor>& q_pos, std::optional<double> softmax_scale,
+    int64_t head_groups) {
+  return attention_cuda(q, k, cu_seqlens_q, cu_seqlens_k, visual_idx, cu_seqlens_v, q_pos,
+                        softmax_scale, head_groups, false);
 }
 
 // ------------------------------------------------------------------------------------ mapper
@@ -519,6 +545,7 @@ at::Tensor mapper_forward_cuda(const at::Tensor& attn, const at::Tensor& cu_seql
 
 TORCH_LIBRARY_IMPL(tokenprune, CUDA, m) {
   m.impl("_instruction_attention", &tokenprune::cuda::instruction_attention_cuda);
+  m.impl("_instruction_attention_heads", &tokenprune::cuda::instruction_attention_heads_cuda);
   m.impl("_mapper_forward", &tokenprune::cuda::mapper_forward_cuda);
   m.impl("_select_topk", &tokenprune::cuda::select_topk_cuda);
   m.impl("_mass_keep_counts", &tokenprune::cuda::mass_keep_counts_cuda);

@@ -32,6 +32,7 @@ from tokenprune_kernels import backend
 from tokenprune_kernels.mapper.functional import mapper_forward_ref
 from tokenprune_kernels.reference import (
     gather_kept_ref,
+    instruction_attention_heads_ref,
     instruction_attention_ref,
     keep_counts_ref,
     merge_kept_ref,
@@ -47,6 +48,7 @@ pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("compiled_ext")]
 
 CUDA_OPS = (
     "_instruction_attention",
+    "_instruction_attention_heads",
     "_mapper_forward",
     "_select_topk",
     "_gather_kept",
@@ -70,7 +72,8 @@ def test_cuda_kernels_registered():
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     for op in CUDA_OPS:
         assert has(f"tokenprune::{op}", "CUDA"), op
-    for op in ("instruction_attention", "mapper_forward", "select_topk", "gather_kept"):
+    for op in ("instruction_attention", "instruction_attention_heads", "mapper_forward",
+               "select_topk", "gather_kept"):  # fmt: skip
         assert backend.choose(op, "cuda") == "cuda"
 
 
@@ -297,6 +300,11 @@ def test_private_ops_reject_bad_metadata():
     with pytest.raises(ValueError, match="multiple of the key heads"):
         ops()._instruction_attention(q, k, cu.new_tensor([0, 3]), cu.new_tensor([0, 9]),
                                      cu.new_tensor([1, 2]), cu.new_tensor([0, 2]))  # fmt: skip
+    heads_args = (q, k[:, :2], cu.new_tensor([0, 3]), cu.new_tensor([0, 9]), cu.new_tensor([1, 2]),
+                  cu.new_tensor([0, 2]), None, None)  # fmt: skip
+    for groups in (3, 0, -4, 8):
+        with pytest.raises(ValueError, match="head_groups must be an int >= 1 dividing"):
+            ops()._instruction_attention_heads(*heads_args, groups)
 
 
 def test_bad_index_values_stay_in_bounds(gen):
@@ -325,6 +333,10 @@ def test_bad_index_values_stay_in_bounds(gen):
     ops()._instruction_attention(q, k, cu, torch.tensor([0, -7], device="cuda"),
                                  torch.tensor([3, 10**9], device="cuda"), cu.new_tensor([0, 2]),
                                  torch.tensor([-5, 10**9, 4], device="cuda"))  # fmt: skip
+    ops()._instruction_attention_heads(q, k, cu, torch.tensor([0, -7], device="cuda"),
+                                       torch.tensor([3, 10**9], device="cuda"),
+                                       cu.new_tensor([0, 2]), torch.tensor([-5, 10**9, 4],
+                                       device="cuda"), None, 4)  # fmt: skip
     ops()._mapper_forward(torch.rand(5, device="cuda"), torch.tensor([0, -3, 10**9], device="cuda"),
                           _mapper((4, 8), 3, gen), 3, 1e-4)  # fmt: skip
     torch.cuda.synchronize()  # a fault would surface here
@@ -463,6 +475,109 @@ def test_attention_no_visual_tokens():
     got = ops()._instruction_attention(q, k, cu, cu.new_tensor([0, 5]),
                                        cu.new_empty(0), cu.new_tensor([0, 0]))  # fmt: skip
     assert got.shape == (0,) and got.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# _instruction_attention_heads: the same kernels, per group of query heads
+
+# (head dim, (Hq, Hk), head_groups G, layout, q_pos given, softmax_scale)
+HEADS_CASES = [
+    (128, (28, 4), 4, "long", False, None),  # Qwen2-VL-7B heads, one channel per KV head
+    (128, (28, 4), 28, "long", True, None),  # one channel per query head
+    (128, (28, 4), 2, "ragged", False, None),  # a channel spans two KV heads
+    (24, (12, 4), 6, "long", True, 0.3),  # channels of 2 heads straddle groups of 3
+    (16, (6, 2), 3, "interleaved", True, None),  # the middle channel straddles the 2 KV heads
+    (7, (8, 2), 4, "ragged", True, None),  # D not a multiple of 8; 2 channels per KV head
+    (80, (6, 1), 6, "splits", False, 0.7),  # MQA, several key splits
+    (64, (8, 8), 1, "splits", False, None),  # MHA, the mean over every head
+    (256, (4, 2), 2, "ragged", False, None),
+]
+
+
+def heads_call(q, k, inp, with_q_pos: bool, scale, groups: int) -> torch.Tensor:
+    rest = [x.cuda() for x in (inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx,
+                               inp.cu_seqlens_v)]  # fmt: skip
+    q_pos = inp.q_pos.cuda() if with_q_pos else None
+    return ops()._instruction_attention_heads(q, k, *rest, q_pos, scale, groups)
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["dense", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("head_dim", "heads", "groups", "layout", "with_q_pos", "scale"),
+    HEADS_CASES,
+    ids=[
+        f"D{c[0]}-Hq{c[1][0]}-Hk{c[1][1]}-G{c[2]}-{c[3]}-{'qpos' if c[4] else 'last'}"
+        for c in HEADS_CASES
+    ],
+)
+def test_attention_heads_parity(
+    head_dim, heads, groups, layout, with_q_pos, scale, dtype, strided, gen
+):
+    inp, q, k = attention_inputs(layout, head_dim, heads, dtype, gen, strided)
+    got = heads_call(q, k, inp, with_q_pos, scale, groups)
+    assert got.dtype == torch.float32 and got.shape == (inp.visual_idx.shape[0], groups)
+    assert got.is_contiguous()
+    s = inp.scoring(q_pos=with_q_pos)._replace(
+        q=inp.q.double(), k=inp.k.double(), softmax_scale=scale
+    )
+    want = instruction_attention_heads_ref(*s, groups)
+    torch.testing.assert_close(got.cpu(), want, **ATTN_TOL[dtype])
+    # Deterministic: no atomics, a fixed order of every sum.
+    assert torch.equal(got, heads_call(q, k, inp, with_q_pos, scale, groups))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("head_dim", "heads", "layout"),
+    [(128, (28, 4), "long"), (7, (8, 2), "ragged"), (64, (8, 8), "splits")],
+)
+def test_attention_heads_one_group_is_the_mean_op_bit_for_bit(head_dim, heads, layout, dtype, gen):
+    """One body: G = 1 runs _instruction_attention's tiles and sums in the same order; and the
+    mean over G channels is that op's result up to rounding."""
+    inp, q, k = attention_inputs(layout, head_dim, heads, dtype, gen, strided=True)
+    rest = [x.cuda() for x in (inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx,
+                               inp.cu_seqlens_v, inp.q_pos)]  # fmt: skip
+    mean = ops()._instruction_attention(q, k, *rest)
+    one = ops()._instruction_attention_heads(q, k, *rest, None, 1)
+    assert one.shape == (mean.shape[0], 1)
+    assert_same(one[:, 0], mean)
+    per_kv = ops()._instruction_attention_heads(q, k, *rest, None, heads[1])
+    torch.testing.assert_close(per_kv.mean(1), mean, rtol=1e-5, atol=1e-7)
+
+
+def test_attention_heads_visual_after_queries_and_every_key_visual(gen):
+    """A query before an image gives exactly 0 for it in every channel; when every key is
+    visual each channel sums to 1 over its sample."""
+    inp = make_inputs([[("t", 4), ("v", 6), ("q", 2), ("v", 9), ("q", 3)]], heads_q=6, heads_k=2,
+                      head_dim=16, dtype=torch.bfloat16, generator=gen)  # fmt: skip
+    q_pos = torch.tensor([10, 11, 5, 10, 11])
+    args = (inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v, q_pos)
+    got = ops()._instruction_attention_heads(inp.q.cuda(), inp.k.cuda(),
+                                             *(x.cuda() for x in args), None, 3)  # fmt: skip
+    assert torch.equal(got[6:].cpu(), torch.zeros(9, 3))
+    assert (got[:6] > 0).all()
+
+    layouts = [[("v", 300), ("q", 1)], [("v", 3), ("q", 3)], [("v", 70), ("q", 2)]]
+    inp = make_inputs(layouts, heads_q=6, heads_k=3, head_dim=64, dtype=torch.float16,
+                      generator=gen, qk_std=2.0)  # fmt: skip
+    visual_idx = torch.cat([torch.arange(n) for n in inp.cu_seqlens_k.diff().tolist()])
+    got = ops()._instruction_attention_heads(
+        inp.q.cuda(), inp.k.cuda(), inp.cu_seqlens_q.cuda(), inp.cu_seqlens_k.cuda(),
+        visual_idx.cuda(), inp.cu_seqlens_k.cuda(), None, None, 6,
+    ).cpu()  # fmt: skip
+    cu = inp.cu_seqlens_k.tolist()
+    sums = torch.stack([got[cu[b] : cu[b + 1]].double().sum(0) for b in range(len(cu) - 1)])
+    torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-5, rtol=0)
+
+
+def test_attention_heads_no_visual_tokens():
+    q = torch.randn(2, 4, 16, device="cuda")
+    k = torch.randn(5, 2, 16, device="cuda")
+    cu = torch.tensor([0, 2], device="cuda")
+    got = ops()._instruction_attention_heads(q, k, cu, cu.new_tensor([0, 5]), cu.new_empty(0),
+                                             cu.new_tensor([0, 0]), None, None, 4)  # fmt: skip
+    assert got.shape == (0, 4) and got.dtype == torch.float32
 
 
 # --------------------------------------------------------------------------------------------

@@ -206,6 +206,9 @@ def _cuda_cases():
     counts = torch.tensor([3, 0, 4], device="cuda")
     return {
         "_instruction_attention": (ops._instruction_attention.default, tuple(inp.scoring(q_pos=True))),
+        "_instruction_attention_heads": (
+            ops._instruction_attention_heads.default, (*inp.scoring(q_pos=True), 4)
+        ),
         "_mapper_forward": (ops._mapper_forward.default, (attn, inp.cu_seqlens_v, params, 5, 1e-4)),
         "_select_topk": (ops._select_topk.default, (attn, inp.cu_seqlens_v, counts, 7)),
         "_mass_keep_counts": (
@@ -226,9 +229,9 @@ def _cuda_cases():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("name", ["_instruction_attention", "_mapper_forward", "_select_topk",
-                                  "_mass_keep_counts", "_select_gather_kept",
-                                  "_select_merge_kept"])  # fmt: skip
+@pytest.mark.parametrize("name", ["_instruction_attention", "_instruction_attention_heads",
+                                  "_mapper_forward", "_select_topk", "_mass_keep_counts",
+                                  "_select_gather_kept", "_select_merge_kept"])  # fmt: skip
 def test_cuda_compiled_ops_opcheck_and_compile(name):
     """The CUDA kernels of the private ops against their fakes: opcheck, fullgraph compile."""
     from tokenprune_kernels import _extension

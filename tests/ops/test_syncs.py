@@ -34,7 +34,12 @@ READ_METHODS = ("item", "tolist", "__bool__", "__int__", "__index__", "__float__
 UPLOAD_FACTORIES = ("tensor", "as_tensor")
 
 #: The validation's one read, plus instruction_attention_ref's 3 where the reference runs stage a.
-REF_LIMITS = {"instruction_attention": 4, "prune_visual_tokens": 4, "prune_and_merge": 4}
+REF_LIMITS = {
+    "instruction_attention": 4,
+    "instruction_attention_heads": 4,
+    "prune_visual_tokens": 4,
+    "prune_and_merge": 4,
+}
 LIMITS = {
     "ref": REF_LIMITS,
     "cpp": {},  # every op: 1
@@ -45,6 +50,7 @@ LIMITS = {
 CASES = [
     "instruction_attention",
     "instruction_attention[q_pos]",
+    "instruction_attention_heads[q_pos]",
     "mapper_forward[mapper]",
     "mapper_forward[mapper,inference]",
     "select_topk[ratio]",
@@ -138,6 +144,10 @@ def _call(case: str, gen: torch.Generator, device: str) -> Callable[[], object]:
     if op == "instruction_attention":
         return lambda: tp.instruction_attention(
             *scoring, inp.visual_idx, inp.cu_seqlens_v, q_pos=q_pos
+        )
+    if op == "instruction_attention_heads":  # Hq 4, Hk 2: one channel per query head
+        return lambda: tp.instruction_attention_heads(
+            *scoring, inp.visual_idx, inp.cu_seqlens_v, q_pos=q_pos, head_groups=4
         )
     if op == "mapper_forward":
         return lambda: tp.mapper_forward(scores, inp.cu_seqlens_v, params)
