@@ -661,11 +661,21 @@ def spread_coords(
             "carry no grid, use spread_radius=0"
         )
     idx = visual_mask.nonzero().flatten()
-    t, h, w = position_ids[-3:, idx].to(torch.int64)
-    new = torch.ones_like(idx, dtype=torch.bool)
+    new_item = torch.ones_like(idx, dtype=torch.bool)
+    new_item[1:] = (idx[1:] != idx[:-1] + 1) | (seg[idx[1:]] != seg[idx[:-1]])
+    return thw_spread_coords(position_ids[-3:, idx], new_item)
+
+
+def thw_spread_coords(thw: torch.Tensor, new_item: torch.Tensor) -> torch.Tensor:
+    """The rule of :func:`spread_coords` on the visual tokens' own ids: ``thw [3, Tv]`` int
+    (t, h, w) in sequence order, ``new_item [Tv]`` bool True where a new image / video starts
+    (a new run of visual tokens or a new sample). Returns ``[Tv, 3]`` int64 (segment, h, w):
+    a new segment at each new item, t change or (h, w) that does not increase; segments are
+    numbered 0, 1, ... in order. Shared by the vLLM plugin."""
+    t, h, w = thw.to(torch.int64)
+    new = new_item.clone()
     not_after = (h[1:] < h[:-1]) | ((h[1:] == h[:-1]) & (w[1:] <= w[:-1]))
-    new[1:] = (idx[1:] != idx[:-1] + 1) | (seg[idx[1:]] != seg[idx[:-1]]) | (t[1:] != t[:-1])
-    new[1:] |= not_after
+    new[1:] |= (t[1:] != t[:-1]) | not_after
     return torch.stack([torch.cumsum(new.to(torch.int64), 0) - 1, h, w], 1)
 
 
