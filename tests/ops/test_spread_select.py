@@ -336,3 +336,40 @@ def test_composite_spread_coords_errors():
     with pytest.raises(ValueError, match=r"cu_seqlens_v must be non-decreasing"):
         tp.select_topk(torch.randn(8), torch.tensor([0, 9, 8]), keep_ratio=0.5,
                        spread_coords=bad, spread_radius=1)  # fmt: skip
+
+
+def test_device_mask_agrees_with_the_order_rule():
+    """Random small coordinates (repeats and decreases everywhere): select_topk raises exactly
+    when some sample's coordinates do not strictly increase (checked here in plain Python), so
+    the one-read device mask lets nothing through and flags nothing wrongly."""
+    gen = torch.Generator().manual_seed(21)
+    raised = passed = 0
+    for _ in range(60):
+        sizes = torch.randint(0, 5, (int(torch.randint(1, 4, (1,), generator=gen)),),
+                              generator=gen).tolist()  # fmt: skip
+        n = sum(sizes)
+        coords = torch.randint(0, 2, (n, 3), generator=gen)
+        if bool(torch.rand(1, generator=gen) < 0.5):  # mostly sorted: valid cases too
+            for b in range(len(sizes)):
+                lo, hi = sum(sizes[:b]), sum(sizes[: b + 1])
+                keys = [tuple(c) for c in coords[lo:hi].tolist()]
+                order = sorted(range(hi - lo), key=lambda i, k=keys: k[i])
+                coords[lo:hi] = coords[lo:hi][order]
+        cu = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()])
+        rows = coords.tolist()
+        ok = all(
+            tuple(rows[i]) > tuple(rows[i - 1])
+            for b in range(len(sizes))
+            for i in range(int(cu[b]) + 1, int(cu[b + 1]))
+        )
+        call = lambda c=coords, cu=cu, n=n: tp.select_topk(  # noqa: E731
+            torch.randn(n), cu, keep_ratio=0.5, spread_coords=c, spread_radius=1
+        )
+        if ok:
+            call()
+            passed += 1
+        else:
+            with pytest.raises(ValueError, match="spread_coords must be strictly increasing"):
+                call()
+            raised += 1
+    assert raised > 10 and passed > 10
