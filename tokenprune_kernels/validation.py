@@ -886,9 +886,8 @@ def _detailed_spread(spread: SpreadRule, cu: torch.Tensor) -> None:
     i = int(torch.nonzero(masks[0])[0]) + 1
     c = spread.coords
     prev, here = tuple(c[i - 1].tolist()), tuple(c[i].tolist())
-    b = int(torch.searchsorted(cu[1:-1].contiguous(), torch.tensor(i, dtype=cu.dtype,
-                                                                     device=cu.device),
-                               right=True))  # fmt: skip
+    inner = [int(x) for x in cu[1:-1].tolist()]
+    b = sum(1 for x in inner if x <= i)  # the sample of row i
     _fail(
         "spread_coords must be strictly increasing in lexicographic (segment, row, col) order "
         f"within each sample (raster order), got spread_coords[{i - 1}] = {prev} >= "
