@@ -106,9 +106,10 @@ def install(
             (row, col) on its image grid, which 1-D RoPE ids do not carry (and the visual
             layout of LLaVA-OneVision's anyres tiles and newline tokens is no single grid).
     """
-    if config.spread_radius > 0:
+    if isinstance(config, TokenPruneConfig) and config.spread_radius > 0:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise ValueError(
-            f"spread_radius={config.spread_radius} is not supported for {model.config.model_type}: "
+            f"spread_radius={config.spread_radius} is not supported for {model_type}: "
             "the spread rule reads the visual tokens' (t, h, w) from multi-axis rotary position "
             "ids (Qwen VL M-RoPE), and this family's are 1-D; use spread_radius=0"
         )
