@@ -23,8 +23,14 @@ def test_extension_builds_where_required():
         assert _extension.has_kernel(op, "CPU"), op
 
 
-def test_describe_covers_every_public_op():
-    assert set(backend.describe("cpu")) == set(PUBLIC_SCHEMAS) == set(STAGE_OPS + COMPOSITE_OPS)
+def test_describe_covers_every_op_and_stage():
+    """Every public op, and the stages another public op runs (spread_select: select_topk's)."""
+    assert set(backend.describe("cpu")) == set(STAGE_OPS + COMPOSITE_OPS)
+    assert (
+        set(PUBLIC_SCHEMAS)
+        == set(backend.PUBLIC_OPS)
+        == set(STAGE_OPS + COMPOSITE_OPS) - set(backend.RUN_BY)
+    )
 
 
 def test_auto_prefers_compiled_on_cpu():

@@ -41,6 +41,7 @@ def test_bench_quick_writes_table(tmp_path, capsys):
         "mapper_forward",
         "mass_keep_counts",
         "select_topk",
+        "spread_select",
         "gather_kept",
         "merge_kept",
         "prune_and_merge",

@@ -24,6 +24,11 @@ Adaptive keep rule (``keep_mass``): the selection and the composites first run s
 the counts' total to the host once (it sizes the outputs: the only synchronisation this rule
 adds; the fixed rules compute counts on the host and add none), then select as for any counts.
 
+Spread rule (``spread_coords``): ``select_topk`` and the composites then run stage
+``spread_select`` (which has no public op of its own: :data:`RUN_BY`) on the backend
+:func:`choose` picks for it, after the keep counts (any keep rule), and the composites run their
+gather or merge after it as a separate stage: no fused implementation takes the spread rule.
+
 Fusion (stated here only): when ``select_topk`` runs on a backend that :data:`FUSED` lists for
 (select, gather) or (select, merge) - Triton or CUDA - the composites run the selection and the
 gather or merge as that one implementation (one compaction pass writes the kept rows straight
@@ -33,8 +38,10 @@ merge would get.
 
 Calling convention: an implementation of a stage takes :data:`CONVENTIONS` positionally (the
 public op's own arguments, validated by :mod:`tokenprune_kernels.ops`; select takes the
-per-sample keep counts instead of the keep rule, mass_keep_counts the per-sample bounds
-``keep_bounds`` [2, B] instead of the min/max ratios) plus the keywords its entry lists in ``hints``
+per-sample keep counts instead of the keep rule, spread_select those counts then
+``spread_coords`` (made contiguous) and ``spread_radius`` as ``coords`` and ``radius``,
+mass_keep_counts the per-sample bounds ``keep_bounds`` [2, B] instead of the min/max ratios)
+plus the keywords its entry lists in ``hints``
 (``total_kept``: the sum of the keep counts, known on the host), and returns what the public op
 returns. ``tests/ops/test_schemas.py`` checks every entry against it.
 
@@ -113,6 +120,7 @@ CONVENTIONS: dict[str, tuple[str, ...]] = {
     "mapper_forward": ("attn", "cu_seqlens_v", "params", "kernel_size", "input_eps", "grid"),
     "mass_keep_counts": ("scores", "cu_seqlens_v", "keep_bounds", "keep_mass", "relevance"),
     "select_topk": ("scores", "cu_seqlens_v", "keep_counts"),
+    "spread_select": ("scores", "cu_seqlens_v", "keep_counts", "coords", "radius"),
     "gather_kept": ("visual_embeds", "position_ids", "kept_idx"),
     "merge_kept": (
         "inputs_embeds", "position_ids", "cu_seqlens", "visual_embeds", "visual_idx",
@@ -182,6 +190,10 @@ OPS: dict[str, dict[str, Impl]] = {
         "cuda": _SELECT,
         "triton": Impl(f"{_TRITON}.select:select_topk_triton", hints=_TOTAL),
     },
+    # The spread rule's selection (select_topk with spread_coords; never fused).
+    "spread_select": {
+        "ref": Impl(f"{_REF}:spread_select_ref"),
+    },
     "gather_kept": {
         "ref": Impl(f"{_REF}:gather_kept_ref"),
         "cpp": _GATHER,
@@ -219,8 +231,13 @@ COMPOSITES: dict[str, tuple[str, ...]] = {
     "prune_and_merge": ("instruction_attention", "mapper_forward", "select_topk", "merge_kept"),
 }
 
+#: Stage -> the public op that runs it, for a stage without a public op of its own.
+RUN_BY: dict[str, str] = {"spread_select": "select_topk"}
+
 STAGE_OPS = tuple(OPS)
 COMPOSITE_OPS = tuple(COMPOSITES)
+#: The public ops of ``torch.ops.tokenprune``: every stage with an op of its own, the composites.
+PUBLIC_OPS = tuple(op for op in STAGE_OPS if op not in RUN_BY) + COMPOSITE_OPS
 
 _override: str | None = None
 
@@ -342,7 +359,9 @@ def triton_functions() -> dict[str, str]:
 
 
 def describe(device_type: str) -> dict[str, str]:
-    """op -> backend for every public op on ``device_type`` (composites list their stages)."""
+    """op -> backend for every stage (those of :data:`RUN_BY` included) and composite on
+    ``device_type`` (composites list their stages; with the spread rule they run
+    ``spread_select`` in place of ``select_topk``, unfused)."""
     table = {op: choose(op, device_type) for op in OPS}
     forced = requested()
     for op, stages in COMPOSITES.items():

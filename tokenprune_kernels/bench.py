@@ -12,6 +12,8 @@ and one copy moving the stage's compulsory bytes (:func:`stage_traffic`).
 
 from __future__ import annotations
 
+import functools
+import math
 import platform
 import statistics
 import subprocess
@@ -43,6 +45,8 @@ STAGE_KEEP_INDEPENDENT = (
 #: The adaptive rule's threshold in the mass_keep_counts case (raw attention, normalised).
 BENCH_KEEP_MASS = 0.9
 BENCH_OPS = (*backend.STAGE_OPS, "prune_and_merge")
+#: The spread rule's radius in the spread_select case (mapper v2's selection).
+BENCH_SPREAD_RADIUS = 1
 
 
 @dataclass
@@ -84,6 +88,7 @@ OP_STAGE = {
     "mapper_forward": "mapper",
     "mass_keep_counts": "mass",
     "select_topk": "select",
+    "spread_select": "spread",
     "gather_kept": "gather",
     "merge_kept": "merge",
     "prune_and_merge": "composite",
@@ -104,8 +109,8 @@ def stage_traffic(
 ) -> tuple[int, int]:
     """(bytes that must move, FLOPs the math needs) of one call of ``stage`` on ``s`` keeping
     ``kept`` tokens. Stages: attention, attention_heads (one output column per KV head), mapper,
-    mass, select, gather, merge, composite (prune_and_merge with the mapper ``params``) and
-    composite_free (without a mapper).
+    mass, select, spread (select under the spread rule), gather, merge, composite
+    (prune_and_merge with the mapper ``params``) and composite_free (without a mapper).
 
     The bytes count every input read once and every output written once; they ignore the
     intermediates a fused design avoids (the [N_v, 512] activations, the [Hq, Tq, Tk] logits; the
@@ -141,6 +146,8 @@ def stage_traffic(
         return tv * 4, 0
     if stage == "select":
         return sel_bytes, 0
+    if stage == "spread":  # the scores, the [Tv, 3] int64 coordinates, the kept indices
+        return sel_bytes + tv * 3 * 8, 0
     if stage == "gather":
         return gather_bytes, 0
     if stage == "merge":
@@ -250,6 +257,15 @@ def iter_cases(
                     yield Case(op, n, ratio, name, fn, nbytes, flops)
 
 
+@functools.cache
+def raster_coords(n: int, device: torch.device) -> torch.Tensor:
+    """[n, 3] int64 (segment 0, row, col) of ``n`` tokens in raster order on a grid
+    ``isqrt(n)`` wide: one image, the spread rule's coordinates (made once per size)."""
+    w = max(1, math.isqrt(n))
+    i = torch.arange(n, device=device)
+    return torch.stack([torch.zeros_like(i), i // w, i % w], 1)
+
+
 def _make_fn(op, sets_, attn, kept, params, ratio) -> Callable[[int], object]:
     def run(i: int) -> object:
         s = sets_[i % len(sets_)]
@@ -271,6 +287,12 @@ def _make_fn(op, sets_, attn, kept, params, ratio) -> Callable[[int], object]:
             return tp_ops.select_topk(
                 attn[i % len(sets_)].to(s.q.dtype), s.cu_seqlens_v, keep_ratio=ratio
             )
+        if op == "spread_select":  # select_topk under the spread rule, one image's raster grid
+            return tp_ops.select_topk(
+                attn[i % len(sets_)].to(s.q.dtype), s.cu_seqlens_v, keep_ratio=ratio,
+                spread_coords=raster_coords(s.visual_idx.shape[0], s.q.device),
+                spread_radius=BENCH_SPREAD_RADIUS,
+            )  # fmt: skip
         if op == "gather_kept":
             return tp_ops.gather_kept(s.visual_embeds, s.visual_position_ids, kept[i % len(sets_)])
         if op == "merge_kept":

@@ -19,6 +19,7 @@ from tokenprune_kernels.validation import (
     MapperArgs,
     MergeArgs,
     ScoringArgs,
+    SpreadRule,
     flat_args,
     segment_ids,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "KeepRule",
     "MapperArgs",
     "ScoringArgs",
+    "SpreadRule",
     "gather_kept_ref",
     "instruction_attention_heads_ref",
     "instruction_attention_ref",
@@ -448,6 +450,8 @@ def keep_rule_counts_ref(
 _NO_MAPPER = MapperArgs()
 #: No keep rule: the reference composites need one (``KeepRule(keep_ratio=...)``, ...).
 _NO_KEEP = KeepRule()
+#: The default of the reference composites: no spread rule (the plain top-k).
+_NO_SPREAD = SpreadRule()
 
 
 def _scores_ref(s: ScoringArgs, m: MapperArgs) -> torch.Tensor:
@@ -463,12 +467,18 @@ def _scores_ref(s: ScoringArgs, m: MapperArgs) -> torch.Tensor:
     return mapper_forward_ref(attn, s.cu_seqlens_v, *m, validate=False)
 
 
-def _kept_ref(s: ScoringArgs, m: MapperArgs, keep: KeepRule) -> tuple[torch.Tensor, ...]:
+def _kept_ref(
+    s: ScoringArgs, m: MapperArgs, keep: KeepRule, spread: SpreadRule
+) -> tuple[torch.Tensor, ...]:
     """Stages a-c: (scores, kept_idx, cu_seqlens_kept). The adaptive rule's relevance is the
-    mapper's softmax, or the raw attention normalised per sample (no mapper)."""
+    mapper's softmax, or the raw attention normalised per sample (no mapper); with spread
+    coordinates the selection is :func:`spread_select_ref`'s."""
     scores = _scores_ref(s, m)
     relevance = "softmax" if len(m.params) > 0 else "normalize"
     counts = keep_rule_counts_ref(scores, s.cu_seqlens_v, keep, relevance)
+    if spread.coords is not None:
+        kept = spread_select_ref(scores, s.cu_seqlens_v, counts, spread.coords, spread.radius)
+        return (scores, *kept)
     return (scores, *select_topk_ref(scores, s.cu_seqlens_v, counts))
 
 
@@ -478,12 +488,14 @@ def prune_visual_tokens_ref(
     visual_position_ids: torch.Tensor,
     mapper: MapperArgs = _NO_MAPPER,
     keep: KeepRule = _NO_KEEP,
+    spread: SpreadRule = _NO_SPREAD,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stages a-d chained: ``prune_visual_tokens`` with its arguments grouped (``scoring``: those
     of :func:`instruction_attention_ref`; ``mapper``: params, kernel size, input eps, no params
-    for the raw attention; ``keep``: the keep rule). Returns (kept_embeds, kept_position_ids,
-    kept_idx, cu_seqlens_kept, scores [Tv] float32)."""
-    scores, kept_idx, cu_kept = _kept_ref(scoring, mapper, keep)
+    for the raw attention; ``keep``: the keep rule; ``spread``: the spread rule, none by
+    default). Returns (kept_embeds, kept_position_ids, kept_idx, cu_seqlens_kept, scores [Tv]
+    float32)."""
+    scores, kept_idx, cu_kept = _kept_ref(scoring, mapper, keep, spread)
     kept_embeds, kept_pos = gather_kept_ref(visual_embeds, visual_position_ids, kept_idx)
     return kept_embeds, kept_pos, kept_idx, cu_kept, scores
 
@@ -496,11 +508,12 @@ def prune_and_merge_ref(
     visual_embeds: torch.Tensor,
     mapper: MapperArgs = _NO_MAPPER,
     keep: KeepRule = _NO_KEEP,
+    spread: SpreadRule = _NO_SPREAD,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stages a-c then the merge: ``prune_and_merge`` with its arguments grouped as in
     :func:`prune_visual_tokens_ref`. Returns (embeds, position_ids_out, cu_seqlens_out, src_idx,
     kept_idx, scores)."""
-    scores, kept_idx, _ = _kept_ref(scoring, mapper, keep)
+    scores, kept_idx, _ = _kept_ref(scoring, mapper, keep, spread)
     merged = merge_kept_ref(
         inputs_embeds, position_ids, cu_seqlens, visual_embeds, scoring.visual_idx,
         scoring.cu_seqlens_v, kept_idx,

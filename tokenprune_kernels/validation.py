@@ -102,6 +102,26 @@ class KeepRule(NamedTuple):
     max_keep_ratio: float = 1.0
 
 
+#: The largest ``spread_radius`` the ops take: a (2r+1)^2 neighbourhood, already far wider than
+#: any image's token grid is useful for at r = 64 (the suppression cost grows with r^2).
+MAX_SPREAD_RADIUS = 64
+
+
+class SpreadRule(NamedTuple):
+    """The spread rule of the selection (``docs/contract.md``, stage c): ``coords`` [Tv, 3]
+    int32/int64 (segment, row, col) of the visual tokens, strictly increasing within each
+    sample, or None (no spread: the plain top-k); ``radius`` the Chebyshev suppression radius
+    (0 <= radius <= :data:`MAX_SPREAD_RADIUS`; > 0 needs ``coords``). The trailing arguments
+    ``spread_coords`` / ``spread_radius`` of ``select_topk`` and the composites, in order."""
+
+    coords: torch.Tensor | None = None
+    radius: int = 0
+
+
+#: No spread rule: the plain top-k (the default of every argument taking a :class:`SpreadRule`).
+NO_SPREAD = SpreadRule()
+
+
 class PruneArgs(NamedTuple):
     """``prune_visual_tokens``'s arguments grouped, in ``prune_visual_tokens_ref``'s order."""
 
@@ -110,6 +130,7 @@ class PruneArgs(NamedTuple):
     visual_position_ids: torch.Tensor
     mapper: MapperArgs
     keep: KeepRule
+    spread: SpreadRule = NO_SPREAD
 
 
 class PruneMergeArgs(NamedTuple):
@@ -122,6 +143,7 @@ class PruneMergeArgs(NamedTuple):
     visual_embeds: torch.Tensor
     mapper: MapperArgs
     keep: KeepRule
+    spread: SpreadRule = NO_SPREAD
 
     def merge(self, kept_idx: torch.Tensor) -> MergeArgs:
         """The merge's arguments for ``kept_idx`` (the visual indices and offsets: stage a's)."""
@@ -495,12 +517,13 @@ def check_instruction_attention_values(s: ScoringArgs) -> list[int]:
 
 
 def _check_scoring_values(
-    s: ScoringArgs, cu_seqlens: torch.Tensor | None = None
+    s: ScoringArgs, cu_seqlens: torch.Tensor | None = None, spread: SpreadRule = NO_SPREAD
 ) -> tuple[list[int], list[int], bool]:
     """Stage a's value checks in one device read; with ``cu_seqlens`` (the merge's), its offsets
-    and the rule "visual_idx lies in each sequence" ride in the same read. Returns (visual
+    and the rule "visual_idx lies in each sequence" ride in the same read, and so does the
+    spread coordinates' order rule (its detailed check is the caller's, last). Returns (visual
     offsets, ``cu_seqlens``'s offsets or [], whether some device mask found a broken rule)."""
-    masks = _scoring_masks(s, cu_seqlens)
+    masks = _scoring_masks(s, cu_seqlens) + _spread_masks(spread, s.cu_seqlens_v)
     offsets = [s.cu_seqlens_q, s.cu_seqlens_k, s.cu_seqlens_v]
     values, bad = read_values(offsets + ([] if cu_seqlens is None else [cu_seqlens]), masks)
     bq, bk, bv = values[:3]
@@ -578,6 +601,7 @@ def _check_composite(a: PruneArgs | PruneMergeArgs) -> None:
     s = a.scoring
     check_instruction_attention(s)
     check_keep(*a.keep)
+    check_spread(a.spread, s.visual_idx.shape[0], s.q.device)
     _check_composite_mapper(a.mapper, s)
     check_rank("visual_embeds", a.visual_embeds, 2, "[total_v, hidden]")
     require(
@@ -602,9 +626,12 @@ def check_prune_and_merge(a: PruneMergeArgs) -> None:
 
 def check_prune_values(a: PruneArgs) -> list[int]:
     """The value checks of ``prune_visual_tokens`` (stage a's, then ``keep_count`` against every
-    sample), in one device read. Returns the visual offsets [B+1] as Python ints."""
-    bv = check_instruction_attention_values(a.scoring)
+    sample, the spread coordinates' order), in one device read. Returns the visual offsets
+    [B+1] as Python ints."""
+    bv, _, bad = _check_scoring_values(a.scoring, spread=a.spread)
     check_keep_count_values(a.keep.keep_count, bv)
+    if bad:
+        _detailed_spread(a.spread, a.scoring.cu_seqlens_v)
     return bv
 
 
@@ -613,11 +640,12 @@ def check_prune_merge_values(a: PruneMergeArgs) -> list[int]:
     then the merge's (``cu_seqlens`` covers ``inputs_embeds``, ``visual_idx`` lies in each
     sequence; ``visual_idx``'s order and ``cu_seqlens_v`` are stage a's already). Returns the
     visual offsets."""
-    bv, bl, bad = _check_scoring_values(a.scoring, a.cu_seqlens)
+    bv, bl, bad = _check_scoring_values(a.scoring, a.cu_seqlens, a.spread)
     check_keep_count_values(a.keep.keep_count, bv)
     check_offsets("cu_seqlens", bl, a.inputs_embeds.shape[0], "inputs_embeds.shape[0]")
     if bad:
         _detailed_merge_positions(a.scoring.visual_idx, a.scoring.cu_seqlens_v, None, bl)
+        _detailed_spread(a.spread, a.scoring.cu_seqlens_v)
     return bv
 
 
@@ -790,8 +818,89 @@ def check_mapper_values(
         _fail(f"grid must be finite, got grid[{i[0]}, {i[1]}] = {float(grid[i])}")
 
 
+def spread_args(coords: Any, radius: Any) -> tuple[torch.Tensor | None, int]:
+    """``spread_coords`` and ``spread_radius`` as the op's schema takes them, checked by the
+    Python wrappers before the call (the schema's own cast error names neither): TypeError
+    unless the coordinates are a Tensor or None and the radius an integer (``int``, a numpy
+    integer; not bool), returned as a Python int. The rest is :func:`check_spread`'s."""
+    if coords is not None and not isinstance(coords, torch.Tensor):
+        raise TypeError(f"spread_coords must be a Tensor or None, got {type(coords).__name__}")
+    if isinstance(radius, bool) or not isinstance(radius, numbers.Integral):
+        raise TypeError(f"spread_radius must be an int, got {type(radius).__name__}")
+    return coords, int(radius)
+
+
+def check_spread(spread: SpreadRule, total_v: int | torch.SymInt, device: torch.device) -> None:
+    """``spread_coords`` / ``spread_radius`` (:class:`SpreadRule`): the radius an int in
+    ``[0, MAX_SPREAD_RADIUS]``, > 0 only with coords; the coords None or a [total_v, 3]
+    int32/int64 tensor on ``device`` (the device of the scores / queries)."""
+    coords, radius = spread
+    if isinstance(radius, bool) or not isinstance(radius, int):
+        raise TypeError(f"spread_radius must be an int, got {type(radius).__name__}")
+    if not 0 <= radius <= MAX_SPREAD_RADIUS:
+        _fail(f"spread_radius must be an int in [0, {MAX_SPREAD_RADIUS}], got {radius}")
+    if coords is None:
+        if radius > 0:
+            _fail(
+                f"spread_radius = {radius} needs spread_coords (the visual tokens' [total_v, 3] "
+                "(segment, row, col)); pass them, or spread_radius = 0"
+            )
+        return
+    if not isinstance(coords, torch.Tensor):
+        raise TypeError(f"spread_coords must be a Tensor or None, got {type(coords).__name__}")
+    check_rank("spread_coords", coords, 2, "[total_v, 3] (segment, row, col)")
+    check_dtype("spread_coords", coords, INDEX_DTYPES)
+    require(
+        coords.shape[0] == total_v and coords.shape[1] == 3,
+        f"spread_coords must be [total_v, 3] = [{total_v}, 3] (segment, row, col), got shape "
+        f"{tuple(coords.shape)}",
+    )
+    if coords.device != device:
+        _fail(f"spread_coords must be on the device of the scores ({device}), got {coords.device}")
+
+
+def _spread_masks(spread: SpreadRule, cu: torch.Tensor) -> list[torch.Tensor]:
+    """Device mask of the rule "``spread_coords`` strictly increase, lexicographically, within
+    each sample" (its sample by a binary search over the inner offsets: no out-of-range index
+    on invalid offsets, whose own check comes first)."""
+    coords = spread.coords
+    if coords is None or coords.shape[0] < 2 or cu.shape[0] < 2:
+        return []
+    c = coords.to(torch.int64)
+    rows = torch.arange(1, c.shape[0], device=cu.device, dtype=cu.dtype)
+    inner = cu[1:-1].contiguous()
+    same = torch.searchsorted(inner, rows, right=True) == torch.searchsorted(
+        inner, rows - 1, right=True
+    )
+    a, b = c[:-1], c[1:]
+    eq, gt = a == b, b > a
+    above = gt[:, 0] | (eq[:, 0] & (gt[:, 1] | (eq[:, 1] & gt[:, 2])))
+    return [same & ~above]
+
+
+def _detailed_spread(spread: SpreadRule, cu: torch.Tensor) -> None:
+    """The coords' order rule again, naming the first offending pair (failure path only)."""
+    masks = _spread_masks(spread, cu)
+    if not masks or not bool(masks[0].any()):
+        return
+    i = int(torch.nonzero(masks[0])[0]) + 1
+    c = spread.coords
+    prev, here = tuple(c[i - 1].tolist()), tuple(c[i].tolist())
+    inner = [int(x) for x in cu[1:-1].tolist()]
+    b = sum(1 for x in inner if x <= i)  # the sample of row i
+    _fail(
+        "spread_coords must be strictly increasing in lexicographic (segment, row, col) order "
+        f"within each sample (raster order), got spread_coords[{i - 1}] = {prev} >= "
+        f"spread_coords[{i}] = {here} in sample {b}"
+    )
+
+
 def check_select(
-    scores: torch.Tensor, cu_seqlens_v: torch.Tensor, keep: KeepRule, relevance: str = "softmax"
+    scores: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    keep: KeepRule,
+    relevance: str = "softmax",
+    spread: SpreadRule = NO_SPREAD,
 ) -> None:
     check_rank("scores", scores, 1, "[total_v]")
     check_dtype("scores", scores, FLOAT_DTYPES)
@@ -799,25 +908,33 @@ def check_select(
     check_keep(*keep)
     check_relevance(relevance)
     check_same_device(scores=scores, cu_seqlens_v=cu_seqlens_v)
+    check_spread(spread, scores.shape[0], scores.device)
 
 
 def check_select_values(
-    scores: torch.Tensor, cu_seqlens_v: torch.Tensor, keep: KeepRule, relevance: str = "softmax"
+    scores: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    keep: KeepRule,
+    relevance: str = "softmax",
+    spread: SpreadRule = NO_SPREAD,
 ) -> list[int]:
     """Offsets cover ``scores`` [Tv]; ``keep_count`` fits every non-empty sample; with
-    ``keep_mass`` and ``relevance="normalize"``, every score is finite and >= 0 (or NaN). One
-    device read; returns the offsets [B+1] as Python ints."""
+    ``keep_mass`` and ``relevance="normalize"``, every score is finite and >= 0 (or NaN); the
+    spread coordinates, when given, strictly increase within each sample. One device read;
+    returns the offsets [B+1] as Python ints."""
     masses = keep.keep_mass is not None and relevance == "normalize" and scores.numel() > 0
     masks = [(scores < 0) | torch.isinf(scores)] if masses else []
-    (bv,), bad = read_values([cu_seqlens_v], masks)
+    (bv,), bad = read_values([cu_seqlens_v], masks + _spread_masks(spread, cu_seqlens_v))
     check_offsets("cu_seqlens_v", bv, scores.shape[0], "scores.shape[0]")
     check_keep_count_values(keep.keep_count, bv)
     if bad:  # name the first offending entry (more reads, on the failure path only)
-        i = int(torch.nonzero(masks[0])[0])
-        _fail(
-            "scores must be finite and >= 0 (or NaN) with keep_mass and relevance='normalize' "
-            f"(they are masses, normalised per sample), got scores[{i}] = {float(scores[i])}"
-        )
+        if masks and bool(masks[0].any()):
+            i = int(torch.nonzero(masks[0])[0])
+            _fail(
+                "scores must be finite and >= 0 (or NaN) with keep_mass and relevance='normalize' "
+                f"(they are masses, normalised per sample), got scores[{i}] = {float(scores[i])}"
+            )
+        _detailed_spread(spread, cu_seqlens_v)
     return bv
 
 

@@ -39,9 +39,17 @@ def _v2_inputs(inp):
     return params, grid
 
 
+def _spread_coords(inp):
+    """The spread rule's coordinates: each sample's visual tokens on a grid 4 tokens wide."""
+    bounds = inp.cu_seqlens_v.tolist()
+    local = torch.cat([torch.arange(bounds[b + 1] - bounds[b]) for b in range(len(bounds) - 1)])
+    return torch.stack([torch.zeros_like(local), local // 4, local % 4], 1).to(torch.int32)
+
+
 def _cases(dtype=torch.float32):
     inp, params, attn, kept = _inputs(dtype)
     v2_params, v2_grid = _v2_inputs(inp)
+    coords = _spread_coords(inp)
     ops = torch.ops.tokenprune
     return {
         "instruction_attention": (ops.instruction_attention.default, tuple(inp.scoring(q_pos=True))),
@@ -57,6 +65,14 @@ def _cases(dtype=torch.float32):
         "select_topk[mass]": (
             ops.select_topk.default,
             (attn.to(dtype), inp.cu_seqlens_v, None, None, 0.5, 0.1, 0.9, "normalize"),
+        ),
+        "select_topk[spread]": (
+            ops.select_topk.default,
+            (attn.to(dtype), inp.cu_seqlens_v, 0.5, None, None, 0.0, 1.0, "softmax", coords, 1),
+        ),
+        "select_topk[mass,spread]": (
+            ops.select_topk.default,
+            (attn.to(dtype), inp.cu_seqlens_v, None, None, 0.5, 0.1, 0.9, "normalize", coords, 2),
         ),
         "mass_keep_counts": (
             ops.mass_keep_counts.default, (attn.to(dtype) * 50, inp.cu_seqlens_v, 0.8, 0.0, 0.5)
@@ -86,6 +102,19 @@ def _cases(dtype=torch.float32):
              inp.position_ids, inp.cu_seqlens, inp.visual_embeds, inp.visual_idx,
              inp.cu_seqlens_v, v2_params, 5, 1e-4, 0.5, None, inp.q_pos, None, None, 0.0, 1.0,
              v2_grid),
+        ),
+        "prune_visual_tokens[spread]": (
+            ops.prune_visual_tokens.default,
+            (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.visual_idx, inp.cu_seqlens_v,
+             inp.visual_embeds, inp.visual_position_ids, params, 5, 1e-4, 0.25, None, None, None,
+             None, 0.0, 1.0, None, coords, 1),
+        ),
+        "prune_and_merge[spread]": (
+            ops.prune_and_merge.default,
+            (inp.q, inp.k, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.inputs_embeds,
+             inp.position_ids, inp.cu_seqlens, inp.visual_embeds, inp.visual_idx,
+             inp.cu_seqlens_v, [], 5, 1e-4, None, 3, inp.q_pos, 0.2, None, 0.0, 1.0, None,
+             coords.long(), 1),
         ),
         "prune_and_merge[mass]": (
             ops.prune_and_merge.default,

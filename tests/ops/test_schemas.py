@@ -31,7 +31,11 @@ def test_public_schema(name):
 
 
 def test_every_op_is_in_the_table():
-    assert set(PUBLIC_SCHEMAS) == set(backend.STAGE_OPS + backend.COMPOSITE_OPS)
+    assert set(PUBLIC_SCHEMAS) == set(backend.PUBLIC_OPS)
+    assert set(backend.PUBLIC_OPS) | set(backend.RUN_BY) == set(
+        backend.STAGE_OPS + backend.COMPOSITE_OPS
+    )
+    assert set(backend.RUN_BY.values()) <= set(PUBLIC_SCHEMAS)
     assert set(backend.CONVENTIONS) == {e[0] for e in ENTRIES}
     for stages in backend.COMPOSITES.values():
         assert set(stages) <= set(backend.OPS)

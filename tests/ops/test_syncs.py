@@ -66,13 +66,30 @@ CASES = [
     "prune_and_merge[mapper,inference]",
     "prune_visual_tokens[mass,mapper]",
     "prune_and_merge[mass]",
+    "select_topk[spread]",
+    "select_topk[mass,spread]",
+    "prune_visual_tokens[spread,mapper]",
+    "prune_and_merge[q_pos,count,spread]",
 ]
 #: The adaptive rule (keep_mass) reads the total of its device-computed counts: one more read.
 ADAPTIVE_READS = 1
+#: The spread rule's order check rides in the validation's one read: no read of its own. Where
+#: stage spread_select runs the reference (no compiled kernel for it here),
+#: ``spread_suppressed_ref`` reads the keys, the coordinates and the offsets, and uploads its
+#: mask (a Python loop): 4 more.
+SPREAD_REF_READS = 4
 
 
-def limit_of(backend_name: str, case: str) -> int:
-    extra = ADAPTIVE_READS if "[" in case and "mass" in case.split("[", 1)[1] else 0
+def _variants(case: str) -> list[str]:
+    return case.split("[", 1)[1].rstrip("]").split(",") if "[" in case else []
+
+
+def limit_of(backend_name: str, case: str, device: str = "cpu") -> int:
+    extra = ADAPTIVE_READS if "mass" in _variants(case) else 0
+    if "spread" in _variants(case):
+        with backend.use_backend(backend_name):
+            on_ref = backend.choose("spread_select", device) == "ref"
+        extra += SPREAD_REF_READS if on_ref else 0
     return LIMITS[backend_name].get(case.split("[")[0], 1) + extra
 
 
@@ -126,8 +143,13 @@ def _call(case: str, gen: torch.Generator, device: str) -> Callable[[], object]:
     ).to(device)
     q_pos = inp.q_pos if "q_pos" in case else None
     keep = {"keep_count": 1} if "count" in case else {"keep_ratio": 0.37}
-    if "[" in case and "mass" in case.split("[", 1)[1]:
+    if "mass" in _variants(case):
         keep = {"keep_mass": 0.6, "min_keep_ratio": 0.1, "max_keep_ratio": 0.9}
+    if "spread" in _variants(case):  # each sample's visual tokens on a grid 3 tokens wide
+        bounds = inp.cu_seqlens_v.tolist()
+        local = torch.cat([torch.arange(bounds[b + 1] - bounds[b]) for b in range(len(bounds) - 1)])
+        coords = torch.stack([torch.zeros_like(local), local // 3, local % 3], 1).to(device)
+        keep = {**keep, "spread_coords": coords, "spread_radius": 1}
     op = case.split("[")[0]
     params: list[torch.Tensor] = []
     if "mapper" in case:
@@ -178,7 +200,7 @@ def _call(case: str, gen: torch.Generator, device: str) -> Callable[[], object]:
 @pytest.mark.parametrize("case", CASES)
 def test_one_call_reads_the_device_at_most_once(monkeypatch, gen, backend_name, device, case):
     call = _call(case, gen, device)
-    limit = limit_of(backend_name, case)
+    limit = limit_of(backend_name, case, device)
     with backend.use_backend(backend_name), torch.no_grad():
         call()  # warm-up (a GPU's first Triton call compiles and autotunes)
         with count_reads(monkeypatch) as reads:
@@ -209,7 +231,8 @@ def test_gpu_call_synchronises_at_most_once(gen, case, backend_name):
             finally:
                 torch.cuda.set_sync_debug_mode(previous)
     syncs = [w for w in caught if "synchronizing CUDA operation" in str(w.message)]
-    assert len(syncs) <= limit_of(backend_name, case), [f"{w.filename}:{w.lineno}" for w in syncs]
+    limit = limit_of(backend_name, case, "cuda")
+    assert len(syncs) <= limit, [f"{w.filename}:{w.lineno}" for w in syncs]
 
 
 # ------------------------------------------------------------------ keep counts on the host

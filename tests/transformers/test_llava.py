@@ -543,3 +543,15 @@ def test_not_a_llava_model():
         llava.install(torch.nn.Linear(2, 2), TokenPruneConfig(keep_ratio=0.5), None)
     with pytest.raises(ValueError, match=r"text_model must be a Llama/Qwen2-style"):
         layer0_from_text_model(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_spread_rule_is_refused(family):
+    """1-D RoPE carries no (row, col): spread_radius > 0 is refused when applied (nothing is
+    patched), and prune_inputs on 1-D position ids refuses it too (VILA's path)."""
+    model = build_model(family)
+    with pytest.raises(ValueError, match=r"spread_radius=1 is not supported for llava"):
+        apply_tokenprune(model, keep_ratio=0.5, spread_radius=1)
+    assert not is_tokenprune_applied(model)
+    apply_tokenprune(model, keep_ratio=0.5, spread_radius=0)  # the default: fine
+    assert is_tokenprune_applied(model)

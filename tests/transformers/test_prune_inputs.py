@@ -22,6 +22,7 @@ from tokenprune_kernels.transformers import (
     prune_inputs,
     prune_packed,
 )
+from tokenprune_kernels.transformers.prune import spread_coords
 
 H, HQ, HK, D = 24, 4, 2, 6
 
@@ -482,3 +483,65 @@ def test_layer0_errors():
         Layer0(nn.Identity(), nn.Identity(), nn.Identity(), 3, 2, 4, _Rotary(), _apply_rotary)
     with pytest.raises(ValueError, match="head_dim must be an int >= 1"):
         Layer0(nn.Identity(), nn.Identity(), nn.Identity(), 2, 2, 0, _Rotary(), _apply_rotary)
+
+
+def test_spread_coords_segments_frames_and_items():
+    """(segment, row, col) from M-RoPE t/h/w ids: an image is one segment, every frame of a
+    video one (also two frames that share t), every new run of visual tokens a new one even
+    when its t lies below the previous item's (a long video before an image); rows and columns
+    are the h and w ids; the text row of 4-row ids is not read."""
+    # sample 0: text, a 2x2 image (t 5), text, a video of 3 frames 1x2 with t 8, 8, 9 (shared t),
+    # then an image (t 7: below the video's last t); sample 1: a 2x1 image.
+    t = [0, 5, 5, 5, 5, 6, 8, 8, 8, 8, 9, 9, 20, 7, 7, 0, 3, 3]
+    h = [0, 5, 5, 6, 6, 6, 8, 8, 8, 8, 8, 8, 20, 7, 7, 0, 3, 4]
+    w = [0, 5, 6, 5, 6, 6, 8, 9, 8, 9, 8, 9, 20, 7, 8, 0, 3, 3]
+    vis = torch.tensor([0, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 0, 1, 1, 0, 1, 1], dtype=torch.bool)
+    seg = torch.tensor([0] * 15 + [1] * 3)
+    pos = torch.tensor([t, h, w])
+    want = [[0, 5, 5], [0, 5, 6], [0, 6, 5], [0, 6, 6], [1, 8, 8], [1, 8, 9], [2, 8, 8],
+            [2, 8, 9], [3, 8, 8], [3, 8, 9], [4, 7, 7], [4, 7, 8], [5, 3, 3], [5, 4, 3]]  # fmt: skip
+    for ids in (pos, torch.cat([torch.arange(18)[None] * 100, pos])):
+        got = spread_coords(ids, vis, seg)
+        assert got.dtype == torch.int64 and got.tolist() == want
+    for bad in (pos[0], pos[:2]):
+        with pytest.raises(ValueError, match=r"spread_radius > 0 needs multi-axis rotary"):
+            spread_coords(bad, vis, seg)
+
+
+@pytest.mark.parametrize("radius", [1, 2])
+def test_prune_packed_spread_matches_reference(gen, radius):
+    """prune_packed with spread_radius: the kept tokens are spread_select_ref's on the op's own
+    scores with the coordinates of :func:`spread_coords`; 1-D ids are refused."""
+    from tokenprune_kernels.reference import keep_counts_ref, spread_select_ref
+
+    layer = _Layer(gen)
+    x, cu, vis, pos = _packed(gen, [(2, 24, 3), (1, 19, 2)], 3)
+    n_vis = [int(vis[int(cu[b]) : int(cu[b + 1])].sum()) for b in range(2)]
+    # The visual tokens of each sample: a grid 5 wide (t, h, w), raster order.
+    for b in range(2):
+        rows = vis.nonzero().flatten()[sum(n_vis[:b]) : sum(n_vis[: b + 1])]
+        i = torch.arange(n_vis[b])
+        pos[:, rows] = torch.stack([torch.full_like(i, 40), 40 + i // 5, 40 + i % 5])
+    instr = packed_instruction_mask(vis, cu)
+    cfg = TokenPruneConfig(keep_ratio=0.3, spread_radius=radius)
+    out = prune_packed(x, cu, vis, instr, pos, layer.layer0(), cfg)
+    cu_v = torch.tensor([0, n_vis[0], sum(n_vis)])
+    seg = torch.repeat_interleave(torch.arange(2), cu[1:] - cu[:-1])
+    counts = keep_counts_ref(cu_v, keep_ratio=0.3)
+    want, _ = spread_select_ref(out.scores, cu_v, counts, spread_coords(pos, vis, seg), radius)
+    assert torch.equal(out.kept_index, want)
+    plain = prune_packed(x, cu, vis, instr, pos, layer.layer0(), TokenPruneConfig(keep_ratio=0.3))
+    assert not torch.equal(plain.kept_index, want)
+    with pytest.raises(ValueError, match=r"spread_radius > 0 needs multi-axis rotary"):
+        prune_packed(x, cu, vis, instr, pos[0], layer.layer0(), cfg)
+
+
+@pytest.mark.parametrize("value", [-1, 65, 1.0, True, "1", np.float32(1.0)])
+def test_spread_radius_config_errors(value):
+    with pytest.raises(ValueError, match=r"spread_radius must be an int in \[0, 64\]"):
+        TokenPruneConfig(keep_ratio=0.5, spread_radius=value)
+
+
+@pytest.mark.parametrize("value", [0, 3, 64, np.int64(2), torch.tensor(1)])
+def test_spread_radius_takes_any_integer(value):
+    assert TokenPruneConfig(keep_ratio=0.5, spread_radius=value).spread_radius == int(value)

@@ -428,3 +428,32 @@ def test_mapper_v2_inputs(make_qwen, gen, model_type, groups, grid, tmp_path):
     torch.manual_seed(4)
     mapper = TokenMapper(MapperConfig(channels=(8, 16), attention_channels=groups, grid=grid))
     _check_mapper_file(model, model_type, gen, mapper.eval(), tmp_path)
+
+
+@pytest.mark.parametrize("model_type", QWEN_TYPES)
+def test_spread_rule_matches_oracle(make_qwen, gen, model_type):
+    """``spread_radius``: the kept tokens are the spread rule's (``spread_select_ref``) on the
+    unpatched model's own layer-0 attention, with each image / video frame's (row, col) taken
+    from image_grid_thw / video_grid_thw (not from the M-RoPE ids the patch reads); the logits
+    those of the hand-pruned batch; and the rule changed what is kept."""
+    model = make_qwen(model_type)
+    inputs = build_inputs(model_type, MIXED, gen, "left")
+    kept = oracle_kept(eager_copy(model), inputs, keep_ratio=0.4, spread_radius=1)
+    plain = oracle_kept(eager_copy(model), inputs, keep_ratio=0.4)
+    assert [k.tolist() for k in kept] != [k.tolist() for k in plain]
+    hp = hand_prune(capture_lm_inputs(model, inputs), inputs, kept, "left")
+    want = oracle_logits(model, hp)
+    apply_tokenprune(model, keep_ratio=0.4, spread_radius=1)
+    with torch.no_grad():
+        got = model(**inputs).logits
+    pruned = last_pruned(model)
+    assert [k.tolist() for k in pruned.kept_visual] == [k.tolist() for k in kept]
+    _assert_rows(got, pruned.attention_mask, want, hp.attention_mask)
+
+
+def test_spread_radius_is_checked(make_qwen):
+    model = make_qwen("qwen2_vl")
+    for bad in (-1, 65, 1.5, True):
+        with pytest.raises(ValueError, match=r"spread_radius must be an int in \[0, 64\]"):
+            apply_tokenprune(model, keep_ratio=0.5, spread_radius=bad)
+    assert not is_tokenprune_applied(model)

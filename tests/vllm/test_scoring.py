@@ -122,6 +122,45 @@ def test_score_and_select_matches_independent(gen, keep_ratio, with_mapper):
     assert cu_kept.tolist() == [0, *torch.tensor(counts).cumsum(0).tolist()]
 
 
+@pytest.mark.parametrize("radius", [1, 2])
+def test_score_and_select_spread_matches_independent(gen, radius):
+    """``spread_radius``: the kept rows are the spread rule's (``spread_select_ref``) on the
+    independent scores, with each prompt's (frame, row, col) written down from its layout (an
+    image 4 x 5, a video of 3 frames 2 x 3 whose first two frames share t, a 1 x 1 image) and
+    its M-RoPE ids made from them; 1-D positions are refused."""
+    from dataclasses import replace
+
+    from tokenprune_kernels.reference import keep_counts_ref, spread_select_ref
+
+    base = _layer0(gen)
+    items = [(1, 4, 5, (7, 7, 7)), (3, 2, 3, (30, 30, 31)), (1, 1, 1, (50,))]  # frames, h, w, t
+    packed = _prompts(gen, [(3, 20, 0, 2), (2, 18, 1, 3), (1, 1, 0, 1)])
+    pos = torch.stack([packed.positions] * 3)
+    coords, frame = [], 0
+    for i, (frames, h, w, ts) in enumerate(items):
+        vs, ve = packed.cu_seqlens_v[i : i + 2].tolist()
+        rows = packed.visual_rows[vs:ve]
+        thw = [(ts[f], 100 + r, 200 + c) for f in range(frames) for r in range(h) for c in range(w)]
+        pos[:, rows] = torch.tensor(thw).T
+        coords += [(frame + f, r, c) for f in range(frames) for r in range(h) for c in range(w)]
+        frame += frames
+    mrope = replace(packed, positions=pos)
+    layer0 = replace(base, rotary=lambda p, q, k: base.rotary(p[0], q, k))
+    scores, kept_idx, cu_kept = scoring.score_and_select(
+        layer0, mrope, keep_ratio=0.3, spread_radius=radius
+    )
+    want_scores, plain = _independent(base, replace(packed, positions=pos[0]), 0.3)
+    torch.testing.assert_close(scores, want_scores, atol=1e-5, rtol=1e-4)
+    counts = keep_counts_ref(packed.cu_seqlens_v, keep_ratio=0.3)
+    want, want_cu = spread_select_ref(
+        scores, packed.cu_seqlens_v, counts, torch.tensor(coords), radius
+    )
+    assert torch.equal(kept_idx, want) and torch.equal(cu_kept, want_cu)
+    assert not torch.equal(kept_idx, plain)  # the rule changed the kept rows
+    with pytest.raises(ValueError, match=r"spread_radius > 0 needs \[3, T\] M-RoPE"):
+        scoring.score_and_select(base, packed, keep_ratio=0.3, spread_radius=radius)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_positions_round_trip_exactly(gen, dtype):
     n = 11
@@ -157,6 +196,8 @@ def test_settings(tmp_path):
     cfg = _Config()
     cfg.tokenprune = hf_overrides(0.25)["tokenprune"]
     assert settings_from_config(cfg) == VllmPruneSettings(keep_ratio=0.25)
+    cfg.tokenprune = hf_overrides(0.25, spread_radius=2)["tokenprune"]
+    assert settings_from_config(cfg) == VllmPruneSettings(keep_ratio=0.25, spread_radius=2)
     assert [VllmPruneSettings(0.25).kept_count(n) for n in (0, 1, 2, 6, 24)] == [0, 1, 1, 2, 6]
     for bad, msg in [
         (None, "has no 'tokenprune' settings"),
@@ -166,6 +207,10 @@ def test_settings(tmp_path):
         ({"keep_ratio": 0.5, "mapper": str(tmp_path / "m.safetensors")}, "mapper file not found"),
         ({"keep_ratio": 0.5, "mapper": "m.pt"}, "must be a path to a .safetensors"),
         ({"keep_ratio": 0.5, "ratio": 1}, r"unknown settings \['ratio'\]"),
+        ({"keep_ratio": 0.5, "spread_radius": -1}, r"spread_radius must be an int in \[0, 64\]"),
+        ({"keep_ratio": 0.5, "spread_radius": 65}, r"got 65"),
+        ({"keep_ratio": 0.5, "spread_radius": 1.0}, r"spread_radius must be an int"),
+        ({"keep_ratio": 0.5, "spread_radius": True}, r"got True"),
         (
             {"keep_mass": 0.9},
             r"keep_mass \(the adaptive keep budget\) is not supported by the vLLM",

@@ -24,7 +24,7 @@ from tokenprune_kernels import validation as v
 from tokenprune_kernels._nvtx import stage_range
 from tokenprune_kernels.ops._library import define
 from tokenprune_kernels.ops.gather import fake_gathered, fake_merged
-from tokenprune_kernels.ops.select import keep_counts_for
+from tokenprune_kernels.ops.select import keep_counts_for, select_counts
 
 PRUNE_SCHEMA = (
     "prune_visual_tokens(Tensor q, Tensor k, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
@@ -32,8 +32,8 @@ PRUNE_SCHEMA = (
     "Tensor[] mapper_params, int mapper_kernel_size=5, float mapper_input_eps=0.0001, "
     "float? keep_ratio=None, int? keep_count=None, Tensor? q_pos=None, "
     "float? softmax_scale=None, float? keep_mass=None, float min_keep_ratio=0., "
-    "float max_keep_ratio=1., Tensor? mapper_grid=None) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "float max_keep_ratio=1., Tensor? mapper_grid=None, Tensor? spread_coords=None, "
+    "int spread_radius=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 MERGE_SCHEMA = (
     "prune_and_merge(Tensor q, Tensor k, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
@@ -42,7 +42,8 @@ MERGE_SCHEMA = (
     "int mapper_kernel_size=5, float mapper_input_eps=0.0001, float? keep_ratio=None, "
     "int? keep_count=None, Tensor? q_pos=None, float? softmax_scale=None, "
     "float? keep_mass=None, float min_keep_ratio=0., float max_keep_ratio=1., "
-    "Tensor? mapper_grid=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor? mapper_grid=None, Tensor? spread_coords=None, int spread_radius=0) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -54,8 +55,10 @@ def _grouped(cls: type, public: Callable, args: tuple, kwargs: dict) -> Any:
     scoring = v.ScoringArgs(**{f: call[f] for f in v.ScoringArgs._fields})
     mapper = v.MapperArgs(*(call[f"mapper_{f}"] for f in v.MapperArgs._fields))
     keep = v.KeepRule(**{f: call[f] for f in v.KeepRule._fields})
-    rest = {f: call[f] for f in cls._fields if f not in ("scoring", "mapper", "keep")}
-    return cls(scoring=scoring, mapper=mapper, keep=keep, **rest)
+    spread = v.SpreadRule(*(call[f"spread_{f}"] for f in v.SpreadRule._fields))
+    groups = ("scoring", "mapper", "keep", "spread")
+    rest = {f: call[f] for f in cls._fields if f not in groups}
+    return cls(scoring=scoring, mapper=mapper, keep=keep, spread=spread, **rest)
 
 
 @functools.cache
@@ -67,18 +70,18 @@ def _parameters(public: Callable) -> tuple[tuple[str, ...], dict[str, Any]]:
     return tuple(params), defaults
 
 
-def _select_then(last: str, scores, cu_seqlens_v, counts, total, *rest) -> tuple:
+def _select_then(
+    last: str, spread: v.SpreadRule, scores, cu_seqlens_v, counts, total, *rest
+) -> tuple:
     """Stage c, then ``last`` (gather_kept or merge_kept) on the kept indices: as one
-    implementation where the op table fuses them, else one after the other. Returns what the
-    fused implementation returns: ``last``'s outputs, then kept_idx (and, after a gather,
-    cu_seqlens_kept)."""
+    implementation where the op table fuses them (never with the spread rule), else one after
+    the other. Returns what the fused implementation returns: ``last``'s outputs, then kept_idx
+    (and, after a gather, cu_seqlens_kept)."""
     device = scores.device.type
-    fused = backend.fused("select_topk", last, device)
+    fused = backend.fused("select_topk", last, device) if spread.coords is None else None
     if fused is not None:
         return backend.run(fused, scores, cu_seqlens_v, counts, *rest, total_kept=total)
-    kept_idx, cu_kept = backend.call(
-        "select_topk", device, scores, cu_seqlens_v, counts, total_kept=total
-    )
+    kept_idx, cu_kept = select_counts(scores, cu_seqlens_v, counts, total, spread)
     if last == "gather_kept":
         return (*backend.call(last, device, *rest, kept_idx), kept_idx, cu_kept)
     return (*backend.call(last, device, *rest, cu_seqlens_v, kept_idx), kept_idx)
@@ -129,7 +132,7 @@ def _run(a: v.PruneArgs | v.PruneMergeArgs, last_args: Callable[[v.ScoringArgs],
         relevance = "softmax" if len(a.mapper.params) > 0 else "normalize"
         counts, total = keep_counts_for(a.keep, bounds_v, scores, s.cu_seqlens_v, relevance)
         last = backend.COMPOSITES[name][-1]
-        out = _select_then(last, scores, s.cu_seqlens_v, counts, total, *last_args(s))
+        out = _select_then(last, a.spread, scores, s.cu_seqlens_v, counts, total, *last_args(s))
         return (*out, scores)
 
 
@@ -200,6 +203,8 @@ def prune_visual_tokens(
     min_keep_ratio: float = 0.0,
     max_keep_ratio: float = 1.0,
     mapper_grid: torch.Tensor | None = None,
+    spread_coords: torch.Tensor | None = None,
+    spread_radius: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score, select and gather the visual tokens in one call.
 
@@ -219,6 +224,10 @@ def prune_visual_tokens(
             attention normalised per sample (``relevance="normalize"``).
         mapper_grid: [Tv, 2] float32 the visual tokens' normalised grid row and column, for a
             mapper with grid input (its first block then takes ``G + 2`` channels); else None.
+        spread_coords, spread_radius: the spread rule, as in :func:`select_topk` (``[Tv, 3]``
+            int32/int64 (segment, row, col), on the device of ``q``; None for the plain
+            top-k). With coordinates the selection runs stage ``spread_select`` and the gather
+            (merge) runs after it, never fused with it.
 
     Returns:
         kept_embeds [Tkept, H], kept_position_ids [Tkept] or [R, Tkept], kept_idx [Tkept] int64
@@ -229,6 +238,7 @@ def prune_visual_tokens(
         visual_position_ids, list(mapper_params), int(mapper_kernel_size),
         float(mapper_input_eps), keep_ratio, keep_count, q_pos, softmax_scale, keep_mass,
         float(min_keep_ratio), float(max_keep_ratio), mapper_grid,
+        *v.spread_args(spread_coords, spread_radius),
     )  # fmt: skip
 
 
@@ -254,6 +264,8 @@ def prune_and_merge(
     min_keep_ratio: float = 0.0,
     max_keep_ratio: float = 1.0,
     mapper_grid: torch.Tensor | None = None,
+    spread_coords: torch.Tensor | None = None,
+    spread_radius: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score and select the visual tokens, then build the pruned input sequence directly.
 
@@ -270,4 +282,5 @@ def prune_and_merge(
         visual_idx, cu_seqlens_v, list(mapper_params), int(mapper_kernel_size),
         float(mapper_input_eps), keep_ratio, keep_count, q_pos, softmax_scale, keep_mass,
         float(min_keep_ratio), float(max_keep_ratio), mapper_grid,
+        *v.spread_args(spread_coords, spread_radius),
     )  # fmt: skip

@@ -127,27 +127,50 @@ def _mass_keep_counts_fake(scores, cu_seqlens_v, keep_bounds, keep_mass, relevan
 SCHEMA = (
     "select_topk(Tensor scores, Tensor cu_seqlens_v, float? keep_ratio=None, "
     "int? keep_count=None, float? keep_mass=None, float min_keep_ratio=0., "
-    'float max_keep_ratio=1., str relevance="softmax") -> (Tensor, Tensor)'
+    'float max_keep_ratio=1., str relevance="softmax", Tensor? spread_coords=None, '
+    "int spread_radius=0) -> (Tensor, Tensor)"
 )
 
 
+def select_counts(
+    scores: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    counts: torch.Tensor,
+    total: int,
+    spread: v.SpreadRule = v.NO_SPREAD,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage c for validated arguments and keep counts ([B] int64 on the device, ``total``
+    their sum): ``select_topk``, or ``spread_select`` when ``spread`` has coordinates (made
+    contiguous here), each on the backend the op table picks. Returns (kept_idx,
+    cu_seqlens_kept)."""
+    device = scores.device.type
+    if spread.coords is None:
+        return backend.call("select_topk", device, scores, cu_seqlens_v, counts, total_kept=total)
+    return backend.call(
+        "spread_select", device, scores, cu_seqlens_v, counts, spread.coords.contiguous(),
+        spread.radius, total_kept=total,
+    )  # fmt: skip
+
+
 def _fake(scores, cu_seqlens_v, keep_ratio=None, keep_count=None, keep_mass=None,
-          min_keep_ratio=0.0, max_keep_ratio=1.0, relevance="softmax"):  # fmt: skip
+          min_keep_ratio=0.0, max_keep_ratio=1.0, relevance="softmax", spread_coords=None,
+          spread_radius=0):  # fmt: skip
     keep = v.KeepRule(keep_ratio, keep_count, keep_mass, min_keep_ratio, max_keep_ratio)
-    v.check_select(scores, cu_seqlens_v, keep, relevance)
+    spread = v.SpreadRule(spread_coords, spread_radius)
+    v.check_select(scores, cu_seqlens_v, keep, relevance, spread)
     kept = torch.library.get_ctx().new_dynamic_size()
     return scores.new_empty(kept, dtype=torch.int64), torch.empty_like(cu_seqlens_v)
 
 
 def _impl(scores, cu_seqlens_v, keep_ratio=None, keep_count=None, keep_mass=None,
-          min_keep_ratio=0.0, max_keep_ratio=1.0, relevance="softmax"):  # fmt: skip
+          min_keep_ratio=0.0, max_keep_ratio=1.0, relevance="softmax", spread_coords=None,
+          spread_radius=0):  # fmt: skip
     keep = v.KeepRule(keep_ratio, keep_count, keep_mass, min_keep_ratio, max_keep_ratio)
-    v.check_select(scores, cu_seqlens_v, keep, relevance)
-    bounds = v.check_select_values(scores, cu_seqlens_v, keep, relevance)
+    spread = v.SpreadRule(spread_coords, spread_radius)
+    v.check_select(scores, cu_seqlens_v, keep, relevance, spread)
+    bounds = v.check_select_values(scores, cu_seqlens_v, keep, relevance, spread)
     counts, total = keep_counts_for(keep, bounds, scores, cu_seqlens_v, relevance)
-    return backend.call(
-        "select_topk", scores.device.type, scores, cu_seqlens_v, counts, total_kept=total
-    )
+    return select_counts(scores, cu_seqlens_v, counts, total, spread)
 
 
 define(SCHEMA, _impl, _fake)
@@ -173,6 +196,8 @@ def select_topk(
     min_keep_ratio: float = 0.0,
     max_keep_ratio: float = 1.0,
     relevance: str = "softmax",
+    spread_coords: torch.Tensor | None = None,
+    spread_radius: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the top-scored visual tokens of every sample, in their original order.
 
@@ -192,6 +217,16 @@ def select_topk(
         relevance: what ``keep_mass`` measures: ``"softmax"`` (scores are logits, e.g. the
             mapper's: relevance = per-sample softmax) or ``"normalize"`` (scores are
             non-negative masses, e.g. raw attention: relevance = score / sample sum).
+        spread_coords: the spread rule (mapper v2's selection): [Tv, 3] int32/int64 (segment,
+            row, col) of each visual token - e.g. its M-RoPE (t, h, w) ids - strictly
+            increasing in lexicographic order within each sample (raster order), on the device
+            of ``scores``; None (default) for the plain top-k. With coordinates, each sample
+            visits its tokens in the order below and suppresses a token when an already
+            accepted token shares its segment within Chebyshev distance ``spread_radius`` on
+            (row, col); it keeps the first k of (accepted, then suppressed), k from the keep
+            rule as above. Checked in the same device read as the offsets.
+        spread_radius: an int in [0, 64] (``validation.MAX_SPREAD_RADIUS``); 0 (default)
+            suppresses nothing; > 0 needs ``spread_coords``.
 
     Returns:
         kept_idx: [Tkept] int64 global indices into the packed visual tokens, ascending.
@@ -201,7 +236,7 @@ def select_topk(
     """
     return torch.ops.tokenprune.select_topk(
         scores, cu_seqlens_v, keep_ratio, keep_count, keep_mass, float(min_keep_ratio),
-        float(max_keep_ratio), relevance,
+        float(max_keep_ratio), relevance, *v.spread_args(spread_coords, spread_radius),
     )  # fmt: skip
 
 

@@ -26,7 +26,7 @@ from transformers import (
 
 from tokenprune_kernels.grounded.model import qwen_vl_config
 from tokenprune_kernels.mapper import grid_positions, mapper_forward_ref
-from tokenprune_kernels.reference import select_topk_ref
+from tokenprune_kernels.reference import select_topk_ref, spread_select_ref
 from tokenprune_kernels.testing import oracle_keep_counts
 from tokenprune_kernels.validation import KeepRule
 
@@ -203,11 +203,15 @@ def oracle_kept(
     keep_mass: float | None = None,
     min_keep_ratio: float = 0.0,
     max_keep_ratio: float = 1.0,
+    spread_radius: int = 0,
 ) -> list[torch.Tensor]:
     """Per sample, the original positions of the visual tokens to keep, from the unpatched eager
     model's layer-0 attention (instruction rows: ``instruction`` [B, L] or, by default, the real
     tokens after the last visual token except ``<|vision_start|>`` / ``<|vision_end|>``; the
-    adaptive rule's counts by :func:`~tokenprune_kernels.testing.oracle_keep_counts`)."""
+    adaptive rule's counts by :func:`~tokenprune_kernels.testing.oracle_keep_counts`). With
+    ``spread_radius > 0`` the selection is the spread rule's (``spread_select_ref``) on the
+    tokens' (frame, row, col) from ``image_grid_thw`` / ``video_grid_thw``
+    (:func:`grid_coords`), not from the position ids."""
     with torch.no_grad():
         att = eager_model(**inputs, output_attentions=True).attentions[0]  # [B, Hq, L, L]
     ids = inputs["input_ids"]
@@ -216,6 +220,7 @@ def oracle_kept(
     rule = KeepRule(keep_ratio, keep_count, keep_mass, min_keep_ratio, max_keep_ratio)
     kept = []
     grids = list(inputs.get("image_grid_thw", torch.zeros(0, 3)).tolist())
+    coords = grid_coords(inputs) if spread_radius > 0 else None
     for b in range(ids.shape[0]):
         vpos = visual[b].nonzero().flatten()
         last = int(vpos.max())
@@ -243,12 +248,53 @@ def oracle_kept(
                 params = mapper.op_params()
                 a = mapper_forward_ref(x, cu, params, c.kernel_size, c.input_eps, grid)
         k = oracle_keep_counts(a, cu, rule, softmax=mapper is not None)
-        idx, _ = select_topk_ref(a, cu, k)
         s = a.sort(descending=True).values
-        if int(k) < vpos.numel():
-            assert float(s[int(k) - 1] - s[int(k)]) > gap, "near-tie at the top-k threshold"
+        if coords is None:
+            idx, _ = select_topk_ref(a, cu, k)
+            if int(k) < vpos.numel():
+                assert float(s[int(k) - 1] - s[int(k)]) > gap, "near-tie at the top-k threshold"
+        else:  # the whole order matters: no near-tie anywhere
+            idx, _ = spread_select_ref(a, cu, k, coords[b], spread_radius)
+            assert bool((s[:-1] - s[1:] > gap).all()), "near-tie in the selection order"
         kept.append(vpos[idx])
     return kept
+
+
+def grid_coords(inputs: dict) -> list[torch.Tensor]:
+    """Per sample, ``[n_v, 3]`` int64 (frame, row, col) of its visual tokens in sequence order,
+    from ``image_grid_thw`` / ``video_grid_thw`` alone: each image, and each frame of a video,
+    is the next frame number (counted over the batch), its tokens the merged grid
+    ``(h / MERGE) x (w / MERGE)`` in raster order. Qwen3-VL's per-frame runs take a video's
+    frames one run at a time."""
+    ids = inputs["input_ids"]
+    queues = {
+        IMAGE_ID: list(inputs.get("image_grid_thw", torch.zeros(0, 3)).tolist()),
+        VIDEO_ID: list(inputs.get("video_grid_thw", torch.zeros(0, 3)).tolist()),
+    }
+    frames_left = {IMAGE_ID: 0, VIDEO_ID: 0}
+    shape = {IMAGE_ID: (0, 0), VIDEO_ID: (0, 0)}
+    frame = 0
+    out = []
+    for b in range(ids.shape[0]):
+        rows: list[tuple[int, int, int]] = []
+        row = ids[b].tolist()
+        i = 0
+        while i < len(row):
+            kind = row[i]
+            if kind not in queues:
+                i += 1
+                continue
+            if frames_left[kind] == 0:
+                t, h, w = queues[kind].pop(0)
+                frames_left[kind], shape[kind] = int(t), (int(h) // MERGE, int(w) // MERGE)
+            gh, gw = shape[kind]
+            rows += [(frame, r, c) for r in range(gh) for c in range(gw)]
+            assert row[i : i + gh * gw] == [kind] * (gh * gw), "a frame's tokens are one run"
+            frames_left[kind] -= 1
+            frame += 1
+            i += gh * gw
+        out.append(torch.tensor(rows, dtype=torch.int64).reshape(-1, 3))
+    return out
 
 
 @dataclass

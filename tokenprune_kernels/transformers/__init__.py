@@ -172,6 +172,7 @@ def apply_tokenprune(
     keep_mass: float | None = None,
     min_keep_ratio: float = 0.0,
     max_keep_ratio: float = 1.0,
+    spread_radius: int = 0,
 ) -> nn.Module:
     """Patch ``model`` (in place) so that its visual tokens are pruned at the LLM input.
 
@@ -196,13 +197,19 @@ def apply_tokenprune(
             ``max_keep_ratio`` (fractions of the sample's visual tokens, ``0 <= min <= max <= 1``;
             at least one token). Exactly one of ``keep_ratio``, ``keep_count`` and ``keep_mass``
             (see :class:`TokenPruneConfig`). Costs one more host sync per pruned prefill.
+        spread_radius: the spread rule (mapper v2's selection), an integer in ``[0, 64]``: 0
+            (default) keeps the top-scored tokens; ``r > 0`` first takes tokens no better token
+            already taken lies within Chebyshev distance ``r`` of in the same image or video
+            frame, on the (h, w) of their M-RoPE ids (:class:`TokenPruneConfig`). Qwen VL
+            only; LLaVA / LLaVA-OneVision raise ValueError here.
 
     Returns:
         ``model`` (patched). Applying again replaces the config; it never patches twice.
 
     Raises:
         RuntimeError: transformers outside :data:`SUPPORTED_TRANSFORMERS`.
-        ValueError: unsupported ``model_type``, bad keep ratio/count/mass.
+        ValueError: unsupported ``model_type``, bad keep ratio/count/mass or spread radius,
+            ``spread_radius > 0`` on a model with 1-D RoPE.
         TypeError: an ``instruction_mask`` that is not None, a bool/integer tensor or a callable
             (ValueError for a tensor that is not ``[B, L]``).
     """
@@ -212,6 +219,7 @@ def apply_tokenprune(
     config = TokenPruneConfig(
         keep_ratio=keep_ratio, keep_count=keep_count, mapper=_resolve_mapper(mapper, model),
         keep_mass=keep_mass, min_keep_ratio=min_keep_ratio, max_keep_ratio=max_keep_ratio,
+        spread_radius=spread_radius,
     )  # fmt: skip
     patch = get_patch(model)
     if patch is not None and patch.family != family:

@@ -100,7 +100,19 @@ def install(
     """Patch ``model`` (a LLaVA / LLaVA-OneVision ``*ForConditionalGeneration`` or ``*Model``).
 
     Applying again only replaces ``config`` and ``instruction_mask`` (never patches twice).
+
+    Raises:
+        ValueError: ``config.spread_radius > 0``: the spread rule needs each visual token's
+            (row, col) on its image grid, which 1-D RoPE ids do not carry (and the visual
+            layout of LLaVA-OneVision's anyres tiles and newline tokens is no single grid).
     """
+    if isinstance(config, TokenPruneConfig) and config.spread_radius > 0:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ValueError(
+            f"spread_radius={config.spread_radius} is not supported for {model_type}: "
+            "the spread rule reads the visual tokens' (t, h, w) from multi-axis rotary position "
+            "ids (Qwen VL M-RoPE), and this family's are 1-D; use spread_radius=0"
+        )
     _patch.install(model, SPEC, config, instruction_mask)
 
 

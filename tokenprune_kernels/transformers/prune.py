@@ -38,7 +38,7 @@ from torch import nn
 
 import tokenprune_kernels as tp
 from tokenprune_kernels.mapper import TokenMapper
-from tokenprune_kernels.validation import check_keep
+from tokenprune_kernels.validation import MAX_SPREAD_RADIUS, check_keep
 
 InstructionMaskSpec = (
     torch.Tensor
@@ -103,6 +103,15 @@ class TokenPruneConfig:
             ``max(1, round_half_up(min_keep_ratio * n))`` and at most
             ``max(1, round_half_up(max_keep_ratio * n))`` tokens (``0 <= min <= max <= 1``,
             ``max > 0``); real numbers, stored as floats.
+        spread_radius: the spread rule of the selection (mapper v2's; ``select_topk``'s
+            ``spread_radius``), an integer in ``[0, 64]``, 0 (default) for the plain top-k.
+            With ``r > 0`` each sample visits its visual tokens best first and sets aside a
+            token when a better token already taken is within Chebyshev distance ``r`` in the
+            same image (or video frame), keeping the set-aside ones only after all the others.
+            The coordinates come from the tokens' M-RoPE (t, h, w) position ids (Qwen VL; a
+            segment is an image or a video frame: :func:`spread_coords`), so it needs
+            multi-axis rotary position ids: models with 1-D RoPE (LLaVA, LLaVA-OneVision, VILA)
+            refuse it (``apply_tokenprune`` at once; :func:`prune_inputs` when called).
 
     Exactly one of ``keep_ratio`` / ``keep_count`` / ``keep_mass`` is set.
 
@@ -117,6 +126,7 @@ class TokenPruneConfig:
     keep_mass: float | None = None
     min_keep_ratio: float = 0.0
     max_keep_ratio: float = 1.0
+    spread_radius: int = 0
 
     def __post_init__(self) -> None:
         given = [self.keep_ratio, self.keep_count, self.keep_mass]
@@ -147,6 +157,13 @@ class TokenPruneConfig:
                     f"not bool), got {self.keep_count!r}"
                 )
             object.__setattr__(self, "keep_count", c)
+        r = _scalar(self.spread_radius, integral=True)
+        if r is None or not 0 <= r <= MAX_SPREAD_RADIUS:
+            raise ValueError(
+                f"spread_radius must be an int in [0, {MAX_SPREAD_RADIUS}] (int, numpy integer or "
+                f"0-d integer tensor; not bool), got {self.spread_radius!r}"
+            )
+        object.__setattr__(self, "spread_radius", r)
         # The rules between the values: the ops' own check (and message).
         check_keep(self.keep_ratio, self.keep_count, self.keep_mass, self.min_keep_ratio,
                    self.max_keep_ratio)  # fmt: skip
@@ -174,6 +191,7 @@ class TokenPruneConfig:
             "keep_mass": None if self.keep_mass is None else float(self.keep_mass),
             "min_keep_ratio": float(self.min_keep_ratio),
             "max_keep_ratio": float(self.max_keep_ratio),
+            "spread_radius": int(self.spread_radius),
         }
 
 
@@ -613,6 +631,54 @@ def visual_grid(
     return ((hw - lo.gather(1, index)).to(torch.float32) + 0.5).div(size).T.contiguous()
 
 
+def spread_coords(
+    position_ids: torch.Tensor, visual_mask: torch.Tensor, seg: torch.Tensor
+) -> torch.Tensor:
+    """The spread rule's coordinates of the visual tokens: ``[Tv, 3]`` int64 (segment, row,
+    col) from multi-axis rotary ids ``[R, T]`` whose last three rows are (t, h, w) (Qwen VL
+    M-RoPE; ``[4, T]`` ids lead with a text row, not read). ``seg [T]``: the sample of each row.
+
+    Row and column are the h and w ids. A segment is one image or one video frame: a new one
+    starts where the visual tokens stop being consecutive (another item), where t changes (the
+    next frame) or where (h, w) does not increase (a frame that shares its t with the previous
+    one: Qwen2.5-VL's ``int(frame * tokens_per_second * second_per_grid_t)`` can repeat at high
+    fps). Segments are numbered in sequence order, so the coordinates strictly increase within
+    a sample as the op requires, whatever ids the next item starts at (Qwen2-VL / 2.5-VL start
+    it ``max(h, w)`` above the previous item's start, which a long video's t can pass). In
+    Qwen2-VL, Qwen2.5-VL and Qwen3-VL an image is one t with h and w in raster order, so each
+    image is one segment; a video is one segment per frame (tokens of different frames never
+    suppress each other).
+
+    Raises:
+        ValueError: 1-D position ids, or fewer than three rows (no (t, h, w) grid): models with
+            1-D RoPE (LLaVA, LLaVA-OneVision, VILA).
+    """
+    if position_ids.dim() != 2 or position_ids.shape[0] < 3:
+        raise ValueError(
+            "spread_radius > 0 needs multi-axis rotary position ids [R >= 3, T] whose last three "
+            "rows are the visual tokens' (t, h, w) (Qwen VL M-RoPE); this model's are "
+            f"{list(position_ids.shape)}: models with 1-D RoPE (LLaVA, LLaVA-OneVision, VILA) "
+            "carry no grid, use spread_radius=0"
+        )
+    idx = visual_mask.nonzero().flatten()
+    new_item = torch.ones_like(idx, dtype=torch.bool)
+    new_item[1:] = (idx[1:] != idx[:-1] + 1) | (seg[idx[1:]] != seg[idx[:-1]])
+    return thw_spread_coords(position_ids[-3:, idx], new_item)
+
+
+def thw_spread_coords(thw: torch.Tensor, new_item: torch.Tensor) -> torch.Tensor:
+    """The rule of :func:`spread_coords` on the visual tokens' own ids: ``thw [3, Tv]`` int
+    (t, h, w) in sequence order, ``new_item [Tv]`` bool True where a new image / video starts
+    (a new run of visual tokens or a new sample). Returns ``[Tv, 3]`` int64 (segment, h, w):
+    a new segment at each new item, t change or (h, w) that does not increase; segments are
+    numbered 0, 1, ... in order. Shared by the vLLM plugin."""
+    t, h, w = thw.to(torch.int64)
+    new = new_item.clone()
+    not_after = (h[1:] < h[:-1]) | ((h[1:] == h[:-1]) & (w[1:] <= w[:-1]))
+    new[1:] |= (t[1:] != t[:-1]) | not_after
+    return torch.stack([torch.cumsum(new.to(torch.int64), 0) - 1, h, w], 1)
+
+
 def _rows_of(position_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Position ids of the packed rows selected by a ``[T]`` bool mask, in the layout
     Layer0.rotary takes: ``[1, n]`` for ``[T]`` ids, ``[R, 1, n]`` for ``[R, T]`` ids."""
@@ -701,6 +767,7 @@ def prune_packed(
     key_rows = local < n_keys[seg]
     mapper = config.mapper
     grid = visual_grid(position_ids, visual, seg) if mapper and mapper.config.grid else None
+    coords = spread_coords(position_ids, visual, seg) if config.spread_radius > 0 else None
 
     with torch.no_grad():
         q = layer0.queries(inputs_embeds[instr], _rows_of(position_ids, instr))
@@ -719,6 +786,7 @@ def prune_packed(
             q_pos=local[instr],
             softmax_scale=layer0.scaling,
             mapper_grid=grid,
+            spread_coords=coords,
             **config.op_kwargs(device),
         )
     if torch.is_grad_enabled() and inputs_embeds.requires_grad:

@@ -10,8 +10,10 @@ them, with its settings, by ``hf_overrides``::
 
 ``"tokenprune": {"keep_ratio": r, "mapper": "/path/mapper.safetensors"}``: ``keep_ratio`` in
 ``(0, 1]`` (each image keeps ``clamp(floor(r * n + 0.5), 1, n)`` of its ``n`` visual tokens);
-``mapper`` optional (without it the raw layer-0 attention ranks the tokens). Bad settings fail
-at startup with a ``ValueError``. :func:`hf_overrides` builds the dict.
+``mapper`` optional (without it the raw layer-0 attention ranks the tokens);
+``spread_radius`` optional, an int in ``[0, 64]`` (the spread rule of ``select_topk``, on each
+image's / video frame's (h, w) M-RoPE ids; 0, the default, keeps the top-scored tokens). Bad
+settings fail at startup with a ``ValueError``. :func:`hf_overrides` builds the dict.
 
 This module imports without vLLM; :mod:`tokenprune_kernels.vllm.qwen` (imported by vLLM when a
 registered architecture is used) holds the model and processor classes and the design notes.
@@ -55,10 +57,12 @@ class VllmPruneSettings:
     Attributes:
         keep_ratio: fraction of each image's visual tokens kept, in ``(0, 1]``.
         mapper: path of a ``.safetensors`` mapper (``tokenprune train-mapper``), or None.
+        spread_radius: the spread rule's radius, an int in ``[0, 64]`` (0: none).
     """
 
     keep_ratio: float
     mapper: str | None = None
+    spread_radius: int = 0
 
     def kept_count(self, n: int) -> int:
         """Visual tokens an image of ``n`` tokens keeps: ``clamp(floor(r * n + 0.5), 1, n)``
@@ -78,8 +82,8 @@ def settings_from_config(hf_config: Any) -> VllmPruneSettings:
     Raises:
         ValueError: the key is missing or not a dict, an adaptive-budget key (``keep_mass``, its
             ratios: the placeholder counts are fixed before scoring), an unknown key,
-            ``keep_ratio`` missing or outside ``(0, 1]``, or ``mapper`` not a path to an existing
-            ``.safetensors`` file.
+            ``keep_ratio`` missing or outside ``(0, 1]``, ``mapper`` not a path to an existing
+            ``.safetensors`` file, or ``spread_radius`` not an int in ``[0, 64]``.
     """
     raw = getattr(hf_config, CONFIG_KEY, None)
     if not isinstance(raw, dict):
@@ -96,9 +100,14 @@ def settings_from_config(hf_config: Any) -> VllmPruneSettings:
             "is scored, so the kept count cannot depend on the scores; use keep_ratio here "
             "(keep_mass works with transformers: apply_tokenprune(model, keep_mass=...))"
         )
-    unknown = sorted(set(raw) - {"keep_ratio", "mapper"})
+    unknown = sorted(set(raw) - {"keep_ratio", "mapper", "spread_radius"})
     if unknown:
-        raise ValueError(f"tokenprune: unknown settings {unknown}; expected keep_ratio, mapper")
+        raise ValueError(
+            f"tokenprune: unknown settings {unknown}; expected keep_ratio, mapper, spread_radius"
+        )
+    spread = raw.get("spread_radius", 0)
+    if isinstance(spread, bool) or not isinstance(spread, int) or not 0 <= spread <= 64:
+        raise ValueError(f"tokenprune: spread_radius must be an int in [0, 64], got {spread!r}")
     r = raw.get("keep_ratio")
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 < r <= 1.0):
         raise ValueError(f"tokenprune: keep_ratio must be in (0, 1], got {r!r}")
@@ -110,13 +119,14 @@ def settings_from_config(hf_config: Any) -> VllmPruneSettings:
             )
         if not Path(mapper).is_file():
             raise ValueError(f"tokenprune: mapper file not found: '{mapper}'")
-    return VllmPruneSettings(keep_ratio=float(r), mapper=mapper)
+    return VllmPruneSettings(keep_ratio=float(r), mapper=mapper, spread_radius=spread)
 
 
 def hf_overrides(
     keep_ratio: float,
     mapper: str | None = None,
     architecture: str = "Qwen2VLForConditionalGeneration",
+    spread_radius: int = 0,
 ) -> dict[str, Any]:
     """The ``hf_overrides`` that turn pruning on for a model of vLLM's ``architecture``.
 
@@ -130,6 +140,8 @@ def hf_overrides(
     settings: dict[str, Any] = {"keep_ratio": keep_ratio}
     if mapper is not None:
         settings["mapper"] = str(mapper)
+    if spread_radius:
+        settings["spread_radius"] = int(spread_radius)
     return {"architectures": [PRUNED_ARCHITECTURE[architecture]], CONFIG_KEY: settings}
 
 

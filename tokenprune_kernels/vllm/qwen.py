@@ -398,6 +398,7 @@ class _PruneModelMixin:
             packed,
             keep_ratio=self.tokenprune.keep_ratio,
             mapper=self._tokenprune_mapper,
+            spread_radius=self.tokenprune.spread_radius,
         )
         kept_embeds, kept_pos = tp.gather_kept(
             torch.cat(features), torch.cat(vis_pos, dim=1), kept_idx

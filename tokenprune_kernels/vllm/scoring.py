@@ -82,6 +82,7 @@ def score_and_select(
     keep_ratio: float | None = None,
     keep_count: int | None = None,
     mapper: TokenMapper | None = None,
+    spread_radius: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score every prompt's visual rows from layer-0 attention and keep the top ones.
 
@@ -91,6 +92,10 @@ def score_and_select(
             rows before them (causal), every visual row of the prompt among them.
         keep_ratio, keep_count: exactly one; as in :func:`tokenprune_kernels.select_topk`.
         mapper: None ranks by the raw attention (training-free); else the mapper's logits.
+        spread_radius: the spread rule (``select_topk``'s), 0 for the plain top-k; > 0 needs
+            ``packed.positions`` ``[3, T]`` M-RoPE (t, h, w) ids: each prompt item's visual
+            tokens are then one image (one segment) or a video (one segment per frame), as
+            :func:`tokenprune_kernels.transformers.prune.thw_spread_coords` reads them.
 
     Returns:
         scores ``[Tv]`` float32 (the ranked values), kept_idx ``[Tkept]`` int64 (global indices
@@ -121,10 +126,32 @@ def score_and_select(
                 mapper.config.kernel_size,
                 mapper.config.input_eps,
             )
+        coords = None
+        if spread_radius > 0:
+            coords = _spread_coords(packed)
         kept_idx, cu_kept = tp.select_topk(
-            scores, packed.cu_seqlens_v, keep_ratio=keep_ratio, keep_count=keep_count
-        )
+            scores, packed.cu_seqlens_v, keep_ratio=keep_ratio, keep_count=keep_count,
+            spread_coords=coords, spread_radius=spread_radius,
+        )  # fmt: skip
     return scores, kept_idx, cu_kept
+
+
+def _spread_coords(packed: PackedPrompts) -> torch.Tensor:
+    """``[Tv, 3]`` (segment, h, w) of the visual rows from their M-RoPE ids (a new item at each
+    prompt's first visual row)."""
+    from tokenprune_kernels.transformers.prune import thw_spread_coords
+
+    pos = packed.positions
+    if pos.dim() != 2 or pos.shape[0] != 3:
+        raise ValueError(
+            "tokenprune: spread_radius > 0 needs [3, T] M-RoPE (t, h, w) positions, got "
+            f"{list(pos.shape)}"
+        )
+    tv = packed.visual_rows.shape[0]
+    starts = packed.cu_seqlens_v[:-1].to(device=pos.device, dtype=torch.int64)
+    new_item = torch.zeros(tv, dtype=torch.bool, device=pos.device)
+    new_item[starts[starts < tv]] = True
+    return thw_spread_coords(pos[:, packed.visual_rows], new_item)
 
 
 # --------------------------------------------------------------------------------------------
