@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from tokenprune_kernels.mapper import TokenMapper
-from tokenprune_kernels.reference import spread_select_ref
+from tokenprune_kernels.ops import select_topk
 from tokenprune_kernels.training.data import topk_mask
 from tokenprune_kernels.transformers import default_instruction_mask_for
 from tokenprune_kernels.transformers.core import Layer0, TokenPruneConfig, prune_inputs
@@ -426,10 +426,9 @@ def spread_keep(
     already taken (same frame) waits until every other token is taken (``docs/contract.md``,
     stage c, "Spread rule").
 
-    The ONE place the eval calls the rule: for now the plain-PyTorch reference
-    :func:`tokenprune_kernels.reference.spread_select_ref`; switch to
-    ``tp.select_topk(scores, cu, keep_count=keep, spread_coords=coords,
-    spread_radius=radius)[0]`` once the public op lands (same arguments, same output).
+    The ONE place the eval calls the rule: the public op, ``select_topk(scores, cu,
+    keep_count=keep, spread_coords=coords, spread_radius=radius)`` (the kernel the op table
+    picks; parity with :func:`tokenprune_kernels.reference.spread_select_ref` is tested).
 
     Returns:
         ``[keep]`` int64 indices into the visual tokens, ascending.
@@ -443,8 +442,12 @@ def spread_keep(
         raise ValueError(f"radius must be an int >= 0, got {radius!r}")
     cu = torch.tensor([0, n], dtype=torch.int64)
     coords = grid_coords(grid)
-    kept, _ = spread_select_ref(
-        scores.detach().float().cpu(), cu, torch.tensor([keep], dtype=torch.int64), coords, radius
+    kept, _ = select_topk(
+        scores.detach().float().cpu(),
+        cu,
+        keep_count=keep,
+        spread_coords=coords,
+        spread_radius=radius,
     )
     return kept
 
