@@ -113,6 +113,7 @@ CONVENTIONS: dict[str, tuple[str, ...]] = {
     "mapper_forward": ("attn", "cu_seqlens_v", "params", "kernel_size", "input_eps", "grid"),
     "mass_keep_counts": ("scores", "cu_seqlens_v", "keep_bounds", "keep_mass", "relevance"),
     "select_topk": ("scores", "cu_seqlens_v", "keep_counts"),
+    "spread_select": ("scores", "cu_seqlens_v", "keep_counts", "coords", "radius"),
     "gather_kept": ("visual_embeds", "position_ids", "kept_idx"),
     "merge_kept": (
         "inputs_embeds", "position_ids", "cu_seqlens", "visual_embeds", "visual_idx",
@@ -145,6 +146,7 @@ _GATHER = _adapted("_gather_kept")
 _MERGE = _adapted("_merge_kept")
 _MASS = Impl(kernel="_mass_keep_counts", fake=f"{_OPS}.select:_mass_keep_counts_fake")
 _SELECT = Impl(kernel="_select_topk", fake=f"{_OPS}.select:_select_topk_fake", hints=_TOTAL)
+_SPREAD = Impl(kernel="_spread_select", fake=f"{_OPS}.select:_spread_select_fake", hints=_TOTAL)
 #: The CPU and CUDA kernels of a stage share the private op and its fake.
 _ATTENTION = Impl(kernel="_instruction_attention", fake=f"{_OPS}.attention:_fake")
 _MAPPER = Impl(kernel="_mapper_forward", fake=f"{_OPS}.mapper:_fake")
@@ -179,6 +181,13 @@ OPS: dict[str, dict[str, Impl]] = {
         "cpp": _SELECT,
         "cuda": _SELECT,
         "triton": Impl(f"{_TRITON}.select:select_topk_triton", hints=_TOTAL),
+    },
+    # No Triton entry: the greedy pass is sequential within a sample (each token's fate depends on
+    # the tokens accepted before it); on CUDA the cuda kernel runs it, one warp per sample.
+    "spread_select": {
+        "ref": Impl(f"{_REF}:spread_select_ref"),
+        "cpp": _SPREAD,
+        "cuda": _SPREAD,
     },
     "gather_kept": {
         "ref": Impl(f"{_REF}:gather_kept_ref"),
