@@ -182,8 +182,9 @@ OPS: dict[str, dict[str, Impl]] = {
         "cuda": _SELECT,
         "triton": Impl(f"{_TRITON}.select:select_topk_triton", hints=_TOTAL),
     },
-    # No Triton entry: the greedy pass is sequential within a sample (each token's fate depends on
-    # the tokens accepted before it); on CUDA the cuda kernel runs it, one warp per sample.
+    # The spread rule's selection (select_topk with spread_coords; never fused). No Triton entry:
+    # the greedy pass is sequential within a sample (a token's fate depends on the tokens accepted
+    # before it); on CUDA the cuda kernel runs it, one warp per sample.
     "spread_select": {
         "ref": Impl(f"{_REF}:spread_select_ref"),
         "cpp": _SPREAD,
