@@ -132,6 +132,25 @@ TP_INLINE void spread_neighbours(const int64_t* coords, int64_t n, int64_t i, in
   }
 }
 
+// Neighbours a token can have at most under `radius` (distinct coordinates): (2r + 1)^2 - 1, for
+// the radii a neighbour table is built for (0 <= radius <= kSpreadTableRadius).
+constexpr int64_t kSpreadTableRadius = 3;
+TP_INLINE int64_t spread_table_width(int64_t radius) {
+  return (2 * radius + 1) * (2 * radius + 1) - 1;
+}
+
+// Writes the neighbours of token i (as spread_neighbours lists them) to out[0, width), then -1 up
+// to width; writes no more than width (only invalid, repeated coordinates could have more).
+template <class Index>
+TP_INLINE void spread_neighbour_row(const int64_t* coords, int64_t n, int64_t i, int64_t radius,
+                                    Index* out, int64_t width) {
+  int64_t count = 0;
+  spread_neighbours(coords, n, i, radius, [&](int64_t j) {
+    if (count < width) out[count++] = static_cast<Index>(j);
+  });
+  for (; count < width; ++count) out[count] = static_cast<Index>(-1);
+}
+
 // The greedy pass of one sample, given its visiting order and a neighbour push. `next_free(p)`
 // returns the first order position q >= p whose token is not blocked (n when there is none);
 // `accept(q, a)` records that the token at order position q is the a-th accepted one;

@@ -114,9 +114,10 @@ cudaError_t mass_keep_counts(FloatVector scores, int64_t tv, const int64_t* cu_v
 
 // ---- spread rule (spread.cu) ----------------------------------------------------------------
 
-// Bytes of device scratch spread_select needs for tv scores in `batch` samples (tv < 2^31).
+// Bytes of device scratch spread_select needs for tv scores in `batch` samples (tv < 2^31) and
+// `radius` (1 to 3: a neighbour table of (2r + 1)^2 - 1 int32 per token is part of it).
 // Host-only arithmetic (CUB's temp-storage queries): no device work, no synchronisation.
-cudaError_t spread_workspace_bytes(int64_t tv, int64_t batch, size_t* bytes);
+cudaError_t spread_workspace_bytes(int64_t tv, int64_t batch, int64_t radius, size_t* bytes);
 
 // The selection under the spread rule (docs/contract.md, stage c, "Spread rule"). Sample b owns
 // tokens [cu_v[b], cu_v[b + 1]) with coords [tv, 3] int64 (segment, row, col), strictly

@@ -308,7 +308,7 @@ std::tuple<at::Tensor, at::Tensor> spread_select_cuda(const at::Tensor& scores,
   at::Tensor kept = at::empty({s.total_kept}, s.cu_v.options());
   at::Tensor cu_kept = at::empty({s.batch + 1}, s.cu_v.options());
   size_t bytes = 0;
-  C10_CUDA_CHECK(spread_workspace_bytes(s.tv, s.batch, &bytes));
+  C10_CUDA_CHECK(spread_workspace_bytes(s.tv, s.batch, radius, &bytes));
   const at::Tensor ws = workspace(static_cast<int64_t>(bytes), device);
   const FloatVector sv{scores.const_data_ptr(), scores.stride(0), float_type(scores)};
   C10_CUDA_CHECK(spread_select(sv, s.tv, s.cu_v.const_data_ptr<int64_t>(), s.batch,

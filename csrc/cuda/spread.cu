@@ -4,15 +4,18 @@
 // 1. The selection order: one CUB radix sort of the keys (sample << 32) | ~core::order_key(score)
 //    with the indices as values (stable, so equal scores keep index order), as select.cu sorts.
 //    Sample b then occupies sorted positions [cu_v[b], cu_v[b + 1]).
-// 2. The greedy pass, one warp per sample (core::spread_accept, the CPU kernel's loop): the next
+// 2. For 1 <= radius <= core::kSpreadTableRadius, every token's neighbours (local indices, -1
+//    padded to (2r + 1)^2 - 1) in a table, one thread per token (core::spread_neighbour_row:
+//    one binary search per row of its window in the sample's raster-ordered coords), so the
+//    sequential pass below reads a token's neighbours in one load instead of searching for them.
+// 3. The greedy pass, one warp per sample (core::spread_accept, the CPU kernel's loop): the next
 //    unblocked token is found 32 sorted positions at a time (a ballot over their blocked flags),
-//    accepted (its flag set), and its neighbours blocked by the lanes together, one row of its
-//    window per lane (core::spread_row_neighbours: a binary search in the sample's raster-ordered
-//    coords), or one stride of the sample per lane when the window has more rows than the sample
-//    has tokens. The pass stops at the k-th accepted token; when fewer were accepted it ran to
-//    the end, its blocked tokens are the suppressed ones, and the first k - accepted of them in
-//    sorted order are flagged too.
-// 3. An exclusive scan of the flags gives each kept index its slot: kept_idx ascending, sized by
+//    accepted (its flag set), and its neighbours blocked by the lanes together: from the table,
+//    else one row of its window per lane (core::spread_row_neighbours), or one stride of the
+//    sample per lane when the window has more rows than the sample has tokens. The pass stops at
+//    the k-th accepted token; when fewer were accepted it ran to the end, its blocked tokens are
+//    the suppressed ones, and the first k - accepted of them in sorted order are flagged too.
+// 4. An exclusive scan of the flags gives each kept index its slot: kept_idx ascending, sized by
 //    the host-known total_kept; cu_kept is the inclusive scan of keep_counts.
 // No host synchronisation; every index read from the offsets, counts or the sort is checked
 // before it is dereferenced (wrong offsets give unspecified output, never an access outside the
@@ -59,18 +62,27 @@ struct SpreadPlan {
   size_t flags_bytes = 0;   // [tv] int32 kept flags
   size_t slots_bytes = 0;   // [tv] int32 exclusive scan of the flags
   size_t blocked_bytes = 0; // [tv] uint8 blocked (after a complete pass: suppressed) flags
+  size_t table_bytes = 0;   // [tv, table_width] int32 neighbours (0 without a table)
+  int64_t table_width = 0;  // (2r + 1)^2 - 1 for 1 <= radius <= kSpreadTableRadius, else 0
   size_t total() const {
-    return temp + 2 * keys_bytes + 2 * vals_bytes + flags_bytes + slots_bytes + blocked_bytes;
+    return temp + 2 * keys_bytes + 2 * vals_bytes + flags_bytes + slots_bytes + blocked_bytes +
+           table_bytes;
   }
 };
 
-cudaError_t make_spread_plan(int64_t tv, int64_t batch, SpreadPlan* plan) {
+cudaError_t make_spread_plan(int64_t tv, int64_t batch, int64_t radius, SpreadPlan* plan) {
+  if (radius < 0) return cudaErrorInvalidValue;
   const int n = static_cast<int>(tv);
   plan->keys_bytes = align_up(static_cast<size_t>(tv) * sizeof(uint64_t));
   plan->vals_bytes = align_up(static_cast<size_t>(tv) * sizeof(int32_t));
   plan->flags_bytes = align_up(static_cast<size_t>(tv) * sizeof(int32_t));
   plan->slots_bytes = plan->flags_bytes;
   plan->blocked_bytes = align_up(static_cast<size_t>(tv));
+  plan->table_width = (radius >= 1 && radius <= core::kSpreadTableRadius)
+                          ? core::spread_table_width(radius)
+                          : 0;
+  plan->table_bytes =
+      align_up(static_cast<size_t>(tv) * static_cast<size_t>(plan->table_width) * sizeof(int32_t));
   size_t sort_bytes = 0;
   size_t scan_bytes = 0;
   size_t count_bytes = 0;
@@ -121,12 +133,31 @@ __global__ void spread_keys_kernel(const void* __restrict__ scores, int64_t stri
   }
 }
 
+// table[v, 0:width) = the neighbours of token v (local indices in its sample, -1 padded).
+__global__ void spread_table_kernel(const int64_t* __restrict__ coords, int64_t tv,
+                                    const int64_t* __restrict__ cu_v, int64_t batch,
+                                    int64_t radius, int64_t width, int32_t* __restrict__ table) {
+  for (int64_t v = global_thread(); v < tv; v += grid_threads()) {
+    const int64_t b = sample_of(cu_v, batch, v);
+    const int64_t start = cu_v[b];
+    const int64_t end = cu_v[b + 1];
+    int32_t* row = table + v * width;
+    if (start < 0 || end > tv || v < start || v >= end) {  // only with invalid offsets
+      for (int64_t e = 0; e < width; ++e) row[e] = -1;
+      continue;
+    }
+    core::spread_neighbour_row(coords + 3 * start, end - start, v - start, radius, row, width);
+  }
+}
+
 // The greedy pass of every sample, one warp each (grid-stride over the samples). Sets
-// flags[v] = 1 for the kept tokens (flags and blocked zeroed before). coords: [tv, 3] int64.
+// flags[v] = 1 for the kept tokens (flags and blocked zeroed before). coords: [tv, 3] int64;
+// table: [tv, width] from spread_table_kernel, or null (width 0).
 __global__ void spread_pass_kernel(const int32_t* __restrict__ sorted, int64_t tv,
                                    const int64_t* __restrict__ cu_v, int64_t batch,
                                    const int64_t* __restrict__ keep_counts,
                                    const int64_t* __restrict__ coords, int64_t radius,
+                                   const int32_t* __restrict__ table, int64_t width,
                                    uint8_t* blocked_all, int32_t* __restrict__ flags) {
   const int lane = static_cast<int>(threadIdx.x) % kWarp;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kSpreadWarps;
@@ -169,6 +200,12 @@ __global__ void spread_pass_kernel(const int32_t* __restrict__ sorted, int64_t t
       const core::SpreadRows rows = core::spread_rows(xy[3 * i + 1], radius);
       if (radius <= 0) {
         // distinct coordinates: nothing to block
+      } else if (table != nullptr) {
+        const int32_t* near = table + (start + i) * width;
+        for (int64_t e = lane; e < width; e += kWarp) {
+          const int64_t j = near[e];
+          if (j >= 0 && j < n) blocked[j] = 1;
+        }
       } else if (core::spread_by_rows(rows, n)) {
         for (uint64_t d = static_cast<uint64_t>(lane); d <= rows.row_span; d += kWarp) {
           const int64_t row = static_cast<int64_t>(static_cast<uint64_t>(rows.row_lo) + d);
@@ -223,9 +260,9 @@ cudaError_t spread_dispatch_float(FloatType type, const F& f) {
 
 }  // namespace
 
-cudaError_t spread_workspace_bytes(int64_t tv, int64_t batch, size_t* bytes) {
+cudaError_t spread_workspace_bytes(int64_t tv, int64_t batch, int64_t radius, size_t* bytes) {
   SpreadPlan plan;
-  TP_RETURN_IF_ERROR(make_spread_plan(tv, batch, &plan));
+  TP_RETURN_IF_ERROR(make_spread_plan(tv, batch, radius, &plan));
   *bytes = plan.total();
   return cudaSuccess;
 }
@@ -235,8 +272,8 @@ cudaError_t spread_select(FloatVector scores, int64_t tv, const int64_t* cu_v, i
                           int64_t total_kept, void* workspace, size_t workspace_bytes,
                           int64_t* kept_idx, int64_t* cu_kept, cudaStream_t stream) {
   SpreadPlan plan;
-  TP_RETURN_IF_ERROR(make_spread_plan(tv, batch, &plan));
-  if (workspace_bytes < plan.total() || radius < 0) return cudaErrorInvalidValue;
+  TP_RETURN_IF_ERROR(make_spread_plan(tv, batch, radius, &plan));
+  if (workspace_bytes < plan.total()) return cudaErrorInvalidValue;
   char* ws = static_cast<char*>(workspace);
   void* temp = ws;
   ws += plan.temp;
@@ -253,6 +290,8 @@ cudaError_t spread_select(FloatVector scores, int64_t tv, const int64_t* cu_v, i
   int32_t* slots = reinterpret_cast<int32_t*>(ws);
   ws += plan.slots_bytes;
   uint8_t* blocked = reinterpret_cast<uint8_t*>(ws);
+  ws += plan.blocked_bytes;
+  int32_t* table = plan.table_width > 0 ? reinterpret_cast<int32_t*>(ws) : nullptr;
 
   TP_RETURN_IF_ERROR(cudaMemsetAsync(cu_kept, 0, sizeof(int64_t), stream));
   if (batch > 0) {
@@ -276,10 +315,16 @@ cudaError_t spread_select(FloatVector scores, int64_t tv, const int64_t* cu_v, i
                                                      32 + spread_sample_bits(batch), stream));
   TP_RETURN_IF_ERROR(cudaMemsetAsync(flags, 0, static_cast<size_t>(tv) * sizeof(int32_t), stream));
   TP_RETURN_IF_ERROR(cudaMemsetAsync(blocked, 0, static_cast<size_t>(tv), stream));
+  if (table != nullptr) {
+    spread_table_kernel<<<blocks_for(tv), kThreads, 0, stream>>>(coords, tv, cu_v, batch, radius,
+                                                                 plan.table_width, table);
+    TP_RETURN_IF_ERROR(cudaGetLastError());
+  }
   const int64_t pass_blocks = (batch + kSpreadWarps - 1) / kSpreadWarps;
   const unsigned grid = static_cast<unsigned>(pass_blocks < kMaxBlocks ? pass_blocks : kMaxBlocks);
   spread_pass_kernel<<<grid, kSpreadWarps * kWarp, 0, stream>>>(
-      vals.Current(), tv, cu_v, batch, keep_counts, coords, radius, blocked, flags);
+      vals.Current(), tv, cu_v, batch, keep_counts, coords, radius, table, plan.table_width,
+      blocked, flags);
   TP_RETURN_IF_ERROR(cudaGetLastError());
   bytes = plan.temp;
   const int32_t* flags_in = flags;  // the type the plan queried CUB with

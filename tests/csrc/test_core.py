@@ -167,6 +167,12 @@ int main() {
     }
     for (long long i = 0; i < n; ++i) {
       spread_neighbours(xy.data(), n, i, radius, [](int64_t j) { std::printf(" %lld", (long long)j); });
+      if (radius >= 1 && radius <= kSpreadTableRadius) {  // the CUDA kernel's table row
+        std::vector<int> row(spread_table_width(radius));
+        spread_neighbour_row(xy.data(), n, i, radius, row.data(), spread_table_width(radius));
+        std::printf(" |");
+        for (int j : row) std::printf(" %d", j);
+      }
       std::printf("\n");
     }
     std::vector<uint64_t> order(n);
@@ -253,12 +259,16 @@ def test_spread_core_neighbours_and_pass(spread_program, radius, gen):
     for coords, scores, k in cases:
         n = len(coords)
         for i in range(n):
-            got = [int(j) for j in out[line].split()]
+            listed, _, table_row = out[line].partition("|")
             line += 1
+            got = [int(j) for j in listed.split()]
             want = [
                 j for j in range(n) if j != i and radius > 0 and near(coords[i], coords[j], radius)
             ]
             assert got == want, (i, coords[i])
+            if 1 <= radius <= 3:  # the table row: the same neighbours, -1 padded
+                width = (2 * radius + 1) ** 2 - 1
+                assert [int(j) for j in table_row.split()] == want + [-1] * (width - len(want))
         head, _, tail = out[line].partition(":")
         line += 1
         kept = [int(j) for j in tail.split()]
