@@ -22,6 +22,9 @@ TORCH_LIBRARY(tokenprune, m) {
       "_mass_keep_counts(Tensor scores, Tensor cu_seqlens_v, Tensor keep_bounds, "
       "float keep_mass, str relevance) -> Tensor");
   m.def(
+      "_spread_select(Tensor scores, Tensor cu_seqlens_v, Tensor keep_counts, Tensor coords, "
+      "int radius, int? total_kept=None) -> (Tensor, Tensor)");
+  m.def(
       "_gather_kept(Tensor visual_embeds, Tensor position_ids, Tensor kept_idx) "
       "-> (Tensor, Tensor)");
   m.def(

@@ -153,6 +153,7 @@ _GATHER = _adapted("_gather_kept")
 _MERGE = _adapted("_merge_kept")
 _MASS = Impl(kernel="_mass_keep_counts", fake=f"{_OPS}.select:_mass_keep_counts_fake")
 _SELECT = Impl(kernel="_select_topk", fake=f"{_OPS}.select:_select_topk_fake", hints=_TOTAL)
+_SPREAD = Impl(kernel="_spread_select", fake=f"{_OPS}.select:_spread_select_fake", hints=_TOTAL)
 #: The CPU and CUDA kernels of a stage share the private op and its fake.
 _ATTENTION = Impl(kernel="_instruction_attention", fake=f"{_OPS}.attention:_fake")
 _ATTENTION_HEADS = Impl(kernel="_instruction_attention_heads", fake=f"{_OPS}.attention:_heads_fake")
@@ -190,9 +191,13 @@ OPS: dict[str, dict[str, Impl]] = {
         "cuda": _SELECT,
         "triton": Impl(f"{_TRITON}.select:select_topk_triton", hints=_TOTAL),
     },
-    # The spread rule's selection (select_topk with spread_coords; never fused).
+    # The spread rule's selection (select_topk with spread_coords; never fused). No Triton entry:
+    # the greedy pass is sequential within a sample (a token's fate depends on the tokens accepted
+    # before it); on CUDA the cuda kernel runs it, one warp per sample.
     "spread_select": {
         "ref": Impl(f"{_REF}:spread_select_ref"),
+        "cpp": _SPREAD,
+        "cuda": _SPREAD,
     },
     "gather_kept": {
         "ref": Impl(f"{_REF}:gather_kept_ref"),

@@ -112,6 +112,26 @@ cudaError_t mass_keep_counts(FloatVector scores, int64_t tv, const int64_t* cu_v
                              void* workspace, size_t workspace_bytes, int64_t* counts,
                              cudaStream_t stream);
 
+// ---- spread rule (spread.cu) ----------------------------------------------------------------
+
+// Bytes of device scratch spread_select needs for tv scores in `batch` samples (tv < 2^31) and
+// `radius` (1 to 3: a neighbour table of (2r + 1)^2 - 1 int32 per token is part of it).
+// Host-only arithmetic (CUB's temp-storage queries): no device work, no synchronisation.
+cudaError_t spread_workspace_bytes(int64_t tv, int64_t batch, int64_t radius, size_t* bytes);
+
+// The selection under the spread rule (docs/contract.md, stage c, "Spread rule"). Sample b owns
+// tokens [cu_v[b], cu_v[b + 1]) with coords [tv, 3] int64 (segment, row, col), strictly
+// increasing within the sample; it keeps the first keep_counts[b] of (its accepted tokens, then
+// its suppressed ones) in the selection order (core::order_key desc, index asc), a token being
+// suppressed when a token accepted before it lies in its segment within Chebyshev distance
+// `radius` (>= 0) on (row, col). Writes kept_idx [total_kept] (ascending) and cu_kept
+// [batch + 1] (0 then the running sums of keep_counts). `total_kept` is the sum of keep_counts,
+// known on the host.
+cudaError_t spread_select(FloatVector scores, int64_t tv, const int64_t* cu_v, int64_t batch,
+                          const int64_t* keep_counts, const int64_t* coords, int64_t radius,
+                          int64_t total_kept, void* workspace, size_t workspace_bytes,
+                          int64_t* kept_idx, int64_t* cu_kept, cudaStream_t stream);
+
 // ---- instruction attention (attention.cu) ---------------------------------------------------
 
 // Arguments of tokenprune::_instruction_attention (groups = 1) and _instruction_attention_heads

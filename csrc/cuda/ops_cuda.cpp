@@ -1,7 +1,7 @@
 // CUDA glue of the private ops (compiled in CUDA builds only):
 //   _instruction_attention, _instruction_attention_heads, _mapper_forward, _select_topk,
-//   _mass_keep_counts, _gather_kept, _merge_kept and the fused selections _select_gather_kept /
-//   _select_merge_kept (CUDA only).
+//   _mass_keep_counts, _spread_select, _gather_kept, _merge_kept and the fused selections
+//   _select_gather_kept / _select_merge_kept (CUDA only).
 //
 // Owns what needs torch: argument checks of metadata (ranks, dtypes, sizes, devices; the
 // device-agnostic ones shared with the CPU kernels are in ../checks.h), allocation (caching
@@ -288,6 +288,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_me
   return {embeds, pos, cu_out, src_idx, kept};
 }
 
+// The selection under the spread rule: the selection's checks, then coords [Tv, 3] int32/int64
+// on the device (converted to int64 contiguous) and radius >= 0.
+std::tuple<at::Tensor, at::Tensor> spread_select_cuda(const at::Tensor& scores,
+                                                      const at::Tensor& cu_seqlens_v,
+                                                      const at::Tensor& keep_counts,
+                                                      const at::Tensor& coords, int64_t radius,
+                                                      std::optional<int64_t> total_kept) {
+  const c10::Device device = check_backend(scores, "scores", c10::kCUDA);
+  const c10::cuda::CUDAGuard guard(device);
+  const Selection s = check_selection(scores, cu_seqlens_v, keep_counts, total_kept, device);
+  check_dim(coords, "coords", 2, "[Tv, 3]");
+  check_index(coords, "coords");
+  check_device(coords, "coords", device);
+  TORCH_CHECK_VALUE(coords.size(0) == s.tv && coords.size(1) == 3, "coords must be [Tv = ", s.tv,
+                    ", 3], got shape ", coords.sizes());
+  TORCH_CHECK_VALUE(radius >= 0, "radius must be >= 0, got ", radius);
+  const at::Tensor xy = as_int64(coords);
+  at::Tensor kept = at::empty({s.total_kept}, s.cu_v.options());
+  at::Tensor cu_kept = at::empty({s.batch + 1}, s.cu_v.options());
+  size_t bytes = 0;
+  C10_CUDA_CHECK(spread_workspace_bytes(s.tv, s.batch, radius, &bytes));
+  const at::Tensor ws = workspace(static_cast<int64_t>(bytes), device);
+  const FloatVector sv{scores.const_data_ptr(), scores.stride(0), float_type(scores)};
+  C10_CUDA_CHECK(spread_select(sv, s.tv, s.cu_v.const_data_ptr<int64_t>(), s.batch,
+                               s.keep_counts.const_data_ptr<int64_t>(),
+                               xy.const_data_ptr<int64_t>(), radius, s.total_kept,
+                               ws.mutable_data_ptr(), bytes, kept.mutable_data_ptr<int64_t>(),
+                               cu_kept.mutable_data_ptr<int64_t>(), stream_of(device)));
+  if (cu_seqlens_v.scalar_type() != c10::kLong) cu_kept = cu_kept.to(cu_seqlens_v.scalar_type());
+  return {kept, cu_kept};
+}
+
 // The adaptive rule's per-sample counts. No synchronisation here either: the op layer reads
 // their total (the one sync of the keep_mass rule) to size the selection it then runs.
 at::Tensor mass_keep_counts_cuda(const at::Tensor& scores, const at::Tensor& cu_seqlens_v,
@@ -549,6 +581,7 @@ TORCH_LIBRARY_IMPL(tokenprune, CUDA, m) {
   m.impl("_mapper_forward", &tokenprune::cuda::mapper_forward_cuda);
   m.impl("_select_topk", &tokenprune::cuda::select_topk_cuda);
   m.impl("_mass_keep_counts", &tokenprune::cuda::mass_keep_counts_cuda);
+  m.impl("_spread_select", &tokenprune::cuda::spread_select_cuda);
   m.impl("_gather_kept", &tokenprune::cuda::gather_kept_cuda);
   m.impl("_merge_kept", &tokenprune::cuda::merge_kept_cuda);
   m.impl("_select_gather_kept", &tokenprune::cuda::select_gather_kept_cuda);

@@ -148,6 +148,8 @@ CORE_HEADERS = sorted(p.name for p in (ROOT / "csrc" / "core").glob("*.h"))
 CORE_KERNEL = """
 #include "softmax.h"
 #include "mapper_block.h"
+#include "order_key.h"
+#include "spread.h"
 using namespace tokenprune::core;
 __global__ void core_kernel(float* x, int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -160,6 +162,13 @@ __global__ void core_kernel(float* x, int n) {
   v += softmax_tile_weight(m, 1.0f, 2.0f) + mapper_input(x[i], 3.0f, 1e-4f);
   v += norm_silu_head(x, n, m, r, x, x, x, 1.0f) + bits_float(float_bits(kNegInf));
   x[i] = v + norm_silu(x[i], m, r, 1.0f, 0.0f);
+}
+__global__ void spread_core_kernel(const int64_t* xy, int64_t n, uint64_t* out) {
+  const int64_t i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  uint64_t acc = spread_rank_key(order_key(static_cast<float>(i)), i);
+  spread_neighbours(xy, n, i, 2, [&](int64_t j) { acc += static_cast<uint64_t>(j); });
+  out[i] = acc + (spread_is_neighbour(xy, i, 0, 1) ? 1u : 0u);
 }
 """
 

@@ -186,8 +186,12 @@ def _compiled_cases(dtype=torch.float32):
     """Each private op the table names, on its public op's case (gather and merge: the same
     arguments) or, for select, per-sample keep counts instead of the keep rule."""
     inp, _, attn, _ = _inputs(dtype)
+    bounds = inp.cu_seqlens_v.tolist()  # spread: each sample on a grid 5 tokens wide
+    local = torch.cat([torch.arange(bounds[b + 1] - bounds[b]) for b in range(len(bounds) - 1)])
+    coords = torch.stack([torch.zeros_like(local), local // 5, local % 5], 1).to(torch.int32)
     own = {
         "_select_topk": (attn, inp.cu_seqlens_v, torch.tensor([3, 0, 4])),
+        "_spread_select": (attn, inp.cu_seqlens_v, torch.tensor([3, 0, 4]), coords, 1),
         "_mass_keep_counts": (
             attn.to(dtype),
             inp.cu_seqlens_v,
@@ -204,12 +208,18 @@ def _compiled_cases(dtype=torch.float32):
         "_select_topk[total]": (
             torch.ops.tokenprune._select_topk.default,
             (*own["_select_topk"], 7),
-        )
+        ),
+        "_spread_select[total]": (
+            torch.ops.tokenprune._spread_select.default,
+            (*own["_spread_select"], 7),
+        ),
     }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", [*sorted(backend.kernels("cpp")), "_select_topk[total]"])
+@pytest.mark.parametrize(
+    "name", [*sorted(backend.kernels("cpp")), "_select_topk[total]", "_spread_select[total]"]
+)
 def test_compiled_ops_opcheck_and_compile(name, dtype):
     """The private compiled ops have fakes too: opcheck and fullgraph compile pass."""
     from tokenprune_kernels import _extension
@@ -233,6 +243,10 @@ def _cuda_cases():
     params = [p.cuda() for p in params]
     ops = torch.ops.tokenprune
     counts = torch.tensor([3, 0, 4], device="cuda")
+    bounds = inp.cu_seqlens_v.tolist()  # spread: each sample on a grid 3 tokens wide
+    rows = torch.cat([torch.arange(bounds[b + 1] - bounds[b]) for b in range(len(bounds) - 1)])
+    rows = rows.cuda()
+    zeros = torch.zeros_like(rows)
     return {
         "_instruction_attention": (ops._instruction_attention.default, tuple(inp.scoring(q_pos=True))),
         "_instruction_attention_heads": (
@@ -240,6 +254,10 @@ def _cuda_cases():
         ),
         "_mapper_forward": (ops._mapper_forward.default, (attn, inp.cu_seqlens_v, params, 5, 1e-4)),
         "_select_topk": (ops._select_topk.default, (attn, inp.cu_seqlens_v, counts, 7)),
+        "_spread_select": (
+            ops._spread_select.default,
+            (attn, inp.cu_seqlens_v, counts, torch.stack([zeros, rows // 3, rows % 3], 1), 1, 7),
+        ),
         "_mass_keep_counts": (
             ops._mass_keep_counts.default,
             (attn, inp.cu_seqlens_v, torch.tensor([[1, 0, 1], [9, 0, 3]], device="cuda"), 0.6,
@@ -260,7 +278,8 @@ def _cuda_cases():
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ["_instruction_attention", "_instruction_attention_heads",
                                   "_mapper_forward", "_select_topk", "_mass_keep_counts",
-                                  "_select_gather_kept", "_select_merge_kept"])  # fmt: skip
+                                  "_spread_select", "_select_gather_kept",
+                                  "_select_merge_kept"])  # fmt: skip
 def test_cuda_compiled_ops_opcheck_and_compile(name):
     """The CUDA kernels of the private ops against their fakes: opcheck, fullgraph compile."""
     from tokenprune_kernels import _extension

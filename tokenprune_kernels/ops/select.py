@@ -268,3 +268,16 @@ def mass_keep_counts(
         scores, cu_seqlens_v, float(keep_mass), float(min_keep_ratio), float(max_keep_ratio),
         relevance,
     )  # fmt: skip
+
+
+def _spread_select_fake(scores, cu_seqlens_v, keep_counts, coords, radius, total_kept=None):
+    """Fake of the compiled kernel ``_spread_select`` (the stage's calling convention, plus
+    ``total_kept``: sum(keep_counts) when the caller knows it, which fixes the output size)."""
+    v.check_rank("scores", scores, 1, "[total_v]")
+    v.check_dtype("scores", scores, v.FLOAT_DTYPES)
+    v.check_cu_seqlens("cu_seqlens_v", cu_seqlens_v)
+    v.check_rank("keep_counts", keep_counts, 1, "[batch] int64")
+    v.check_rank("coords", coords, 2, "[total_v, 3]")
+    v.check_dtype("coords", coords, v.INDEX_DTYPES)
+    kept = torch.library.get_ctx().new_dynamic_size() if total_kept is None else total_kept
+    return scores.new_empty(kept, dtype=torch.int64), torch.empty_like(cu_seqlens_v)
