@@ -74,7 +74,12 @@ def test_structure_and_path_agreement(raw, summary):
     n = 2 * N_PER_SIZE
     assert len(raw["target"]) == summary["n"] == n
     assert summary["visual_tokens"] == [20, 24]
-    assert raw["real_path_mismatches"] == {"mapper": 0, "attention": 0}
+    assert raw["real_path_mismatches"] == {
+        "mapper": 0,
+        "attention": 0,
+        "mapper_spread": 0,
+        "attention_spread": 0,
+    }
     assert raw["generate_agreement"] == [4, 4]
     assert raw["eq_keys"] == ["fastv_eq", "fastv1_eq"]
     for k in [*E.DEFAULT_METHODS, *raw["eq_keys"]]:
@@ -187,7 +192,7 @@ def test_shards_merge_into_the_unsharded_run(model, processor, mapper, eager, sa
 
 def test_spread_methods(raw, summary):
     """mapper v2 / attention + spread: the plain method's keep counts and FLOPs to the last bit,
-    valid accuracies, the paired comparisons issue 21's targets need, no real-path run."""
+    valid accuracies, the paired comparisons issue 21's targets need, a real-path run each."""
     assert raw["lm_layers"] == 4 and summary["lm_layers"] == 4
     for spread, plain in (("mapper_spread", "mapper"), ("attention_spread", "attention")):
         for r in map(str, RATIOS):
@@ -199,8 +204,8 @@ def test_spread_methods(raw, summary):
     for other in ("attention", "divprune", "mapper", "oracle", "fastv_eq", "fastv1_eq"):
         assert set(summary["paired"][f"mapper_spread|{other}"]) == set(map(str, RATIOS))
     assert "attention_spread|attention" in summary["paired"]
-    assert set(raw["real_path_mismatches"]) == {"mapper", "attention"}
-    assert set(raw["times_s"]["real_prefill"]) == {"none", "mapper", "attention"}
+    assert set(raw["real_path_mismatches"]) == set(E.OURS)
+    assert set(raw["times_s"]["real_prefill"]) == {"none", *E.OURS}
 
 
 def test_equal_compute_follows_mapper_v2_alone(model, processor, mapper, samples):

@@ -40,9 +40,9 @@ ratios (:func:`adaptive_counts`), for each of ``--thresholds``.
 Prefill time: on the first ``--time-samples`` samples, wall time from processor inputs to the last
 position's logits (vision tower + merge + M-RoPE ids + selection + language model on the kept
 tokens; oracle labels not counted), median, ``torch.set_num_threads(--threads)``. On the same
-samples ``mapper`` and ``attention`` also run the REAL path,
-``apply_tokenprune(model, keep_ratio, mapper=...)`` and ``model(**inputs)``, whose kept tokens
-are compared with the harness's (mismatches are reported).
+samples ours (``mapper``, ``attention`` and their spread versions) also run the REAL path,
+``apply_tokenprune(model, keep_ratio, mapper=..., spread_radius=...)`` and ``model(**inputs)``,
+whose kept tokens are compared with the harness's (mismatches are reported).
 
 Outputs: ``<out>.json`` (every summary number, the per-question outcomes as 0/1 strings and the
 predictions' SHA-256), ``<out>.md``, ``<out>.png`` (accuracy vs keep ratio and vs relative FLOPs,
@@ -138,8 +138,9 @@ OURS: tuple[str, ...] = ("mapper", "attention", "mapper_spread", "attention_spre
 SCORE_SOURCE: dict[str, str] = {"mapper": "mapper", "attention": "attention", **SPREAD_METHODS}
 """The scores each of ours selects from (``mapper``: the mapper's logits, ``attention``: raw
 layer-0 attention), computed once per sample."""
-REAL_PATH: tuple[str, ...] = ("mapper", "attention")
-"""Ours that also run the real path (``apply_tokenprune``) on the timed samples."""
+REAL_PATH: tuple[str, ...] = OURS
+"""Ours that also run the real path (``apply_tokenprune``, with ``spread_radius`` for the spread
+methods) on the timed samples."""
 EQ_BASES: tuple[str, ...] = ("mapper", "mapper_spread")
 """Methods whose FLOPs set the equal-compute budget: the first of these in the method list (both
 spend exactly the same FLOPs at a keep ratio: same keep count, same scoring; the spread rule adds
@@ -377,8 +378,8 @@ def run_eval(
         thresholds: relevance-mass thresholds of the adaptive mapper (empty: none).
         adaptive_bounds: its ``(min, max)`` keep ratios.
         time_samples: the first this many samples are timed (and run the real path).
-        real_path: on the timed samples, also run ``apply_tokenprune`` for ``mapper`` and
-            ``attention`` (:data:`REAL_PATH`) and compare.
+        real_path: on the timed samples, also run ``apply_tokenprune`` for each of ours
+            (:data:`REAL_PATH`) and compare.
         progress: called with a line every 50 samples.
 
     Returns:
@@ -505,7 +506,10 @@ def run_eval(
                     llm_times[m][r].append(dt)
                 if real_path and timed and m in REAL_PATH:
                     apply_tokenprune(
-                        model, keep_ratio=r_f, mapper=mapper if m == "mapper" else None
+                        model,
+                        keep_ratio=r_f,
+                        mapper=mapper if SCORE_SOURCE[m] == "mapper" else None,
+                        spread_radius=SPREAD_RADIUS if m in SPREAD_METHODS else 0,
                     )
                     try:
                         with torch.no_grad():
@@ -1035,9 +1039,8 @@ def format_report(summary: dict[str, Any], raw: dict[str, Any], header: dict[str
         "",
         "Harness path: vision tower + merge + M-RoPE ids + selection + language model on the kept "
         "tokens (oracle: label computation not counted). Real path: `model(**inputs)` unpatched, "
-        "or patched with `apply_tokenprune(model, keep_ratio, mapper=...)`. The spread methods' "
-        "selection is the plain-Python reference of the rule (`methods.spread_keep`) until the "
-        "public op is wired in: their times include it.",
+        "or patched with `apply_tokenprune(model, keep_ratio, mapper=..., spread_radius=...)` "
+        "(the spread methods: `spread_radius=1`).",
         "",
     ]
     rows = [(_label(m), [_ms(summary["prefill_ms"][m][r]) for r in rk]) for m in methods]
