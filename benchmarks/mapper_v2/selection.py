@@ -41,6 +41,7 @@ from benchmarks.mapper_v2.evaluate import mcnemar_p
 from tokenprune_kernels.grounded.methods import (
     _from_visual_index,
     _unit,
+    grid_coords,
     keep_count,
     prepare,
     pruned_logits,
@@ -102,13 +103,6 @@ def weighted_maxmin(s: torch.Tensor, u: torch.Tensor, k: int, b: float) -> torch
         chosen[j] = True
         mind = torch.minimum(mind, d[j])
     return torch.tensor(order)
-
-
-def grid_coords(grid: tuple[int, int, int]) -> torch.Tensor:
-    """``[t h w, 3]`` (frame, row, col) of a raster-order merged grid."""
-    t, h, w = grid
-    idx = torch.arange(t * h * w)
-    return torch.stack([idx // (h * w), (idx // w) % h, idx % w], 1)
 
 
 def spread(s: torch.Tensor, grid: tuple[int, int, int], k: int, r: int) -> torch.Tensor:
