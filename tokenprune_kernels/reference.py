@@ -270,6 +270,31 @@ def score_keys_ref(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(x), torch.zeros_like(keys), keys)
 
 
+def _first_k(
+    scores: torch.Tensor,
+    cu_seqlens_v: torch.Tensor,
+    keep_counts: torch.Tensor,
+    seg: torch.Tensor,
+    group: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``k_b`` tokens of each sample in the order (``group`` asc, score key desc, index
+    asc), ``group`` non-decreasing with ``seg`` (the sample id, or a tier within it): ascending
+    global indices and ``cu_seqlens_kept`` in the dtype of ``cu_seqlens_v``."""
+    tv = scores.shape[0]
+    device = scores.device
+    # One stable ascending sort of (group, inverted key): within a group, higher key first and
+    # equal keys keep index order.
+    combined = group * (1 << 32) + (0xFFFFFFFF - score_keys_ref(scores))
+    order = torch.sort(combined, stable=True).indices
+    starts = cu_seqlens_v[:-1].to(torch.int64)
+    rank = torch.arange(tv, device=device) - starts[seg[order]]
+    chosen = order[rank < keep_counts.to(device)[seg[order]]]
+    kept_idx = torch.sort(chosen).values
+    cu_kept = torch.zeros(keep_counts.numel() + 1, dtype=torch.int64, device=device)
+    cu_kept[1:] = torch.cumsum(keep_counts.to(device), 0)
+    return kept_idx, cu_kept.to(cu_seqlens_v.dtype)
+
+
 def select_topk_ref(
     scores: torch.Tensor, cu_seqlens_v: torch.Tensor, keep_counts: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,20 +309,8 @@ def select_topk_ref(
         kept_idx: [sum k] int64 global indices, ascending; cu_seqlens_kept: [B+1] in the dtype of
         ``cu_seqlens_v``. Order: score desc, ties by lower index, NaN lowest.
     """
-    tv = scores.shape[0]
-    device = scores.device
-    seg = segment_ids(cu_seqlens_v, tv)
-    # One stable ascending sort of (sample, inverted key): within a sample, higher key first and
-    # equal keys keep index order.
-    combined = seg * (1 << 32) + (0xFFFFFFFF - score_keys_ref(scores))
-    order = torch.sort(combined, stable=True).indices
-    starts = cu_seqlens_v[:-1].to(torch.int64)
-    rank = torch.arange(tv, device=device) - starts[seg[order]]
-    chosen = order[rank < keep_counts.to(device)[seg[order]]]
-    kept_idx = torch.sort(chosen).values
-    cu_kept = torch.zeros(keep_counts.numel() + 1, dtype=torch.int64, device=device)
-    cu_kept[1:] = torch.cumsum(keep_counts.to(device), 0)
-    return kept_idx, cu_kept.to(cu_seqlens_v.dtype)
+    seg = segment_ids(cu_seqlens_v, scores.shape[0])
+    return _first_k(scores, cu_seqlens_v, keep_counts, seg, seg)
 
 
 def spread_suppressed_ref(
@@ -362,18 +375,9 @@ def spread_select_ref(
         ``cu_seqlens_v`` (as :func:`select_topk_ref`).
     """
     tv = scores.shape[0]
-    device = scores.device
     seg = segment_ids(cu_seqlens_v, tv)
     tier = spread_suppressed_ref(scores, cu_seqlens_v, coords, radius).to(torch.int64)
-    combined = (seg * 2 + tier) * (1 << 32) + (0xFFFFFFFF - score_keys_ref(scores))
-    order = torch.sort(combined, stable=True).indices
-    starts = cu_seqlens_v[:-1].to(torch.int64)
-    rank = torch.arange(tv, device=device) - starts[seg[order]]
-    chosen = order[rank < keep_counts.to(device)[seg[order]]]
-    kept_idx = torch.sort(chosen).values
-    cu_kept = torch.zeros(keep_counts.numel() + 1, dtype=torch.int64, device=device)
-    cu_kept[1:] = torch.cumsum(keep_counts.to(device), 0)
-    return kept_idx, cu_kept.to(cu_seqlens_v.dtype)
+    return _first_k(scores, cu_seqlens_v, keep_counts, seg, seg * 2 + tier)
 
 
 def gather_kept_ref(

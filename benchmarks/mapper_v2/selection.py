@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import shlex
 import sys
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.mapper_v2.evaluate import mcnemar_p
+from tokenprune_kernels.bench import cpu_model
 from tokenprune_kernels.grounded.methods import (
     _from_visual_index,
     _unit,
@@ -141,17 +141,6 @@ def rules(s: torch.Tensor, u: torch.Tensor, grid, k: int, prefix: str) -> dict[s
     return out
 
 
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else the platform's."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=400)
@@ -189,7 +178,7 @@ def main() -> int:
 
     summary = {
         "command": shlex.join(["python3", "-m", "benchmarks.mapper_v2.selection", *sys.argv[1:]]),
-        "cpu": cpu_name(),
+        "cpu": cpu_model(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "split": "val",
         "seed": SEED,

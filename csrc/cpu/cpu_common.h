@@ -48,6 +48,17 @@ inline std::vector<int64_t> read_offsets(const at::Tensor& t, const char* name, 
 }
 
 // A new 1-D CPU tensor of dtype `dtype` (int32 or int64) holding the offsets `cu`.
+// Per-sample keep counts of a selection kernel: `keep_counts` must be [B] int64 on the CPU;
+// returned as a host vector (the values are the op layer's, already checked against the sizes).
+inline std::vector<int64_t> read_keep_counts(const at::Tensor& keep_counts, int64_t batch) {
+  check_dim(keep_counts, "keep_counts", 1, "[B]");
+  check_int64(keep_counts, "keep_counts");
+  check_device(keep_counts, "keep_counts", c10::Device(c10::kCPU));
+  TORCH_CHECK_VALUE(keep_counts.size(0) == batch, "keep_counts must have B = ", batch,
+                    " entries (len(cu_seqlens_v) - 1), got ", keep_counts.size(0));
+  return to_int64_vector(keep_counts);
+}
+
 inline at::Tensor offsets_tensor(const std::vector<int64_t>& cu, c10::ScalarType dtype) {
   at::Tensor out = at::empty({static_cast<int64_t>(cu.size())}, at::TensorOptions().dtype(dtype));
   if (dtype == c10::kLong) {

@@ -166,12 +166,7 @@ std::tuple<at::Tensor, at::Tensor> select_topk_cpu(const at::Tensor& scores,
   const int64_t tv = check_scores(scores, cpu);
   const std::vector<int64_t> cu = read_offsets(cu_seqlens_v, "cu_seqlens_v", tv, "Tv");
   const int64_t batch = static_cast<int64_t>(cu.size()) - 1;
-  check_dim(keep_counts, "keep_counts", 1, "[B]");
-  check_int64(keep_counts, "keep_counts");
-  check_device(keep_counts, "keep_counts", cpu);
-  TORCH_CHECK_VALUE(keep_counts.size(0) == batch, "keep_counts must have B = ", batch,
-                    " entries (len(cu_seqlens_v) - 1), got ", keep_counts.size(0));
-  const std::vector<int64_t> counts = to_int64_vector(keep_counts);
+  const std::vector<int64_t> counts = read_keep_counts(keep_counts, batch);
 
   std::vector<int64_t> cu_kept(static_cast<size_t>(batch + 1), 0);
   for (int64_t b = 0; b < batch; ++b) {

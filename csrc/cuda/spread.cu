@@ -24,6 +24,7 @@
 #include "../core/order_key.h"
 #include "../core/spread.h"
 #include "device_common.cuh"
+#include "order_keys.cuh"
 #include "kernels.h"
 
 #include <cub/device/device_radix_sort.cuh>
@@ -101,36 +102,6 @@ cudaError_t make_spread_plan(int64_t tv, int64_t batch, int64_t radius, SpreadPl
   temp = temp > count_bytes ? temp : count_bytes;
   plan->temp = align_up(temp);
   return cudaSuccess;
-}
-
-template <typename T>
-__device__ __forceinline__ float spread_load_score(const void* data, int64_t i);
-
-template <>
-__device__ __forceinline__ float spread_load_score<float>(const void* data, int64_t i) {
-  return static_cast<const float*>(data)[i];
-}
-
-template <>
-__device__ __forceinline__ float spread_load_score<__half>(const void* data, int64_t i) {
-  return __half2float(static_cast<const __half*>(data)[i]);
-}
-
-template <>
-__device__ __forceinline__ float spread_load_score<__nv_bfloat16>(const void* data, int64_t i) {
-  return __bfloat162float(static_cast<const __nv_bfloat16*>(data)[i]);
-}
-
-template <typename T>
-__global__ void spread_keys_kernel(const void* __restrict__ scores, int64_t stride, int64_t tv,
-                                   const int64_t* __restrict__ cu_v, int64_t batch,
-                                   uint64_t* __restrict__ keys, int32_t* __restrict__ vals) {
-  for (int64_t v = global_thread(); v < tv; v += grid_threads()) {
-    const uint32_t key = core::order_key(spread_load_score<T>(scores, v * stride));
-    const uint64_t b = static_cast<uint64_t>(sample_of(cu_v, batch, v));
-    keys[v] = (b << 32) | static_cast<uint64_t>(~key);
-    vals[v] = static_cast<int32_t>(v);
-  }
 }
 
 // table[v, 0:width) = the neighbours of token v (local indices in its sample, -1 padded).
@@ -306,7 +277,7 @@ cudaError_t spread_select(FloatVector scores, int64_t tv, const int64_t* cu_v, i
   cub::DoubleBuffer<int32_t> vals(vals0, vals1);
   TP_RETURN_IF_ERROR(spread_dispatch_float(scores.type, [&](auto tag) {
     using T = decltype(tag);
-    spread_keys_kernel<T><<<blocks_for(tv), kThreads, 0, stream>>>(
+    sort_keys_kernel<T><<<blocks_for(tv), kThreads, 0, stream>>>(
         scores.data, scores.stride, tv, cu_v, batch, keys.Current(), vals.Current());
     return cudaGetLastError();
   }));
