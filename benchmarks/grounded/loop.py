@@ -37,6 +37,7 @@ from benchmarks.grounded.losses import (
     shape_probe,
     shape_probe_loss,
 )
+from benchmarks.grounded.upscale import depth_upscaled
 from tokenprune_kernels.bench import cpu_model
 from tokenprune_kernels.grounded.model import (
     build_config,
@@ -271,8 +272,13 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
         initializer_range=args.init,
         mrope_section=args.mrope,
     )
-    model = build_model(config, seed=args.seed)
-    processor = build_processor()
+    placement = None
+    if getattr(args, "init_from", None):
+        model, processor, placement = depth_upscaled(args.init_from, args.layers, args.seed)
+        config = model.config
+    else:
+        model = build_model(config, seed=args.seed)
+        processor = build_processor()
     n_params = sum(p.numel() for p in model.parameters())
     probe = None
     if args.aux_weight > 0:
@@ -313,6 +319,9 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "versions": versions(),
         "threads": torch.get_num_threads(),
         "parameters": n_params,
+        "init_from": None
+        if placement is None
+        else {"model": str(args.init_from), "placement": placement},
         "config": config.to_dict(),
         "train_sizes": args.sizes,
         "steps": [],

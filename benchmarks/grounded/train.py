@@ -17,9 +17,11 @@ per evaluation, wall times, test accuracy per question type, per size and per to
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from benchmarks.grounded.batches import WARM_SIZES
 from benchmarks.grounded.loop import train
@@ -176,6 +178,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--rope-theta", type=float, default=10000.0, help="language-model M-RoPE base")
     p.add_argument("--init", type=float, default=0.08, help="std of the initial weights")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="start from this trained model directory, deepened to --layers by depth "
+        "up-scaling (benchmarks.grounded.upscale; the architecture options other than "
+        "--layers are then the source's)",
+    )
     args = p.parse_args(argv)
     _check(p, args)
     return args
@@ -198,6 +207,17 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     args.mrope = list(SHIPPED_MROPE) if head_dim == 2 * sum(SHIPPED_MROPE) else None
     if args.layers < 1:
         p.error("--layers must be >= 1")
+    if args.init_from is not None:
+        cfg = Path(args.init_from) / "config.json"
+        if not cfg.is_file():
+            p.error(f"--init-from must be a model directory with a config.json, got {cfg}")
+        text = json.loads(cfg.read_text())["text_config"]
+        if args.layers < text["num_hidden_layers"]:
+            p.error(
+                f"--layers ({args.layers}) must be >= the --init-from model's "
+                f"{text['num_hidden_layers']} layers"
+            )
+        args.heads = text["num_attention_heads"]
     if args.aux_pos_layer is None:
         args.aux_pos_layer = quarter_depth(args.layers)
     if args.aux_attn_early_layer is None:

@@ -1,0 +1,104 @@
+"""Depth up-scaling (benchmarks/grounded/upscale.py): the deeper model computes exactly what the
+source did, its trained layers sit where layer_placement says, new layers are zero-output
+blocks, and ``--init-from`` trains from it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("PIL", reason="scenes are rendered with Pillow")
+
+from benchmarks.grounded import loop
+from benchmarks.grounded import train as T
+from benchmarks.grounded.upscale import ZEROED, depth_upscaled, layer_placement
+from tokenprune_kernels.grounded import model as M
+from tokenprune_kernels.grounded import scenes as S
+
+TINY = dict(vision_dim=16, vision_heads=2, hidden_size=32, intermediate_size=48, num_heads=4)
+
+
+def test_layer_placement():
+    assert layer_placement(4, 14) == [0, 4, 9, 13]
+    assert layer_placement(4, 4) == [0, 1, 2, 3]
+    assert layer_placement(1, 5) == [0]
+    assert layer_placement(3, 12) == [0, 6, 11]
+    for old in range(1, 8):
+        for new in range(old, 30):
+            p = layer_placement(old, new)
+            assert p[0] == 0 and p == sorted(set(p)) and len(p) == old
+            assert old == 1 or p[-1] == new - 1
+    with pytest.raises(ValueError, match="old=5, new=4"):
+        layer_placement(5, 4)
+    with pytest.raises(ValueError, match="old=0"):
+        layer_placement(0, 4)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    path = tmp_path_factory.mktemp("src") / "model"
+    model = M.build_model(M.build_config(**TINY, num_layers=3), seed=5)
+    with torch.no_grad():  # a trained-looking source: no zero output projections anywhere
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    M.save_model_dir(model, M.build_processor(), path)
+    return path
+
+
+def test_deeper_model_computes_the_source(source):
+    old, processor = M.load_model_dir(source)
+    new, _, placement = depth_upscaled(source, 7, seed=3)
+    assert placement == [0, 3, 6] and new.config.text_config.num_hidden_layers == 7
+    assert len(new.config.text_config.layer_types) == 7
+    old_layers = old.model.language_model.layers
+    new_layers = new.model.language_model.layers
+    for i, j in enumerate(placement):
+        a, b = old_layers[i].state_dict(), new_layers[j].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    for j in set(range(7)) - set(placement):
+        sd = new_layers[j].state_dict()
+        for k, v in sd.items():  # fresh weights (biases start at 0), zero output projections
+            if v.dim() >= 2:
+                assert bool(v.abs().sum() == 0) == (k in ZEROED), k
+        assert all(k in sd for k in ZEROED)
+    samples = [S.make_sample("test", 5, 0, (64, 80)), S.make_sample("test", 6, 0, (80, 64))]
+    inputs = M.build_inputs(
+        processor, [s.image for s in samples], [s.question.text for s in samples]
+    )
+    with torch.no_grad():
+        want = old(**inputs).logits
+        got = new(**inputs).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    other, _, _ = depth_upscaled(source, 7, seed=4)  # the seed draws the new layers
+    assert not torch.equal(
+        other.model.language_model.layers[1].self_attn.q_proj.weight,
+        new_layers[1].self_attn.q_proj.weight,
+    )
+
+
+def test_shallower_target_is_refused(source):
+    with pytest.raises(ValueError, match="old=3, new=2"):
+        depth_upscaled(source, 2)
+
+
+def test_init_from_trains(source, tmp_path, capsys):
+    args = T.parse_args(
+        ["--out", str(tmp_path / "run"), "--init-from", str(source), "--layers", "5",
+         "--images", "2", "--questions", "2", "--sizes", "64x80", "--warm", "0",
+         "--steps", "2", "--log-every", "1", "--val-per-size", "0", "--test-per-size", "0"]
+    )  # fmt: skip
+    log = loop.train(args, "test")
+    assert log["init_from"] == {"model": str(source), "placement": [0, 2, 4]}
+    saved = json.loads((tmp_path / "run" / loop.LOG_FILE).read_text())
+    assert saved["init_from"]["placement"] == [0, 2, 4]
+    model, _ = M.load_model_dir(tmp_path / "run" / "model")
+    assert model.config.text_config.num_hidden_layers == 5
+    assert model.config.text_config.hidden_size == 32  # the source's, not the option default
+    with pytest.raises(SystemExit):
+        T.parse_args(["--out", "x", "--init-from", str(source), "--layers", "2"])
+    assert "must be >= the --init-from model's 3 layers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        T.parse_args(["--out", "x", "--init-from", str(tmp_path / "none")])
+    assert "--init-from must be a model directory" in capsys.readouterr().err
