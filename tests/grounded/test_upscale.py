@@ -102,3 +102,49 @@ def test_init_from_trains(source, tmp_path, capsys):
     with pytest.raises(SystemExit):
         T.parse_args(["--out", "x", "--init-from", str(tmp_path / "none")])
     assert "--init-from must be a model directory" in capsys.readouterr().err
+
+
+def test_update_ratios_and_without_layers(source):
+    """New layers of an unfine-tuned up-scaled model add exactly nothing; removing trained
+    layers changes the output; the model passed in is left as it was."""
+    from benchmarks.grounded.layer_use import update_ratios, without_layers
+
+    model, processor, placement = depth_upscaled(source, 6, seed=1)
+    samples = [S.make_sample("test", 2, 0, (64, 80))]
+    inputs = M.build_inputs(processor, [samples[0].image], [samples[0].question.text])
+    ratios = update_ratios(model, inputs)
+    assert len(ratios) == 6
+    assert all((r == 0.0) == (i not in placement) for i, r in enumerate(ratios)), ratios
+    new = [i for i in range(6) if i not in placement]
+    with torch.no_grad():
+        base = model(**inputs).logits
+        same = without_layers(model, new)(**inputs).logits
+        cut = without_layers(model, [placement[1]])(**inputs).logits
+    assert torch.equal(same, base)
+    assert not torch.allclose(cut, base)
+    assert update_ratios(model, inputs) == ratios  # the copy, not the model, was changed
+
+
+def test_layer_use_cli(source, tmp_path):
+    from benchmarks.grounded import layer_use
+
+    args = T.parse_args(
+        ["--out", str(tmp_path / "run"), "--init-from", str(source), "--layers", "4",
+         "--images", "2", "--questions", "2", "--sizes", "64x80", "--warm", "0",
+         "--steps", "1", "--val-per-size", "0", "--test-per-size", "0",
+         "--question-types", "extreme,read_glyph"]
+    )  # fmt: skip
+    loop.train(args, "test")
+    out = tmp_path / "use.json"
+    assert (
+        layer_use.main(["--run", str(tmp_path / "run"), "--out", str(out), "--n-per-size", "1"])
+        == 0
+    )
+    res = json.loads(out.read_text())
+    assert res["n"] == len(S.SPLIT_SIZES["test"]) and res["placement"] == [0, 2, 3]
+    assert set(res["by_type"]) == {"extreme", "read_glyph"}
+    assert sum(v["n"] for v in res["by_type"].values()) == res["n"]
+    assert [u["new"] for u in res["update_ratio"]] == [False, True, False, False]
+    assert 0.0 <= res["mcnemar_p"] <= 1.0
+    with pytest.raises(SystemExit):
+        layer_use.main(["--run", str(source.parent), "--out", str(out)])
