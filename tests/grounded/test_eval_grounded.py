@@ -16,6 +16,7 @@ from tokenprune_kernels.grounded import labels_pipeline as LP
 from tokenprune_kernels.grounded import methods as M
 from tokenprune_kernels.grounded.flops import (
     LMShape,
+    fastv_flops,
     fastv_keep_for_budget,
     prefill_flops,
 )
@@ -181,13 +182,55 @@ def test_shards_merge_into_the_unsharded_run(model, processor, mapper, eager, sa
         part["shard"] = [i, 2]
         parts.append(part)
     merged = E.merge_shards(parts[::-1])
-    for f in ("target", "n_visual", "seq_len", "pred", "keep", "flops", "adaptive"):
+    for f in ("target", "n_visual", "seq_len", "pred", "keep", "flops", "adaptive", "eq_min"):
         assert merged[f] == raw[f], f
     with pytest.raises(ValueError, match=r"shards 0\.\.1"):
         E.merge_shards(parts[:1])
     parts[1]["ratios"] = [1.0]
     with pytest.raises(ValueError, match="differ in 'ratios'"):
         E.merge_shards(parts)
+
+
+def test_at_least_equal_compute(model, raw, summary):
+    """Where the mapper's budget is unreachable, the in-LLM method also runs at one kept token
+    (more FLOPs than the mapper's); "given at least the mapper's compute" joins those runs with
+    the equal-compute ones and is compared question by question."""
+    shape = LMShape.from_config(model.config)
+    target = raw["target"]
+    seen_unreachable = 0
+    for key in raw["eq_keys"]:
+        m = key[: -len(E.EQ_SUFFIX)]
+        for r in map(str, RATIOS):
+            keep, pm, fm = (
+                raw["keep"][key][r],
+                raw["eq_min"]["pred"][key][r],
+                raw["eq_min"]["flops"][key][r],
+            )
+            joined = []
+            for i, (n, nv) in enumerate(zip(raw["seq_len"], raw["n_visual"], strict=True)):
+                assert (keep[i] is None) == (pm[i] is not None) == (fm[i] is not None)
+                if keep[i] is None:
+                    full = prefill_flops(shape, n)
+                    want = fastv_flops(shape, n, nv, 1, M.FASTV_LAYERS[m]) / full
+                    assert fm[i] == pytest.approx(want)
+                    assert fm[i] > raw["flops"]["mapper"][r][i]
+                    joined.append(pm[i] == target[i])
+                else:
+                    joined.append(raw["pred"][key][r][i] == target[i])
+            entry = summary["at_least"][key][r]
+            unreachable = sum(k is None for k in keep)
+            if not unreachable:
+                assert entry is None
+                continue
+            seen_unreachable += 1
+            assert entry["unreachable"] == unreachable
+            assert entry["acc"] == pytest.approx(sum(joined) / len(joined))
+            assert entry["flops"] >= summary["flops"]["mapper"][r]
+            ours = [c == "1" for c in summary["correct"]["mapper_spread"][r]]
+            pair = summary["paired_at_least"][f"mapper_spread|{key}"][r]
+            assert pair["diff"] == pytest.approx((sum(ours) - sum(joined)) / len(joined))
+            assert pair["b"] + pair["c"] == sum(a != b for a, b in zip(ours, joined, strict=True))
+    assert seen_unreachable > 0  # the tiny 4-layer model cannot run FastV K=2 at the budgets
 
 
 def test_spread_methods(raw, summary):
@@ -357,6 +400,10 @@ def _summary_for_targets(diff_att, p_att):
     }
 
 
+def pair_v2():
+    return {"diff": 0.04, "ci": [0.02, 0.06], "b": 30, "c": 10, "p": 0.001}
+
+
 def _summary_for_v2(closed):
     """mapper v2 at 3.125%: plain mapper 80%, oracle 90%, v2 at 80% + ``closed`` points."""
     pair = {"diff": 0.04, "ci": [0.02, 0.06], "b": 30, "c": 10, "p": 0.001}
@@ -395,6 +442,15 @@ def test_targets_of_mapper_v2():
     line = next(x for x in met if "fastv1_eq at 3.125%" in x)
     assert "K=1 of 14 layers" in line and "on 103/1503 samples" in line and "30.0%" in line
     assert "unreachable" in line
+    assert not any("given at least" in x for x in met)  # no runs at the minimum: no line
+    v2 = _summary_for_v2(0.06)
+    v2["at_least"] = {"fastv1_eq": {"0.03125": {"unreachable": 103, "flops": 0.18}}}
+    v2["paired_at_least"] = {"mapper_spread|fastv1_eq": {"0.03125": {**pair_v2(), "p": 0.01}}}
+    line = next(x for x in E.targets(v2) if "given at least" in x)
+    assert "on the 103 samples above" in line and "mean FLOPs 18.0% vs the mapper's 17.0%" in line
+    assert "+4.0 points [2.0, 6.0], McNemar p = 0.01" in line and line.endswith(": MET")
+    v2["paired_at_least"]["mapper_spread|fastv1_eq"]["0.03125"]["p"] = 0.2
+    assert next(x for x in E.targets(v2) if "given at least" in x).endswith("NOT MET")
     gap = next(x for x in met if "oracle labels 90.0%" in x)
     assert "plain mapper 80.0%" in gap and "86.0%" in gap and "60% of the gap closed" in gap
     assert gap.endswith("at least half: MET")

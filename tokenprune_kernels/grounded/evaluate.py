@@ -27,7 +27,10 @@ prefill plus its selection overhead, relative to the unpruned prefill of that sa
 the mean over the test set. Equal compute: for every keep ratio, each in-LLM method (``fastv``,
 ``fastv1``) is also run per sample at the largest keep count whose total FLOPs do not exceed the
 mapper's at that ratio (``fastv_eq``, ``fastv1_eq``); when even one kept token costs more, the
-budget is unreachable for that sample and no number is invented. Mapper v2 (``mapper_spread``:
+budget is unreachable for that sample and no number is invented; on those samples the method
+is also run at its minimum (one kept token, more FLOPs than the mapper's), so that "given at
+least the mapper's compute" (``*_eq`` where reachable, the minimum elsewhere) compares on every
+sample, conservatively in the in-LLM method's favour. Mapper v2 (``mapper_spread``:
 the mapper's scores under the spread rule) keeps the same count with the same scoring, so its
 FLOPs equal the mapper's and these runs are its equal-compute comparison as well (the spread rule
 is integer neighbour checks, counted as 0 FLOPs). The report's "Targets" section checks issue 21's
@@ -386,7 +389,9 @@ def run_eval(
         JSON-ready raw record: per run key (methods, equal-compute keys) and ratio ``pred``
         (answer token per sample), ``keep`` (visual tokens kept; None: unreachable budget),
         ``flops`` and ``overhead`` (relative to the sample's unpruned prefill); ``adaptive``
-        per threshold; ``fastv_min_flops`` per in-LLM method (one kept token); ``target``,
+        per threshold; ``fastv_min_flops`` per in-LLM method (one kept token); ``eq_min``
+        (``pred``, ``flops`` per equal-compute key and ratio: the run at one kept token on the
+        samples where the budget is unreachable, None elsewhere); ``target``,
         ``n_visual``, ``seq_len`` per sample; ``lm_layers`` (the language model's decoder
         layers); timings and path checks of the timed samples.
     """
@@ -412,6 +417,9 @@ def run_eval(
     }
     adaptive = {str(t): {"pred": [], "keep": [], "flops": []} for t in thresholds}
     fastv_min = {m: [] for m in methods if m in LLM_METHODS}
+    eq_min: dict[str, dict[str, dict[str, list[Any]]]] = {
+        f: {k: {r: [] for r in rk} for k in eqs} for f in ("pred", "flops")
+    }
     per_sample: dict[str, list[int]] = {"target": [], "n_visual": [], "seq_len": []}
     times: dict[str, dict[str, list[float]]] = {k: {r: [] for r in rk} for k in methods}
     llm_times: dict[str, dict[str, list[float]]] = {k: {r: [] for r in rk} for k in methods}
@@ -527,12 +535,20 @@ def run_eval(
                 m = key[: -len(EQ_SUFFIX)]
                 if keep == nv:
                     put(key, r, tok_full, nv, 1.0, 0.0)
+                    eq_min["pred"][key][r].append(None)
+                    eq_min["flops"][key][r].append(None)
                     continue
                 budget = rec["flops"][budget_key][r][-1] * full_flops
                 k_eq = fastv_keep_for_budget(shape, n, nv, budget, FASTV_LAYERS[m])
                 if k_eq is None:
                     put(key, r, None, None, None, None)
+                    logits, _ = fastv_logits(model, prep, 1, FASTV_LAYERS[m])
+                    eq_min["pred"][key][r].append(answer_token(logits))
+                    flops = fastv_flops(shape, n, nv, 1, FASTV_LAYERS[m])
+                    eq_min["flops"][key][r].append(flops / full_flops)
                     continue
+                eq_min["pred"][key][r].append(None)
+                eq_min["flops"][key][r].append(None)
                 logits, _ = fastv_logits(model, prep, k_eq, FASTV_LAYERS[m])
                 flops = fastv_flops(shape, n, nv, k_eq, FASTV_LAYERS[m])
                 put(key, r, answer_token(logits), k_eq, flops / full_flops, over[m] / full_flops)
@@ -563,6 +579,7 @@ def run_eval(
         **rec,
         "adaptive": adaptive,
         "fastv_min_flops": fastv_min,
+        "eq_min": eq_min,
         "times_s": {
             "prefill": times,
             "select_llm": llm_times,
@@ -619,6 +636,14 @@ def merge_shards(shards: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out["fastv_min_flops"] = {
         m: weave([p["fastv_min_flops"][m] for p in parts]) for m in out["fastv_min_flops"]
     }
+    if "eq_min" in parts[0]:
+        out["eq_min"] = {
+            f: {
+                k: {r: weave([p["eq_min"][f][k][r] for p in parts]) for r in d}
+                for k, d in fd.items()
+            }
+            for f, fd in parts[0]["eq_min"].items()
+        }
     timed = [p for p in parts if p["timed_samples"] > 0] or parts[:1]
     out["times_s"] = timed[0]["times_s"]
     out["timed_samples"] = timed[0]["timed_samples"]
@@ -725,6 +750,29 @@ def summarize(raw: dict[str, Any], n_boot: int = N_BOOT, seed: int = 0) -> dict[
             else _pair_entry(correct[a][r], correct[b][r], index)
             for r in rk
         }
+    # given at least the mapper's compute: *_eq where reachable, one kept token elsewhere
+    out["at_least"] = {}
+    out["paired_at_least"] = {}
+    for k in raw["eq_keys"] if "eq_min" in raw else ():
+        out["at_least"][k] = {}
+        for r in rk:
+            pe, pm = raw["pred"][k][r], raw["eq_min"]["pred"][k][r]
+            c = _correct([a if a is not None else b for a, b in zip(pe, pm, strict=True)], target)
+            fe, fm = raw["flops"][k][r], raw["eq_min"]["flops"][k][r]
+            unreachable = sum(a is None for a in pe)
+            if c is None or not unreachable:
+                out["at_least"][k][r] = None
+                continue
+            entry = _acc_entry(c, none, index)
+            entry["flops"] = statistics.fmean(
+                a if a is not None else b for a, b in zip(fe, fm, strict=True)
+            )
+            entry["unreachable"] = unreachable
+            out["at_least"][k][r] = entry
+            for a, b in PAIRS:
+                if b == k and a in correct and correct[a][r] is not None:
+                    d = out["paired_at_least"].setdefault(f"{a}|{b}", {})
+                    d[r] = _pair_entry(correct[a][r], c, index)
     out["adaptive"] = {}
     for t, d in raw["adaptive"].items():
         c = _correct(d["pred"], target)
@@ -800,6 +848,19 @@ def targets(summary: dict[str, Any], method: str | None = None) -> list[str]:
                     f"at the mapper's {_pct(budget)}% of unpruned FLOPs{where} (its minimum is "
                     f"{_pct(mf)}%): no equal-compute comparison (unreachable)"
                 )
+                ge = summary.get("paired_at_least", {}).get(f"{m}|{other}", {}).get(r)
+                al = summary.get("at_least", {}).get(other, {}).get(r)
+                if ge is not None and al is not None:
+                    ok = ge["diff"] > 0 and ge["p"] < 0.05
+                    lines.append(
+                        f"- {m} vs {other} given at least the mapper's compute at {float(r):.3%} "
+                        f"({method_label(base, layers)} at its minimum on the {al['unreachable']} "
+                        f"samples above, its mean FLOPs {_pct(al['flops'])}% vs the mapper's "
+                        f"{_pct(budget)}%): {100 * ge['diff']:+.1f} points{_ci(ge['ci'])}, "
+                        f"McNemar p = {_p(ge['p'])}; ahead with p < 0.05 (a conservative "
+                        "equal-compute check: the in-LLM method has more compute): "
+                        + ("MET" if ok else "NOT MET")
+                    )
                 continue
             if other == "oracle":
                 lines.append(
@@ -992,6 +1053,31 @@ def format_report(summary: dict[str, Any], raw: dict[str, Any], header: dict[str
                 + "".join(f"{_pct(e['acc'] if e else None)} | " for e in ma)
                 + " | ".join(cells)
                 + " |"
+            )
+    at_least = summary.get("at_least", {})
+    rows = [(k, r, e) for k, d in at_least.items() for r, e in d.items() if e is not None]
+    m_ours = "mapper_spread" if "mapper_spread" in summary["accuracy"] else "mapper"
+    if rows:
+        lines += [
+            "",
+            "## In-LLM methods given at least the mapper's compute",
+            "",
+            "Where the mapper's budget is below an in-LLM method's minimum (one kept token after "
+            "layer K), that sample runs at the minimum; elsewhere at the mapper's FLOPs (the "
+            "equal-compute run). The in-LLM method gets more compute than the mapper on those "
+            "samples, so a lead over it is a conservative equal-compute result.",
+            "",
+            f"| run | keep | samples at the minimum | FLOPs % (mapper's) | acc % | {m_ours} "
+            "diff, points [95%] | McNemar p |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for k, r, e in rows:
+            pe = summary.get("paired_at_least", {}).get(f"{m_ours}|{k}", {}).get(r)
+            diff = "-" if pe is None else f"{100 * pe['diff']:+.1f}{_ci(pe['ci'])}"
+            lines.append(
+                f"| {_label(k)} | {float(r):.3g} | {e['unreachable']}/{summary['n']} | "
+                f"{_pct(e['flops'])} ({_pct(summary['flops'][eq_from][r])}) | "
+                f"{100 * e['acc']:.1f} | {diff} | {'-' if pe is None else _p(pe['p'])} |"
             )
     lines += [
         "",
