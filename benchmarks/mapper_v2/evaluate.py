@@ -60,12 +60,39 @@ def scores_of(mapper: TokenMapper, row: dict) -> torch.Tensor:
     return mapper.forward_packed(attn, cu, grid)
 
 
+def kept_recall(kept: torch.Tensor, label: torch.Tensor, ratio: float) -> float:
+    """Share of the label's top-k among a kept set: ``|kept & topk(label, k)| / k``.
+
+    Args:
+        kept: ``[k]`` int64 distinct visual indices (any order), ``k = keep_count(n, ratio)``.
+        label: ``[n]`` float, the explanation label of the ``n`` visual tokens.
+        ratio: the keep ratio.
+
+    The label's top-k breaks ties to the lower index (the op's tie-break).
+    """
+    if label.dim() != 1:
+        raise ValueError(f"label must be [n], got shape {list(label.shape)}")
+    n = label.numel()
+    k = keep_count(n, ratio)
+    if kept.dtype != torch.int64 or kept.dim() != 1 or kept.numel() != k:
+        raise ValueError(
+            f"kept must be [{k}] int64 (keep_count({n}, {ratio})), "
+            f"got {list(kept.shape)} {kept.dtype}"
+        )
+    if kept.unique().numel() != k or int(kept.min()) < 0 or int(kept.max()) >= n:
+        raise ValueError(f"kept must hold {k} distinct indices in [0, {n}), got {kept.tolist()}")
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[kept] = True
+    hit = mask & topk_mask(label[None], torch.tensor([n]), torch.tensor([k]))[0]
+    return float(hit.sum()) / k
+
+
 def recall(scores: torch.Tensor, label: torch.Tensor, ratio: float) -> float:
+    """:func:`kept_recall` of the top-k of ``scores [n]`` (ties: lower index)."""
     n = label.numel()
     k = torch.tensor([keep_count(n, ratio)])
-    lengths = torch.tensor([n])
-    hit = topk_mask(scores[None], lengths, k) & topk_mask(label[None], lengths, k)
-    return float(hit.sum()) / int(k)
+    kept = topk_mask(scores[None], torch.tensor([n]), k)[0].nonzero().flatten()
+    return kept_recall(kept, label, ratio)
 
 
 def write_summary(out: Path, head: dict, scenes: list[dict]) -> None:

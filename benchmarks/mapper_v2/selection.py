@@ -21,7 +21,12 @@ model on the kept tokens (``grounded.methods.pruned_logits``). Rules (``k`` = th
 - ``divprune``: the DivPrune-like baseline over all tokens (``grounded.methods.select_divprune``).
 
 Prefix ``att_``: the rule on the raw attention instead of the mapper's scores. Writes per-rule
-accuracy and exact McNemar p-values against ``top``, ``att_top`` and ``divprune``.
+accuracy and exact McNemar p-values against ``top``, ``att_top`` and ``divprune``, and per-rule
+label recall: on the scenes with an explanation label (the label of ``collect.py``,
+:func:`~tokenprune_kernels.grounded.labels_pipeline.label_grounded_sample` on the model with
+eager attention: the scenes whose greedy answer is correct), the share of the label's top-k in
+the rule's kept set (``evaluate.kept_recall``; for ``top`` the recall of ``evaluate.py``), mean
+over those scenes.
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from benchmarks.mapper_v2.evaluate import mcnemar_p
+from benchmarks.mapper_v2.evaluate import kept_recall, mcnemar_p
 from tokenprune_kernels.bench import cpu_model
+from tokenprune_kernels.grounded.labels_pipeline import label_grounded_sample
 from tokenprune_kernels.grounded.methods import (
     _from_visual_index,
     _unit,
@@ -55,7 +62,7 @@ from tokenprune_kernels.grounded.model import (
     load_grounded_model,
 )
 from tokenprune_kernels.grounded.scenes import make_sample
-from tokenprune_kernels.mapper import load_mapper
+from tokenprune_kernels.mapper import TokenMapper, load_mapper
 from tokenprune_kernels.reference import select_topk_ref, spread_select_ref
 
 RATIOS = (0.125, 0.0625, 0.03125)
@@ -141,6 +148,52 @@ def rules(s: torch.Tensor, u: torch.Tensor, grid, k: int, prefix: str) -> dict[s
     return out
 
 
+def scene_outcomes(
+    model: torch.nn.Module,
+    labeller: torch.nn.Module,
+    processor: Any,
+    mapper: TokenMapper,
+    index: int,
+) -> dict:
+    """Every rule's outcome on validation scene ``index`` (seed :data:`SEED`).
+
+    Args:
+        model: the grounded model (sdpa), the one that answers.
+        labeller: the same model with eager attention (the label's relevance needs it).
+        processor: its processor.
+        mapper: the mapper whose scores the unprefixed rules select on.
+
+    Returns:
+        ``{"unpruned": bool, "labelled": bool, "correct": {rule: {ratio: bool}},
+        "recall": {rule: {ratio: float}}}`` (ratios as ``str``; ``recall`` empty when the
+        scene has no label).
+    """
+    sample = make_sample("val", index, SEED)
+    _, _, record = label_grounded_sample(labeller, processor, sample)
+    out: dict = {"labelled": record is not None, "correct": {}, "recall": {}}
+    with torch.no_grad():
+        inputs = build_inputs(processor, [sample.image], [sample.question.text])
+        prep = prepare(model, inputs)
+        target = TOKEN_ID[sample.question.answer]
+        out["unpruned"] = int(pruned_logits(model, prep).argmax()) == target
+        ms = select_layer0(model, prep, 1, mapper)[1]
+        at = select_layer0(model, prep, 1, None)[1]
+        u = _unit(prep.visual_embeds)
+        for r in RATIOS:
+            k = keep_count(prep.n_visual, r)
+            sel = {**rules(ms, u, prep.grid, k, ""), **rules(at, u, prep.grid, k, "att_")}
+            kept = {name: _from_visual_index(prep, v) for name, v in sel.items()}
+            kept["divprune"] = select_divprune(prep, k)
+            for name, pos in kept.items():
+                ok = int(pruned_logits(model, prep, pos).argmax()) == target
+                out["correct"].setdefault(name, {})[str(r)] = ok
+                if record is not None:
+                    idx = torch.searchsorted(prep.visual_positions, pos)
+                    rec = kept_recall(idx, record.label, r)
+                    out["recall"].setdefault(name, {})[str(r)] = rec
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=400)
@@ -150,30 +203,26 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     model, processor = load_grounded_model()
     model.eval()
+    labeller, _ = load_grounded_model(attn_implementation="eager")
+    labeller.eval()
     mapper = load_mapper(ASSETS_DIR / "mapper.safetensors")
     hits: dict[str, dict[str, list[bool]]] = {}
+    recalls: dict[str, dict[str, list[float]]] = {}
     unpruned: list[bool] = []
+    labelled: list[bool] = []
     t0 = time.perf_counter()
-    with torch.no_grad():
-        for i in range(args.n):
-            sample = make_sample("val", i, SEED)
-            inputs = build_inputs(processor, [sample.image], [sample.question.text])
-            prep = prepare(model, inputs)
-            target = TOKEN_ID[sample.question.answer]
-            unpruned.append(int(pruned_logits(model, prep).argmax()) == target)
-            ms = select_layer0(model, prep, 1, mapper)[1]
-            at = select_layer0(model, prep, 1, None)[1]
-            u = _unit(prep.visual_embeds)
-            for r in RATIOS:
-                k = keep_count(prep.n_visual, r)
-                sel = {**rules(ms, u, prep.grid, k, ""), **rules(at, u, prep.grid, k, "att_")}
-                kept = {name: _from_visual_index(prep, v) for name, v in sel.items()}
-                kept["divprune"] = select_divprune(prep, k)
-                for name, pos in kept.items():
-                    ok = int(pruned_logits(model, prep, pos).argmax()) == target
-                    hits.setdefault(name, {}).setdefault(str(r), []).append(ok)
-            if (i + 1) % 100 == 0:
-                print(f"{i + 1} scenes, {time.perf_counter() - t0:.0f} s", flush=True)
+    for i in range(args.n):
+        scene = scene_outcomes(model, labeller, processor, mapper, i)
+        unpruned.append(scene["unpruned"])
+        labelled.append(scene["labelled"])
+        for name, by_ratio in scene["correct"].items():
+            for r, ok in by_ratio.items():
+                hits.setdefault(name, {}).setdefault(r, []).append(ok)
+        for name, by_ratio in scene["recall"].items():
+            for r, rec in by_ratio.items():
+                recalls.setdefault(name, {}).setdefault(r, []).append(rec)
+        if (i + 1) % 100 == 0:
+            print(f"{i + 1} scenes, {time.perf_counter() - t0:.0f} s", flush=True)
     import transformers
 
     summary = {
@@ -195,11 +244,17 @@ def main() -> int:
             }
             for m, h in hits.items()
         },
+        "labelled": sum(labelled),
+        "labelled_unpruned_disagree": sum(a != b for a, b in zip(labelled, unpruned, strict=True)),
+        "recall": {m: {r: sum(v) / len(v) for r, v in h.items()} for m, h in recalls.items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     for m, acc in summary["accuracy"].items():
         print(m, {r: round(100 * a, 1) for r, a in acc.items()})
+    print(f"label recall (%), {summary['labelled']} labelled scenes:")
+    for m, rec in summary["recall"].items():
+        print(m, {r: round(100 * a, 1) for r, a in rec.items()})
     return 0
 
 
