@@ -277,12 +277,38 @@ def _canonical(metadata: dict[str, Any]) -> str:
     return json.dumps(metadata, sort_keys=True, allow_nan=False)
 
 
+def _lock_directory(path: Path) -> int | None:
+    """An exclusive, non-blocking ``flock`` on the directory ``path``: the descriptor holding it
+    (None where the platform has no ``fcntl``).
+
+    Raises:
+        ValueError: another descriptor (another :class:`ShardWriter`) holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(
+            f"out_dir '{path}' is being written by another ShardWriter (one writer per "
+            "directory: label disjoint ranges into separate directories)"
+        ) from None
+    return fd
+
+
 class ShardWriter:
     """Write :class:`LabelRecord` s into a label directory, shard by shard; resumable.
 
     Use as a context manager (``with ShardWriter(out) as w: ...``); leaving the block flushes the
     buffered records, also when the block raises (every completed record is kept, so a rerun
-    resumes after it). One writer per directory at a time.
+    resumes after it). One writer per directory at a time: the writer holds an exclusive lock on
+    ``out_dir`` (``flock`` on the directory, released by :meth:`close`) and a second writer on
+    the same directory, in this process or another, is refused - two writers would number their
+    shards alike and overwrite each other's.
 
     Args:
         out_dir: directory (created if missing). Existing shards are scanned: their sample ids
@@ -296,7 +322,8 @@ class ShardWriter:
 
     Raises:
         ValueError: bad ``shard_size`` or ``metadata``, a metadata mismatch with existing
-            shards, or an existing shard that cannot be read.
+            shards, an existing shard that cannot be read, or another writer open on
+            ``out_dir``.
     """
 
     def __init__(
@@ -324,13 +351,18 @@ class ShardWriter:
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise ValueError(f"out_dir must be a directory, got the file '{self.out_dir}'")
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock_directory(self.out_dir)
         self.shard_size = shard_size
         self._done: set[str] = set()
         self._next_index = 0
         self._buffer: list[tuple[str, torch.Tensor, torch.Tensor, str]] = []
         self._extras: list[dict[str, torch.Tensor]] = []  # each buffered record's heads / grid
         self._closed = False
-        self._scan()
+        try:
+            self._scan()
+        except BaseException:
+            self._unlock()
+            raise
 
     def _scan(self) -> None:
         for child in self.out_dir.iterdir():
@@ -440,8 +472,21 @@ class ShardWriter:
         self._buffer.clear()
         self._extras.clear()
 
+    def __del__(self) -> None:  # a writer dropped unclosed (a crash) releases the directory
+        if getattr(self, "_lock_fd", None) is not None:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases its flock
+            self._lock_fd = None
+
     def close(self) -> None:
-        """Flush the buffered records; further :meth:`add` calls raise. Idempotent."""
+        """Flush the buffered records, release the directory; further :meth:`add` calls raise.
+        Idempotent."""
         if not self._closed:
-            self.flush()
-            self._closed = True
+            try:
+                self.flush()
+            finally:
+                self._closed = True
+                self._unlock()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 
@@ -84,6 +85,43 @@ def test_resume_skips_done_ids_and_appends(tmp_path, gen):
     _assert_same(read_labels(tmp_path), recs)
 
 
+def test_one_writer_per_directory(tmp_path, gen):
+    """A second writer on a directory in use is refused (in this process and from another);
+    closing, or failing to open, releases it. Before the lock, two writers numbered their shards
+    alike and the later one overwrote the other's (records lost without an error)."""
+    import subprocess
+    import sys
+
+    recs = _records(gen, 6)
+    first = ShardWriter(tmp_path, shard_size=2, metadata=META)
+    first.add(recs[0])
+    with pytest.raises(ValueError, match=r"another ShardWriter .* separate directories"):
+        ShardWriter(tmp_path, shard_size=2, metadata=META)
+    code = (
+        "import sys; from tokenprune_kernels.labels import ShardWriter\n"
+        "try:\n    ShardWriter(sys.argv[1])\nexcept ValueError as e:\n    print(e); sys.exit(3)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True
+    )
+    assert out.returncode == 3 and "another ShardWriter" in out.stdout, out.stderr
+    other = tmp_path / "other"  # another directory is free
+    with ShardWriter(other, metadata=META) as w:
+        w.add(recs[5])
+    first.add(recs[1])
+    first.close()
+    with ShardWriter(tmp_path, shard_size=2, metadata=META) as w:  # released by close
+        for r in recs[2:5]:
+            w.add(r)
+    with pytest.raises(RuntimeError), ShardWriter(tmp_path, shard_size=2, metadata=META):
+        raise RuntimeError("boom")
+    with pytest.raises(ValueError, match="metadata mismatch"):  # a failed open releases it too
+        ShardWriter(tmp_path, metadata={**META, "model": "x"})
+    with ShardWriter(tmp_path, shard_size=2, metadata=META) as w:
+        assert w.done_ids() == {f"s{i}" for i in range(5)}
+    _assert_same(read_labels(tmp_path), recs[:5])
+
+
 def test_metadata_mismatch_on_resume(tmp_path, gen):
     with ShardWriter(tmp_path, metadata=META) as w:
         w.add(_records(gen, 1)[0])
@@ -109,6 +147,8 @@ def test_interrupted_write_leaves_no_partial_shard(tmp_path, gen, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         w.add(recs[5])  # the shard write fails mid-way
     monkeypatch.undo()
+    del w  # the crashed writer goes away (its process would), and with it its directory lock
+    gc.collect()
     assert sorted(os.listdir(tmp_path)) == ["labels-00000.safetensors"]
     _assert_same(read_labels(tmp_path), recs[:3])
     # a leftover temp file from a hard kill is ignored by readers and removed by the next writer

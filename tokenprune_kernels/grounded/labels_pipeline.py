@@ -179,8 +179,10 @@ def make_labels(
 ) -> dict[str, Any]:
     """Label train-split samples ``start .. start + n - 1`` (scene seed ``seed``, question types
     cycling through ``qtypes``) into ``out_dir`` (resumable: finished ids are skipped). Writes
-    ``summary.json`` (``summary-<start>.json`` when ``start > 0``, so that processes labelling
-    disjoint ranges into one directory keep their own); returns it."""
+    ``summary.json`` (``summary-<start>.json`` when ``start > 0``, so that a later range labelled
+    into the same directory keeps its own); returns it. One process per directory at a time
+    (:class:`~tokenprune_kernels.labels.ShardWriter` refuses a second): label ranges in parallel
+    into separate directories."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
     qtypes = check_question_types(qtypes)
