@@ -148,3 +148,19 @@ def test_layer_use_cli(source, tmp_path):
     assert 0.0 <= res["mcnemar_p"] <= 1.0
     with pytest.raises(SystemExit):
         layer_use.main(["--run", str(source.parent), "--out", str(out)])
+
+
+def test_committed_deep_model():
+    """The 14-layer model of benchmarks/results/grounded14_eval.md: loadable, 14 layers, the
+    recorded placement, a mapper that loads."""
+    from pathlib import Path
+
+    from tokenprune_kernels.mapper import load_mapper
+
+    d = Path(__file__).resolve().parents[2] / "benchmarks" / "grounded" / "models" / "grounded14up"
+    model, _ = M.load_model_dir(d / "model")
+    assert model.config.text_config.num_hidden_layers == 14
+    log = json.loads((d / "train_log.json").read_text())
+    assert log["init_from"]["placement"] == [0, 4, 9, 13] == layer_placement(4, 14)
+    assert log["test"]["n"] == 260
+    load_mapper(d / "mapper.safetensors")
