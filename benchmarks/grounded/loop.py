@@ -274,7 +274,9 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
     )
     placement = None
     if getattr(args, "init_from", None):
-        model, processor, placement = depth_upscaled(args.init_from, args.layers, args.seed)
+        model, processor, placement = depth_upscaled(
+            args.init_from, args.layers, args.seed, getattr(args, "init_placement", None)
+        )
         config = model.config
     else:
         model = build_model(config, seed=args.seed)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from benchmarks.grounded.batches import WARM_SIZES
 from benchmarks.grounded.loop import train
+from benchmarks.grounded.upscale import check_placement
 from tokenprune_kernels.grounded.scenes import (
     ALL_QUESTION_TYPES,
     EXTRA_QUESTION_TYPES,
@@ -185,6 +186,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "up-scaling (benchmarks.grounded.upscale; the architecture options other than "
         "--layers are then the source's)",
     )
+    p.add_argument(
+        "--init-placement",
+        default=None,
+        help="--init-from: comma-separated new indices of the source's layers, strictly "
+        "increasing (default: evenly spread, the first at 0 and the last at the top)",
+    )
     args = p.parse_args(argv)
     _check(p, args)
     return args
@@ -218,6 +225,17 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 f"{text['num_hidden_layers']} layers"
             )
         args.heads = text["num_attention_heads"]
+        if args.init_placement is not None:
+            try:
+                args.init_placement = check_placement(
+                    [int(x) for x in args.init_placement.split(",") if x.strip()],
+                    text["num_hidden_layers"],
+                    args.layers,
+                )
+            except ValueError as err:
+                p.error(f"--init-placement: {err}")
+    elif args.init_placement is not None:
+        p.error("--init-placement needs --init-from")
     if args.aux_pos_layer is None:
         args.aux_pos_layer = quarter_depth(args.layers)
     if args.aux_attn_early_layer is None:

@@ -13,7 +13,9 @@ embedding rows). ``python3 -m benchmarks.grounded.train --init-from DIR
 
 from __future__ import annotations
 
+import itertools
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +42,34 @@ def layer_placement(old: int, new: int) -> list[int]:
     return [round(i * (new - 1) / (old - 1)) for i in range(old)]
 
 
-def depth_upscaled(source: str | Path, layers: int, seed: int = 0) -> tuple[Any, Any, list[int]]:
+def check_placement(placement: Sequence[int], old: int, new: int) -> list[int]:
+    """``placement`` as a list after checking it places ``old`` layers in ``new``: strictly
+    increasing indices in ``[0, new)``, one per source layer.
+
+    Raises:
+        ValueError: anything else.
+    """
+    p = [int(i) for i in placement]
+    increasing = all(a < b for a, b in itertools.pairwise(p))
+    if len(p) != old or not increasing or not 0 <= p[0] <= p[-1] < new:
+        raise ValueError(
+            f"placement must be {old} strictly increasing layer indices in [0, {new}), "
+            f"got {list(placement)}"
+        )
+    return p
+
+
+def depth_upscaled(
+    source: str | Path, layers: int, seed: int = 0, placement: Sequence[int] | None = None
+) -> tuple[Any, Any, list[int]]:
     """``(model, processor, placement)``: the model directory ``source`` deepened to ``layers``
     decoder layers (fp32, eval mode). ``placement[i]`` is the new index of source layer ``i``
-    (:func:`layer_placement`); new layers draw their weights from ``torch.manual_seed(seed)``
+    (default :func:`layer_placement`; any strictly increasing choice, :func:`check_placement`);
+    new layers draw their weights from ``torch.manual_seed(seed)``
     with ``initializer_range`` of the source config, then :data:`ZEROED` are set to 0.
 
     Raises:
-        ValueError: ``layers`` is below the source's depth.
+        ValueError: ``layers`` is below the source's depth, or a bad ``placement``.
     """
     old_model, old_processor = load_model_dir(source)
     processor = build_processor()
@@ -65,7 +87,11 @@ def depth_upscaled(source: str | Path, layers: int, seed: int = 0) -> tuple[Any,
         )
     text = old_model.config.text_config
     old = int(text.num_hidden_layers)
-    placement = layer_placement(old, layers)
+    placement = (
+        layer_placement(old, layers)
+        if placement is None
+        else check_placement(placement, old, layers)
+    )
     cfg_dict = old_model.config.to_dict()
     tc = cfg_dict["text_config"]
     tc["num_hidden_layers"] = layers

@@ -13,7 +13,7 @@ pytest.importorskip("PIL", reason="scenes are rendered with Pillow")
 
 from benchmarks.grounded import loop
 from benchmarks.grounded import train as T
-from benchmarks.grounded.upscale import ZEROED, depth_upscaled, layer_placement
+from benchmarks.grounded.upscale import ZEROED, check_placement, depth_upscaled, layer_placement
 from tokenprune_kernels.grounded import model as M
 from tokenprune_kernels.grounded import scenes as S
 
@@ -75,6 +75,37 @@ def test_deeper_model_computes_the_source(source):
     assert not torch.equal(
         other.model.language_model.layers[1].self_attn.q_proj.weight,
         new_layers[1].self_attn.q_proj.weight,
+    )
+
+
+def test_chosen_placement(source, capsys):
+    """A chosen placement (the source's first layers kept first, so that FastV-like pruning
+    after layer 1 reads a trained layer's attention) computes the source too."""
+    assert check_placement((0, 1, 5), 3, 7) == [0, 1, 5]
+    for bad in ((0, 1), (0, 0, 3), (1, 0, 3), (0, 1, 7), (-1, 1, 3)):
+        with pytest.raises(ValueError, match="strictly increasing layer indices in"):
+            check_placement(bad, 3, 7)
+    old, processor = M.load_model_dir(source)
+    new, _, placement = depth_upscaled(source, 7, seed=3, placement=[0, 1, 5])
+    assert placement == [0, 1, 5]
+    a = old.model.language_model.layers[2].state_dict()
+    b = new.model.language_model.layers[5].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    s = S.make_sample("test", 7, 0, (80, 64))
+    inputs = M.build_inputs(processor, [s.image], [s.question.text])
+    with torch.no_grad():
+        torch.testing.assert_close(new(**inputs).logits, old(**inputs).logits, rtol=0, atol=1e-6)
+    args = T.parse_args(["--out", "x", "--init-from", str(source), "--layers", "7",
+                         "--init-placement", "0,1,5"])  # fmt: skip
+    assert args.init_placement == [0, 1, 5]
+    for extra in (["--init-from", str(source), "--layers", "7", "--init-placement", "0,2"],
+                  ["--init-placement", "0,1,5"]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            T.parse_args(["--out", "x", *extra])
+    err = capsys.readouterr().err
+    assert (
+        "--init-placement: placement must be 3" in err
+        and "--init-placement needs --init-from" in err
     )
 
 
