@@ -192,6 +192,6 @@ def test_committed_deep_model():
     model, _ = M.load_model_dir(d / "model")
     assert model.config.text_config.num_hidden_layers == 14
     log = json.loads((d / "train_log.json").read_text())
-    assert log["init_from"]["placement"] == [0, 4, 9, 13] == layer_placement(4, 14)
+    assert log["init_from"]["placement"] == [0, 1, 7, 13] == log["args"]["init_placement"]
     assert log["test"]["n"] == 260
     load_mapper(d / "mapper.safetensors")
