@@ -195,3 +195,10 @@ def test_committed_deep_model():
     assert log["init_from"]["placement"] == [0, 1, 7, 13] == log["args"]["init_placement"]
     assert log["test"]["n"] == 260
     load_mapper(d / "mapper.safetensors")
+    import hashlib
+
+    results = d.parents[2] / "results"
+    header = json.loads((results / "grounded14_eval.json").read_text())["header"]
+    for key, f in (("model_sha256", d / "model" / "model.safetensors"),
+                   ("mapper_sha256", d / "mapper.safetensors")):  # fmt: skip
+        assert header[key] == hashlib.sha256(f.read_bytes()).hexdigest(), key
