@@ -34,10 +34,10 @@ import torch
 
 from benchmarks.grounded.loop import LOG_FILE, evaluate, versions
 from benchmarks.grounded.upscale import ZEROED
-from benchmarks.mapper_v2.evaluate import mcnemar_p
-from tokenprune_kernels.bench import cpu_model
+from tokenprune_kernels.bench import cpu_model, environment
 from tokenprune_kernels.grounded.model import build_inputs, load_model_dir
 from tokenprune_kernels.grounded.scenes import SPLIT_SIZES, make_sample
+from tokenprune_kernels.grounded.stats import discordant, mcnemar_exact
 
 PROG = "python3 -m benchmarks.grounded.layer_use"
 
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "n": int(sel.sum()),
             "accuracy": float(a[sel].mean()),
             "without_new_layers": float(b[sel].mean()),
-            "mcnemar_p": mcnemar_p(a[sel].tolist(), b[sel].tolist()),
+            "mcnemar_p": mcnemar_exact(*discordant(a[sel].tolist(), b[sel].tolist())),
         }
     size = SPLIT_SIZES["test"][0]
     samples = [make_sample("test", j, seed, size, qtypes=types) for j in range(8)]
@@ -126,12 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": f"{PROG} " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])),
         "versions": versions(),
         "cpu": cpu_model(),
+        "commit": environment("cpu")["commit"],
         "run": str(run),
         "placement": placement,
         "n": int(a.size),
         "accuracy": float(a.mean()),
         "without_new_layers": float(b.mean()),
-        "mcnemar_p": mcnemar_p(a.tolist(), b.tolist()),
+        "mcnemar_p": mcnemar_exact(*discordant(a.tolist(), b.tolist())),
         "by_type": by_type,
         "update_ratio": [
             {"layer": i, "new": i in new, "ratio": round(r, 4)} for i, r in enumerate(ratios)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from benchmarks.mapper_v2.variants import VARIANTS, attention_input, grid_input
 from tokenprune_kernels.grounded.methods import keep_count, prepare, pruned_logits, select_scores
 from tokenprune_kernels.grounded.model import ASSETS_DIR, build_inputs, load_grounded_model
 from tokenprune_kernels.grounded.scenes import make_sample
+from tokenprune_kernels.grounded.stats import discordant, mcnemar_exact
 from tokenprune_kernels.mapper import TokenMapper, load_mapper
 from tokenprune_kernels.training.data import topk_mask
 
@@ -42,14 +42,9 @@ RATIOS = (0.125, 0.0625, 0.03125)
 
 
 def mcnemar_p(a: list[bool], b: list[bool]) -> float:
-    """Exact two-sided McNemar p-value of paired outcomes ``a`` vs ``b``."""
-    n01 = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
-    n10 = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
-    n = n01 + n10
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(n01, n10) + 1)) / 2**n
-    return min(1.0, 2 * tail)
+    """Exact two-sided McNemar p-value of paired outcomes ``a`` vs ``b`` (the package's
+    :func:`~tokenprune_kernels.grounded.stats.mcnemar_exact` of their discordant counts)."""
+    return mcnemar_exact(*discordant(a, b))
 
 
 @torch.no_grad()

@@ -47,7 +47,6 @@ inline std::vector<int64_t> read_offsets(const at::Tensor& t, const char* name, 
   return cu;
 }
 
-// A new 1-D CPU tensor of dtype `dtype` (int32 or int64) holding the offsets `cu`.
 // Per-sample keep counts of a selection kernel: `keep_counts` must be [B] int64 on the CPU;
 // returned as a host vector (the values are the op layer's, already checked against the sizes).
 inline std::vector<int64_t> read_keep_counts(const at::Tensor& keep_counts, int64_t batch) {
@@ -59,6 +58,7 @@ inline std::vector<int64_t> read_keep_counts(const at::Tensor& keep_counts, int6
   return to_int64_vector(keep_counts);
 }
 
+// A new 1-D CPU tensor of dtype `dtype` (int32 or int64) holding the offsets `cu`.
 inline at::Tensor offsets_tensor(const std::vector<int64_t>& cu, c10::ScalarType dtype) {
   at::Tensor out = at::empty({static_cast<int64_t>(cu.size())}, at::TensorOptions().dtype(dtype));
   if (dtype == c10::kLong) {

@@ -176,7 +176,7 @@ def test_layer_use_cli(source, tmp_path):
     assert set(res["by_type"]) == {"extreme", "read_glyph"}
     assert sum(v["n"] for v in res["by_type"].values()) == res["n"]
     assert [u["new"] for u in res["update_ratio"]] == [False, True, False, False]
-    assert 0.0 <= res["mcnemar_p"] <= 1.0
+    assert 0.0 <= res["mcnemar_p"] <= 1.0 and res["commit"]
     with pytest.raises(SystemExit):
         layer_use.main(["--run", str(source.parent), "--out", str(out)])
 
