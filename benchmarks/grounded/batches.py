@@ -17,7 +17,9 @@ import torch
 
 from tokenprune_kernels.grounded.model import CHAT_TEMPLATE, IM_END, IMAGE_PAD, TOKEN_ID
 from tokenprune_kernels.grounded.scenes import (
+    DIGITS,
     EXTRA_QUESTION_TYPES,
+    GLYPH_SHAPE,
     MAX_OBJECTS,
     MIN_OBJECTS,
     QUESTION_TYPES,
@@ -31,6 +33,7 @@ from tokenprune_kernels.grounded.scenes import (
     object_id_map,
     render_scene,
     sample_rng,
+    small_indices,
     token_cells,
     visual_tokens,
 )
@@ -168,14 +171,21 @@ def training_scenes(
 
 
 def training_batch(
-    processor: Any, step: int, seed: int, n_images: int, n_questions: int, **kwargs: Any
+    processor: Any,
+    step: int,
+    seed: int,
+    n_images: int,
+    n_questions: int,
+    fine_labels: bool = False,
+    **kwargs: Any,
 ) -> tuple[dict[str, Any], tuple[int, int], list[str]]:
     """The batch of training step ``step``: ``(inputs, size, question types)`` of the scenes of
     :func:`training_scenes` (same arguments), rendered and encoded by
     :func:`encode_training_batch`, with the targets of the auxiliary losses:
 
     - ``token_shape [visual tokens of the batch]`` int64: :func:`token_shape_labels` of each
-      scene, flattened, scenes in order (the shape probe's target);
+      scene, flattened, scenes in order (the shape probe's target); with ``fine_labels``
+      :func:`token_fine_labels` instead (small objects and glyphs labelled too);
     - ``attn_target``: per question (in order), a ``[visual tokens of its scene]`` bool mask of
       the tokens its answer attention is supervised onto: the objects the question involves,
       for ``left_of`` the LEFT object of its pair only (the pair's leftmost, found as
@@ -191,9 +201,10 @@ def training_batch(
     qtypes = [q.qtype for _, qs in scenes for q in qs]
     batch: dict[str, Any] = dict(encode_training_batch(processor, images, questions, answers))
     objects = [token_objects(scene) for scene, _ in scenes]  # rendered once per scene
+    label_fn = token_fine_labels if fine_labels else token_shape_labels
     batch["token_shape"] = torch.cat(
         [
-            torch.from_numpy(token_shape_labels(scene, objs)).flatten()
+            torch.from_numpy(label_fn(scene, objs)).flatten()
             for (scene, _), objs in zip(scenes, objects, strict=True)
         ]
     )
@@ -233,3 +244,45 @@ def token_shape_labels(scene: Scene, objects: np.ndarray | None = None) -> np.nd
         np.int64,
     )
     return shape_of[token_objects(scene) if objects is None else objects]
+
+
+FINE_CLASSES = 1 + len(SHAPES) + len(DIGITS)
+"""Classes of :func:`token_fine_labels`: background, each shape, each glyph digit."""
+
+
+def token_fine_labels(scene: Scene, objects: np.ndarray | None = None) -> np.ndarray:
+    """:func:`token_shape_labels`, plus the opt-in scenes' few-pixel objects: every token that
+    no regular object claims but a small object (:func:`~tokenprune_kernels.grounded.scenes.
+    small_indices`) or a glyph overlaps by at least one pixel of
+    :func:`~tokenprune_kernels.grounded.scenes.object_id_map` gets the class of the one with
+    the most pixels in it - ``1 + SHAPES.index(shape)`` for a small object,
+    ``1 + len(SHAPES) + digit`` for a glyph (``[H/16, W/16]`` int64 in
+    ``[0, FINE_CLASSES)``).
+
+    Without it a glyph's tokens are background to the shape probe and most small objects (under
+    a quarter of a token) too, so the probe pushes exactly the tokens that the opt-in answers
+    need towards the background's features. Scenes of the default types have neither, so
+    their labels equal :func:`token_shape_labels`'.
+    """
+    base = token_shape_labels(scene, objects)
+    few = sorted(
+        set(small_indices(scene))
+        | {i for i, o in enumerate(scene.objects) if o.shape == GLYPH_SHAPE}
+    )
+    if not few:
+        return base
+    cells = token_cells(object_id_map(scene))
+    counts = np.stack([(cells == i + 1).sum(-1) for i in few])  # [few, H/16, W/16]
+    cls = np.array(
+        [
+            1 + len(SHAPES) + DIGITS.index(str(o.symbol))
+            if o.shape == GLYPH_SHAPE
+            else 1 + SHAPES.index(o.shape)
+            for o in (scene.objects[i] for i in few)
+        ],
+        np.int64,
+    )
+    take = (counts.max(0) > 0) & (base == 0)
+    out = base.copy()
+    out[take] = cls[counts.argmax(0)[take]]
+    return out

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.grounded.batches import training_batch
+from benchmarks.grounded.batches import FINE_CLASSES, training_batch
 from benchmarks.grounded.losses import (
     LLMAux,
     answer_loss,
@@ -51,6 +51,7 @@ from tokenprune_kernels.grounded.scenes import (
     MAX_OBJECTS,
     MIN_OBJECTS,
     QUESTION_TYPES,
+    SHAPES,
     SPLIT_SIZES,
     make_sample,
     visual_tokens,
@@ -285,7 +286,8 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
     probe = None
     if args.aux_weight > 0:
         torch.manual_seed(args.seed + 1)
-        probe = shape_probe(config.text_config.hidden_size)
+        classes = FINE_CLASSES if getattr(args, "fine_probe", False) else 1 + len(SHAPES)
+        probe = shape_probe(config.text_config.hidden_size, classes)
     llm_aux = None
     if args.aux_pos > 0 or args.aux_attn > 0:
         torch.manual_seed(args.seed + 2)
@@ -360,6 +362,7 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
             warm_sizes=[tuple(w) for w in args.warm_sizes],
             warm_prob=warm_probability(step, args.steps, args.warm),
             qtypes=args.types,
+            fine_labels=getattr(args, "fine_probe", False),
         )
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)

@@ -51,10 +51,11 @@ def answer_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> list[floa
     return ce.tolist()
 
 
-def shape_probe(hidden: int) -> torch.nn.Linear:
-    """The shape probe: merged visual features ``[N, hidden]`` -> ``1 + len(SHAPES)`` logits
-    (background, then each shape)."""
-    return torch.nn.Linear(hidden, 1 + len(SHAPES))
+def shape_probe(hidden: int, classes: int = 1 + len(SHAPES)) -> torch.nn.Linear:
+    """The shape probe: merged visual features ``[N, hidden]`` -> ``classes`` logits
+    (background, then each shape; with ``--fine-probe``
+    :data:`~benchmarks.grounded.batches.FINE_CLASSES`: each glyph digit after them)."""
+    return torch.nn.Linear(hidden, classes)
 
 
 def shape_probe_loss(

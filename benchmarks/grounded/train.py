@@ -115,6 +115,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=1.0,
         help="weight of the shape probe's loss on the merged visual features (0: off)",
     )
+    p.add_argument(
+        "--fine-probe",
+        action="store_true",
+        help="the shape probe also classifies the tokens of small objects (their shape) and "
+        "glyphs (their digit) (benchmarks.grounded.batches.token_fine_labels); for the opt-in "
+        "question types",
+    )
     p.add_argument("--log-every", type=int, default=25, help="log the loss every N steps")
     p.add_argument(
         "--stop-after",
@@ -267,6 +274,8 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--aux-attn-head must be in [0, --heads ({args.heads}))")
     if args.aux_weight < 0:
         p.error(f"--aux-weight must be >= 0 (0: off), got {args.aux_weight}")
+    if args.fine_probe and args.aux_weight == 0:
+        p.error("--fine-probe needs the shape probe: --aux-weight > 0")
     if not 0.0 <= args.warm <= 1.0:
         p.error("--warm must be in [0, 1]")
     if args.sizes is None:

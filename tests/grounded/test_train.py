@@ -5,6 +5,7 @@ model's own, the schedules, the defaults (the shipped recipe) and option errors.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -54,6 +55,18 @@ def test_tiny_run_and_reproducible(tmp_path):
     assert saved["steps"][0]["scale"] == loop.curriculum_scale(0, 3, 2.5, 0.4) == 2.5
     model, _ = M.load_model_dir(out / "model")
     assert model.config.text_config.hidden_size == 32
+
+
+def test_fine_probe_run(tmp_path):
+    """--fine-probe trains a probe over FINE_CLASSES on the opt-in scenes' fine labels; without
+    it the same run's probe loss differs (the glyph tokens are background there)."""
+    common = ["--steps", "2", "--val-per-size", "0", "--test-per-size", "0"]
+    types = ["--question-types", "read_glyph,count_small"]
+    fine, _ = _run(tmp_path, "f", *common, *types, "--fine-probe")
+    plain, _ = _run(tmp_path, "p", *common, *types)
+    assert fine["args"]["fine_probe"] is True and plain["args"]["fine_probe"] is False
+    assert [s["aux"] for s in fine["steps"]] != [s["aux"] for s in plain["steps"]]
+    assert all(math.isfinite(s["aux"]) for s in fine["steps"])
 
 
 def test_validation_and_test_evaluation(tmp_path):
@@ -171,6 +184,7 @@ def test_probe_loss_reaches_the_vision_tower():
         (["--warm", "1.5"], "--warm must be"),
         (["--stop-after", "0"], "--stop-after must be >= 1"),
         (["--aux-weight", "-1"], "--aux-weight must be >= 0"),
+        (["--fine-probe", "--aux-weight", "0"], "--fine-probe needs the shape probe"),
         (["--warm-sizes", "64x64,abc"], "--warm-sizes must be HEIGHTxWIDTH"),
         (["--warm-sizes", "64x70"], "--warm-sizes must be"),
         (["--question-types", "count_small,x"], "--question-types must be distinct types of"),

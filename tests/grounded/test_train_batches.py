@@ -105,6 +105,70 @@ def test_token_objects_and_shape_labels_agree():
     assert np.array_equal(B.token_shape_labels(scene, objs), shapes)
 
 
+def _independent_fine(scene):
+    """Per token: the regular object's shape where token_shape_labels has one, else the class
+    of the few-pixel object (small object or glyph) with the most pixels of the id map in it,
+    counted pixel by pixel."""
+    base = B.token_shape_labels(scene)
+    ids = S.object_id_map(scene)
+    small = set(S.small_indices(scene))
+    out = base.copy()
+    for r in range(base.shape[0]):
+        for c in range(base.shape[1]):
+            if base[r, c]:
+                continue
+            cell = ids[16 * r : 16 * r + 16, 16 * c : 16 * c + 16]
+            best, best_n = 0, 0
+            for i, o in enumerate(scene.objects):
+                if i not in small and o.shape != S.GLYPH_SHAPE:
+                    continue
+                n = int((cell == i + 1).sum())
+                if n > best_n:
+                    if o.shape == S.GLYPH_SHAPE:
+                        best = 1 + len(S.SHAPES) + int(o.symbol)
+                    else:
+                        best = 1 + S.SHAPES.index(o.shape)
+                    best_n = n
+            out[r, c] = best
+    return out
+
+
+@pytest.mark.parametrize("qtype", ["count_small", "read_glyph"])
+@pytest.mark.parametrize("index", [1, 6])
+def test_token_fine_labels_label_few_pixel_objects(qtype, index):
+    sample = S.make_sample("train", index, 3, (160, 208), qtype)
+    scene = sample.scene
+    got = B.token_fine_labels(scene)
+    assert got.shape == (10, 13) and got.dtype == np.int64
+    assert got.min() >= 0 and got.max() < B.FINE_CLASSES
+    assert np.array_equal(got, _independent_fine(scene))
+    # the glyph's digit reaches its tokens; the base labels call them background
+    glyph = next(o for o in scene.objects if o.shape == S.GLYPH_SHAPE)
+    digit = 1 + len(S.SHAPES) + int(glyph.symbol)
+    assert (got == digit).any() and not (B.token_shape_labels(scene) > len(S.SHAPES)).any()
+    small = S.small_indices(scene)
+    shown = {1 + S.SHAPES.index(scene.objects[i].shape) for i in small}
+    assert shown <= set(np.unique(got).tolist())
+
+
+@pytest.mark.parametrize("index", [0, 5])
+def test_token_fine_labels_equal_shape_labels_on_default_scenes(index):
+    scene = S.random_scene(S.sample_rng("train", index, 2), (128, 160), scale=1.5)
+    assert np.array_equal(B.token_fine_labels(scene), B.token_shape_labels(scene))
+
+
+def test_training_batch_fine_labels(processor):
+    kw = dict(sizes=[(128, 160)], qtypes=["read_glyph"])
+    plain, _, _ = B.training_batch(processor, 2, 0, 2, 1, **kw)
+    fine, _, _ = B.training_batch(processor, 2, 0, 2, 1, fine_labels=True, **kw)
+    _, scenes = B.training_scenes(2, 0, 2, 1, **kw)
+    want = np.concatenate([B.token_fine_labels(sc).flatten() for sc, _ in scenes])
+    assert np.array_equal(fine["token_shape"].numpy(), want)
+    assert (fine["token_shape"] > len(S.SHAPES)).any()
+    assert not (plain["token_shape"] > len(S.SHAPES)).any()
+    assert torch.equal(plain["input_ids"], fine["input_ids"])
+
+
 def test_attn_target_masks(processor):
     """Per question: the tokens of the objects it involves; for ``left_of`` the left object of
     its pair only (the first-named one exactly when the answer is yes)."""
