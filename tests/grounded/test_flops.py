@@ -40,6 +40,22 @@ def test_mapper_flops_match_the_flop_counter():
     assert fc.get_total_flops() == F.mapper_flops((8, 16, 5), 3, 17)
 
 
+def test_multi_channel_mapper_flops_match_the_flop_counter():
+    """A mapper on per-group attention and the grid: its first block takes ``G + 2`` inputs, and
+    the evaluation's selection overhead counts them."""
+    from tokenprune_kernels.grounded.evaluate import layer0_rows_flops, selection_flops
+
+    cfg = MapperConfig(channels=(8, 16, 5), kernel_size=3, attention_channels=2, grid=True)
+    mapper = TokenMapper(cfg)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        mapper(torch.rand(1, 17, 2), torch.tensor([17]), grid=torch.rand(1, 17, 2))
+    want = F.mapper_flops((8, 16, 5), 3, 17, in_channels=4)
+    assert fc.get_total_flops() == want > F.mapper_flops((8, 16, 5), 3, 17)
+    rows = [3, 30, 31]
+    got = selection_flops("mapper", SHAPE, 40, 17, rows, mapper)
+    assert got == layer0_rows_flops(SHAPE, rows) + want
+
+
 def test_prefill_and_fastv_flops():
     n, nv = 300, 256
     full = F.prefill_flops(SHAPE, n)

@@ -329,7 +329,7 @@ def selection_flops(
             if mapper is None:
                 raise ValueError(f"method {method!r} needs mapper (a TokenMapper)")
             cfg = mapper.config
-            rows += mapper_flops(cfg.channels, cfg.kernel_size, n_visual)
+            rows += mapper_flops(cfg.channels, cfg.kernel_size, n_visual, cfg.in_channels)
         return rows
     if method in LLM_METHODS:
         return fastv_scoring_flops(shape, n)
