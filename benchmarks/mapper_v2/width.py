@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from benchmarks.mapper_v2.evaluate import kept_recall, mcnemar_p
-from tokenprune_kernels.bench import cpu_model
+from tokenprune_kernels.bench import cpu_model, environment
 from tokenprune_kernels.grounded.evaluate import _instruction_positions, selection_flops
 from tokenprune_kernels.grounded.flops import LMShape, mapper_flops, prefill_flops
 from tokenprune_kernels.grounded.labels_pipeline import label_grounded_sample
@@ -186,6 +186,7 @@ def main() -> int:
     summary = {
         "command": shlex.join(["python3", "-m", "benchmarks.mapper_v2.width", *sys.argv[1:]]),
         "cpu": cpu_model(),
+        "commit": environment("cpu")["commit"],
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "model_dir": str(args.model_dir),
         "split": "val",

@@ -118,7 +118,7 @@ def test_cli(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", argv)
     assert W.main() == 0
     got = json.loads(out.read_text())
-    assert got["split"] == "val" and got["scenes"] == 1
+    assert got["split"] == "val" and got["scenes"] == 1 and got["commit"]
     assert got["mappers"]["m"]["channels"] == [4, 8]
     assert set(got["mcnemar_p"]["m_top"]) == {"mapper_top", "att_top"}
     assert got["mcnemar_p"]["att_top"] == {"mapper_top": got["mcnemar_p"]["mapper_top"]["att_top"]}
