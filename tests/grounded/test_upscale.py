@@ -202,3 +202,15 @@ def test_committed_deep_model():
     for key, f in (("model_sha256", d / "model" / "model.safetensors"),
                    ("mapper_sha256", d / "mapper.safetensors")):  # fmt: skip
         assert header[key] == hashlib.sha256(f.read_bytes()).hexdigest(), key
+    # the narrow mapper chosen on validation (grounded14_mapper_width.json) and its evaluation
+    narrow = load_mapper(d / "mapper_narrow.safetensors")
+    assert narrow.config.channels == (8, 16, 32, 64) and narrow.config.kernel_size == 5
+    header = json.loads((results / "grounded14_narrow_eval.json").read_text())["header"]
+    for key, f in (("model_sha256", d / "model" / "model.safetensors"),
+                   ("mapper_sha256", d / "mapper_narrow.safetensors")):  # fmt: skip
+        assert header[key] == hashlib.sha256(f.read_bytes()).hexdigest(), key
+    width = json.loads((results / "grounded14_mapper_width.json").read_text())
+    assert width["mappers"]["e80_8_16_32_64"]["channels"] == [8, 16, 32, 64]
+    assert width["mappers"]["e80_8_16_32_64"]["parameters"] == sum(
+        t.numel() for t in narrow.parameters()
+    )
