@@ -214,3 +214,31 @@ def test_committed_deep_model():
     assert width["mappers"]["e80_8_16_32_64"]["parameters"] == sum(
         t.numel() for t in narrow.parameters()
     )
+
+
+def test_committed_narrow_mapper_of_the_shipped_model():
+    """benchmarks/grounded/models/grounded4_narrow: the mapper of grounded_narrow_eval.md, chosen
+    in grounded_mapper_width.json, evaluated on the shipped model."""
+    import hashlib
+    from pathlib import Path
+
+    from tokenprune_kernels.grounded.model import MODEL_DIR
+    from tokenprune_kernels.mapper import load_mapper
+
+    root = Path(__file__).resolve().parents[2]
+    path = (
+        root
+        / "benchmarks"
+        / "grounded"
+        / "models"
+        / "grounded4_narrow"
+        / "mapper_narrow.safetensors"
+    )
+    narrow = load_mapper(path)
+    assert narrow.config.channels == (8, 16, 32, 64)
+    results = root / "benchmarks" / "results"
+    header = json.loads((results / "grounded_narrow_eval.json").read_text())["header"]
+    for key, f in (("model_sha256", MODEL_DIR / "model.safetensors"), ("mapper_sha256", path)):
+        assert header[key] == hashlib.sha256(f.read_bytes()).hexdigest(), key
+    width = json.loads((results / "grounded_mapper_width.json").read_text())
+    assert width["mappers"]["e80_8_16_32_64"]["channels"] == [8, 16, 32, 64]
