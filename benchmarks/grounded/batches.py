@@ -200,12 +200,16 @@ def training_batch(
     answers = [[q.answer for q in qs] for _, qs in scenes]
     qtypes = [q.qtype for _, qs in scenes for q in qs]
     batch: dict[str, Any] = dict(encode_training_batch(processor, images, questions, answers))
-    objects = [token_objects(scene) for scene, _ in scenes]  # rendered once per scene
-    label_fn = token_fine_labels if fine_labels else token_shape_labels
+    covers = [token_cover(scene) for scene, _ in scenes]  # rendered once per scene
+    objects = [token_objects(scene, c) for (scene, _), c in zip(scenes, covers, strict=True)]
     batch["token_shape"] = torch.cat(
         [
-            torch.from_numpy(label_fn(scene, objs)).flatten()
-            for (scene, _), objs in zip(scenes, objects, strict=True)
+            torch.from_numpy(
+                token_fine_labels(scene, objs, cover)
+                if fine_labels
+                else token_shape_labels(scene, objs)
+            ).flatten()
+            for (scene, _), objs, cover in zip(scenes, objects, covers, strict=True)
         ]
     )
     targets: list[torch.Tensor] = []
@@ -224,12 +228,20 @@ def training_batch(
     return batch, size, qtypes
 
 
-def token_objects(scene: Scene) -> np.ndarray:
+def token_cover(scene: Scene) -> np.ndarray:
+    """``[1 + objects, H/16, W/16]`` int64: per visual token (16 x 16 px cell, row-major) the
+    pixels of :func:`~tokenprune_kernels.grounded.scenes.object_id_map` that are background
+    (row 0) and that each object covers (row ``1 + index``)."""
+    cells = token_cells(object_id_map(scene))
+    return np.stack([(cells == k).sum(-1) for k in range(len(scene.objects) + 1)])
+
+
+def token_objects(scene: Scene, cover: np.ndarray | None = None) -> np.ndarray:
     """Per visual token (16 x 16 px cell, row-major ``[H/16, W/16]`` int64): ``0`` where no
     object covers a quarter of the cell, else ``1 +`` the index of the object covering most of
-    it (drawn with the scene's own polygons)."""
-    cells = token_cells(object_id_map(scene))
-    cover = np.stack([(cells == k).sum(-1) for k in range(len(scene.objects) + 1)])
+    it (drawn with the scene's own polygons). ``cover``: :func:`token_cover` of ``scene`` if
+    already computed (not modified)."""
+    cover = token_cover(scene) if cover is None else cover.copy()
     cover[0] = TOKEN_PX * TOKEN_PX // 4  # an object needs a quarter of the cell
     return cover.argmax(0).astype(np.int64)
 
@@ -250,7 +262,9 @@ FINE_CLASSES = 1 + len(SHAPES) + len(DIGITS)
 """Classes of :func:`token_fine_labels`: background, each shape, each glyph digit."""
 
 
-def token_fine_labels(scene: Scene, objects: np.ndarray | None = None) -> np.ndarray:
+def token_fine_labels(
+    scene: Scene, objects: np.ndarray | None = None, cover: np.ndarray | None = None
+) -> np.ndarray:
     """:func:`token_shape_labels`, plus the opt-in scenes' few-pixel objects: every token that
     no regular object claims but a small object (:func:`~tokenprune_kernels.grounded.scenes.
     small_indices`) or a glyph overlaps by at least one pixel of
@@ -262,8 +276,13 @@ def token_fine_labels(scene: Scene, objects: np.ndarray | None = None) -> np.nda
     Without it a glyph's tokens are background to the shape probe and most small objects (under
     a quarter of a token) too, so the probe pushes exactly the tokens that the opt-in answers
     need towards the background's features. Scenes of the default types have neither, so
-    their labels equal :func:`token_shape_labels`'.
+    their labels equal :func:`token_shape_labels`'. ``objects`` / ``cover``:
+    :func:`token_objects` / :func:`token_cover` of ``scene`` if already computed.
     """
+    if cover is None:
+        cover = token_cover(scene)
+    if objects is None:
+        objects = token_objects(scene, cover)
     base = token_shape_labels(scene, objects)
     few = sorted(
         set(small_indices(scene))
@@ -271,8 +290,7 @@ def token_fine_labels(scene: Scene, objects: np.ndarray | None = None) -> np.nda
     )
     if not few:
         return base
-    cells = token_cells(object_id_map(scene))
-    counts = np.stack([(cells == i + 1).sum(-1) for i in few])  # [few, H/16, W/16]
+    counts = cover[[i + 1 for i in few]]  # [few, H/16, W/16]
     cls = np.array(
         [
             1 + len(SHAPES) + DIGITS.index(str(o.symbol))

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from benchmarks.mapper_v2.evaluate import kept_recall, mcnemar_p
+from benchmarks.mapper_v2.selection import top
 from tokenprune_kernels.bench import cpu_model, environment
 from tokenprune_kernels.grounded.evaluate import _instruction_positions, selection_flops
 from tokenprune_kernels.grounded.flops import LMShape, mapper_flops, prefill_flops
@@ -52,7 +53,6 @@ from tokenprune_kernels.grounded.methods import (
 from tokenprune_kernels.grounded.model import TOKEN_ID, build_inputs, load_model_dir
 from tokenprune_kernels.grounded.scenes import make_sample
 from tokenprune_kernels.mapper import TokenMapper, load_mapper
-from tokenprune_kernels.reference import select_topk_ref
 
 RATIOS = (0.125, 0.0625, 0.03125)
 SEED = 11
@@ -115,11 +115,7 @@ def scene_outcomes(
             k = keep_count(prep.n_visual, r)
             cost = prefill_flops(shape, n, prep.n_visual, k, 0)
             for src, (s, sel_flops) in sources.items():
-                nv = s.numel()
-                picks = {
-                    f"{src}_top": select_topk_ref(s, torch.tensor([0, nv]), torch.tensor([k]))[0],
-                    f"{src}_spread1": spread_keep(s, prep.grid, k, 1),
-                }
+                picks = {f"{src}_top": top(s, k), f"{src}_spread1": spread_keep(s, prep.grid, k, 1)}
                 for rule, vis in picks.items():
                     pos = _from_visual_index(prep, vis)
                     ok = int(pruned_logits(model, prep, pos).argmax()) == target

@@ -103,6 +103,11 @@ def test_token_objects_and_shape_labels_agree():
         assert (shapes[objs == k] == 1 + S.SHAPES.index(o.shape)).all()
     assert ((shapes == 0) == (objs == 0)).all()
     assert np.array_equal(B.token_shape_labels(scene, objs), shapes)
+    cover = B.token_cover(scene)
+    kept = cover.copy()
+    assert cover.shape == (len(scene.objects) + 1, 7, 10) and (cover.sum(0) == 256).all()
+    assert np.array_equal(B.token_objects(scene, cover), objs)
+    assert np.array_equal(cover, kept)  # not modified
 
 
 def _independent_fine(scene):
@@ -142,6 +147,9 @@ def test_token_fine_labels_label_few_pixel_objects(qtype, index):
     assert got.shape == (10, 13) and got.dtype == np.int64
     assert got.min() >= 0 and got.max() < B.FINE_CLASSES
     assert np.array_equal(got, _independent_fine(scene))
+    cover = B.token_cover(scene)
+    objs = B.token_objects(scene, cover)
+    assert np.array_equal(B.token_fine_labels(scene, objs, cover), got)
     # the glyph's digit reaches its tokens; the base labels call them background
     glyph = next(o for o in scene.objects if o.shape == S.GLYPH_SHAPE)
     digit = 1 + len(S.SHAPES) + int(glyph.symbol)
