@@ -69,15 +69,16 @@ def test_glyph_bitmaps_distinct():
     assert len(set(maps)) == len(maps)
 
 
-def _read_glyph(pixels: np.ndarray, o: S.SceneObject) -> str:
+def _read_glyph(pixels: np.ndarray, o: S.SceneObject) -> tuple[str, tuple[int, int]]:
     """Decode a glyph from the image: the plate's top-left corner is found from the pixels,
-    then each of the 3 x 5 cells is ink where its centre pixel is the ink colour."""
+    then each of the 3 x 5 cells is ink where its centre pixel is the ink colour. Returns the
+    digit and the corner ``(x0, y0)``."""
     cell = round(o.size / 7)
     plate = np.all(pixels == S.GLYPH_PLATE, axis=-1)
     x_guess, y_guess = round(o.cx - 2.5 * cell), round(o.cy - 3.5 * cell)
-    win = plate[y_guess - 2 : y_guess + 3, x_guess - 2 : x_guess + 3]
-    ys, xs = np.nonzero(win)
-    y0, x0 = y_guess - 2 + int(ys.min()), x_guess - 2 + int(xs.min())
+    wy, wx = max(y_guess - 2, 0), max(x_guess - 2, 0)  # a plate may touch the top/left edge
+    ys, xs = np.nonzero(plate[wy : y_guess + 3, wx : x_guess + 3])
+    y0, x0 = wy + int(ys.min()), wx + int(xs.min())
     ink = np.asarray(S.COLOURS[o.colour])
     rows = []
     for r in range(5):
@@ -93,7 +94,7 @@ def _read_glyph(pixels: np.ndarray, o: S.SceneObject) -> str:
                 raise AssertionError(f"cell ({r}, {c}) is neither ink nor plate")
         rows.append(row)
     (symbol,) = [d for d, m in S.GLYPHS.items() if m == tuple(rows)]
-    return symbol
+    return symbol, (x0, y0)
 
 
 def test_read_glyph_answers_from_pixels():
@@ -103,7 +104,10 @@ def test_read_glyph_answers_from_pixels():
             (g,) = s.question.involved
             o = s.scene.objects[g]
             assert o.shape == S.GLYPH_SHAPE and s.question.text == "what digit is drawn ?"
-            assert _read_glyph(np.asarray(s.image), o) == s.question.answer == o.symbol
+            symbol, (x0, y0) = _read_glyph(np.asarray(s.image), o)
+            assert symbol == s.question.answer == o.symbol
+            # the plate starts on the vision tower's 8 px patch grid (S.GLYPH_CELL_FRACTION)
+            assert x0 % S.PATCH_PX == 0 and y0 % S.PATCH_PX == 0, (x0, y0)
             assert S.answer_question(s.scene, s.question) == s.question.answer
 
 
@@ -127,6 +131,11 @@ def test_count_small_answers_from_pixels():
             small = S.small_indices(s.scene)
             want = [i for i in small if (objs[i].colour, objs[i].shape) == (colour, shape)]
             assert s.question.answer == str(len(want)) and set(s.question.involved) == set(want)
+            for i in small:  # centred in a 16 px token, inside the image (S.SMALL_FRACTION)
+                o = objs[i]
+                assert o.cx % S.TOKEN_PX == o.cy % S.TOKEN_PX == S.TOKEN_PX / 2, (o.cx, o.cy)
+                x0, y0, x1, y1 = o.bbox()
+                assert x0 >= 0 and y0 >= 0 and x1 <= size[1] and y1 <= size[0], o
             assert any(o.colour == colour and o.shape == shape for o in objs)
             big = max(o.size for o in objs if o.shape != S.GLYPH_SHAPE)
             assert all(objs[i].size < 0.5 * big for i in small)
