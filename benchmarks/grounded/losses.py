@@ -63,14 +63,21 @@ def shape_probe_loss(
 ) -> torch.Tensor:
     """The probe's cross-entropy against ``batch["token_shape"]`` (see
     :func:`~benchmarks.grounded.batches.token_shape_labels`): the mean over object tokens plus a
-    quarter of the mean over background tokens. ``feats [N, hidden]``, one row per visual token
-    of the batch."""
+    quarter of the mean over background tokens; with the fine classes (``--fine-probe``) plus
+    the mean over glyph (digit) tokens, which the objects' mean leaves out. ``feats [N,
+    hidden]``, one row per visual token of the batch."""
     target = batch["token_shape"]
     if target.shape[0] != feats.shape[0]:
         raise ValueError(f"token_shape has {target.shape[0]} labels for {feats.shape[0]} tokens")
     out = probe(feats.float())
     ce = torch.nn.functional.cross_entropy(out, target, reduction="none")
-    return _balanced(ce, target > 0)
+    if out.shape[1] <= 1 + len(SHAPES):
+        return _balanced(ce, target > 0)
+    # --fine-probe: a glyph holds one to a few of a scene's ~50 - 150 object tokens, so its
+    # digit gets a mean of its own instead of vanishing in the objects' mean
+    glyph = target > len(SHAPES)
+    rest = _balanced(ce[~glyph], target[~glyph] > 0)
+    return rest + ce[glyph].mean() if glyph.any() else rest
 
 
 def _balanced(loss: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:

@@ -106,8 +106,18 @@ def test_read_glyph_answers_from_pixels():
             assert o.shape == S.GLYPH_SHAPE and s.question.text == "what digit is drawn ?"
             symbol, (x0, y0) = _read_glyph(np.asarray(s.image), o)
             assert symbol == s.question.answer == o.symbol
-            # the plate starts on the vision tower's 8 px patch grid (S.GLYPH_CELL_FRACTION)
-            assert x0 % S.PATCH_PX == 0 and y0 % S.PATCH_PX == 0, (x0, y0)
+            # the ink at a fixed place in its 16 px token (S.GLYPH_CELL_FRACTION): centred
+            # where it fits (cells up to 3 px), else from the token's edge; plate inside
+            cell = round(o.size / 7)
+            t = S.TOKEN_PX
+            ink_x, ink_y = x0 + cell, y0 + cell
+            assert ink_x % t == max(t - 3 * cell, 0) // 2, (ink_x, cell)
+            assert ink_y % t == max(t - 5 * cell, 0) // 2, (ink_y, cell)
+            if 5 * cell <= t:  # one token holds every ink pixel
+                assert ink_x // t == (ink_x + 3 * cell - 1) // t
+                assert ink_y // t == (ink_y + 5 * cell - 1) // t
+            assert x0 >= 0 and y0 >= 0
+            assert x0 + 5 * cell <= size[1] and y0 + 7 * cell <= size[0]
             assert S.answer_question(s.scene, s.question) == s.question.answer
 
 

@@ -113,8 +113,6 @@ EXTRA_QUESTION_WORDS: tuple[str, ...] = ("small", "digit", "drawn")
 
 TOKEN_PX = 16
 """Pixels per visual-token side: patch 8 px, 2x2 patches merged into one token."""
-PATCH_PX = 8
-"""Pixels per vision-tower patch side (a glyph's plate starts on this grid)."""
 
 TRAIN_SIZES: tuple[tuple[int, int], ...] = (
     (224, 224),
@@ -162,10 +160,11 @@ range)."""
 GLYPH_CELL_FRACTION = 0.008
 """``read_glyph``: a glyph is a 3 x 5 grid of cells of ``max(1, round(0.008 * short))`` px
 (2 px at 224 px: the digit is 6 x 10 px, less than one 16 px token), drawn in an object colour
-on a light plate one cell wider on every side. The plate's top-left corner lies on the 8 px patch
-grid (:data:`PATCH_PX`): at a random sub-patch offset the grounded 2-block tower did not learn
-to read the digit (9.5% held out, chance 10%, 1500 steps of direct supervision), on the grid it
-reads it on 100% after 600 steps (docs/grounded_training.md)."""
+on a light plate one cell wider on every side. The ink is centred in one 16 px token
+(:data:`TOKEN_PX`; up to 3 px cells, i.e. a shorter side up to 437 px; larger ink starts at a
+token's edge): at a random sub-patch offset the grounded 2-block tower did not learn to read
+the digit (9.5% held out, chance 10%, 1500 steps of direct supervision); with the ink at a fixed
+place in its token it reads it on 100% after 600 steps (docs/grounded_training.md)."""
 GLYPH_PLATE = (240, 240, 240)
 GLYPH_SHAPE = "glyph"
 """The ``shape`` of a :class:`SceneObject` that is a glyph (its digit is ``symbol``)."""
@@ -413,7 +412,7 @@ def random_extra_scene(
     look-alike among the distractors), else drawn at random. Small objects are
     :data:`SMALL_FRACTION` of the shorter side times ``scale`` (at most 0.12): always under half
     the smallest regular object, which is how :func:`small_indices` tells them apart; each is
-    centred in a token, and the glyph's plate starts on the patch grid (the vision tower reads
+    centred in a token, and so is the glyph's ink where it fits (the vision tower reads
     neither at a random sub-patch offset: :data:`SMALL_FRACTION`, :data:`GLYPH_CELL_FRACTION`).
     Objects that find no free place are left out, so the scene may hold fewer targets than
     asked (:func:`make_scene_question` checks the answer).
@@ -465,14 +464,23 @@ def random_extra_scene(
         raise ValueError(f"symbol must be one of {DIGITS}, got {symbol!r}")
     cell = max(1, round(GLYPH_CELL_FRACTION * scale * short))
 
-    def on_patch_grid(cx: float, cy: float, s: float) -> tuple[float, float]:
-        # the plate's top-left corner down onto the 8 px patch grid (see GLYPH_CELL_FRACTION);
-        # it stays >= 0 since the drawn corner is >= the pad
-        x0 = PATCH_PX * math.floor((cx - 2.5 * cell) / PATCH_PX)
-        y0 = PATCH_PX * math.floor((cy - 3.5 * cell) / PATCH_PX)
-        return x0 + 2.5 * cell, y0 + 3.5 * cell
+    def ink_in_a_token(cx: float, cy: float, s: float) -> tuple[float, float]:
+        # the ink (3 x 5 cells) centred in the token holding the drawn ink's top-left corner,
+        # or starting at its edge along an axis where the ink is longer than a token; one token
+        # inwards where the plate would leave the image (see GLYPH_CELL_FRACTION)
+        out = []
+        for c, extent, cells, half in ((cx, width, 3, 2.5), (cy, height, 5, 3.5)):
+            offset = max(TOKEN_PX - cells * cell, 0) // 2
+            ink0 = TOKEN_PX * math.floor((c - half * cell + cell) / TOKEN_PX) + offset
+            plate0 = ink0 - cell
+            if plate0 < 0:
+                plate0 += TOKEN_PX
+            elif plate0 + (cells + 2) * cell > extent:
+                plate0 -= TOKEN_PX
+            out.append(plate0 + half * cell)
+        return out[0], out[1]
 
-    spot = _free_spot(rng, objects, (height, width), lambda: 7.0 * cell, snap=on_patch_grid)
+    spot = _free_spot(rng, objects, (height, width), lambda: 7.0 * cell, snap=ink_in_a_token)
     if spot is not None:
         ink = str(rng.choice(GLYPH_INKS))
         objects.append(SceneObject(GLYPH_SHAPE, ink, spot[0], spot[1], 7.0 * cell, symbol))
@@ -1007,7 +1015,6 @@ __all__ = [
     "GLYPHS",
     "GLYPH_SHAPE",
     "LARGE_SIZES",
-    "PATCH_PX",
     "QUESTION_TYPES",
     "QUESTION_WORDS",
     "SHAPES",
