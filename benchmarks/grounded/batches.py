@@ -258,8 +258,9 @@ def token_shape_labels(scene: Scene, objects: np.ndarray | None = None) -> np.nd
     return shape_of[token_objects(scene) if objects is None else objects]
 
 
-FINE_CLASSES = 1 + len(SHAPES) + len(DIGITS)
-"""Classes of :func:`token_fine_labels`: background, each shape, each glyph digit."""
+FINE_CLASSES = 1 + len(SHAPES) + len(DIGITS) + len(SHAPES)
+"""Classes of :func:`token_fine_labels`: background, each shape, each glyph digit, each shape of
+a small object (``1 + len(SHAPES) + len(DIGITS) + SHAPES.index(shape)``)."""
 
 
 def token_fine_labels(
@@ -269,8 +270,10 @@ def token_fine_labels(
     no regular object claims but a small object (:func:`~tokenprune_kernels.grounded.scenes.
     small_indices`) or a glyph overlaps by at least one pixel of
     :func:`~tokenprune_kernels.grounded.scenes.object_id_map` gets the class of the one with
-    the most pixels in it - ``1 + SHAPES.index(shape)`` for a small object,
-    ``1 + len(SHAPES) + digit`` for a glyph (``[H/16, W/16]`` int64 in
+    the most pixels in it - ``1 + len(SHAPES) + digit`` for a glyph,
+    ``1 + len(SHAPES) + len(DIGITS) + SHAPES.index(shape)`` for a small object: classes of their
+    own, so the probe's loss can weigh these few tokens apart from the regular objects'
+    (:func:`~benchmarks.grounded.losses.shape_probe_loss`) (``[H/16, W/16]`` int64 in
     ``[0, FINE_CLASSES)``).
 
     Without it a glyph's tokens are background to the shape probe and most small objects (under
@@ -295,7 +298,7 @@ def token_fine_labels(
         [
             1 + len(SHAPES) + DIGITS.index(str(o.symbol))
             if o.shape == GLYPH_SHAPE
-            else 1 + SHAPES.index(o.shape)
+            else 1 + len(SHAPES) + len(DIGITS) + SHAPES.index(o.shape)
             for o in (scene.objects[i] for i in few)
         ],
         np.int64,

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from tokenprune_kernels.grounded.model import IM_END, IMAGE_PAD, TOKEN_ID
-from tokenprune_kernels.grounded.scenes import ALL_QUESTION_TYPES, SHAPES
+from tokenprune_kernels.grounded.scenes import ALL_QUESTION_TYPES, DIGITS, SHAPES
 
 SPATIAL_TYPES = ("left_of", "extreme")
 """Question types that compare positions: :class:`LLMAux`'s default ``early_types``."""
@@ -54,7 +54,8 @@ def answer_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> list[floa
 def shape_probe(hidden: int, classes: int = 1 + len(SHAPES)) -> torch.nn.Linear:
     """The shape probe: merged visual features ``[N, hidden]`` -> ``classes`` logits
     (background, then each shape; with ``--fine-probe``
-    :data:`~benchmarks.grounded.batches.FINE_CLASSES`: each glyph digit after them)."""
+    :data:`~benchmarks.grounded.batches.FINE_CLASSES`: each glyph digit, then each small
+    object's shape after them)."""
     return torch.nn.Linear(hidden, classes)
 
 
@@ -64,8 +65,8 @@ def shape_probe_loss(
     """The probe's cross-entropy against ``batch["token_shape"]`` (see
     :func:`~benchmarks.grounded.batches.token_shape_labels`): the mean over object tokens plus a
     quarter of the mean over background tokens; with the fine classes (``--fine-probe``) plus
-    the mean over glyph (digit) tokens, which the objects' mean leaves out. ``feats [N,
-    hidden]``, one row per visual token of the batch."""
+    the mean over glyph (digit) tokens and the mean over small-object tokens, which the objects'
+    mean leaves out. ``feats [N, hidden]``, one row per visual token of the batch."""
     target = batch["token_shape"]
     if target.shape[0] != feats.shape[0]:
         raise ValueError(f"token_shape has {target.shape[0]} labels for {feats.shape[0]} tokens")
@@ -73,11 +74,17 @@ def shape_probe_loss(
     ce = torch.nn.functional.cross_entropy(out, target, reduction="none")
     if out.shape[1] <= 1 + len(SHAPES):
         return _balanced(ce, target > 0)
-    # --fine-probe: a glyph holds one to a few of a scene's ~50 - 150 object tokens, so its
-    # digit gets a mean of its own instead of vanishing in the objects' mean
-    glyph = target > len(SHAPES)
-    rest = _balanced(ce[~glyph], target[~glyph] > 0)
-    return rest + ce[glyph].mean() if glyph.any() else rest
+    # --fine-probe: a glyph or a small object holds one to a few of a scene's ~50 - 150 object
+    # tokens, so glyph tokens and small-object tokens each get a mean of their own instead of
+    # vanishing in the objects' mean
+    glyph = (target > len(SHAPES)) & (target <= len(SHAPES) + len(DIGITS))
+    small = target > len(SHAPES) + len(DIGITS)
+    rest = ~(glyph | small)
+    loss = _balanced(ce[rest], target[rest] > 0)
+    for few in (glyph, small):
+        if few.any():
+            loss = loss + ce[few].mean()
+    return loss
 
 
 def _balanced(loss: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:

@@ -118,9 +118,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--fine-probe",
         action="store_true",
-        help="the shape probe also classifies the tokens of small objects (their shape) and "
-        "glyphs (their digit) (benchmarks.grounded.batches.token_fine_labels); for the opt-in "
-        "question types",
+        help="the shape probe also classifies the tokens of small objects (their shape, as "
+        "classes of their own) and glyphs (their digit), each group with a loss mean of its own "
+        "(benchmarks.grounded.batches.token_fine_labels); for the opt-in question types",
     )
     p.add_argument("--log-every", type=int, default=25, help="log the loss every N steps")
     p.add_argument(

@@ -112,8 +112,8 @@ def test_token_objects_and_shape_labels_agree():
 
 def _independent_fine(scene):
     """Per token: the regular object's shape where token_shape_labels has one, else the class
-    of the few-pixel object (small object or glyph) with the most pixels of the id map in it,
-    counted pixel by pixel."""
+    of the few-pixel object (glyph: its digit's class; small object: its shape's small class)
+    with the most pixels of the id map in it, counted pixel by pixel."""
     base = B.token_shape_labels(scene)
     ids = S.object_id_map(scene)
     small = set(S.small_indices(scene))
@@ -132,7 +132,7 @@ def _independent_fine(scene):
                     if o.shape == S.GLYPH_SHAPE:
                         best = 1 + len(S.SHAPES) + int(o.symbol)
                     else:
-                        best = 1 + S.SHAPES.index(o.shape)
+                        best = 1 + len(S.SHAPES) + len(S.DIGITS) + S.SHAPES.index(o.shape)
                     best_n = n
             out[r, c] = best
     return out
@@ -155,8 +155,10 @@ def test_token_fine_labels_label_few_pixel_objects(qtype, index):
     digit = 1 + len(S.SHAPES) + int(glyph.symbol)
     assert (got == digit).any() and not (B.token_shape_labels(scene) > len(S.SHAPES)).any()
     small = S.small_indices(scene)
-    shown = {1 + S.SHAPES.index(scene.objects[i].shape) for i in small}
-    assert shown <= set(np.unique(got).tolist())
+    shown = {
+        1 + len(S.SHAPES) + len(S.DIGITS) + S.SHAPES.index(scene.objects[i].shape) for i in small
+    }
+    assert small and shown <= set(np.unique(got).tolist())
 
 
 @pytest.mark.parametrize("index", [0, 5])

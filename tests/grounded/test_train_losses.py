@@ -43,24 +43,26 @@ def test_shape_probe_loss():
         L.shape_probe_loss(probe, feats[:8], batch)
 
 
-def test_fine_probe_loss_gives_glyph_tokens_their_own_mean():
-    """With the fine classes (--fine-probe) the glyph (digit) tokens' mean is added to the
-    objects' and a quarter of the background's; small objects' shape tokens stay with the
-    objects. Without glyph tokens it is the plain balanced loss."""
+def test_fine_probe_loss_gives_few_pixel_tokens_their_own_means():
+    """With the fine classes (--fine-probe) the glyph (digit) tokens' mean and the small-object
+    tokens' mean are added to the regular objects' mean and a quarter of the background's.
+    Without such tokens it is the plain balanced loss."""
     from benchmarks.grounded.batches import FINE_CLASSES
 
     probe = L.shape_probe(16, FINE_CLASSES)
-    feats = torch.randn(10, 16, generator=torch.Generator().manual_seed(4))
+    feats = torch.randn(12, 16, generator=torch.Generator().manual_seed(4))
     out = probe(feats)
     digit = 1 + len(L.SHAPES)  # the class of the digit 0
-    target = torch.tensor([0, 1, 2, 0, digit + 7, 3, 0, digit, 4, 0])
+    small = digit + 10  # the class of a small circle
+    target = torch.tensor([0, 1, 2, 0, digit + 7, 3, 0, digit, 4, 0, small, small + 3])
     loss = L.shape_probe_loss(probe, feats, {"token_shape": target})
     ce = torch.nn.functional.cross_entropy(out, target, reduction="none")
-    glyph = target >= digit
-    obj = (target > 0) & ~glyph
+    glyph = (target >= digit) & (target < small)
+    obj = (target > 0) & (target < digit)
     want = ce[obj].mean() + 0.25 * ce[target == 0].mean() + ce[glyph].mean()
+    want = want + ce[target >= small].mean()
     assert loss.item() == pytest.approx(want.item(), rel=1e-6)
-    plain = torch.tensor([0, 1, 2, 0, 3, 3, 0, 1, 4, 0])
+    plain = torch.tensor([0, 1, 2, 0, 3, 3, 0, 1, 4, 0, 2, 2])
     loss = L.shape_probe_loss(probe, feats, {"token_shape": plain})
     ce = torch.nn.functional.cross_entropy(out, plain, reduction="none")
     want = ce[plain > 0].mean() + 0.25 * ce[plain == 0].mean()
