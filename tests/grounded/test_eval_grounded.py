@@ -490,6 +490,26 @@ def test_report_and_plot(raw, summary, tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_report_splits_accuracy_by_question_type(raw, summary):
+    """With several question types the report adds one table per type, computed from the
+    ordered 0/1 record (scene i has type i mod count); a single type gets no such section."""
+    qtypes = ["count_small", "read_glyph"]
+    ts = {"seed": 0, "n_per_size": N_PER_SIZE, "sizes": SIZES, "question_types": qtypes}
+    text = E.format_report(summary, {**raw, "test_set": ts}, {"title": "t"}, "x")
+    assert "## Accuracy by question type (%) [Wilson 95%]" in text
+    n = summary["n"]
+    r = str(raw["ratios"][-1])
+    for t, qtype in enumerate(qtypes):
+        bits = summary["correct"]["mapper"][r][t::2]
+        assert len(bits) == len(range(t, n, 2))
+        block = text.split(f"**{qtype}** ({len(bits)} questions)")[1].split("\n\n**")[0]
+        row = next(x for x in block.splitlines() if x.startswith("| mapper (ours) |"))
+        want = 100 * bits.count("1") / len(bits)
+        assert row.split(" | ")[-1].startswith(f"{want:.1f} ["), (row, want)
+    one = {**ts, "question_types": ["read_glyph"]}
+    assert "by question type" not in E.format_report(summary, {**raw, "test_set": one}, {}, "x")
+
+
 def test_cli_writes_outputs_and_merges_shards(tmp_path, model, processor, mapper, capsys):
     mdir = save_model_dir(model, processor, tmp_path / "m")
     save_mapper(mapper, tmp_path / "mapper.safetensors")

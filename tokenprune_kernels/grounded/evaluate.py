@@ -985,6 +985,25 @@ def format_report(summary: dict[str, Any], raw: dict[str, Any], header: dict[str
         return "unreachable" if e is None else f"{_pct(e['rel'])}{_ci(e['rel_ci'])}"
 
     lines += _table("method", rk, [(_label(k), [acc_cell(k, r) for r in rk]) for k in keys])
+    if len(qtypes) > 1:
+        lines += ["", "## Accuracy by question type (%) [Wilson 95%]", ""]
+        lines += [
+            "The same predictions split by question type (scene i has type i mod "
+            f"{len(qtypes)}); methods only (equal-compute runs in the tables above).",
+        ]
+        for t, qtype in enumerate(qtypes):
+            lines += ["", f"**{qtype}** ({len(range(t, summary['n'], len(qtypes)))} questions)", ""]
+            rows = []
+            for k in raw["methods"]:
+                cells = []
+                for r in rk:
+                    bits = summary["correct"][k][r][t :: len(qtypes)]
+                    ok = bits.count("1")
+                    cells.append(
+                        f"{100 * ok / len(bits):.1f}{_ci(S.wilson_interval(ok, len(bits)))}"
+                    )
+                rows.append((_label(k), cells))
+            lines += _table("method", rk, rows)
     lines += ["", "## Accuracy relative to no pruning (%) [paired bootstrap 95%]", ""]
     lines += _table("method", rk, [(_label(k), [rel_cell(k, r) for r in rk]) for k in keys])
     lines += [
