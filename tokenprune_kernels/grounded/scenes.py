@@ -53,7 +53,7 @@ import hashlib
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -305,7 +305,7 @@ def _free_spot(
     size: tuple[int, int],
     draw_size: Any,
     tries: int = 200,
-    snap: Any = None,
+    snap: Callable[[float, float, float], tuple[float, float]] | None = None,
 ) -> tuple[float, float, float] | None:
     """``(cx, cy, s)`` of a new object of size ``s = draw_size()`` (drawn anew each try) that
     keeps clear of ``objects``, or None after ``tries`` draws. ``snap(cx, cy, s)``, if given,
