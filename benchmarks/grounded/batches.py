@@ -228,6 +228,27 @@ def training_batch(
     return batch, size, qtypes
 
 
+def _check_precomputed(scene: Scene, objects: np.ndarray | None, cover: np.ndarray | None) -> None:
+    """A clear error where ``objects`` / ``cover`` passed in do not belong to ``scene``."""
+    grid = (scene.size[0] // TOKEN_PX, scene.size[1] // TOKEN_PX)
+    if objects is not None and (
+        not isinstance(objects, np.ndarray)
+        or objects.shape != grid
+        or objects.dtype.kind not in "iu"
+        or (objects.size and not 0 <= objects.min() <= objects.max() <= len(scene.objects))
+    ):
+        raise ValueError(
+            f"objects must be token_objects(scene): an integer array of shape {grid} in "
+            f"[0, {len(scene.objects)}], got {getattr(objects, 'shape', type(objects))}"
+        )
+    want = (len(scene.objects) + 1, *grid)
+    if cover is not None and (not isinstance(cover, np.ndarray) or cover.shape != want):
+        raise ValueError(
+            f"cover must be token_cover(scene) of shape {want}, got "
+            f"{getattr(cover, 'shape', type(cover))}"
+        )
+
+
 def token_cover(scene: Scene) -> np.ndarray:
     """``[1 + objects, H/16, W/16]`` int64: per visual token (16 x 16 px cell, row-major) the
     pixels of :func:`~tokenprune_kernels.grounded.scenes.object_id_map` that are background
@@ -241,6 +262,7 @@ def token_objects(scene: Scene, cover: np.ndarray | None = None) -> np.ndarray:
     object covers a quarter of the cell, else ``1 +`` the index of the object covering most of
     it (drawn with the scene's own polygons). ``cover``: :func:`token_cover` of ``scene`` if
     already computed (not modified)."""
+    _check_precomputed(scene, None, cover)
     cover = token_cover(scene) if cover is None else cover.copy()
     cover[0] = TOKEN_PX * TOKEN_PX // 4  # an object needs a quarter of the cell
     return cover.argmax(0).astype(np.int64)
@@ -251,6 +273,7 @@ def token_shape_labels(scene: Scene, objects: np.ndarray | None = None) -> np.nd
     quarter of the cell, else ``1 + SHAPES.index(shape)`` of the object covering most of it
     (the shape probe's target). ``objects``: :func:`token_objects` of ``scene`` if already
     computed."""
+    _check_precomputed(scene, objects, None)
     shape_of = np.array(
         [0] + [1 + SHAPES.index(o.shape) if o.shape in SHAPES else 0 for o in scene.objects],
         np.int64,
@@ -258,9 +281,13 @@ def token_shape_labels(scene: Scene, objects: np.ndarray | None = None) -> np.nd
     return shape_of[token_objects(scene) if objects is None else objects]
 
 
-FINE_CLASSES = 1 + len(SHAPES) + len(DIGITS) + len(SHAPES)
-"""Classes of :func:`token_fine_labels`: background, each shape, each glyph digit, each shape of
-a small object (``1 + len(SHAPES) + len(DIGITS) + SHAPES.index(shape)``)."""
+FINE_DIGIT0 = 1 + len(SHAPES)
+"""The class of the glyph digit ``0`` in :func:`token_fine_labels` (digit ``d``: ``+ d``)."""
+FINE_SMALL0 = FINE_DIGIT0 + len(DIGITS)
+"""The class of a small object of ``SHAPES[0]`` in :func:`token_fine_labels` (``+ index``)."""
+FINE_CLASSES = FINE_SMALL0 + len(SHAPES)
+"""Classes of :func:`token_fine_labels`: background, each shape, each glyph digit
+(:data:`FINE_DIGIT0` on), each shape of a small object (:data:`FINE_SMALL0` on)."""
 
 
 def token_fine_labels(
@@ -270,8 +297,8 @@ def token_fine_labels(
     no regular object claims but a small object (:func:`~tokenprune_kernels.grounded.scenes.
     small_indices`) or a glyph overlaps by at least one pixel of
     :func:`~tokenprune_kernels.grounded.scenes.object_id_map` gets the class of the one with
-    the most pixels in it - ``1 + len(SHAPES) + digit`` for a glyph,
-    ``1 + len(SHAPES) + len(DIGITS) + SHAPES.index(shape)`` for a small object: classes of their
+    the most pixels in it - ``FINE_DIGIT0 + digit`` for a glyph,
+    ``FINE_SMALL0 + SHAPES.index(shape)`` for a small object: classes of their
     own, so the probe's loss can weigh these few tokens apart from the regular objects'
     (:func:`~benchmarks.grounded.losses.shape_probe_loss`) (``[H/16, W/16]`` int64 in
     ``[0, FINE_CLASSES)``).
@@ -282,6 +309,7 @@ def token_fine_labels(
     their labels equal :func:`token_shape_labels`'. ``objects`` / ``cover``:
     :func:`token_objects` / :func:`token_cover` of ``scene`` if already computed.
     """
+    _check_precomputed(scene, objects, cover)
     if cover is None:
         cover = token_cover(scene)
     if objects is None:
@@ -296,9 +324,9 @@ def token_fine_labels(
     counts = cover[[i + 1 for i in few]]  # [few, H/16, W/16]
     cls = np.array(
         [
-            1 + len(SHAPES) + DIGITS.index(str(o.symbol))
+            FINE_DIGIT0 + DIGITS.index(str(o.symbol))
             if o.shape == GLYPH_SHAPE
-            else 1 + len(SHAPES) + len(DIGITS) + SHAPES.index(o.shape)
+            else FINE_SMALL0 + SHAPES.index(o.shape)
             for o in (scene.objects[i] for i in few)
         ],
         np.int64,

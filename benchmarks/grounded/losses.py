@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
+from benchmarks.grounded.batches import FINE_DIGIT0, FINE_SMALL0
 from tokenprune_kernels.grounded.model import IM_END, IMAGE_PAD, TOKEN_ID
-from tokenprune_kernels.grounded.scenes import ALL_QUESTION_TYPES, DIGITS, SHAPES
+from tokenprune_kernels.grounded.scenes import ALL_QUESTION_TYPES, SHAPES
 
 SPATIAL_TYPES = ("left_of", "extreme")
 """Question types that compare positions: :class:`LLMAux`'s default ``early_types``."""
@@ -77,8 +78,8 @@ def shape_probe_loss(
     # --fine-probe: a glyph or a small object holds one to a few of a scene's ~50 - 150 object
     # tokens, so glyph tokens and small-object tokens each get a mean of their own instead of
     # vanishing in the objects' mean
-    glyph = (target > len(SHAPES)) & (target <= len(SHAPES) + len(DIGITS))
-    small = target > len(SHAPES) + len(DIGITS)
+    glyph = (target >= FINE_DIGIT0) & (target < FINE_SMALL0)
+    small = target >= FINE_SMALL0
     rest = ~(glyph | small)
     loss = _balanced(ce[rest], target[rest] > 0)
     for few in (glyph, small):

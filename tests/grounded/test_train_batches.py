@@ -161,6 +161,26 @@ def test_token_fine_labels_label_few_pixel_objects(qtype, index):
     assert small and shown <= set(np.unique(got).tolist())
 
 
+def test_precomputed_objects_and_cover_are_checked():
+    """objects / cover passed in must belong to the scene: a clear error naming the argument."""
+    scene = S.make_sample("train", 1, 3, (160, 208), "read_glyph").scene
+    cover = B.token_cover(scene)
+    objs = B.token_objects(scene, cover)
+    n = len(scene.objects)
+    for bad in (objs[:, :-1], objs.astype(np.float32), objs + n + 1, objs.T, list(objs)):
+        with pytest.raises(ValueError, match=r"objects must be token_objects\(scene\)"):
+            B.token_fine_labels(scene, bad, cover)
+        with pytest.raises(ValueError, match="objects must be"):
+            B.token_shape_labels(scene, bad)
+    for bad in (cover[:-1], cover[:, :, :-1], cover.tolist()):
+        with pytest.raises(ValueError, match=r"cover must be token_cover\(scene\) of shape"):
+            B.token_fine_labels(scene, objs, bad)
+        with pytest.raises(ValueError, match="cover must be"):
+            B.token_objects(scene, bad)
+    assert 1 + len(S.SHAPES) == B.FINE_DIGIT0 and B.FINE_SMALL0 == B.FINE_DIGIT0 + 10
+    assert B.FINE_SMALL0 + len(S.SHAPES) == B.FINE_CLASSES
+
+
 @pytest.mark.parametrize("index", [0, 5])
 def test_token_fine_labels_equal_shape_labels_on_default_scenes(index):
     scene = S.random_scene(S.sample_rng("train", index, 2), (128, 160), scale=1.5)
