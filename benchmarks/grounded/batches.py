@@ -17,6 +17,7 @@ import torch
 
 from tokenprune_kernels.grounded.model import CHAT_TEMPLATE, IM_END, IMAGE_PAD, TOKEN_ID
 from tokenprune_kernels.grounded.scenes import (
+    COUNT_TYPES,
     DIGITS,
     EXTRA_QUESTION_TYPES,
     GLYPH_SHAPE,
@@ -192,6 +193,9 @@ def training_batch(
       ``extreme`` finds the scene's); for the opt-in types (small objects, glyphs: often under
       a quarter of a token) every token they overlap by a pixel
       (:func:`~tokenprune_kernels.grounded.scenes.involved_tokens`);
+    - ``count_target``: per question (in order), ``None`` or for the counting types
+      :func:`count_weights` (``[visual tokens of its scene]`` float32; the rest of the mass,
+      ``1 / (count + 1)``, belongs to the sequence's first token);
     - ``qtypes``: the question types, in order.
     """
     size, scenes = training_scenes(step, seed, n_images, n_questions, **kwargs)
@@ -213,9 +217,12 @@ def training_batch(
         ]
     )
     targets: list[torch.Tensor] = []
-    for (scene, qs), objs in zip(scenes, objects, strict=True):
+    counts: list[torch.Tensor | None] = []
+    for (scene, qs), objs, cover in zip(scenes, objects, covers, strict=True):
         flat = objs.flatten()
         for q in qs:
+            weights = count_weights(scene, q, objs, cover)
+            counts.append(None if weights is None else torch.from_numpy(weights.flatten()))
             if q.qtype in EXTRA_QUESTION_TYPES:
                 targets.append(torch.from_numpy(involved_tokens(scene, q).flatten()))
             elif q.qtype == "left_of" and len(q.involved) == 2:
@@ -224,8 +231,47 @@ def training_batch(
             else:
                 targets.append(torch.from_numpy(np.isin(flat - 1, q.involved) & (flat > 0)))
     batch["attn_target"] = targets
+    batch["count_target"] = counts
     batch["qtypes"] = list(qtypes)
     return batch, size, qtypes
+
+
+def count_weights(
+    scene: Scene,
+    question: Question,
+    objects: np.ndarray | None = None,
+    cover: np.ndarray | None = None,
+) -> np.ndarray | None:
+    """The answer-attention target of a counting question (``count_colour``,
+    ``count_small``; ``None`` for the other types): ``[H/16, W/16]`` float32, each of the
+    ``n`` counted objects (``question.involved``) holding ``1 / (n + 1)`` of the mass, spread
+    evenly over its tokens; the rest, ``1 / (n + 1)``, is the sink's (the sequence's first
+    token; :class:`~benchmarks.grounded.losses.LLMAux` with ``count_sink``). A head that
+    attends so returns ``(v_sink + n v_object) / (n + 1)``: its output tells the count, where
+    mass spread over the counted objects alone returns their mean value whatever their
+    number, and where no object is counted there is still a target.
+
+    An object's tokens: those :func:`token_objects` gives it, or where it holds a quarter of
+    none (small objects), every token it overlaps by a pixel. ``objects`` / ``cover``:
+    :func:`token_objects` / :func:`token_cover` of ``scene`` if already computed.
+    """
+    if question.qtype not in COUNT_TYPES:
+        return None
+    _check_precomputed(scene, objects, cover)
+    if cover is None:
+        cover = token_cover(scene)
+    if objects is None:
+        objects = token_objects(scene, cover)
+    out = np.zeros(objects.shape, np.float32)
+    share = 1.0 / (len(question.involved) + 1)
+    for i in question.involved:
+        own = objects == i + 1
+        if not own.any():
+            own = cover[i + 1] > 0
+        if not own.any():
+            raise ValueError(f"counted object {i} of the scene covers no pixel")
+        out[own] += share / own.sum()
+    return out
 
 
 def _check_precomputed(scene: Scene, objects: np.ndarray | None, cover: np.ndarray | None) -> None:

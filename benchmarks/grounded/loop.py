@@ -300,6 +300,7 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
             attn_head=args.aux_attn_head,
             early_layer=args.aux_attn_early_layer if args.aux_attn_early_types else None,
             early_types=args.aux_attn_early_types,
+            count_sink=getattr(args, "aux_attn_count_sink", False),
         )
         if args.aux_attn > 0:
             llm_aux.attach(model)

@@ -111,7 +111,12 @@ class LLMAux(torch.nn.Module):
       ``early_types`` (``batch["qtypes"]``) supervise head ``attn_head`` of decoder layer
       ``early_layer`` instead, and the others keep ``attn_layer``: spatial answers read
       positions early, where the position probe keeps them, shape answers read late, once an
-      object's tokens have pooled its shape. The probabilities of those few query rows are
+      object's tokens have pooled its shape. With ``count_sink`` the counting questions
+      (``batch["count_target"]`` not ``None``) instead take the KL divergence from their
+      target distribution (:func:`~benchmarks.grounded.batches.count_weights`: ``1 / (n + 1)``
+      on each of the ``n`` counted objects and on the sequence's first token, a sink) to the
+      head's probabilities, so that the head's output carries the count, also for ``n = 0``.
+      The probabilities of those few query rows are
       recomputed from the layers' inputs (forward pre-hooks installed by :meth:`attach`), so
       the model keeps its fast attention and never materialises attention matrices.
     """
@@ -126,8 +131,10 @@ class LLMAux(torch.nn.Module):
         attn_head: int = 0,
         early_layer: int | None = None,
         early_types: Sequence[str] = SPATIAL_TYPES,
+        count_sink: bool = False,
     ) -> None:
         super().__init__()
+        self.count_sink = bool(count_sink)
         self.pos_weight, self.pos_layer = float(pos_weight), int(pos_layer)
         self.attn_weight, self.attn_layer = float(attn_weight), int(attn_layer)
         self.attn_head = int(attn_head)
@@ -280,10 +287,31 @@ class LLMAux(torch.nn.Module):
                     e if t in self.early_types else p
                     for p, e, t in zip(probs, early, qtypes, strict=True)
                 ]
-            terms = [
-                -torch.log(p[positions[row, mask]].sum() + 1e-4)
-                for (row, _, p), mask in zip(probs, masks, strict=True)
-                if mask.any()
-            ]
+            counts = batch.get("count_target") if self.count_sink else None
+            if counts is None:
+                counts = [None] * len(masks)
+            elif len(counts) != len(masks):
+                raise ValueError(f"{len(counts)} count targets for {len(masks)} questions' masks")
+            first = batch["attention_mask"].long().argmax(1)  # each row's first real token
+            terms = []
+            for (row, _, p), mask, weights in zip(probs, masks, counts, strict=True):
+                if weights is not None:
+                    terms.append(_count_kl(p, positions[row], int(first[row]), weights))
+                elif mask.any():
+                    terms.append(-torch.log(p[positions[row, mask]].sum() + 1e-4))
             losses["attn"] = torch.stack(terms).mean() if terms else torch.zeros(())
         return losses
+
+
+def _count_kl(
+    probs: torch.Tensor, visual: torch.Tensor, sink: int, weights: torch.Tensor
+) -> torch.Tensor:
+    """``KL(target || probs)`` of one counting question's answer row: the target puts
+    ``weights [visual tokens]`` on the positions ``visual`` and the rest of the unit mass on
+    position ``sink`` (``probs [L]``: the head's attention probabilities)."""
+    w = weights.to(probs.dtype)
+    target = torch.cat([(1.0 - w.sum()).clamp_min(0.0).view(1), w])
+    p = torch.cat([probs[sink].view(1), probs[visual]])
+    keep = target > 0
+    t = target[keep]
+    return (t * (torch.log(t) - torch.log(p[keep] + 1e-6))).sum()

@@ -164,6 +164,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--aux-attn-layer)",
     )
     p.add_argument(
+        "--aux-attn-count-sink",
+        action="store_true",
+        help="--aux-attn: counting questions (count_colour, count_small) are supervised to put "
+        "1/(n+1) of the head's mass on each of the n counted objects and on the sequence's "
+        "first token (KL divergence), so the head's output carries the count, also for n = 0 "
+        "(benchmarks.grounded.batches.count_weights)",
+    )
+    p.add_argument(
         "--question-types",
         "--types",
         dest="types",
@@ -274,6 +282,8 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--aux-attn-head must be in [0, --heads ({args.heads}))")
     if args.aux_weight < 0:
         p.error(f"--aux-weight must be >= 0 (0: off), got {args.aux_weight}")
+    if args.aux_attn_count_sink and args.aux_attn == 0:
+        p.error("--aux-attn-count-sink needs the answer attention loss: --aux-attn > 0")
     if args.fine_probe and args.aux_weight == 0:
         p.error("--fine-probe needs the shape probe: --aux-weight > 0")
     if not 0.0 <= args.warm <= 1.0:
