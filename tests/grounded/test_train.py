@@ -69,6 +69,19 @@ def test_fine_probe_run(tmp_path):
     assert all(math.isfinite(s["aux"]) for s in fine["steps"])
 
 
+def test_count_sink_run(tmp_path):
+    """--aux-attn-count-sink changes the answer-attention loss of the counting questions only:
+    recorded in the log, finite, and different from the same run without it."""
+    common = ["--steps", "2", "--val-per-size", "0", "--test-per-size", "0"]
+    types = ["--question-types", "count_colour,count_small"]
+    sink, _ = _run(tmp_path, "s", *common, *types, "--aux-attn-count-sink")
+    plain, _ = _run(tmp_path, "p", *common, *types)
+    assert sink["args"]["aux_attn_count_sink"] is True
+    assert plain["args"]["aux_attn_count_sink"] is False
+    assert all(math.isfinite(s["aux_attn"]) for s in sink["steps"])
+    assert [s["aux_attn"] for s in sink["steps"]] != [s["aux_attn"] for s in plain["steps"]]
+
+
 def test_validation_and_test_evaluation(tmp_path):
     log, out = _run(
         tmp_path, "v", "--steps", "2", "--eval-every", "1", "--val-per-size", "1",
@@ -185,6 +198,7 @@ def test_probe_loss_reaches_the_vision_tower():
         (["--stop-after", "0"], "--stop-after must be >= 1"),
         (["--aux-weight", "-1"], "--aux-weight must be >= 0"),
         (["--fine-probe", "--aux-weight", "0"], "--fine-probe needs the shape probe"),
+        (["--aux-attn-count-sink", "--aux-attn", "0"], "--aux-attn-count-sink needs"),
         (["--warm-sizes", "64x64,abc"], "--warm-sizes must be HEIGHTxWIDTH"),
         (["--warm-sizes", "64x70"], "--warm-sizes must be"),
         (["--question-types", "count_small,x"], "--question-types must be distinct types of"),

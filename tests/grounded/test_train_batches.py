@@ -224,3 +224,60 @@ def test_attn_target_masks(processor):
             assert np.array_equal(masks[k].numpy(), want)
             k += 1
     assert k == len(qtypes) and "left_of" in qtypes
+
+
+@pytest.mark.parametrize(
+    "qtype, size, index",
+    [
+        ("count_small", (224, 224), 3),
+        ("count_colour", (128, 160), 5),
+        ("count_small", (160, 208), 8),
+    ],
+)
+def test_count_weights(qtype, size, index):
+    """Each counted object holds 1/(n+1) of the target, spread evenly over its own tokens
+    (those token_objects gives it, else every token it overlaps); nothing else holds any;
+    non-counting questions have none."""
+    checked = 0
+    for k in range(index, index + 6):
+        scene = S.make_sample("train", k, 3, size, qtype).scene
+        cover = B.token_cover(scene)
+        objs = B.token_objects(scene, cover)
+        for q in S.candidate_questions(scene, qtype):
+            got = B.count_weights(scene, q, objs, cover)
+            assert np.array_equal(got, B.count_weights(scene, q))
+            assert got.dtype == np.float32 and got.shape == objs.shape
+            n = len(q.involved)
+            assert got.sum() == pytest.approx(n / (n + 1), abs=1e-6)
+            want = np.zeros(objs.shape)
+            for i in q.involved:
+                own = objs == i + 1
+                if not own.any():
+                    ids = S.object_id_map(scene).astype(np.int64) - 1
+                    own = S.token_cells(ids == i).any(-1)
+                assert own.any()
+                want[own] += 1.0 / (n + 1) / own.sum()
+            np.testing.assert_allclose(got, want, atol=1e-7)
+            checked += 1
+        other = S.candidate_questions(scene, "shape_of_colour")
+        assert all(B.count_weights(scene, q) is None for q in other)
+    assert checked >= 6
+
+
+def test_training_batch_count_targets(processor):
+    """count_target: per question, count_weights flattened for the counting types, else None."""
+    kw = dict(sizes=[(160, 160)], qtypes=["count_small", "count_colour", "read_glyph"])
+    batch, _, qtypes = B.training_batch(processor, 3, 0, 2, 4, **kw)
+    _, scenes = B.training_scenes(3, 0, 2, 4, **kw)
+    got = batch["count_target"]
+    assert len(got) == len(qtypes) == len(batch["attn_target"])
+    k = 0
+    for scene, qs in scenes:
+        for q in qs:
+            want = B.count_weights(scene, q)
+            if want is None:
+                assert got[k] is None and q.qtype == "read_glyph"
+            else:
+                assert torch.equal(got[k], torch.from_numpy(want.flatten()))
+            k += 1
+    assert any(t is None for t in got) and any(t is not None for t in got)

@@ -199,3 +199,46 @@ def test_llm_aux_attention_loss():
     batch["attn_target"] = batch["attn_target"][:-1]
     with pytest.raises(ValueError, match="6 answers for 5"):
         aux(_Out(), batch)
+
+
+def test_llm_aux_count_sink_loss():
+    """With count_sink the counting questions take KL(target || head), the target putting
+    count_target on the visual tokens and the rest on the first token; the others keep -log
+    of their mass. Zero where the head attends exactly as the target says."""
+    model, _, _ = _tiny_batch()
+    batch, _, qtypes = training_batch(
+        M.build_processor(), 3, 0, 2, 4, sizes=[(160, 160)], qtypes=["count_small", "read_glyph"]
+    )
+    assert "count_small" in qtypes and "read_glyph" in qtypes
+    aux = L.LLMAux(32, attn_weight=1.0, attn_layer=-1, attn_head=1, count_sink=True)
+    aux.attach(model)
+    with torch.no_grad():
+        training_forward(model, batch)
+    probs = aux.answer_probs(batch)
+    visual = batch["input_ids"] == M.TOKEN_ID[M.IMAGE_PAD]
+    want = []
+    for (row, _, p), m, w in zip(probs, batch["attn_target"], batch["count_target"], strict=True):
+        pos = visual[row].nonzero().squeeze(1)
+        if w is None:
+            want.append(-np.log(p[pos[m]].sum().item() + 1e-4))
+            continue
+        t = np.concatenate([[1.0 - w.sum().item()], w.numpy()])
+        q = np.concatenate([[p[0].item()], p[pos].detach().numpy()])
+        nz = t > 0
+        want.append(float((t[nz] * (np.log(t[nz]) - np.log(q[nz] + 1e-6))).sum()))
+    got = aux(_Out(), batch)["attn"].item()
+    assert got == pytest.approx(float(np.mean(want)), rel=1e-5)
+    plain = L.LLMAux(32, attn_weight=1.0, attn_layer=-1, attn_head=1)
+    plain.attach(model)
+    with torch.no_grad():
+        training_forward(model, batch)
+    assert plain(_Out(), batch)["attn"].item() != pytest.approx(got, rel=1e-3)
+    # the KL of one row vanishes where the head attends as the target says
+    w = torch.tensor([0.25, 0.0, 0.25, 0.25])
+    exact = torch.tensor([0.0, 0.25, 0.25, 0.0, 0.25, 0.25])
+    kl = L._count_kl(exact, torch.tensor([2, 3, 4, 5]), 1, w)
+    assert kl.item() == pytest.approx(0.0, abs=1e-5)
+    assert L._count_kl(torch.full((6,), 1 / 6), torch.tensor([2, 3, 4, 5]), 1, w) > 0.1
+    batch["count_target"] = batch["count_target"][:-1]
+    with pytest.raises(ValueError, match="count targets for"):
+        aux(_Out(), batch)
