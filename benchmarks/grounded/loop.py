@@ -301,6 +301,7 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
             early_layer=args.aux_attn_early_layer if args.aux_attn_early_types else None,
             early_types=args.aux_attn_early_types,
             count_sink=getattr(args, "aux_attn_count_sink", False),
+            count_head=getattr(args, "aux_attn_count_head", None),
         )
         if args.aux_attn > 0:
             llm_aux.attach(model)

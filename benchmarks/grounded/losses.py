@@ -115,7 +115,8 @@ class LLMAux(torch.nn.Module):
       (``batch["count_target"]`` not ``None``) instead take the KL divergence from their
       target distribution (:func:`~benchmarks.grounded.batches.count_weights`: ``1 / (n + 1)``
       on each of the ``n`` counted objects and on the sequence's first token, a sink) to the
-      head's probabilities, so that the head's output carries the count, also for ``n = 0``.
+      head's probabilities, so that the head's output carries the count, also for ``n = 0``;
+      ``count_head`` (default ``attn_head``) names the head those questions supervise.
       The probabilities of those few query rows are
       recomputed from the layers' inputs (forward pre-hooks installed by :meth:`attach`), so
       the model keeps its fast attention and never materialises attention matrices.
@@ -132,9 +133,11 @@ class LLMAux(torch.nn.Module):
         early_layer: int | None = None,
         early_types: Sequence[str] = SPATIAL_TYPES,
         count_sink: bool = False,
+        count_head: int | None = None,
     ) -> None:
         super().__init__()
         self.count_sink = bool(count_sink)
+        self.count_head = int(attn_head if count_head is None else count_head)
         self.pos_weight, self.pos_layer = float(pos_weight), int(pos_layer)
         self.attn_weight, self.attn_layer = float(attn_weight), int(attn_layer)
         self.attn_head = int(attn_head)
@@ -172,6 +175,10 @@ class LLMAux(torch.nn.Module):
         if not 0 <= self.attn_head < heads:
             raise ValueError(
                 f"attn_head must be in [0, {heads}) for {heads} heads, got {self.attn_head}"
+            )
+        if not 0 <= self.count_head < heads:
+            raise ValueError(
+                f"count_head must be in [0, {heads}) for {heads} heads, got {self.count_head}"
             )
         self._apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
 
@@ -247,6 +254,22 @@ class LLMAux(torch.nn.Module):
             out.extend((row, c, probs[i]) for i, c in enumerate(cols))
         return out
 
+    def _question_rows(
+        self, batch: dict[str, Any], head: int
+    ) -> list[tuple[int, int, torch.Tensor]]:
+        """:meth:`answer_probs` of ``head`` per question: at ``early_layer`` for the
+        ``early_types`` questions (``batch["qtypes"]``), else at ``attn_layer``."""
+        probs = self.answer_probs(batch, head=head)
+        if self.early_layer is None:
+            return probs
+        early = self.answer_probs(batch, head=head, layer=self.early_layer)
+        qtypes = batch["qtypes"]
+        if len(qtypes) != len(probs):
+            raise ValueError(f"{len(probs)} answers for {len(qtypes)} question types")
+        return [
+            e if t in self.early_types else p for p, e, t in zip(probs, early, qtypes, strict=True)
+        ]
+
     def forward(self, outputs: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """``{"pos": loss, "attn": loss}`` (the enabled ones, unweighted) from the model's
         ``outputs`` (with ``hidden_states`` for the position probe) and the batch of
@@ -275,23 +298,19 @@ class LLMAux(torch.nn.Module):
         if self.attn_weight > 0:
             masks = batch["attn_target"]
             positions = visual.nonzero()[:, 1].view(rows, n)  # each row's visual positions
-            probs = self.answer_probs(batch)
+            probs = self._question_rows(batch, self.attn_head)
             if len(probs) != len(masks):
                 raise ValueError(f"{len(probs)} answers for {len(masks)} questions' masks")
-            if self.early_layer is not None:
-                early = self.answer_probs(batch, layer=self.early_layer)
-                qtypes = batch["qtypes"]
-                if len(qtypes) != len(probs):
-                    raise ValueError(f"{len(probs)} answers for {len(qtypes)} question types")
-                probs = [
-                    e if t in self.early_types else p
-                    for p, e, t in zip(probs, early, qtypes, strict=True)
-                ]
             counts = batch.get("count_target") if self.count_sink else None
             if counts is None:
                 counts = [None] * len(masks)
             elif len(counts) != len(masks):
                 raise ValueError(f"{len(counts)} count targets for {len(masks)} questions' masks")
+            if any(w is not None for w in counts) and self.count_head != self.attn_head:
+                own = self._question_rows(batch, self.count_head)
+                probs = [
+                    c if w is not None else p for p, c, w in zip(probs, own, counts, strict=True)
+                ]
             first = batch["attention_mask"].long().argmax(1)  # each row's first real token
             terms = []
             for (row, _, p), mask, weights in zip(probs, masks, counts, strict=True):

@@ -172,6 +172,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(benchmarks.grounded.batches.count_weights)",
     )
     p.add_argument(
+        "--aux-attn-count-head",
+        type=int,
+        default=None,
+        help="--aux-attn-count-sink: the attention head the counting questions supervise "
+        "(default: --aux-attn-head)",
+    )
+    p.add_argument(
         "--question-types",
         "--types",
         dest="types",
@@ -284,6 +291,11 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--aux-weight must be >= 0 (0: off), got {args.aux_weight}")
     if args.aux_attn_count_sink and args.aux_attn == 0:
         p.error("--aux-attn-count-sink needs the answer attention loss: --aux-attn > 0")
+    if args.aux_attn_count_head is not None:
+        if not args.aux_attn_count_sink:
+            p.error("--aux-attn-count-head needs --aux-attn-count-sink")
+        if not 0 <= args.aux_attn_count_head < args.heads:
+            p.error(f"--aux-attn-count-head must be in [0, --heads ({args.heads}))")
     if args.fine_probe and args.aux_weight == 0:
         p.error("--fine-probe needs the shape probe: --aux-weight > 0")
     if not 0.0 <= args.warm <= 1.0:

@@ -199,6 +199,8 @@ def test_probe_loss_reaches_the_vision_tower():
         (["--aux-weight", "-1"], "--aux-weight must be >= 0"),
         (["--fine-probe", "--aux-weight", "0"], "--fine-probe needs the shape probe"),
         (["--aux-attn-count-sink", "--aux-attn", "0"], "--aux-attn-count-sink needs"),
+        (["--aux-attn-count-head", "1"], "--aux-attn-count-head needs --aux-attn-count-sink"),
+        (["--aux-attn-count-sink", "--aux-attn-count-head", "4"], "--aux-attn-count-head must"),
         (["--warm-sizes", "64x64,abc"], "--warm-sizes must be HEIGHTxWIDTH"),
         (["--warm-sizes", "64x70"], "--warm-sizes must be"),
         (["--question-types", "count_small,x"], "--question-types must be distinct types of"),

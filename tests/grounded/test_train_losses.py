@@ -239,6 +239,29 @@ def test_llm_aux_count_sink_loss():
     kl = L._count_kl(exact, torch.tensor([2, 3, 4, 5]), 1, w)
     assert kl.item() == pytest.approx(0.0, abs=1e-5)
     assert L._count_kl(torch.full((6,), 1 / 6), torch.tensor([2, 3, 4, 5]), 1, w) > 0.1
+    # count_head: the counting questions read another head, the others keep attn_head
+    other = L.LLMAux(32, attn_weight=1.0, attn_layer=-1, attn_head=1, count_sink=True, count_head=2)
+    other.attach(model)
+    with torch.no_grad():
+        training_forward(model, batch)
+    own = other.answer_probs(batch, head=2)
+    rows = [
+        c if w is not None else p for p, c, w in zip(probs, own, batch["count_target"], strict=True)
+    ]
+    want2 = []
+    for (row, _, p), m, w in zip(rows, batch["attn_target"], batch["count_target"], strict=True):
+        pos = visual[row].nonzero().squeeze(1)
+        if w is None:
+            want2.append(-np.log(p[pos[m]].sum().item() + 1e-4))
+        else:
+            want2.append(L._count_kl(p, pos, 0, w).item())
+    got2 = other(_Out(), batch)["attn"].item()
+    assert got2 == pytest.approx(float(np.mean(want2)), rel=1e-5)
+    counted = [w is not None for w in batch["count_target"]]
+    assert all(a == b for a, b, c in zip(want, want2, counted, strict=True) if not c)
+    assert max(abs(a - b) for a, b, c in zip(want, want2, counted, strict=True) if c) > 1e-5
+    with pytest.raises(ValueError, match=r"count_head must be in \[0, 4\)"):
+        L.LLMAux(32, attn_weight=1.0, count_sink=True, count_head=4).attach(model)
     batch["count_target"] = batch["count_target"][:-1]
     with pytest.raises(ValueError, match="count targets for"):
         aux(_Out(), batch)
