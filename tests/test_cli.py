@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from tokenprune_kernels.cli import main
 from tokenprune_kernels.ops.schemas import PUBLIC_SCHEMAS
@@ -96,3 +99,29 @@ def test_train_mapper_through_the_top_level_command_reports_a_missing_dir(tmp_pa
     code = main(["train-mapper", "--labels", str(tmp_path / "nope"), "--out", "m.safetensors"])
     assert code != 0
     assert "nope" in capsys.readouterr().err
+
+
+def test_git_commit_names_the_checkout(monkeypatch):
+    """git_commit: the short HEAD of this checkout (marked where tracked files differ), and
+    "unknown" where git cannot run."""
+    from tokenprune_kernels import bench
+
+    root = Path(bench.__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        )
+    except OSError:
+        pytest.skip("no git")
+    got = bench.git_commit()
+    if head.returncode != 0:
+        assert got == "unknown"
+    else:
+        assert got in (head.stdout.strip(), head.stdout.strip() + " (with uncommitted changes)")
+        assert bench.environment("cpu")["commit"] == got
+
+    def no_git(*args, **kwargs):
+        raise OSError("git not found")
+
+    monkeypatch.setattr(bench.subprocess, "run", no_git)
+    assert bench.git_commit() == "unknown"

@@ -415,6 +415,29 @@ def load_average() -> str:
         return "unknown"
 
 
+def git_commit() -> str:
+    """The checkout's short commit, with " (with uncommitted changes)" where tracked files
+    differ from it, or "unknown" (no git, not a checkout)."""
+    try:
+        root = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        return commit + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def environment(device: str) -> dict[str, str]:
     """Device, versions and commit, for the header of a results file."""
     import tokenprune_kernels
@@ -439,24 +462,7 @@ def environment(device: str) -> dict[str, str]:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = "not installed"
-    try:
-        root = Path(__file__).resolve().parent.parent
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        info["commit"] = commit + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        info["commit"] = "unknown"
+    info["commit"] = git_commit()
     return info
 
 

@@ -38,7 +38,7 @@ from benchmarks.grounded.losses import (
     shape_probe_loss,
 )
 from benchmarks.grounded.upscale import depth_upscaled
-from tokenprune_kernels.bench import cpu_model
+from tokenprune_kernels.bench import cpu_model, git_commit
 from tokenprune_kernels.grounded.model import (
     build_config,
     build_model,
@@ -230,9 +230,10 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, final: float = 0.1) -> 
 
 
 def versions() -> dict[str, str]:
-    """Versions of Python, torch, transformers, numpy, Pillow, tokenizers, the platform, and the
+    """Versions of Python, torch, transformers, numpy, Pillow, tokenizers, the platform, the
     CPU with the vector ISA torch's kernels use (floating-point results, and so the trained
-    weights, can differ between CPUs)."""
+    weights, can differ between CPUs), and the checkout's commit
+    (:func:`~tokenprune_kernels.bench.git_commit`)."""
     import PIL
     import tokenizers
     import transformers
@@ -246,6 +247,7 @@ def versions() -> dict[str, str]:
         "tokenizers": tokenizers.__version__,
         "platform": platform.platform(),
         "cpu": f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()})",
+        "commit": git_commit(),
     }
 
 

@@ -19,6 +19,7 @@ from benchmarks.grounded import loop
 from benchmarks.grounded import train as T
 from benchmarks.grounded.batches import training_batch
 from benchmarks.grounded.losses import answer_loss, answer_token_losses, shape_probe
+from tokenprune_kernels.bench import git_commit
 from tokenprune_kernels.grounded import model as M
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +52,7 @@ def test_tiny_run_and_reproducible(tmp_path):
     saved = json.loads((out / loop.LOG_FILE).read_text())
     assert saved["steps_done"] == 3 and len(saved["steps"]) == 3 and saved["command"] == "test"
     assert saved["versions"]["torch"] == torch.__version__ and saved["threads"] == 1
+    assert saved["versions"]["commit"] == git_commit()
     assert saved["args"]["sizes"] == [[64, 80], [80, 64]]
     assert saved["steps"][0]["scale"] == loop.curriculum_scale(0, 3, 2.5, 0.4) == 2.5
     model, _ = M.load_model_dir(out / "model")
