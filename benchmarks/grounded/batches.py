@@ -17,6 +17,7 @@ import torch
 
 from tokenprune_kernels.grounded.model import CHAT_TEMPLATE, IM_END, IMAGE_PAD, TOKEN_ID
 from tokenprune_kernels.grounded.scenes import (
+    COLOURS,
     COUNT_TYPES,
     DIGITS,
     EXTRA_QUESTION_TYPES,
@@ -196,6 +197,8 @@ def training_batch(
     - ``count_target``: per question (in order), ``None`` or for the counting types
       :func:`count_weights` (``[visual tokens of its scene]`` float32; the rest of the mass,
       ``1 / (count + 1)``, belongs to the sequence's first token);
+    - ``count_query``: per question (in order), :func:`count_query` (``None`` for the
+      non-counting types);
     - ``qtypes``: the question types, in order.
     """
     size, scenes = training_scenes(step, seed, n_images, n_questions, **kwargs)
@@ -232,8 +235,27 @@ def training_batch(
                 targets.append(torch.from_numpy(np.isin(flat - 1, q.involved) & (flat > 0)))
     batch["attn_target"] = targets
     batch["count_target"] = counts
+    batch["count_query"] = [count_query(q) for _, qs in scenes for q in qs]
     batch["qtypes"] = list(qtypes)
     return batch, size, qtypes
+
+
+def count_query(question: Question) -> tuple[int, int] | None:
+    """What a counting question asks for: ``(COLOURS index, SHAPES index)`` of the counted
+    kind, ``-1`` for an attribute it does not name (``count_colour`` names no shape); ``None``
+    for the other types (:class:`~benchmarks.grounded.losses.LLMAux`'s query probe target).
+
+    Raises:
+        ValueError: a counting question whose text does not name a known colour / shape.
+    """
+    if question.qtype not in COUNT_TYPES:
+        return None
+    words = question.text.split()
+    colours, shapes = list(COLOURS), list(SHAPES)
+    colour, shape = (words[2], None) if question.qtype == "count_colour" else words[3:5]
+    if colour not in colours or (shape is not None and shape not in shapes):
+        raise ValueError(f"count question {question.text!r} names no known colour / shape")
+    return colours.index(colour), -1 if shape is None else shapes.index(shape)
 
 
 def count_weights(

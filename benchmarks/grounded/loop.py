@@ -304,6 +304,7 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
             early_types=args.aux_attn_early_types,
             count_sink=getattr(args, "aux_attn_count_sink", False),
             count_head=getattr(args, "aux_attn_count_head", None),
+            query_weight=getattr(args, "aux_query", 0.0),
         )
         if args.aux_attn > 0:
             llm_aux.attach(model)
@@ -379,7 +380,8 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
         answer_only = loss.item() - (0.0 if aux is None else args.aux_weight * aux.item())
         for name, value in llm_losses.items():
             llm_running[name].append(value.item())
-            loss = loss + (args.aux_pos if name == "pos" else args.aux_attn) * value
+            weight = {"pos": args.aux_pos, "attn": args.aux_attn}.get(name)
+            loss = loss + (getattr(args, "aux_query", 0.0) if weight is None else weight) * value
         with torch.no_grad():
             for qtype, ce in zip(qtypes, answer_token_losses(logits, batch["labels"]), strict=True):
                 by_type[qtype].append(ce)

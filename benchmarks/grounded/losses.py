@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.grounded.batches import FINE_DIGIT0, FINE_SMALL0
 from tokenprune_kernels.grounded.model import IM_END, IMAGE_PAD, TOKEN_ID
-from tokenprune_kernels.grounded.scenes import ALL_QUESTION_TYPES, SHAPES
+from tokenprune_kernels.grounded.scenes import ALL_QUESTION_TYPES, COLOURS, SHAPES
 
 SPATIAL_TYPES = ("left_of", "extreme")
 """Question types that compare positions: :class:`LLMAux`'s default ``early_types``."""
@@ -117,6 +117,13 @@ class LLMAux(torch.nn.Module):
       on each of the ``n`` counted objects and on the sequence's first token, a sink) to the
       head's probabilities, so that the head's output carries the count, also for ``n = 0``;
       ``count_head`` (default ``attn_head``) names the head those questions supervise.
+    - query (``query_weight > 0``; needs the attention hooks, ``attn_weight > 0``): a linear
+      probe reads the input of decoder layer ``attn_layer`` (after its input norm: what its
+      query projection reads) at the ``assistant`` token of each counting question and
+      classifies the colour and the shape the question asks for
+      (``batch["count_query"]``, :func:`~benchmarks.grounded.batches.count_query`); the sum of
+      the two cross-entropies, averaged over those questions. A count head can only pick the
+      asked kind's tokens if its query knows the kind.
       The probabilities of those few query rows are
       recomputed from the layers' inputs (forward pre-hooks installed by :meth:`attach`), so
       the model keeps its fast attention and never materialises attention matrices.
@@ -134,8 +141,13 @@ class LLMAux(torch.nn.Module):
         early_types: Sequence[str] = SPATIAL_TYPES,
         count_sink: bool = False,
         count_head: int | None = None,
+        query_weight: float = 0.0,
     ) -> None:
         super().__init__()
+        self.query_weight = float(query_weight)
+        if self.query_weight > 0 and float(attn_weight) <= 0:
+            raise ValueError("query_weight > 0 needs the attention hooks: attn_weight > 0")
+        self.query = torch.nn.Linear(hidden, len(COLOURS) + len(SHAPES))
         self.count_sink = bool(count_sink)
         self.count_head = int(attn_head if count_head is None else count_head)
         self.pos_weight, self.pos_layer = float(pos_weight), int(pos_layer)
@@ -270,6 +282,29 @@ class LLMAux(torch.nn.Module):
             e if t in self.early_types else p for p, e, t in zip(probs, early, qtypes, strict=True)
         ]
 
+    def _query_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The query probe's loss (see the class docstring); 0 without counting questions."""
+        layer = self.attn_layer % self._n_layers if self._n_layers else self.attn_layer
+        if layer not in self._inputs:
+            raise RuntimeError("LLMAux query probe needs attach(model) and a forward first")
+        hidden = self._inputs[layer]["hidden"]
+        wanted = batch["count_query"]
+        ids = batch["input_ids"]
+        answers = (ids[:, :-2] == TOKEN_ID["assistant"]).nonzero().tolist()
+        if len(answers) != len(wanted):
+            raise ValueError(f"{len(answers)} answers for {len(wanted)} count queries")
+        rows = [(r, c, w) for (r, c), w in zip(answers, wanted, strict=True) if w is not None]
+        if not rows:
+            return torch.zeros(())
+        out = self.query(torch.stack([hidden[r, c] for r, c, _ in rows]).float())
+        colour = torch.tensor([w[0] for _, _, w in rows])
+        shape = torch.tensor([w[1] for _, _, w in rows])
+        ce = torch.nn.functional.cross_entropy
+        loss = ce(out[:, : len(COLOURS)], colour)
+        if bool((shape >= 0).any()):
+            loss = loss + ce(out[:, len(COLOURS) :], shape, ignore_index=-1)
+        return loss
+
     def forward(self, outputs: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """``{"pos": loss, "attn": loss}`` (the enabled ones, unweighted) from the model's
         ``outputs`` (with ``hidden_states`` for the position probe) and the batch of
@@ -319,6 +354,8 @@ class LLMAux(torch.nn.Module):
                 elif mask.any():
                     terms.append(-torch.log(p[positions[row, mask]].sum() + 1e-4))
             losses["attn"] = torch.stack(terms).mean() if terms else torch.zeros(())
+        if self.query_weight > 0:
+            losses["query"] = self._query_loss(batch)
         return losses
 
 

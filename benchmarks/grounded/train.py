@@ -179,6 +179,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(default: --aux-attn-head)",
     )
     p.add_argument(
+        "--aux-query",
+        type=float,
+        default=0.0,
+        help="weight of the count query probe (LLMAux): the input of --aux-attn-layer at the "
+        "answer token classifies the colour and shape a counting question asks for (0: off; "
+        "needs --aux-attn > 0)",
+    )
+    p.add_argument(
         "--question-types",
         "--types",
         dest="types",
@@ -291,6 +299,10 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--aux-weight must be >= 0 (0: off), got {args.aux_weight}")
     if args.aux_attn_count_sink and args.aux_attn == 0:
         p.error("--aux-attn-count-sink needs the answer attention loss: --aux-attn > 0")
+    if args.aux_query < 0:
+        p.error(f"--aux-query must be >= 0 (0: off), got {args.aux_query}")
+    if args.aux_query > 0 and args.aux_attn == 0:
+        p.error("--aux-query needs the answer attention hooks: --aux-attn > 0")
     if args.aux_attn_count_head is not None:
         if not args.aux_attn_count_sink:
             p.error("--aux-attn-count-head needs --aux-attn-count-sink")
