@@ -82,6 +82,9 @@ def test_count_sink_run(tmp_path):
     assert plain["args"]["aux_attn_count_sink"] is False
     assert all(math.isfinite(s["aux_attn"]) for s in sink["steps"])
     assert [s["aux_attn"] for s in sink["steps"]] != [s["aux_attn"] for s in plain["steps"]]
+    query, _ = _run(tmp_path, "q", *common, *types, "--aux-attn-count-sink", "--aux-query", "1")
+    assert query["args"]["aux_query"] == 1.0 and "aux_query" not in sink["steps"][0]
+    assert all(math.isfinite(s["aux_query"]) and s["aux_query"] > 0 for s in query["steps"])
 
 
 def test_validation_and_test_evaluation(tmp_path):
@@ -202,6 +205,8 @@ def test_probe_loss_reaches_the_vision_tower():
         (["--fine-probe", "--aux-weight", "0"], "--fine-probe needs the shape probe"),
         (["--aux-attn-count-sink", "--aux-attn", "0"], "--aux-attn-count-sink needs"),
         (["--aux-attn-count-head", "1"], "--aux-attn-count-head needs --aux-attn-count-sink"),
+        (["--aux-query", "-1"], "--aux-query must be >= 0"),
+        (["--aux-query", "1", "--aux-attn", "0"], "--aux-query needs the answer attention hooks"),
         (["--aux-attn-count-sink", "--aux-attn-count-head", "4"], "--aux-attn-count-head must"),
         (["--warm-sizes", "64x64,abc"], "--warm-sizes must be HEIGHTxWIDTH"),
         (["--warm-sizes", "64x70"], "--warm-sizes must be"),

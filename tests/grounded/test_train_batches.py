@@ -281,3 +281,32 @@ def test_training_batch_count_targets(processor):
                 assert torch.equal(got[k], torch.from_numpy(want.flatten()))
             k += 1
     assert any(t is None for t in got) and any(t is not None for t in got)
+
+
+def test_count_query():
+    """The colour and shape a counting question asks for, as COLOURS / SHAPES indices."""
+    colours, shapes = list(S.COLOURS), list(S.SHAPES)
+    seen = set()
+    for k in range(8):
+        for qtype in ("count_small", "count_colour", "read_glyph", "shape_of_colour"):
+            scene = S.make_sample("train", k, 5, (160, 160), qtype).scene
+            for q in S.candidate_questions(scene, qtype):
+                got = B.count_query(q)
+                seen.add(qtype)
+                if qtype == "count_small":
+                    kind = {(scene.objects[i].colour, scene.objects[i].shape) for i in q.involved}
+                    assert (colours[got[0]], shapes[got[1]]) in kind or not q.involved
+                    assert f"small {colours[got[0]]} {shapes[got[1]]} objects" in q.text
+                elif qtype == "count_colour":
+                    assert got[1] == -1 and f"how many {colours[got[0]]} objects" in q.text
+                    assert all(scene.objects[i].colour == colours[got[0]] for i in q.involved)
+                else:
+                    assert got is None
+    assert seen == {"count_small", "count_colour", "read_glyph", "shape_of_colour"}
+    bad = S.Question("count_small", "how many small teal blob objects are there ?", "0", ())
+    with pytest.raises(ValueError, match="names no known colour / shape"):
+        B.count_query(bad)
+    kw = dict(sizes=[(160, 160)], qtypes=["count_small", "count_colour", "read_glyph"])
+    batch, _, _ = B.training_batch(M.build_processor(), 3, 0, 2, 4, **kw)
+    _, scenes = B.training_scenes(3, 0, 2, 4, **kw)
+    assert batch["count_query"] == [B.count_query(q) for _, qs in scenes for q in qs]

@@ -265,3 +265,51 @@ def test_llm_aux_count_sink_loss():
     batch["count_target"] = batch["count_target"][:-1]
     with pytest.raises(ValueError, match="count targets for"):
         aux(_Out(), batch)
+
+
+def test_llm_aux_query_probe_loss():
+    """query: a linear probe on the hooked input of attn_layer at each counting question's
+    answer token; cross-entropy of the asked colour plus that of the asked shape (count_colour
+    names none)."""
+    model, _, _ = _tiny_batch()
+    batch, _, qtypes = training_batch(
+        M.build_processor(), 1, 0, 2, 4, sizes=[(160, 160)], qtypes=["count_small", "count_colour"]
+    )
+    assert {"count_small", "count_colour"} <= set(qtypes)
+    aux = L.LLMAux(32, attn_weight=1.0, attn_layer=-1, query_weight=1.0)
+    aux.attach(model)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = training_forward(model, batch, None, aux)
+    got = out[2]["query"].item()
+    # by hand: the last layer's input, through its input norm, at the assistant tokens
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    with torch.no_grad():
+        full = model(
+            **inputs,
+            pixel_values=batch["pixel_values"],
+            image_grid_thw=batch["image_grid_thw"],
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        layer = model.model.language_model.layers[-1]
+        normed = layer.input_layernorm(full.hidden_states[-2])
+    ids = batch["input_ids"]
+    answers = (ids[:, :-2] == M.TOKEN_ID["assistant"]).nonzero().tolist()
+    colour_ce, shape_ce = [], []
+    n_col = len(L.COLOURS)
+    for (r, c), want in zip(answers, batch["count_query"], strict=True):
+        logits = aux.query(normed[r, c]).detach()
+        colour_ce.append(-torch.log_softmax(logits[:n_col], 0)[want[0]].item())
+        if want[1] >= 0:
+            shape_ce.append(-torch.log_softmax(logits[n_col:], 0)[want[1]].item())
+    assert shape_ce and len(shape_ce) < len(colour_ce)
+    assert got == pytest.approx(np.mean(colour_ce) + np.mean(shape_ce), rel=1e-4)
+    no_counts = dict(batch, count_query=[None] * len(batch["count_query"]))
+    assert aux._query_loss(no_counts).item() == 0.0
+    with pytest.raises(ValueError, match="answers for 3 count queries"):
+        aux._query_loss(dict(batch, count_query=batch["count_query"][:3]))
+    with pytest.raises(ValueError, match="query_weight > 0 needs the attention hooks"):
+        L.LLMAux(32, query_weight=1.0)
+    with pytest.raises(RuntimeError, match="query probe needs attach"):
+        L.LLMAux(32, attn_weight=1.0, query_weight=1.0)._query_loss(batch)
