@@ -53,7 +53,14 @@ def test_readme_training_command_is_the_shipped_recipe():
     args = vars(parse_args(command.split()[3:]))
     logged = json.loads((ASSETS_DIR / "train_log.json").read_text())["args"]
     # options newer than the shipped run
-    added = {"init_from": None, "init_placement": None, "fine_probe": False}
+    added = {
+        "init_from": None,
+        "init_placement": None,
+        "fine_probe": False,
+        "aux_attn_count_sink": False,
+        "aux_attn_count_head": None,
+        "aux_query": 0.0,
+    }
     for key, value in args.items():
         if key in added:
             assert value == added[key], key
