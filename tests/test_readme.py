@@ -46,21 +46,14 @@ def test_readme_training_command_is_the_shipped_recipe():
     the shipped log records (its output directory and the run-only options aside)."""
     import json
 
-    from benchmarks.grounded.train import parse_args
+    from benchmarks.grounded.train import OPTIONS_SINCE_SHIPPED, parse_args
     from tokenprune_kernels.grounded.model import ASSETS_DIR
 
     (command,) = [c for c in COMMANDS if c.split()[2] == "benchmarks.grounded.train"]
     args = vars(parse_args(command.split()[3:]))
     logged = json.loads((ASSETS_DIR / "train_log.json").read_text())["args"]
     # options newer than the shipped run
-    added = {
-        "init_from": None,
-        "init_placement": None,
-        "fine_probe": False,
-        "aux_attn_count_sink": False,
-        "aux_attn_count_head": None,
-        "aux_query": 0.0,
-    }
+    added = OPTIONS_SINCE_SHIPPED
     for key, value in args.items():
         if key in added:
             assert value == added[key], key

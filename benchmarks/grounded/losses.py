@@ -147,7 +147,6 @@ class LLMAux(torch.nn.Module):
         self.query_weight = float(query_weight)
         if self.query_weight > 0 and float(attn_weight) <= 0:
             raise ValueError("query_weight > 0 needs the attention hooks: attn_weight > 0")
-        self.query = torch.nn.Linear(hidden, len(COLOURS) + len(SHAPES))
         self.count_sink = bool(count_sink)
         self.count_head = int(attn_head if count_head is None else count_head)
         self.pos_weight, self.pos_layer = float(pos_weight), int(pos_layer)
@@ -159,6 +158,10 @@ class LLMAux(torch.nn.Module):
             raise ValueError(f"early_types must be of {ALL_QUESTION_TYPES}, got {unknown}")
         self.early_types = tuple(early_types)
         self.pos = torch.nn.Linear(hidden, 2)
+        # created only when used: the shipped recipe's parameters draw the same random numbers
+        self.query = (
+            torch.nn.Linear(hidden, len(COLOURS) + len(SHAPES)) if self.query_weight > 0 else None
+        )
         # layer index (from 0) -> (attention module, hook handle): not submodules
         self._attn: dict[int, tuple[Any, Any]] = {}
         self._n_layers = 0  # of the attached model
@@ -285,8 +288,10 @@ class LLMAux(torch.nn.Module):
     def _query_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The query probe's loss (see the class docstring); 0 without counting questions."""
         layer = self.attn_layer % self._n_layers if self._n_layers else self.attn_layer
-        if layer not in self._inputs:
-            raise RuntimeError("LLMAux query probe needs attach(model) and a forward first")
+        if self.query is None or layer not in self._inputs:
+            raise RuntimeError(
+                "LLMAux query probe needs query_weight > 0, attach(model) and a forward first"
+            )
         hidden = self._inputs[layer]["hidden"]
         wanted = batch["count_query"]
         ids = batch["input_ids"]

@@ -46,6 +46,19 @@ of the 9 fastest, ``t`` the 7 slowest. Other head dims (tests' tiny models) get
 :func:`~tokenprune_kernels.grounded.model.build_config`'s ``[t, h, w]`` split."""
 
 
+OPTIONS_SINCE_SHIPPED: dict[str, object] = {
+    "init_from": None,
+    "init_placement": None,
+    "fine_probe": False,
+    "aux_attn_count_sink": False,
+    "aux_attn_count_head": None,
+    "aux_query": 0.0,
+}
+"""Options added after the shipped run (``tokenprune_kernels/grounded/assets/train_log.json``
+does not log them), each at the default that keeps the shipped recipe: a from-scratch start,
+the shape-only probe, the plain answer attention for counting questions, no query probe."""
+
+
 def quarter_depth(layers: int) -> int:
     """The default layer of the early auxiliary losses for a language model of ``layers``
     decoder layers: a quarter of the depth, rounded half up, at least 1 (1 at the shipped 4

@@ -86,7 +86,7 @@ def test_retraining_reproduces_the_shipped_log(tmp_path):
     run_only = {"out", "stop_after", "val_per_size", "test_per_size"}
     # options added after the shipped run; their defaults are its from-scratch start and its
     # shape-only probe
-    added = {"init_from": None, "init_placement": None, "fine_probe": False}
+    added = T.OPTIONS_SINCE_SHIPPED
     assert all(vars(args)[k] == v for k, v in added.items())
     assert set(vars(args)) - run_only - set(added) <= set(logged)
     for key, value in vars(args).items():

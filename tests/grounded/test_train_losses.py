@@ -311,5 +311,5 @@ def test_llm_aux_query_probe_loss():
         aux._query_loss(dict(batch, count_query=batch["count_query"][:3]))
     with pytest.raises(ValueError, match="query_weight > 0 needs the attention hooks"):
         L.LLMAux(32, query_weight=1.0)
-    with pytest.raises(RuntimeError, match="query probe needs attach"):
+    with pytest.raises(RuntimeError, match="query probe needs query_weight > 0, attach"):
         L.LLMAux(32, attn_weight=1.0, query_weight=1.0)._query_loss(batch)
