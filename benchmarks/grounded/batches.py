@@ -61,6 +61,13 @@ def conversation_text(questions: Sequence[str], answers: Sequence[str]) -> str:
     return Template(CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=False)
 
 
+def answer_positions(input_ids: torch.Tensor) -> list[list[int]]:
+    """``[row, col]`` of every ``assistant`` header token of the training sequences
+    (``input_ids [S, L]`` int64), row by row, in order: the position that predicts each answer,
+    one per question. The last two columns are left out (no answer follows there)."""
+    return (input_ids[:, :-2] == TOKEN_ID["assistant"]).nonzero().tolist()
+
+
 def encode_training_batch(
     processor: Any,
     images: Sequence[Any],
@@ -104,7 +111,7 @@ def encode_training_batch(
     ids = enc["input_ids"]
     labels = torch.full_like(ids, -100)
     # an answer is the token after each "assistant" header; it and the <|im_end|> are labelled
-    for row, col in (ids[:, :-2] == TOKEN_ID["assistant"]).nonzero().tolist():
+    for row, col in answer_positions(ids):
         labels[row, col + 1 : col + 3] = ids[row, col + 1 : col + 3]
     for row, want in enumerate(n_answers):
         got = labels[row][labels[row] != -100]

@@ -308,6 +308,12 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
         )
         if args.aux_attn > 0:
             llm_aux.attach(model)
+    # the weight of each of LLMAux's losses, by the name it reports it under
+    llm_weights = {
+        "pos": args.aux_pos,
+        "attn": args.aux_attn,
+        "query": getattr(args, "aux_query", 0.0),
+    }
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     if probe is not None:
@@ -380,8 +386,7 @@ def train(args: argparse.Namespace, command: str) -> dict[str, Any]:
         answer_only = loss.item() - (0.0 if aux is None else args.aux_weight * aux.item())
         for name, value in llm_losses.items():
             llm_running[name].append(value.item())
-            weight = {"pos": args.aux_pos, "attn": args.aux_attn}.get(name)
-            loss = loss + (getattr(args, "aux_query", 0.0) if weight is None else weight) * value
+            loss = loss + llm_weights[name] * value
         with torch.no_grad():
             for qtype, ce in zip(qtypes, answer_token_losses(logits, batch["labels"]), strict=True):
                 by_type[qtype].append(ce)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.grounded.batches import FINE_DIGIT0, FINE_SMALL0
+from benchmarks.grounded.batches import FINE_DIGIT0, FINE_SMALL0, answer_positions
 from tokenprune_kernels.grounded.model import IM_END, IMAGE_PAD, TOKEN_ID
 from tokenprune_kernels.grounded.scenes import ALL_QUESTION_TYPES, COLOURS, SHAPES
 
@@ -253,7 +253,7 @@ class LLMAux(torch.nn.Module):
             return self._apply_rotary(y, y, c[None], s[None])[0][0, 0]
 
         ids, real = batch["input_ids"], batch["attention_mask"].bool()
-        answers = (ids[:, :-2] == TOKEN_ID["assistant"]).nonzero().tolist()
+        answers = answer_positions(ids)
         out: list[tuple[int, int, torch.Tensor]] = []
         for row in sorted({r for r, _ in answers}):
             cols = [c for r, c in answers if r == row]
@@ -295,7 +295,7 @@ class LLMAux(torch.nn.Module):
         hidden = self._inputs[layer]["hidden"]
         wanted = batch["count_query"]
         ids = batch["input_ids"]
-        answers = (ids[:, :-2] == TOKEN_ID["assistant"]).nonzero().tolist()
+        answers = answer_positions(ids)
         if len(answers) != len(wanted):
             raise ValueError(f"{len(answers)} answers for {len(wanted)} count queries")
         rows = [(r, c, w) for (r, c), w in zip(answers, wanted, strict=True) if w is not None]
@@ -371,7 +371,11 @@ def _count_kl(
     ``weights [visual tokens]`` on the positions ``visual`` and the rest of the unit mass on
     position ``sink`` (``probs [L]``: the head's attention probabilities)."""
     w = weights.to(probs.dtype)
-    target = torch.cat([(1.0 - w.sum()).clamp_min(0.0).view(1), w])
+    if bool((w < 0).any()) or float(w.sum()) > 1.0 + 1e-5:
+        raise ValueError(
+            f"count_target weights must be >= 0 and sum to at most 1, got sum {float(w.sum())}"
+        )
+    target = torch.cat([(1.0 - w.sum()).clamp_min(0.0).view(1), w])  # rounding only
     p = torch.cat([probs[sink].view(1), probs[visual]])
     keep = target > 0
     t = target[keep]

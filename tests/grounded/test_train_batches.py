@@ -264,6 +264,31 @@ def test_count_weights(qtype, size, index):
     assert checked >= 6
 
 
+def test_count_weights_refuses_an_object_without_pixels():
+    """A counted object that covers no pixel of the precomputed cover is an error, not a
+    silently smaller target."""
+    scene = S.make_sample("train", 3, 3, (224, 224), "count_small").scene
+    q = next(q for q in S.candidate_questions(scene, "count_small") if q.involved)
+    cover = B.token_cover(scene)
+    objs = B.token_objects(scene, cover)
+    i = q.involved[0]
+    cover[i + 1] = 0
+    objs[objs == i + 1] = 0
+    with pytest.raises(ValueError, match=f"counted object {i} of the scene covers no pixel"):
+        B.count_weights(scene, q, objs, cover)
+
+
+def test_answer_positions(processor):
+    """One position per question, row by row, each an assistant header whose next token is the
+    labelled answer."""
+    batch, _, qtypes = B.training_batch(processor, 4, 0, 2, 3, sizes=[(128, 160)], scale=1.75)
+    got = B.answer_positions(batch["input_ids"])
+    assert len(got) == len(qtypes) and got == sorted(got)
+    for row, col in got:
+        assert batch["input_ids"][row, col] == M.TOKEN_ID["assistant"]
+        assert batch["labels"][row, col + 1] == batch["input_ids"][row, col + 1] != -100
+
+
 def test_training_batch_count_targets(processor):
     """count_target: per question, count_weights flattened for the counting types, else None."""
     kw = dict(sizes=[(160, 160)], qtypes=["count_small", "count_colour", "read_glyph"])

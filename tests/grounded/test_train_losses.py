@@ -239,6 +239,9 @@ def test_llm_aux_count_sink_loss():
     kl = L._count_kl(exact, torch.tensor([2, 3, 4, 5]), 1, w)
     assert kl.item() == pytest.approx(0.0, abs=1e-5)
     assert L._count_kl(torch.full((6,), 1 / 6), torch.tensor([2, 3, 4, 5]), 1, w) > 0.1
+    for bad in (torch.tensor([0.5, 0.0, 0.5, 0.25]), torch.tensor([0.5, -0.1, 0.2, 0.1])):
+        with pytest.raises(ValueError, match="count_target weights must be >= 0 and sum"):
+            L._count_kl(exact, torch.tensor([2, 3, 4, 5]), 1, bad)
     # count_head: the counting questions read another head, the others keep attn_head
     other = L.LLMAux(32, attn_weight=1.0, attn_layer=-1, attn_head=1, count_sink=True, count_head=2)
     other.attach(model)
